@@ -65,9 +65,11 @@ class CT2Model:
                 scale = scale.float().reshape(-1, *([1] * (tensor.dim() - 1))) if scale.dim() else scale.float()
                 tensor = tensor.float() / scale
             tensors[name] = tensor
+        # CTranslate2 aliases any two equal tensors, not only tied ones (zero biases of a fresh model):
+        # copies keep HF's parameters independent; real ties are restored by the caller.
         for alias, target in self.aliases.items():
             if target in tensors:
-                tensors[alias] = tensors[target]
+                tensors[alias] = tensors[target].clone()
         return tensors
 
 
@@ -184,9 +186,9 @@ def _split_attention(state: dict, prefix: str, variables: dict, scope: str, name
     weights = variables[f"{scope}/weight"].chunk(len(names), dim=0)
     biases = variables[f"{scope}/bias"].chunk(len(names), dim=0)
     for name, weight, bias in zip(names, weights, biases):
-        state[f"{prefix}.{name}_proj.weight"] = weight
+        state[f"{prefix}.{name}_proj.weight"] = weight.clone()  # own storage: safetensors refuses shared views
         if name != "k":
-            state[f"{prefix}.{name}_proj.bias"] = bias
+            state[f"{prefix}.{name}_proj.bias"] = bias.clone()
 
 
 def _count_layers(variables: dict, side: str) -> int:
