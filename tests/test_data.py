@@ -1,0 +1,478 @@
+"""Tests for hf_whisper_kdq.data: audio decoding, manifests, dataset loading, training rows and the collator."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from datasets import Audio, Dataset, DatasetDict, Features, Value
+
+from hf_whisper_kdq.data import (
+    SAMPLING_RATE,
+    AudioError,
+    ManifestError,
+    WhisperDataCollator,
+    is_silent,
+    language_code,
+    load_audio,
+    load_manifest,
+    load_manifest_with_report,
+    load_speech_dataset,
+    prepare_dataset,
+    tokenizer_is_multilingual,
+)
+
+def sine(seconds: float, rate: int = SAMPLING_RATE, freq: float = 440.0, amplitude: float = 0.5) -> np.ndarray:
+    t = np.arange(int(round(seconds * rate))) / rate
+    return (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def write(path: Path, audio: np.ndarray, rate: int = SAMPLING_RATE, subtype: str = "FLOAT") -> Path:
+    sf.write(path, audio, rate, subtype=subtype)
+    return path
+
+
+def junk(path: Path) -> Path:
+    path.write_bytes(b"RIFF not really a wave file")
+    return path
+
+
+def dominant_frequency(audio: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(audio))
+    return float(np.fft.rfftfreq(audio.size, 1 / rate)[np.argmax(spectrum)])
+
+
+def write_manifest(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def processor(tiny_whisper):
+    return tiny_whisper[1]
+
+
+def token_id(processor, token: str) -> int:
+    return processor.tokenizer.convert_tokens_to_ids(token)
+
+
+# --- load_audio -----------------------------------------------------------------------------------------
+
+
+def test_load_audio_reads_mono_16k_unchanged(tmp_path):
+    audio = sine(0.5)
+    out = load_audio(write(tmp_path / "a.wav", audio))
+    assert out.dtype == np.float32 and out.ndim == 1
+    np.testing.assert_allclose(out, audio, atol=1e-6)
+
+
+def test_load_audio_resamples_44k_keeping_pitch(tmp_path):
+    out = load_audio(write(tmp_path / "a.flac", sine(1.0, rate=44100), rate=44100, subtype="PCM_16"))
+    assert abs(out.size - SAMPLING_RATE) <= 1
+    assert dominant_frequency(out, SAMPLING_RATE) == pytest.approx(440, abs=2)
+
+
+def test_load_audio_downmixes_stereo_by_mean(tmp_path):
+    left = sine(0.25)
+    stereo = np.stack([left, np.zeros_like(left)], axis=1)
+    out = load_audio(write(tmp_path / "stereo.wav", stereo))
+    assert out.shape == left.shape
+    np.testing.assert_allclose(out, left / 2, atol=1e-6)
+
+
+def test_load_audio_accepts_datasets_values(tmp_path):
+    path = write(tmp_path / "a.flac", sine(0.5), subtype="PCM_16")
+    from_bytes = load_audio({"path": "renamed.flac", "bytes": path.read_bytes()})
+    np.testing.assert_allclose(from_bytes, load_audio(str(path)))
+    # int16 at 8 kHz, channel-first stereo: scaled to [-1, 1), averaged, resampled.
+    pcm = (sine(1.0, rate=8000, freq=200) * 32768).astype(np.int16)
+    out = load_audio({"array": np.stack([pcm, pcm]), "sampling_rate": 8000})
+    assert abs(out.size - SAMPLING_RATE) <= 1
+    assert 0.45 < np.abs(out).max() < 0.55
+    assert dominant_frequency(out, SAMPLING_RATE) == pytest.approx(200, abs=2)
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda d: d / "nowhere.wav", "missing_audio"),
+        (lambda d: junk(d / "junk.wav"), "unreadable_audio"),
+        (lambda d: write(d / "empty.wav", np.zeros(0, np.float32)), "empty_audio"),
+        (lambda d: write(d / "nan.wav", np.where(np.arange(800) == 400, np.nan, 0.1).astype("f4")), "non_finite_audio"),
+        (lambda d: write(d / "inf.wav", np.full(800, np.inf, np.float32)), "non_finite_audio"),
+    ],
+    ids=["missing", "unreadable", "empty", "nan", "inf"],
+)
+def test_load_audio_bad_inputs_raise_audio_error(tmp_path, make, reason):
+    with pytest.raises(AudioError, match=r"row 'utt-7'.*Fix: ") as caught:
+        load_audio(make(tmp_path), row_id="utt-7")
+    assert caught.value.reason == reason and caught.value.row_id == "utt-7"
+    assert isinstance(caught.value, ValueError)
+
+
+def test_load_audio_rejects_value_without_audio():
+    with pytest.raises(AudioError, match="neither a path") as caught:
+        load_audio({"path": None, "bytes": None})
+    assert caught.value.reason == "missing_audio"
+    with pytest.raises(AudioError, match="Audio\\(decode=False\\)"):
+        load_audio(object())
+
+
+def test_audio_error_survives_pickling():
+    error = AudioError("bad", fix="do this", reason="empty_audio", row_id="r1")
+    clone = pickle.loads(pickle.dumps(error))
+    assert (str(clone), clone.reason, clone.row_id) == (str(error), "empty_audio", "r1")
+
+
+def test_silence_decodes_and_is_detected(tmp_path):
+    out = load_audio(write(tmp_path / "silent.wav", np.zeros(1600, np.float32)))
+    assert out.size == 1600 and is_silent(out)
+    assert not is_silent(sine(0.1, amplitude=0.01))
+
+
+# --- manifests ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def corpus_dir(tmp_path) -> Path:
+    (tmp_path / "wav").mkdir()
+    write(tmp_path / "wav" / "en1.wav", sine(1.0))
+    write(tmp_path / "wav" / "en2.wav", sine(0.5, rate=44100), rate=44100)
+    write(tmp_path / "wav" / "zh1.wav", sine(0.75, freq=300))
+    write_manifest(
+        tmp_path / "train.jsonl",
+        [
+            {"id": "en1", "corpus": "lj", "language": "en", "audio": "wav/en1.wav", "duration": 1, "text": "hello"},
+            {"id": "en2", "corpus": "libri", "language": "en", "audio": "wav/en2.wav", "duration": 0.5, "text": None},
+            {"id": "zh1", "corpus": "aishell", "language": "zh", "audio": "wav/zh1.wav", "duration": 0.7, "text": "你好"},
+        ],
+    )
+    return tmp_path
+
+
+def test_load_manifest_resolves_paths_and_types_columns(corpus_dir):
+    dataset = load_manifest(corpus_dir / "train.jsonl")
+    assert dataset.column_names == ["id", "corpus", "language", "audio", "duration", "text"]
+    assert dataset.features["audio"] == Audio(sampling_rate=16000, decode=False)
+    assert dataset["id"][:] == ["en1", "en2", "zh1"]
+    assert dataset["text"][:] == ["hello", None, "你好"]
+    row = dataset[0]
+    assert Path(row["audio"]["path"]).is_absolute()
+    assert Path(row["audio"]["path"]) == (corpus_dir / "wav" / "en1.wav").resolve()
+    assert load_audio(row["audio"]).size == SAMPLING_RATE
+
+
+def test_load_manifest_filters_and_limit(corpus_dir):
+    manifest = corpus_dir / "train.jsonl"
+    assert load_manifest(manifest, languages=["zh"])["id"][:] == ["zh1"]
+    assert load_manifest(manifest, corpora=["lj", "libri"])["id"][:] == ["en1", "en2"]
+    assert load_manifest(manifest, languages=["en"], limit=1)["id"][:] == ["en1"]
+
+
+def bad_rows(corpus_dir: Path) -> Path:
+    return write_manifest(
+        corpus_dir / "bad.jsonl",
+        [
+            {"id": "good", "language": "en", "audio": "wav/en1.wav", "text": "hi"},
+            {"id": "no-audio-row", "language": "en", "text": "hi"},
+            {"id": "gone-row", "language": "en", "audio": "wav/gone.wav", "text": "hi"},
+            {"language": "en", "audio": "wav/en1.wav"},
+        ],
+    )
+
+
+def test_load_manifest_names_every_bad_row(corpus_dir):
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(bad_rows(corpus_dir))
+    message = str(caught.value)
+    assert "3 bad row(s)" in message
+    assert "'no-audio-row'" in message and "no audio path" in message
+    assert "'gone-row'" in message and "gone.wav" in message
+    assert "line 4: no id" in message
+    assert "on_bad_rows='skip'" in message
+
+
+def test_load_manifest_skip_reports_counts(corpus_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger="hf_whisper_kdq.data"):
+        dataset, report = load_manifest_with_report(bad_rows(corpus_dir), on_bad_rows="skip")
+    assert dataset["id"][:] == ["good"]
+    assert (report.rows_read, report.rows_kept, report.rows_skipped) == (4, 1, 3)
+    assert report.skipped == {"no_audio": 1, "missing_file": 1, "no_id": 1}
+    assert "skipped missing_file: 1, no_audio: 1, no_id: 1" in caplog.text
+
+
+def test_load_manifest_invalid_json_and_arguments(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"id": "a", "audio": "a.wav"\n')
+    with pytest.raises(ManifestError, match="line 1: not valid JSON"):
+        load_manifest(manifest)
+    with pytest.raises(ValueError, match="on_bad_rows"):
+        load_manifest(manifest, on_bad_rows="ignore")
+    with pytest.raises(FileNotFoundError):
+        load_manifest(tmp_path / "absent.jsonl")
+
+
+# --- load_speech_dataset --------------------------------------------------------------------------------
+
+
+def save_hf_dataset(folder: Path, wav_dir: Path) -> Path:
+    """A corpus shaped like Common Voice: other column names, a decoding Audio column, a locale column."""
+    files = [write(wav_dir / f"cv{i}.wav", sine(0.5 + i * 0.25, rate=22050), rate=22050) for i in range(3)]
+    struct = Features(
+        {
+            "path": Value("string"),
+            "speech": {"bytes": Value("binary"), "path": Value("string")},
+            "sentence": Value("string"),
+            "locale": Value("string"),
+        }
+    )
+    columns = {
+        "path": [f"clip-{i}" for i in range(3)],
+        # One row embeds its bytes, as Hub parquet files do.
+        "speech": [
+            {"bytes": files[0].read_bytes(), "path": "cv0.wav"},
+            {"bytes": None, "path": str(files[1])},
+            {"bytes": None, "path": str(files[2])},
+        ],
+        "sentence": ["one", "two", "三"],
+        "locale": ["en", "en-US", None],
+    }
+    train = Dataset.from_dict(columns, features=struct).cast_column("speech", Audio())
+    DatasetDict({"train": train, "test": train.select([0])}).save_to_disk(str(folder))
+    return folder
+
+
+def test_load_speech_dataset_maps_any_dataset_to_manifest_columns(tmp_path):
+    folder = save_hf_dataset(tmp_path / "cv", tmp_path)
+    dataset = load_speech_dataset(
+        folder,
+        audio_column="speech",
+        text_column="sentence",
+        language_column="locale",
+        language="zh",
+        id_column="path",
+    )
+    assert dataset.column_names == ["id", "corpus", "language", "audio", "duration", "text"]
+    assert dataset.features["audio"] == Audio(sampling_rate=16000, decode=False)
+    assert dataset["id"][:] == ["clip-0", "clip-1", "clip-2"]
+    assert dataset["corpus"][:] == ["cv"] * 3
+    assert dataset["language"][:] == ["en", "en-US", "zh"]
+    assert dataset["text"][:] == ["one", "two", "三"]
+    assert dataset["duration"][:] == pytest.approx([0.5, 0.75, 1.0], abs=1e-3)
+    assert dataset[0]["audio"]["bytes"] is not None
+    assert load_audio(dataset[2]["audio"]).size == SAMPLING_RATE
+
+
+def test_load_speech_dataset_split_defaults_and_errors(tmp_path):
+    folder = save_hf_dataset(tmp_path / "cv", tmp_path)
+    test = load_speech_dataset(folder, split="test", audio_column="speech", text_column=None)
+    assert test["id"][:] == ["cv/test/0"] and test["text"][:] == [None] and test["language"][:] == [None]
+    with pytest.raises(ValueError, match=r"no column 'text'.*text_column="):
+        load_speech_dataset(folder, audio_column="speech")
+    with pytest.raises(ValueError, match="no split 'validation'"):
+        load_speech_dataset(folder, split="validation", audio_column="speech", text_column=None)
+
+
+def test_load_speech_dataset_dispatches_jsonl(corpus_dir):
+    dataset = load_speech_dataset(corpus_dir / "train.jsonl", limit=2)
+    assert dataset["id"][:] == ["en1", "en2"]
+    manifest = write_manifest(corpus_dir / "nolang.jsonl", [{"id": "x", "audio": "wav/en1.wav", "text": "a"}])
+    assert load_speech_dataset(manifest, language="en")["language"][:] == ["en"]
+
+
+# --- prepare_dataset ------------------------------------------------------------------------------------
+
+
+def test_language_code():
+    assert [language_code(x) for x in ("en", "English", "zh-CN", "mandarin", "klingon", None)] == [
+        "en",
+        "en",
+        "zh",
+        "zh",
+        None,
+        None,
+    ]
+
+
+def test_prepare_dataset_labels_match_whisper_prefix(corpus_dir, processor):
+    prepared, report = prepare_dataset(load_manifest(corpus_dir / "train.jsonl"), processor)
+    assert report.dropped == {"no_text": 1} and (report.rows_in, report.rows_kept) == (3, 2)
+    assert prepared["id"][:] == ["en1", "zh1"]
+    en, zh = prepared[0], prepared[1]
+    assert en["input_features"].shape == (80, 3000) and en["input_features"].dtype == np.float32
+    assert np.abs(en["input_features"]).sum() > 0
+    sot, eot, transcribe, notimestamps = (
+        token_id(processor, t) for t in ("<|startoftranscript|>", "<|endoftext|>", "<|transcribe|>", "<|notimestamps|>")
+    )
+    assert en["labels"][:4].tolist() == [sot, token_id(processor, "<|en|>"), transcribe, notimestamps]
+    assert zh["labels"][:4].tolist() == [sot, token_id(processor, "<|zh|>"), transcribe, notimestamps]
+    assert en["labels"][-1] == zh["labels"][-1] == eot
+    # Same ids as the tokenizer's own prefix logic (on a copy: set_prefix_tokens mutates the tokenizer).
+    tokenizer = copy.deepcopy(processor.tokenizer)
+    tokenizer.set_prefix_tokens(language="zh", task="transcribe", predict_timestamps=False)
+    assert zh["labels"].tolist() == tokenizer("你好").input_ids
+    assert tokenizer.decode(zh["labels"], skip_special_tokens=True) == "你好"
+
+
+def test_prepare_dataset_english_only_has_no_language_tokens(corpus_dir, processor):
+    dataset = load_manifest(corpus_dir / "train.jsonl", languages=["en"])
+    prepared, _ = prepare_dataset(dataset, processor, multilingual=False)
+    labels = prepared[0]["labels"].tolist()
+    assert labels[:2] == [token_id(processor, "<|startoftranscript|>"), token_id(processor, "<|notimestamps|>")]
+    assert token_id(processor, "<|en|>") not in labels
+
+
+def test_tokenizer_is_multilingual(processor):
+    from hf_whisper_kdq.sources import OFFLINE_PACKS, PackNotInstalledError
+    from hf_whisper_kdq.sources.processor import tokenizer_from_file
+
+    assert tokenizer_is_multilingual(processor.tokenizer)
+    try:
+        files = OFFLINE_PACKS["openai/whisper-tiny.en"].files()
+    except PackNotInstalledError:
+        pytest.skip("the whisper-tiny.en offline pack is not installed")
+    english = tokenizer_from_file(next(f for f in files if f.name == "tokenizer.json"), vocab_size=51864)
+    assert "<|en|>" in english.get_vocab() and not tokenizer_is_multilingual(english)
+
+
+def test_prepare_dataset_drops_and_counts_bad_rows(tmp_path, processor, caplog):
+    (tmp_path / "wav").mkdir()
+    write(tmp_path / "wav" / "ok.wav", sine(2.0))
+    write(tmp_path / "wav" / "silent.wav", np.zeros(16000, np.float32))
+    write(tmp_path / "wav" / "long.flac", sine(31.0, amplitude=0.1), subtype="PCM_16")
+    write(tmp_path / "wav" / "nan.wav", np.full(1600, np.nan, np.float32))
+    write(tmp_path / "wav" / "empty.wav", np.zeros(0, np.float32))
+    write(tmp_path / "wav" / "later-deleted.wav", sine(1.0))
+    (tmp_path / "wav" / "junk.wav").write_bytes(b"\x00" * 100)
+
+    def row(row_id, audio, text="some words", language="en"):
+        return {"id": row_id, "language": language, "audio": f"wav/{audio}", "text": text}
+
+    rows = [
+        row("ok", "ok.wav"),
+        row("ok-zh", "ok.wav", text="你好", language="zh"),
+        row("silent", "silent.wav"),
+        row("long", "long.flac"),
+        row("nan", "nan.wav"),
+        row("empty", "empty.wav"),
+        row("junk", "junk.wav"),
+        row("deleted", "later-deleted.wav"),
+        row("no-text", "ok.wav", text=None),
+        row("blank-text", "ok.wav", text="   "),
+        row("wordy", "ok.wav", text=" word" * 500),
+        row("klingon", "ok.wav", language="tlh"),
+    ]
+    dataset = load_manifest(write_manifest(tmp_path / "m.jsonl", rows))
+    (tmp_path / "wav" / "later-deleted.wav").unlink()
+    with caplog.at_level(logging.WARNING, logger="hf_whisper_kdq.data"):
+        prepared, report = prepare_dataset(dataset, processor)
+    assert prepared["id"][:] == ["ok", "ok-zh"]
+    assert report.dropped == {
+        "silent_audio": 1,
+        "audio_too_long": 1,
+        "non_finite_audio": 1,
+        "empty_audio": 1,
+        "unreadable_audio": 1,
+        "missing_audio": 1,
+        "no_text": 2,
+        "labels_too_long": 1,
+        "unknown_language": 1,
+    }
+    assert (report.rows_in, report.rows_kept) == (12, 2)
+    assert "kept 2 of 12 rows" in caplog.text and "audio_too_long: 1" in caplog.text
+    assert all(len(labels) <= 448 for labels in prepared["labels"])
+
+
+def test_prepare_dataset_limits_are_parameters(corpus_dir, processor):
+    dataset = load_manifest(corpus_dir / "train.jsonl", corpora=["lj", "aishell"])  # 1.0 s en1, 0.75 s zh1
+    prepared, report = prepare_dataset(dataset, processor, max_audio_seconds=0.8)
+    assert prepared["id"][:] == ["zh1"] and report.dropped == {"audio_too_long": 1}
+    full, _ = prepare_dataset(dataset, processor)
+    lengths = {row_id: len(labels) for row_id, labels in zip(full["id"], full["labels"])}
+    short, long = sorted(lengths, key=lengths.get)
+    assert lengths[short] < lengths[long]
+    # The limit is inclusive and counts the start token.
+    prepared, report = prepare_dataset(dataset, processor, max_label_tokens=lengths[short])
+    assert prepared["id"][:] == [short] and report.dropped == {"labels_too_long": 1}
+
+
+@pytest.mark.timeout(60)
+def test_prepare_dataset_in_worker_processes(corpus_dir, tiny_whisper):
+    # The fixture has run torch ops in this process: forked workers used to hang in the feature extractor's STFT.
+    model, processor = tiny_whisper
+    dataset = load_manifest(corpus_dir / "train.jsonl")
+    serial, _ = prepare_dataset(dataset, processor)
+    parallel, report = prepare_dataset(dataset, processor, num_proc=2, batch_size=1)
+    assert report.dropped == {"no_text": 1} and parallel["id"][:] == serial["id"][:]
+    np.testing.assert_allclose(parallel[1]["input_features"], serial[1]["input_features"], atol=1e-5)
+
+
+def test_prepare_dataset_raises_when_nothing_is_left(corpus_dir, processor):
+    with pytest.raises(ValueError, match=r"no usable rows.*no_text: 1"):
+        prepare_dataset(load_manifest(corpus_dir / "train.jsonl", corpora=["libri"]), processor)
+    with pytest.raises(ValueError, match="missing"):
+        prepare_dataset(Dataset.from_dict({"id": ["a"]}), processor)
+
+
+# --- collator -------------------------------------------------------------------------------------------
+
+
+def test_collator_pads_masks_and_strips_start_token(processor):
+    sot = token_id(processor, "<|startoftranscript|>")
+    eot = processor.tokenizer.eos_token_id
+    mel = np.random.default_rng(0).standard_normal((80, 3000)).astype(np.float32)
+    collator = WhisperDataCollator(processor=processor, decoder_start_token_id=sot)
+    batch = collator(
+        [
+            {"input_features": mel, "labels": np.array([sot, 10, 11, 12, eot], np.int32)},
+            {"input_features": mel.tolist(), "labels": [sot, 20, eot]},
+        ]
+    )
+    assert batch["input_features"].shape == (2, 80, 3000) and batch["input_features"].dtype == torch.float32
+    assert torch.equal(batch["input_features"][1], torch.from_numpy(mel))
+    assert batch["labels"].tolist() == [[10, 11, 12, eot], [20, eot, -100, -100]]
+
+
+def test_collator_keeps_start_token_unless_every_row_has_it(processor):
+    sot = token_id(processor, "<|startoftranscript|>")
+    mel = np.zeros((80, 3000), np.float32)
+    collator = WhisperDataCollator(processor=processor, decoder_start_token_id=sot)
+    batch = collator([{"input_features": mel, "labels": [sot, 5]}, {"input_features": mel, "labels": [6, 7, 8]}])
+    assert batch["labels"].tolist() == [[sot, 5, -100], [6, 7, 8]]
+
+
+def test_prepared_rows_train_the_model(corpus_dir, tiny_whisper):
+    model, processor = tiny_whisper
+    prepared, _ = prepare_dataset(load_manifest(corpus_dir / "train.jsonl"), processor)
+    collator = WhisperDataCollator(processor=processor, decoder_start_token_id=model.config.decoder_start_token_id)
+    batch = collator([prepared[i] for i in range(len(prepared))])
+    # The model re-inserts the start token: decoder inputs begin with it, followed by the stripped labels.
+    assert batch["labels"][0, 0] == token_id(processor, "<|en|>")
+    loss = model(**batch).loss
+    assert torch.isfinite(loss) and loss.item() > 0
+
+
+# --- real speech ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_dev_manifest(shared_speech, processor):
+    # shared_speech (conftest) is ../shared/data/speech next to the repository root, or a skip when absent.
+    english = load_manifest(shared_speech / "dev.jsonl", limit=3)
+    assert len(english) == 3 and set(english["language"]) == {"en"}
+    for row in english:
+        audio = load_audio(row["audio"], row_id=row["id"])
+        assert audio.size / SAMPLING_RATE == pytest.approx(row["duration"], abs=0.05)
+        assert not is_silent(audio)
+    mandarin = load_manifest(shared_speech / "dev.jsonl", languages=["zh"], limit=1)
+    prepared, report = prepare_dataset(mandarin, processor)
+    assert report.rows_kept == 1
+    assert prepared[0]["labels"][1] == token_id(processor, "<|zh|>")
+    assert processor.tokenizer.decode(prepared[0]["labels"], skip_special_tokens=True) == mandarin[0]["text"]
