@@ -51,9 +51,7 @@ def make_tiny_whisper(tokenizer_folder: Path, *, seed: int = 0, **overrides):
     """A random Whisper of ~3.5 M parameters (mostly the 51,865-token embedding) with real special tokens."""
     tokenizer = tokenizer_from_file(tokenizer_folder / "tokenizer.json", vocab_size=51865)
     ct2_config = json.loads((tokenizer_folder / "config.json").read_text())
-    config = WhisperConfig(
-        vocab_size=51865,
-        num_mel_bins=80,
+    sizes = dict(
         d_model=64,
         encoder_layers=2,
         decoder_layers=2,
@@ -61,9 +59,9 @@ def make_tiny_whisper(tokenizer_folder: Path, *, seed: int = 0, **overrides):
         decoder_attention_heads=4,
         encoder_ffn_dim=128,
         decoder_ffn_dim=128,
-        max_source_positions=1500,
-        max_target_positions=448,
-        **overrides,
+    )
+    config = WhisperConfig(
+        vocab_size=51865, num_mel_bins=80, max_source_positions=1500, max_target_positions=448, **{**sizes, **overrides}
     )
     generation_config = build_generation_config(
         tokenizer,

@@ -1,0 +1,163 @@
+"""``LayerSelectionCallback``: measures the student on probe batches and (re)writes the KDQ plan.
+
+At train begin, and every ``selection_interval`` optimizer steps, it measures on a few training batches
+
+* the quantization loss ``q_l(b)`` of every unit at every candidate bit width, and
+* the distillation loss ``d_l`` of every student layer against every teacher layer,
+
+then re-matches layers (dynamic modes), allocates bits under the size budget from ``d_l`` and ``q_l``, and
+picks the distilled layers from ``q_l`` (see :mod:`hf_whisper_kdq.selection`). The plan is logged, written
+as ``kdq_plan.json`` into each checkpoint, and kept in the TrainerState so that resuming restores it exactly
+(the measurement is deterministic: probe batches are fixed dataset rows, models run in eval mode).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .config import FLOAT_BITS
+from .losses import IGNORE_INDEX
+from .quant import set_quant_specs
+from .selection import (
+    KDQPlan,
+    allocate_bits,
+    capture_inputs,
+    choose_distillation_layers,
+    match_layers,
+    quantization_losses,
+    relative_hidden_errors,
+    unit_bytes,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class LayerSelectionCallback(TrainerCallback, ExportableState):
+    """Guided layer selection for :class:`~hf_whisper_kdq.DistillQuantTrainer` (added by it automatically)."""
+
+    def __init__(self, trainer=None, restored_plan: dict | None = None):
+        self.trainer = trainer
+        self.restored_plan = restored_plan
+
+    def bind(self, trainer) -> None:
+        self.trainer = trainer
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"restored_plan": self.trainer.plan.to_dict()}}
+
+    # ---- events -------------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.restored_plan is not None:
+            self.apply(KDQPlan.from_dict(self.restored_plan))
+            self.restored_plan = None
+            logger.info("Restored the KDQ plan of step %d from the checkpoint", self.trainer.plan.step)
+        elif state.global_step == 0:
+            self.select(step=0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        interval = args.selection_interval
+        if interval and state.global_step % interval == 0 and state.global_step < state.max_steps:
+            self.select(step=state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            if folder.is_dir():
+                self.trainer.plan.save(folder)
+
+    # ---- selection ------------------------------------------------------------------------------------
+    def apply(self, plan: KDQPlan) -> None:
+        self.trainer.plan = plan
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        if plan.module_specs():
+            set_quant_specs(model, plan.module_specs())
+
+    def probe_batches(self) -> list[dict]:
+        """``selection_probe_batches`` batches of fixed, evenly spaced training rows (no RNG consumed)."""
+        trainer = self.trainer
+        dataset = trainer.train_dataset
+        if dataset is None or len(dataset) == 0:
+            raise ValueError("layer selection needs a non-empty train_dataset")
+        batch_size = trainer.args.per_device_train_batch_size
+        count = min(len(dataset), batch_size * trainer.args.selection_probe_batches)
+        rows = [round(i * (len(dataset) - 1) / max(count - 1, 1)) for i in range(count)]
+        collate = trainer._get_collator_with_removed_columns(trainer.data_collator, description="probe")
+        dataset = trainer._remove_unused_columns(dataset, description="probe") if hasattr(dataset, "column_names") else dataset
+        return [
+            trainer._prepare_inputs(collate([dataset[i] for i in rows[start : start + batch_size]]))
+            for start in range(0, count, batch_size)
+        ]
+
+    @torch.no_grad()
+    def select(self, step: int) -> KDQPlan:
+        trainer, args = self.trainer, self.trainer.args
+        plan = trainer.plan
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        was_training = model.training
+        model.eval()
+        # Measure the float student: sensitivities are properties of its weights, not of the current bits.
+        if plan.module_specs():
+            set_quant_specs(model, dict.fromkeys(plan.module_specs(), None))
+        sides = trainer.distill_sides if args.num_distill_layers else ()
+        errors = {side: 0.0 for side in sides}
+        modules = [m for unit in plan.units for m in unit.modules]
+        batches = self.probe_batches()
+        with capture_inputs(model, modules) as inputs:
+            for batch in batches:
+                _, _, reps = trainer.forward_student_and_teacher(model, batch, sides)
+                mask = batch["labels"].ne(IGNORE_INDEX)
+                for side in sides:
+                    student = [trainer.adapt(side, i, h) for i, h in enumerate(reps["student"][side])]
+                    errors[side] = errors[side] + relative_hidden_errors(
+                        student, reps["teacher"][side], mask if side == "decoder" else None
+                    )
+
+        q = quantization_losses(model, plan, inputs, args.bit_choices)
+        for unit in plan.units:
+            unit.quant_loss = q[unit.name]
+        for side in sides:
+            matrix = errors[side] / len(batches)
+            layers = plan.layers(side)
+            if args.layer_matching != "static":
+                matched = match_layers(matrix, monotone=args.layer_matching == "dynamic_monotone")
+                for unit in layers:
+                    unit.teacher_layer = matched[unit.index]
+            for unit in layers:
+                unit.distill_loss = float(matrix[unit.index, unit.teacher_layer])
+        if plan.module_specs():
+            shapes = {name: module.weight.shape for name, module in model.named_modules() if name in set(modules)}
+            allocate_bits(
+                plan, shapes, args.bit_choices, fixed_bytes=self.fixed_bytes(model, plan, shapes),
+                budget_bytes=self.budget_bytes(),
+            )  # fmt: skip
+        choose_distillation_layers(plan, args.num_distill_layers, sides)
+        plan.step = step
+        self.apply(plan)
+        model.train(was_training)
+        if trainer.is_world_process_zero():
+            logger.info("\n%s", plan.summary())
+        return plan
+
+    def budget_bytes(self) -> int | None:
+        args = self.trainer.args
+        if args.size_budget_mb is not None:
+            return int(args.size_budget_mb * 1e6)
+        if args.size_budget_ratio is not None:
+            teacher_fp16 = sum(p.numel() for p in self.trainer.teacher.parameters()) * 2
+            return int(args.size_budget_ratio * teacher_fp16)
+        return None
+
+    @staticmethod
+    def fixed_bytes(model, plan: KDQPlan, shapes) -> int:
+        """fp16 bytes of everything outside the plan's units (adapters and clipping ratios are training-only)."""
+        training_only = {
+            id(p) for name, p in model.named_parameters() if name.endswith("weight_clip") or name.startswith("kdq_adapters.")
+        }
+        total = sum(p.numel() * 2 for p in model.parameters() if id(p) not in training_only)
+        return total - sum(unit_bytes(plan, unit, FLOAT_BITS, shapes) for unit in plan.units)

@@ -1,0 +1,177 @@
+"""``DistillQuantArguments``: everything guided distillation + quantization adds to the HF training arguments.
+
+A dataclass extending ``Seq2SeqTrainingArguments``, so ``HfArgumentParser`` reads it from the command line or
+a JSON/YAML file and the Trainer uses it unchanged. Every field documents itself (``--help``) and
+``__post_init__`` rejects bad combinations with a message that names the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import Seq2SeqTrainingArguments
+
+ALLOWED_BITS = (2, 3, 4, 8)
+FLOAT_BITS = 16  # a layer left unquantized is counted, and stored, as fp16
+MATCHING_MODES = ("static", "dynamic", "dynamic_monotone")
+HIDDEN_TARGETS = ("decoder", "encoder", "both", "none")
+HIDDEN_REPRESENTATIONS = ("layer_output", "ffn_intermediate")
+GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+QUANT_TARGETS = ("encoder", "decoder", "embedding")
+
+
+def parse_bit_choices(text: str) -> tuple[int, ...]:
+    """``"2,3,4,8,float"`` -> ``(2, 3, 4, 8, 16)``; float (16) means "keep this layer unquantized"."""
+    choices = []
+    for item in str(text).replace(" ", "").split(","):
+        if not item:
+            continue
+        if item.lower() in {"float", "fp16", "16"}:
+            choices.append(FLOAT_BITS)
+            continue
+        if not item.isdigit() or int(item) not in ALLOWED_BITS:
+            raise ValueError(
+                f"bit choice {item!r} is not supported: use a comma-separated subset of "
+                f"{', '.join(map(str, ALLOWED_BITS))} and optionally 'float'"
+            )
+        choices.append(int(item))
+    if not choices:
+        raise ValueError("quant_bit_choices is empty: give e.g. '2,3,4,8,float'")
+    return tuple(sorted(set(choices)))
+
+
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(item for item in str(text).replace(" ", "").split(",") if item)
+
+
+@dataclass
+class DistillQuantArguments(Seq2SeqTrainingArguments):
+    """Training arguments of :class:`~hf_whisper_kdq.DistillQuantTrainer` (all of ``Seq2SeqTrainingArguments``,
+    plus the loss weights, the quantization scheme, the size budget and the guided layer selection)."""
+
+    # ---- loss weights -------------------------------------------------------------------------------
+    ce_weight: float = field(default=1.0, metadata={"help": "Weight of the cross-entropy loss on the labels."})
+    kd_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the logit distillation loss T²·KL(teacher ‖ student)."}
+    )
+    hidden_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the hidden-state loss over the selected distillation layers."}
+    )
+    quant_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the quantization loss ‖w − q(w)‖²/‖w‖² summed over the quantized layers."},
+    )
+    kd_temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the logit distillation."})
+    hidden_target: str = field(
+        default="decoder",
+        metadata={"help": f"Which hidden states are distilled: one of {', '.join(HIDDEN_TARGETS)}."},
+    )
+    hidden_representation: str = field(
+        default="layer_output",
+        metadata={
+            "help": "What of a layer is matched: 'layer_output' (the layer's output hidden state) or "
+            "'ffn_intermediate' (the FFN's inner activation, as in the authors' code)."
+        },
+    )
+    layer_matching: str = field(
+        default="static",
+        metadata={
+            "help": "How student layers find their teacher layer: 'static' (spaced copy positions), 'dynamic' "
+            "(argmin hidden loss, re-chosen at each selection) or 'dynamic_monotone' (same, teacher indices "
+            "non-decreasing)."
+        },
+    )
+
+    # ---- quantization -------------------------------------------------------------------------------
+    quant_bit_choices: str = field(
+        default="2,3,4,8,float",
+        metadata={"help": "Bits a layer may get, comma-separated from 2,3,4,8 plus 'float' (unquantized)."},
+    )
+    quant_granularity: str = field(
+        default="per_group", metadata={"help": f"Scale granularity: one of {', '.join(GRANULARITIES)}."}
+    )
+    quant_group_size: int = field(
+        default=32, metadata={"help": "Input columns per scale with per_group granularity (must divide widths)."}
+    )
+    quant_symmetric: bool = field(
+        default=True, metadata={"help": "Signed symmetric integers (the only scheme supported for now)."}
+    )
+    learnable_clipping: bool = field(
+        default=True, metadata={"help": "Learn a clipping ratio per scale (LSQ/PACT style) during training."}
+    )
+    quant_targets: str = field(
+        default="encoder,decoder",
+        metadata={"help": "What may be quantized, comma-separated from encoder, decoder, embedding."},
+    )
+    size_budget_mb: float | None = field(
+        default=None,
+        metadata={"help": "Largest size of the student on disk in MB (1e6 bytes), fp16 for what stays float."},
+    )
+    size_budget_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Alternatively: the budget as a fraction of the teacher's fp16 size, e.g. 0.2."},
+    )
+
+    # ---- guided layer selection ---------------------------------------------------------------------
+    num_distill_layers: int = field(
+        default=2,
+        metadata={"help": "How many student layers get hidden-state distillation (chosen by quantization loss)."},
+    )
+    selection_interval: int = field(
+        default=0,
+        metadata={"help": "Re-run the layer selection every N optimizer steps (0: only at the start)."},
+    )
+    selection_probe_batches: int = field(
+        default=2, metadata={"help": "Training batches used to measure quantization and distillation losses."}
+    )
+    freeze_encoder: bool = field(
+        default=False,
+        metadata={
+            "help": "Freeze the student's encoder. When it equals the teacher's, the encoder runs once per step "
+            "for both."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("ce_weight", "kd_weight", "hidden_weight", "quant_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        if self.ce_weight + self.kd_weight + self.hidden_weight == 0:
+            raise ValueError("ce_weight, kd_weight and hidden_weight are all 0: nothing would train the student")
+        if self.kd_temperature <= 0:
+            raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
+        for name, allowed in (
+            ("hidden_target", HIDDEN_TARGETS),
+            ("hidden_representation", HIDDEN_REPRESENTATIONS),
+            ("layer_matching", MATCHING_MODES),
+            ("quant_granularity", GRANULARITIES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        parse_bit_choices(self.quant_bit_choices)
+        unknown = set(_split(self.quant_targets)) - set(QUANT_TARGETS)
+        if unknown:
+            raise ValueError(f"quant_targets {sorted(unknown)} unknown: choose from {', '.join(QUANT_TARGETS)}")
+        if self.quant_granularity == "per_group" and self.quant_group_size <= 0:
+            raise ValueError(f"quant_group_size must be > 0 with per_group granularity, got {self.quant_group_size}")
+        if not self.quant_symmetric:
+            raise ValueError("asymmetric quantization is not supported yet: set quant_symmetric=True")
+        if self.size_budget_mb is not None and self.size_budget_ratio is not None:
+            raise ValueError("give size_budget_mb or size_budget_ratio, not both")
+        if self.size_budget_mb is not None and self.size_budget_mb <= 0:
+            raise ValueError(f"size_budget_mb must be > 0, got {self.size_budget_mb}")
+        if self.size_budget_ratio is not None and not 0 < self.size_budget_ratio <= 1:
+            raise ValueError(f"size_budget_ratio must be in (0, 1], got {self.size_budget_ratio}")
+        if self.num_distill_layers < 0 or self.selection_interval < 0 or self.selection_probe_batches < 1:
+            raise ValueError(
+                "num_distill_layers and selection_interval must be ≥ 0 and selection_probe_batches ≥ 1"
+            )
+
+    @property
+    def bit_choices(self) -> tuple[int, ...]:
+        return parse_bit_choices(self.quant_bit_choices)
+
+    @property
+    def quant_target_set(self) -> frozenset[str]:
+        return frozenset(_split(self.quant_targets))

@@ -1,0 +1,112 @@
+"""Loss terms of guided distillation + quantization, as pure functions.
+
+Every function returns a *sum* divided by an explicit normalizer, so that the trainer can make gradient
+accumulation exact: token-level terms are divided by ``num_items_in_batch`` (all label tokens of the
+accumulated batch, counted by the Trainer), frame-level terms by the frames of the accumulated batch. With
+``normalizer=None`` a term falls back to the mean over its own batch, which is what evaluation wants.
+
+Shapes: B batch, T decoder positions, V vocabulary, S encoder frames, D / D_t hidden widths.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def _normalize(total: torch.Tensor, count: torch.Tensor | int, normalizer: torch.Tensor | float | None):
+    denominator = count if normalizer is None else normalizer
+    if torch.is_tensor(denominator):
+        denominator = denominator.to(total.device, total.dtype).clamp_min(1)
+        return total / denominator
+    return total / max(float(denominator), 1.0)
+
+
+def cross_entropy_loss(
+    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
+) -> torch.Tensor:
+    """Token cross-entropy against the labels.
+
+    Args:
+        logits: [B, T, V] student logits, aligned with ``labels`` (Whisper shifts its decoder inputs, not its
+            labels).
+        labels: [B, T] token ids, ``-100`` where there is nothing to predict.
+        num_items_in_batch: label tokens of the whole accumulated batch; defaults to this batch's count.
+
+    Returns:
+        Scalar: summed token loss / normalizer.
+    """
+    total = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return _normalize(total, labels.ne(IGNORE_INDEX).sum(), num_items_in_batch)
+
+
+def logit_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    num_items_in_batch: torch.Tensor | int | None = None,
+) -> torch.Tensor:
+    """``T² · KL(teacher ‖ student)`` of temperature-softened distributions, over label positions only.
+
+    The ``T²`` factor keeps gradient magnitudes comparable across temperatures (Hinton et al., 2015).
+
+    Args:
+        student_logits: [B, T, V].
+        teacher_logits: [B, T, V], same vocabulary (the trainer checks the tokenizers match).
+        labels: [B, T]; positions with ``-100`` (padding) contribute nothing.
+        temperature: softening temperature, > 0.
+        num_items_in_batch: as in :func:`cross_entropy_loss`.
+
+    Returns:
+        Scalar; exactly 0 when the two logits are equal.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} != teacher logits {tuple(teacher_logits.shape)}")
+    mask = labels.ne(IGNORE_INDEX)
+    student_log_probs = F.log_softmax(student_logits[mask].float() / temperature, dim=-1)
+    teacher_log_probs = F.log_softmax(teacher_logits[mask].float() / temperature, dim=-1)
+    kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="sum")
+    return _normalize(kl * temperature**2, mask.sum(), num_items_in_batch)
+
+
+def hidden_distillation_loss(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    normalizer: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """Mean squared error per position between a student representation and its matched teacher layer.
+
+    Args:
+        student_hidden: [B, L, D_t] (already mapped to the teacher's width by an adapter when widths differ).
+        teacher_hidden: [B, L, D_t], no gradient needed.
+        mask: [B, L] bool, positions that count (decoder: label tokens); None counts every position
+            (encoder frames).
+        normalizer: positions of the whole accumulated batch (``num_items_in_batch`` for decoder states).
+
+    Returns:
+        Scalar: Σ over counted positions of mean_D (s − t)², divided by the normalizer.
+    """
+    if student_hidden.shape != teacher_hidden.shape:
+        raise ValueError(f"hidden shapes differ: {tuple(student_hidden.shape)} vs {tuple(teacher_hidden.shape)}")
+    per_position = (student_hidden.float() - teacher_hidden.float()).pow(2).mean(dim=-1)
+    if mask is not None:
+        per_position = per_position * mask
+        count = mask.sum()
+    else:
+        count = per_position.numel()
+    return _normalize(per_position.sum(), count, normalizer)
+
+
+def quantization_loss(weight: torch.Tensor, fake_quantized_weight: torch.Tensor) -> torch.Tensor:
+    """Relative squared error ``‖w − q(w)‖² / ‖w‖²`` of one weight matrix (any shape).
+
+    Scale-free, so layers of different sizes and magnitudes add up meaningfully. Its gradient reaches both
+    the weight (pulling it towards the quantization grid) and learnable clipping parameters.
+    """
+    return (weight.float() - fake_quantized_weight.float()).pow(2).sum() / weight.float().pow(2).sum().clamp_min(1e-12)

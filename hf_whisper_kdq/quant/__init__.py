@@ -1,0 +1,43 @@
+"""Quantization-aware training for Whisper: prepare (fake-quant wrappers) → train → convert.
+
+Weight-only, symmetric, signed integer quantization (2/3/4/8 bits, per tensor / channel / group) with a
+straight-through estimator and optional LSQ-style learnable clipping, as used by Whisper-KDQ
+(Shao et al. 2023). No dependency on torchao; the shape of the API follows it.
+
+    from hf_whisper_kdq.quant import QuantSpec, default_quant_targets, prepare_qat, convert_qat
+
+    spec = QuantSpec.parse("int4-g32")
+    prepare_qat(model, {name: spec for name in default_quant_targets(model)})
+    ...  # train
+    codes = convert_qat(model)  # {layer: QuantizedWeight(codes int8, scales float32)}
+"""
+
+from .api import (
+    convert_qat,
+    default_quant_targets,
+    prepare_qat,
+    quant_specs,
+    quantized_size_bytes,
+    set_quant_specs,
+)
+from .fake_quant import QuantizedWeight, fake_quantize, quantize_weight
+from .modules import FakeQuantEmbedding, FakeQuantLinear
+from .spec import ALLOWED_BITS, GRANULARITIES, QuantSpec, weight_bytes
+
+__all__ = [
+    "ALLOWED_BITS",
+    "GRANULARITIES",
+    "FakeQuantEmbedding",
+    "FakeQuantLinear",
+    "QuantSpec",
+    "QuantizedWeight",
+    "convert_qat",
+    "default_quant_targets",
+    "fake_quantize",
+    "prepare_qat",
+    "quant_specs",
+    "quantize_weight",
+    "quantized_size_bytes",
+    "set_quant_specs",
+    "weight_bytes",
+]

@@ -1,0 +1,247 @@
+"""Fake-quantized drop-ins for ``nn.Linear`` and ``nn.Embedding`` (the "prepare" half of QAT).
+
+The wrappers are subclasses of the float modules and keep their parameters under the same names
+(``weight``, ``bias``), so checkpoints, optimizers and Hugging Face weight tying keep working. The only
+addition is ``weight_clip``, a learnable clipping ratio per scale, present only while the spec asks
+for learnable clipping.
+
+Wrappers that hold the same ``weight`` Parameter (Whisper's ``proj_out`` and
+``model.decoder.embed_tokens``) share one `_QuantGroup`: one spec and one ``weight_clip`` Parameter,
+so the tied weight is quantized identically wherever it is used, and changing the spec of either
+module changes both.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .fake_quant import fake_quantize
+from .spec import QuantSpec, as_spec
+
+# Per-instance hook registries carried over when a module is swapped, so hooks registered on the
+# float module (e.g. by a distillation callback) keep firing on its wrapper and back.
+_HOOK_ATTRS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Give ``new`` the training flag and hook registries of ``old`` (the same dict objects, so
+    existing hook handles still remove their hooks)."""
+    if "forward" in old.__dict__:
+        # Something (accelerate's dispatch hooks, a monkey patch) replaced forward on the instance;
+        # carrying it over would call the float forward and silently skip quantization.
+        raise TypeError(
+            f"{type(old).__name__} has an instance-level forward override; prepare/convert the model "
+            "before attaching dispatch hooks"
+        )
+    new.train(old.training)
+    for attr in _HOOK_ATTRS:
+        if attr in old.__dict__:
+            new.__dict__[attr] = old.__dict__[attr]
+    return new
+
+
+class _QuantGroup:
+    """Spec shared by the wrappers of one weight Parameter (one member unless the weight is tied)."""
+
+    def __init__(self) -> None:
+        self.spec: Optional[QuantSpec] = None
+        self.members: list[nn.Module] = []
+
+
+class _FakeQuantMixin:
+    """Spec handling common to both wrappers; expects ``self.weight`` of shape ``[rows, cols]``."""
+
+    weight: nn.Parameter
+    weight_clip: Optional[nn.Parameter]
+
+    def _init_quant(self, name: str, group: Optional[_QuantGroup] = None) -> None:
+        # Plain attributes: nn.Module only registers Modules/Parameters/Tensors specially.
+        self.quant_name = name
+        self._quant_group = group if group is not None else _QuantGroup()
+        self._quant_group.members.append(self)
+        if group is not None and group.members[0] is not self:
+            self.register_parameter("weight_clip", group.members[0].weight_clip)
+        else:
+            self.register_parameter("weight_clip", None)
+
+    @property
+    def quant_spec(self) -> Optional[QuantSpec]:
+        """The current spec; None means the layer runs in float."""
+        return self._quant_group.spec
+
+    @property
+    def tied_modules(self) -> list[nn.Module]:
+        """All wrappers (this one included) that share this weight, hence its spec and clip."""
+        return list(self._quant_group.members)
+
+    def set_quant_spec(self, spec: "QuantSpec | str | None") -> None:
+        """Switch bits/granularity at runtime, for this module and every module tied to its weight.
+
+        ``None`` runs the layer in float and keeps a learned ``weight_clip`` for later. A spec with
+        learnable clipping keeps the existing ``weight_clip`` Parameter when its shape still fits (same
+        object: optimizers keep tracking it) and otherwise starts a new one at 1.0, so after a change of
+        granularity the optimizer must be told about the new Parameter. A spec without learnable
+        clipping removes ``weight_clip``.
+        """
+        spec = as_spec(spec)
+        if spec is not None:
+            spec.check_shape(self.weight.shape, self.quant_name)
+        clip = self.weight_clip
+        if spec is not None:
+            if not spec.learnable_clipping:
+                clip = None
+            else:
+                shape = spec.scale_shape(self.weight.shape)
+                if clip is None or tuple(clip.shape) != shape:
+                    clip = nn.Parameter(torch.ones(shape, dtype=torch.float32, device=self.weight.device))
+        self._quant_group.spec = spec
+        for member in self._quant_group.members:
+            member.register_parameter("weight_clip", clip)
+
+    def quantized_weight(self) -> Tensor:
+        """The weight as the forward pass uses it: fake-quantized, or the float weight when spec is None."""
+        spec = self.quant_spec
+        if spec is None:
+            return self.weight
+        clip = self.weight_clip if spec.learnable_clipping else None
+        return fake_quantize(self.weight, spec, clip, layer=self.quant_name)
+
+    def _quant_repr(self) -> str:
+        spec = self.quant_spec
+        if spec is None:
+            return "quant=float"
+        text = f"bits={spec.bits}, granularity={spec.granularity}"
+        if spec.group_size is not None:
+            text += f", group_size={spec.group_size}"
+        if spec.learnable_clipping:
+            text += ", learnable_clipping=True"
+        return text
+
+
+class FakeQuantLinear(_FakeQuantMixin, nn.Linear):
+    """``nn.Linear`` whose weight ``[out_features, in_features]`` is fake-quantized in forward.
+
+    Input ``[..., in_features]`` → output ``[..., out_features]``. Rows are output channels, so
+    per_channel means one scale per output feature and per_group splits the input width.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        spec: "QuantSpec | str | None" = None,
+        name: str = "<FakeQuantLinear>",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_quant(name)
+        self.set_quant_spec(spec)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, *, name: str, group: Optional[_QuantGroup] = None) -> "FakeQuantLinear":
+        """Wrap ``linear`` sharing its Parameter objects (no copy); the spec is set by the caller."""
+        new = cls.__new__(cls)
+        nn.Linear.__init__(new, linear.in_features, linear.out_features, bias=False, device="meta")
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new._init_quant(name, group)
+        return _adopt(new, linear)
+
+    def to_float(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding this module's (unchanged) Parameters."""
+        plain = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        plain.weight = self.weight
+        plain.bias = self.bias
+        return _adopt(plain, self)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.linear(input, self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._quant_repr()}"
+
+
+class FakeQuantEmbedding(_FakeQuantMixin, nn.Embedding):
+    """``nn.Embedding`` whose table ``[num_embeddings, embedding_dim]`` is fake-quantized in forward.
+
+    Indices ``[...]`` → vectors ``[..., embedding_dim]``. Rows are tokens, so per_channel means one
+    scale per token. ``max_norm`` (renormalizes the table in place) and ``sparse`` gradients are not
+    supported: neither makes sense through a fake-quantized table.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: Optional[int] = None,
+        *,
+        spec: "QuantSpec | str | None" = None,
+        name: str = "<FakeQuantEmbedding>",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(num_embeddings, embedding_dim, padding_idx, device=device, dtype=dtype)
+        self._init_quant(name)
+        self.set_quant_spec(spec)
+
+    @classmethod
+    def from_float(
+        cls, embedding: nn.Embedding, *, name: str, group: Optional[_QuantGroup] = None
+    ) -> "FakeQuantEmbedding":
+        """Wrap ``embedding`` sharing its weight Parameter (no copy); the spec is set by the caller."""
+        if embedding.max_norm is not None or embedding.sparse:
+            raise TypeError(f"{name}: embeddings with max_norm or sparse=True cannot be fake-quantized")
+        new = cls.__new__(cls)
+        nn.Embedding.__init__(
+            new,
+            embedding.num_embeddings,
+            embedding.embedding_dim,
+            embedding.padding_idx,
+            scale_grad_by_freq=embedding.scale_grad_by_freq,
+            device="meta",
+        )
+        new.weight = embedding.weight
+        new._init_quant(name, group)
+        return _adopt(new, embedding)
+
+    def to_float(self) -> nn.Embedding:
+        """A plain ``nn.Embedding`` holding this module's (unchanged) weight Parameter."""
+        plain = nn.Embedding(
+            self.num_embeddings,
+            self.embedding_dim,
+            self.padding_idx,
+            scale_grad_by_freq=self.scale_grad_by_freq,
+            device="meta",
+        )
+        plain.weight = self.weight
+        return _adopt(plain, self)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.embedding(
+            input, self.quantized_weight(), self.padding_idx, None, self.norm_type, self.scale_grad_by_freq, False
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._quant_repr()}"
+
+
+FAKE_QUANT_TYPES = (FakeQuantLinear, FakeQuantEmbedding)

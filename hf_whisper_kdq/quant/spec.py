@@ -1,0 +1,184 @@
+"""What one layer's weight quantization looks like: `QuantSpec`, its string form and its storage cost.
+
+A spec describes weight-only, symmetric, signed integer quantization of a 2-D weight ``[rows, cols]``
+(``[out_features, in_features]`` for ``nn.Linear``, ``[num_embeddings, embedding_dim]`` for
+``nn.Embedding``). Rows are always the "channel" axis: an embedding row is one token, so per-channel
+scales for an embedding are per-token scales.
+
+String form (``QuantSpec.parse`` / ``str(spec)``)::
+
+    int8            8 bits, per_channel (the default granularity)
+    int4-g32        4 bits, per_group, 32 columns per group
+    int4-tensor     4 bits, one scale for the whole tensor
+    int3-channel    3 bits, per_channel, spelled out
+    int2-g64-clip   ... with a learnable clipping ratio per scale
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+ALLOWED_BITS: tuple[int, ...] = (2, 3, 4, 8)
+GRANULARITIES: tuple[str, ...] = ("per_tensor", "per_channel", "per_group")
+
+# Storage width of everything kept in float: scales, and layers left unquantized.
+FLOAT_BITS = 16
+SCALE_BYTES = 2
+
+_PARSE_RE = re.compile(r"^int(?P<bits>\d+)(?P<rest>(?:-[a-z0-9_]+)*)$")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Weight quantization of one layer.
+
+    Args:
+        bits: integer width, one of ``ALLOWED_BITS`` (2, 3, 4, 8).
+        granularity: ``"per_tensor"`` (one scale), ``"per_channel"`` (one scale per row) or
+            ``"per_group"`` (one scale per ``group_size`` consecutive columns of a row).
+        group_size: columns per group; required for ``per_group``, must be ``None`` otherwise. Whether
+            it divides a layer's input width is checked when the spec meets the layer
+            (`check_shape`), since the spec itself does not know the layer.
+        symmetric: must be True. Codes are signed integers in the *restricted* range
+            ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]`` (int4: [-7, 7], int2: {-1, 0, 1}) with a zero
+            point of 0. The restricted range drops the lone most-negative code so that the grid is
+            symmetric around 0: ``+max|w|`` and ``-max|w|`` are both exactly representable with
+            ``scale = max|w| / qmax``, negation never overflows, and the rounding error has no sign
+            bias. The price is one level out of ``2**bits``, which is only noticeable at 2 bits.
+        learnable_clipping: give the layer a learnable clipping ratio per scale (LSQ/PACT style)
+            that shrinks the quantization range below ``max|w|``.
+    """
+
+    bits: int
+    granularity: str = "per_channel"
+    group_size: Optional[int] = None
+    symmetric: bool = True
+    learnable_clipping: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in ALLOWED_BITS:
+            raise ValueError(f"QuantSpec.bits must be one of {list(ALLOWED_BITS)}, got {self.bits!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"QuantSpec.granularity must be one of {list(GRANULARITIES)}, got {self.granularity!r}"
+            )
+        if self.granularity == "per_group":
+            if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+                raise ValueError(f"per_group quantization needs a positive integer group_size, got {self.group_size!r}")
+        elif self.group_size is not None:
+            raise ValueError(
+                f"group_size={self.group_size} is only meaningful with granularity='per_group', "
+                f"not {self.granularity!r}"
+            )
+        if self.symmetric is not True:
+            # Asymmetric codes would need zero points in QuantizedWeight and in the export format.
+            raise ValueError("only symmetric (zero point 0) quantization is supported: symmetric must be True")
+        if not isinstance(self.learnable_clipping, bool):
+            raise ValueError(f"learnable_clipping must be a bool, got {self.learnable_clipping!r}")
+
+    # ------------------------------------------------------------------ integer range
+
+    @property
+    def qmax(self) -> int:
+        """Largest code, ``2**(bits-1) - 1``; the smallest is ``-qmax`` (restricted range)."""
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def qmin(self) -> int:
+        return -self.qmax
+
+    # ------------------------------------------------------------------ geometry
+
+    def check_shape(self, shape: Sequence[int], layer: str = "<weight>") -> None:
+        """Raise ``ValueError`` naming ``layer`` when this spec cannot quantize a weight of ``shape``."""
+        if len(shape) != 2:
+            raise ValueError(f"{layer}: only 2-D weights can be quantized, got shape {tuple(shape)}")
+        cols = int(shape[1])
+        if self.granularity == "per_group" and cols % self.group_size != 0:
+            raise ValueError(
+                f"{layer}: group_size={self.group_size} does not divide its input width {cols}; "
+                f"valid group sizes are {_divisors(cols)}"
+            )
+
+    def num_groups(self, shape: Sequence[int]) -> int:
+        """Scales per row: ``cols // group_size`` for per_group, else 1."""
+        if self.granularity == "per_group":
+            return int(shape[1]) // self.group_size
+        return 1
+
+    def scale_shape(self, shape: Sequence[int]) -> tuple[int, int]:
+        """Shape of the scales (and of a learnable clip) for a weight of ``shape``.
+
+        ``[1, 1]`` for per_tensor, ``[rows, 1]`` for per_channel, ``[rows, cols // group_size]``
+        for per_group.
+        """
+        if self.granularity == "per_tensor":
+            return (1, 1)
+        return (int(shape[0]), self.num_groups(shape))
+
+    # ------------------------------------------------------------------ text form
+
+    @classmethod
+    def parse(cls, text: str) -> "QuantSpec":
+        """``"int4-g32"`` → ``QuantSpec(4, "per_group", 32)``; see the module docstring for the grammar."""
+        match = _PARSE_RE.match(text.strip().lower())
+        if match is None:
+            raise ValueError(
+                f"cannot parse quantization spec {text!r}; expected e.g. 'int8', 'int4-g32', "
+                f"'int4-tensor', 'int3-channel', 'int2-g64-clip'"
+            )
+        kwargs: dict = {"bits": int(match["bits"])}
+        for token in filter(None, match["rest"].split("-")):
+            if token in ("tensor", "per_tensor", "t"):
+                kwargs["granularity"] = "per_tensor"
+            elif token in ("channel", "per_channel", "c"):
+                kwargs["granularity"] = "per_channel"
+            elif re.fullmatch(r"g\d+", token):
+                kwargs["granularity"], kwargs["group_size"] = "per_group", int(token[1:])
+            elif token in ("clip", "lc"):
+                kwargs["learnable_clipping"] = True
+            else:
+                raise ValueError(f"cannot parse quantization spec {text!r}: unknown part {token!r}")
+        return cls(**kwargs)
+
+    def __str__(self) -> str:
+        if self.granularity == "per_group":
+            text = f"int{self.bits}-g{self.group_size}"
+        elif self.granularity == "per_tensor":
+            text = f"int{self.bits}-tensor"
+        else:
+            text = f"int{self.bits}"
+        return text + ("-clip" if self.learnable_clipping else "")
+
+
+def as_spec(value: "QuantSpec | str | None") -> Optional[QuantSpec]:
+    """Accept a spec, its string form, or None (float); everything else is a TypeError."""
+    if value is None or isinstance(value, QuantSpec):
+        return value
+    if isinstance(value, str):
+        if value.strip().lower() in ("none", "float", "fp16", "bf16", "fp32"):
+            return None
+        return QuantSpec.parse(value)
+    raise TypeError(f"expected a QuantSpec, its string form or None, got {type(value).__name__}")
+
+
+def weight_bytes(shape: Sequence[int], spec: Optional[QuantSpec], layer: str = "<weight>") -> int:
+    """Stored size of one weight of ``shape`` under ``spec``.
+
+    Quantized: codes bit-packed, ``ceil(numel * bits / 8)``, plus one fp16 scale per group. Float
+    (``spec is None``): ``numel * 2`` (fp16/bf16). E.g. int4-g32 of ``[64, 64]`` is
+    ``64*64/2 + 64*2*2 = 2304`` bytes.
+    """
+    numel = math.prod(int(s) for s in shape)
+    if spec is None:
+        return numel * FLOAT_BITS // 8
+    spec.check_shape(shape, layer)
+    n_scales = math.prod(spec.scale_shape(shape))
+    return math.ceil(numel * spec.bits / 8) + n_scales * SCALE_BYTES

@@ -1,0 +1,330 @@
+"""Guided layer selection: the plan of which layers are distilled, which are quantized, and to how many bits.
+
+The method's two-way guidance (Whisper-KDQ, Shao et al. 2023):
+
+* **distillation layers are chosen from quantization loss** — ``q_l(b)``, how much quantizing unit ``l`` to
+  ``b`` bits perturbs the outputs of its linears on probe batches (relative squared error). The layers that
+  quantization hurts most at their assigned bits get the teacher's hidden-state guidance.
+* **quantization bits are chosen from distillation loss** — ``d_l``, the relative hidden-state error of
+  student layer ``l`` against its matched teacher layer. Layers that already match the teacher are
+  quantized first and to fewer bits.
+
+Bits are allocated **greedily** under the size budget: every unit starts at its highest allowed bits; while
+the model is over budget, the unit whose next lower bit width adds the least weighted sensitivity per byte
+saved, ``w_l · (q_l(b_next) − q_l(b)) / (bytes(b) − bytes(b_next))`` with ``w_l = d_l / mean(d)``, steps
+down. A greedy descent on convex-ish per-layer curves is near-optimal for this knapsack and runs in
+microseconds; it is deterministic, which keeps the plan identical on every rank.
+
+A *unit* is one encoder layer, one decoder layer, or the token embedding (with the tied output projection).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import FLOAT_BITS
+from .quant import QuantSpec, fake_quantize, weight_bytes
+
+PLAN_FILE = "kdq_plan.json"
+_LAYER = re.compile(r"(?:^|\.)(encoder|decoder)\.layers\.(\d+)\.")
+
+
+@dataclass
+class UnitPlan:
+    """One unit of the plan. ``bits`` is 16 for a unit kept in float."""
+
+    name: str
+    side: str
+    index: int | None
+    modules: list[str]
+    bits: int
+    distilled: bool = False
+    teacher_layer: int | None = None
+    quant_loss: dict[int, float] = field(default_factory=dict)
+    distill_loss: float | None = None
+
+
+@dataclass
+class KDQPlan:
+    """Per-unit bits, distillation flags and matched teacher layers, plus the measurements behind them."""
+
+    units: list[UnitPlan]
+    granularity: str
+    group_size: int | None
+    learnable_clipping: bool
+    budget_bytes: int | None = None
+    size_bytes: int | None = None
+    step: int = 0
+
+    # ---- views ----------------------------------------------------------------------------------
+    def unit(self, name: str) -> UnitPlan:
+        return next(u for u in self.units if u.name == name)
+
+    def layers(self, side: str) -> list[UnitPlan]:
+        return sorted((u for u in self.units if u.side == side), key=lambda u: u.index)
+
+    def distilled_pairs(self, side: str) -> list[tuple[int, int]]:
+        """(student layer, teacher layer) of the distilled layers of one side."""
+        return [(u.index, u.teacher_layer) for u in self.layers(side) if u.distilled and u.teacher_layer is not None]
+
+    def spec(self, bits: int) -> QuantSpec | None:
+        if bits >= FLOAT_BITS:
+            return None
+        group = self.group_size if self.granularity == "per_group" else None
+        return QuantSpec(bits, self.granularity, group, True, self.learnable_clipping)
+
+    def module_specs(self) -> dict[str, QuantSpec | None]:
+        return {module: self.spec(u.bits) for u in self.units for module in u.modules}
+
+    def quantized(self, side: str) -> bool:
+        return any(u.bits < FLOAT_BITS for u in self.units if u.side == side and u.modules)
+
+    # ---- persistence ------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> KDQPlan:
+        units = [
+            UnitPlan(**{**u, "quant_loss": {int(b): float(v) for b, v in u.get("quant_loss", {}).items()}})
+            for u in data["units"]
+        ]
+        return cls(**{**data, "units": units})
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / PLAN_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, folder_or_file: str | Path) -> KDQPlan:
+        path = Path(folder_or_file)
+        path = path / PLAN_FILE if path.is_dir() else path
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+    def summary(self) -> str:
+        """A Markdown table of the plan, one row per unit."""
+        rows = ["| unit | bits | distilled | teacher layer | q_l (assigned bits) | d_l |", "|---|---|---|---|---|---|"]
+        for u in self.units:
+            bits = "float" if u.bits >= FLOAT_BITS else str(u.bits)
+            q = u.quant_loss.get(u.bits)
+            d = "" if u.distill_loss is None else f"{u.distill_loss:.4g}"
+            teacher = "" if u.teacher_layer is None else str(u.teacher_layer)
+            rows.append(f"| {u.name} | {bits} | {'yes' if u.distilled else ''} | {teacher} | "
+                        f"{'' if q is None else f'{q:.4g}'} | {d} |")  # fmt: skip
+        size = "" if self.size_bytes is None else f" — size {self.size_bytes / 1e6:.2f} MB"
+        budget = "" if self.budget_bytes is None else f" (budget {self.budget_bytes / 1e6:.2f} MB)"
+        return f"KDQ plan at step {self.step}{size}{budget}\n" + "\n".join(rows)
+
+
+def group_units(quant_targets: list[str]) -> dict[str, list[str]]:
+    """Group quantizable module names into units: ``encoder.3``, ``decoder.0``, ``embedding``."""
+    units: dict[str, list[str]] = defaultdict(list)
+    for name in quant_targets:
+        match = _LAYER.search(name)
+        units[f"{match.group(1)}.{match.group(2)}" if match else "embedding"].append(name)
+    return dict(units)
+
+
+def initial_plan(
+    quant_targets: list[str], teacher_layers: dict[str, list[int]], *, bits: int, granularity: str,
+    group_size: int | None, learnable_clipping: bool,
+) -> KDQPlan:  # fmt: skip
+    """One unit per encoder and decoder layer (``teacher_layers`` gives each its teacher layer) plus the
+    embedding when targeted. Units with quantization targets start at ``bits``, the others stay float."""
+    grouped = group_units(quant_targets)
+    units = [
+        UnitPlan(f"{side}.{i}", side, i, grouped.get(f"{side}.{i}", []),
+                 bits if f"{side}.{i}" in grouped else FLOAT_BITS, teacher_layer=teacher)
+        for side in ("encoder", "decoder")
+        for i, teacher in enumerate(teacher_layers[side])
+    ]  # fmt: skip
+    if "embedding" in grouped:
+        units.append(UnitPlan("embedding", "embedding", None, grouped["embedding"], bits))
+    return KDQPlan(units, granularity, group_size, learnable_clipping)
+
+
+# ---- measurements --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def quantization_losses(
+    model: nn.Module, plan: KDQPlan, probe_inputs: dict[str, list[torch.Tensor]], bit_choices: tuple[int, ...]
+) -> dict[str, dict[int, float]]:
+    """``q_l(b)`` for every unit and candidate bits: Σ‖X·q(W)ᵀ − X·Wᵀ‖² / Σ‖X·Wᵀ‖² over the unit's linears.
+
+    Args:
+        model: the student (fake-quant wrappers allowed; their float ``weight`` is what gets quantized).
+        probe_inputs: module name → list of captured inputs [N, in_features] (see :func:`capture_inputs`);
+            modules without inputs (embedding lookups) are measured through the tied projection.
+    """
+    modules = dict(model.named_modules())
+    losses: dict[str, dict[int, float]] = {}
+    for unit in plan.units:
+        numerators = dict.fromkeys(bit_choices, 0.0)
+        denominator = 0.0
+        for name in unit.modules:
+            inputs = probe_inputs.get(name)
+            if not inputs:
+                continue
+            weight = modules[name].weight.float()
+            x = torch.cat(inputs).float()
+            reference = x @ weight.T
+            denominator += reference.pow(2).sum().item()
+            for bits in bit_choices:
+                spec = plan.spec(bits)
+                if spec is not None:
+                    # Learned clipping is ignored on purpose: sensitivity is a property of the weights.
+                    quantized = fake_quantize(weight, spec, None, layer=name)
+                    numerators[bits] += (x @ quantized.T - reference).pow(2).sum().item()
+        losses[unit.name] = {bits: numerators[bits] / max(denominator, 1e-30) for bits in bit_choices}
+    return losses
+
+
+class capture_inputs:
+    """Context manager recording (a bounded sample of) the inputs of the named linears.
+
+    ``max_rows`` rows per module are kept (evenly strided over all positions seen), which bounds memory on
+    long encoder sequences while covering every utterance of the probe batches.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], max_rows: int = 4096):
+        self.model, self.names, self.max_rows = model, names, max_rows
+        self.inputs: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._handles = []
+
+    def __enter__(self):
+        modules = dict(self.model.named_modules())
+        for name in self.names:
+            if isinstance(modules[name], nn.Linear):
+                self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+        return self.inputs
+
+    def _hook(self, name):
+        def record(module, args, output):
+            x = args[0].detach().flatten(0, -2)
+            stride = max(1, math.ceil(x.shape[0] / self.max_rows))
+            self.inputs[name].append(x[::stride].float().cpu())
+
+        return record
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+
+
+def relative_hidden_errors(student: list[torch.Tensor], teacher: list[torch.Tensor], mask: torch.Tensor | None):
+    """Matrix [n_student, n_teacher] of ‖s_i − t_j‖² / ‖t_j‖² over the counted positions.
+
+    Args:
+        student: per student layer [B, L, D] (already in the teacher's width).
+        teacher: per teacher layer [B, L, D].
+        mask: [B, L] bool or None.
+    """
+    weights = None if mask is None else mask.unsqueeze(-1).float()
+    errors = torch.zeros(len(student), len(teacher))
+    for j, t in enumerate(teacher):
+        t = t.float() if weights is None else t.float() * weights
+        energy = t.pow(2).sum().clamp_min(1e-12)
+        for i, s in enumerate(student):
+            s = s.float() if weights is None else s.float() * weights
+            errors[i, j] = (s - t).pow(2).sum() / energy
+    return errors
+
+
+def match_layers(errors: torch.Tensor, monotone: bool) -> list[int]:
+    """Teacher layer per student layer: argmin of each row, or (monotone) the non-decreasing assignment
+    of least total error, by dynamic programming over [n_student, n_teacher]."""
+    if not monotone:
+        return errors.argmin(dim=1).tolist()
+    n_student, n_teacher = errors.shape
+    cost = errors.clone()
+    choice = torch.zeros_like(errors, dtype=torch.long)
+    for i in range(1, n_student):
+        best, where = torch.cummin(cost[i - 1], dim=0)
+        cost[i] = errors[i] + best
+        choice[i] = where
+    path = [int(cost[-1].argmin())]
+    for i in range(n_student - 1, 0, -1):
+        path.append(int(choice[i, path[-1]]))
+    return path[::-1]
+
+
+# ---- decisions -------------------------------------------------------------------------------------------
+
+
+def unit_bytes(plan: KDQPlan, unit: UnitPlan, bits: int, shapes: dict[str, torch.Size]) -> int:
+    """Bytes of a unit's weights at ``bits`` (the embedding and its tied projection count once)."""
+    spec = plan.spec(bits)
+    counted = [m for m in unit.modules if not (unit.side == "embedding" and m.endswith("proj_out"))]
+    return sum(weight_bytes(shapes[m], spec, layer=m) for m in counted)
+
+
+def allocate_bits(
+    plan: KDQPlan, shapes: dict[str, torch.Size], bit_choices: tuple[int, ...], *, fixed_bytes: int,
+    budget_bytes: int | None,
+) -> None:  # fmt: skip
+    """Assign bits in place (greedy descent, see the module docstring).
+
+    Without a budget every unit gets the highest integer bit width among the choices. ``fixed_bytes`` is
+    everything the plan does not quantize (fp16 norms, biases, convolutions, positions, float embedding).
+    """
+    choices = sorted(bit_choices, reverse=True)
+    quantizable = [u for u in plan.units if u.modules]
+    if budget_bytes is None:
+        integer = [b for b in choices if b < FLOAT_BITS]
+        for unit in quantizable:
+            unit.bits = integer[0] if integer else FLOAT_BITS
+    else:
+        distill = [u.distill_loss for u in plan.units if u.distill_loss is not None]
+        mean_d = sum(distill) / len(distill) if distill else 1.0
+        floor = 0.05 * mean_d if mean_d > 0 else 1.0  # keeps a perfectly matched layer's weight above zero
+
+        def weight(u: UnitPlan) -> float:
+            return ((u.distill_loss if u.distill_loss is not None else mean_d) + floor) / (mean_d + floor)
+
+        for unit in quantizable:
+            unit.bits = choices[0]
+        size = fixed_bytes + sum(unit_bytes(plan, u, u.bits, shapes) for u in quantizable)
+        while size > budget_bytes:
+            best = None
+            for u in quantizable:
+                position = choices.index(u.bits)
+                if position + 1 == len(choices):
+                    continue
+                lower = choices[position + 1]
+                saved = unit_bytes(plan, u, u.bits, shapes) - unit_bytes(plan, u, lower, shapes)
+                harm = weight(u) * (u.quant_loss.get(lower, 0.0) - u.quant_loss.get(u.bits, 0.0))
+                ratio = harm / max(saved, 1)
+                if saved > 0 and (best is None or ratio < best[0]):
+                    best = (ratio, u, lower, saved)
+            if best is None:
+                minimum = fixed_bytes + sum(unit_bytes(plan, u, choices[-1], shapes) for u in quantizable)
+                raise ValueError(
+                    f"size budget {budget_bytes / 1e6:.2f} MB is below what this student reaches at the lowest "
+                    f"bits ({minimum / 1e6:.2f} MB): raise size_budget_mb / size_budget_ratio, allow fewer bits "
+                    "(quant_bit_choices), quantize the embedding (quant_targets) or use a smaller student"
+                )
+            _, unit, lower, saved = best
+            unit.bits = lower
+            size -= saved
+    plan.budget_bytes = budget_bytes
+    plan.size_bytes = fixed_bytes + sum(unit_bytes(plan, u, u.bits, shapes) for u in plan.units)
+
+
+def choose_distillation_layers(plan: KDQPlan, count: int, sides: tuple[str, ...]) -> None:
+    """Mark the ``count`` layers (of the given sides) with the highest quantization loss at their assigned
+    bits as distilled; ties broken by depth (deeper first), deterministically."""
+    candidates = [u for u in plan.units if u.side in sides and u.teacher_layer is not None]
+    ranked = sorted(candidates, key=lambda u: (u.quant_loss.get(u.bits, 0.0), u.side == "decoder", u.index), reverse=True)
+    chosen = {u.name for u in ranked[:count]}
+    for unit in plan.units:
+        unit.distilled = unit.name in chosen

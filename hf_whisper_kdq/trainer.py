@@ -1,0 +1,317 @@
+"""``DistillQuantTrainer``: a ``Seq2SeqTrainer`` that distils a quantization-aware Whisper student from a teacher.
+
+Usage is that of any HF trainer, with one extra argument::
+
+    trainer = DistillQuantTrainer(model=student, teacher_model="openai/whisper-base", args=args,
+                                  train_dataset=train, data_collator=collator, processing_class=processor)
+    trainer.train()
+    trainer.plan  # per layer: bits, distilled or not, matched teacher layer, q_l and d_l
+
+``compute_loss`` only runs the forwards and calls the pure loss functions of :mod:`hf_whisper_kdq.losses`;
+the guided layer selection (:class:`~hf_whisper_kdq.callbacks.LayerSelectionCallback`) decides which layers
+are distilled and how many bits each layer gets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from contextlib import ExitStack, contextmanager
+
+import torch
+from torch import nn
+from transformers import Seq2SeqTrainer, WhisperForConditionalGeneration
+from transformers.models.whisper.modeling_whisper import shift_tokens_right
+
+from .callbacks import LayerSelectionCallback
+from .config import FLOAT_BITS, DistillQuantArguments
+from .losses import IGNORE_INDEX, cross_entropy_loss, hidden_distillation_loss, logit_distillation_loss, quantization_loss
+from .quant import FakeQuantEmbedding, FakeQuantLinear, default_quant_targets, prepare_qat
+from .selection import KDQPlan, initial_plan
+from .students import check_same_tokenizer, check_whisper, teacher_layer_map
+
+logger = logging.getLogger(__name__)
+
+LOSS_TERMS = ("ce", "kd", "hidden", "quant")
+ADAPTERS_ATTRIBUTE = "kdq_adapters"
+
+
+def _hidden_width(config, side: str, representation: str) -> int:
+    return getattr(config, f"{side}_ffn_dim") if representation == "ffn_intermediate" else config.d_model
+
+
+def _encoders_equal(student: nn.Module, teacher: nn.Module) -> bool:
+    ours, theirs = student.get_encoder().state_dict(), teacher.get_encoder().state_dict()
+    return ours.keys() == theirs.keys() and all(
+        ours[k].shape == theirs[k].shape and torch.equal(ours[k].to(theirs[k].device, theirs[k].dtype), theirs[k])
+        for k in ours
+    )
+
+
+@contextmanager
+def _tap_ffn(model: nn.Module, side: str):
+    """Record the FFN intermediate (``fc1`` output) of every layer of one side: {layer index: tensor}."""
+    captured: dict[int, torch.Tensor] = {}
+    layers = getattr(model.model, side).layers
+    handles = [
+        layer.fc1.register_forward_hook(lambda module, args, output, i=i: captured.__setitem__(i, output))
+        for i, layer in enumerate(layers)
+    ]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class DistillQuantTrainer(Seq2SeqTrainer):
+    """Seq2SeqTrainer + a frozen teacher, fake-quantized student layers and guided layer selection.
+
+    Args:
+        model: the student ``WhisperForConditionalGeneration`` (e.g. from :func:`~hf_whisper_kdq.build_student`).
+            Its selected linears are swapped in place for fake-quant wrappers (same parameter names), and
+            small adapters (``model.kdq_adapters``) are attached when its hidden width differs from the
+            teacher's.
+        teacher_model: the teacher, or a name/path for :func:`~hf_whisper_kdq.load_whisper`. Never trained,
+            never saved with the student.
+        args: :class:`~hf_whisper_kdq.DistillQuantArguments`.
+        plan: a previous :class:`~hf_whisper_kdq.selection.KDQPlan` to start from (default: fresh).
+        **kwargs: everything ``Seq2SeqTrainer`` takes (datasets, collator, processing_class, callbacks, ...).
+    """
+
+    # compute_loss normalizes every term by the accumulated batch itself (num_items_in_batch).
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, model=None, teacher_model=None, args=None, *, plan: KDQPlan | None = None, **kwargs):
+        if not isinstance(args, DistillQuantArguments):
+            raise TypeError("args must be a DistillQuantArguments (it extends Seq2SeqTrainingArguments)")
+        if teacher_model is None:
+            raise ValueError("teacher_model is required: a WhisperForConditionalGeneration or a name/path")
+        if isinstance(teacher_model, (str, os.PathLike)):
+            from .sources import load_whisper
+
+            teacher_model, _ = load_whisper(teacher_model)
+        check_whisper(model, "student")
+        check_whisper(teacher_model, "teacher")
+        check_same_tokenizer(model, teacher_model)
+        if args.freeze_encoder:
+            model.freeze_encoder()
+        self.teacher_layers = teacher_layer_map(model, teacher_model)
+        self._attach_adapters(model, teacher_model.config, args)
+        self.plan = plan or self._initial_plan(model, args)
+        if self.plan.module_specs():
+            prepare_qat(model, self.plan.module_specs())
+        # Computed once: a frozen student encoder equal to the teacher's lets both share one encoder pass.
+        self.encoder_matches_teacher = args.freeze_encoder and _encoders_equal(model, teacher_model)
+
+        super().__init__(model=model, args=args, **kwargs)
+        self.model_accepts_loss_kwargs = True  # so that the Trainer counts num_items_in_batch for us
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise NotImplementedError("DeepSpeed / FSDP teachers are not supported yet: train with DDP or one device")
+        self.teacher = self._prepare_teacher(teacher_model)
+        self._logged_terms: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.add_callback(LayerSelectionCallback(self))
+
+    # ---- set-up -----------------------------------------------------------------------------------
+    def _initial_plan(self, model: WhisperForConditionalGeneration, args: DistillQuantArguments) -> KDQPlan:
+        targets = args.quant_target_set
+        integer_bits = [b for b in args.bit_choices if b < FLOAT_BITS]
+        try:
+            names = default_quant_targets(
+                model, encoder="encoder" in targets, decoder="decoder" in targets, embedding="embedding" in targets
+            )
+        except ValueError:
+            names = []
+        if "embedding" in targets and names:
+            names.append("proj_out")  # tied to the embedding: one unit, quantized together
+        return initial_plan(
+            names if integer_bits else [],
+            self.teacher_layers,
+            bits=max(integer_bits) if integer_bits else FLOAT_BITS,
+            granularity=args.quant_granularity,
+            group_size=args.quant_group_size,
+            learnable_clipping=args.learnable_clipping,
+        )
+
+    @staticmethod
+    def _attach_adapters(model, teacher_config, args: DistillQuantArguments) -> None:
+        """Linear maps from the student's to the teacher's hidden width, one per student layer and side.
+
+        Trained with the student (they live on it, so optimizers, checkpoints and resume see them) and dropped
+        by the export.
+        """
+        sides = {"decoder": ("decoder",), "encoder": ("encoder",), "both": ("encoder", "decoder"), "none": ()}
+        adapters = {}
+        for side in sides[args.hidden_target]:
+            ours = _hidden_width(model.config, side, args.hidden_representation)
+            theirs = _hidden_width(teacher_config, side, args.hidden_representation)
+            if ours != theirs:
+                for i in range(getattr(model.config, f"{side}_layers")):
+                    adapters[f"{side}_{i}"] = nn.Linear(ours, theirs, bias=False, dtype=model.dtype)
+        if adapters:
+            model.add_module(ADAPTERS_ATTRIBUTE, nn.ModuleDict(adapters))
+
+    def _prepare_teacher(self, teacher: WhisperForConditionalGeneration) -> WhisperForConditionalGeneration:
+        student_dtype = next(self.model.parameters()).dtype
+        teacher = teacher.to(dtype=student_dtype)
+        teacher.requires_grad_(False)
+        # evaluation_mode: placed on this process's device but never wrapped in DDP.
+        teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        return teacher.eval()
+
+    @property
+    def distill_sides(self) -> tuple[str, ...]:
+        sides = {"decoder": ("decoder",), "encoder": ("encoder",), "both": ("encoder", "decoder"), "none": ()}
+        chosen = sides[self.args.hidden_target]
+        if self.shares_encoder:  # identical encoders: nothing to distil there
+            chosen = tuple(side for side in chosen if side != "encoder")
+        return chosen if self.args.hidden_weight > 0 else ()
+
+    @property
+    def shares_encoder(self) -> bool:
+        return self.encoder_matches_teacher and not self.plan.quantized("encoder")
+
+    # ---- forwards ---------------------------------------------------------------------------------
+    def forward_student_and_teacher(self, model, inputs, hidden_sides: tuple[str, ...]):
+        """Run teacher (no grad) and student on one batch.
+
+        Returns:
+            (student outputs, teacher outputs, representations) where representations[who][side] lists, per
+            layer, the [B, L, D] tensors chosen by ``hidden_representation`` (only for ``hidden_sides``).
+        """
+        features, labels = inputs["input_features"], inputs["labels"]
+        config = self.teacher.config
+        decoder_input_ids = inputs.get("decoder_input_ids")
+        if decoder_input_ids is None:
+            decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
+        ffn = self.args.hidden_representation == "ffn_intermediate"
+        want = {side: side in hidden_sides for side in ("encoder", "decoder")}
+        unwrapped = self.accelerator.unwrap_model(model)
+        with ExitStack() as taps:
+            ffn_taps = {
+                (who, side): taps.enter_context(_tap_ffn(net, side))
+                for who, net in (("teacher", self.teacher), ("student", unwrapped))
+                for side in hidden_sides
+                if ffn
+            }
+            with torch.no_grad():
+                teacher_encoder = self.teacher.get_encoder()(features, output_hidden_states=want["encoder"] and not ffn)
+                teacher_out = self.teacher(
+                    encoder_outputs=teacher_encoder,
+                    decoder_input_ids=decoder_input_ids,
+                    output_hidden_states=want["decoder"] and not ffn,
+                )
+            student_kwargs = dict(decoder_input_ids=decoder_input_ids, output_hidden_states=any(want.values()) and not ffn)
+            if self.shares_encoder:
+                student_out = model(encoder_outputs=(teacher_encoder.last_hidden_state,), **student_kwargs)
+            else:
+                student_out = model(input_features=features, **student_kwargs)
+        representations = {"student": {}, "teacher": {}}
+        for side in hidden_sides:
+            if ffn:
+                for who in ("student", "teacher"):
+                    captured = ffn_taps[(who, side)]
+                    representations[who][side] = [captured[i] for i in sorted(captured)]
+            else:
+                # hidden_states[0] is the embedding output; [i + 1] is the output of layer i.
+                teacher_states = teacher_encoder.hidden_states if side == "encoder" else teacher_out.decoder_hidden_states
+                student_states = getattr(student_out, f"{side}_hidden_states")
+                representations["teacher"][side] = list(teacher_states[1:])
+                representations["student"][side] = list(student_states[1:])
+        return student_out, teacher_out, representations
+
+    def adapt(self, side: str, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Map a student representation to the teacher's width (identity when widths match)."""
+        adapters = getattr(self.accelerator.unwrap_model(self.model), ADAPTERS_ATTRIBUTE, None)
+        key = f"{side}_{index}"
+        return adapters[key](hidden) if adapters is not None and key in adapters else hidden
+
+    # ---- loss -------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        args = self.args
+        sides = tuple(side for side in self.distill_sides if self.plan.distilled_pairs(side))
+        student_out, teacher_out, reps = self.forward_student_and_teacher(model, inputs, sides)
+
+        # With num_items_in_batch, every term is normalized by the accumulated (and gathered) batch, and the
+        # sum is multiplied by the number of processes because DDP averages gradients across them.
+        accumulated = num_items_in_batch is not None
+        processes = self.accelerator.num_processes if accumulated and args.average_tokens_across_devices else 1
+        steps = self.current_gradient_accumulation_steps if accumulated else 1
+
+        terms = {
+            "ce": cross_entropy_loss(student_out.logits, labels, num_items_in_batch),
+            "kd": logit_distillation_loss(
+                student_out.logits, teacher_out.logits, labels, temperature=args.kd_temperature,
+                num_items_in_batch=num_items_in_batch,
+            ),  # fmt: skip
+        }
+        hidden = student_out.logits.new_zeros(())
+        for side in sides:
+            mask = labels.ne(IGNORE_INDEX) if side == "decoder" else None
+            if side == "decoder":
+                normalizer = num_items_in_batch
+            else:  # encoder frames of the whole accumulated batch
+                frames = reps["teacher"][side][0].shape[1]
+                normalizer = frames * labels.shape[0] * steps * processes if accumulated else None
+            for student_layer, teacher_layer in self.plan.distilled_pairs(side):
+                hidden = hidden + hidden_distillation_loss(
+                    self.adapt(side, student_layer, reps["student"][side][student_layer]),
+                    reps["teacher"][side][teacher_layer],
+                    mask=mask,
+                    normalizer=normalizer,
+                )
+        terms["hidden"] = hidden
+        terms["quant"] = self._quantization_loss(model, student_out.logits) / (steps * processes)
+
+        weights = {"ce": args.ce_weight, "kd": args.kd_weight, "hidden": args.hidden_weight, "quant": args.quant_weight}
+        loss = sum(weights[name] * value for name, value in terms.items())
+        mode = "train" if model.training else "eval"
+        for name, value in terms.items():
+            # Terms are per micro-batch shares of the step's mean: scaled back so the log shows the mean.
+            self._logged_terms[mode][name].append(value.detach().float() * steps * processes)
+        loss = loss * processes
+        return (loss, student_out) if return_outputs else loss
+
+    def _quantization_loss(self, model, reference: torch.Tensor) -> torch.Tensor:
+        total = reference.new_zeros((), dtype=torch.float32)
+        if self.args.quant_weight == 0:
+            return total
+        seen = set()
+        for module in self.accelerator.unwrap_model(model).modules():
+            if isinstance(module, (FakeQuantLinear, FakeQuantEmbedding)) and module.quant_spec is not None:
+                if id(module.weight) in seen:  # tied weights count once
+                    continue
+                seen.add(id(module.weight))
+                total = total + quantization_loss(module.weight, module.quantized_weight())
+        return total
+
+    # ---- evaluation and logging ---------------------------------------------------------------------
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        """With ``predict_with_generate``, generate as Seq2SeqTrainer does but report the distillation loss
+        (Seq2SeqTrainer would report the student's plain cross-entropy)."""
+        if not self.args.predict_with_generate or prediction_loss_only:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
+        inputs = self._prepare_inputs(inputs)
+        unlabelled = {k: v for k, v in inputs.items() if k not in ("labels", "decoder_input_ids")}
+        _, generated, _ = super().prediction_step(model, unlabelled, False, ignore_keys=ignore_keys, **gen_kwargs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs).detach()
+        return loss, generated, inputs["labels"]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        for name, values in self._logged_terms[mode].items():
+            if values:
+                logs[f"{prefix}loss_{name}"] = round(torch.stack(values).mean().item(), 6)
+        self._logged_terms[mode].clear()
+        super().log(logs, start_time)
+
+    def _load_callback_state(self) -> None:
+        super()._load_callback_state()
+        # The Trainer re-creates stateful callbacks from their saved state: give ours its trainer back.
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, LayerSelectionCallback):
+                callback.bind(self)

@@ -1,0 +1,355 @@
+"""Quantization-aware training: quantizer math, wrappers, prepare/convert on a tiny Whisper, sizes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hf_whisper_kdq.quant import (
+    ALLOWED_BITS,
+    FakeQuantEmbedding,
+    FakeQuantLinear,
+    QuantSpec,
+    convert_qat,
+    default_quant_targets,
+    fake_quantize,
+    prepare_qat,
+    quant_specs,
+    quantize_weight,
+    quantized_size_bytes,
+    set_quant_specs,
+    weight_bytes,
+)
+
+EMBED = "model.decoder.embed_tokens"
+GRANULARITY_SPECS = {
+    "per_tensor": dict(granularity="per_tensor"),
+    "per_channel": dict(granularity="per_channel"),
+    "per_group": dict(granularity="per_group", group_size=16),
+}
+
+
+def _weight(rows: int = 16, cols: int = 64, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    # Rows of very different magnitudes, so per-channel/group scales actually differ.
+    return torch.randn(rows, cols, generator=generator) * torch.logspace(-2, 0, rows).unsqueeze(1)
+
+
+def _element_scale(q, shape) -> torch.Tensor:
+    """Each element's scale, ``[rows, cols]``."""
+    rows, cols = shape
+    return q.scales.repeat_interleave(q.group_size, dim=1).expand(rows, cols)
+
+
+def _inputs(model):
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(2, model.config.num_mel_bins, 3000, generator=generator)
+    decoder_ids = torch.tensor([[50258, 50259, 50359, 50363, 440, 2068], [50258, 50259, 50359, 50363, 1029, 13]])
+    return features, decoder_ids
+
+
+def _logits(model) -> torch.Tensor:
+    features, decoder_ids = _inputs(model)
+    with torch.no_grad():
+        return model(input_features=features, decoder_input_ids=decoder_ids).logits
+
+
+# ---------------------------------------------------------------------------------------------- spec
+
+
+def test_spec_rejects_bad_bits_and_granularity():
+    with pytest.raises(ValueError, match=r"\[2, 3, 4, 8\]"):
+        QuantSpec(bits=5)
+    with pytest.raises(ValueError, match="bits"):
+        QuantSpec.parse("int5")
+    with pytest.raises(ValueError, match="granularity"):
+        QuantSpec(bits=4, granularity="per_row")
+    with pytest.raises(ValueError, match="group_size"):
+        QuantSpec(bits=4, granularity="per_group")
+    with pytest.raises(ValueError, match="group_size"):
+        QuantSpec(bits=4, granularity="per_channel", group_size=32)
+    with pytest.raises(ValueError, match="symmetric"):
+        QuantSpec(bits=4, symmetric=False)
+
+
+def test_spec_parse_round_trips():
+    assert QuantSpec.parse("int4-g32") == QuantSpec(4, "per_group", 32)
+    assert QuantSpec.parse("int8") == QuantSpec(8, "per_channel")
+    assert QuantSpec.parse("int2-tensor-clip") == QuantSpec(2, "per_tensor", learnable_clipping=True)
+    for text in ("int4-g32", "int8", "int3-tensor", "int2-g64-clip"):
+        assert str(QuantSpec.parse(text)) == text
+    with pytest.raises(ValueError, match="unknown part"):
+        QuantSpec.parse("int4-g32-foo")
+    assert QuantSpec(4).qmax == 7 and QuantSpec(4).qmin == -7 and QuantSpec(2).qmax == 1
+
+
+def test_group_size_must_divide_width():
+    with pytest.raises(ValueError, match=r"my\.layer.*48.*\[1, 2, 3, 4, 6, 8, 12, 16, 24, 48\]"):
+        fake_quantize(torch.randn(4, 48), QuantSpec(4, "per_group", 32), layer="my.layer")
+    with pytest.raises(ValueError, match="48"):
+        weight_bytes((4, 48), QuantSpec(4, "per_group", 32))
+
+
+# ---------------------------------------------------------------------------------------------- math
+
+
+@pytest.mark.parametrize("granularity", list(GRANULARITY_SPECS))
+def test_fake_quant_error_bounded_by_half_scale_and_shrinks_with_bits(granularity):
+    weight = _weight()
+    mean_errors = []
+    for bits in ALLOWED_BITS:
+        spec = QuantSpec(bits, **GRANULARITY_SPECS[granularity])
+        q = quantize_weight(weight, spec)
+        fake = fake_quantize(weight, spec)
+        assert torch.equal(fake, q.dequantize())
+        assert q.codes.dtype == torch.int8 and q.codes.shape == weight.shape
+        assert q.scales.dtype == torch.float32 and tuple(q.scales.shape) == spec.scale_shape(weight.shape)
+        assert int(q.codes.min()) >= -spec.qmax and int(q.codes.max()) <= spec.qmax
+        assert int(q.codes.abs().max()) == spec.qmax  # the range is used: max|w| maps to ±qmax
+        # Scales are fp16-exact, so the export's fp16 cast is lossless.
+        assert torch.equal(q.scales.half().float(), q.scales)
+        error = (fake - weight).abs()
+        assert bool((error <= _element_scale(q, weight.shape) * (0.5 + 1e-6)).all()), (bits, granularity)
+        mean_errors.append(float(error.mean()))
+    assert mean_errors == sorted(mean_errors, reverse=True) and len(set(mean_errors)) == len(mean_errors)
+
+
+def test_ste_gradient_is_identity_inside_clip_range_and_zero_outside():
+    weight = _weight(8, 64).requires_grad_(True)
+    spec = QuantSpec(4, "per_group", group_size=32)
+    clip = torch.full(spec.scale_shape(weight.shape), 0.5)
+    fake_quantize(weight, spec, clip).backward(torch.ones_like(weight))
+    scale = _element_scale(quantize_weight(weight, spec, clip), weight.shape)
+    inside = weight.detach().abs() <= spec.qmax * scale
+    assert 0 < int(inside.sum()) < weight.numel()
+    assert torch.equal(weight.grad[inside], torch.ones_like(weight.grad[inside]))
+    assert torch.equal(weight.grad[~inside], torch.zeros_like(weight.grad[~inside]))
+    # The clip range is clip * max|w| of the group (the scale is only rounded up to fp16).
+    group_max = weight.detach().abs().reshape(8, 2, 32).amax(-1, keepdim=True).expand(8, 2, 32).reshape(8, 64)
+    assert bool(inside[weight.detach().abs() <= 0.499 * group_max].all())
+    assert not bool(inside[weight.detach().abs() > 0.501 * group_max].any())
+
+
+@pytest.mark.parametrize("granularity", list(GRANULARITY_SPECS))
+def test_learnable_clip_gets_gradient_and_matches_quantize_weight(granularity):
+    weight = _weight()
+    spec = QuantSpec(3, learnable_clipping=True, **GRANULARITY_SPECS[granularity])
+    clip = torch.full(spec.scale_shape(weight.shape), 0.8, requires_grad=True)
+    fake = fake_quantize(weight, spec, clip)
+    (fake - weight).pow(2).sum().backward()
+    assert clip.grad is not None and bool(torch.isfinite(clip.grad).all())
+    assert float(clip.grad.abs().sum()) > 0
+    assert torch.equal(fake.detach(), quantize_weight(weight, spec, clip).dequantize())
+
+
+def test_weight_bytes_and_nbytes_packed():
+    int4_g32 = QuantSpec.parse("int4-g32")
+    assert weight_bytes((64, 64), int4_g32) == 64 * 64 // 2 + 64 * 2 * 2
+    assert quantize_weight(torch.randn(64, 64), int4_g32).nbytes_packed == 64 * 64 // 2 + 64 * 2 * 2
+    assert weight_bytes((64, 64), None) == 64 * 64 * 2
+    assert weight_bytes((3, 7), QuantSpec(3)) == math.ceil(21 * 3 / 8) + 3 * 2
+    assert weight_bytes((64, 64), QuantSpec(8, "per_tensor")) == 64 * 64 + 2
+    shapes = {"a": (64, 64), "b": (64, 64)}
+    assert quantized_size_bytes(shapes, {"a": int4_g32}) == 2304 + 64 * 64 * 2
+    with pytest.raises(KeyError):
+        quantized_size_bytes(shapes, {"c": int4_g32})
+
+
+# ---------------------------------------------------------------------------------------------- wrappers
+
+
+def test_set_quant_spec_resizes_or_keeps_clip():
+    layer = FakeQuantLinear(64, 8, spec="int4-g32-clip", name="toy")
+    assert layer.weight_clip.shape == (8, 2)
+    clip = layer.weight_clip
+    layer.set_quant_spec("int3-g32-clip")  # same shape: same Parameter, optimizers keep tracking it
+    assert layer.weight_clip is clip
+    layer.set_quant_spec(None)  # float, learned clip kept for later
+    assert layer.weight_clip is clip and "quant=float" in repr(layer)
+    layer.set_quant_spec("int4-clip")  # per channel: new shape, restarts at 1
+    assert layer.weight_clip.shape == (8, 1) and torch.equal(layer.weight_clip, torch.ones(8, 1))
+    layer.set_quant_spec("int4-g16")
+    assert layer.weight_clip is None and "weight_clip" not in layer.state_dict()
+    assert "bits=4, granularity=per_group, group_size=16" in repr(layer)
+    with pytest.raises(ValueError, match="toy.*64"):
+        layer.set_quant_spec("int4-g48")
+    embedding = FakeQuantEmbedding(10, 64, spec="int8-clip")
+    assert embedding.weight_clip.shape == (10, 1)  # one scale per token
+    assert embedding(torch.tensor([[1, 2]])).shape == (1, 2, 64)
+
+
+# ---------------------------------------------------------------------------------------------- tiny Whisper
+
+
+def test_default_quant_targets(tiny_whisper):
+    model, _ = tiny_whisper
+    names = default_quant_targets(model)
+    assert len(names) == 2 * 6 + 2 * 10  # encoder: self-attn + FFN; decoder: + cross-attn
+    assert all(isinstance(model.get_submodule(n), nn.Linear) for n in names)
+    assert not any(part in n for n in names for part in ("conv", "layer_norm", "embed", "proj_out"))
+    decoder_only = default_quant_targets(model, encoder=False)
+    assert len(decoder_only) == 20 and all(".decoder." in n for n in decoder_only)
+    assert default_quant_targets(model, embedding=True) == names[:12] + [EMBED] + names[12:]
+    assert default_quant_targets(model.model, encoder=False, decoder=False, embedding=True) == ["decoder.embed_tokens"]
+
+
+def test_prepare_rejects_unknown_and_unsupported_modules(tiny_whisper):
+    model, _ = tiny_whisper
+    with pytest.raises(KeyError, match="model.encoder.nope"):
+        prepare_qat(model, {"model.encoder.nope": QuantSpec(4)})
+    for name in ("model.encoder.conv1", "model.encoder.layer_norm", "model.decoder.embed_positions"):
+        with pytest.raises(TypeError, match=name):
+            prepare_qat(model, {name: QuantSpec(4)})
+    with pytest.raises(ValueError, match="model.encoder.layers.0.fc2.*128.*valid group sizes"):
+        prepare_qat(model, {"model.encoder.layers.0.fc1": "int4-g32", "model.encoder.layers.0.fc2": "int4-g48"})
+    with pytest.raises(ValueError, match="share one weight"):
+        prepare_qat(model, {EMBED: "int4", "proj_out": "int8"})
+    # Nothing was swapped by the failed calls.
+    assert not any(isinstance(m, (FakeQuantLinear, FakeQuantEmbedding)) for m in model.modules())
+
+
+def test_prepare_keeps_names_parameters_and_ties(tiny_whisper):
+    model, _ = tiny_whisper
+    keys = list(model.state_dict())
+    params = dict(model.named_parameters())
+    optimizer_before = torch.optim.SGD(model.parameters(), lr=0.1)
+    targets = default_quant_targets(model)
+    specs = {name: QuantSpec.parse("int8") for name in targets}
+    specs[targets[0]] = QuantSpec.parse("int4-g32-clip")
+    specs[EMBED] = QuantSpec.parse("int4-g16-clip")
+
+    swapped = prepare_qat(model, specs)
+
+    assert swapped == [n for n, _ in model.named_modules() if n in set(targets) | {EMBED, "proj_out"}]
+    assert isinstance(model.proj_out, FakeQuantLinear)
+    assert isinstance(model.model.decoder.embed_tokens, FakeQuantEmbedding)
+    clip_keys = {f"{targets[0]}.weight_clip", f"{EMBED}.weight_clip", "proj_out.weight_clip"}
+    assert set(model.state_dict()) == set(keys) | clip_keys
+    assert [k for k in model.state_dict() if k not in clip_keys] == keys
+    for name, param in model.named_parameters():
+        if not name.endswith("weight_clip"):
+            assert param is params[name], name
+    assert model.proj_out.weight is model.model.decoder.embed_tokens.weight
+    assert model.proj_out.weight_clip is model.model.decoder.embed_tokens.weight_clip
+    assert model.proj_out.quant_spec == specs[EMBED]
+    # A spec change on either side of the tie applies to both.
+    model.proj_out.set_quant_spec("int8-g32")
+    assert model.model.decoder.embed_tokens.quant_spec == QuantSpec.parse("int8-g32")
+    assert quant_specs(model)["proj_out"] == quant_specs(model)[EMBED]
+    # An optimizer built before prepare still drives the (shared) weights.
+    before = model.proj_out.weight.detach().clone()
+    model.proj_out.weight.grad = torch.ones_like(model.proj_out.weight)
+    optimizer_before.step()
+    assert not torch.equal(model.model.decoder.embed_tokens.weight, before)
+
+    convert_qat(model)
+    assert type(model.proj_out) is nn.Linear and type(model.model.decoder.embed_tokens) is nn.Embedding
+    assert model.proj_out.weight is model.model.decoder.embed_tokens.weight
+    assert list(model.state_dict()) == keys
+
+
+def test_prepare_vs_convert_logits_are_equal(tiny_whisper):
+    model, _ = tiny_whisper
+    float_logits = _logits(model)
+    targets = default_quant_targets(model)
+    bits_cycle = ["int8", "int4-g32-clip", "int3-g16", "int2-tensor", "int4-clip", "int8-g64"]
+    specs = {name: bits_cycle[i % len(bits_cycle)] for i, name in enumerate(targets)}
+    specs[EMBED] = "int4-g16-clip"
+    prepare_qat(model, specs)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # learned-looking clips, so clipping is exercised by convert too
+        for module in model.modules():
+            if getattr(module, "weight_clip", None) is not None:
+                module.weight_clip.copy_(0.6 + 0.4 * torch.rand(module.weight_clip.shape, generator=generator))
+    prepared_logits = _logits(model)
+    assert not torch.allclose(prepared_logits, float_logits, atol=1e-3)
+
+    codes = convert_qat(model)
+
+    converted_logits = _logits(model)
+    assert float((converted_logits - prepared_logits).abs().max()) <= 1e-6
+    assert set(codes) == set(targets) | {EMBED, "proj_out"}
+    assert codes["proj_out"] is codes[EMBED]
+    assert codes[EMBED].scales.shape == (model.config.vocab_size, 64 // 16)
+    for name, q in codes.items():
+        assert torch.equal(model.get_submodule(name).weight, q.dequantize()), name
+        assert q.codes.abs().max() <= 2 ** (q.bits - 1) - 1
+    assert not any(isinstance(m, (FakeQuantLinear, FakeQuantEmbedding)) for m in model.modules())
+
+
+def test_optimizer_step_updates_weights_and_clip(tiny_whisper):
+    model, _ = tiny_whisper
+    model.train()
+    prepare_qat(model, {name: "int4-g32-clip" for name in default_quant_targets(model, embedding=True)})
+    layer = model.model.encoder.layers[0].fc1
+    weight, clip = layer.weight.detach().clone(), layer.weight_clip.detach().clone()
+    embed_clip = model.proj_out.weight_clip.detach().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    features, decoder_ids = _inputs(model)
+    loss = model(input_features=features, decoder_input_ids=decoder_ids[:, :-1], labels=decoder_ids[:, 1:]).loss
+    loss.backward()
+    assert float(layer.weight_clip.grad.abs().sum()) > 0 and float(layer.weight.grad.abs().sum()) > 0
+    optimizer.step()
+    assert not torch.equal(layer.weight, weight)
+    assert not torch.equal(layer.weight_clip, clip)
+    assert not torch.equal(model.proj_out.weight_clip, embed_clip)
+
+
+def test_float_spec_reproduces_float_model(tiny_whisper):
+    model, _ = tiny_whisper
+    float_logits = _logits(model)
+    names = prepare_qat(model, {name: "int2-g32-clip" for name in default_quant_targets(model, embedding=True)})
+    quantized_logits = _logits(model)
+    assert not torch.allclose(quantized_logits, float_logits, atol=1e-3)
+    set_quant_specs(model, {name: None for name in names})
+    assert torch.equal(_logits(model), float_logits)
+    set_quant_specs(model, {name: "int2-g32-clip" for name in names})
+    assert torch.equal(_logits(model), quantized_logits)
+    with pytest.raises(TypeError, match="not prepared"):
+        set_quant_specs(model, {"model.encoder.embed_positions": None})
+
+
+def test_quantized_size_bytes_of_tiny_whisper(tiny_whisper):
+    model, _ = tiny_whisper
+    unique = {id(p): p for p in model.parameters()}.values()
+    float_bytes = 2 * sum(p.numel() for p in unique)
+    assert quantized_size_bytes(model) == float_bytes
+    fc1 = "model.encoder.layers.0.fc1"  # weight [128, 64]
+    int4_g32 = QuantSpec.parse("int4-g32")
+    saving = 128 * 64 * 2 - weight_bytes((128, 64), int4_g32)
+    assert quantized_size_bytes(model, {fc1: int4_g32}) == float_bytes - saving
+    # The tied embedding/proj_out weight is counted once, whichever name carries the spec.
+    vocab = model.config.vocab_size
+    embed_saving = vocab * 64 * 2 - weight_bytes((vocab, 64), QuantSpec(8))
+    assert quantized_size_bytes(model, {"proj_out": QuantSpec(8)}) == float_bytes - embed_saving
+    # A prepared model reports its current specs; learnable clips are not counted.
+    prepare_qat(model, {fc1: "int4-g32-clip", EMBED: "int8"})
+    assert quantized_size_bytes(model) == float_bytes - saving - embed_saving
+
+
+def test_clip_out_of_range_is_clamped_and_pulled_back():
+    weight = _weight(4, 32)
+    spec = QuantSpec(4, learnable_clipping=True)
+    clip = torch.tensor([[1.5], [1.5], [0.5], [0.001]], requires_grad=True)
+    fake = fake_quantize(weight, spec, clip)
+    assert torch.equal(fake, fake_quantize(weight, spec, clip.detach().clamp(0.01, 1.0)))
+    fake.backward(-weight.sign())  # a loss that wants a larger clip everywhere: gradient on clip < 0
+    assert float(clip.grad[0]) == 0.0 and float(clip.grad[1]) == 0.0  # already above 1: blocked
+    assert float(clip.grad[2]) < 0 and float(clip.grad[3]) < 0  # in range / below range: passes
+
+
+def test_deepcopy_of_prepared_model_keeps_ties(tiny_whisper):
+    import copy
+
+    model, _ = tiny_whisper
+    prepare_qat(model, {EMBED: "int4-g32-clip"})
+    clone = copy.deepcopy(model)
+    assert clone.proj_out.weight is clone.model.decoder.embed_tokens.weight
+    assert clone.proj_out.weight_clip is clone.model.decoder.embed_tokens.weight_clip
+    assert clone.proj_out.weight_clip is not model.proj_out.weight_clip
+    clone.proj_out.set_quant_spec("int8")
+    assert clone.model.decoder.embed_tokens.quant_spec == QuantSpec(8)
+    assert model.model.decoder.embed_tokens.quant_spec == QuantSpec.parse("int4-g32-clip")
