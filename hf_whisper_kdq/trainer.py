@@ -111,6 +111,7 @@ class DistillQuantTrainer(Seq2SeqTrainer):
             raise NotImplementedError("DeepSpeed / FSDP teachers are not supported yet: train with DDP or one device")
         self.teacher = self._prepare_teacher(teacher_model)
         self._logged_terms: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._accumulated_rows = 0  # set by get_batch_samples for each optimizer step
         self.add_callback(LayerSelectionCallback(self))
 
     # ---- set-up -----------------------------------------------------------------------------------
@@ -238,7 +239,9 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         # sum is multiplied by the number of processes because DDP averages gradients across them.
         accumulated = num_items_in_batch is not None
         processes = self.accelerator.num_processes if accumulated and args.average_tokens_across_devices else 1
-        steps = self.current_gradient_accumulation_steps if accumulated else 1
+        # Only a training micro-batch is a share of an accumulated step. Evaluation passes each batch's own
+        # num_items_in_batch, and may run before train() ever set current_gradient_accumulation_steps.
+        steps = self.current_gradient_accumulation_steps if accumulated and model.training else 1
 
         terms = {
             "ce": cross_entropy_loss(student_out.logits, labels, num_items_in_batch),
@@ -254,7 +257,9 @@ class DistillQuantTrainer(Seq2SeqTrainer):
                 normalizer = num_items_in_batch
             else:  # encoder frames of the whole accumulated batch
                 frames = reps["teacher"][side][0].shape[1]
-                normalizer = frames * labels.shape[0] * steps * processes if accumulated else None
+                # Rows counted by get_batch_samples: the last micro-batches of an epoch may be smaller.
+                rows = self._accumulated_rows if model.training and self._accumulated_rows else labels.shape[0] * steps
+                normalizer = frames * rows * processes if accumulated else None
             for student_layer, teacher_layer in self.plan.distilled_pairs(side):
                 hidden = hidden + hidden_distillation_loss(
                     self.adapt(side, student_layer, reps["student"][side][student_layer]),
@@ -273,6 +278,13 @@ class DistillQuantTrainer(Seq2SeqTrainer):
             self._logged_terms[mode][name].append(value.detach().float() * steps * processes)
         loss = loss * processes
         return (loss, student_out) if return_outputs else loss
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        # Rows of the whole accumulated batch: the normalizer of frame-level terms, as num_items_in_batch is for
+        # token-level ones (micro-batch size × steps would over-count a ragged last accumulation).
+        self._accumulated_rows = sum(len(batch["labels"]) for batch in batch_samples if "labels" in batch)
+        return batch_samples, num_items_in_batch
 
     def _quantization_loss(self, model, reference: torch.Tensor) -> torch.Tensor:
         total = reference.new_zeros((), dtype=torch.float32)
@@ -300,9 +312,19 @@ class DistillQuantTrainer(Seq2SeqTrainer):
             loss = self.compute_loss(model, inputs).detach()
         return loss, generated, inputs["labels"]
 
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        # predict() runs this loop too but logs nothing: its terms must not be averaged into the next eval log.
+        self._logged_terms["eval"].clear()
+        # evaluate(metric_key_prefix="test") or a dict of eval datasets ("eval_<name>") log under their prefix.
+        self._metric_key_prefix = metric_key_prefix
+        return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
-        prefix = "eval_" if mode == "eval" else ""
+        eval_prefix = f"{getattr(self, '_metric_key_prefix', 'eval')}_"
+        mode = "eval" if any(key.startswith(eval_prefix) for key in logs) else "train"
+        prefix = eval_prefix if mode == "eval" else ""
         for name, values in self._logged_terms[mode].items():
             if values:
                 logs[f"{prefix}loss_{name}"] = round(torch.stack(values).mean().item(), 6)
@@ -311,7 +333,14 @@ class DistillQuantTrainer(Seq2SeqTrainer):
 
     def _load_callback_state(self) -> None:
         super()._load_callback_state()
+        callbacks = [c for c in self.callback_handler.callbacks if isinstance(c, LayerSelectionCallback)]
         # The Trainer re-creates stateful callbacks from their saved state: give ours its trainer back.
-        for callback in self.callback_handler.callbacks:
-            if isinstance(callback, LayerSelectionCallback):
-                callback.bind(self)
+        for callback in callbacks:
+            callback.bind(self)
+        # The plan decides which weights are quantized to how many bits, so a resumed run must continue with the
+        # saved one. The Trainer restores callback states only with restore_callback_states_from_checkpoint
+        # (False by default); without it, on_train_begin at global_step > 0 would keep the fresh initial plan.
+        saved = self.state.stateful_callbacks.get(LayerSelectionCallback.__name__)
+        if callbacks and saved and not self.args.restore_callback_states_from_checkpoint:
+            saved = saved[0] if isinstance(saved, list) else saved
+            callbacks[0].restored_plan = saved.get("attributes", {}).get("restored_plan")

@@ -87,3 +87,81 @@ def tiny_whisper(_tiny_whisper_session):
     """(model, processor): a fresh copy per test, so tests may train or mutate it freely."""
     model, processor = _tiny_whisper_session
     return copy.deepcopy(model), processor
+
+
+# ---- A micro Whisper for the DistillQuantTrainer tests (test_trainer.py, test_selection.py) -----------------
+# The real-tokenizer tiny model above has a 51,865-token vocabulary and 3,000-frame inputs, which makes one
+# training step take seconds on a laptop CPU. These models have a 64-token vocabulary and 32-frame inputs: a
+# step takes milliseconds, so the trainer tests can run many of them.
+
+MICRO_VOCAB = 64
+MICRO_MELS = 8
+MICRO_FRAMES = 32  # = 2 * max_source_positions (the encoder's second convolution has stride 2)
+
+
+def make_micro_whisper(*, seed: int = 0, **overrides) -> WhisperForConditionalGeneration:
+    """A random Whisper of ~70 k parameters; ids 0/1/2 are pad / start / end of text."""
+    sizes = dict(
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+    )
+    config = WhisperConfig(
+        vocab_size=MICRO_VOCAB,
+        num_mel_bins=MICRO_MELS,
+        max_source_positions=MICRO_FRAMES // 2,
+        max_target_positions=32,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+        begin_suppress_tokens=None,
+        suppress_tokens=None,
+        **{**sizes, **overrides},
+    )
+    torch.manual_seed(seed)
+    model = WhisperForConditionalGeneration(config).eval()
+    model.generation_config.max_length = 12
+    return model
+
+
+def make_micro_rows(count: int, *, seed: int = 0, min_tokens: int = 2, max_tokens: int = 10) -> list[dict]:
+    """Training rows with random features and labels of different lengths (each ending with id 2)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(count):
+        length = int(torch.randint(min_tokens, max_tokens + 1, (1,), generator=generator))
+        tokens = torch.randint(3, MICRO_VOCAB, (length,), generator=generator).tolist() + [2]
+        features = torch.randn(MICRO_MELS, MICRO_FRAMES, generator=generator)
+        rows.append({"input_features": features.tolist(), "labels": tokens})
+    return rows
+
+
+def micro_collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack the features and right-pad the labels with -100."""
+    width = max(len(row["labels"]) for row in rows)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, row in enumerate(rows):
+        labels[i, : len(row["labels"])] = torch.tensor(row["labels"])
+    features = torch.stack([torch.as_tensor(row["input_features"], dtype=torch.float32) for row in rows])
+    return {"input_features": features, "labels": labels}
+
+
+@pytest.fixture
+def micro_whisper():
+    """Factory ``micro_whisper(seed=0, **config_overrides)`` of micro Whisper models (see make_micro_whisper)."""
+    return make_micro_whisper
+
+
+@pytest.fixture
+def single_thread():
+    """Run a test with one intra-op thread. Micro models gain nothing from more, and on a busy 2-core machine
+    OpenMP's barriers turn each of their tiny ops into milliseconds (a 0.1 s layer selection takes 5 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,332 @@
+"""Guided layer selection: layer matching, bit allocation, distillation-layer choice, the plan, and the
+planted-outlier case end to end through ``LayerSelectionCallback.select`` (hf_whisper_kdq.selection)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from datasets import Dataset
+
+from conftest import make_micro_rows, micro_collate
+from hf_whisper_kdq.callbacks import LayerSelectionCallback
+from hf_whisper_kdq.config import DistillQuantArguments
+from hf_whisper_kdq.selection import (
+    PLAN_FILE,
+    KDQPlan,
+    allocate_bits,
+    choose_distillation_layers,
+    initial_plan,
+    match_layers,
+    relative_hidden_errors,
+    unit_bytes,
+)
+from hf_whisper_kdq.students import build_student
+from hf_whisper_kdq.trainer import DistillQuantTrainer
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+BITS = (2, 3, 4, 8, 16)
+
+
+# ---- layer matching ----------------------------------------------------------------------------------------
+
+
+def test_match_layers_argmin():
+    errors = torch.tensor([[0.5, 0.1, 0.9], [0.2, 0.3, 0.4], [0.9, 0.8, 0.05], [0.0, 1.0, 1.0]])
+    assert match_layers(errors, monotone=False) == [1, 0, 2, 0]
+
+
+def test_match_layers_monotone_hand_made():
+    # argmin would be [2, 0, 1]; the best non-decreasing path is [0, 0, 1] (0.3 + 0.0 + 0.1) rather than
+    # [2, 2, 2] (0.1 + 0.9 + 0.9) or [1, 1, 1] (0.5 + 0.5 + 0.1)
+    errors = torch.tensor([[0.3, 0.5, 0.1], [0.0, 0.5, 0.9], [0.8, 0.1, 0.9]])
+    assert match_layers(errors, monotone=False) == [2, 0, 1]
+    assert match_layers(errors, monotone=True) == [0, 0, 1]
+    # a single student layer: plain argmin
+    assert match_layers(torch.tensor([[0.4, 0.2, 0.3]]), monotone=True) == [1]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_match_layers_monotone_is_optimal_against_brute_force(seed):
+    generator = torch.Generator().manual_seed(seed)
+    n_student = int(torch.randint(1, 5, (1,), generator=generator))
+    n_teacher = int(torch.randint(1, 6, (1,), generator=generator))
+    errors = torch.rand(n_student, n_teacher, generator=generator)
+    path = match_layers(errors, monotone=True)
+    assert len(path) == n_student and all(0 <= j < n_teacher for j in path)
+    assert all(a <= b for a, b in zip(path, path[1:])), path
+    cost = sum(errors[i, j].item() for i, j in enumerate(path))
+    best = min(
+        sum(errors[i, j].item() for i, j in enumerate(candidate))
+        for candidate in itertools.combinations_with_replacement(range(n_teacher), n_student)
+    )
+    assert cost == pytest.approx(best, abs=1e-6)
+    # never worse than argmin's cost lower bound, and equal to it when argmin happens to be monotone
+    greedy = match_layers(errors, monotone=False)
+    if all(a <= b for a, b in zip(greedy, greedy[1:])):
+        assert cost == pytest.approx(sum(errors[i, j].item() for i, j in enumerate(greedy)), abs=1e-6)
+
+
+def test_relative_hidden_errors_zero_on_matching_layers_and_masked():
+    generator = torch.Generator().manual_seed(0)
+    teacher = [torch.randn(2, 5, 8, generator=generator) for _ in range(3)]
+    student = [teacher[2].clone(), teacher[0].clone() * 2]
+    errors = relative_hidden_errors(student, teacher, None)
+    assert errors.shape == (2, 3)
+    assert errors[0, 2] == 0 and errors[0].argmin() == 2
+    assert errors[1, 0].item() == pytest.approx(1.0, rel=1e-5)  # ‖2t − t‖² / ‖t‖²
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[:, :2] = True
+    student[0][:, 2:] += 100  # outside the mask: invisible
+    assert relative_hidden_errors(student, teacher, mask)[0, 2] == 0
+
+
+# ---- bit allocation ----------------------------------------------------------------------------------------
+
+_LINEARS = ("self_attn.q_proj", "fc1")
+_SHAPES_PER_LAYER = {"self_attn.q_proj": torch.Size([64, 64]), "fc1": torch.Size([128, 64])}
+
+
+def _plan(q_losses: list[dict[int, float]], distill=None, granularity="per_group") -> tuple[KDQPlan, dict]:
+    names = [f"model.decoder.layers.{i}.{leaf}" for i in range(len(q_losses)) for leaf in _LINEARS]
+    shapes = {name: _SHAPES_PER_LAYER[name.split(".", 4)[-1]] for name in names}
+    plan = initial_plan(
+        names, {"encoder": [0], "decoder": list(range(len(q_losses)))}, bits=8, granularity=granularity,
+        group_size=32 if granularity == "per_group" else None, learnable_clipping=False,
+    )  # fmt: skip
+    for unit, q in zip(plan.layers("decoder"), q_losses):
+        unit.quant_loss = dict(q)
+    if distill is not None:
+        for unit, d in zip(plan.layers("decoder"), distill):
+            unit.distill_loss = d
+    return plan, shapes
+
+
+def _q(scale: float = 1.0) -> dict[int, float]:
+    return {2: 0.4 * scale, 3: 0.1 * scale, 4: 0.025 * scale, 8: 0.0001 * scale, 16: 0.0}
+
+
+def _size(plan, shapes, fixed):
+    return fixed + sum(unit_bytes(plan, u, u.bits, shapes) for u in plan.units)
+
+
+def test_initial_plan_units():
+    plan, _ = _plan([_q(), _q()])
+    assert [u.name for u in plan.units] == ["encoder.0", "decoder.0", "decoder.1"]
+    assert plan.unit("encoder.0").bits == 16 and plan.unit("encoder.0").modules == []
+    assert plan.unit("decoder.1").modules == ["model.decoder.layers.1.self_attn.q_proj", "model.decoder.layers.1.fc1"]
+    assert plan.quantized("decoder") and not plan.quantized("encoder")
+    assert set(plan.module_specs()) == {m for u in plan.units for m in u.modules}
+
+
+def test_allocate_bits_without_budget_gives_the_highest_integer_bits():
+    plan, shapes = _plan([_q(), _q(5)])
+    allocate_bits(plan, shapes, BITS, fixed_bytes=1000, budget_bytes=None)
+    assert [u.bits for u in plan.layers("decoder")] == [8, 8]
+    assert plan.unit("encoder.0").bits == 16  # nothing to quantize there
+    assert plan.budget_bytes is None and plan.size_bytes == _size(plan, shapes, 1000)
+    allocate_bits(plan, shapes, (3, 4, 16), fixed_bytes=1000, budget_bytes=None)
+    assert [u.bits for u in plan.layers("decoder")] == [4, 4]
+    allocate_bits(plan, shapes, (16,), fixed_bytes=1000, budget_bytes=None)
+    assert [u.bits for u in plan.layers("decoder")] == [16, 16]
+
+
+@pytest.mark.parametrize("average_bits", [2.5, 3.0, 4.0, 6.0, 10.0, 16.0])
+def test_allocate_bits_respects_the_budget(average_bits):
+    plan, shapes = _plan([_q(1), _q(2), _q(0.5), _q(1.5)], distill=[0.2, 0.4, 0.1, 0.3])
+    fixed = 5000
+    float_bytes = sum(unit_bytes(plan, u, 16, shapes) for u in plan.units)
+    budget = int(fixed + float_bytes * average_bits / 16)
+    allocate_bits(plan, shapes, BITS, fixed_bytes=fixed, budget_bytes=budget)
+    assert plan.size_bytes == _size(plan, shapes, fixed) <= budget
+    assert plan.budget_bytes == budget
+    # greedy descent stops as soon as it fits: it never gives up more than its last step saved
+    largest_step = max(
+        unit_bytes(plan, u, high, shapes) - unit_bytes(plan, u, low, shapes)
+        for u in plan.layers("decoder") for low, high in zip(BITS, BITS[1:])
+    )  # fmt: skip
+    assert plan.size_bytes > budget - largest_step
+    if average_bits >= 16:
+        assert all(u.bits == 16 for u in plan.layers("decoder"))
+
+
+def test_allocate_bits_unreachable_budget_names_the_fix():
+    plan, shapes = _plan([_q(), _q()])
+    fixed = 5000
+    minimum = fixed + sum(unit_bytes(plan, u, 2, shapes) for u in plan.layers("decoder"))
+    with pytest.raises(ValueError) as error:
+        allocate_bits(plan, shapes, BITS, fixed_bytes=fixed, budget_bytes=minimum - 1)
+    message = str(error.value)
+    assert "below what this student reaches at the lowest bits" in message
+    assert "size_budget_mb" in message and "quant_bit_choices" in message
+    # exactly the minimum is reachable: everything at 2 bits
+    allocate_bits(plan, shapes, BITS, fixed_bytes=fixed, budget_bytes=minimum)
+    assert [u.bits for u in plan.layers("decoder")] == [2, 2]
+    # without 2 bits among the choices the same budget is out of reach
+    with pytest.raises(ValueError, match="raise size_budget_mb"):
+        allocate_bits(plan, shapes, (3, 4, 8), fixed_bytes=fixed, budget_bytes=minimum)
+
+
+def test_allocate_bits_protects_the_unit_that_quantization_hurts_most():
+    plan, shapes = _plan([_q(1), _q(20), _q(1)], distill=[0.3, 0.3, 0.3])
+    fixed = 0
+    four = sum(unit_bytes(plan, u, 4, shapes) for u in plan.layers("decoder"))
+    allocate_bits(plan, shapes, BITS, fixed_bytes=fixed, budget_bytes=four)
+    bits = [u.bits for u in plan.layers("decoder")]
+    assert bits[1] == max(bits) and bits[1] > min(bits), bits
+    assert plan.size_bytes <= four
+
+
+def test_allocate_bits_quantizes_well_distilled_layers_first():
+    # same q_l everywhere: the layer that already matches its teacher layer (small d_l) gives up bits first
+    plan, shapes = _plan([_q(), _q(), _q()], distill=[0.5, 0.01, 0.5])
+    budget = sum(unit_bytes(plan, u, 4, shapes) for u in plan.layers("decoder"))
+    allocate_bits(plan, shapes, BITS, fixed_bytes=0, budget_bytes=budget)
+    bits = [u.bits for u in plan.layers("decoder")]
+    assert bits[1] == min(bits) and bits[1] < max(bits), bits
+
+
+# ---- distillation layers -----------------------------------------------------------------------------------
+
+
+def test_choose_distillation_layers_picks_highest_q_at_assigned_bits():
+    plan, _ = _plan([_q(1), _q(1), _q(1), _q(1)])
+    for unit, bits in zip(plan.layers("decoder"), (8, 2, 4, 3)):
+        unit.bits = bits
+    choose_distillation_layers(plan, 2, ("decoder",))
+    assert [u.index for u in plan.layers("decoder") if u.distilled] == [1, 3]  # q(2)=0.4, q(3)=0.1
+    # a layer with a larger curve overtakes at the same bits
+    for unit in plan.layers("decoder"):
+        unit.bits = 4
+    plan.layers("decoder")[2].quant_loss = _q(3)
+    choose_distillation_layers(plan, 1, ("decoder",))
+    assert [u.index for u in plan.layers("decoder") if u.distilled] == [2]
+    # ties: deeper first; sides not asked for are never chosen; count 0 clears
+    plan.layers("decoder")[2].quant_loss = _q(1)
+    choose_distillation_layers(plan, 2, ("decoder",))
+    assert [u.index for u in plan.layers("decoder") if u.distilled] == [2, 3]
+    choose_distillation_layers(plan, 2, ("encoder",))
+    assert not any(u.distilled for u in plan.layers("decoder"))
+    choose_distillation_layers(plan, 0, ("decoder",))
+    assert not any(u.distilled for u in plan.units)
+    assert plan.distilled_pairs("decoder") == []
+
+
+# ---- the plan ------------------------------------------------------------------------------------------------
+
+
+def test_plan_round_trips(tmp_path):
+    plan, shapes = _plan([_q(1), _q(2)], distill=[0.1, 0.2])
+    budget = sum(unit_bytes(plan, u, 4, shapes) for u in plan.units) + 10
+    allocate_bits(plan, shapes, BITS, fixed_bytes=10, budget_bytes=budget)
+    choose_distillation_layers(plan, 1, ("decoder",))
+    plan.step = 7
+    plan.layers("decoder")[1].teacher_layer = 5
+    assert KDQPlan.from_dict(plan.to_dict()) == plan
+    path = plan.save(tmp_path)
+    assert path == tmp_path / PLAN_FILE
+    loaded = KDQPlan.load(tmp_path)
+    assert loaded == plan and KDQPlan.load(path) == plan
+    assert all(isinstance(b, int) for u in loaded.units for b in u.quant_loss)  # JSON keys back to int
+    assert loaded.module_specs() == plan.module_specs()
+    assert loaded.distilled_pairs("decoder") == plan.distilled_pairs("decoder")
+    summary = loaded.summary()
+    assert "KDQ plan at step 7" in summary and "| decoder.1 |" in summary
+
+
+# ---- the planted case, through the trainer ---------------------------------------------------------------------
+
+
+def _plant_outliers(layer, *, per_linear: int, factor: float, relative_to_row_max: bool, seed: int = 0):
+    """Give ``per_linear`` weights of every linear of one decoder layer a large magnitude."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in layer.modules():
+            if isinstance(module, torch.nn.Linear):
+                weight = module.weight
+                flat = torch.randperm(weight.numel(), generator=generator)[:per_linear]
+                rows = flat // weight.shape[1]
+                if relative_to_row_max:
+                    weight.view(-1)[flat] = factor * weight.abs().amax(dim=1)[rows] * weight.view(-1)[flat].sign()
+                else:
+                    weight.view(-1)[flat] *= factor
+
+
+def _selection_trainer(tmp_path, micro_whisper, plant, planted_layer=1, **arguments):
+    teacher = micro_whisper(decoder_layers=4)
+    student = build_student(teacher, decoder_layers=3)  # decoder layers [0, 2, 3] of the teacher
+    plant(student.model.decoder.layers[planted_layer])
+    args = DistillQuantArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, report_to="none", use_cpu=True,
+        remove_unused_columns=False, quant_targets="decoder", num_distill_layers=1, **arguments,
+    )  # fmt: skip
+    trainer = DistillQuantTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(make_micro_rows(8)),
+        data_collator=micro_collate,
+    )  # fmt: skip
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, LayerSelectionCallback))
+    return trainer, callback
+
+
+def _budget_mb(trainer, callback, bits_per_unit: dict[int, int]) -> float:
+    model, plan = trainer.model, trainer.plan
+    modules = dict(model.named_modules())
+    shapes = {m: modules[m].weight.shape for u in plan.units for m in u.modules}
+    fixed = callback.fixed_bytes(model, plan, shapes)
+    units = plan.layers("decoder")
+    return (fixed + sum(unit_bytes(plan, u, bits_per_unit[u.index], shapes) for u in units)) / 1e6
+
+
+def test_planted_outliers_get_distillation_and_precision(tmp_path, micro_whisper):
+    plant = lambda layer: _plant_outliers(layer, per_linear=8, factor=10.0, relative_to_row_max=True)  # noqa: E731
+    trainer, callback = _selection_trainer(tmp_path, micro_whisper, plant, quant_bit_choices="4,8")
+
+    # Budget 1: every decoder layer at 4 bits. The planted layer has the highest q_l and is distilled.
+    trainer.args.size_budget_mb = _budget_mb(trainer, callback, {0: 4, 1: 4, 2: 4})
+    plan = callback.select(step=0)
+    assert plan is trainer.plan
+    units = plan.layers("decoder")
+    for bits in (4, 8):
+        q = [u.quant_loss[bits] for u in units]
+        assert q.index(max(q)) == 1, (bits, q)
+        assert q[1] > 1.5 * max(q[0], q[2]), (bits, q)
+    assert [u.bits for u in units] == [4, 4, 4]
+    assert [u.distilled for u in units] == [False, True, False]
+    assert plan.distilled_pairs("decoder") == [(1, 2)]
+    assert plan.size_bytes <= plan.budget_bytes
+    # the plan is applied to the model's fake-quant wrappers
+    assert trainer.model.model.decoder.layers[1].fc1.quant_spec.bits == 4
+
+    # Budget 2: room for one decoder layer at 8 bits. The planted layer keeps it.
+    trainer.args.size_budget_mb = _budget_mb(trainer, callback, {0: 4, 1: 8, 2: 4})
+    plan = callback.select(step=3)
+    assert [u.bits for u in plan.layers("decoder")] == [4, 8, 4]
+    assert plan.step == 3 and plan.size_bytes <= plan.budget_bytes
+    assert trainer.model.model.decoder.layers[1].fc1.quant_spec.bits == 8
+    assert trainer.model.model.decoder.layers[0].fc1.quant_spec.bits == 4
+
+    # Planted in another layer, the same budget follows the outliers there.
+    trainer2, callback2 = _selection_trainer(tmp_path, micro_whisper, plant, planted_layer=2, quant_bit_choices="4,8")
+    trainer2.args.size_budget_mb = trainer.args.size_budget_mb
+    plan2 = callback2.select(step=0)
+    assert [u.bits for u in plan2.layers("decoder")] == [4, 4, 8]
+    q4 = [u.quant_loss[4] for u in plan2.layers("decoder")]
+    assert q4.index(max(q4)) == 2
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="q_l is the output-relative error of a layer: ×50 outliers dominate the output energy, so quantizing "
+    "the planted layer to 4 bits looks *less* harmful than quantizing a normal layer (the outlier itself is "
+    "exact; only the rest of its group is lost, which is small next to it)",
+)
+def test_extreme_outliers_are_flagged_at_four_bits(tmp_path, micro_whisper):
+    plant = lambda layer: _plant_outliers(layer, per_linear=4, factor=50.0, relative_to_row_max=False)  # noqa: E731
+    trainer, callback = _selection_trainer(tmp_path, micro_whisper, plant, quant_bit_choices="4,8")
+    plan = callback.select(step=0)
+    q8 = [u.quant_loss[8] for u in plan.layers("decoder")]
+    assert q8.index(max(q8)) == 1  # at 8 bits the outliers do dominate the error ...
+    q4 = [u.quant_loss[4] for u in plan.layers("decoder")]
+    assert q4.index(max(q4)) == 1  # ... at 4 bits they do not

@@ -1,0 +1,543 @@
+"""DistillQuantTrainer end to end on micro Whisper models (64-token vocabulary, 32-frame inputs): training,
+logging, gradient-accumulation exactness, the frozen teacher, checkpoints and resume, encoder sharing, dynamic
+layer matching, FFN representations and adapters."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors import safe_open
+from transformers import Seq2SeqTrainingArguments
+from transformers import logging as hf_logging
+
+from conftest import make_micro_rows, micro_collate
+from hf_whisper_kdq.callbacks import LayerSelectionCallback
+from hf_whisper_kdq.config import DistillQuantArguments
+from hf_whisper_kdq.losses import IGNORE_INDEX
+from hf_whisper_kdq.selection import PLAN_FILE, KDQPlan, match_layers, relative_hidden_errors
+from hf_whisper_kdq.students import build_student
+from hf_whisper_kdq.trainer import DistillQuantTrainer
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TERMS = ("loss_ce", "loss_kd", "loss_hidden", "loss_quant")
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    yield
+    hf_logging.set_verbosity(verbosity)
+
+
+def _args(tmp_path, **overrides) -> DistillQuantArguments:
+    defaults = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, per_device_eval_batch_size=8,
+        report_to="none", use_cpu=True, logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
+        learning_rate=1e-3, warmup_steps=0, quant_weight=0.1,
+    )  # fmt: skip
+    return DistillQuantArguments(**{**defaults, **overrides})
+
+
+def _trainer(student, teacher, args, rows, **kwargs) -> DistillQuantTrainer:
+    return DistillQuantTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),
+        data_collator=micro_collate, **kwargs,
+    )  # fmt: skip
+
+
+def _selection_callback(trainer) -> LayerSelectionCallback:
+    return next(c for c in trainer.callback_handler.callbacks if isinstance(c, LayerSelectionCallback))
+
+
+def _student_budget_mb(student, average_bits: float) -> float:
+    """A size budget of about ``average_bits`` per quantizable weight (the rest in fp16)."""
+    total = sum(p.numel() for p in student.parameters())
+    linears = sum(
+        m.weight.numel() for name, m in student.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".layers." in name
+    )  # fmt: skip
+    return ((total - linears) * 2 + linears * average_bits / 8 + linears / 32 * 2) / 1e6
+
+
+@pytest.fixture
+def pair(micro_whisper):
+    """(student, teacher): a 4-decoder-layer micro teacher and its spaced 2-decoder-layer copy ([0, 3])."""
+    teacher = micro_whisper(decoder_layers=4)
+    return build_student(teacher, decoder_layers=2), teacher
+
+
+def _train_logs(trainer):
+    return [entry for entry in trainer.state.log_history if "loss" in entry and "train_runtime" not in entry]
+
+
+def _weighted_sum(entry, args, prefix=""):
+    weights = {"ce": args.ce_weight, "kd": args.kd_weight, "hidden": args.hidden_weight, "quant": args.quant_weight}
+    return sum(weight * entry[f"{prefix}loss_{name}"] for name, weight in weights.items())
+
+
+# ---- training -----------------------------------------------------------------------------------------------
+
+
+def test_training_lowers_the_loss_and_logs_every_term(tmp_path, pair):
+    student, teacher = pair
+    args = _args(tmp_path, max_steps=10, learning_rate=1e-3, size_budget_mb=_student_budget_mb(student, 4))
+    trainer = _trainer(student, teacher, args, make_micro_rows(4, seed=1))  # one batch: the same 4 rows each step
+    trainer.train()
+
+    logs = _train_logs(trainer)
+    assert [entry["step"] for entry in logs] == list(range(1, 11))
+    for entry in logs:
+        assert all(term in entry for term in TERMS), entry
+        # the logged terms are the step means that make up the loss
+        assert entry["loss"] == pytest.approx(_weighted_sum(entry, args), rel=1e-4)
+    assert logs[0]["loss_hidden"] > 0 and logs[0]["loss_quant"] > 0 and logs[0]["loss_kd"] > 0
+    losses = [entry["loss"] for entry in logs]
+    assert losses[-1] < 0.95 * losses[0] and max(losses[-3:]) < min(losses[:3]), losses
+    # CE and the hidden term fall; KD starts near 0 (a spaced copy of the teacher) and may rise as CE pulls away
+    assert logs[-1]["loss_ce"] < logs[0]["loss_ce"] and logs[-1]["loss_hidden"] < 0.5 * logs[0]["loss_hidden"]
+    # the selection ran at the start and was applied
+    plan = trainer.plan
+    assert plan.size_bytes <= plan.budget_bytes and any(u.distilled for u in plan.units)
+    assert min(u.bits for u in plan.units if u.modules) < 8
+
+
+def test_logged_terms_are_step_means_with_gradient_accumulation(tmp_path, pair):
+    student, teacher = pair
+    args = _args(tmp_path, max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                 hidden_target="both", num_distill_layers=3)  # fmt: skip
+    trainer = _trainer(student, teacher, args, make_micro_rows(12, seed=2))
+    trainer.train()
+    for entry in _train_logs(trainer):
+        assert entry["loss"] == pytest.approx(_weighted_sum(entry, args), rel=1e-4)
+
+
+def test_evaluate_logs_every_term(tmp_path, pair):
+    student, teacher = pair
+    rows = make_micro_rows(8, seed=3)
+    args = _args(tmp_path, max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    trainer = _trainer(student, teacher, args, make_micro_rows(8), eval_dataset=Dataset.from_list(rows))
+
+    # before any training (no selection yet) ...
+    metrics = trainer.evaluate()
+    assert all(f"eval_{term}" in metrics for term in TERMS), metrics
+    assert metrics["eval_loss"] == pytest.approx(_weighted_sum(metrics, args, "eval_"), rel=1e-4)
+    # eval_loss_ce is the student's own cross-entropy on the 8 rows (one batch)
+    batch = micro_collate(rows)
+    with torch.no_grad():
+        student.eval()
+        reference = student(input_features=batch["input_features"], labels=batch["labels"]).loss.item()
+    assert metrics["eval_loss_ce"] == pytest.approx(reference, rel=1e-4)
+
+    # ... and after training with gradient accumulation: eval terms are not scaled by the accumulation steps
+    trainer.train()
+    metrics = trainer.evaluate()
+    with torch.no_grad():
+        student.eval()
+        reference = student(input_features=batch["input_features"], labels=batch["labels"]).loss.item()
+    assert metrics["eval_loss_ce"] == pytest.approx(reference, rel=1e-4)
+    assert metrics["eval_loss"] == pytest.approx(_weighted_sum(metrics, args, "eval_"), rel=1e-4)
+    assert not any(key.startswith("loss_") for key in metrics)  # no train terms leak into eval logs
+    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert len(evals) == 1 and all(f"eval_{term}" in evals[-1] for term in TERMS)  # train() reset the history
+
+
+def test_evaluate_with_generate_still_logs_every_term(tmp_path, pair):
+    student, teacher = pair
+    rows = make_micro_rows(4, seed=4)
+    seen = {}
+
+    def compute_metrics(prediction):
+        seen["shape"] = prediction.predictions.shape
+        return {"answer": 42.0}
+
+    args = _args(tmp_path, max_steps=1, predict_with_generate=True, generation_max_length=6)
+    trainer = _trainer(student, teacher, args, make_micro_rows(8), eval_dataset=Dataset.from_list(rows),
+                       compute_metrics=compute_metrics)  # fmt: skip
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert metrics["eval_answer"] == 42.0 and seen["shape"][0] == 4
+    assert all(f"eval_{term}" in metrics for term in TERMS), metrics
+    # the reported loss is the distillation loss, not the plain cross-entropy
+    assert metrics["eval_loss"] == pytest.approx(_weighted_sum(metrics, args, "eval_"), rel=1e-4)
+    assert metrics["eval_loss_kd"] > 0
+
+
+# ---- gradient accumulation -----------------------------------------------------------------------------------
+
+
+def _one_step(tmp_path, teacher, rows, *, batch, accumulation, name, budget_bits):
+    # one encoder layer (teacher layer 1 on the embeddings): the encoder hidden term is far from zero
+    student = build_student(teacher, encoder_layers=1, decoder_layers=2)
+    args = _args(
+        tmp_path / name, max_steps=1, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+        optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+        hidden_target="both", num_distill_layers=3, quant_weight=0.5, quant_targets="encoder,decoder,embedding",
+        size_budget_mb=_student_budget_mb(student, budget_bits) if budget_bits else None,
+        # the probe batches cover the same rows in both runs, so both plans come out the same
+        selection_probe_batches=-(-len(rows) // batch),
+    )  # fmt: skip
+    trainer = _trainer(student, teacher, args, rows)
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize(
+    "rows, batch, accumulation, budget_bits",
+    [(8, 2, 4, 4), (6, 4, 2, None)],  # 4 equal micro-batches; then a ragged pair of 4 + 2 rows
+    ids=["equal", "ragged"],
+)
+def test_gradient_accumulation_is_exact(tmp_path, micro_whisper, rows, batch, accumulation, budget_bits):
+    teacher = micro_whisper(decoder_layers=4)
+    rows = make_micro_rows(rows, seed=5, min_tokens=1, max_tokens=12)
+    lengths = [len(row["labels"]) for row in rows]
+    assert len(set(lengths)) > 3  # uneven rows: a mean of micro-batch means would differ from the batch mean
+
+    full = _one_step(tmp_path, teacher, rows, batch=len(rows), accumulation=1, name="full", budget_bits=budget_bits)
+    accumulated = _one_step(tmp_path, teacher, rows, batch=batch, accumulation=accumulation, name="accumulated",
+                            budget_bits=budget_bits)  # fmt: skip
+    plans = [[(u.name, u.bits, u.distilled, u.teacher_layer) for u in t.plan.units] for t in (full, accumulated)]
+    assert plans[0] == plans[1]
+    assert all(u.distilled for u in full.plan.units if u.side in ("encoder", "decoder"))
+
+    log_full, log_accumulated = _train_logs(full)[0], _train_logs(accumulated)[0]
+    for key in ("loss", *TERMS):
+        assert log_accumulated[key] == pytest.approx(log_full[key], rel=1e-5, abs=1e-7), key
+    assert log_full["loss_hidden"] > 0 and log_full["loss_quant"] > 0
+
+    ours = dict(accumulated.model.named_parameters())
+    moved = 0
+    for name, parameter in full.model.named_parameters():
+        torch.testing.assert_close(ours[name], parameter, rtol=1e-5, atol=1e-6, msg=name)
+    before = build_student(teacher, encoder_layers=1, decoder_layers=2).state_dict()
+    for name, tensor in full.model.state_dict().items():
+        if name in before and not torch.equal(before[name], tensor):
+            moved += 1
+    assert moved > 10  # the step did move the weights
+
+
+# ---- the teacher -----------------------------------------------------------------------------------------------
+
+
+def test_teacher_is_frozen_unchanged_and_not_saved(tmp_path, pair):
+    student, teacher = pair
+    before = copy.deepcopy(teacher.state_dict())
+    args = _args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2, hidden_target="both", num_distill_layers=3)
+    trainer = _trainer(student, teacher, args, make_micro_rows(8))
+    trainer.train()
+
+    assert trainer.teacher is teacher and not teacher.training
+    for name, parameter in teacher.named_parameters():
+        assert not parameter.requires_grad and parameter.grad is None, name
+        assert torch.equal(parameter, before[name]), name
+    assert all(torch.equal(tensor, before[name]) for name, tensor in teacher.state_dict().items())
+    assert trainer.state.global_step == 2
+
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    with safe_open(checkpoint / "model.safetensors", "pt") as file:
+        keys = set(file.keys())
+        saved_numel = sum(file.get_tensor(key).numel() for key in keys)
+    student_keys = set(student.state_dict())
+    assert keys <= student_keys, keys - student_keys
+    assert student_keys - keys <= {"proj_out.weight"}  # tied to the embedding
+    assert not any(key.startswith("model.decoder.layers.2.") or key.startswith("teacher") for key in keys)
+    unique_student = sum(p.numel() for p in student.parameters()) + sum(b.numel() for b in student.buffers())
+    assert saved_numel == unique_student
+    assert saved_numel < sum(p.numel() for p in teacher.parameters())
+
+
+def test_tokenizer_mismatch_fails_before_training(tmp_path, pair):
+    student, teacher = pair
+    student.generation_config.eos_token_id = 5
+    with pytest.raises(ValueError, match="different tokenizers.*eos_token_id 5 vs 2"):
+        _trainer(student, teacher, _args(tmp_path, max_steps=1), make_micro_rows(4))
+    student.generation_config.eos_token_id = 2
+    student.config.vocab_size = 65
+    with pytest.raises(ValueError, match="vocab_size 65 vs 64"):
+        _trainer(student, teacher, _args(tmp_path, max_steps=1), make_micro_rows(4))
+
+
+def test_arguments_must_be_distill_quant_arguments(tmp_path, pair):
+    student, teacher = pair
+    plain = Seq2SeqTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    with pytest.raises(TypeError, match="DistillQuantArguments"):
+        _trainer(student, teacher, plain, make_micro_rows(4))
+    with pytest.raises(ValueError, match="teacher_model is required"):
+        DistillQuantTrainer(model=student, args=_args(tmp_path))
+    with pytest.raises(TypeError, match="student is a WhisperModel"):
+        DistillQuantTrainer(model=student.model, teacher_model=teacher, args=_args(tmp_path))
+
+
+# ---- checkpoints and resume ----------------------------------------------------------------------------------
+
+
+def _plan_key(plan: KDQPlan):
+    return [(u.name, u.bits, u.distilled, u.teacher_layer) for u in plan.units]
+
+
+@pytest.mark.parametrize("restore_callback_states", [False, True])
+def test_plan_round_trips_through_checkpoint_and_resume(tmp_path, micro_whisper, restore_callback_states):
+    teacher = micro_whisper(decoder_layers=4)
+    rows = make_micro_rows(16, seed=6)
+
+    def run(**overrides):
+        student = build_student(teacher, decoder_layers=2)
+        args = _args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2,
+                     size_budget_mb=_student_budget_mb(student, 3.5),
+                     restore_callback_states_from_checkpoint=restore_callback_states, **overrides)  # fmt: skip
+        return _trainer(student, teacher, args, rows)
+
+    first = run()
+    first.train()
+    plan = first.plan
+    assert len({u.bits for u in plan.units if u.modules}) > 1  # a non-trivial plan
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert KDQPlan.load(checkpoint / PLAN_FILE) == plan
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    saved = state["stateful_callbacks"]["LayerSelectionCallback"]
+    saved = saved[0] if isinstance(saved, list) else saved
+    assert KDQPlan.from_dict(saved["attributes"]["restored_plan"]) == plan
+    final = {k: v.clone() for k, v in first.model.state_dict().items()}
+
+    # A new trainer resumes: the plan is restored (not re-measured on the step-2 weights), training continues
+    # to the same final step and, the run being deterministic, to the same weights.
+    second = run()
+    second.train(resume_from_checkpoint=str(checkpoint))
+    assert second.state.global_step == 4
+    assert _plan_key(second.plan) == _plan_key(plan)
+    assert second.plan == plan  # measurements included: nothing was re-selected
+    specs = {name: m.quant_spec for name, m in second.model.named_modules() if hasattr(m, "quant_spec")}
+    assert specs == {name: spec for name, spec in plan.module_specs().items() if name in specs}
+    for name, tensor in second.model.state_dict().items():
+        torch.testing.assert_close(tensor, final[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---- encoder sharing -------------------------------------------------------------------------------------------
+
+
+def test_frozen_identical_encoder_is_shared_with_the_teacher(tmp_path, pair):
+    student, teacher = pair  # all encoder layers kept
+    args = _args(tmp_path, max_steps=1, freeze_encoder=True, quant_targets="decoder", num_distill_layers=2)
+    trainer = _trainer(student, teacher, args, make_micro_rows(8, seed=7))
+    assert trainer.shares_encoder and trainer.distill_sides == ("decoder",)
+
+    calls = []
+    handle = student.model.encoder.register_forward_hook(lambda *_: calls.append(1))
+    teacher_calls = []
+    teacher_handle = teacher.model.encoder.register_forward_hook(lambda *_: teacher_calls.append(1))
+    try:
+        trainer.train()  # selection (2 probe batches) + one step
+        assert calls == [] and len(teacher_calls) == 3
+        assert not any(p.requires_grad for p in student.model.encoder.parameters())
+
+        batch = trainer._prepare_inputs(micro_collate(make_micro_rows(4, seed=8)))
+        student.train()
+        with torch.no_grad():
+            shared = trainer.compute_loss(student, batch)
+            trainer.encoder_matches_teacher = False  # force the student's own encoder pass
+            assert not trainer.shares_encoder
+            unshared = trainer.compute_loss(student, batch)
+        assert len(calls) == 1
+        assert shared.item() == pytest.approx(unshared.item(), rel=1e-5)
+    finally:
+        handle.remove()
+        teacher_handle.remove()
+
+
+def test_encoder_is_not_shared_when_it_differs_or_is_quantized(tmp_path, micro_whisper):
+    teacher = micro_whisper(decoder_layers=4)
+    fewer = build_student(teacher, encoder_layers=1, decoder_layers=2)
+    args = _args(tmp_path, max_steps=1, freeze_encoder=True, quant_targets="decoder")
+    assert not _trainer(fewer, teacher, args, make_micro_rows(4)).shares_encoder
+    quantized = build_student(teacher, decoder_layers=2)
+    args = _args(tmp_path, max_steps=1, freeze_encoder=True, quant_targets="encoder,decoder")
+    assert not _trainer(quantized, teacher, args, make_micro_rows(4)).shares_encoder
+    unfrozen = build_student(teacher, decoder_layers=2)
+    args = _args(tmp_path, max_steps=1, quant_targets="decoder")
+    assert not _trainer(unfrozen, teacher, args, make_micro_rows(4)).shares_encoder
+
+
+# ---- dynamic layer matching --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "dynamic_monotone"])
+def test_dynamic_matching_follows_the_measured_errors(tmp_path, micro_whisper, mode):
+    teacher = micro_whisper(decoder_layers=4)
+    student = build_student(teacher, decoder_layers=3)  # recorded origins [0, 2, 3]
+    # student layer 1 becomes an exact copy of teacher layer 1: its output equals teacher layer 1's exactly
+    student.model.decoder.layers[1].load_state_dict(teacher.model.decoder.layers[1].state_dict())
+    args = _args(tmp_path, max_steps=1, layer_matching=mode, num_distill_layers=3, quant_targets="decoder")
+    trainer = _trainer(student, teacher, args, make_micro_rows(8, seed=9))
+    assert [u.teacher_layer for u in trainer.plan.layers("decoder")] == [0, 2, 3]  # static start
+    callback = _selection_callback(trainer)
+    plan = callback.select(step=0)
+
+    # the measured matrix, recomputed here the way the callback measures it (float student, probe batches)
+    saved = plan.module_specs()
+    from hf_whisper_kdq.quant import set_quant_specs
+
+    set_quant_specs(student, dict.fromkeys(saved, None))
+    student.eval()
+    matrix = 0
+    batches = callback.probe_batches()
+    with torch.no_grad():
+        for batch in batches:
+            _, _, reps = trainer.forward_student_and_teacher(student, batch, ("decoder",))
+            matrix = matrix + relative_hidden_errors(
+                reps["student"]["decoder"], reps["teacher"]["decoder"], batch["labels"].ne(IGNORE_INDEX)
+            )
+    matrix = matrix / len(batches)
+    set_quant_specs(student, saved)
+
+    matched = [u.teacher_layer for u in plan.layers("decoder")]
+    assert matched == match_layers(matrix, monotone=mode == "dynamic_monotone")
+    assert matched[:2] == [0, 1]
+    assert matrix[1, 1] == 0 and matrix[0, 0] == 0
+    if mode == "dynamic":
+        assert matched == matrix.argmin(dim=1).tolist()
+    else:
+        assert all(a <= b for a, b in zip(matched, matched[1:]))
+    for unit in plan.layers("decoder"):
+        assert unit.distill_loss == pytest.approx(matrix[unit.index, unit.teacher_layer].item(), abs=1e-6)
+    assert (1, 1) in plan.distilled_pairs("decoder")
+
+    # the loss then distils student layer 1 from teacher layer 1 (exactly matched: no hidden loss from it)
+    for unit in plan.units:
+        unit.distilled = unit.name == "decoder.1"
+    batch = batches[0]
+    with torch.no_grad():
+        trainer.compute_loss(student, batch)
+    assert trainer._logged_terms["eval"]["hidden"][-1].item() == pytest.approx(0.0, abs=1e-6)
+    plan.unit("decoder.1").teacher_layer = 2
+    with torch.no_grad():
+        trainer.compute_loss(student, batch)
+    assert trainer._logged_terms["eval"]["hidden"][-1].item() > 1e-5
+
+
+def test_static_matching_keeps_the_recorded_origins(tmp_path, micro_whisper):
+    teacher = micro_whisper(decoder_layers=4)
+    student = build_student(teacher, decoder_layers=3)
+    student.model.decoder.layers[1].load_state_dict(teacher.model.decoder.layers[1].state_dict())
+    args = _args(tmp_path, max_steps=1, num_distill_layers=3, quant_targets="decoder")
+    trainer = _trainer(student, teacher, args, make_micro_rows(8, seed=9))
+    plan = _selection_callback(trainer).select(step=0)
+    assert [u.teacher_layer for u in plan.layers("decoder")] == [0, 2, 3]
+
+
+# ---- representations and adapters -----------------------------------------------------------------------------
+
+
+def test_ffn_intermediate_representation_trains(tmp_path, pair):
+    student, teacher = pair
+    args = _args(tmp_path, max_steps=2, hidden_representation="ffn_intermediate", hidden_target="both",
+                 num_distill_layers=4)  # fmt: skip
+    trainer = _trainer(student, teacher, args, make_micro_rows(8, seed=10))
+    assert not hasattr(student, "kdq_adapters")  # same widths: no adapters
+    trainer.train()
+    logs = _train_logs(trainer)
+    assert len(logs) == 2 and all(entry["loss_hidden"] > 0 for entry in logs)
+    # decoder layer 0 is a copy of teacher layer 0: its FFN activation matches exactly before training
+    batch = trainer._prepare_inputs(micro_collate(make_micro_rows(2, seed=11)))
+    fresh = build_student(teacher, decoder_layers=2)
+    _, _, reps = trainer.forward_student_and_teacher(fresh, batch, ("decoder",))
+    assert reps["student"]["decoder"][0].shape == (2, batch["labels"].shape[1], 64)
+    assert torch.equal(reps["student"]["decoder"][0], reps["teacher"]["decoder"][0])
+
+
+@pytest.mark.parametrize("representation", ["layer_output", "ffn_intermediate"])
+def test_narrower_student_trains_through_adapters(tmp_path, micro_whisper, representation):
+    teacher = micro_whisper(decoder_layers=4)
+    student = micro_whisper(seed=1, d_model=16, encoder_ffn_dim=32, decoder_ffn_dim=32)
+    args = _args(tmp_path, max_steps=3, learning_rate=1e-2, hidden_target="both", hidden_representation=representation,
+                 num_distill_layers=4, quant_group_size=16)  # fmt: skip
+    trainer = _trainer(student, teacher, args, make_micro_rows(8, seed=12))
+    adapters = student.kdq_adapters
+    assert sorted(adapters) == ["decoder_0", "decoder_1", "encoder_0", "encoder_1"]
+    width = 16 if representation == "layer_output" else 32
+    assert all(a.in_features == width and a.out_features == 2 * width for a in adapters.values())
+    # the independent student starts matched by relative depth
+    assert [u.teacher_layer for u in trainer.plan.layers("decoder")] == [0, 3]
+    before = {name: a.weight.detach().clone() for name, a in adapters.items()}
+    trainer.train()
+    assert all(u.distilled for u in trainer.plan.units if u.side in ("encoder", "decoder"))
+    for name, adapter in adapters.items():
+        assert not torch.equal(adapter.weight, before[name]), f"adapter {name} was not trained"
+    assert all(entry["loss_hidden"] > 0 for entry in _train_logs(trainer))
+    # adapters are training-only: not counted in the plan's size
+    assert trainer.plan.size_bytes is not None
+
+
+# ---- re-selection, prediction, and the real tokenizer ------------------------------------------------------------
+
+
+def test_periodic_reselection_moves_the_plan_and_saves_it(tmp_path, pair):
+    student, teacher = pair
+    args = _args(tmp_path, max_steps=4, learning_rate=1e-2, selection_interval=2, save_strategy="steps", save_steps=2,
+                 size_budget_mb=_student_budget_mb(student, 3.5))  # fmt: skip
+    trainer = _trainer(student, teacher, args, make_micro_rows(8, seed=13))
+    trainer.train()
+    assert trainer.plan.step == 2  # re-selected at step 2, not at the last step
+    assert KDQPlan.load(tmp_path / "out" / "checkpoint-2" / PLAN_FILE).step == 2
+    assert KDQPlan.load(tmp_path / "out" / "checkpoint-4" / PLAN_FILE) == trainer.plan
+    specs = {name: m.quant_spec for name, m in student.named_modules() if hasattr(m, "quant_spec")}
+    assert specs == trainer.plan.module_specs()
+
+
+def test_predict_does_not_leak_terms_into_the_next_evaluation(tmp_path, pair):
+    student, teacher = pair
+    eval_rows, other_rows = make_micro_rows(8, seed=14), make_micro_rows(8, seed=15, min_tokens=1, max_tokens=3)
+    args = _args(tmp_path, max_steps=1)
+    trainer = _trainer(student, teacher, args, make_micro_rows(4), eval_dataset=Dataset.from_list(eval_rows))
+    alone = trainer.evaluate()
+    trainer.predict(Dataset.from_list(other_rows))
+    after_predict = trainer.evaluate()
+    for term in TERMS:
+        assert after_predict[f"eval_{term}"] == pytest.approx(alone[f"eval_{term}"], rel=1e-5), term
+
+
+def test_eval_terms_follow_the_metric_key_prefix(tmp_path, pair):
+    student, teacher = pair
+    datasets = {name: Dataset.from_list(make_micro_rows(4, seed=seed)) for name, seed in (("clean", 16), ("noisy", 17))}
+    args = _args(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=2)
+    trainer = _trainer(student, teacher, args, make_micro_rows(4), eval_dataset=datasets)
+    metrics = trainer.evaluate(datasets["clean"], metric_key_prefix="test")
+    assert all(f"test_{term}" in metrics for term in TERMS) and not any(k.startswith("eval_") for k in metrics)
+    trainer.train()  # evaluates both datasets at step 2
+    logged = {key for entry in trainer.state.log_history for key in entry}
+    for name in datasets:
+        assert all(f"eval_{name}_{term}" in logged for term in TERMS), sorted(logged)
+    assert not any(key.startswith("eval_loss_") for key in logged)  # every eval term under its dataset
+
+
+def test_real_tokenizer_tiny_whisper_with_the_data_collator(tmp_path, base_pack_folder):
+    """The trainer on the real-tokenizer tiny Whisper (51,865 tokens, 30 s inputs) and WhisperDataCollator."""
+    import numpy as np
+
+    from conftest import make_tiny_whisper
+    from hf_whisper_kdq.data import WhisperDataCollator
+
+    teacher, processor = make_tiny_whisper(base_pack_folder, decoder_layers=4)
+    student = build_student(teacher, decoder_layers=2)
+    generator = np.random.default_rng(0)
+    rows = [
+        {"input_features": processor.feature_extractor(generator.normal(0, 0.1, 8000).astype(np.float32),
+                                                       sampling_rate=16000).input_features[0],
+         "labels": processor.tokenizer(text).input_ids}
+        for text in (" hello world", " a longer sentence to transcribe")
+    ]  # fmt: skip
+    args = _args(tmp_path, max_steps=2, per_device_train_batch_size=2, selection_probe_batches=1,
+                 quant_targets="decoder,embedding", size_budget_ratio=0.3)  # fmt: skip
+    collator = WhisperDataCollator(processor, decoder_start_token_id=student.config.decoder_start_token_id)
+    trainer = DistillQuantTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),
+        data_collator=collator, processing_class=processor,
+    )  # fmt: skip
+    trainer.train()
+    logs = _train_logs(trainer)
+    assert len(logs) == 2 and all(all(term in entry for term in TERMS) for entry in logs)
+    assert trainer.plan.unit("embedding").bits < 16 and trainer.plan.size_bytes <= trainer.plan.budget_bytes
