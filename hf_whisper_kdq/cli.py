@@ -1,4 +1,4 @@
-"""The ``hf-whisper-kdq`` command: ``convert`` and ``evaluate`` (``compress`` arrives with the trainer).
+"""The ``hf-whisper-kdq`` command: ``compress``, ``convert``, ``evaluate`` and ``push``.
 
 Each subcommand's arguments are a dataclass parsed by ``HfArgumentParser``, so every flag is documented by
 ``--help`` and a whole run can be given as one JSON or YAML file (``hf-whisper-kdq evaluate run.yaml``).
@@ -60,14 +60,52 @@ def _evaluation_command():
     return EvaluationArguments, run_evaluation, ("model_name_or_path",)
 
 
+def _compress_command():
+    from .compress import CompressArguments, run_compress
+    from .config import DistillQuantArguments
+
+    return (CompressArguments, DistillQuantArguments), run_compress, ("teacher",)
+
+
+@dataclass
+class PushArguments:
+    folder: str = field(metadata={"help": "A compressed folder written by `compress` or `trainer.save_compressed()`."})
+    repo_id: str = field(metadata={"help": "Hub repository, e.g. your-name/whisper-base-kdq."})
+    private: bool = field(default=False, metadata={"help": "Create the repository as private."})
+    revision: str | None = field(default=None, metadata={"help": "Branch to push to (default: main)."})
+    create_pr: bool = field(default=False, metadata={"help": "Open a pull request instead of committing."})
+    commit_message: str | None = field(default=None, metadata={"help": "Commit message."})
+
+    def __post_init__(self):
+        if not (Path(self.folder) / "config.json").is_file():
+            raise ValueError(f"{self.folder} holds no checkpoint (config.json): pass the compressed folder")
+
+
+def run_push(args: PushArguments):
+    from .hub import push_compressed
+
+    info = push_compressed(args.folder, args.repo_id, private=args.private, revision=args.revision,
+                           create_pr=args.create_pr, commit_message=args.commit_message)  # fmt: skip
+    print(f"Pushed {args.folder} to {args.repo_id}: {getattr(info, 'commit_url', info)}")
+    return info
+
+
 # name -> (help, loader returning (arguments dataclass, runner, positional field names)); loaders import
 # lazily so `hf-whisper-kdq --help` stays fast.
 COMMANDS: dict[str, tuple[str, Callable]] = {
+    "compress": (
+        "The whole job: distil + quantize a student from a teacher, evaluate, export, write the model card.",
+        _compress_command,
+    ),
     "convert": (
         "Convert any Whisper checkpoint (Hub, .pt, CTranslate2, offline pack) to a standard HF folder.",
         lambda: (ConvertArguments, run_convert, ("source", "output_dir")),
     ),
     "evaluate": ("Transcribe a speech manifest and report WER/CER, speed and size.", _evaluation_command),
+    "push": (
+        "Upload a compressed folder (checkpoint, card, figure) to the Hub in one commit.",
+        lambda: (PushArguments, run_push, ("folder",)),
+    ),
 }
 
 
@@ -99,18 +137,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hf-whisper-kdq: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    arguments_type, runner, positional = COMMANDS[command][1]()
-    parser = HfArgumentParser(arguments_type, prog=f"hf-whisper-kdq {command}", description=COMMANDS[command][0])
+    arguments_types, runner, positional = COMMANDS[command][1]()
+    parser = HfArgumentParser(arguments_types, prog=f"hf-whisper-kdq {command}", description=COMMANDS[command][0])
+    if command == "compress":
+        from .compress import TRAINING_DEFAULTS, with_training_defaults
+
+        parser.epilog = "compress's own defaults for training arguments: " + ", ".join(
+            f"--{name} {value}" for name, value in TRAINING_DEFAULTS.items()
+        )
+        rest = rest if _is_config_file(rest) else with_training_defaults(rest)
     try:
-        if len(rest) == 1 and rest[0].endswith((".json", ".yaml", ".yml")) and Path(rest[0]).is_file():
+        if _is_config_file(rest):
             parse_file = parser.parse_json_file if rest[0].endswith(".json") else parser.parse_yaml_file
-            (arguments,) = parse_file(rest[0])
+            arguments = parse_file(rest[0])
         else:
-            (arguments,) = parser.parse_args_into_dataclasses(_expand_positionals(rest, positional))
+            arguments = parser.parse_args_into_dataclasses(_expand_positionals(rest, positional))
     except ValueError as error:  # raised by __post_init__ validation: show it like an argparse error
         parser.error(str(error))
-    runner(arguments)
+    runner(*arguments)
     return 0
+
+
+def _is_config_file(rest: list[str]) -> bool:
+    return len(rest) == 1 and rest[0].endswith((".json", ".yaml", ".yml")) and Path(rest[0]).is_file()
 
 
 if __name__ == "__main__":

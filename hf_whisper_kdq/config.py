@@ -132,6 +132,20 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
         },
     )
 
+    cache_encoder_outputs: bool = field(
+        default=True,
+        metadata={
+            "help": "When the frozen student encoder is shared with the teacher, keep its outputs in a bounded "
+            "on-disk cache so that later epochs skip the encoder entirely."
+        },
+    )
+    encoder_cache_dir: str | None = field(
+        default=None, metadata={"help": "Folder of the encoder-output cache (default: $HF_WHISPER_KDQ_CACHE/encoder_outputs)."}
+    )
+    encoder_cache_max_gb: float = field(
+        default=8.0, metadata={"help": "Size bound of the encoder-output cache in GB; least recently used entries go."}
+    )
+
     def __post_init__(self):
         super().__post_init__()
         for name in ("ce_weight", "kd_weight", "hidden_weight", "quant_weight"):
@@ -163,6 +177,8 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
             raise ValueError(f"size_budget_mb must be > 0, got {self.size_budget_mb}")
         if self.size_budget_ratio is not None and not 0 < self.size_budget_ratio <= 1:
             raise ValueError(f"size_budget_ratio must be in (0, 1], got {self.size_budget_ratio}")
+        if self.encoder_cache_max_gb <= 0:
+            raise ValueError(f"encoder_cache_max_gb must be > 0, got {self.encoder_cache_max_gb}")
         if self.num_distill_layers < 0 or self.selection_interval < 0 or self.selection_probe_batches < 1:
             raise ValueError(
                 "num_distill_layers and selection_interval must be ≥ 0 and selection_probe_batches ≥ 1"

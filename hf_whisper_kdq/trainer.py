@@ -14,14 +14,17 @@ are distilled and how many bits each layer gets.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import defaultdict
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import Seq2SeqTrainer, WhisperForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
 from .callbacks import LayerSelectionCallback
@@ -110,6 +113,13 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise NotImplementedError("DeepSpeed / FSDP teachers are not supported yet: train with DDP or one device")
         self.teacher = self._prepare_teacher(teacher_model)
+        self.encoder_cache = None
+        if args.cache_encoder_outputs and self.encoder_matches_teacher:
+            from .encoder_cache import EncoderOutputCache
+            from .sources import cache_root
+
+            folder = args.encoder_cache_dir or cache_root() / "encoder_outputs"
+            self.encoder_cache = EncoderOutputCache(folder, self.teacher.get_encoder(), int(args.encoder_cache_max_gb * 1e9))
         self._logged_terms: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._accumulated_rows = 0  # set by get_batch_samples for each optimizer step
         self.add_callback(LayerSelectionCallback(self))
@@ -197,7 +207,11 @@ class DistillQuantTrainer(Seq2SeqTrainer):
                 if ffn
             }
             with torch.no_grad():
-                teacher_encoder = self.teacher.get_encoder()(features, output_hidden_states=want["encoder"] and not ffn)
+                if self.encoder_cache is not None and self.shares_encoder:
+                    hidden = self.encoder_cache.encode(self.teacher.get_encoder(), features)
+                    teacher_encoder = BaseModelOutput(last_hidden_state=hidden)
+                else:
+                    teacher_encoder = self.teacher.get_encoder()(features, output_hidden_states=want["encoder"] and not ffn)
                 teacher_out = self.teacher(
                     encoder_outputs=teacher_encoder,
                     decoder_input_ids=decoder_input_ids,
@@ -330,6 +344,54 @@ class DistillQuantTrainer(Seq2SeqTrainer):
                 logs[f"{prefix}loss_{name}"] = round(torch.stack(values).mean().item(), 6)
         self._logged_terms[mode].clear()
         super().log(logs, start_time)
+
+    # ---- export ---------------------------------------------------------------------------------------
+    def save_compressed(self, output_dir: str | os.PathLike | None = None, *, overwrite: bool = False):
+        """Write the student as a packed integer checkpoint (compressed-tensors ``pack-quantized``) that plain
+        ``WhisperForConditionalGeneration.from_pretrained`` loads, with ``compression_report.json`` and
+        ``kdq_plan.json``. Default folder: ``<output_dir>/compressed``. Only the main process writes."""
+        from .export import save_compressed
+
+        output_dir = Path(output_dir or Path(self.args.output_dir) / "compressed")
+        if self.is_world_process_zero():
+            teacher_fp16 = sum(p.numel() for p in self.teacher.parameters()) * 2
+            save_compressed(
+                self.accelerator.unwrap_model(self.model), self.processing_class, output_dir, plan=self.plan,
+                teacher_fp16_bytes=teacher_fp16, overwrite=overwrite,
+            )  # fmt: skip
+        return output_dir
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token=None,
+                    revision: str | None = None, **kwargs):  # fmt: skip
+        """Push the compressed checkpoint, its model card and figure in one commit — never the teacher, the
+        fake-quant training state or the checkpoints. The card's scores come from the last ``evaluate()``."""
+        from .card import write_model_card
+        from .hub import push_compressed
+
+        folder = self.save_compressed(overwrite=True)
+        if not self.is_world_process_zero():
+            return None
+        report = json.loads((folder / "compression_report.json").read_text(encoding="utf-8"))
+        write_model_card(
+            folder, plan=self.plan, compression_report=report, eval_results=self._last_eval_rows(),
+            teacher_id=getattr(self.teacher.config, "_name_or_path", "") or "openai/whisper", training_args=self.args.to_dict(),
+            datasets=kwargs.get("dataset_tags") or (), languages=kwargs.get("language") or (),
+        )  # fmt: skip
+        repo_id = self.args.hub_model_id or Path(self.args.output_dir).name
+        return push_compressed(folder, repo_id, private=bool(self.args.hub_private_repo), token=token or self.args.hub_token,
+                               commit_message=commit_message, revision=revision)  # fmt: skip
+
+    def _last_eval_rows(self) -> list[dict]:
+        """The last evaluation's wer/cer metrics (``eval_wer_en`` ...) as model-card rows of the compressed model."""
+        for entry in reversed(self.state.log_history):
+            rows = [
+                {"dataset": "evaluation set", "language": key.rsplit("_", 1)[1], "metric": key.split("_")[1], "error_rate": value}
+                for key, value in entry.items()
+                if key.startswith(("eval_wer_", "eval_cer_"))
+            ]  # fmt: skip
+            if rows:
+                return rows
+        return []
 
     def _load_callback_state(self) -> None:
         super()._load_callback_state()

@@ -322,7 +322,8 @@ def test_plan_round_trips_through_checkpoint_and_resume(tmp_path, micro_whisper,
 
 def test_frozen_identical_encoder_is_shared_with_the_teacher(tmp_path, pair):
     student, teacher = pair  # all encoder layers kept
-    args = _args(tmp_path, max_steps=1, freeze_encoder=True, quant_targets="decoder", num_distill_layers=2)
+    args = _args(tmp_path, max_steps=1, freeze_encoder=True, quant_targets="decoder", num_distill_layers=2,
+                 cache_encoder_outputs=False)  # fmt: skip
     trainer = _trainer(student, teacher, args, make_micro_rows(8, seed=7))
     assert trainer.shares_encoder and trainer.distill_sides == ("decoder",)
 
@@ -541,3 +542,49 @@ def test_real_tokenizer_tiny_whisper_with_the_data_collator(tmp_path, base_pack_
     logs = _train_logs(trainer)
     assert len(logs) == 2 and all(all(term in entry for term in TERMS) for entry in logs)
     assert trainer.plan.unit("embedding").bits < 16 and trainer.plan.size_bytes <= trainer.plan.budget_bytes
+
+
+def test_shared_encoder_outputs_are_cached_across_epochs(tmp_path, pair):
+    student, teacher = pair
+    args = _args(tmp_path, max_steps=6, freeze_encoder=True, quant_targets="decoder", num_distill_layers=1,
+                 encoder_cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    rows = make_micro_rows(8, seed=3)
+    trainer = _trainer(student, teacher, args, rows)
+    teacher_rows = []
+    handle = teacher.model.encoder.register_forward_hook(lambda m, a, out: teacher_rows.append(a[0].shape[0]))
+    try:
+        trainer.train()  # 8 rows, several epochs: each row is encoded exactly once
+    finally:
+        handle.remove()
+    assert sum(teacher_rows) == len(rows)
+    assert trainer.encoder_cache.misses == len(rows) and trainer.encoder_cache.hits > 0
+    entries = sorted((tmp_path / "cache").glob("*/*/*.safetensors"))
+    assert len(entries) == len(rows)
+
+    # A corrupt entry is recomputed, never used.
+    entries[0].write_bytes(b"not a safetensors file")
+    batch = trainer._prepare_inputs(micro_collate(rows))
+    encoder = trainer.teacher.get_encoder()
+    with torch.no_grad():
+        expected = encoder(batch["input_features"]).last_hidden_state
+    torch.testing.assert_close(trainer.encoder_cache.encode(encoder, batch["input_features"]), expected)
+    assert trainer.encoder_cache.misses == len(rows) + 1
+
+
+def test_encoder_cache_is_keyed_by_model_and_bounded(tmp_path, micro_whisper):
+    from hf_whisper_kdq.encoder_cache import EncoderOutputCache
+
+    first, second = micro_whisper(seed=1).get_encoder(), micro_whisper(seed=2).get_encoder()
+    features = micro_collate(make_micro_rows(4, seed=5))["input_features"]
+    one = EncoderOutputCache(tmp_path, first, max_bytes=10**9)
+    two = EncoderOutputCache(tmp_path, second, max_bytes=10**9)
+    assert one.folder != two.folder
+    one.encode(first, features)
+    with torch.no_grad():
+        torch.testing.assert_close(two.encode(second, features), second(features).last_hidden_state)
+    assert two.misses == 4 and two.hits == 0  # the other model's entries are never hit
+
+    entry_bytes = next(one.folder.glob("*/*.safetensors")).stat().st_size
+    small = EncoderOutputCache(tmp_path / "small", first, max_bytes=3 * entry_bytes)
+    small.encode(first, features)
+    assert len(list((tmp_path / "small").glob("*/*/*.safetensors"))) <= 3

@@ -11,6 +11,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -44,9 +46,11 @@ __all__ = [
     "OpenAICheckpointError",
     "PackNotInstalledError",
     "CheckpointSource",
+    "atomic_folder",
     "cache_root",
     "load_whisper",
     "resolve_source",
+    "save_processor",
     "save_whisper",
 ]
 
@@ -149,23 +153,17 @@ def _apply_umask(folder: Path) -> None:
         file.chmod(0o666 & ~umask)
 
 
-def save_whisper(
-    model: WhisperForConditionalGeneration, processor: WhisperProcessor, output_dir: str | os.PathLike
-) -> Path:
-    """Write a standard HF folder (config, safetensors, generation config, tokenizer, preprocessor config).
-
-    Built in a temporary folder beside the target and renamed into place, so an interrupted write leaves
-    any previous folder intact.
+@contextmanager
+def atomic_folder(output_dir: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder atomically: yields an empty staging folder beside ``output_dir``; on a clean exit it gets
+    ordinary permissions and the completion marker and replaces ``output_dir`` (a previous folder there is
+    swapped out, then deleted). On any exception the staging folder is removed and ``output_dir`` is untouched.
     """
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        # transformers 5 folds the feature extractor into processor_config.json; older readers (and
-        # CTranslate2's converter) look for preprocessor_config.json.
-        processor.feature_extractor.save_pretrained(staging)
+        yield staging
         _apply_umask(staging)
         (staging / _COMPLETE_MARKER).touch()
         if output_dir.exists():
@@ -179,7 +177,28 @@ def save_whisper(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return output_dir
+
+
+def save_processor(processor: WhisperProcessor, folder: str | os.PathLike) -> None:
+    """Tokenizer, processor config and preprocessor config of ``processor`` into ``folder``."""
+    processor.save_pretrained(folder)
+    # transformers 5 folds the feature extractor into processor_config.json; older readers (and
+    # CTranslate2's converter) look for preprocessor_config.json.
+    processor.feature_extractor.save_pretrained(folder)
+
+
+def save_whisper(
+    model: WhisperForConditionalGeneration, processor: WhisperProcessor, output_dir: str | os.PathLike
+) -> Path:
+    """Write a standard HF folder (config, safetensors, generation config, tokenizer, preprocessor config).
+
+    Built in a temporary folder beside the target and renamed into place, so an interrupted write leaves
+    any previous folder intact.
+    """
+    with atomic_folder(output_dir) as staging:
+        model.save_pretrained(staging)
+        save_processor(processor, staging)
+    return Path(output_dir)
 
 
 def _pack_folder(pack: OfflinePack) -> Path:

@@ -1,0 +1,600 @@
+"""The model card of a compressed Whisper: metadata (model-index, base model), tables, the plan figure, usage.
+
+``build_model_card`` renders ``model_cards/kdq_model_card.md.jinja`` with huggingface_hub's
+``ModelCard.from_template``; ``write_model_card`` writes ``README.md`` and the figure into the checkpoint folder.
+
+**Error rates.** Inputs are *fractions* (as :class:`~hf_whisper_kdq.evaluation.EvaluationReport` stores them; a
+row with ``"percent": True`` is read as a percentage). The card, its tables *and* its ``model-index`` show
+**percentages** rounded to 2 decimals (``metric_value: 12.34`` means 12.34 % WER), as OpenAI's Whisper cards do.
+
+**``eval_results``** — one of
+  * a mapping ``{"compressed": X, "teacher": X, "original": X}`` ("original" = the same-size Whisper, optional),
+    each ``X`` an ``EvaluationReport``, its ``to_dict()``, a list of rows, or one row;
+  * a list of rows / report dicts, each with ``"role"`` (or ``"model"``) in compressed / teacher / original.
+
+A row: ``corpus`` or ``dataset`` (display name), optional ``dataset_type`` (Hub dataset id, default the name),
+``language``, ``split``, ``dataset_config``, ``metric`` (wer/cer, default from the language), ``error_rate`` (or
+``wer``/``cer``), optional ``rtf``, ``audio_seconds``/``decode_seconds``, ``n_utterances``, ``size_bytes``.
+Only the compressed model's rows go to ``model-index``; teacher and original rows go to the comparison table.
+
+**``compression_report``** (written by ``hf_whisper_kdq.export``; every key optional, first alias found wins):
+``total_bytes``/``bytes_on_disk``/``size_bytes`` (packed checkpoint), ``files`` ({path: bytes} or
+[{path, bytes}]), ``components`` ({name: bytes}), ``teacher_fp16_bytes``/``teacher.fp16_bytes``,
+``teacher_fp32_bytes``/``teacher.fp32_bytes``, ``ratio_to_teacher_fp16``/``ratio_to_teacher_fp32`` (a factor > 1
+or a fraction ≤ 1), ``paper_accounting`` (dict or text), ``per_layer_bits`` ({unit: bits}),
+``embedding_quantized`` + ``embedding_reason``, ``format``, ``ctranslate2`` (bool or {quantization}).
+
+Nothing local reaches the card: local paths become basenames, ``hf_…`` tokens are redacted, and the rendered
+text is scrubbed of absolute paths and the home folder before it is returned.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import namedtuple
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .config import FLOAT_BITS
+from .selection import KDQPlan
+
+TEMPLATE_NAME = "kdq_model_card.md.jinja"
+ROLES = ("compressed", "teacher", "original")
+TAGS = ["whisper", "distillation", "quantization", "hf-whisper-kdq"]
+CITATION = """@article{shao2023whisperkdq,
+  title   = {Whisper-KDQ: A Lightweight Whisper via Guided Knowledge Distillation and Quantization for Efficient ASR},
+  author  = {Shao, Hang and Wang, Wei and Liu, Bei and Gong, Xun and Wang, Haoyu and Qian, Yanmin},
+  journal = {arXiv preprint arXiv:2305.10788},
+  year    = {2023}
+}"""
+# Shown when present; other keys of a plain dict are kept unless they name paths, tokens, hub or logging settings.
+HYPERPARAMETERS = (
+    "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "warmup_steps", "warmup_ratio", "lr_scheduler_type", "weight_decay", "optim", "max_grad_norm", "seed", "fp16",
+    "bf16", "gradient_checkpointing", "label_smoothing_factor", "ce_weight", "kd_weight", "hidden_weight",
+    "quant_weight", "kd_temperature", "hidden_target", "hidden_representation", "layer_matching",
+    "quant_bit_choices", "quant_granularity", "quant_group_size", "quant_symmetric", "learnable_clipping",
+    "quant_targets", "size_budget_mb", "size_budget_ratio", "num_distill_layers", "selection_interval",
+    "selection_probe_batches", "freeze_encoder",
+)  # fmt: skip
+_HIDDEN_KEY = re.compile(r"dir|path|file|token|hub|url|report_to|run_name|logging|push|resume|cache|device|local_rank")
+_TOKEN = re.compile(r"\b(?:hf|api_org)_[A-Za-z0-9]{16,}")
+_ABS_PATH = re.compile(r"(?<![\w.:/\\-])(?:~|[A-Za-z]:)?[/\\](?:[^\s/\\|`'\"()\[\]<>]+[/\\])+([^\s/\\|`'\"()\[\]<>]+)")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(?:/[\w.-]{1,96})?$")
+
+
+# ---- sanitizing --------------------------------------------------------------------------------------------------
+
+
+def _looks_local(text: str) -> bool:
+    s = text.strip()
+    return (s.startswith(("/", "~", "./", "../", "\\")) or bool(re.match(r"^[A-Za-z]:[\\/]", s))
+            or (("/" in s or "\\" in s) and Path(s).expanduser().exists()))  # fmt: skip
+
+
+def public(value: Any) -> str:
+    """A value as card text: tokens redacted, a local path reduced to its last component, pipes escaped."""
+    text = _TOKEN.sub("<redacted>", str(value))
+    if _looks_local(text):
+        text = re.split(r"[/\\]", text.strip().rstrip("/\\"))[-1] or "(local)"
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def scrub(text: str) -> str:
+    """Last pass over rendered text: the home folder, absolute paths (→ basename) and tokens."""
+    home = str(Path.home())
+    if len(home) > 1:
+        text = text.replace(home, "~")
+    return _ABS_PATH.sub(lambda m: m.group(1), _TOKEN.sub("<redacted>", text))
+
+
+def hub_model_id(name: str | None) -> str | None:
+    """``name`` when it is a Hub model id (not a local folder), else None."""
+    local = not name or not _HUB_ID.match(name) or ".." in name or Path(name).expanduser().exists()
+    return None if local else name
+
+
+# ---- inputs ------------------------------------------------------------------------------------------------------
+
+
+def _get(mapping: Mapping | None, *keys: str, default: Any = None) -> Any:
+    """First present, non-None value among dotted ``keys`` (``"teacher.fp16_bytes"`` reads a nested dict)."""
+    for key in keys:
+        node: Any = mapping
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node is not None:
+            return node
+    return default
+
+
+def _mb(n_bytes: float | None) -> str:
+    return "–" if n_bytes is None else f"{n_bytes / 1e6:,.1f} MB"
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
+
+
+def _language(code: str | None) -> str | None:
+    from .evaluation import language_code
+
+    try:
+        return language_code(code) if code else None
+    except ValueError:
+        return str(code)
+
+
+@dataclass
+class Score:
+    """One error rate of one model on one evaluation set (``value`` is a fraction)."""
+
+    role: str
+    name: str
+    dataset_type: str
+    language: str | None
+    split: str | None
+    config: str | None
+    metric: str
+    value: float
+    n_utterances: int | None = None
+
+    @property
+    def column(self) -> str:
+        language = f" ({self.language})" if self.language else ""
+        return f"{public(self.name)}{language} {self.metric.upper()} %"
+
+
+@dataclass
+class ModelStats:
+    size_bytes: int | None = None
+    rtf: float | None = None
+    setup: str | None = None
+
+
+def _as_dict(item: Any) -> dict:
+    if isinstance(item, Mapping):
+        return dict(item)
+    if hasattr(item, "to_dict"):  # EvaluationReport
+        return item.to_dict(per_utterance=False)
+    raise TypeError(f"an evaluation result must be a dict or an EvaluationReport, got {type(item).__name__}")
+
+
+def _row_score(role: str, row: Mapping) -> Score:
+    name = str(row.get("dataset_name") or row.get("dataset") or row.get("corpus") or "default")
+    from .evaluation import CER_LANGUAGES
+
+    language = _language(row.get("language"))
+    metric = str(row.get("metric") or ("cer" if language in CER_LANGUAGES else "wer")).lower()
+    if metric not in ("wer", "cer"):
+        raise ValueError(f"metric {metric!r} of {name!r}: only 'wer' and 'cer' are supported")
+    value = row.get("error_rate", row.get(metric))
+    if value is None:
+        raise ValueError(f"the {role} row for {name!r} has no error_rate (or {metric}) value")
+    value = float(value) / (100 if row.get("percent") else 1)
+    n = row.get("n_utterances")
+    return Score(role, name, public(row.get("dataset_type") or name), language, row.get("split"),
+                 row.get("dataset_config"), metric, value, None if n is None else int(n))  # fmt: skip
+
+
+def collect_results(eval_results: Any) -> tuple[list[Score], dict[str, ModelStats]]:
+    """Normalize ``eval_results`` (see the module docstring) to scores and per-model size / RTF."""
+    groups: list[tuple[str, Any]] = []
+    if isinstance(eval_results, Mapping) and set(eval_results) & set(ROLES):
+        if unknown := set(eval_results) - set(ROLES):
+            raise ValueError(f"unknown eval_results keys {sorted(unknown)}: use {', '.join(ROLES)}")
+        groups = list(eval_results.items())
+    else:
+        for item in [eval_results] if isinstance(eval_results, Mapping) else list(eval_results or []):
+            data = _as_dict(item)
+            role = data.get("role") or data.get("model")
+            if role not in ROLES:
+                raise ValueError(f"each evaluation row needs 'role' set to one of {', '.join(ROLES)}: got {role!r}")
+            groups.append((role, data))
+    scores: list[Score] = []
+    stats: dict[str, ModelStats] = {}
+    for role, data in (g for g in groups if g[1] is not None):
+        items = data if isinstance(data, Sequence) and not isinstance(data, (str, Mapping)) else [data]
+        entry, audio, decode, rtfs = stats.setdefault(role, ModelStats()), 0.0, 0.0, []
+        for item in items:
+            item = _as_dict(item)
+            rows = item["corpora"] if "corpora" in item else [item]
+            if "corpora" in item:
+                if item.get("model_size_source", "disk") == "disk" and item.get("model_size_bytes"):
+                    entry.size_bytes = int(item["model_size_bytes"])
+                entry.rtf = item.get("rtf", entry.rtf)
+                if item.get("device"):
+                    entry.setup = (f"{public(item['device'])} {public(item.get('dtype', ''))}, batch size "
+                                   f"{item.get('batch_size', '?')}, {item.get('num_beams', 1)} beam(s)")  # fmt: skip
+            for row in rows:
+                scores.append(_row_score(role, row))
+                entry.size_bytes = row.get("size_bytes", row.get("model_size_bytes")) or entry.size_bytes
+                if row.get("audio_seconds") and row.get("decode_seconds") is not None:
+                    audio, decode = audio + row["audio_seconds"], decode + row["decode_seconds"]
+                elif row.get("rtf") is not None:
+                    rtfs.append(row["rtf"])
+        if entry.rtf is None and (audio or rtfs):
+            entry.rtf = decode / audio if audio else sum(rtfs) / len(rtfs)
+    return scores, stats
+
+
+def eval_results_for_card(scores: list[Score]) -> list[EvalResult]:
+    """The compressed model's scores as ``EvalResult``s: percentages, one per (dataset, language, split)."""
+    return [
+        EvalResult(
+            task_type="automatic-speech-recognition", task_name="Automatic Speech Recognition",
+            dataset_type=s.dataset_type, dataset_name=public(s.name), dataset_config=s.config, dataset_split=s.split,
+            dataset_args={"language": s.language} if s.language else None, metric_type=s.metric,
+            metric_name=f"{s.metric.upper()} (%)", metric_value=round(100 * s.value, 2),
+        )
+        for s in scores if s.role == "compressed"
+    ]  # fmt: skip
+
+
+def _files(report: Mapping) -> dict[str, int]:
+    files = _get(report, "files", "bytes_per_file", "checkpoint.files", default={})
+    if isinstance(files, Mapping):
+        items = [(k, v.get("bytes", v.get("size")) if isinstance(v, Mapping) else v) for k, v in files.items()]
+    else:
+        items = [(f.get("path") or f.get("name") or f.get("file"), f.get("bytes", f.get("size"))) for f in files]
+    return {str(PurePosixPath(str(k).replace("\\", "/"))): int(v) for k, v in items if k and v is not None}
+
+
+def _factor(report: Mapping, size: int | None, teacher: int | None, key: str) -> float | None:
+    if size and teacher:
+        return teacher / size
+    ratio = _get(report, f"ratio_to_teacher_{key}", f"ratio.teacher_{key}", f"ratios.teacher_{key}")
+    return None if not ratio else float(ratio) if float(ratio) > 1 else 1 / float(ratio)
+
+
+def _hyperparameters(training_args: Any) -> list[tuple[str, str]]:
+    if training_args is None:
+        return []
+    values = training_args.to_dict() if hasattr(training_args, "to_dict") else dict(training_args)
+    plain = isinstance(training_args, Mapping)
+    keys = [k for k in HYPERPARAMETERS if k in values]
+    if plain:
+        keys += [k for k in values if k not in HYPERPARAMETERS and not _HIDDEN_KEY.search(k.lower())]
+    return [(public(k), public(json.dumps(v) if isinstance(v, (list, dict, tuple)) else v))
+            for k in keys if (v := values[k]) is not None and v != ""]  # fmt: skip
+
+
+def _load_plan(plan: KDQPlan | Mapping | str | Path) -> KDQPlan:
+    return plan if isinstance(plan, KDQPlan) else KDQPlan.from_dict(dict(plan)) if isinstance(plan, Mapping) \
+        else KDQPlan.load(plan)
+
+
+def _bits_text(bits: int) -> str:
+    return "fp16" if bits >= FLOAT_BITS else str(bits)
+
+
+def _plan_rows(plan: KDQPlan) -> list[list[str]]:
+    def number(value: float | None) -> str:
+        return "" if value is None else f"{value:.3g}"
+
+    return [[public(u.name), _bits_text(u.bits), "✓" if u.distilled else "",
+             "" if u.teacher_layer is None else str(u.teacher_layer), number(u.quant_loss.get(u.bits)),
+             number(u.distill_loss)] for u in plan.units]  # fmt: skip
+
+
+def find_template(template_path: str | Path | None = None) -> Path:
+    here = Path(__file__).resolve().parent
+    candidates = [Path(template_path)] if template_path else [here.parent / "model_cards" / TEMPLATE_NAME,
+                                                              here / "resources" / TEMPLATE_NAME]  # fmt: skip
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"model card template {TEMPLATE_NAME} not found (looked in model_cards/ beside the "
+                            "package and in hf_whisper_kdq/resources/): pass template_path=")  # fmt: skip
+
+
+# ---- figures -----------------------------------------------------------------------------------------------------
+
+
+def _figure(width: float, height: float):
+    # An Agg canvas of our own: no pyplot, so the caller's backend and global state stay untouched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    return FigureCanvasAgg(Figure(figsize=(width, height), dpi=100)).figure
+
+
+def _save(figure, path: str | Path, top: float = 1.0) -> Path:
+    (path := Path(path)).parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout(rect=(0, 0, 1, top))
+    figure.savefig(path, format="png", dpi=100, metadata={"Software": None})
+    return path
+
+
+def plot_plan(plan: KDQPlan | Mapping | str | Path, path: str | Path) -> Path:
+    """PNG of the plan: bits per unit as bars (hatched: kept in fp16), ``q_l`` at the assigned bits and ``d_l``
+    as lines on a second, logarithmic axis, stars above distilled layers. Typically 30–60 KB."""
+    plan = _load_plan(plan)
+    units = plan.units
+    x = list(range(len(units)))
+    bits = [u.bits for u in units]
+    figure = _figure(max(6.0, 0.42 * len(units) + 2.5), 3.8)
+    ax = figure.add_subplot()
+    colors = {"encoder": "#4C72B0", "decoder": "#DD8452", "embedding": "#55A868"}
+    bars = ax.bar(x, bits, color=[colors.get(u.side, "#8C8C8C") for u in units], alpha=0.75, width=0.7)
+    for bar, unit in zip(bars, units):
+        if unit.bits >= FLOAT_BITS:  # kept in float
+            bar.set(hatch="//", alpha=0.35)
+        if unit.distilled:
+            bar.set(edgecolor="black", linewidth=1.5)
+    if marked := [(i, u.bits) for i, u in zip(x, units) if u.distilled]:
+        ax.plot([i for i, _ in marked], [b + 1.0 for _, b in marked], linestyle="none", marker="*", markersize=13,
+                color="gold", markeredgecolor="black", label="distilled", zorder=5)  # fmt: skip
+    ax.set_ylim(0, FLOAT_BITS + 3)
+    ax.set_yticks(sorted({2, 4, 8, FLOAT_BITS, *bits}))
+    ax.set_ylabel("bits (16 = fp16)")
+    ax.set_xticks(x, [u.name for u in units], rotation=60, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(units) - 0.4)
+    second = ax.twinx()
+    q = [v if (v := u.quant_loss.get(u.bits) or 0) > 0 else math.nan for u in units]  # log axis: no zeros
+    d = [v if (v := u.distill_loss or 0) > 0 else math.nan for u in units]
+    second.plot(x, q, marker="o", color="#C44E52", label="q_l at assigned bits")
+    second.plot(x, d, marker="s", linestyle="--", color="#8172B3", label="d_l (vs matched teacher layer)")
+    if any(not math.isnan(v) for v in q + d):
+        second.set_yscale("log")
+    second.set_ylabel("relative error (log)")
+    handles = [h for axis in (ax, second) for h in axis.get_legend_handles_labels()[0]]
+    figure.legend(handles=handles, loc="upper center", fontsize=7, ncol=3, frameon=False)
+    return _save(figure, path, top=0.93)
+
+
+def plot_size_vs_error(rows: Sequence[Mapping], path: str | Path, *, title: str | None = None) -> Path:
+    """Scatter of size (MB) against error rate (%) per method, for benchmark write-ups.
+
+    ``rows``: dicts with ``method``, ``size_mb`` or ``size_bytes``, and ``error_rate`` (fraction; or ``wer``/``cer``;
+    ``"percent": True`` for percentages), optional ``metric``."""
+    figure = _figure(5.5, 4.0)
+    ax = figure.add_subplot()
+    metrics = set()
+    for i, row in enumerate(rows):
+        size = float(row["size_mb"]) if row.get("size_mb") is not None else float(row["size_bytes"]) / 1e6
+        metric = str(row.get("metric") or ("cer" if "cer" in row else "wer")).lower()
+        value = float(row.get("error_rate", row.get(metric))) * (1 if row.get("percent") else 100)
+        metrics.add(metric.upper())
+        ax.scatter([size], [value], s=40, color=f"C{i % 10}", zorder=3)
+        ax.annotate(public(row.get("method", f"model {i}")), (size, value), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)  # fmt: skip
+    ax.set_xlabel("size on disk (MB)")
+    ax.set_ylabel(f"{'/'.join(sorted(metrics)) or 'WER'} (%)")
+    ax.grid(True, alpha=0.3)
+    ax.margins(0.15)
+    if title:
+        ax.set_title(public(title), fontsize=10)
+    return _save(figure, path)
+
+
+# ---- the card ----------------------------------------------------------------------------------------------------
+
+
+_Sizes = namedtuple("_Sizes", "size teacher16 teacher32 factor16 factor32 files")
+
+
+def _sizes(report: Mapping, stats: dict[str, ModelStats]) -> _Sizes:
+    files = _files(report)
+    size = _get(report, "total_bytes", "bytes_on_disk", "size_bytes", "compressed_bytes", "checkpoint.total_bytes")
+    if size is None and files:
+        size = sum(v for k, v in files.items() if not k.startswith("ctranslate2/"))
+    size = size or stats.get("compressed", ModelStats()).size_bytes
+    t16 = _get(report, "teacher_fp16_bytes", "teacher.fp16_bytes", "teacher_bytes.fp16")
+    t32 = _get(report, "teacher_fp32_bytes", "teacher.fp32_bytes", "teacher_bytes.fp32")
+    return _Sizes(size, t16, t32, _factor(report, size, t16, "fp16"), _factor(report, size, t32, "fp32"), files)
+
+
+def _comparison(scores, stats, sizes: _Sizes, labels: dict[str, str]) -> tuple[list[str], list[list[str]], str]:
+    columns = list(dict.fromkeys(s.column for role in ROLES for s in scores if s.role == role))
+    rows = []
+    for role in ("teacher", "original", "compressed"):
+        if role not in stats and role != "compressed" and not (role == "teacher" and sizes.teacher16):
+            continue
+        st = stats.get(role, ModelStats())
+        size = {"compressed": sizes.size, "teacher": sizes.teacher16 or st.size_bytes}.get(role, st.size_bytes)
+        label = labels[role] + (" (fp16)" if role == "teacher" and sizes.teacher16 else "")
+        factor = f"{sizes.teacher16 / size:.2f}×" if sizes.teacher16 and size else "–"
+        values = {s.column: _pct(s.value) for s in scores if s.role == role}
+        rtf = "–" if st.rtf is None else f"{st.rtf:.3f}"
+        rows.append([label, _mb(size), factor, *(values.get(c, "–") for c in columns), rtf])
+    setup = next((stats[r].setup for r in ("compressed", "teacher") if r in stats and stats[r].setup), None)
+    note = "RTF = decoding seconds / audio seconds (lower is faster)" + (f", measured with {setup}" if setup else "")
+    return columns, rows, note + "; only rows measured on the same machine compare."
+
+
+def _size_details(report: Mapping, plan: KDQPlan, sizes: _Sizes, teacher: str) -> list[str]:
+    details = []
+    if sizes.teacher16 or sizes.teacher32:
+        details.append(f"Teacher {teacher}: {_mb(sizes.teacher16)} in fp16, {_mb(sizes.teacher32)} in fp32.")
+    if sizes.size:
+        ratios = [f"{f:.2f}× smaller than the teacher in {k}"
+                  for k, f in (("fp16", sizes.factor16), ("fp32", sizes.factor32)) if f]  # fmt: skip
+        details.append(f"This checkpoint: {_mb(sizes.size)} on disk (weights, config, tokenizer)"
+                       + "".join(f"; {r}" for r in ratios) + ".")  # fmt: skip
+    if plan.size_bytes:
+        budget = f" (budget {_mb(plan.budget_bytes)})" if plan.budget_bytes else ""
+        details.append(f"Plan's weight accounting: {_mb(plan.size_bytes)}{budget}, float layers counted as fp16.")
+    paper = _get(report, "paper_accounting", "paper")
+    if isinstance(paper, Mapping):
+        details += [f"Paper accounting, {public(k)}: {_mb(v) if str(k).endswith('bytes') else public(v)}"
+                    for k, v in paper.items()]  # fmt: skip
+    elif paper:
+        details.append(f"Paper accounting: {public(paper)}")
+    if fmt := _get(report, "format", "quantization_format"):
+        details.append(f"Weight format: {public(fmt)}.")
+    return details
+
+
+def _usage(repo: str, language: str) -> tuple[str, str]:
+    transformers_code = f'''import soundfile as sf
+from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+repo = "{repo}"
+processor = WhisperProcessor.from_pretrained(repo)
+model = WhisperForConditionalGeneration.from_pretrained(repo)  # needs compressed-tensors
+
+audio, sampling_rate = sf.read("audio.wav", dtype="float32")  # 16 kHz mono
+inputs = processor(audio, sampling_rate=16000, return_tensors="pt")
+ids = model.generate(inputs.input_features, language="{language}", task="transcribe")
+print(processor.batch_decode(ids, skip_special_tokens=True)[0])'''
+    ctranslate2_code = f'''import os
+from faster_whisper import WhisperModel
+from huggingface_hub import snapshot_download
+
+folder = snapshot_download("{repo}", allow_patterns="ctranslate2/*")
+model = WhisperModel(os.path.join(folder, "ctranslate2"), device="cpu", compute_type="int8")
+segments, info = model.transcribe("audio.wav", language="{language}", task="transcribe")
+print("".join(segment.text for segment in segments))'''
+    return transformers_code, ctranslate2_code
+
+
+def _limitations(report, plan, scores, codes, ct2_quant: str | None, synthetic: bool) -> list[str]:
+    items = [
+        "Whisper's own limitations carry over (hallucinated text on silence or noise, uneven quality across "
+        "languages and accents), and a smaller student is more exposed to them than its teacher.",
+        f"Trained and evaluated for transcription in {', '.join(codes) or 'the listed languages'} only; other "
+        "languages and speech translation (`task=\"translate\"`) were not tuned or measured.",
+        "The size gain is on disk and in download; whether inference runs on packed integers depends on the "
+        "runtime (compressed-tensors in transformers may dequantize at load time).",
+    ]
+    if ct2_quant:
+        items.append(f"CTranslate2 has no 2–4-bit weights: the `ctranslate2/` copy is {ct2_quant}, larger than the "
+                     "packed checkpoint, and its error rates may differ slightly from the table.")  # fmt: skip
+    quantized = _get(report, "embedding_quantized", "embedding.quantized")
+    if quantized is None:
+        quantized = any(u.side == "embedding" and u.bits < FLOAT_BITS for u in plan.units)
+    reason = _get(report, "embedding_reason", "embedding_quantized_reason", "embedding.reason")
+    if not quantized:
+        items.append("The token embedding (tied to the output projection) is kept in fp16"
+                     + (f": {public(reason)}." if reason else "; it is a large share of a small Whisper's size."))
+    if synthetic:
+        items.append("Part of the training audio is synthetic (text-to-speech) speech: it lacks the noise, "
+                     "reverberation, disfluencies and speaker variety of real recordings, so expect higher error "
+                     "rates on real-world audio than on clean read speech; evaluate on your own data.")  # fmt: skip
+    if n_eval := sum(s.n_utterances or 0 for s in scores if s.role == "compressed"):
+        items.append(f"The error rates above come from {n_eval} utterances; differences of a point or less "
+                     "between models may be noise.")  # fmt: skip
+    exported = _get(report, "per_layer_bits", "layer_bits", default={}) or {}
+    if differ := [public(u.name) for u in plan.units if u.name in exported and int(exported[u.name]) != u.bits]:
+        items.append(f"The exported bits differ from the plan for {', '.join(differ)}.")
+    return items
+
+
+def _summary(name, teacher, plan: KDQPlan, sizes: _Sizes, scores: list[Score]) -> str:
+    bits = "/".join(_bits_text(b) for b in sorted({u.bits for u in plan.units if u.modules})) or "float"
+    n_enc, n_dec = len(plan.layers("encoder")), len(plan.layers("decoder"))
+    text = (f"**{name}** is a [Whisper-KDQ](https://arxiv.org/abs/2305.10788) compression of {teacher}: a "
+            f"{n_enc}+{n_dec}-layer student distilled from the teacher (logits, and the hidden states of "
+            f"{sum(u.distilled for u in plan.units)} guided layer(s)) while its weights were quantization-aware "
+            f"trained to {bits} bits per layer.")  # fmt: skip
+    if sizes.size:
+        smaller = f", {sizes.factor16:.2f}× smaller than the teacher in fp16" if sizes.factor16 else ""
+        text += f" It takes {_mb(sizes.size)} on disk{smaller}."
+    if main := next((s for s in scores if s.role == "compressed"), None):
+        ref = next((s for s in scores if s.role == "teacher" and s.column == main.column), None)
+        text += f" On {public(main.name)} it scores {main.metric.upper()} {_pct(main.value)} %"
+        text += f" (teacher: {_pct(ref.value)} %)." if ref else "."
+    return text
+
+
+def build_model_card(
+    *, plan: KDQPlan | Mapping | str | Path, compression_report: Mapping | None, eval_results: Any, teacher_id: str,
+    training_args: Any = None, datasets: Sequence[str] = (), languages: Sequence[str] = (), repo_id: str | None = None,
+    figure_path: str = "kdq_plan.png", original_id: str | None = None, model_name: str | None = None,
+    synthetic_speech: bool | None = None, include_ctranslate2: bool | None = None,
+    template_path: str | Path | None = None,
+) -> ModelCard:  # fmt: skip
+    """The model card of a Whisper-KDQ checkpoint (see the module docstring for the inputs' shapes).
+
+    Args:
+        teacher_id: Hub id of the teacher (becomes ``base_model``; a local path is shown by its basename only).
+        repo_id: where the card will live (used in the code snippets; default ``<namespace>/<model_name>``).
+        original_id: the same-size original Whisper whose "original" scores are given, for the table.
+        model_name: the model-index name (default: the repo name, else ``<teacher>-kdq``).
+        synthetic_speech: training used TTS audio (default: guessed from dataset names: synth/tts/piper).
+        include_ctranslate2: show the faster-whisper snippet (default: when the report lists ``ctranslate2/``
+            files or a ``ctranslate2`` entry, or lists no files at all).
+        template_path: another Jinja template (default ``model_cards/kdq_model_card.md.jinja``).
+    """
+    plan = _load_plan(plan)
+    report = dict(compression_report or {})
+    scores, stats = collect_results(eval_results)
+    hub_teacher, teacher = hub_model_id(teacher_id), public(teacher_id)
+    repo = hub_model_id(repo_id) if repo_id else None
+    if repo_id and repo is None:
+        raise ValueError(f"repo_id {public(repo_id)!r} is not a Hub repo id such as 'user/whisper-small-kdq'")
+    name = public(model_name or (repo.split("/")[-1] if repo else f"{teacher.split('/')[-1]}-kdq"))
+    codes = [c for c in dict.fromkeys(map(_language, languages or [s.language for s in scores])) if c]
+    data_names = [public(d) for d in datasets]
+    if synthetic_speech is None:
+        synthetic_speech = any(re.search(r"synth|tts|piper", d, re.I) for d in data_names)
+    sizes = _sizes(report, stats)
+    labels = {"teacher": f"teacher: {teacher}", "compressed": f"**{name}** (this model)",
+              "original": f"original: {public(original_id or 'same-size Whisper')}"}  # fmt: skip
+    columns, rows, note = _comparison(scores, stats, sizes, labels)
+    components = {k: v for k, v in (_get(report, "components", "bytes_per_component") or {}).items()
+                  if isinstance(v, (int, float))}  # fmt: skip
+    total = sum(components.values()) or 1
+    ct2 = _get(report, "ctranslate2")
+    if include_ctranslate2 is None:
+        include_ctranslate2 = bool(ct2) or any(k.startswith("ctranslate2/") for k in sizes.files) or not sizes.files
+    ct2_quant = public(_get(ct2, "quantization", "compute_type") or "int8") if isinstance(ct2, Mapping) else "int8"
+    transformers_code, ctranslate2_code = _usage(repo or f"<namespace>/{name}", codes[0] if codes else "en")
+    n_enc, n_dec = len(plan.layers("encoder")), len(plan.layers("decoder"))
+    group = f", groups of {plan.group_size}" if plan.granularity == "per_group" and plan.group_size else ""
+    plan_description = (
+        f"{n_enc} encoder and {n_dec} decoder layers; weights quantized {plan.granularity.replace('_', ' ')}{group}, "
+        f"{'learned' if plan.learnable_clipping else 'fixed'} clipping; plan of step {plan.step}. Distilled layers "
+        "(hidden-state loss against the matched teacher layer) were chosen by the quantization loss q_l; bits were "
+        "allocated from the distillation loss d_l."
+    )
+    evals = eval_results_for_card(scores)
+    card_data = ModelCardData(
+        language=codes or None, license="mit", library_name="transformers", pipeline_tag="automatic-speech-recognition",
+        tags=list(TAGS), base_model=hub_teacher, datasets=data_names or None, model_name=name if evals else None,
+        metrics=sorted({s.metric for s in scores}) or ["wer"], eval_results=evals or None,
+        **({"base_model_relation": "quantized"} if hub_teacher else {}),
+    )  # fmt: skip
+    card = ModelCard.from_template(
+        card_data, template_path=str(find_template(template_path)), model_name=name,
+        summary=_summary(name, teacher, plan, sizes, scores), score_columns=columns, comparison_rows=rows,
+        comparison_note=note, size_details=_size_details(report, plan, sizes, teacher),
+        component_rows=[[public(k), f"{v / 1e6:,.2f}", f"{100 * v / total:.1f} %"] for k, v in components.items()],
+        file_rows=[[f"`{public(k)}`", f"{v / 1e6:,.2f}"] for k, v in sorted(sizes.files.items(), key=lambda i: -i[1])],
+        plan_description=plan_description, plan_rows=_plan_rows(plan), figure_path=_figure_ref(figure_path).as_posix(),
+        teacher_link=f"[{hub_teacher}](https://huggingface.co/{hub_teacher})" if hub_teacher else teacher,
+        datasets_text=", ".join(data_names) or "not recorded", languages_text=", ".join(codes) or "not recorded",
+        hyperparameters=_hyperparameters(training_args), transformers_code=transformers_code,
+        ctranslate2_code=ctranslate2_code if include_ctranslate2 else None, ctranslate2_note=f"{ct2_quant} weights",
+        limitations=_limitations(report, plan, scores, codes, ct2_quant if include_ctranslate2 else None,
+                                 synthetic_speech),
+        citation=CITATION,
+    )  # fmt: skip
+    return ModelCard(re.sub(r"\n{3,}", "\n\n", scrub(str(card))))  # no runs of blank lines from the template
+
+
+def _figure_ref(figure_path: str | Path) -> PurePosixPath:
+    """The figure's place relative to the card: an absolute or escaping path keeps only its file name."""
+    figure = PurePosixPath(str(figure_path).replace("\\", "/"))
+    return PurePosixPath(figure.name) if figure.is_absolute() or ".." in figure.parts else figure
+
+
+def write_model_card(output_dir: str | Path, **kwargs) -> Path:
+    """Write ``README.md`` (from :func:`build_model_card` with ``kwargs``) and the plan figure into ``output_dir``.
+
+    Returns the path of README.md. The figure goes to ``output_dir / figure_path`` (default kdq_plan.png)."""
+    text = str(build_model_card(**kwargs))
+    (output_dir := Path(output_dir)).mkdir(parents=True, exist_ok=True)
+    plot_plan(kwargs["plan"], output_dir / _figure_ref(kwargs.get("figure_path", "kdq_plan.png")))
+    for local in sorted({str(output_dir.resolve()), str(output_dir.absolute())}, key=len, reverse=True):
+        text = text.replace(local, output_dir.name)
+    path = output_dir / "README.md"
+    path.write_text(scrub(text), encoding="utf-8")
+    return path

