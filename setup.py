@@ -45,6 +45,9 @@ setup(
         "opencc-python-reimplemented>=0.1.7",
         "cn2an>=0.5",
         "tqdm>=4.66",
+        # Model cards: huggingface_hub renders them with Jinja; the plan figure is drawn with matplotlib.
+        "jinja2>=3.1",
+        "matplotlib>=3.7",
         "pyyaml>=6",
     ],
     extras_require={"offline": OFFLINE, "export": EXPORT, "test": TEST, "all": sorted({*OFFLINE, *EXPORT, *TEST})},

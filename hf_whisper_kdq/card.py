@@ -439,10 +439,14 @@ from transformers import WhisperForConditionalGeneration, WhisperProcessor
 repo = "{repo}"
 processor = WhisperProcessor.from_pretrained(repo)
 model = WhisperForConditionalGeneration.from_pretrained(repo)  # needs compressed-tensors
+if getattr(model, "hf_quantizer", None) is not None:
+    # Unpack the integer weights now: generate() with a language skips the unpacking on first use.
+    model.hf_quantizer.compressor.decompress_model(model)
 
 audio, sampling_rate = sf.read("audio.wav", dtype="float32")  # 16 kHz mono
 inputs = processor(audio, sampling_rate=16000, return_tensors="pt")
-ids = model.generate(inputs.input_features, language="{language}", task="transcribe")
+features = inputs.input_features.to(model.device, model.dtype)  # the checkpoint loads in float16
+ids = model.generate(features, language="{language}", task="transcribe")
 print(processor.batch_decode(ids, skip_special_tokens=True)[0])'''
     ctranslate2_code = f'''import os
 from faster_whisper import WhisperModel
@@ -589,12 +593,34 @@ def _figure_ref(figure_path: str | Path) -> PurePosixPath:
 def write_model_card(output_dir: str | Path, **kwargs) -> Path:
     """Write ``README.md`` (from :func:`build_model_card` with ``kwargs``) and the plan figure into ``output_dir``.
 
-    Returns the path of README.md. The figure goes to ``output_dir / figure_path`` (default kdq_plan.png)."""
+    Returns the path of README.md. The figure goes to ``output_dir / figure_path`` (default kdq_plan.png).
+    A ``ctranslate2/`` copy already in ``output_dir`` (``export_ctranslate2``) is described on the card (its
+    faster-whisper snippet and weight type) unless ``include_ctranslate2`` or the report's ``ctranslate2`` says
+    otherwise: the compression report is written before that copy exists, so it cannot list it."""
+    output_dir = Path(output_dir)
+    report = kwargs.get("compression_report")
+    if kwargs.get("include_ctranslate2") is None and _get(report, "ctranslate2") is None:
+        if (ct2 := _ctranslate2_copy(output_dir)) is not None:
+            kwargs = {**kwargs, "compression_report": {**(report or {}), "ctranslate2": ct2}}
     text = str(build_model_card(**kwargs))
-    (output_dir := Path(output_dir)).mkdir(parents=True, exist_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
     plot_plan(kwargs["plan"], output_dir / _figure_ref(kwargs.get("figure_path", "kdq_plan.png")))
     for local in sorted({str(output_dir.resolve()), str(output_dir.absolute())}, key=len, reverse=True):
         text = text.replace(local, output_dir.name)
     path = output_dir / "README.md"
     path.write_text(scrub(text), encoding="utf-8")
     return path
+
+
+def _ctranslate2_copy(folder: Path) -> dict | bool | None:
+    """The report's ``ctranslate2`` entry for the ``ctranslate2/`` copy in ``folder`` (None: there is none)."""
+    ct2 = folder / "ctranslate2"
+    if not (ct2 / "model.bin").is_file():
+        return None
+    from .export.ctranslate2 import EXPORT_MARKER
+
+    try:
+        quantization = json.loads((ct2 / EXPORT_MARKER).read_text(encoding="utf-8")).get("quantization")
+    except (OSError, ValueError, AttributeError):
+        quantization = None  # converted by other means: the card's default weight type (int8) is shown
+    return {"quantization": quantization} if quantization else True

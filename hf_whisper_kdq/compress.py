@@ -36,7 +36,7 @@ TRAINING_DEFAULTS = {
     "per_device_eval_batch_size": "8",
     "learning_rate": "1e-4",
     "warmup_steps": "10",
-    "max_steps": "120",
+    "max_steps": "60",
     "logging_steps": "10",
     "save_strategy": "no",
     "report_to": "none",

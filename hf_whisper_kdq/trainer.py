@@ -372,12 +372,23 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         if not self.is_world_process_zero():
             return None
         report = json.loads((folder / "compression_report.json").read_text(encoding="utf-8"))
-        write_model_card(
-            folder, plan=self.plan, compression_report=report, eval_results=self._last_eval_rows(),
-            teacher_id=getattr(self.teacher.config, "_name_or_path", "") or "openai/whisper", training_args=self.args.to_dict(),
-            datasets=kwargs.get("dataset_tags") or (), languages=kwargs.get("language") or (),
-        )  # fmt: skip
+
+        def as_list(value) -> list:  # HF's push_to_hub kwargs take a string or a list
+            return [value] if isinstance(value, str) else list(value or ())
+
+        # The teacher's Hub id (HF's finetuned_from kwarg, else the name it was loaded under), never a made-up one:
+        # the card shows an unnamed or local teacher by name only, without base_model metadata.
+        teacher = self.accelerator.unwrap_model(self.teacher)
+        teacher_id = (kwargs.get("finetuned_from") or getattr(teacher, "name_or_path", "")
+                      or getattr(teacher.config, "_name_or_path", "") or "unnamed teacher")  # fmt: skip
         repo_id = self.args.hub_model_id or Path(self.args.output_dir).name
+        # The card's snippets load the repo pushed to (a name without namespace only names the model).
+        naming = {"repo_id": repo_id} if "/" in repo_id else {"model_name": kwargs.get("model_name") or repo_id}
+        write_model_card(
+            folder, plan=self.plan, compression_report=report, eval_results={"compressed": self._last_eval_rows()},
+            teacher_id=teacher_id, training_args=self.args.to_dict(), datasets=as_list(kwargs.get("dataset_tags")),
+            languages=as_list(kwargs.get("language")), **naming,
+        )  # fmt: skip
         return push_compressed(folder, repo_id, private=bool(self.args.hub_private_repo), token=token or self.args.hub_token,
                                commit_message=commit_message, revision=revision)  # fmt: skip
 

@@ -353,3 +353,18 @@ def test_deepcopy_of_prepared_model_keeps_ties(tiny_whisper):
     clone.proj_out.set_quant_spec("int8")
     assert clone.model.decoder.embed_tokens.quant_spec == QuantSpec(8)
     assert model.model.decoder.embed_tokens.quant_spec == QuantSpec.parse("int4-g32-clip")
+
+
+def test_no_grad_forwards_reuse_the_quantized_weight_until_it_changes():
+    layer = FakeQuantLinear.from_float(torch.nn.Linear(64, 8), name="layer")
+    layer.set_quant_spec("int4-g32")
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        first = layer.quantized_weight()
+        assert layer.quantized_weight() is first  # cached while nothing changed
+        layer.weight.mul_(2)  # an optimizer step or load_state_dict bumps the version
+        changed = layer.quantized_weight()
+        assert changed is not first
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, fake_quantize(layer.weight, layer.quant_spec), layer.bias))
+    assert layer.quantized_weight() is not changed  # with autograd: always recomputed, with a graph
+    assert layer.quantized_weight().requires_grad

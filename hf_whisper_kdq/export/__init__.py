@@ -5,6 +5,7 @@
     save_compressed(student, processor, "whisper-kdq/", plan=trainer.plan, teacher_fp16_bytes=...)
     # anywhere with transformers + compressed-tensors, without hf_whisper_kdq:
     model = WhisperForConditionalGeneration.from_pretrained("whisper-kdq/")
+    model.hf_quantizer.compressor.decompress_model(model)  # before generate(language=...): see .compressed
 
 The checkpoint uses compressed-tensors' ``pack-quantized`` format (see :mod:`.compressed`); the folder also
 holds ``compression_report.json`` (see :mod:`.report`). The CTranslate2 / faster-whisper export lives in

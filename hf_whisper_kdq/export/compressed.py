@@ -5,6 +5,13 @@ compressed-tensors installed and without this package::
 
     model = WhisperForConditionalGeneration.from_pretrained("out/")
 
+Two things to know when loading it (transformers 5, compressed-tensors 0.20): it loads in float16 (the dtype of
+its float tensors), so give ``generate`` features of ``model.dtype``; and compressed-tensors unpacks the integer
+weights in a hook on the model's first *top-level* forward, which ``generate(language=...)`` bypasses (it calls
+the encoder directly) and then fails with "'Linear' object has no attribute 'weight'". Unpack first with
+``model.hf_quantizer.compressor.decompress_model(model)``, as the model card's snippet does. (Loading with
+``CompressedTensorsConfig(dequantize=True)`` is no way around it: that load path unpacks these weights wrongly.)
+
 What is written:
 
 * ``model.safetensors``: every quantized linear as ``weight_packed`` (int32, codes densely bit-packed by

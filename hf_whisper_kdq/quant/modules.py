@@ -62,6 +62,9 @@ class _QuantGroup:
     def __init__(self) -> None:
         self.spec: Optional[QuantSpec] = None
         self.members: list[nn.Module] = []
+        # (key, tensor) of the last fake-quantized weight computed without autograd: generation runs the
+        # forward once per token, and re-quantizing a 26 M-entry embedding each time dominated decoding.
+        self.cached: Optional[tuple[tuple, Tensor]] = None
 
 
 class _FakeQuantMixin:
@@ -120,7 +123,15 @@ class _FakeQuantMixin:
         if spec is None:
             return self.weight
         clip = self.weight_clip if spec.learnable_clipping else None
-        return fake_quantize(self.weight, spec, clip, layer=self.quant_name)
+        if torch.is_grad_enabled():
+            return fake_quantize(self.weight, spec, clip, layer=self.quant_name)
+        # Parameters' version counters change on every in-place update (optimizer steps, load_state_dict).
+        key = (spec, self.weight.data_ptr(), self.weight._version, self.weight.dtype,
+               None if clip is None else (clip.data_ptr(), clip._version))  # fmt: skip
+        group = self._quant_group
+        if group.cached is None or group.cached[0] != key:
+            group.cached = (key, fake_quantize(self.weight, spec, clip, layer=self.quant_name))
+        return group.cached[1]
 
     def _quant_repr(self) -> str:
         spec = self.quant_spec

@@ -1,0 +1,719 @@
+"""The results table: size on disk, error rates and speed of Whisper-KDQ against its baselines, on real speech.
+
+    python benchmarks/results_table.py --list                                   # the rows and what each does
+    python benchmarks/results_table.py --rows teacher,tiny.en,ptq-int8 --eval_limit 30
+    python benchmarks/results_table.py --rows kdq-d2-u4 --train_steps 2000      # one row per invocation is fine
+    python benchmarks/results_table.py --merge                                  # table + figure from every row
+
+Each row is computed, written to ``OUTPUT/rows/<row>.json`` (with the command, machine and date), and then every
+row JSON under OUTPUT is merged into ``OUTPUT/results.md``, ``OUTPUT/results.json`` and the figure
+``OUTPUT/wer_vs_bytes.png`` (LJSpeech WER against bytes on disk, via ``card.plot_size_vs_error``); the table is
+printed at the end. ``--merge`` only merges.
+
+Data (``../shared/data/speech``; the script exits cleanly with a message when it is absent): ``dev.jsonl`` is the
+evaluation set (LJSpeech, English, WER; AISHELL-1, Mandarin, CER), the first ``--eval_limit`` utterances of each
+corpus. Trained rows learn from the first ``--train_rows`` LibriSpeech utterances of ``unlabeled.jsonl``, labelled
+by the teacher (``labelling.pseudo_label``; labels cached in ``OUTPUT/cache``), plus ``--synthetic_rows``
+synthetic utterances (``synthesis``), assembled by ``compress._training_data``.
+
+Columns:
+
+* bytes on disk: the weights file(s) of the row's checkpoint: an fp16 ``model.safetensors`` for the references and
+  the float (distillation-only) student, the packed compressed-tensors ``model.safetensors`` written by
+  ``export.save_compressed`` for quantized rows. That format cannot hold a quantized token embedding (transformers
+  cannot load it), so the embedding is stored as its dequantized fp16 table there, whatever its planned bits.
+* ratio to teacher fp16: the teacher's fp16 weights file / this row's bytes on disk (> 1: smaller).
+* paper accounting ratio: teacher fp16 bytes (2 per parameter) / the paper's size model of the row
+  (``compression_report.json``'s ``paper_accounting.planned_bytes``: quantized weights at their planned bits incl.
+  the embedding, scales at 2 bytes, the rest fp16).
+* WER LJSpeech / CER AISHELL: ``evaluation.evaluate_model`` (greedy, fp32 on CPU, normalized as in the Whisper
+  paper); English-only models are not run on AISHELL.
+* CPU real-time factor (transformers): decode seconds / audio seconds of that evaluation, over all evaluated audio.
+  Quantized rows are evaluated with their quantization baked in (``quant.convert_qat``: the same values as the
+  exported file, in fp32), so the RTF is that of an fp32 model of the same shape, not of integer kernels.
+* CT2 int8 RTF: the row exported with ``export.ctranslate2.export_ctranslate2(quantization="int8")`` (embedding
+  included in int8; 2/3/4-bit layers become int8 codes of their dequantized values) and decoded by
+  ``evaluate_faster_whisper``, one utterance at a time (``--no-ct2`` skips it). Its size and error rates are in a
+  second table.
+
+Timings depend on the machine and on what else runs on it: the row JSON records CPU count, torch threads and the
+load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "speech"
+DEFAULT_OUTPUT = ROOT / "benchmarks" / "results"
+GROUP_SIZE = 32  # DistillQuantArguments.quant_group_size default; used by the uniform budgets and PTQ specs
+
+logger = logging.getLogger("results_table")
+
+# ---- the rows -------------------------------------------------------------------------------------------------------
+# kind "reference": a pretrained Whisper as it is (fp16 on disk). kind "ptq": round-to-nearest quantization of the
+# teacher, no training (prepare_qat with one spec per component, then save_compressed). kind "train": a student
+# trained by DistillQuantTrainer. Budgets "uniform:B" are the paper-accounting size of the same student with every
+# targeted layer at B bits (per group of 32), so the guided rows, QAT-only and unguided KDQ have equal planned bytes.
+ALL_TARGETS = "encoder,decoder,embedding"
+ROWS: dict[str, dict] = {
+    "teacher": dict(kind="reference", method="reference", model="teacher",
+                    description="teacher, fp16 on disk"),
+    "tiny.en": dict(kind="reference", method="reference", model="tiny",
+                    description="original whisper-tiny.en, fp16 on disk (English only)"),
+    "ptq-int8": dict(kind="ptq", method="naive PTQ",
+                     specs={"encoder": "int8", "decoder": "int8", "embedding": "int8"},
+                     description="teacher, round-to-nearest int8 per channel everywhere"),
+    "ptq-int4g32-emb8": dict(kind="ptq", method="naive PTQ",
+                             specs={"encoder": "int4-g32", "decoder": "int4-g32", "embedding": "int8"},
+                             description="teacher, int4 group-32 encoder+decoder, int8 per-channel embedding"),
+    "ptq-int4g32": dict(kind="ptq", method="naive PTQ",
+                        specs={"encoder": "int4-g32", "decoder": "int4-g32", "embedding": "int4-g32"},
+                        description="teacher, int4 group-32 everywhere"),
+    "ptq-int3g32": dict(kind="ptq", method="naive PTQ",
+                        specs={"encoder": "int3-g32", "decoder": "int3-g32", "embedding": "int3-g32"},
+                        description="teacher, int3 group-32 everywhere"),
+    "kdq-base-u4": dict(kind="train", method="KDQ (guided)", decoder_layers=None, quant_targets=ALL_TARGETS,
+                        bits="2,3,4,8", budget="uniform:4", guided=True,
+                        description="teacher architecture, guided bits {2,3,4,8} at the uniform-int4 size"),
+    "kdq-base-u3": dict(kind="train", method="KDQ (guided)", decoder_layers=None, quant_targets=ALL_TARGETS,
+                        bits="2,3,4,8", budget="uniform:3", guided=True,
+                        description="teacher architecture, guided bits {2,3,4,8} at the uniform-int3 size"),
+    "kdq-d2-u4": dict(kind="train", method="KDQ (guided)", decoder_layers=2, quant_targets=ALL_TARGETS,
+                      bits="2,3,4,8", budget="uniform:4", guided=True,
+                      description="2 spaced decoder layers, guided bits {2,3,4,8} at the uniform-int4 size"),
+    "kdq-d2-u3": dict(kind="train", method="KDQ (guided)", decoder_layers=2, quant_targets=ALL_TARGETS,
+                      bits="2,3,4,8", budget="uniform:3", guided=True,
+                      description="2 spaced decoder layers, guided bits {2,3,4,8} at the uniform-int3 size"),
+    "kdq-d2-decemb-u4": dict(kind="train", method="KDQ (guided)", decoder_layers=2, quant_targets="decoder,embedding",
+                             bits="2,3,4,8", budget="uniform:4", guided=True,
+                             description="2 decoder layers; decoder+embedding guided at the uniform-int4 size, "
+                                         "encoder fp16 and shared with the teacher (the cheapest row to train)"),
+    "distill-d2": dict(kind="train", method="distillation only", decoder_layers=2, quant_targets=ALL_TARGETS,
+                       bits="float", budget=None, guided=False,
+                       description="ablation: 2 decoder layers, distillation without quantization (float)"),
+    "qat-d2-u4": dict(kind="train", method="QAT only", decoder_layers=2, quant_targets=ALL_TARGETS,
+                      bits="2,3,4,8", budget="uniform:4", guided=True, kd_weight=0.0, hidden_weight=0.0,
+                      description="ablation: as kdq-d2-u4 without distillation (kd_weight=0, hidden_weight=0)"),
+    "kdq-unguided-d2-4": dict(kind="train", method="KDQ (unguided)", decoder_layers=2, quant_targets=ALL_TARGETS,
+                              bits="4", budget=None, guided=False,
+                              description="ablation: as kdq-d2-u4 with uniform int4 (one bit choice) and static "
+                                          "layer matching, selected once"),
+}  # fmt: skip
+PRESETS = {
+    "all": list(ROWS),
+    "cheap": ["teacher", "tiny.en", "ptq-int8", "ptq-int4g32-emb8", "ptq-int4g32", "ptq-int3g32"],
+    "ablations": ["kdq-d2-u4", "distill-d2", "qat-d2-u4", "kdq-unguided-d2-4"],
+}
+
+
+# ---- command line ---------------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default=None,
+                        help=f"comma-separated rows and presets ({', '.join(PRESETS)}) to compute; see --list")
+    parser.add_argument("--list", action="store_true", help="list the rows and exit")
+    parser.add_argument("--merge", action="store_true", help="compute nothing: merge the row JSONs into the table")
+    parser.add_argument("--eval_limit", type=int, default=None, help="utterances per corpus (default: all)")
+    parser.add_argument("--train_steps", type=int, default=300, help="optimizer steps of trained rows")
+    parser.add_argument("--train_rows", type=int, default=None,
+                        help="teacher-labelled LibriSpeech utterances for training (default: all of unlabeled.jsonl)")
+    parser.add_argument("--synthetic_rows", type=int, default=120, help="synthetic training utterances (0: none)")
+    parser.add_argument("--train_batch_size", type=int, default=8, help="per-device training batch size")
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--batch_size", type=int, default=16, help="transformers evaluation batch size")
+    parser.add_argument("--teacher", default="openai/whisper-base", help="any sources.load_whisper source")
+    parser.add_argument("--tiny", default="openai/whisper-tiny.en", help="the original small model of row tiny.en")
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder with dev.jsonl and unlabeled.jsonl")
+    parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="results folder (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="CPU threads for torch and CTranslate2 (default: torch's, %(default)s)")
+    parser.add_argument("--ct2", action=argparse.BooleanOptionalAction, default=True,
+                        help="also export to CTranslate2 int8 and time faster-whisper (default: on)")
+    parser.add_argument("--keep_exports", action="store_true",
+                        help="keep each row's exported checkpoints under OUTPUT/<row>/ (default: deleted once measured)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.list:
+        return args
+    if not args.merge and not args.rows:
+        parser.error("give --rows (see --list), or --merge to only rebuild the table")
+    for name in ("eval_limit", "train_steps", "train_rows", "train_batch_size", "batch_size", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be >= 1")
+    if args.synthetic_rows < 0:
+        parser.error("--synthetic_rows must be >= 0")
+    args.row_names = expand_rows(args.rows, parser) if args.rows and not args.merge else []
+    return args
+
+
+def expand_rows(text: str, parser: argparse.ArgumentParser) -> list[str]:
+    names: list[str] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if item not in PRESETS and item not in ROWS:
+            parser.error(f"unknown row {item!r}: choose from {', '.join(ROWS)} or a preset ({', '.join(PRESETS)})")
+        names += PRESETS.get(item, [item])
+    return list(dict.fromkeys(names))
+
+
+def machine_info(threads: int) -> dict:
+    import transformers
+
+    cpu_model = None
+    try:
+        cpu_model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                          if line.startswith("model name")), None)  # fmt: skip
+    except OSError:
+        pass
+    info = {
+        "cpu_count": os.cpu_count(),
+        "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": cpu_model,
+        "torch_threads": threads,
+        "cuda": torch.cuda.is_available(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    try:
+        import ctranslate2
+
+        info["ctranslate2"] = ctranslate2.__version__
+    except ImportError:
+        info["ctranslate2"] = None
+    return info
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ---- shared state ---------------------------------------------------------------------------------------------------
+class Context:
+    """What rows share within one invocation: the teacher, the evaluation sets, the training data."""
+
+    def __init__(self, args: argparse.Namespace):
+        from hf_whisper_kdq.compress import PhaseTimer
+
+        self.args = args
+        self.data = Path(args.data)
+        self.output = Path(args.output)
+        self.cache = self.output / "cache"
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self._teacher = None
+        self._eval_sets: dict[bool, object] = {}
+        self._train = None
+        self.timer = PhaseTimer()
+
+    def teacher(self):
+        """(model fp32, processor), loaded once; rows work on copies."""
+        if self._teacher is None:
+            from hf_whisper_kdq import load_whisper
+
+            with self.timer("load teacher"):
+                self._teacher = load_whisper(self.args.teacher)
+        return self._teacher
+
+    def eval_set(self, english_only: bool):
+        """The first ``eval_limit`` utterances of each corpus of dev.jsonl (English ones only if asked)."""
+        if english_only not in self._eval_sets:
+            from datasets import concatenate_datasets
+
+            from hf_whisper_kdq import load_manifest
+
+            manifest = self.data / "dev.jsonl"
+            corpora = {}
+            for line in manifest.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    corpora.setdefault(row.get("corpus"), row.get("language"))
+            parts = [load_manifest(manifest, corpora=[corpus], limit=self.args.eval_limit)
+                     for corpus, language in corpora.items() if not english_only or language == "en"]  # fmt: skip
+            self._eval_sets[english_only] = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        return self._eval_sets[english_only]
+
+    def teacher_sizes(self) -> dict:
+        """The teacher's fp16 weights file on disk and its fp16 parameter bytes, measured once per teacher."""
+        path = self.cache / "teacher_sizes.json"
+        known = json.loads(path.read_text()) if path.is_file() else {}
+        if self.args.teacher not in known:
+            model, processor = self.teacher()
+            known[self.args.teacher] = {"fp16_bytes_on_disk": fp16_weights_bytes(model, processor),
+                                        "fp16_parameter_bytes": 2 * n_parameters(model)}  # fmt: skip
+            path.write_text(json.dumps(known, indent=2) + "\n")
+        return known[self.args.teacher]
+
+    def training_data(self):
+        """Teacher-labelled LibriSpeech (labels cached) + synthetic speech, via compress._training_data."""
+        if self._train is None:
+            from hf_whisper_kdq import load_manifest
+            from hf_whisper_kdq.compress import CompressArguments, _training_data
+
+            manifest = self.labelled_manifest()
+            compress = CompressArguments(teacher=self.args.teacher, level="none", train_manifest=str(manifest),
+                                         synthetic_prompts=self.args.synthetic_rows)  # fmt: skip
+            model, processor = self.teacher()
+            if len(load_manifest(manifest)) == 0 and not compress.synthetic_prompts:
+                raise ValueError("no training data: every teacher label was empty and --synthetic_rows is 0")
+            self._train = _training_data(compress, model, processor, self.timer)
+        return self._train
+
+    def labelled_manifest(self) -> Path:
+        """A manifest of the first ``train_rows`` unlabeled utterances with the teacher's transcripts as text."""
+        from hf_whisper_kdq import load_manifest
+        from hf_whisper_kdq.labelling import pseudo_label
+
+        unlabeled = load_manifest(self.data / "unlabeled.jsonl", limit=self.args.train_rows)
+        slug = safe_name(self.args.teacher)
+        cache_path = self.cache / f"labels-{slug}.json"  # {id: teacher transcript, or null when it was empty}
+        labels = json.loads(cache_path.read_text(encoding="utf-8")) if cache_path.is_file() else {}
+        todo = [i for i, row_id in enumerate(unlabeled["id"]) if row_id not in labels]
+        if todo:
+            model, processor = self.teacher()
+            with self.timer(f"label {len(todo)} utterances with the teacher"):
+                labelled, report = pseudo_label(unlabeled.select(todo), model, processor,
+                                                batch_size=self.args.batch_size, progress=False)  # fmt: skip
+            logger.info("%s", report.summary())
+            got = dict(zip(labelled["id"], labelled["text"]))
+            for i in todo:
+                labels[unlabeled[i]["id"]] = got.get(unlabeled[i]["id"])
+            cache_path.write_text(json.dumps(labels, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        manifest = self.cache / f"train-{slug}-{len(unlabeled)}.jsonl"
+        with manifest.open("w", encoding="utf-8") as file:
+            for row in unlabeled:
+                if labels.get(row["id"]):
+                    entry = {key: row[key] for key in ("id", "corpus", "language", "duration")}
+                    file.write(json.dumps({**entry, "audio": row["audio"]["path"], "text": labels[row["id"]]},
+                                          ensure_ascii=False) + "\n")  # fmt: skip
+        return manifest
+
+
+def safe_name(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-._" else "--" for ch in text).strip("-.") or "model"
+
+
+def n_parameters(model) -> int:
+    return sum(p.numel() for name, p in model.named_parameters() if not name.startswith("kdq_adapters."))
+
+
+def fp16_weights_bytes(model, processor) -> int:
+    """Bytes of the weight files of an fp16 HF copy of ``model`` (save_whisper in a temporary folder)."""
+    from hf_whisper_kdq import save_whisper
+    from hf_whisper_kdq.evaluation import weight_files
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = save_whisper(copy.deepcopy(model).half(), processor, Path(scratch) / "fp16")
+        return sum(path.stat().st_size for path in weight_files(folder))
+
+
+def inference_copy(model):
+    """A plain fp32 model for decoding: fake-quant wrappers baked in (convert_qat), training adapters dropped."""
+    from hf_whisper_kdq.quant import convert_qat
+    from hf_whisper_kdq.quant.modules import FAKE_QUANT_TYPES
+    from hf_whisper_kdq.trainer import ADAPTERS_ATTRIBUTE
+
+    plain = copy.deepcopy(model).cpu()
+    if ADAPTERS_ATTRIBUTE in plain._modules:
+        delattr(plain, ADAPTERS_ATTRIBUTE)
+    if any(isinstance(module, FAKE_QUANT_TYPES) for module in plain.modules()):
+        convert_qat(plain)
+    return plain.float().eval()
+
+
+# ---- measuring one model ----------------------------------------------------------------------------------------------
+def scores(report) -> dict:
+    keys = ("metric", "error_rate", "n_utterances", "audio_seconds", "decode_seconds", "rtf")
+    return {entry["corpus"]: {key: entry[key] for key in keys} for entry in report.corpora}
+
+
+def measure(ctx: Context, name: str, model, processor, row_dir: Path, result: dict) -> None:
+    """Transformers evaluation of ``model`` (QAT wrappers baked in), then the optional CTranslate2 int8 run."""
+    from hf_whisper_kdq import evaluate_model
+
+    english_only = not getattr(model.generation_config, "is_multilingual", True)
+    dataset = ctx.eval_set(english_only)
+    plain = inference_copy(model)
+    with ctx.timer(f"{name}: evaluate (transformers)"):
+        report = evaluate_model(plain, processor, dataset, batch_size=ctx.args.batch_size, progress=False)
+    del plain
+    gc.collect()
+    report.save_json(row_dir / "eval_transformers.json", per_utterance=True)
+    result["evaluation"] = {"english_only": english_only, "scores": scores(report), "rtf": report.rtf,
+                            "n_utterances": report.n_utterances, "audio_seconds": report.audio_seconds,
+                            "batch_size": report.batch_size, "num_beams": report.num_beams, "dtype": report.dtype}
+    result["ct2"] = None
+    if ctx.args.ct2:
+        from hf_whisper_kdq.evaluation import weight_files
+        from hf_whisper_kdq.export.ctranslate2 import evaluate_faster_whisper, export_ctranslate2
+
+        with ctx.timer(f"{name}: CTranslate2 int8 export + evaluate"):
+            folder = export_ctranslate2(model, processor, row_dir / "ctranslate2-int8", quantization="int8",
+                                        overwrite=True)  # fmt: skip
+            ct2 = evaluate_faster_whisper(folder, dataset, cpu_threads=ctx.args.threads)
+        ct2.save_json(row_dir / "eval_ct2.json", per_utterance=True)
+        result["ct2"] = {"quantization": "int8", "compute_type": ct2.dtype, "rtf": ct2.rtf, "scores": scores(ct2),
+                         "bytes_on_disk": sum(path.stat().st_size for path in weight_files(folder))}
+
+
+def sizes_from_report(report: dict, teacher: dict) -> dict:
+    planned = report["paper_accounting"]["planned_bytes"]
+    return {
+        "bytes_on_disk": report["weights_bytes"],
+        "all_files_bytes": report["total_bytes"],
+        "paper_bytes": planned,
+        "paper_as_stored_bytes": report["paper_accounting"]["as_stored_bytes"],
+        "ratio_to_teacher_fp16": teacher["fp16_bytes_on_disk"] / report["weights_bytes"],
+        "paper_ratio": teacher["fp16_parameter_bytes"] / planned,
+        "embedding_quantized_on_disk": report["embedding_quantized"],
+        "embedding_planned_bits": report["embedding_planned_bits"],
+        "embedding_reason": report["embedding_reason"],
+        "per_layer_bits": report["per_layer_bits"],
+        "planned_bits": sorted({m["planned_bits"] for m in report["modules"].values()}),
+    }
+
+
+def float_sizes(model, processor, teacher: dict) -> dict:
+    on_disk = fp16_weights_bytes(model, processor)
+    paper = 2 * n_parameters(model)
+    return {"bytes_on_disk": on_disk, "paper_bytes": paper, "ratio_to_teacher_fp16": teacher["fp16_bytes_on_disk"] / on_disk,
+            "paper_ratio": teacher["fp16_parameter_bytes"] / paper, "stored": "fp16 safetensors (save_whisper)"}
+
+
+# ---- the three kinds of rows --------------------------------------------------------------------------------------------
+def run_reference(ctx: Context, name: str, row: dict, row_dir: Path, result: dict) -> None:
+    from hf_whisper_kdq import load_whisper
+
+    teacher_sizes = ctx.teacher_sizes()
+    if row["model"] == "teacher":
+        model, processor = ctx.teacher()
+        source = ctx.args.teacher
+    else:
+        source = ctx.args.tiny
+        with ctx.timer(f"{name}: load"):
+            model, processor = load_whisper(source)
+    result["model"] = source
+    result["sizes"] = float_sizes(model, processor, teacher_sizes)
+    measure(ctx, name, model, processor, row_dir, result)
+
+
+def run_ptq(ctx: Context, name: str, row: dict, row_dir: Path, result: dict) -> None:
+    from hf_whisper_kdq import save_compressed
+    from hf_whisper_kdq.quant import default_quant_targets, prepare_qat
+
+    teacher, processor = ctx.teacher()
+    teacher_sizes = ctx.teacher_sizes()
+    model = copy.deepcopy(teacher)
+    specs = {}
+    for component, spec in row["specs"].items():
+        targets = default_quant_targets(model, encoder=component == "encoder", decoder=component == "decoder",
+                                        embedding=component == "embedding")  # fmt: skip
+        if component != "embedding":
+            targets = [t for t in targets if not t.endswith("embed_tokens")]
+        else:
+            targets = [t for t in targets if t.endswith("embed_tokens")]
+        specs.update(dict.fromkeys(targets, spec))
+    prepare_qat(model, specs)  # the tied proj_out follows the embedding
+    result["model"] = f"{ctx.args.teacher} + round-to-nearest {row['specs']}"
+    with ctx.timer(f"{name}: save_compressed"):
+        folder = save_compressed(model, processor, row_dir / "compressed", teacher_fp16_bytes=teacher_sizes["fp16_parameter_bytes"],
+                                 overwrite=True)  # fmt: skip
+    report = json.loads((folder / "compression_report.json").read_text())
+    result["sizes"] = sizes_from_report(report, teacher_sizes)
+    measure(ctx, name, model, processor, row_dir, result)
+
+
+def uniform_budget_mb(student, targets: str, bits: int) -> float:
+    """Paper-accounting MB of ``student`` with every targeted layer at ``bits`` (per group of 32), plus one byte."""
+    from hf_whisper_kdq.quant import default_quant_targets, quantized_size_bytes
+
+    chosen = set(targets.split(","))
+    names = default_quant_targets(student, encoder="encoder" in chosen, decoder="decoder" in chosen,
+                                  embedding="embedding" in chosen)  # fmt: skip
+    size = quantized_size_bytes(student, dict.fromkeys(names, f"int{bits}-g{GROUP_SIZE}"))
+    return (size + 1) / 1e6
+
+
+def run_training(ctx: Context, name: str, row: dict, row_dir: Path, result: dict) -> None:
+    from transformers import HfArgumentParser
+
+    from hf_whisper_kdq import (DistillQuantArguments, DistillQuantTrainer, WhisperDataCollator, build_student,
+                                prepare_dataset, save_compressed)
+    from hf_whisper_kdq.compress import with_training_defaults
+
+    args = ctx.args
+    teacher, processor = ctx.teacher()
+    teacher_sizes = ctx.teacher_sizes()
+    train = ctx.training_data()
+    student = build_student(teacher, decoder_layers=row["decoder_layers"])
+    argv = ["--output_dir", str(row_dir / "trainer"), "--max_steps", str(args.train_steps),
+            "--per_device_train_batch_size", str(args.train_batch_size), "--learning_rate", str(args.learning_rate),
+            "--warmup_steps", str(min(10, args.train_steps // 10)), "--seed", str(args.seed),
+            "--logging_steps", str(max(1, min(10, args.train_steps // 5))), "--disable_tqdm", "true",
+            "--quant_targets", row["quant_targets"], "--quant_bit_choices", row["bits"],
+            "--quant_group_size", str(GROUP_SIZE), "--quant_granularity", "per_group",
+            "--kd_weight", str(row.get("kd_weight", 1.0)), "--hidden_weight", str(row.get("hidden_weight", 1.0))]  # fmt: skip
+    if row["guided"]:
+        argv += ["--layer_matching", "dynamic_monotone", "--selection_interval", str(max(1, args.train_steps // 4))]
+    else:
+        argv += ["--layer_matching", "static", "--selection_interval", "0"]
+    if row["budget"]:
+        bits = int(row["budget"].split(":")[1])
+        argv += ["--size_budget_mb", f"{uniform_budget_mb(student, row['quant_targets'], bits):.6f}"]
+    (training_args,) = HfArgumentParser(DistillQuantArguments).parse_args_into_dataclasses(args=with_training_defaults(argv))
+    with ctx.timer(f"{name}: features and labels"):
+        features, preparation = prepare_dataset(train, processor, multilingual=bool(teacher.generation_config.is_multilingual))
+    trainer = DistillQuantTrainer(
+        model=student, teacher_model=teacher, args=training_args, train_dataset=features,
+        data_collator=WhisperDataCollator(processor, decoder_start_token_id=student.config.decoder_start_token_id),
+        processing_class=processor,
+    )  # fmt: skip
+    with ctx.timer(f"{name}: train"):
+        output = trainer.train()
+    student = trainer.accelerator.unwrap_model(trainer.model).eval()
+    plan = trainer.plan
+    logger.info("%s plan:\n%s", name, plan.summary())
+    result["model"] = f"student of {args.teacher}: {student.config.encoder_layers} encoder / " \
+                      f"{student.config.decoder_layers} decoder layers"  # fmt: skip
+    result["training"] = {
+        "train_steps": args.train_steps, "batch_size": args.train_batch_size, "learning_rate": args.learning_rate,
+        "rows": len(features), "corpora": dict(Counter(features["corpus"])), "preparation": preparation.summary(),
+        "train_runtime_s": output.metrics.get("train_runtime"), "final_train_loss": output.training_loss,
+        "log_history": trainer.state.log_history, "arguments": {k: v for k, v in training_args.to_dict().items()
+                                                                if k in _TRAINING_KEYS},
+    }  # fmt: skip
+    result["plan"] = plan.to_dict()
+    result["plan_summary"] = plan.summary()
+    if plan.module_specs():
+        with ctx.timer(f"{name}: save_compressed"):
+            folder = save_compressed(student, processor, row_dir / "compressed", plan=plan,
+                                     teacher_fp16_bytes=teacher_sizes["fp16_parameter_bytes"], overwrite=True)  # fmt: skip
+        report = json.loads((folder / "compression_report.json").read_text())
+        result["sizes"] = sizes_from_report(report, teacher_sizes)
+    else:  # distillation only: a float student
+        result["sizes"] = float_sizes(inference_copy(student), processor, teacher_sizes)
+    measure(ctx, name, student, processor, row_dir, result)
+    del trainer
+    gc.collect()
+
+
+_TRAINING_KEYS = {"max_steps", "per_device_train_batch_size", "learning_rate", "warmup_steps", "seed", "ce_weight",
+                  "kd_weight", "hidden_weight", "quant_weight", "kd_temperature", "layer_matching", "quant_bit_choices",
+                  "quant_granularity", "quant_group_size", "learnable_clipping", "quant_targets", "size_budget_mb",
+                  "num_distill_layers", "selection_interval", "selection_probe_batches", "freeze_encoder"}  # fmt: skip
+
+
+RUNNERS = {"reference": run_reference, "ptq": run_ptq, "train": run_training}
+
+
+def run_row(ctx: Context, name: str, command: str, machine: dict) -> Path:
+    row = ROWS[name]
+    row_dir = ctx.output / name
+    row_dir.mkdir(parents=True, exist_ok=True)
+    started, load_before, clock = dt.datetime.now(dt.timezone.utc), load_average(), time.perf_counter()
+    phases_before = dict(ctx.timer.seconds)
+    result = {"row": name, "method": row["method"], "description": row["description"], "kind": row["kind"],
+              "config": {k: v for k, v in row.items() if k not in ("method", "description", "kind")},
+              "teacher": ctx.args.teacher, "training": None, "plan": None}  # fmt: skip
+    try:
+        RUNNERS[row["kind"]](ctx, name, row, row_dir, result)
+    finally:
+        if not ctx.args.keep_exports:
+            for sub in ("compressed", "ctranslate2-int8", "trainer"):
+                shutil.rmtree(row_dir / sub, ignore_errors=True)
+    result["eval_limit_per_corpus"] = ctx.args.eval_limit
+    result["smoke"] = ctx.args.eval_limit is not None or (row["kind"] == "train" and ctx.args.train_steps < 1000)
+    result["phase_seconds"] = {k: round(v, 1) for k, v in ctx.timer.seconds.items() if phases_before.get(k) != v}
+    result["wall_seconds"] = round(time.perf_counter() - clock, 1)
+    result["command"] = command
+    result["machine"] = {**machine, "load_average_before": load_before, "load_average_after": load_average()}
+    result["date"] = started.isoformat(timespec="seconds")
+    path = ctx.output / "rows" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    logger.info("%s done in %.0f s: %s", name, result["wall_seconds"], path)
+    return path
+
+
+# ---- merge: table, JSON, figure ---------------------------------------------------------------------------------------
+COLUMNS = ["model", "bytes on disk", "ratio to teacher fp16", "paper accounting ratio", "WER LJSpeech",
+           "CER AISHELL", "CPU real-time factor (transformers)", "CT2 int8 RTF"]  # fmt: skip
+
+
+def _corpus(scores_: dict, prefix: str) -> dict | None:
+    return next((entry for corpus, entry in scores_.items() if corpus.lower().startswith(prefix)), None)
+
+
+def _pct(entry: dict | None) -> str:
+    return "—" if entry is None or entry.get("error_rate") is None else f"{100 * entry['error_rate']:.1f}%"
+
+
+def _num(value, digits: int = 3, suffix: str = "") -> str:
+    return "—" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def load_rows(output: Path) -> list[dict]:
+    rows = [json.loads(path.read_text(encoding="utf-8")) for path in sorted((output / "rows").glob("*.json"))]
+    order = {name: i for i, name in enumerate(ROWS)}
+    return sorted(rows, key=lambda r: (order.get(r["row"], len(order)), r["row"]))
+
+
+def table_rows(rows: list[dict]) -> list[dict]:
+    out = []
+    for r in rows:
+        s, evaluation, ct2 = r["sizes"], r["evaluation"], r.get("ct2") or {}
+        out.append({
+            "row": r["row"], "method": r["method"], "bytes_on_disk": s["bytes_on_disk"],
+            "ratio_to_teacher_fp16": s["ratio_to_teacher_fp16"], "paper_bytes": s["paper_bytes"],
+            "paper_ratio": s["paper_ratio"], "wer_ljspeech": (_corpus(evaluation["scores"], "ljspeech") or {}).get("error_rate"),
+            "cer_aishell": (_corpus(evaluation["scores"], "aishell") or {}).get("error_rate"),
+            "rtf_transformers": evaluation["rtf"], "rtf_ct2_int8": ct2.get("rtf"),
+            "ct2_bytes_on_disk": ct2.get("bytes_on_disk"),
+            "ct2_wer_ljspeech": (_corpus(ct2.get("scores") or {}, "ljspeech") or {}).get("error_rate"),
+            "ct2_cer_aishell": (_corpus(ct2.get("scores") or {}, "aishell") or {}).get("error_rate"),
+            "n_utterances": {c: e["n_utterances"] for c, e in evaluation["scores"].items()},
+            "english_only": evaluation["english_only"], "smoke": r.get("smoke"), "date": r["date"],
+        })  # fmt: skip
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    summary = table_rows(rows)
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1)]
+    for r, t in zip(rows, summary):
+        mark = " ¹" if t["english_only"] else ""
+        lines.append(
+            f"| {t['row']} | {t['bytes_on_disk'] / 1e6:.1f} MB | {t['ratio_to_teacher_fp16']:.2f}× | "
+            f"{t['paper_ratio']:.2f}× | {_pct({'error_rate': t['wer_ljspeech']})} | {_pct({'error_rate': t['cer_aishell']})} | "
+            f"{_num(t['rtf_transformers'])}{mark} | {_num(t['rtf_ct2_int8'])}{mark} |"
+        )
+    lines.append("")
+    lines.append("¹ English-only model: evaluated (and timed) on LJSpeech only.")
+    if any(t["ct2_bytes_on_disk"] for t in summary):
+        lines += ["", "CTranslate2 int8 exports (faster-whisper, one utterance at a time):", "",
+                  "| model | CT2 int8 bytes on disk | WER LJSpeech | CER AISHELL |", "|---|---:|---:|---:|"]
+        for t in summary:
+            if t["ct2_bytes_on_disk"]:
+                lines.append(f"| {t['row']} | {t['ct2_bytes_on_disk'] / 1e6:.1f} MB | "
+                             f"{_pct({'error_rate': t['ct2_wer_ljspeech']})} | {_pct({'error_rate': t['ct2_cer_aishell']})} |")
+    lines += ["", "Rows:", ""]
+    for r, t in zip(rows, summary):
+        n = ", ".join(f"{count} {corpus}" for corpus, count in t["n_utterances"].items())
+        training = ""
+        if r.get("training"):
+            tr = r["training"]
+            training = f"; trained {tr['train_steps']} steps × batch {tr['batch_size']} on {tr['rows']} rows {tr['corpora']}"
+        bits = ""
+        if r["sizes"].get("planned_bits"):
+            bits = f"; planned bits {r['sizes']['planned_bits']} (16 = float), embedding planned {r['sizes'].get('embedding_planned_bits')} bits, on disk " \
+                   f"{'quantized' if r['sizes'].get('embedding_quantized_on_disk') else 'fp16'}"  # fmt: skip
+        flag = " **(smoke: small subset / short training)**" if t["smoke"] else ""
+        lines.append(f"- `{t['row']}` ({t['method']}): {r['description']}; eval {n}{training}{bits}; "
+                     f"{r['date']}, {r['machine']['cpu_count']} CPUs, {r['machine']['torch_threads']} threads, "
+                     f"load {r['machine'].get('load_average_before')}{flag}")  # fmt: skip
+    limits = {r.get("eval_limit_per_corpus") for r in rows}
+    if len(limits) > 1:
+        lines += ["", f"WARNING: rows were evaluated on different subsets (eval_limit per corpus: {sorted(limits, key=str)})"
+                  ": their error rates are not directly comparable."]  # fmt: skip
+    return "\n".join(lines)
+
+
+def figure(rows: list[dict], path: Path) -> Path | None:
+    from hf_whisper_kdq.card import plot_size_vs_error
+
+    points = [{"method": f"{t['row']}", "size_bytes": t["bytes_on_disk"], "error_rate": t["wer_ljspeech"],
+               "metric": "wer"} for t in table_rows(rows) if t["wer_ljspeech"] is not None]  # fmt: skip
+    if not points:
+        return None
+    return plot_size_vs_error(points, path, title="LJSpeech WER vs bytes on disk (whisper-base teacher)")
+
+
+def merge(output: Path) -> str | None:
+    rows = load_rows(output)
+    if not rows:
+        print(f"no row results under {output / 'rows'}: compute some with --rows")
+        return None
+    text = markdown(rows)
+    (output / "results.md").write_text(text + "\n", encoding="utf-8")
+    merged = {"merged_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "columns": COLUMNS,
+              "table": table_rows(rows), "rows": rows}  # fmt: skip
+    (output / "results.json").write_text(json.dumps(merged, indent=2, ensure_ascii=False, default=str) + "\n",
+                                         encoding="utf-8")  # fmt: skip
+    try:
+        picture = figure(rows, output / "wer_vs_bytes.png")
+    except Exception as error:  # matplotlib missing: the table still stands
+        picture = None
+        logger.warning("figure not written: %s", error)
+    print(text)
+    print(f"\nwritten: {output / 'results.md'}, {output / 'results.json'}" + (f", {picture}" if picture else ""))
+    return text
+
+
+# ---- main -------------------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("transformers", "datasets", "httpx", "urllib3", "faster_whisper"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = parse_args(argv)
+    if args.list:
+        for name, row in ROWS.items():
+            print(f"{name:20s} {row['method']:18s} {row['description']}")
+        print("presets: " + "; ".join(f"{k} = {','.join(v)}" for k, v in PRESETS.items()))
+        return 0
+    output = Path(args.output)
+    if args.merge:
+        merge(output)
+        return 0
+    data = Path(args.data)
+    needed = ["dev.jsonl"] + (["unlabeled.jsonl"] if any(ROWS[n]["kind"] == "train" for n in args.row_names) else [])
+    if missing := [name for name in needed if not (data / name).is_file()]:
+        print(f"skipping: the shared speech data is absent ({', '.join(str(data / m) for m in missing)} not found); "
+              "pass --data to point at a folder with dev.jsonl and unlabeled.jsonl")
+        return 0
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    command = shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(["results_table.py", *argv])
+    machine = machine_info(args.threads)
+    ctx = Context(args)
+    failed = []
+    for name in args.row_names:
+        logger.info("── row %s: %s", name, ROWS[name]["description"])
+        try:
+            run_row(ctx, name, command, machine)
+        except Exception:
+            failed.append(name)
+            logger.error("row %s failed:\n%s", name, traceback.format_exc())
+    merge(output)
+    if failed:
+        print(f"\nFAILED rows (no JSON written): {', '.join(failed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

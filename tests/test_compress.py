@@ -1,0 +1,57 @@
+"""``hf-whisper-kdq compress``: the whole job, shortened (tiny teacher, a few synthetic utterances, 2 steps)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hf_whisper_kdq.cli import main
+from hf_whisper_kdq.compress import LEVELS, CompressArguments, apply_level, with_training_defaults
+from hf_whisper_kdq.config import DistillQuantArguments
+from hf_whisper_kdq.sources import save_whisper
+
+
+def test_training_defaults_fill_only_missing_flags():
+    argv = with_training_defaults(["--max_steps", "3", "--output_dir=x"])
+    assert argv.count("--max_steps") == 1 and "--output_dir" not in argv
+    assert argv[argv.index("--learning_rate") + 1] == "1e-4"
+
+
+def test_levels_set_budget_and_layers_without_mutating_arguments(tmp_path):
+    compress = CompressArguments(level="tiny")
+    args = DistillQuantArguments(output_dir=str(tmp_path), report_to="none")
+    layers, resolved = apply_level(compress, args)
+    assert layers == LEVELS["tiny"]["decoder_layers"]
+    assert resolved.size_budget_ratio == pytest.approx(1 / 10.48)
+    assert args.size_budget_ratio is None and compress.decoder_layers is None
+    explicit = DistillQuantArguments(output_dir=str(tmp_path), report_to="none", size_budget_mb=30)
+    assert apply_level(CompressArguments(level="base"), explicit)[1].size_budget_mb == 30
+    with pytest.raises(ValueError, match="--level"):
+        CompressArguments(level="huge")
+
+
+def test_compress_end_to_end_on_a_tiny_teacher(tmp_path, tiny_whisper, capsys):
+    pytest.importorskip("piper")
+    pytest.importorskip("ctranslate2")
+    model, processor = tiny_whisper
+    teacher = save_whisper(model, processor, tmp_path / "teacher")
+    output = tmp_path / "run"
+    code = main([
+        "compress", str(teacher), "--output_dir", str(output), "--synthetic_prompts", "4", "--max_eval_samples", "2",
+        "--max_steps", "2", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",
+        "--quant_targets", "encoder,decoder", "--size_budget_ratio", "0.9", "--decoder_layers", "1",
+        "--disable_tqdm", "true",
+    ])  # fmt: skip
+    assert code == 0
+    compressed = output / "compressed"
+    for name in ("config.json", "model.safetensors", "compression_report.json", "kdq_plan.json", "README.md",
+                 "kdq_plan.png", "eval_report.json", "ctranslate2/model.bin"):  # fmt: skip
+        assert (compressed / name).is_file(), name
+    config = json.loads((compressed / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    summary = json.loads((output / "compress_summary.json").read_text())
+    assert {"load teacher", "train", "evaluate", "export packed checkpoint", "model card"} <= set(summary["phase_seconds"])
+    assert summary["evaluation"]["smoke_run"] is True
+    out = capsys.readouterr().out
+    assert "SMOKE RUN" in out and "| compressed |" in out and "| teacher |" in out
