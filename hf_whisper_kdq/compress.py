@@ -94,6 +94,11 @@ class CompressArguments:
     ctranslate2_quantization: str = field(
         default="int8", metadata={"help": "Quantization of the CTranslate2 copy, or 'none' to skip it."}
     )
+    eval_max_new_tokens: int = field(
+        default=160,
+        metadata={"help": "Cap on generated tokens per utterance at evaluation (30 s of speech is well under it), "
+                  "so that a student that has not learnt to stop yet cannot stall the run."},
+    )  # fmt: skip
 
     def __post_init__(self):
         if self.level not in (*LEVELS, "none"):
@@ -216,9 +221,10 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
         print(SMOKE_RUN_BANNER)
     reports = {}
     with timer("evaluate"):
-        reports["compressed"] = evaluate_model(student.eval(), processor, evaluation, batch_size=args.per_device_eval_batch_size)
+        options = dict(batch_size=args.per_device_eval_batch_size, max_new_tokens=compress.eval_max_new_tokens)
+        reports["compressed"] = evaluate_model(student.eval(), processor, evaluation, **options)
         if compress.evaluate_teacher:
-            reports["teacher"] = evaluate_model(teacher.eval(), processor, evaluation, batch_size=args.per_device_eval_batch_size)
+            reports["teacher"] = evaluate_model(teacher.eval(), processor, evaluation, **options)
 
     compressed_dir = output / "compressed"
     teacher_fp16 = sum(p.numel() for p in teacher.parameters()) * 2
