@@ -141,6 +141,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train_batch_size", type=int, default=8, help="per-device training batch size")
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--batch_size", type=int, default=16, help="transformers evaluation batch size")
+    parser.add_argument("--max_new_tokens", type=int, default=128,
+                        help="cap on decoded tokens per utterance in evaluations (default: %(default)s; the longest "
+                             "dev.jsonl reference is 38 tokens): bounds the time a degenerate student spends repeating "
+                             "itself up to Whisper's 448 positions")
     parser.add_argument("--teacher", default="openai/whisper-base", help="any sources.load_whisper source")
     parser.add_argument("--tiny", default="openai/whisper-tiny.en", help="the original small model of row tiny.en")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder with dev.jsonl and unlabeled.jsonl")
@@ -157,7 +161,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         return args
     if not args.merge and not args.rows:
         parser.error("give --rows (see --list), or --merge to only rebuild the table")
-    for name in ("eval_limit", "train_steps", "train_rows", "train_batch_size", "batch_size", "threads"):
+    for name in ("eval_limit", "max_new_tokens", "train_steps", "train_rows", "train_batch_size", "batch_size", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be >= 1")
@@ -360,13 +364,15 @@ def measure(ctx: Context, name: str, model, processor, row_dir: Path, result: di
     dataset = ctx.eval_set(english_only)
     plain = inference_copy(model)
     with ctx.timer(f"{name}: evaluate (transformers)"):
-        report = evaluate_model(plain, processor, dataset, batch_size=ctx.args.batch_size, progress=False)
+        report = evaluate_model(plain, processor, dataset, batch_size=ctx.args.batch_size,
+                                max_new_tokens=ctx.args.max_new_tokens, progress=False)
     del plain
     gc.collect()
     report.save_json(row_dir / "eval_transformers.json", per_utterance=True)
     result["evaluation"] = {"english_only": english_only, "scores": scores(report), "rtf": report.rtf,
                             "n_utterances": report.n_utterances, "audio_seconds": report.audio_seconds,
-                            "batch_size": report.batch_size, "num_beams": report.num_beams, "dtype": report.dtype}
+                            "batch_size": report.batch_size, "num_beams": report.num_beams, "dtype": report.dtype,
+                            "max_new_tokens": ctx.args.max_new_tokens}
     result["ct2"] = None
     if ctx.args.ct2:
         from hf_whisper_kdq.evaluation import weight_files
@@ -375,7 +381,8 @@ def measure(ctx: Context, name: str, model, processor, row_dir: Path, result: di
         with ctx.timer(f"{name}: CTranslate2 int8 export + evaluate"):
             folder = export_ctranslate2(model, processor, row_dir / "ctranslate2-int8", quantization="int8",
                                         overwrite=True)  # fmt: skip
-            ct2 = evaluate_faster_whisper(folder, dataset, cpu_threads=ctx.args.threads)
+            ct2 = evaluate_faster_whisper(folder, dataset, cpu_threads=ctx.args.threads,
+                                          max_new_tokens=ctx.args.max_new_tokens)
         ct2.save_json(row_dir / "eval_ct2.json", per_utterance=True)
         result["ct2"] = {"quantization": "int8", "compute_type": ct2.dtype, "rtf": ct2.rtf, "scores": scores(ct2),
                          "bytes_on_disk": sum(path.stat().st_size for path in weight_files(folder))}

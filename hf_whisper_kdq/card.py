@@ -185,6 +185,8 @@ def _row_score(role: str, row: Mapping) -> Score:
 
 def collect_results(eval_results: Any) -> tuple[list[Score], dict[str, ModelStats]]:
     """Normalize ``eval_results`` (see the module docstring) to scores and per-model size / RTF."""
+    if not eval_results:  # nothing evaluated on real speech: a card without scores
+        return [], {}
     groups: list[tuple[str, Any]] = []
     if isinstance(eval_results, Mapping) and set(eval_results) & set(ROLES):
         if unknown := set(eval_results) - set(ROLES):
