@@ -399,6 +399,26 @@ class EvaluationReport:
     rtf: float | None = None
     utterances: list[dict[str, Any]] = field(default_factory=list)
 
+
+    def summarize(self) -> None:
+        """Fill the per-language entries (macro over corpora, pooled) and the totals from ``corpora``."""
+        for code in dict.fromkeys(entry["language"] for entry in self.corpora):
+            entries = [entry for entry in self.corpora if entry["language"] == code]
+            metric = entries[0]["metric"]
+            size_key = "n_reference_chars" if metric == "cer" else "n_reference_words"
+            audio_seconds, decode_seconds = (sum(e[key] for e in entries) for key in ("audio_seconds", "decode_seconds"))
+            self.languages[code] = {
+                "metric": metric, "macro": sum(e["error_rate"] for e in entries) / len(entries),
+                "pooled": error_rate(sum(e["errors"] for e in entries), sum(e[size_key] for e in entries)),
+                "n_corpora": len(entries), "n_utterances": sum(e["n_utterances"] for e in entries),
+                "audio_seconds": audio_seconds, "decode_seconds": decode_seconds,
+                "rtf": _rtf(decode_seconds, audio_seconds),
+            }
+        self.n_utterances = len(self.utterances)
+        self.audio_seconds = sum(e["audio_seconds"] for e in self.corpora)
+        self.decode_seconds = sum(e["decode_seconds"] for e in self.corpora)
+        self.rtf = _rtf(self.decode_seconds, self.audio_seconds)
+
     def to_dict(self, per_utterance: bool = True) -> dict[str, Any]:
         result = asdict(self)
         if not per_utterance:
@@ -493,22 +513,7 @@ def evaluate_model(
         report.corpora.append({"corpus": corpus, "language": code, "error_rate": result[result["metric"]], **result,
                                "audio_seconds": audio_seconds, "decode_seconds": decode_seconds,
                                "rtf": _rtf(decode_seconds, audio_seconds)})
-    for code in dict.fromkeys(entry["language"] for entry in report.corpora):
-        entries = [entry for entry in report.corpora if entry["language"] == code]
-        metric = entries[0]["metric"]
-        size_key = "n_reference_chars" if metric == "cer" else "n_reference_words"
-        audio_seconds, decode_seconds = (sum(e[key] for e in entries) for key in ("audio_seconds", "decode_seconds"))
-        report.languages[code] = {
-            "metric": metric, "macro": sum(e["error_rate"] for e in entries) / len(entries),
-            "pooled": error_rate(sum(e["errors"] for e in entries), sum(e[size_key] for e in entries)),
-            "n_corpora": len(entries), "n_utterances": sum(e["n_utterances"] for e in entries),
-            "audio_seconds": audio_seconds, "decode_seconds": decode_seconds,
-            "rtf": _rtf(decode_seconds, audio_seconds),
-        }
-    report.n_utterances = len(report.utterances)
-    report.audio_seconds = sum(e["audio_seconds"] for e in report.corpora)
-    report.decode_seconds = sum(e["decode_seconds"] for e in report.corpora)
-    report.rtf = _rtf(report.decode_seconds, report.audio_seconds)
+    report.summarize()
     return report
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import WhisperForConditionalGeneration
 
 from hf_whisper_kdq.cli import main as cli_main
 from hf_whisper_kdq.sources import (

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .. import data
-from ..evaluation import EvaluationReport, audio_values, error_rate, language_code, score, weight_files
+from ..evaluation import EvaluationReport, audio_values, language_code, score, weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -298,25 +298,5 @@ def evaluate_faster_whisper(
         report.corpora.append({"corpus": corpus, "language": code, "error_rate": result[result["metric"]], **result,
                                "audio_seconds": audio_seconds, "decode_seconds": decode_seconds,
                                "rtf": decode_seconds / audio_seconds if audio_seconds else None})
-    _summarize(report)
+    report.summarize()
     return report
-
-
-def _summarize(report: EvaluationReport) -> None:
-    """Per-language entries and totals from ``report.corpora``, as ``evaluate_model`` computes them."""
-    for code in dict.fromkeys(entry["language"] for entry in report.corpora):
-        entries = [entry for entry in report.corpora if entry["language"] == code]
-        metric = entries[0]["metric"]
-        size_key = "n_reference_chars" if metric == "cer" else "n_reference_words"
-        audio_seconds, decode_seconds = (sum(e[key] for e in entries) for key in ("audio_seconds", "decode_seconds"))
-        report.languages[code] = {
-            "metric": metric, "macro": sum(e["error_rate"] for e in entries) / len(entries),
-            "pooled": error_rate(sum(e["errors"] for e in entries), sum(e[size_key] for e in entries)),
-            "n_corpora": len(entries), "n_utterances": sum(e["n_utterances"] for e in entries),
-            "audio_seconds": audio_seconds, "decode_seconds": decode_seconds,
-            "rtf": decode_seconds / audio_seconds if audio_seconds else None,
-        }
-    report.n_utterances = len(report.utterances)
-    report.audio_seconds = sum(e["audio_seconds"] for e in report.corpora)
-    report.decode_seconds = sum(e["decode_seconds"] for e in report.corpora)
-    report.rtf = report.decode_seconds / report.audio_seconds if report.audio_seconds else None
