@@ -48,7 +48,6 @@ import datetime as dt
 import gc
 import json
 import logging
-import math
 import os
 import platform
 import shlex
@@ -69,7 +68,7 @@ GROUP_SIZE = 32  # DistillQuantArguments.quant_group_size default; used by the u
 
 logger = logging.getLogger("results_table")
 
-# ---- the rows -------------------------------------------------------------------------------------------------------
+# ---- the rows --------------------------------------------------------------------------------------------------------
 # kind "reference": a pretrained Whisper as it is (fp16 on disk). kind "ptq": round-to-nearest quantization of the
 # teacher, no training (prepare_qat with one spec per component, then save_compressed). kind "train": a student
 # trained by DistillQuantTrainer. Budgets "uniform:B" are the paper-accounting size of the same student with every
@@ -126,7 +125,7 @@ PRESETS = {
 }
 
 
-# ---- command line ---------------------------------------------------------------------------------------------------
+# ---- command line ----------------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default=None,
@@ -154,14 +153,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ct2", action=argparse.BooleanOptionalAction, default=True,
                         help="also export to CTranslate2 int8 and time faster-whisper (default: on)")
     parser.add_argument("--keep_exports", action="store_true",
-                        help="keep each row's exported checkpoints under OUTPUT/<row>/ (default: deleted once measured)")
+                        help="keep each row's exported checkpoints under OUTPUT/<row>/ (default: deleted once "
+                             "measured)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.list:
         return args
     if not args.merge and not args.rows:
         parser.error("give --rows (see --list), or --merge to only rebuild the table")
-    for name in ("eval_limit", "max_new_tokens", "train_steps", "train_rows", "train_batch_size", "batch_size", "threads"):
+    positive = ("eval_limit", "max_new_tokens", "train_steps", "train_rows", "train_batch_size", "batch_size",
+                "threads")
+    for name in positive:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be >= 1")
@@ -218,7 +220,7 @@ def load_average() -> list[float] | None:
         return None
 
 
-# ---- shared state ---------------------------------------------------------------------------------------------------
+# ---- shared state ----------------------------------------------------------------------------------------------------
 class Context:
     """What rows share within one invocation: the teacher, the evaluation sets, the training data."""
 
@@ -350,7 +352,7 @@ def inference_copy(model):
     return plain.float().eval()
 
 
-# ---- measuring one model ----------------------------------------------------------------------------------------------
+# ---- measuring one model ---------------------------------------------------------------------------------------------
 def scores(report) -> dict:
     keys = ("metric", "error_rate", "n_utterances", "audio_seconds", "decode_seconds", "rtf")
     return {entry["corpus"]: {key: entry[key] for key in keys} for entry in report.corpora}
@@ -408,11 +410,12 @@ def sizes_from_report(report: dict, teacher: dict) -> dict:
 def float_sizes(model, processor, teacher: dict) -> dict:
     on_disk = fp16_weights_bytes(model, processor)
     paper = 2 * n_parameters(model)
-    return {"bytes_on_disk": on_disk, "paper_bytes": paper, "ratio_to_teacher_fp16": teacher["fp16_bytes_on_disk"] / on_disk,
-            "paper_ratio": teacher["fp16_parameter_bytes"] / paper, "stored": "fp16 safetensors (save_whisper)"}
+    return {"bytes_on_disk": on_disk, "paper_bytes": paper, "stored": "fp16 safetensors (save_whisper)",
+            "ratio_to_teacher_fp16": teacher["fp16_bytes_on_disk"] / on_disk,
+            "paper_ratio": teacher["fp16_parameter_bytes"] / paper}
 
 
-# ---- the three kinds of rows --------------------------------------------------------------------------------------------
+# ---- the three kinds of rows -----------------------------------------------------------------------------------------
 def run_reference(ctx: Context, name: str, row: dict, row_dir: Path, result: dict) -> None:
     from hf_whisper_kdq import load_whisper
 
@@ -440,16 +443,12 @@ def run_ptq(ctx: Context, name: str, row: dict, row_dir: Path, result: dict) -> 
     for component, spec in row["specs"].items():
         targets = default_quant_targets(model, encoder=component == "encoder", decoder=component == "decoder",
                                         embedding=component == "embedding")  # fmt: skip
-        if component != "embedding":
-            targets = [t for t in targets if not t.endswith("embed_tokens")]
-        else:
-            targets = [t for t in targets if t.endswith("embed_tokens")]
         specs.update(dict.fromkeys(targets, spec))
     prepare_qat(model, specs)  # the tied proj_out follows the embedding
     result["model"] = f"{ctx.args.teacher} + round-to-nearest {row['specs']}"
     with ctx.timer(f"{name}: save_compressed"):
-        folder = save_compressed(model, processor, row_dir / "compressed", teacher_fp16_bytes=teacher_sizes["fp16_parameter_bytes"],
-                                 overwrite=True)  # fmt: skip
+        folder = save_compressed(model, processor, row_dir / "compressed",
+                                 teacher_fp16_bytes=teacher_sizes["fp16_parameter_bytes"], overwrite=True)
     report = json.loads((folder / "compression_report.json").read_text())
     result["sizes"] = sizes_from_report(report, teacher_sizes)
     measure(ctx, name, model, processor, row_dir, result)
@@ -484,7 +483,8 @@ def run_training(ctx: Context, name: str, row: dict, row_dir: Path, result: dict
             "--logging_steps", str(max(1, min(10, args.train_steps // 5))), "--disable_tqdm", "true",
             "--quant_targets", row["quant_targets"], "--quant_bit_choices", row["bits"],
             "--quant_group_size", str(GROUP_SIZE), "--quant_granularity", "per_group",
-            "--kd_weight", str(row.get("kd_weight", 1.0)), "--hidden_weight", str(row.get("hidden_weight", 1.0))]  # fmt: skip
+            "--kd_weight", str(row.get("kd_weight", 1.0)),
+            "--hidden_weight", str(row.get("hidden_weight", 1.0))]  # fmt: skip
     if row["guided"]:
         argv += ["--layer_matching", "dynamic_monotone", "--selection_interval", str(max(1, args.train_steps // 4))]
     else:
@@ -492,9 +492,11 @@ def run_training(ctx: Context, name: str, row: dict, row_dir: Path, result: dict
     if row["budget"]:
         bits = int(row["budget"].split(":")[1])
         argv += ["--size_budget_mb", f"{uniform_budget_mb(student, row['quant_targets'], bits):.6f}"]
-    (training_args,) = HfArgumentParser(DistillQuantArguments).parse_args_into_dataclasses(args=with_training_defaults(argv))
+    parser = HfArgumentParser(DistillQuantArguments)
+    (training_args,) = parser.parse_args_into_dataclasses(args=with_training_defaults(argv))
     with ctx.timer(f"{name}: features and labels"):
-        features, preparation = prepare_dataset(train, processor, multilingual=bool(teacher.generation_config.is_multilingual))
+        multilingual = bool(teacher.generation_config.is_multilingual)
+        features, preparation = prepare_dataset(train, processor, multilingual=multilingual)
     trainer = DistillQuantTrainer(
         model=student, teacher_model=teacher, args=training_args, train_dataset=features,
         data_collator=WhisperDataCollator(processor, decoder_start_token_id=student.config.decoder_start_token_id),
@@ -519,7 +521,7 @@ def run_training(ctx: Context, name: str, row: dict, row_dir: Path, result: dict
     if plan.module_specs():
         with ctx.timer(f"{name}: save_compressed"):
             folder = save_compressed(student, processor, row_dir / "compressed", plan=plan,
-                                     teacher_fp16_bytes=teacher_sizes["fp16_parameter_bytes"], overwrite=True)  # fmt: skip
+                                     teacher_fp16_bytes=teacher_sizes["fp16_parameter_bytes"], overwrite=True)
         report = json.loads((folder / "compression_report.json").read_text())
         result["sizes"] = sizes_from_report(report, teacher_sizes)
     else:  # distillation only: a float student
@@ -567,21 +569,22 @@ def run_row(ctx: Context, name: str, command: str, machine: dict) -> Path:
     return path
 
 
-# ---- merge: table, JSON, figure ---------------------------------------------------------------------------------------
+# ---- merge: table, JSON, figure --------------------------------------------------------------------------------------
 COLUMNS = ["model", "bytes on disk", "ratio to teacher fp16", "paper accounting ratio", "WER LJSpeech",
            "CER AISHELL", "CPU real-time factor (transformers)", "CT2 int8 RTF"]  # fmt: skip
 
 
-def _corpus(scores_: dict, prefix: str) -> dict | None:
-    return next((entry for corpus, entry in scores_.items() if corpus.lower().startswith(prefix)), None)
+def _corpus(scores_: dict, prefix: str) -> float | None:
+    entry = next((e for corpus, e in scores_.items() if corpus.lower().startswith(prefix)), None)
+    return None if entry is None else entry.get("error_rate")
 
 
-def _pct(entry: dict | None) -> str:
-    return "—" if entry is None or entry.get("error_rate") is None else f"{100 * entry['error_rate']:.1f}%"
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
 
 
-def _num(value, digits: int = 3, suffix: str = "") -> str:
-    return "—" if value is None else f"{value:.{digits}f}{suffix}"
+def _num(value, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
 
 
 def load_rows(output: Path) -> list[dict]:
@@ -593,60 +596,60 @@ def load_rows(output: Path) -> list[dict]:
 def table_rows(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
-        s, evaluation, ct2 = r["sizes"], r["evaluation"], r.get("ct2") or {}
+        sizes, evaluation, ct2 = r["sizes"], r["evaluation"], r.get("ct2") or {}
+        ct2_scores = ct2.get("scores") or {}
         out.append({
-            "row": r["row"], "method": r["method"], "bytes_on_disk": s["bytes_on_disk"],
-            "ratio_to_teacher_fp16": s["ratio_to_teacher_fp16"], "paper_bytes": s["paper_bytes"],
-            "paper_ratio": s["paper_ratio"], "wer_ljspeech": (_corpus(evaluation["scores"], "ljspeech") or {}).get("error_rate"),
-            "cer_aishell": (_corpus(evaluation["scores"], "aishell") or {}).get("error_rate"),
-            "rtf_transformers": evaluation["rtf"], "rtf_ct2_int8": ct2.get("rtf"),
-            "ct2_bytes_on_disk": ct2.get("bytes_on_disk"),
-            "ct2_wer_ljspeech": (_corpus(ct2.get("scores") or {}, "ljspeech") or {}).get("error_rate"),
-            "ct2_cer_aishell": (_corpus(ct2.get("scores") or {}, "aishell") or {}).get("error_rate"),
+            "row": r["row"], "method": r["method"], "bytes_on_disk": sizes["bytes_on_disk"],
+            "ratio_to_teacher_fp16": sizes["ratio_to_teacher_fp16"], "paper_bytes": sizes["paper_bytes"],
+            "paper_ratio": sizes["paper_ratio"], "wer_ljspeech": _corpus(evaluation["scores"], "ljspeech"),
+            "cer_aishell": _corpus(evaluation["scores"], "aishell"), "rtf_transformers": evaluation["rtf"],
+            "rtf_ct2_int8": ct2.get("rtf"), "ct2_bytes_on_disk": ct2.get("bytes_on_disk"),
+            "ct2_wer_ljspeech": _corpus(ct2_scores, "ljspeech"), "ct2_cer_aishell": _corpus(ct2_scores, "aishell"),
             "n_utterances": {c: e["n_utterances"] for c, e in evaluation["scores"].items()},
             "english_only": evaluation["english_only"], "smoke": r.get("smoke"), "date": r["date"],
         })  # fmt: skip
     return out
 
 
+def _row_note(r: dict, t: dict) -> str:
+    n = ", ".join(f"{count} {corpus}" for corpus, count in t["n_utterances"].items())
+    note = f"- `{t['row']}` ({t['method']}): {r['description']}; eval {n}"
+    if r.get("training"):
+        tr = r["training"]
+        note += f"; trained {tr['train_steps']} steps × batch {tr['batch_size']} on {tr['rows']} rows {tr['corpora']}"
+    sizes = r["sizes"]
+    if sizes.get("planned_bits"):
+        on_disk = "quantized" if sizes.get("embedding_quantized_on_disk") else "fp16"
+        note += (f"; planned bits {sizes['planned_bits']} (16 = float), embedding planned "
+                 f"{sizes.get('embedding_planned_bits')} bits, on disk {on_disk}")
+    machine = r["machine"]
+    note += (f"; {r['date']}, {machine['cpu_count']} CPUs, {machine['torch_threads']} threads, load "
+             f"{machine.get('load_average_before')}")
+    return note + (" **(smoke: small subset / short training)**" if t["smoke"] else "")
+
+
 def markdown(rows: list[dict]) -> str:
     summary = table_rows(rows)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1)]
-    for r, t in zip(rows, summary):
+    for t in summary:
         mark = " ¹" if t["english_only"] else ""
         lines.append(
             f"| {t['row']} | {t['bytes_on_disk'] / 1e6:.1f} MB | {t['ratio_to_teacher_fp16']:.2f}× | "
-            f"{t['paper_ratio']:.2f}× | {_pct({'error_rate': t['wer_ljspeech']})} | {_pct({'error_rate': t['cer_aishell']})} | "
+            f"{t['paper_ratio']:.2f}× | {_pct(t['wer_ljspeech'])} | {_pct(t['cer_aishell'])} | "
             f"{_num(t['rtf_transformers'])}{mark} | {_num(t['rtf_ct2_int8'])}{mark} |"
         )
-    lines.append("")
-    lines.append("¹ English-only model: evaluated (and timed) on LJSpeech only.")
+    if any(t["english_only"] for t in summary):
+        lines += ["", "¹ English-only model: evaluated (and timed) on LJSpeech only."]
     if any(t["ct2_bytes_on_disk"] for t in summary):
         lines += ["", "CTranslate2 int8 exports (faster-whisper, one utterance at a time):", "",
                   "| model | CT2 int8 bytes on disk | WER LJSpeech | CER AISHELL |", "|---|---:|---:|---:|"]
-        for t in summary:
-            if t["ct2_bytes_on_disk"]:
-                lines.append(f"| {t['row']} | {t['ct2_bytes_on_disk'] / 1e6:.1f} MB | "
-                             f"{_pct({'error_rate': t['ct2_wer_ljspeech']})} | {_pct({'error_rate': t['ct2_cer_aishell']})} |")
-    lines += ["", "Rows:", ""]
-    for r, t in zip(rows, summary):
-        n = ", ".join(f"{count} {corpus}" for corpus, count in t["n_utterances"].items())
-        training = ""
-        if r.get("training"):
-            tr = r["training"]
-            training = f"; trained {tr['train_steps']} steps × batch {tr['batch_size']} on {tr['rows']} rows {tr['corpora']}"
-        bits = ""
-        if r["sizes"].get("planned_bits"):
-            bits = f"; planned bits {r['sizes']['planned_bits']} (16 = float), embedding planned {r['sizes'].get('embedding_planned_bits')} bits, on disk " \
-                   f"{'quantized' if r['sizes'].get('embedding_quantized_on_disk') else 'fp16'}"  # fmt: skip
-        flag = " **(smoke: small subset / short training)**" if t["smoke"] else ""
-        lines.append(f"- `{t['row']}` ({t['method']}): {r['description']}; eval {n}{training}{bits}; "
-                     f"{r['date']}, {r['machine']['cpu_count']} CPUs, {r['machine']['torch_threads']} threads, "
-                     f"load {r['machine'].get('load_average_before')}{flag}")  # fmt: skip
+        lines += [f"| {t['row']} | {t['ct2_bytes_on_disk'] / 1e6:.1f} MB | {_pct(t['ct2_wer_ljspeech'])} | "
+                  f"{_pct(t['ct2_cer_aishell'])} |" for t in summary if t["ct2_bytes_on_disk"]]
+    lines += ["", "Rows:", ""] + [_row_note(r, t) for r, t in zip(rows, summary)]
     limits = {r.get("eval_limit_per_corpus") for r in rows}
     if len(limits) > 1:
-        lines += ["", f"WARNING: rows were evaluated on different subsets (eval_limit per corpus: {sorted(limits, key=str)})"
-                  ": their error rates are not directly comparable."]  # fmt: skip
+        lines += ["", f"WARNING: rows were evaluated on different subsets (eval_limit per corpus: "
+                  f"{sorted(limits, key=str)}): their error rates are not directly comparable."]
     return "\n".join(lines)
 
 
@@ -681,7 +684,7 @@ def merge(output: Path) -> str | None:
     return text
 
 
-# ---- main -------------------------------------------------------------------------------------------------------------
+# ---- main ------------------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for noisy in ("transformers", "datasets", "httpx", "urllib3", "faster_whisper"):
@@ -704,7 +707,7 @@ def main(argv=None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    command = shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(["results_table.py", *argv])
+    command = shlex.join(["python", *sys.argv] if argv is None else ["results_table.py", *argv])
     machine = machine_info(args.threads)
     ctx = Context(args)
     failed = []
