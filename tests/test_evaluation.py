@@ -448,3 +448,6 @@ def test_make_compute_metrics_decodes_and_scores(tiny_whisper):
     assert set(mixed) == {"wer_en", "cer_zh"} and mixed["wer_en"] == pytest.approx(1 / 6)
     with pytest.raises(ValueError, match="languages given"):
         make_compute_metrics(processor, ["en"])(prediction)
+    logits = EvalPrediction(predictions=np.zeros((2, width, 8)), label_ids=prediction.label_ids)
+    with pytest.raises(ValueError, match="predict_with_generate=True"):
+        make_compute_metrics(processor, "en")(logits)
