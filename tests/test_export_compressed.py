@@ -336,3 +336,47 @@ def test_clear_errors_and_nothing_written(exports, tiny_whisper, tmp_path, monke
         save_compressed(exports["low"].model, processor, target)
     assert not target.exists() and list(tmp_path.iterdir()) == []
     assert QuantSpec.parse("int4-g32").qmax == 7  # the restricted range the export relies on
+
+
+@pytest.mark.slow
+def test_real_weights_packed_export_transcribes_real_clips_identically(shared_speech, tmp_path, monkeypatch):
+    """whisper-tiny.en quantized (int8 encoder, int4 g32 decoder), exported, reloaded by plain transformers in a
+    fresh process: greedy transcripts of real LJSpeech clips equal the QAT model's (convert_qat) ones."""
+    import copy
+    import json
+
+    from hf_whisper_kdq.data import load_audio
+    from hf_whisper_kdq.quant import QuantSpec, convert_qat, default_quant_targets, prepare_qat
+    from hf_whisper_kdq.sources import load_whisper
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, processor = load_whisper("openai/whisper-tiny.en")
+    specs = {name: QuantSpec(8, "per_channel") for name in default_quant_targets(model, decoder=False)}
+    specs.update({name: QuantSpec(4, "per_group", 32) for name in default_quant_targets(model, encoder=False)})
+    prepare_qat(model, specs)
+    out = save_compressed(model, processor, tmp_path / "packed")
+
+    rows = [json.loads(line) for line in (shared_speech / "dev.jsonl").read_text().splitlines()[:3]]
+    features = processor([load_audio(shared_speech / r["audio"]) for r in rows], sampling_rate=16000,
+                         return_tensors="pt").input_features  # fmt: skip
+    np.save(tmp_path / "features.npy", features.numpy())
+    converted = copy.deepcopy(model)
+    convert_qat(converted)
+    with torch.no_grad():
+        expected = processor.batch_decode(converted.generate(features, max_new_tokens=64), skip_special_tokens=True)
+
+    script = f"""
+import sys, json, numpy as np, torch
+sys.modules["hf_whisper_kdq"] = None  # importing it would fail: prove the checkpoint stands alone
+from transformers import WhisperForConditionalGeneration, WhisperProcessor
+model = WhisperForConditionalGeneration.from_pretrained({str(out)!r}, dtype=torch.float32)
+processor = WhisperProcessor.from_pretrained({str(out)!r})
+model.hf_quantizer.compressor.decompress_model(model)
+features = torch.from_numpy(np.load({str(tmp_path / "features.npy")!r}))
+with torch.no_grad():
+    ids = model.generate(features, max_new_tokens=64)
+print(json.dumps(processor.batch_decode(ids, skip_special_tokens=True)))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
