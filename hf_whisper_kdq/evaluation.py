@@ -234,7 +234,7 @@ def score(
 
 
 # --- Batched decoding ----------------------------------------------------------------------------------
-def _as_array(audio: Any) -> np.ndarray:
+def as_audio_array(audio: Any) -> np.ndarray:
     """Arrays and tensors pass through (16 kHz mono); paths and datasets audio dicts go to ``data.load_audio``."""
     if isinstance(audio, (np.ndarray, torch.Tensor)):
         array = np.asarray(audio, dtype=np.float32)
@@ -254,7 +254,7 @@ def _duration(audio: Any) -> float:
     try:
         return float(soundfile.info(io.BytesIO(source) if isinstance(source, bytes) else os.fspath(source)).duration)
     except Exception:  # a format soundfile cannot probe (or a bad file, which load_audio reports properly)
-        return len(_as_array(audio)) / SAMPLING_RATE
+        return len(as_audio_array(audio)) / SAMPLING_RATE
 
 
 def audio_values(dataset, column: str = "audio") -> list[Any]:
@@ -314,7 +314,7 @@ def transcribe(
             for start in range(0, len(indices), batch_size):
                 batch = indices[start : start + batch_size]
                 texts = _generate(
-                    model, processor, [_as_array(audios[i]) for i in batch], device=device, dtype=dtype,
+                    model, processor, [as_audio_array(audios[i]) for i in batch], device=device, dtype=dtype,
                     language=code if multilingual else None, task=task if multilingual else None,
                     num_beams=num_beams, max_new_tokens=max_new_tokens,
                 )

@@ -31,12 +31,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-import torch
 from torch import nn
 
 from .. import data
-from ..evaluation import EvaluationReport, audio_values, language_code, score, weight_files
+from ..evaluation import EvaluationReport, as_audio_array, audio_values, language_code, score, weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -196,15 +194,6 @@ def _faster_whisper_model(model, *, device: str, compute_type: str, cpu_threads:
     return faster_whisper.WhisperModel(str(folder), device=device, compute_type=compute_type, cpu_threads=cpu_threads)
 
 
-def _audio_array(audio: Any) -> np.ndarray:
-    if isinstance(audio, (np.ndarray, torch.Tensor)):
-        array = np.asarray(audio, dtype=np.float32)
-        if array.ndim != 1:
-            raise ValueError(f"audio arrays must be 1-D mono samples at 16 kHz, got shape {array.shape}")
-        return array
-    return data.load_audio(audio)
-
-
 def _language_codes(whisper, languages, n: int) -> list[str | None]:
     per_item = [languages] * n if languages is None or isinstance(languages, str) else list(languages)
     if len(per_item) != n:
@@ -241,7 +230,7 @@ def transcribe_faster_whisper(
     texts = []
     for audio, code in zip(audios, codes):
         settings = {**_GREEDY, "beam_size": beam_size, "max_new_tokens": max_new_tokens, **options}
-        segments, _ = whisper.transcribe(_audio_array(audio), language=code, task=task, **settings)
+        segments, _ = whisper.transcribe(as_audio_array(audio), language=code, task=task, **settings)
         texts.append("".join(segment.text for segment in segments).strip())  # segments is a lazy generator
     return texts
 
