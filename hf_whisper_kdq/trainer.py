@@ -341,7 +341,10 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         prefix = eval_prefix if mode == "eval" else ""
         for name, values in self._logged_terms[mode].items():
             if values:
-                logs[f"{prefix}loss_{name}"] = round(torch.stack(values).mean().item(), 6)
+                mean = torch.stack(values).mean()
+                if self.accelerator.num_processes > 1:  # every rank logs (as the Trainer's own loss gather does)
+                    mean = self.accelerator.reduce(mean.to(self.accelerator.device), reduction="mean")
+                logs[f"{prefix}loss_{name}"] = round(mean.item(), 6)
         self._logged_terms[mode].clear()
         super().log(logs, start_time)
 

@@ -1,0 +1,46 @@
+"""Train a micro student with DistillQuantTrainer for a few steps; run alone or under torchrun.
+
+    python tests/scripts/ddp_train.py OUT BATCH_PER_PROCESS
+    torchrun --nproc_per_node 2 tests/scripts/ddp_train.py OUT BATCH_PER_PROCESS
+
+Writes OUT/result.pt (main process only): the logged losses and gradient norms, the plan, the final weights.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for conftest's micro helpers
+
+from conftest import make_micro_rows, make_micro_whisper, micro_collate  # noqa: E402
+
+from hf_whisper_kdq import DistillQuantArguments, DistillQuantTrainer, build_student  # noqa: E402
+
+
+def main(output: str, batch_size: int) -> None:
+    teacher = make_micro_whisper(seed=0, decoder_layers=4)
+    student = build_student(teacher, decoder_layers=2)
+    args = DistillQuantArguments(
+        output_dir=output, per_device_train_batch_size=batch_size, max_steps=4, learning_rate=1e-3,
+        warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
+        quant_targets="decoder", quant_bit_choices="4", num_distill_layers=1, disable_tqdm=True,
+        dataloader_drop_last=True, remove_unused_columns=False, data_seed=0,
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+    )  # fmt: skip
+    trainer = DistillQuantTrainer(model=student, teacher_model=teacher, args=args,
+                                  train_dataset=Dataset.from_list(make_micro_rows(32, seed=1)),
+                                  data_collator=micro_collate)  # fmt: skip
+    trainer.train()
+    if trainer.is_world_process_zero():
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        grad_norms = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
+        plan = [(u.name, u.bits, u.distilled) for u in trainer.plan.units]
+        weights = {k: v.detach().clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
+        torch.save({"losses": losses, "grad_norms": grad_norms, "plan": plan, "weights": weights}, Path(output) / "result.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
