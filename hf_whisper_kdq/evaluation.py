@@ -473,48 +473,78 @@ def evaluate_model(
     ``data.load_manifest``) and score it per corpus and per language. Each corpus's audio is read before its
     clock starts, so ``decode_seconds`` and the real-time factor cover feature extraction and generation;
     with ``warmup``, one utterance is decoded first, off the clock (first passes pick kernels, allocate)."""
-    columns = set(dataset.column_names)
-    if missing := {"audio", "text", "language"} - columns:
-        raise ValueError(f"the dataset lacks column(s) {sorted(missing)}: load it with data.load_manifest")
-    n = len(dataset)
-    ids = list(dataset["id"]) if "id" in columns else [str(i) for i in range(n)]
-    corpora = list(dataset["corpus"]) if "corpus" in columns else [None] * n
-    references = list(dataset["text"])
-    languages = [language_code(lang) for lang in dataset["language"]]
-    audio_column = audio_values(dataset)
-    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for i in range(n):
-        if references[i] is not None:
-            groups[(corpora[i] or "default", languages[i])].append(i)
-    if unlabeled := n - sum(map(len, groups.values())):
-        logger.warning("%d of %d rows have no reference text and are not evaluated", unlabeled, n)
+    rows = ManifestRows.of(dataset)
     parameter = next(model.parameters())
     size_bytes, size_source = model_size(model, model_path)
     report = EvaluationReport(
         model=None if model_path is None else str(model_path), n_parameters=sum(p.numel() for p in model.parameters()),
         model_size_bytes=size_bytes, model_size_source=size_source, batch_size=batch_size, num_beams=num_beams,
-        device=str(parameter.device), dtype=str(parameter.dtype).removeprefix("torch."), n_unlabeled_skipped=unlabeled,
+        device=str(parameter.device), dtype=str(parameter.dtype).removeprefix("torch."),
+        n_unlabeled_skipped=rows.unlabeled,
     )
-    if warmup and groups:
-        (_, code), indices = next(iter(groups.items()))
-        transcribe(model, processor, [audio_column[indices[0]]], languages=code, max_new_tokens=8, progress=False)
-    for (corpus, code), indices in groups.items():
-        arrays = [data.load_audio(audio_column[i], row_id=ids[i]) for i in indices]
-        audio_seconds = sum(len(a) for a in arrays) / SAMPLING_RATE
-        start = time.perf_counter()
-        hypotheses = transcribe(model, processor, arrays, languages=code, batch_size=batch_size, num_beams=num_beams,
-                                max_new_tokens=max_new_tokens, progress=progress)
-        decode_seconds = time.perf_counter() - start
-        del arrays  # one corpus in memory at a time
-        result = score([references[i] for i in indices], hypotheses, code, per_utterance=True)
-        for i, hypothesis, record in zip(indices, hypotheses, result.pop("utterances")):
-            report.utterances.append({"id": ids[i], "corpus": corpus, "language": code, "reference": references[i],
-                                      "hypothesis": hypothesis, **record})
-        report.corpora.append({"corpus": corpus, "language": code, "error_rate": result[result["metric"]], **result,
-                               "audio_seconds": audio_seconds, "decode_seconds": decode_seconds,
-                               "rtf": _rtf(decode_seconds, audio_seconds)})
-    report.summarize()
-    return report
+
+    def transcriber(arrays: list[np.ndarray], code: str, warmup: bool) -> list[str]:
+        if warmup:
+            return transcribe(model, processor, arrays, languages=code, max_new_tokens=8, progress=False)
+        return transcribe(model, processor, arrays, languages=code, batch_size=batch_size, num_beams=num_beams,
+                          max_new_tokens=max_new_tokens, progress=progress)  # fmt: skip
+
+    return rows.transcribe_and_score(report, transcriber, warmup=warmup)
+
+
+@dataclass
+class ManifestRows:
+    """The labelled rows of a manifest dataset, grouped by (corpus, language): what every evaluator scores."""
+
+    ids: list[str]
+    references: list[str | None]
+    audio: list[Any]
+    groups: dict[tuple[str, str], list[int]]
+    unlabeled: int
+
+    @classmethod
+    def of(cls, dataset) -> ManifestRows:
+        columns = set(dataset.column_names)
+        if missing := {"audio", "text", "language"} - columns:
+            raise ValueError(f"the dataset lacks column(s) {sorted(missing)}: load it with data.load_manifest")
+        n = len(dataset)
+        ids = list(dataset["id"]) if "id" in columns else [str(i) for i in range(n)]
+        corpora = list(dataset["corpus"]) if "corpus" in columns else [None] * n
+        references = list(dataset["text"])
+        languages = [language_code(lang) for lang in dataset["language"]]
+        groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+        for i in range(n):
+            if references[i] is not None:
+                groups[(corpora[i] or "default", languages[i])].append(i)
+        if unlabeled := n - sum(map(len, groups.values())):
+            logger.warning("%d of %d rows have no reference text and are not evaluated", unlabeled, n)
+        return cls(ids, references, audio_values(dataset), dict(groups), unlabeled)
+
+    def transcribe_and_score(self, report: EvaluationReport, transcriber, *, warmup: bool) -> EvaluationReport:
+        """Fill ``report`` per corpus with ``transcriber(arrays, language, warmup) -> texts``.
+
+        Each corpus's audio is read before its clock starts, so ``decode_seconds`` covers feature extraction and
+        decoding only; with ``warmup``, one utterance is decoded first, off the clock."""
+        if warmup and self.groups:
+            (_, code), indices = next(iter(self.groups.items()))
+            transcriber([data.load_audio(self.audio[indices[0]], row_id=self.ids[indices[0]])], code, True)
+        for (corpus, code), indices in self.groups.items():
+            arrays = [data.load_audio(self.audio[i], row_id=self.ids[i]) for i in indices]
+            audio_seconds = sum(len(a) for a in arrays) / SAMPLING_RATE
+            start = time.perf_counter()
+            hypotheses = transcriber(arrays, code, False)
+            decode_seconds = time.perf_counter() - start
+            del arrays  # one corpus in memory at a time
+            references = [self.references[i] for i in indices]
+            result = score(references, hypotheses, code, per_utterance=True)
+            for i, hypothesis, record in zip(indices, hypotheses, result.pop("utterances")):
+                report.utterances.append({"id": self.ids[i], "corpus": corpus, "language": code,
+                                          "reference": self.references[i], "hypothesis": hypothesis, **record})
+            report.corpora.append({"corpus": corpus, "language": code, "error_rate": result[result["metric"]],
+                                   **result, "audio_seconds": audio_seconds, "decode_seconds": decode_seconds,
+                                   "rtf": _rtf(decode_seconds, audio_seconds)})  # fmt: skip
+        report.summarize()
+        return report
 
 
 # --- Command line: hf-whisper-kdq evaluate MODEL --manifest ... ----------------------------------------

@@ -26,15 +26,12 @@ import logging
 import os
 import shutil
 import tempfile
-import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
 from torch import nn
 
-from .. import data
-from ..evaluation import EvaluationReport, as_audio_array, audio_values, language_code, score, weight_files
+from ..evaluation import EvaluationReport, ManifestRows, as_audio_array, language_code, weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -250,42 +247,18 @@ def evaluate_faster_whisper(
     dataset, scoring (``evaluation.score``: normalized WER, CER for zh/ja/...), per corpus and per language
     entries and real-time factor (audio read before the clock starts; one warm-up utterance off the clock).
     ``batch_size`` is 1 (faster-whisper decodes one utterance at a time), ``dtype`` the compute type."""
-    columns = set(dataset.column_names)
-    if missing := {"audio", "text", "language"} - columns:
-        raise ValueError(f"the dataset lacks column(s) {sorted(missing)}: load it with data.load_manifest")
+    rows = ManifestRows.of(dataset)
     whisper = _faster_whisper_model(model_dir, device=device, compute_type=compute_type, cpu_threads=cpu_threads)
-    n = len(dataset)
-    ids = list(dataset["id"]) if "id" in columns else [str(i) for i in range(n)]
-    corpora = list(dataset["corpus"]) if "corpus" in columns else [None] * n
-    references, audio_column = list(dataset["text"]), audio_values(dataset)
-    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for i, language in enumerate(dataset["language"]):
-        if references[i] is not None:
-            groups[(corpora[i] or "default", language_code(language))].append(i)
     files = weight_files(model_dir)
     report = EvaluationReport(
         model=str(model_dir), n_parameters=_n_parameters(Path(model_dir)),
         model_size_bytes=sum(file.stat().st_size for file in files), model_size_source="disk", batch_size=1,
         num_beams=beam_size, device=device, dtype=whisper.model.compute_type,
-        n_unlabeled_skipped=n - sum(map(len, groups.values())),
+        n_unlabeled_skipped=rows.unlabeled,
     )
-    if warmup and groups:
-        (_, code), indices = next(iter(groups.items()))
-        transcribe_faster_whisper(whisper, [data.load_audio(audio_column[indices[0]])], code, max_new_tokens=8)
-    for (corpus, code), indices in groups.items():
-        arrays = [data.load_audio(audio_column[i], row_id=ids[i]) for i in indices]
-        audio_seconds = sum(len(a) for a in arrays) / data.SAMPLING_RATE
-        start = time.perf_counter()
-        hypotheses = transcribe_faster_whisper(whisper, arrays, code, beam_size=beam_size,
-                                               max_new_tokens=max_new_tokens)
-        decode_seconds = time.perf_counter() - start
-        del arrays
-        result = score([references[i] for i in indices], hypotheses, code, per_utterance=True)
-        for i, hypothesis, record in zip(indices, hypotheses, result.pop("utterances")):
-            report.utterances.append({"id": ids[i], "corpus": corpus, "language": code, "reference": references[i],
-                                      "hypothesis": hypothesis, **record})
-        report.corpora.append({"corpus": corpus, "language": code, "error_rate": result[result["metric"]], **result,
-                               "audio_seconds": audio_seconds, "decode_seconds": decode_seconds,
-                               "rtf": decode_seconds / audio_seconds if audio_seconds else None})
-    report.summarize()
-    return report
+
+    def transcriber(arrays, code: str, warmup: bool) -> list[str]:
+        return transcribe_faster_whisper(whisper, arrays, code, beam_size=beam_size,
+                                         max_new_tokens=8 if warmup else max_new_tokens)  # fmt: skip
+
+    return rows.transcribe_and_score(report, transcriber, warmup=warmup)
