@@ -155,7 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:  # raised by __post_init__ validation: show it like an argparse error
         parser.error(str(error))
     runner(*arguments)
+    _end_distributed()
     return 0
+
+
+def _end_distributed() -> None:
+    """Close the process group of a torchrun / accelerate launch: a process that exits with it open can abort in
+    gloo's threads while another still runs ("terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _is_config_file(rest: list[str]) -> bool:

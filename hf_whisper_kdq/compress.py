@@ -145,11 +145,47 @@ def apply_level(compress: CompressArguments, args: DistillQuantArguments) -> tup
     return decoder_layers, args
 
 
-def _training_data(compress: CompressArguments, teacher, processor, timer: PhaseTimer):
+def _teacher_labels(compress: CompressArguments, teacher, processor, timer: PhaseTimer, folder: Path | None):
+    """The teacher's transcripts of ``--unlabeled_manifest``, kept in the output folder and reused while the manifest,
+    the teacher's weights and the threshold are unchanged: by the other processes of a multi-process launch (the
+    main process labels first) and by a rerun. Labelling is the slowest data phase on a CPU."""
+    import hashlib
+
+    from datasets import load_from_disk
+
+    from .data import load_manifest
+    from .labelling import pseudo_label
+    from .sources import atomic_folder
+
+    embedding = teacher.get_decoder().embed_tokens.weight.detach().float().cpu().numpy().tobytes()
+    key = {
+        "manifest_sha256": hashlib.sha256(Path(compress.unlabeled_manifest).read_bytes()).hexdigest(),
+        "teacher_embedding_sha256": hashlib.sha256(embedding).hexdigest(),
+        "teacher_layers": [teacher.config.encoder_layers, teacher.config.decoder_layers],
+        "wer_threshold": compress.label_wer_threshold,
+    }
+    if folder is not None and (folder / "key.json").is_file() and json.loads((folder / "key.json").read_text()) == key:
+        logger.info("reusing the teacher's labels in %s", folder)
+        return load_from_disk(str(folder / "dataset"))
+    with timer("label unlabeled audio with the teacher"):
+        labelled, report = pseudo_label(
+            load_manifest(compress.unlabeled_manifest), teacher, processor, wer_threshold=compress.label_wer_threshold
+        )
+        logger.info("%s", report.summary())
+    labelled = labelled.select_columns(["id", "corpus", "language", "audio", "duration", "text"])
+    if folder is None:
+        return labelled
+    with atomic_folder(folder) as staging:
+        labelled.save_to_disk(str(staging / "dataset"))
+        report.save_json(staging / "labelling_report.json")
+        (staging / "key.json").write_text(json.dumps(key, indent=2) + "\n")
+    return labelled
+
+
+def _training_data(compress: CompressArguments, teacher, processor, timer: PhaseTimer, output_dir: str | None = None):
     from datasets import concatenate_datasets
 
     from .data import load_manifest, load_speech_dataset
-    from .labelling import pseudo_label
     from .synthesis import default_prompts, synthesize_dataset
 
     parts = []
@@ -158,12 +194,8 @@ def _training_data(compress: CompressArguments, teacher, processor, timer: Phase
     if compress.train_dataset:
         parts.append(load_speech_dataset(compress.train_dataset, split=compress.train_split, language=compress.language))
     if compress.unlabeled_manifest:
-        with timer("label unlabeled audio with the teacher"):
-            labelled, report = pseudo_label(
-                load_manifest(compress.unlabeled_manifest), teacher, processor, wer_threshold=compress.label_wer_threshold
-            )
-            logger.info("%s", report.summary())
-            parts.append(labelled.select_columns(["id", "corpus", "language", "audio", "duration", "text"]))
+        folder = Path(output_dir) / "teacher_labels" if output_dir else None
+        parts.append(_teacher_labels(compress, teacher, processor, timer, folder))
     if compress.synthetic_prompts:
         with timer("synthesize training speech"):
             parts.append(synthesize_dataset(default_prompts("train")[: compress.synthetic_prompts]))
@@ -185,7 +217,12 @@ def _evaluation_data(compress: CompressArguments, timer: PhaseTimer):
 
 
 def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> dict:
-    """Run the whole job; returns the summary written to ``output_dir/compress_summary.json``."""
+    """Run the whole job; returns the summary written to ``output_dir/compress_summary.json``.
+
+    Launched on several processes (``torchrun --nproc_per_node N --no-python hf-whisper-kdq compress ...`` or
+    ``accelerate launch``), every process trains its share of each batch; the main process alone evaluates,
+    exports, writes the card and pushes, and the other processes return an empty summary.
+    """
     from .card import write_model_card
     from .data import WhisperDataCollator, prepare_dataset
     from .evaluation import SMOKE_RUN_BANNER, evaluate_model
@@ -204,19 +241,27 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
         else:
             student = build_student(teacher, encoder_layers=compress.encoder_layers, decoder_layers=decoder_layers)
     multilingual = bool(teacher.generation_config.is_multilingual)
-    train = _training_data(compress, teacher, processor, timer)
-    evaluation = _evaluation_data(compress, timer)
-    with timer("features and labels"):
-        train_features, report = prepare_dataset(train, processor, multilingual=multilingual)
-        logger.info("training data: %s", report.summary())
+    # Under torchrun / accelerate launch the main process synthesizes and labels first, filling the on-disk
+    # caches that the other processes then read instead of repeating the work.
+    with args.main_process_first(desc="training and evaluation data"):
+        train = _training_data(compress, teacher, processor, timer, args.output_dir)
+        evaluation = _evaluation_data(compress, timer)
+        with timer("features and labels"):
+            train_features, report = prepare_dataset(train, processor, multilingual=multilingual)
+            logger.info("training data: %s", report.summary())
 
     with timer("train"):
         trainer = DistillQuantTrainer(
-            model=student, teacher_model=teacher, args=args, train_dataset=train_features,
+            # compress pushes the compressed folder itself, once: the Trainer's own push would upload checkpoints.
+            model=student, teacher_model=teacher, args=replace(args, push_to_hub=False), train_dataset=train_features,
             data_collator=WhisperDataCollator(processor, decoder_start_token_id=student.config.decoder_start_token_id),
             processing_class=processor,
         )  # fmt: skip
         trainer.train()
+    if not trainer.is_world_process_zero():
+        # Evaluation, exports, the card and the push are the main process's alone (one writer per file).
+        logger.info("training done on process %d; the main process evaluates and exports", trainer.args.process_index)
+        return {}
     if compress.smoke:
         print(SMOKE_RUN_BANNER)
     reports = {}
@@ -257,6 +302,8 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
     summary = {
         "arguments": {"compress": asdict(compress), "training": args.to_dict()},
         "phase_seconds": timer.seconds,
+        "processes": trainer.args.world_size,
+        "training_log": trainer.state.log_history,
         "plan": trainer.plan.to_dict(),
         "compression": {k: compression.get(k) for k in ("total_bytes", "ratio_to_teacher_fp16") if k in compression},
         "evaluation": eval_json,

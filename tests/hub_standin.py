@@ -5,7 +5,7 @@
 (README metadata), POST /api/models/{repo}/preupload/{rev} (answers ``uploadMode: regular`` for every file, so the
 client sends each file inline, base64, in the commit: no LFS / Xet upload path is taken), POST
 /api/models/{repo}/commit/{rev} (NDJSON, decoded into the committed files), POST /api/models/{repo}/branch/{rev}
-and GET /api/models/{repo} (create_repo's existence check after a 403). Anything else is answered 404 and
+GET /api/models/{repo} (create_repo's existence check after a 403) and GET /api/agent-harnesses. Anything else is answered 404 and
 recorded as unexpected. It serves at most ``max_requests`` requests and shuts itself down after ``lifetime`` s.
 
 Not a test module: test files import it with ``from hub_standin import HubStandIn``. tests/ has no __init__.py,
@@ -66,6 +66,9 @@ class HubStandIn:
             return 200, {"url": f"{self.endpoint}/{name}", "name": name}
         if method == "POST" and path == "/api/validate-yaml":
             return 200, {"errors": [], "warnings": []}
+        if method == "GET" and path == "/api/agent-harnesses":
+            # huggingface_hub (≥ 2.4) fetches this registry, best effort, for its user agent in a fresh process.
+            return 200, {"standardEnvVars": [], "harnesses": {}}
         if method == "GET" and parts[:2] == ["api", "models"] and len(parts) == 4:
             if self.forbid == "create":
                 return 404, {"error": "Repository not found"}

@@ -40,6 +40,10 @@ def main(output: str, batch_size: int) -> None:
         plan = [(u.name, u.bits, u.distilled) for u in trainer.plan.units]
         weights = {k: v.detach().clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
         torch.save({"losses": losses, "grad_norms": grad_norms, "plan": plan, "weights": weights}, Path(output) / "result.pt")
+    # Without an orderly shutdown, a rank that exits while another still writes can abort inside gloo's threads
+    # ("terminate called without an active exception"), seen on a loaded CI machine.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
