@@ -45,18 +45,21 @@ def main() -> None:
     teacher, processor = load_whisper(script.teacher)
     student = build_student(teacher, decoder_layers=script.decoder_layers)
 
-    train = synthesize_dataset(default_prompts("train")[: script.synthetic_prompts])
-    if script.unlabeled_manifest:
-        from datasets import concatenate_datasets
+    # Under torchrun / accelerate launch the main process synthesizes and labels first; the others then read the
+    # synthesis cache (labels are recomputed: compress keeps them in its output folder instead).
+    with args.main_process_first(desc="training data"):
+        train = synthesize_dataset(default_prompts("train")[: script.synthetic_prompts])
+        if script.unlabeled_manifest:
+            from datasets import concatenate_datasets
 
-        labelled, report = pseudo_label(load_manifest(script.unlabeled_manifest), teacher, processor)
-        print(report.summary())
-        train = concatenate_datasets([train, labelled.select_columns(train.column_names)])
-    held_out = synthesize_dataset(default_prompts("eval"))
-    multilingual = teacher.generation_config.is_multilingual
-    train_features, train_report = prepare_dataset(train, processor, multilingual=multilingual)
-    eval_features, _ = prepare_dataset(held_out, processor, multilingual=multilingual)
-    print(train_report.summary())
+            labelled, report = pseudo_label(load_manifest(script.unlabeled_manifest), teacher, processor)
+            print(report.summary())
+            train = concatenate_datasets([train, labelled.select_columns(train.column_names)])
+        held_out = synthesize_dataset(default_prompts("eval"))
+        multilingual = teacher.generation_config.is_multilingual
+        train_features, train_report = prepare_dataset(train, processor, multilingual=multilingual)
+        eval_features, _ = prepare_dataset(held_out, processor, multilingual=multilingual)
+        print(train_report.summary())
 
     trainer = DistillQuantTrainer(
         model=student,
@@ -70,11 +73,14 @@ def main() -> None:
         compute_metrics=make_compute_metrics(processor, language="en") if args.predict_with_generate else None,
     )
     trainer.train()
-    print(trainer.plan.summary())
-    print("held-out synthetic speech (smoke check, not a result):", trainer.evaluate())
-    if script.eval_manifest:
-        report = evaluate_model(student.eval(), processor, load_manifest(script.eval_manifest))
-        print(report.summary_table())
+    metrics = trainer.evaluate()  # every process evaluates its share of the held-out split
+    if trainer.is_world_process_zero():
+        print(trainer.plan.summary())
+        print("held-out synthetic speech (smoke check, not a result):", metrics)
+        if script.eval_manifest:
+            report = evaluate_model(student.eval(), processor, load_manifest(script.eval_manifest))
+            print(report.summary_table())
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

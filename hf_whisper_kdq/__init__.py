@@ -14,6 +14,7 @@ from .data import WhisperDataCollator, load_manifest, load_speech_dataset, prepa
 from .evaluation import evaluate_model, make_compute_metrics, transcribe
 from .export import save_compressed
 from .hub import push_compressed
+from .losses import NonFiniteLossError
 from .selection import KDQPlan
 from .sources import load_whisper, save_whisper
 from .students import build_student
@@ -26,6 +27,7 @@ __all__ = [
     "DistillQuantTrainer",
     "KDQPlan",
     "LayerSelectionCallback",
+    "NonFiniteLossError",
     "WhisperDataCollator",
     "build_student",
     "evaluate_model",

@@ -43,6 +43,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .config import FLOAT_BITS
 from .selection import KDQPlan
+from .sources import atomic_file, atomic_write_text
 
 TEMPLATE_NAME = "kdq_model_card.md.jinja"
 ROLES = ("compressed", "teacher", "original")
@@ -308,10 +309,10 @@ def _figure(width: float, height: float):
 
 
 def _save(figure, path: str | Path, top: float = 1.0) -> Path:
-    (path := Path(path)).parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout(rect=(0, 0, 1, top))
-    figure.savefig(path, format="png", dpi=100, metadata={"Software": None})
-    return path
+    with atomic_file(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=100, metadata={"Software": None})
+    return Path(path)
 
 
 def plot_plan(plan: KDQPlan | Mapping | str | Path, path: str | Path) -> Path:
@@ -609,9 +610,7 @@ def write_model_card(output_dir: str | Path, **kwargs) -> Path:
     plot_plan(kwargs["plan"], output_dir / _figure_ref(kwargs.get("figure_path", "kdq_plan.png")))
     for local in sorted({str(output_dir.resolve()), str(output_dir.absolute())}, key=len, reverse=True):
         text = text.replace(local, output_dir.name)
-    path = output_dir / "README.md"
-    path.write_text(scrub(text), encoding="utf-8")
-    return path
+    return atomic_write_text(output_dir / "README.md", scrub(text))
 
 
 def _ctranslate2_copy(folder: Path) -> dict | bool | None:

@@ -33,7 +33,9 @@ class ConvertArguments:
         metadata={"help": "Parameter dtype on disk: auto (keep the source's), float32, float16 or bfloat16."},
     )
     overwrite: bool = field(
-        default=False, metadata={"help": "Replace output_dir if it already holds files (replaced atomically)."}
+        default=False,
+        metadata={"help": "Replace output_dir when it holds an earlier output of hf-whisper-kdq (atomically); a "
+                  "folder of other files is never replaced."},  # fmt: skip
     )
 
     def __post_init__(self):

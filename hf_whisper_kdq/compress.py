@@ -157,11 +157,13 @@ def _teacher_labels(compress: CompressArguments, teacher, processor, timer: Phas
     from .labelling import pseudo_label
     from .sources import atomic_folder
 
-    embedding = teacher.get_decoder().embed_tokens.weight.detach().float().cpu().numpy().tobytes()
+    weights = hashlib.sha256()
+    for name, tensor in sorted(teacher.state_dict().items()):
+        weights.update(name.encode())
+        weights.update(tensor.detach().float().cpu().numpy().tobytes())
     key = {
         "manifest_sha256": hashlib.sha256(Path(compress.unlabeled_manifest).read_bytes()).hexdigest(),
-        "teacher_embedding_sha256": hashlib.sha256(embedding).hexdigest(),
-        "teacher_layers": [teacher.config.encoder_layers, teacher.config.decoder_layers],
+        "teacher_weights_sha256": weights.hexdigest(),
         "wer_threshold": compress.label_wer_threshold,
     }
     if folder is not None and (folder / "key.json").is_file() and json.loads((folder / "key.json").read_text()) == key:
@@ -227,7 +229,7 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
     from .data import WhisperDataCollator, prepare_dataset
     from .evaluation import SMOKE_RUN_BANNER, evaluate_model
     from .export import save_compressed
-    from .sources import load_whisper
+    from .sources import atomic_write_text, load_whisper
     from .students import build_student
     from .trainer import DistillQuantTrainer
 
@@ -284,7 +286,7 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
     compression = json.loads((compressed_dir / "compression_report.json").read_text())
     eval_json = {name: r.to_dict(per_utterance=False) for name, r in reports.items()}
     eval_json["smoke_run"] = compress.smoke
-    (compressed_dir / "eval_report.json").write_text(json.dumps(eval_json, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(compressed_dir / "eval_report.json", json.dumps(eval_json, indent=2, ensure_ascii=False) + "\n")
     with timer("model card"):
         write_model_card(
             compressed_dir, plan=trainer.plan, compression_report=compression,
@@ -298,7 +300,8 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
         from .hub import push_compressed
 
         with timer("push"):
-            push_compressed(compressed_dir, args.hub_model_id or compressed_dir.name, private=bool(args.hub_private_repo))
+            push_compressed(compressed_dir, args.hub_model_id or compressed_dir.name, private=bool(args.hub_private_repo),
+                            token=args.hub_token)  # fmt: skip
     summary = {
         "arguments": {"compress": asdict(compress), "training": args.to_dict()},
         "phase_seconds": timer.seconds,
@@ -308,7 +311,7 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
         "compression": {k: compression.get(k) for k in ("total_bytes", "ratio_to_teacher_fp16") if k in compression},
         "evaluation": eval_json,
     }
-    (output / "compress_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
+    atomic_write_text(output / "compress_summary.json", json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
     sizes = {"compressed": compression.get("total_bytes"), "teacher": teacher_fp16}
     print(summary_table(reports, sizes, timer.seconds, smoke=compress.smoke))
     return summary

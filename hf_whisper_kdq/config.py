@@ -31,8 +31,8 @@ def parse_bit_choices(text: str) -> tuple[int, ...]:
             continue
         if not item.isdigit() or int(item) not in ALLOWED_BITS:
             raise ValueError(
-                f"bit choice {item!r} is not supported: use a comma-separated subset of "
-                f"{', '.join(map(str, ALLOWED_BITS))} and optionally 'float'"
+                f"quant_bit_choices={text!r}: bit choice {item!r} is not supported: use a comma-separated subset of "
+                f"{', '.join(map(str, ALLOWED_BITS))} and optionally 'float', e.g. --quant_bit_choices 2,3,4,8,float"
             )
         choices.append(int(item))
     if not choices:
@@ -177,6 +177,20 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
             raise ValueError(f"size_budget_mb must be > 0, got {self.size_budget_mb}")
         if self.size_budget_ratio is not None and not 0 < self.size_budget_ratio <= 1:
             raise ValueError(f"size_budget_ratio must be in (0, 1], got {self.size_budget_ratio}")
+        budget = "size_budget_mb" if self.size_budget_mb is not None else "size_budget_ratio"
+        if getattr(self, budget) is not None:
+            # Without a quantized layer the budget would be silently ignored.
+            if not any(bits < FLOAT_BITS for bits in self.bit_choices):
+                raise ValueError(
+                    f"{budget}={getattr(self, budget)} cannot be met: quant_bit_choices={self.quant_bit_choices!r} "
+                    "keeps every layer in float. Allow integer bits (e.g. --quant_bit_choices 2,3,4,8,float) or "
+                    f"drop {budget}"
+                )
+            if not self.quant_target_set:
+                raise ValueError(
+                    f"{budget}={getattr(self, budget)} cannot be met: quant_targets is empty, so nothing is "
+                    f"quantized. Name what to quantize (e.g. --quant_targets encoder,decoder) or drop {budget}"
+                )
         if self.encoder_cache_max_gb <= 0:
             raise ValueError(f"encoder_cache_max_gb must be > 0, got {self.encoder_cache_max_gb}")
         if self.num_distill_layers < 0 or self.selection_interval < 0 or self.selection_probe_batches < 1:

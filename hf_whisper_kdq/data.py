@@ -406,16 +406,42 @@ def load_speech_dataset(
     return rows.cast_column("audio", AUDIO_FEATURE)
 
 
+_IDS_SHOWN = 5
+# What to do about the rows dropped for each reason (``{seconds}`` / ``{tokens}``: prepare_dataset's limits).
+_DROP_FIXES = {
+    "no_text": "give these rows a transcript, or have the teacher label them (labelling.pseudo_label, "
+    "--unlabeled_manifest)",
+    "unknown_language": "set their language to a Whisper language code such as 'en' or 'zh'",
+    "labels_too_long": "split these utterances so that each transcript fits in {tokens} tokens (Whisper's decoder "
+    "limit, start token included)",
+    "audio_too_long": "cut this audio into segments of at most {seconds:g} s (Whisper's encoder sees 30 s)",
+    "silent_audio": "replace or remove these silent files",
+    "missing_audio": "correct these audio paths (manifest paths are relative to the manifest's folder)",
+    "unreadable_audio": "re-encode these files as WAV or FLAC (e.g. `ffmpeg -i in -ar 16000 out.flac`)",
+    "empty_audio": "remove these rows",
+    "non_finite_audio": "re-export these files from their source",
+}
+
+
 @dataclass
 class PreparationReport:
-    """Rows in and out of ``prepare_dataset``; ``dropped`` counts removed rows per reason."""
+    """Rows in and out of ``prepare_dataset``; ``dropped`` counts removed rows per reason and ``dropped_ids``
+    names them."""
 
     rows_in: int
     rows_kept: int
     dropped: dict[str, int]
+    dropped_ids: dict[str, list[str]] = field(default_factory=dict)
 
     def summary(self) -> str:
-        reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.dropped.items())) or "none"
+        def ids(reason: str) -> str:
+            names = self.dropped_ids.get(reason, [])
+            if not names:
+                return ""
+            more = f", ... and {len(names) - _IDS_SHOWN} more" if len(names) > _IDS_SHOWN else ""
+            return f" ({', '.join(names[:_IDS_SHOWN])}{more})"
+
+        reasons = ", ".join(f"{reason}: {n}{ids(reason)}" for reason, n in sorted(self.dropped.items())) or "none"
         return f"kept {self.rows_kept} of {self.rows_in} rows; dropped {reasons}"
 
 
@@ -517,14 +543,21 @@ def prepare_dataset(
     ``labels`` are ``<|startoftranscript|>[<|lang|><|task|>]<|notimestamps|> text <|endoftext|>``, the
     language and task tokens only for multilingual models: pass the model's
     ``generation_config.is_multilingual`` as ``multilingual``, else it is read from the tokenizer. Rows are
-    dropped, and counted per reason, for: no text, a language the tokenizer lacks (multilingual only), more
-    than ``max_label_tokens`` labels (start token included), audio that is missing, unreadable, empty,
-    non-finite, silent or longer than ``max_audio_seconds``. Raises ``ValueError`` when no row survives.
+    dropped, and counted and named per reason (``report.dropped``, ``report.dropped_ids`` and the log), for:
+    no text, a language the tokenizer lacks (multilingual only), more than ``max_label_tokens`` labels (start
+    token included), audio that is missing, unreadable, empty, non-finite, silent or longer than
+    ``max_audio_seconds``. Raises ``ValueError`` for an empty dataset and when no row survives (naming the
+    dropped rows and the fix for each reason).
     The result is in numpy format for ``input_features`` and ``labels``; other columns are kept as they are.
     """
     missing = [column for column in ("id", "audio", "text", "language") if column not in dataset.column_names]
     if missing:
         raise ValueError(f"prepare_dataset needs the manifest columns; missing {missing} (see load_speech_dataset)")
+    if len(dataset) == 0:
+        raise ValueError(
+            "prepare_dataset: the dataset has no rows. Fix: check its source and the filters that built it "
+            "(load_manifest's languages / corpora / limit, load_speech_dataset's split)"
+        )
     if isinstance(dataset.features["audio"], Audio) and dataset.features["audio"].decode:
         dataset = dataset.cast_column("audio", AUDIO_FEATURE)
     if multilingual is None:
@@ -551,12 +584,23 @@ def prepare_dataset(
         num_proc=num_proc,
         desc="log-mel features and labels",
     )
-    reasons = Counter(marked["drop_reason"])
-    kept = reasons.pop("", 0)
-    report = PreparationReport(rows_in=len(dataset), rows_kept=kept, dropped=dict(reasons))
-    (logger.warning if reasons else logger.info)("prepare_dataset: %s", report.summary())
+    dropped_ids: dict[str, list[str]] = {}
+    for row_id, reason in zip(marked["id"], marked["drop_reason"]):
+        if reason:
+            dropped_ids.setdefault(reason, []).append(row_id)
+    dropped = {reason: len(ids) for reason, ids in dropped_ids.items()}
+    kept = len(dataset) - sum(dropped.values())
+    report = PreparationReport(rows_in=len(dataset), rows_kept=kept, dropped=dropped, dropped_ids=dropped_ids)
+    (logger.warning if dropped else logger.info)("prepare_dataset: %s", report.summary())
     if kept == 0:
-        raise ValueError(f"prepare_dataset: no usable rows ({report.summary()})")
+        limits = {"seconds": max_audio_seconds, "tokens": max_label_tokens}
+        fixes = "; ".join(
+            f"{reason}: {_DROP_FIXES.get(reason, 'correct or remove these rows').format(**limits)}"
+            for reason in sorted(dropped)
+        )
+        raise ValueError(
+            f"prepare_dataset: no usable rows: all {len(dataset)} rows were dropped ({report.summary()}). Fix: {fixes}"
+        )
     prepared = marked.filter(lambda reason: reason == "", input_columns="drop_reason", num_proc=num_proc)
     prepared = prepared.remove_columns("drop_reason")
     return prepared.with_format("numpy", columns=["input_features", "labels"], output_all_columns=True), report

@@ -3,8 +3,9 @@
 The teacher's encoder is frozen, and a student that shares it (frozen and identical) needs the very same
 output: on a CPU that encoder pass is most of a training step. Entries are keyed by the exact input features
 of one utterance *and* a fingerprint of the encoder weights, so a different model, checkpoint or audio never
-hits another's entry. Each entry is one safetensors file written atomically (temp + rename); an unreadable
-or mismatching entry is recomputed and rewritten, never used. When the folder grows past ``max_bytes``, the
+hits another's entry. Each entry is one safetensors file written atomically (temp + rename) that records the
+fingerprint of the encoder that computed it; an unreadable entry, or one of another encoder (a copied or
+colliding folder), is recomputed and rewritten, never used. When the folder grows past ``max_bytes``, the
 least recently used entries are removed.
 """
 
@@ -13,11 +14,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .sources import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -61,19 +63,17 @@ class EncoderOutputCache:
         except Exception as error:  # truncated or corrupt file: recompute, never use it
             logger.warning("encoder cache entry %s is unreadable (%s): recomputing it", path.name, error)
             return None
-        hidden = tensors.get("last_hidden_state")
-        if hidden is None or tensors.get("fingerprint") is None:
+        hidden, fingerprint = tensors.get("last_hidden_state"), tensors.get("fingerprint")
+        if hidden is None or fingerprint is None or bytes(fingerprint.tolist()).hex() != self.fingerprint:
+            logger.warning("encoder cache entry %s is not from this encoder: recomputing it", path.name)
             return None
         os.utime(path)  # recency for the LRU bound
         return hidden
 
     def _write(self, path: Path, hidden: torch.Tensor) -> None:
-        path.parent.mkdir(exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(handle)
         fingerprint = torch.frombuffer(bytearray(bytes.fromhex(self.fingerprint)), dtype=torch.uint8)
-        save_file({"last_hidden_state": hidden.contiguous(), "fingerprint": fingerprint}, temporary)
-        os.replace(temporary, path)
+        with atomic_file(path) as temporary:
+            save_file({"last_hidden_state": hidden.contiguous(), "fingerprint": fingerprint}, str(temporary))
         self._bytes += path.stat().st_size
         if self._bytes > self.max_bytes:
             self._evict()

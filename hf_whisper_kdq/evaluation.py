@@ -430,10 +430,9 @@ class EvaluationReport:
         return cls(**values)
 
     def save_json(self, path: str | os.PathLike, per_utterance: bool = False) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(per_utterance), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        return path
+        from .sources import atomic_write_text
+
+        return atomic_write_text(path, json.dumps(self.to_dict(per_utterance), indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
     def load_json(cls, path: str | os.PathLike) -> EvaluationReport:

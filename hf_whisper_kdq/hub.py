@@ -32,7 +32,8 @@ EXCLUDED_FILES = (
 _HINTS = {
     401: "the token is invalid or expired: run `huggingface-cli login` again or set a valid HF_TOKEN",
     403: "the token may not write to this repo or namespace: use a token with write access (a 'write' token, or a "
-    "fine-grained token allowed to write to this repo)",
+    "fine-grained token allowed to write to this repo), push under your own user name, or ask the namespace's "
+    "owner for write permission",
     404: "the repo or revision does not exist (or the token cannot see it)",
     409: "the repo or branch changed concurrently, or a conflicting operation is running: retry",
     413: "a file is too large for a direct upload",
@@ -131,8 +132,9 @@ def push_compressed(
         raise PushError(f"{root.name!r} holds no weights (*.safetensors / *.bin): nothing worth pushing")
     token = token or get_token()
     if not token:
-        raise MissingTokenError("no Hugging Face token found: run `huggingface-cli login` (or `hf auth login`), "
-                                "set the HF_TOKEN environment variable, or pass token=...")  # fmt: skip
+        raise MissingTokenError(f"cannot push to {repo_id}: no Hugging Face token found. Fix: run `huggingface-cli "
+                                "login` (or `hf auth login`) with a token that has write access, set the HF_TOKEN "
+                                "environment variable, or pass token=...")  # fmt: skip
     _refuse_leaked_token(root, files, token)
     endpoint = endpoint or os.environ.get("HF_ENDPOINT") or None
     api = HfApi(endpoint=endpoint, token=token, library_name="hf-whisper-kdq")

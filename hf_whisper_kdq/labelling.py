@@ -27,6 +27,7 @@ from typing import Any
 import datasets
 
 from . import evaluation
+from .sources import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +67,7 @@ class LabellingReport:
         return cls(**values)
 
     def save_json(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        return path
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
 
     def summary(self) -> str:
         threshold = "no WER filter" if self.wer_threshold is None else f"WER threshold {self.wer_threshold:g}"

@@ -10,10 +10,26 @@ Shapes: B batch, T decoder positions, V vocabulary, S encoder frames, D / D_t hi
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training loss term became NaN or infinite; ``step`` and ``terms`` (the non-finite ones) say where."""
+
+    def __init__(self, message: str, *, step: int, terms: list[str]):
+        super().__init__(message)
+        self.step, self.terms = step, terms
+
+    def __reduce__(self):
+        # The keyword-only constructor would otherwise break pickling (e.g. out of a launcher's worker process).
+        return partial(NonFiniteLossError, self.args[0], step=self.step, terms=self.terms), ()
 
 
 def _normalize(total: torch.Tensor, count: torch.Tensor | int, normalizer: torch.Tensor | float | None):
@@ -110,3 +126,29 @@ def quantization_loss(weight: torch.Tensor, fake_quantized_weight: torch.Tensor)
     the weight (pulling it towards the quantization grid) and learnable clipping parameters.
     """
     return (weight.float() - fake_quantized_weight.float()).pow(2).sum() / weight.float().pow(2).sum().clamp_min(1e-12)
+
+
+def check_finite_terms(terms: Mapping[str, torch.Tensor], *, step: int) -> None:
+    """Raise :class:`NonFiniteLossError` when any loss term is NaN or infinite.
+
+    One device sync for all terms. Stopping here, before the backward pass, keeps the weights and the checkpoints
+    already written from the diverged step.
+
+    Args:
+        terms: term name (``ce``, ``kd``, ``hidden``, ``quant``) → scalar loss.
+        step: the optimizer step being computed (1-based, as logged).
+    """
+    values = torch.stack([value.detach().float().reshape(()) for value in terms.values()])
+    if bool(torch.isfinite(values).all()):
+        return
+    values = values.tolist()
+    bad = [name for name, value in zip(terms, values) if not math.isfinite(value)]
+    shown = ", ".join(f"{name}={value:.4g}" for name, value in zip(terms, values))
+    raise NonFiniteLossError(
+        f"the loss became non-finite at step {step} in term(s) {', '.join(bad)} ({shown}); training stopped before "
+        "this step's update and the checkpoints already written are kept. Fix: lower learning_rate or set "
+        "max_grad_norm, train in bf16 or fp32 instead of fp16, check the inputs of this step for NaN/inf (and the "
+        "teacher when only kd or hidden diverged), then resume from the last checkpoint (resume_from_checkpoint)",
+        step=step,
+        terms=bad,
+    )

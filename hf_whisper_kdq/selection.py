@@ -100,9 +100,9 @@ class KDQPlan:
         return cls(**{**data, "units": units})
 
     def save(self, folder: str | Path) -> Path:
-        path = Path(folder) / PLAN_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        return path
+        from .sources import atomic_write_text
+
+        return atomic_write_text(Path(folder) / PLAN_FILE, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, folder_or_file: str | Path) -> KDQPlan:
@@ -310,8 +310,9 @@ def allocate_bits(
                 minimum = fixed_bytes + sum(unit_bytes(plan, u, choices[-1], shapes) for u in quantizable)
                 raise ValueError(
                     f"size budget {budget_bytes / 1e6:.2f} MB is below what this student reaches at the lowest "
-                    f"bits ({minimum / 1e6:.2f} MB): raise size_budget_mb / size_budget_ratio, allow fewer bits "
-                    "(quant_bit_choices), quantize the embedding (quant_targets) or use a smaller student"
+                    f"bits ({minimum / 1e6:.2f} MB): raise size_budget_mb / size_budget_ratio to at least that, allow "
+                    "lower bit widths (quant_bit_choices, e.g. 2,3,4,8), quantize more (quant_targets, e.g. add "
+                    "embedding) or use a smaller student"
                 )
             _, unit, lower, saved = best
             unit.bits = lower

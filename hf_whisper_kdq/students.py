@@ -26,6 +26,11 @@ def spaced_layer_indices(teacher_layers: int, student_layers: int) -> list[int]:
     """``student_layers`` indices spread evenly over ``range(teacher_layers)``, first and last included."""
     if not 1 <= student_layers <= teacher_layers:
         raise ValueError(f"a student needs between 1 and {teacher_layers} layers, got {student_layers}")
+    return _same_relative_depth(teacher_layers, student_layers)
+
+
+def _same_relative_depth(teacher_layers: int, student_layers: int) -> list[int]:
+    # With more student than teacher layers, neighbouring student layers share a teacher layer.
     if student_layers == 1:
         return [teacher_layers - 1]
     return [round(i * (teacher_layers - 1) / (student_layers - 1)) for i in range(student_layers)]
@@ -58,12 +63,24 @@ def check_same_tokenizer(student: PreTrainedModel, teacher: PreTrainedModel) -> 
 
 def teacher_layer_map(student: PreTrainedModel, teacher: PreTrainedModel) -> dict[str, list[int]]:
     """The teacher layer each student layer starts matched to: recorded origins for spaced copies, else the
-    same relative depth (spaced indices) for independent students."""
+    same relative depth for independent students (a student deeper than its teacher maps several of its layers
+    to one teacher layer)."""
     recorded = getattr(student.config, TEACHER_LAYERS_KEY, None)
     if recorded:
+        for side, indices in recorded.items():
+            teacher_layers = getattr(teacher.config, f"{side}_layers")
+            student_layers = getattr(student.config, f"{side}_layers")
+            if len(indices) != student_layers or not all(0 <= i < teacher_layers for i in indices):
+                raise ValueError(
+                    f"the student's config.{TEACHER_LAYERS_KEY} maps its {student_layers} {side} layers to teacher "
+                    f"layers {list(indices)}, which this teacher ({teacher_layers} {side} layers) does not have: the "
+                    "student was built from another teacher. Train it with the teacher it was built from (or "
+                    f"build_student(this_teacher, ...)), or delete student.config.{TEACHER_LAYERS_KEY} to match "
+                    "layers by relative depth"
+                )
         return {side: list(indices) for side, indices in recorded.items()}
     return {
-        side: spaced_layer_indices(getattr(teacher.config, f"{side}_layers"), getattr(student.config, f"{side}_layers"))
+        side: _same_relative_depth(getattr(teacher.config, f"{side}_layers"), getattr(student.config, f"{side}_layers"))
         for side in ("encoder", "decoder")
     }
 

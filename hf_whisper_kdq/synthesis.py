@@ -8,7 +8,8 @@ recordings only.
 Each utterance is synthesized once, resampled to 16 kHz mono and written as a FLAC file in a content-addressed
 cache (``$HF_WHISPER_KDQ_CACHE/synthesis``, else ``$XDG_CACHE_HOME/hf-whisper-kdq/synthesis``, else
 ``~/.cache/hf-whisper-kdq/synthesis``). The file name is a hash of the engine, the voice, the text and the
-synthesis parameters, so a re-run reuses what exists; writes are atomic (temporary file, then rename).
+synthesis parameters, so a re-run reuses what exists; writes are atomic (temporary file, then rename), and an
+entry that does not decode whole (truncated, damaged) is synthesized again, never used.
 
 Light variation per utterance (Piper: length/noise scales; espeak-ng: speed and pitch) is drawn from a generator
 seeded by the text's hash, so the same text always gets the same parameters and hence the same cache entry.
@@ -289,6 +290,27 @@ def _cache_path(cache_dir: Path, eng, text: str, params: dict, fmt: str) -> Path
     return cache_dir / eng.name / key[:2] / f"{key[:32]}.{fmt}"
 
 
+def _whole_frames(path: Path) -> int | None:
+    """Frames of a cache entry that decodes whole, else None.
+
+    Headers alone do not tell: a truncated FLAC keeps its header's full length (decoding it fails or comes up short),
+    and libsndfile shortens a truncated WAV's length to the data present, so there the RIFF size must match the file.
+    """
+    import soundfile as sf
+
+    try:
+        with sf.SoundFile(str(path)) as file:
+            declared, riff = file.frames, file.format == "WAV"
+            decoded = sum(len(block) for block in file.blocks(blocksize=1 << 16, dtype="int16"))
+    except RuntimeError:
+        return None
+    if riff:
+        with open(path, "rb") as raw:
+            if int.from_bytes(raw.read(8)[4:], "little") + 8 != path.stat().st_size:
+                return None
+    return decoded if decoded == declared else None
+
+
 def _synthesize_cached(eng, text: str, cache_dir: Path, variation: bool, fmt: str) -> tuple[Path | None, float, bool]:
     """(path or None when silent, duration in seconds, whether it was synthesized now)."""
     import soundfile as sf
@@ -296,10 +318,10 @@ def _synthesize_cached(eng, text: str, cache_dir: Path, variation: bool, fmt: st
     params = eng.params(text, variation)
     path = _cache_path(cache_dir, eng, text, params, fmt)
     if path.is_file():
-        try:
-            return path, sf.info(str(path)).frames / SAMPLING_RATE, False
-        except RuntimeError:  # an unreadable leftover: synthesize again
-            logger.warning("re-synthesizing unreadable cache file %s", path)
+        frames = _whole_frames(path)
+        if frames is not None:
+            return path, frames / SAMPLING_RATE, False
+        logger.warning("re-synthesizing truncated or unreadable cache file %s", path)
     audio = _to_16k(*eng.synthesize(text, params))
     if audio.size == 0:
         return None, 0.0, True

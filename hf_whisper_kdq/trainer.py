@@ -14,6 +14,7 @@ are distilled and how many bits each layer gets.
 
 from __future__ import annotations
 
+import copyreg
 import json
 import logging
 import os
@@ -26,6 +27,8 @@ from torch import nn
 from transformers import Seq2SeqTrainer, WhisperForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.whisper.modeling_whisper import shift_tokens_right
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .callbacks import LayerSelectionCallback
 from .config import FLOAT_BITS, DistillQuantArguments
@@ -66,6 +69,53 @@ def _tap_ffn(model: nn.Module, side: str):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The newest ``checkpoint-N`` of ``folder`` whose trainer state is whole, or None.
+
+    The Trainer writes a checkpoint in place, its ``trainer_state.json`` last (after weights, optimizer, scheduler
+    and RNG states): a run killed while saving leaves a newer, partial folder that resuming must skip.
+    """
+    steps = {}
+    for path in Path(folder).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = path.name[len(PREFIX_CHECKPOINT_DIR) + 1 :]
+        if step.isdigit() and path.is_dir():
+            steps[int(step)] = path
+    for step in sorted(steps, reverse=True):
+        try:
+            json.loads((steps[step] / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            logger.warning("%s was not completely written (the run stopped while saving it): not resuming from it",
+                           steps[step])  # fmt: skip
+            continue
+        return str(steps[step])
+    return None
+
+
+@contextmanager
+def _tokens_left_out_of_pickles(args):
+    """While active, pickling ``args`` stores its ``*_token`` fields as None.
+
+    The Trainer pickles its arguments into ``training_args.bin`` (every checkpoint and save, and the folder that its
+    checkpoint pushes upload). ``to_dict`` redacts tokens, the pickle does not. Scoped to those writes so that deep
+    copies of the arguments (which use the same reduction) keep their token.
+    """
+    kind = type(args)
+
+    def reduce(instance):
+        rebuild, arguments, state, *rest = object.__reduce_ex__(instance, 2)
+        return (rebuild, arguments, {k: None if k.endswith("_token") else v for k, v in state.items()}, *rest)
+
+    previous = copyreg.dispatch_table.get(kind)
+    copyreg.dispatch_table[kind] = reduce
+    try:
+        yield
+    finally:
+        if previous is None:
+            del copyreg.dispatch_table[kind]
+        else:
+            copyreg.dispatch_table[kind] = previous
 
 
 class DistillQuantTrainer(Seq2SeqTrainer):
@@ -110,8 +160,7 @@ class DistillQuantTrainer(Seq2SeqTrainer):
 
         super().__init__(model=model, args=args, **kwargs)
         self.model_accepts_loss_kwargs = True  # so that the Trainer counts num_items_in_batch for us
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise NotImplementedError("DeepSpeed / FSDP teachers are not supported yet: train with DDP or one device")
+        self._check_sharding()
         self.teacher = self._prepare_teacher(teacher_model)
         self.encoder_cache = None
         if args.cache_encoder_outputs and self.encoder_matches_teacher:
@@ -163,10 +212,29 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         if adapters:
             model.add_module(ADAPTERS_ATTRIBUTE, nn.ModuleDict(adapters))
 
+    def _check_sharding(self) -> None:
+        """Guided selection, fake quantization and export read whole weights outside the forward pass: stages that
+        shard parameters (ZeRO-3, FSDP) would show them one shard per process."""
+        if self.is_fsdp_enabled:
+            raise NotImplementedError(
+                "FSDP shards the student's weights, which the guided selection and fake quantization read whole: "
+                "use DDP (torchrun / accelerate launch --multi_gpu) or DeepSpeed ZeRO-1/2 (examples/deepspeed_zero2.json); "
+                "a Whisper student fits on one GPU"
+            )
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            raise NotImplementedError(
+                "DeepSpeed ZeRO-3 shards the student's weights, which the guided selection and fake quantization read "
+                "whole: use ZeRO stage 1 or 2 (examples/deepspeed_zero2.json), which shard optimizer state and gradients"
+            )
+
     def _prepare_teacher(self, teacher: WhisperForConditionalGeneration) -> WhisperForConditionalGeneration:
         student_dtype = next(self.model.parameters()).dtype
         teacher = teacher.to(dtype=student_dtype)
         teacher.requires_grad_(False)
+        if self.is_deepspeed_enabled:
+            # Under ZeRO-1/2 a frozen model needs no engine (TRL gives its reference model a stage-0 engine, which
+            # amounts to this): it is replicated whole on every process, and DeepSpeed never sees it.
+            return teacher.to(self.accelerator.device).eval()
         # evaluation_mode: placed on this process's device but never wrapped in DDP.
         teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         return teacher.eval()
@@ -283,6 +351,10 @@ class DistillQuantTrainer(Seq2SeqTrainer):
                 )
         terms["hidden"] = hidden
         terms["quant"] = self._quantization_loss(model, student_out.logits) / (steps * processes)
+        if model.training:  # before backward: a NaN update would poison the weights and every later checkpoint
+            from .losses import check_finite_terms
+
+            check_finite_terms(terms, step=self.state.global_step + 1)
 
         weights = {"ce": args.ce_weight, "kd": args.kd_weight, "hidden": args.hidden_weight, "quant": args.quant_weight}
         loss = sum(weights[name] * value for name, value in terms.items())
@@ -420,3 +492,19 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         if callbacks and saved and not self.args.restore_callback_states_from_checkpoint:
             saved = saved[0] if isinstance(saved, list) else saved
             callbacks[0].restored_plan = saved.get("attributes", {}).get("restored_plan")
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        # resume_from_checkpoint=True: the Trainer would take the highest-numbered folder, even a partial one.
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint found in output directory ({self.args.output_dir})")
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
+    def _save(self, output_dir=None, state_dict=None):
+        with _tokens_left_out_of_pickles(self.args):
+            super()._save(output_dir, state_dict)
+
+    def _push_from_checkpoint(self, checkpoint_folder):
+        with _tokens_left_out_of_pickles(self.args):
+            super()._push_from_checkpoint(checkpoint_folder)

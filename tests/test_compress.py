@@ -7,6 +7,8 @@ import json
 import pytest
 from huggingface_hub import ModelCard
 
+from conftest import make_micro_whisper
+
 from hf_whisper_kdq.cli import main
 from hf_whisper_kdq.compress import LEVELS, CompressArguments, apply_level, with_training_defaults
 from hf_whisper_kdq.config import DistillQuantArguments
@@ -58,3 +60,30 @@ def test_compress_end_to_end_on_a_tiny_teacher(tmp_path, tiny_whisper, capsys):
     assert not card.data.eval_results  # synthetic-speech scores are never published as results
     out = capsys.readouterr().out
     assert "SMOKE RUN" in out and "| compressed |" in out and "| teacher |" in out
+
+
+def test_teacher_labels_are_kept_and_reused_until_threshold_or_teacher_change(tmp_path, monkeypatch):
+    """Labelling is the slowest data phase: a rerun (or the other processes of a launch) reads the saved labels."""
+    from test_labelling import ROWS, TEACHER, plant_transcripts, write_manifest
+
+    from hf_whisper_kdq.compress import PhaseTimer, _teacher_labels
+
+    manifest = write_manifest(tmp_path, ROWS)
+    calls = plant_transcripts(monkeypatch, TEACHER)
+    folder = tmp_path / "run" / "teacher_labels"
+
+    teacher = make_micro_whisper(seed=0)
+
+    def labels(threshold=None, teacher=teacher):
+        compress = CompressArguments(unlabeled_manifest=str(manifest), label_wer_threshold=threshold)
+        return _teacher_labels(compress, teacher, None, PhaseTimer(), folder)
+
+    first = labels()
+    assert len(calls) == 1 and (folder / "key.json").is_file() and (folder / "labelling_report.json").is_file()
+    again = labels()
+    assert len(calls) == 1 and again["text"] == first["text"] and again["id"] == first["id"]
+    labels(threshold=0.1)
+    assert len(calls) == 2
+    changed = make_micro_whisper(seed=1)
+    labels(threshold=0.1, teacher=changed)
+    assert len(calls) == 3

@@ -4,19 +4,30 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from hf_whisper_kdq import DistillQuantTrainer
+
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
 
 
-def _run(command: list[str], cwd: Path) -> None:
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+def _run(command: list[str], cwd: Path, *, extra_args: dict | None = None, expect_failure: bool = False) -> str:
+    env = dict(os.environ, DS_ACCELERATOR="cpu")  # DeepSpeed's CPU accelerator (gloo without oneCCL)
+    if extra_args:
+        env["KDQ_TEST_EXTRA_ARGS"] = json.dumps(extra_args)
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+    assert (result.returncode != 0) == expect_failure, result.stderr[-4000:]
+    return result.stderr
 
 
 # Two processes on this machine, the way users launch them. `accelerate launch --cpu` would start one process (it
@@ -28,12 +39,16 @@ LAUNCHERS = {
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],  # fmt: skip
 }
 NO_PYTHON = {"torchrun": "--no-python", "accelerate": "--no_python"}
+ZERO2 = {"deepspeed": str(EXAMPLES / "deepspeed_zero2.json")}
 
 
-@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize("launcher", [*LAUNCHERS, "torchrun+zero2"])
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, launcher):
+    if launcher.endswith("zero2"):
+        pytest.importorskip("deepspeed")
     _run([sys.executable, str(SCRIPT), str(tmp_path / "one"), "4"], tmp_path)
-    _run([*LAUNCHERS[launcher], str(SCRIPT), str(tmp_path / "two"), "2"], tmp_path)
+    zero = ZERO2 if launcher.endswith("zero2") else None
+    _run([*LAUNCHERS[launcher.split("+")[0]], str(SCRIPT), str(tmp_path / "two"), "2"], tmp_path, extra_args=zero)
     one, two = (torch.load(tmp_path / name / "result.pt") for name in ("one", "two"))
 
     assert one["plan"] == two["plan"]  # the selection is deterministic: every rank holds the same plan
@@ -81,3 +96,36 @@ def test_compress_on_two_processes_writes_and_pushes_once(tmp_path, tiny_whisper
     assert len([entry for entry in summary["training_log"] if "loss" in entry]) == 2  # 2 optimizer steps, each over both processes' batches
     # No leftovers of a second writer: staging folders of atomic writes would start with a dot.
     assert sorted(p.name for p in output.iterdir() if p.name.startswith(".")) == []
+
+
+def test_zero3_is_refused_with_the_alternative(tmp_path):
+    pytest.importorskip("deepspeed")
+    zero3 = {**json.loads((EXAMPLES / "deepspeed_zero2.json").read_text()), "zero_optimization": {"stage": 3}}
+    stderr = _run([*LAUNCHERS["torchrun"], str(SCRIPT), str(tmp_path / "out"), "2"], tmp_path,
+                  extra_args={"deepspeed": zero3}, expect_failure=True)  # fmt: skip
+    assert "ZeRO-3 shards the student's weights" in stderr and "use ZeRO stage 1 or 2" in stderr
+
+
+def test_fsdp_is_refused_with_the_alternative():
+    # The Trainer enables FSDP on GPUs only, so this checks the guard itself rather than a CPU launch.
+    trainer = SimpleNamespace(is_fsdp_enabled=True, is_deepspeed_enabled=False)
+    with pytest.raises(NotImplementedError, match="FSDP shards .* use DDP .* or DeepSpeed ZeRO-1/2"):
+        DistillQuantTrainer._check_sharding(trainer)
+
+
+def test_example_script_runs_under_torchrun_and_reports_once(tmp_path, tiny_whisper):
+    pytest.importorskip("piper")
+    from hf_whisper_kdq.sources import save_whisper
+
+    model, processor = tiny_whisper
+    teacher = save_whisper(model, processor, tmp_path / "teacher")
+    command = [
+        *LAUNCHERS["torchrun"], str(EXAMPLES / "distill_whisper_base.py"), "--teacher", str(teacher),
+        "--decoder_layers", "1", "--synthetic_prompts", "4", "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
+        "--per_device_train_batch_size", "1", "--per_device_eval_batch_size", "2", "--report_to", "none",
+        "--ddp_backend", "gloo", "--disable_tqdm", "true",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("KDQ plan at step") == 1  # the main process alone reports
+    assert "eval_loss_kd" in result.stdout

@@ -298,19 +298,24 @@ def test_interrupted_export_keeps_the_previous_one(exports, tmp_path, monkeypatc
     assert (out / REPORT_FILE).is_file() and [p.name for p in tmp_path.iterdir()] == ["student-kdq"]
 
 
-def test_foreign_folder_refused_unless_overwrite_and_plan_quantizes_a_float_student(tiny_whisper, tmp_path):
+def test_foreign_folder_refused_even_with_overwrite_and_plan_quantizes_a_float_student(tiny_whisper, tmp_path):
     model, processor = tiny_whisper
     target = tmp_path / "mine"
     target.mkdir()
     (target / "notes.txt").write_text("keep me")
     plan = initial_plan(default_quant_targets(model), {"encoder": [0, 1], "decoder": [0, 1]}, bits=4,
                         granularity="per_channel", group_size=None, learnable_clipping=False)  # fmt: skip
-    with pytest.raises(FileExistsError, match="overwrite=True"):
-        save_compressed(model, processor, target, plan=plan)
-    assert (target / "notes.txt").read_text() == "keep me"
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="not written by hf_whisper_kdq"):
+            save_compressed(model, processor, target, plan=plan, overwrite=overwrite)
+    assert [p.name for p in target.iterdir()] == ["notes.txt"] and (target / "notes.txt").read_text() == "keep me"
 
+    # another folder of ours (a float save_whisper copy) is replaced only with overwrite=True
+    target = save_whisper(model, processor, tmp_path / "float")
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):
+        save_compressed(model, processor, target, plan=plan)
     save_compressed(model, processor, target, plan=plan, overwrite=True)
-    assert not (target / "notes.txt").exists() and (target / "kdq_plan.json").is_file()
+    assert (target / "kdq_plan.json").is_file()
     assert quant_specs(model) == {}  # the float student itself stays float
     assert set(_quantization_config(target)["config_groups"]) == {"w4_channel"}
     report = json.loads((target / REPORT_FILE).read_text())

@@ -141,24 +141,29 @@ def test_model_without_processor_is_refused(tiny_whisper, tmp_path):
         export_ctranslate2(tiny_whisper[0], None, tmp_path / "out")
 
 
-def test_foreign_folder_is_refused_unless_overwrite(tiny_whisper, tmp_path):
+def test_foreign_folder_is_refused_even_with_overwrite(tiny_whisper, tmp_path):
     model, processor = tiny_whisper
-    target = tmp_path / "target"
-    target.mkdir()
-    (target / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="overwrite=True"):
-        export_ctranslate2(model, processor, target, quantization="float32")
-    assert [path.name for path in target.iterdir()] == ["notes.txt"]
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["target"]  # no staging left behind
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="not written by hf_whisper_kdq"):
+            export_ctranslate2(model, processor, foreign, quantization="float32", overwrite=overwrite)
+    assert [path.name for path in foreign.iterdir()] == ["notes.txt"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["foreign"]  # no staging left behind
 
+    # another folder of ours (a save_whisper copy) is replaced only with overwrite=True
+    target = save_whisper(model, processor, tmp_path / "target")
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):
+        export_ctranslate2(model, processor, target, quantization="float32")
     export_ctranslate2(model, processor, target, quantization="int8", overwrite=True)
-    assert not (target / "notes.txt").exists() and (target / "model.bin").is_file()
+    assert (target / "model.bin").is_file() and not (target / "model.safetensors").exists()
     # a previous export is replaced without overwrite; an empty folder is simply used
     export_ctranslate2(model, processor, target, quantization="float32")
     assert json.loads((target / EXPORT_MARKER).read_text())["quantization"] == "float32"
     (tmp_path / "empty").mkdir()
     export_ctranslate2(model, processor, tmp_path / "empty", quantization="int8")
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["empty", "target"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["empty", "foreign", "target"]
     (tmp_path / "file").write_text("")
     with pytest.raises(FileExistsError, match="not a folder"):
         export_ctranslate2(model, processor, tmp_path / "file")

@@ -52,7 +52,7 @@ from torch import nn
 from ..quant import QuantizedWeight, QuantSpec, convert_qat, prepare_qat, quant_specs
 from ..quant.modules import FAKE_QUANT_TYPES
 from ..selection import KDQPlan
-from ..sources import atomic_folder, save_processor
+from ..sources import atomic_folder, save_processor, written_by_us
 from ..trainer import ADAPTERS_ATTRIBUTE
 from .report import (
     EMBEDDING_REASON,
@@ -252,25 +252,33 @@ def save_compressed(
         plan: the `KDQPlan` the model was trained with; checked against the model's specs, saved as
             ``kdq_plan.json`` and used for the report's planned bits.
         teacher_fp16_bytes: the teacher's fp16 weight bytes, for the report's compression ratios.
-        overwrite: replace a non-empty ``output_dir`` that is not a previous export (a previous export is always
-            replaced).
+        overwrite: replace another folder this package wrote (e.g. by ``save_whisper``). A previous packed export
+            is always replaced; a non-empty folder of anything else never is, whatever ``overwrite`` says.
 
     Returns:
         ``output_dir``. It loads with ``WhisperForConditionalGeneration.from_pretrained(output_dir)`` wherever
         transformers and compressed-tensors are installed.
 
     Raises:
-        FileExistsError: ``output_dir`` holds something else and ``overwrite`` is False.
+        FileExistsError: ``output_dir`` holds files this package did not write, or another of its outputs and
+            ``overwrite`` is False.
         ValueError: plan and model disagree, nothing is quantized, or a spec cannot be packed.
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"{output_dir} exists and is not a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite and not is_previous_export(output_dir):
-        raise FileExistsError(
-            f"{output_dir} is not empty and is not a previous export (no {REPORT_FILE} written by hf_whisper_kdq): "
-            "pass overwrite=True to replace it, or choose another output_dir"
-        )
+        raise FileExistsError(f"{output_dir} exists and is not a folder: choose another output_dir")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not is_previous_export(output_dir):
+        if not written_by_us(output_dir):
+            raise FileExistsError(
+                f"{output_dir} is not empty and was not written by hf_whisper_kdq: nothing in it is replaced or "
+                "deleted, even with overwrite=True. Fix: choose a new or empty output_dir, or move its files away "
+                "yourself"
+            )
+        if not overwrite:
+            raise FileExistsError(
+                f"{output_dir} holds another hf_whisper_kdq output, not a packed export (no {REPORT_FILE}): pass "
+                "overwrite=True to replace it, or choose another output_dir"
+            )
     _require_compressed_tensors()
 
     student = _student_copy(model, plan)

@@ -81,13 +81,23 @@ def _plain_student(model: nn.Module) -> nn.Module:
 
 
 def _check_target(output_dir: Path, overwrite: bool) -> None:
+    """A previous CTranslate2 export is replaced; another folder this package wrote only with ``overwrite``; a
+    non-empty folder of anything else never, whatever ``overwrite`` says."""
+    from ..sources import written_by_us
+
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"{output_dir} exists and is not a folder: choose another output_dir")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_dir / EXPORT_MARKER).is_file():
+        if not written_by_us(output_dir):
+            raise FileExistsError(
+                f"{output_dir} is not empty and was not written by hf_whisper_kdq: nothing in it is replaced or "
+                "deleted, even with overwrite=True. Fix: choose a new or empty output_dir, or move its files away "
+                "yourself"
+            )
         if not overwrite:
             raise FileExistsError(
-                f"{output_dir} is not empty and is not a previous CTranslate2 export: choose an empty or new "
-                "folder, or pass overwrite=True to replace its content"
+                f"{output_dir} holds another hf_whisper_kdq output, not a CTranslate2 export: pass overwrite=True to "
+                "replace it, or choose another output_dir"
             )
 
 
@@ -136,8 +146,9 @@ def export_ctranslate2(
             CTranslate2 folder, e.g. to re-quantize it); ``processor`` is then not needed.
         processor: the model's ``WhisperProcessor`` (required with a model object).
         output_dir: the folder to write. It is built beside its final place and renamed in, so an interrupted
-            export leaves nothing half-written. An existing non-empty folder is refused unless it is a
-            previous export (it is then replaced) or ``overwrite`` is set.
+            export leaves nothing half-written. A previous export there is replaced; another folder this package
+            wrote (e.g. by ``save_whisper``) only with ``overwrite``; a non-empty folder of anything else is
+            refused (``FileExistsError``) and left untouched.
         quantization: CTranslate2 weight type, one of ``QUANTIZATIONS``; faster-whisper may still compute in
             another type (its ``compute_type``).
 

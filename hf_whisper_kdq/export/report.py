@@ -36,6 +36,7 @@ from torch import nn
 from ..quant import QuantSpec, quant_specs, weight_bytes
 from ..quant.spec import as_spec
 from ..selection import KDQPlan, group_units
+from ..sources import atomic_write_text
 
 REPORT_FILE = "compression_report.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -272,10 +273,8 @@ def build_compression_report(
 
 
 def write_compression_report(output_dir: str | os.PathLike, report: dict) -> Path:
-    """Write ``report`` as ``compression_report.json`` in ``output_dir``."""
-    path = Path(output_dir) / REPORT_FILE
-    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    return path
+    """Write ``report`` as ``compression_report.json`` in ``output_dir`` (atomically: it marks a finished export)."""
+    return atomic_write_text(Path(output_dir) / REPORT_FILE, json.dumps(report, indent=2) + "\n")
 
 
 __all__ = [

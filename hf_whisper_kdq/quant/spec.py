@@ -104,7 +104,8 @@ class QuantSpec:
         if self.granularity == "per_group" and cols % self.group_size != 0:
             raise ValueError(
                 f"{layer}: group_size={self.group_size} does not divide its input width {cols}; "
-                f"valid group sizes are {_divisors(cols)}"
+                f"valid group sizes are {_divisors(cols)}. Fix: pick one of them (quant_group_size, or the 'g' part "
+                "of a spec such as 'int4-g32'), or use per-channel scales (quant_granularity='per_channel')"
             )
 
     def num_groups(self, shape: Sequence[int]) -> int:

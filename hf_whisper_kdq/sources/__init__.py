@@ -7,6 +7,8 @@ complete generation config, so everything downstream (the trainer, evaluation, e
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -37,6 +39,9 @@ logger = logging.getLogger(__name__)
 SourceKind = Literal["hf", "ctranslate2", "openai", "pack"]
 # Written last into a converted folder: its presence means the conversion finished.
 _COMPLETE_MARKER = ".hf_whisper_kdq_complete"
+# What a converted pack was made from and the SHA-256 of every file it holds, checked before each use.
+_PACK_MANIFEST = ".hf_whisper_kdq_pack.json"
+_PACK_CONVERSION = 1  # bump when the conversion writes different files for the same pack
 # OpenAI checkpoints carry no tokenizer: take it from the reference model with the same vocabulary.
 _TOKENIZER_REFERENCE = {51864: "openai/whisper-tiny.en", 51865: "openai/whisper-base", 51866: "openai/whisper-large-v3"}
 
@@ -46,12 +51,14 @@ __all__ = [
     "OpenAICheckpointError",
     "PackNotInstalledError",
     "CheckpointSource",
+    "atomic_file",
     "atomic_folder",
     "cache_root",
     "load_whisper",
     "resolve_source",
     "save_processor",
     "save_whisper",
+    "written_by_us",
 ]
 
 
@@ -144,13 +151,53 @@ def _from_openai_checkpoint(path: Path) -> tuple[WhisperForConditionalGeneration
     return model, build_processor(processor.tokenizer, config.num_mel_bins)
 
 
-def _apply_umask(folder: Path) -> None:
-    """mkdtemp creates 0700 folders: give the result the permissions an ordinary mkdir would."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
+    return umask
+
+
+def _apply_umask(folder: Path) -> None:
+    """mkdtemp creates 0700 folders: give the result the permissions an ordinary mkdir would."""
+    umask = _umask()
     folder.chmod(0o777 & ~umask)
     for file in folder.iterdir():
         file.chmod(0o666 & ~umask)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Write one file atomically: yields a temporary path beside ``path`` to write; on a clean exit it gets ordinary
+    permissions and replaces ``path`` in one rename. On any exception it is removed and ``path`` is untouched, so a
+    reader (or a run killed mid-write) never sees a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        temporary.chmod(0o666 & ~_umask())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """``Path(path).write_text(text, encoding="utf-8")``, through :func:`atomic_file`."""
+    with atomic_file(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+# The second is export.ctranslate2.EXPORT_MARKER (CTranslate2 exports are not built by atomic_folder).
+_OUR_MARKERS = (_COMPLETE_MARKER, ".hf_whisper_kdq_ct2_export")
+
+
+def written_by_us(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` was written by this package: built by :func:`atomic_folder`, or a CTranslate2 export."""
+    return any((Path(folder) / marker).is_file() for marker in _OUR_MARKERS)
 
 
 @contextmanager
@@ -158,8 +205,19 @@ def atomic_folder(output_dir: str | os.PathLike) -> Iterator[Path]:
     """Build a folder atomically: yields an empty staging folder beside ``output_dir``; on a clean exit it gets
     ordinary permissions and the completion marker and replaces ``output_dir`` (a previous folder there is
     swapped out, then deleted). On any exception the staging folder is removed and ``output_dir`` is untouched.
+
+    Only an empty folder or one this package built (``written_by_us``) is ever replaced: anything else raises
+    ``FileExistsError`` before any work, so a mistyped output folder never costs the user their files.
     """
     output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"{output_dir} exists and is not a folder: choose another output folder")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not written_by_us(output_dir):
+        raise FileExistsError(
+            f"{output_dir} is not empty and was not written by hf_whisper_kdq (no {_COMPLETE_MARKER} inside): "
+            "nothing in it is replaced or deleted. Fix: choose a new or empty output folder, or move its files away "
+            "yourself"
+        )
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
@@ -193,7 +251,8 @@ def save_whisper(
     """Write a standard HF folder (config, safetensors, generation config, tokenizer, preprocessor config).
 
     Built in a temporary folder beside the target and renamed into place, so an interrupted write leaves
-    any previous folder intact.
+    any previous folder intact. A non-empty ``output_dir`` this package did not write is refused
+    (``FileExistsError``) and left untouched.
     """
     with atomic_folder(output_dir) as staging:
         model.save_pretrained(staging)
@@ -201,19 +260,64 @@ def save_whisper(
     return Path(output_dir)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _pack_manifest(pack: OfflinePack, folder: Path) -> dict:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name not in (_PACK_MANIFEST, _COMPLETE_MARKER))
+    return {"hub_id": pack.hub_id, "pack_version": pack.version, "conversion": _PACK_CONVERSION,
+            "files": {p.name: _sha256(p) for p in files}}  # fmt: skip
+
+
+def _converted_pack_problem(pack: OfflinePack, folder: Path) -> str | None:
+    """Why the cached conversion of ``pack`` in ``folder`` must not be used, or None when it is intact.
+
+    Every file is hashed (≈ 0.2 s for whisper-base): a damaged weight file would otherwise load without error."""
+    if not written_by_us(folder):
+        return "incomplete"
+    try:
+        manifest = json.loads((folder / _PACK_MANIFEST).read_text(encoding="utf-8"))
+        expected = {key: manifest[key] for key in ("hub_id", "pack_version", "conversion", "files")}
+    except (OSError, ValueError, TypeError, KeyError):
+        return "without a readable manifest (written by an older version or damaged)"
+    made_from = (expected["hub_id"], expected["pack_version"], expected["conversion"])
+    if made_from != (pack.hub_id, pack.version, _PACK_CONVERSION):
+        return "from another version (%s %s, conversion %s)" % made_from
+    for name, digest in expected["files"].items():
+        if not (folder / name).is_file() or _sha256(folder / name) != digest:
+            return f"damaged ({name} differs from what the conversion wrote)"
+    return None
+
+
 def _pack_folder(pack: OfflinePack) -> Path:
-    """The pack converted to an HF folder in the cache, converting it on first use."""
+    """The pack converted to an HF folder in the cache, converting it on first use and again whenever the cached
+    conversion is incomplete, damaged or from another version."""
     target = converted_pack_dir(pack)
-    if (target / _COMPLETE_MARKER).is_file():
-        return target
-    logger.warning("Converting the offline pack for %s into %s (once)", pack.hub_id, target)
+    if target.exists():
+        problem = _converted_pack_problem(pack, target)
+        if problem is None:
+            return target
+        logger.warning("The cached conversion of %s in %s is %s: converting it again", pack.hub_id, target, problem)
+        if not written_by_us(target):  # our own cache folder, but atomic_folder only replaces what it marked
+            shutil.rmtree(target)
+    else:
+        logger.warning("Converting the offline pack for %s into %s (once)", pack.hub_id, target)
     with tempfile.TemporaryDirectory() as assembled:
         # The pack's files may be spread over several distributions: gather them into one CT2 folder.
         for file in pack.files():
             os.symlink(file, Path(assembled) / file.name)
         model, processor = _from_ct2_folder(Path(assembled))
     model.name_or_path = pack.hub_id
-    return save_whisper(model, processor, target)
+    with atomic_folder(target) as staging:
+        model.save_pretrained(staging)
+        save_processor(processor, staging)
+        (staging / _PACK_MANIFEST).write_text(json.dumps(_pack_manifest(pack, staging), indent=2) + "\n")
+    return target
 
 
 def _hf_location(source: CheckpointSource) -> str:
@@ -241,6 +345,14 @@ def load_whisper(
     source = resolve_source(name_or_path)
     if source.kind in ("hf", "pack"):
         location = _hf_location(source)
+        # from_pretrained would only warn, and return a randomly initialised Whisper, for another model type.
+        model_type = WhisperConfig.get_config_dict(location)[0].get("model_type")
+        if model_type != "whisper":
+            raise TypeError(
+                f"{name_or_path} is a {model_type or 'model without a model_type'} checkpoint, not Whisper: give a "
+                "Whisper model (a Hub id such as openai/whisper-base, a folder written by save_whisper, an OpenAI "
+                ".pt checkpoint or a CTranslate2 / faster-whisper folder)"
+            )
         model = WhisperForConditionalGeneration.from_pretrained(location, dtype=dtype or "auto")
         processor = WhisperProcessor.from_pretrained(location)
     elif source.kind == "ctranslate2":

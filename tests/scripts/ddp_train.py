@@ -6,6 +6,7 @@
 Writes OUT/result.pt (main process only): the logged losses and gradient norms, the plan, the final weights.
 """
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -29,6 +30,8 @@ def main(output: str, batch_size: int) -> None:
         quant_targets="decoder", quant_bit_choices="4", num_distill_layers=1, disable_tqdm=True,
         dataloader_drop_last=True, remove_unused_columns=False, data_seed=0,
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        # More training arguments as JSON, e.g. {"deepspeed": "examples/deepspeed_zero2.json"}: the same run under ZeRO.
+        **json.loads(os.environ.get("KDQ_TEST_EXTRA_ARGS", "{}")),
     )  # fmt: skip
     trainer = DistillQuantTrainer(model=student, teacher_model=teacher, args=args,
                                   train_dataset=Dataset.from_list(make_micro_rows(32, seed=1)),
