@@ -52,6 +52,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, la
     one, two = (torch.load(tmp_path / name / "result.pt") for name in ("one", "two"))
 
     assert one["plan"] == two["plan"]  # the selection is deterministic: every rank holds the same plan
+    rank_plans = [(tmp_path / "two" / f"plan_rank{rank}.json").read_text() for rank in (0, 1)]
+    assert rank_plans[0] == rank_plans[1]  # bits, distilled layers, matching and every q_l / d_l, exactly
+    assert len({bits for _, bits, _ in one["plan"]}) > 1  # the budget makes the allocation a real choice
     assert len(one["losses"]) == 4
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
     # Gradient norms (before clipping) check the loss normalization across processes: Adam would hide a wrong scale.

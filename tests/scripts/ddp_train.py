@@ -3,7 +3,8 @@
     python tests/scripts/ddp_train.py OUT BATCH_PER_PROCESS
     torchrun --nproc_per_node 2 tests/scripts/ddp_train.py OUT BATCH_PER_PROCESS
 
-Writes OUT/result.pt (main process only): the logged losses and gradient norms, the plan, the final weights.
+Writes OUT/result.pt (main process only): the logged losses and gradient norms, the plan, the final weights; and
+OUT/plan_rank<N>.json from every process.
 """
 
 import json
@@ -27,7 +28,9 @@ def main(output: str, batch_size: int) -> None:
     args = DistillQuantArguments(
         output_dir=output, per_device_train_batch_size=batch_size, max_steps=4, learning_rate=1e-3,
         warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
-        quant_targets="decoder", quant_bit_choices="4", num_distill_layers=1, disable_tqdm=True,
+        # Mixed bits under a budget and a re-selection mid-run: a plan that every rank must compute alike.
+        quant_targets="decoder", quant_bit_choices="2,4,8", size_budget_ratio=0.5, selection_interval=2,
+        num_distill_layers=1, disable_tqdm=True,
         dataloader_drop_last=True, remove_unused_columns=False, data_seed=0,
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         # More training arguments as JSON, e.g. {"deepspeed": "examples/deepspeed_zero2.json"}: the same run under ZeRO.
@@ -37,6 +40,9 @@ def main(output: str, batch_size: int) -> None:
                                   train_dataset=Dataset.from_list(make_micro_rows(32, seed=1)),
                                   data_collator=micro_collate)  # fmt: skip
     trainer.train()
+    # Every rank writes its own plan (measurements included): the test checks that they agree exactly.
+    plan_file = Path(output) / f"plan_rank{trainer.args.process_index}.json"
+    plan_file.write_text(json.dumps(trainer.plan.to_dict(), sort_keys=True))
     if trainer.is_world_process_zero():
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         grad_norms = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]

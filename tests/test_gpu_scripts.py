@@ -1,0 +1,161 @@
+"""CPU smoke runs of the GPU scripts (benchmarks/gpu_*.py), each in a subprocess as the device would run it, on a
+tiny random Whisper with a 1 s input window; and the pieces of gpu_pack_inputs.py round-tripping bit-exactly."""
+
+from __future__ import annotations
+
+import copy
+import filecmp
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+from hf_whisper_kdq import save_whisper
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import gpu_pack_inputs  # noqa: E402
+import gpu_train  # noqa: E402
+import results_table  # noqa: E402
+from step_time import KINDS  # noqa: E402
+
+PIECE_MB = 1.0
+
+
+def run_script(name: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    # One thread: micro models gain nothing from more, and on 2 busy cores OpenMP barriers cost seconds.
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    done = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True,
+                          env=environment, timeout=300)  # fmt: skip
+    assert done.returncode == 0, f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+@pytest.fixture(scope="module")
+def throughput(tmp_path_factory):
+    """gpu_throughput.py's smoke run, started first: it runs beside the packing and training tests."""
+    output = tmp_path_factory.mktemp("throughput") / "throughput.json"
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, str(BENCHMARKS / "gpu_throughput.py"), "--device", "cpu", "--smoke",
+                                "--output", str(output)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=environment)  # fmt: skip
+    yield process, output
+    if process.poll() is None:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory, _tiny_whisper_session, throughput):
+    """A smoke pack of a tiny teacher whose feature extractor and encoder take 1 s (100 frames) of audio."""
+    model, processor = _tiny_whisper_session
+    config = copy.deepcopy(model.config)
+    config.max_source_positions = 50
+    torch.manual_seed(0)
+    short = WhisperForConditionalGeneration(config).eval()
+    short.generation_config = copy.deepcopy(model.generation_config)
+    processor = copy.deepcopy(processor)
+    processor.feature_extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins, chunk_length=1)
+    root = tmp_path_factory.mktemp("gpu_pack")
+    teacher = save_whisper(short, processor, root / "teacher")
+    run_script("gpu_pack_inputs.py", "--smoke", "--teacher", str(teacher), "--output", str(root / "pack"),
+               "--no-wheels", "--piece_mb", str(PIECE_MB))  # fmt: skip
+    return root / "pack"
+
+
+def test_pack_lists_every_piece_once_within_the_piece_size(packed):
+    listing = json.loads((packed / "pieces" / gpu_pack_inputs.PIECES_FILE).read_text())
+    pieces = listing["archive"]["pieces"]
+    assert len(pieces) > 1 and all(p["bytes"] <= PIECE_MB * 1e6 for p in pieces)
+    assert sum(p["bytes"] for p in pieces) == listing["archive"]["bytes"]
+    carried = [name for call in listing["calls"] for name in call]
+    assert sorted(carried) == sorted([gpu_pack_inputs.PIECES_FILE] + [p["name"] for p in pieces])
+    manifest = gpu_pack_inputs.read_manifest(packed / "inputs")
+    assert manifest["smoke"] and (manifest["features"]["mels"], manifest["features"]["frames"]) == (80, 100)
+    assert manifest["splits"]["train"]["n_rows"] == 6
+    assert manifest["splits"]["eval"]["corpora"] == {"smoke-en": 3, "smoke-zh": 3}
+
+
+def test_reassemble_round_trips_bit_exactly(packed, tmp_path):
+    run_script("gpu_pack_inputs.py", "--reassemble", str(packed / "pieces"), "--into", str(tmp_path / "inputs"))
+    comparison = filecmp.dircmp(packed / "inputs", tmp_path / "inputs")
+    files = [path.relative_to(packed / "inputs") for path in (packed / "inputs").rglob("*") if path.is_file()]
+    assert files and not comparison.left_only and not comparison.right_only
+    _, mismatch, errors = filecmp.cmpfiles(packed / "inputs", tmp_path / "inputs", files, shallow=False)
+    assert not mismatch and not errors
+
+
+def test_reassemble_refuses_corrupted_and_missing_pieces(packed, tmp_path, capsys):
+    pieces = tmp_path / "pieces"
+    shutil.copytree(packed / "pieces", pieces)
+    corrupted = pieces / "inputs.tar.001"
+    data = bytearray(corrupted.read_bytes())
+    data[len(data) // 2] ^= 1
+    corrupted.write_bytes(bytes(data))
+    (pieces / "inputs.tar.000").unlink()
+    assert gpu_pack_inputs.main(["--reassemble", str(pieces), "--into", str(tmp_path / "inputs")]) == 2
+    message = capsys.readouterr().err
+    assert "missing ['inputs.tar.000']" in message and "corrupted (size or SHA-256) ['inputs.tar.001']" in message
+    assert not (tmp_path / "inputs").exists()
+
+
+def test_trimmed_features_restore_exactly():
+    generator = torch.Generator().manual_seed(0)
+    speech = torch.randn(80, 40, generator=generator)
+    padded = torch.cat([speech, torch.full((80, 60), -0.5)], dim=1)  # a log-mel window padded past its audio
+    unpadded = torch.randn(80, 100, generator=generator)  # nothing to trim
+    writer = gpu_pack_inputs.SplitWriter("eval")
+    for features in (padded, unpadded):
+        writer.add(features, {"id": "x"})
+    assert writer.frames == [40, 99]
+    split = gpu_pack_inputs.PackedSplit(writer.tensors(), "eval", writer.rows, 100)
+    for i, features in enumerate((padded, unpadded)):
+        assert torch.equal(split.features_of(i), features.half().float())
+
+
+def test_train_smoke_defers_what_it_cannot_do_and_score_completes_it(packed, tmp_path):
+    # A GPU image without opencc (Mandarin scoring) and compressed-tensors (the packed checkpoint's sizes).
+    blocked = tmp_path / "blocked"
+    for module in ("opencc", "compressed_tensors"):
+        (blocked / module).mkdir(parents=True)
+        (blocked / module / "__init__.py").write_text(f"raise ImportError('{module} is not installed here')\n")
+    path = os.pathsep.join([str(blocked), os.environ.get("PYTHONPATH", "")])
+    run_script("gpu_train.py", "--inputs", str(packed / "inputs"), "--device", "cpu", "--smoke", "--output",
+               str(tmp_path / "gpu"), env={"PYTHONPATH": path})  # fmt: skip
+    pending = tmp_path / "gpu" / "pending" / "kdq-d2-u4-gpu.json"
+    row = json.loads(pending.read_text())
+    assert set(row["pending"]) == {"scores", "sizes"}
+    training = row["training"]
+    assert training["train_steps"] == 2 and training["steps_per_second"] > 0 and training["median_step_seconds"] > 0
+    assert "peak_gpu_memory_bytes" in training and row["plan"]["units"]
+    utterances = row["evaluation"]["utterances"]
+    assert len(utterances) == 6 and all("hypothesis" in u and u["reference"] for u in utterances)
+
+    assert gpu_train.main(["--score", str(pending), "--output", str(tmp_path / "table")]) == 0
+    done = json.loads((tmp_path / "table" / "rows" / "kdq-d2-u4-gpu.json").read_text())
+    assert not done["pending"] and done["completed_by_score"] == ["scores", "sizes"]
+    assert {c: s["metric"] for c, s in done["evaluation"]["scores"].items()} == {"smoke-en": "wer", "smoke-zh": "cer"}
+    assert done["sizes"]["bytes_on_disk"] > 0 and done["sizes"]["paper_ratio"] > 1
+    assert "kdq-d2-u4-gpu" in results_table.merge(tmp_path / "table")
+
+
+def test_throughput_smoke_reports_ratios_memory_and_resume(throughput):
+    process, output = throughput
+    log, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, log[-3000:]
+    report = json.loads(output.read_text())
+    (pair,) = report["pairs"]
+    assert set(pair["runs"]) == set(KINDS)
+    for run in pair["runs"].values():
+        assert run["steps_per_s"] > 0 and run["timed_steps"] == 1 and "peak_memory_bytes" in run
+    assert set(pair["ratios"]) == {"kdq/plain", "kdq_shared/plain", "kdq_shared/plain_frozen", "kdq_shared/kdq"}
+    resume = report["resume"]
+    assert resume["final_step_resumed"] == resume["final_step_uninterrupted"] == 4 and resume["same_keys"]
+    assert resume["plan_decisions_equal"] and resume["steps_compared"] == [3, 4]
+    assert resume["max_abs_weight_diff"] is not None
