@@ -434,6 +434,7 @@ class DistillQuantTrainer(Seq2SeqTrainer):
                 self.accelerator.unwrap_model(self.model), self.processing_class, output_dir, plan=self.plan,
                 teacher_fp16_bytes=teacher_fp16, overwrite=overwrite,
             )  # fmt: skip
+        self._compressed_export = (output_dir.resolve(), self.state.global_step)
         return output_dir
 
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token=None,
@@ -443,7 +444,11 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         from .card import write_model_card
         from .hub import push_compressed
 
-        folder = self.save_compressed(overwrite=True)
+        folder = Path(self.args.output_dir) / "compressed"
+        # An export of this very step is pushed as it is, with what the user added to it (a CTranslate2 copy, an
+        # evaluation report): re-saving would replace the folder.
+        if getattr(self, "_compressed_export", None) != (folder.resolve(), self.state.global_step):
+            folder = self.save_compressed(overwrite=True)
         if not self.is_world_process_zero():
             return None
         report = json.loads((folder / "compression_report.json").read_text(encoding="utf-8"))

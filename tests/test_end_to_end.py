@@ -388,3 +388,20 @@ def test_push_to_hub_card_metadata_from_kwargs_and_unnamed_teacher(run, hub, mon
     assert named.base_model == TEACHER_ID and named.language == ["en"] and named.datasets == ["tones"]
     assert unnamed.base_model is None  # no made-up Hub id for an unnamed teacher
     assert unnamed.eval_results and unnamed.language == ["en"]
+
+
+def test_push_to_hub_keeps_what_was_added_to_this_steps_export(run, hub):
+    """A CTranslate2 copy (or any file) added to ``compressed/`` after ``save_compressed`` is pushed, not wiped by a
+    re-save; a new training step would make the export stale and is re-saved."""
+    trainer = run["trainer"]
+    folder = trainer.save_compressed(overwrite=True)
+    (folder / "ctranslate2").mkdir()
+    (folder / "ctranslate2" / "notes.txt").write_text("added by the user")
+    trainer.push_to_hub()
+    assert "ctranslate2/notes.txt" in hub.commits[-1]["files"]
+    trainer.state.global_step += 1  # as if training went on
+    try:
+        trainer.push_to_hub()
+    finally:
+        trainer.state.global_step -= 1
+    assert "ctranslate2/notes.txt" not in hub.commits[-1]["files"] and not (folder / "ctranslate2").exists()
