@@ -44,6 +44,7 @@ class LayerSelectionCallback(TrainerCallback, ExportableState):
     def __init__(self, trainer=None, restored_plan: dict | None = None):
         self.trainer = trainer
         self.restored_plan = restored_plan
+        self._warned_embedding = False
 
     def bind(self, trainer) -> None:
         self.trainer = trainer
@@ -132,9 +133,10 @@ class LayerSelectionCallback(TrainerCallback, ExportableState):
                 unit.distill_loss = float(matrix[unit.index, unit.teacher_layer])
         if plan.module_specs():
             shapes = {name: module.weight.shape for name, module in model.named_modules() if name in set(modules)}
+            on_disk = args.size_budget_accounting == "on_disk"
             allocate_bits(
                 plan, shapes, args.bit_choices, fixed_bytes=self.fixed_bytes(model, plan, shapes),
-                budget_bytes=self.budget_bytes(),
+                budget_bytes=self.budget_bytes(), stored_float=frozenset({"embedding"} if on_disk else ()),
             )  # fmt: skip
         choose_distillation_layers(plan, args.num_distill_layers, sides)
         plan.step = step
@@ -142,7 +144,24 @@ class LayerSelectionCallback(TrainerCallback, ExportableState):
         model.train(was_training)
         if trainer.is_world_process_zero():
             logger.info("\n%s", plan.summary())
+            self._warn_embedding_stored_float(plan, shapes if plan.module_specs() else {})
         return plan
+
+    def _warn_embedding_stored_float(self, plan: KDQPlan, shapes) -> None:
+        """Say once when the paper's accounting counts the embedding at fewer bits than the packed file holds."""
+        embedding = next((u for u in plan.units if u.name == "embedding" and u.modules), None)
+        paper = self.trainer.args.size_budget_accounting == "paper"
+        if self._warned_embedding or not paper or embedding is None or embedding.bits >= FLOAT_BITS:
+            return
+        self._warned_embedding = True
+        extra = unit_bytes(plan, embedding, FLOAT_BITS, shapes) - unit_bytes(plan, embedding, embedding.bits, shapes)
+        logger.warning(
+            "The plan counts the token embedding at %d bits (size_budget_accounting='paper'), but the packed "
+            "checkpoint stores it in fp16 (transformers cannot load a quantized embedding): the file will be about "
+            "%.1f MB larger than the plan's %.1f MB (the CTranslate2 copy stores it in int8). To make the budget bound "
+            "the file, use size_budget_accounting='on_disk'.",
+            embedding.bits, extra / 1e6, plan.size_bytes / 1e6,
+        )  # fmt: skip
 
     def budget_bytes(self) -> int | None:
         args = self.trainer.args

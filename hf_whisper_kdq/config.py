@@ -111,6 +111,12 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
         default=None,
         metadata={"help": "Alternatively: the budget as a fraction of the teacher's fp16 size, e.g. 0.2."},
     )
+    size_budget_accounting: str = field(
+        default="paper",
+        metadata={"help": "How the budget counts the token embedding: 'paper' at its planned bits (the paper's "
+                  "accounting, used by compress's --level presets), or 'on_disk' in fp16, as the packed checkpoint "
+                  "stores it (transformers cannot load a quantized embedding), so that the budget bounds the file."},
+    )  # fmt: skip
 
     # ---- guided layer selection ---------------------------------------------------------------------
     num_distill_layers: int = field(
@@ -171,6 +177,8 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
             raise ValueError(f"quant_group_size must be > 0 with per_group granularity, got {self.quant_group_size}")
         if not self.quant_symmetric:
             raise ValueError("asymmetric quantization is not supported yet: set quant_symmetric=True")
+        if self.size_budget_accounting not in ("paper", "on_disk"):
+            raise ValueError(f"size_budget_accounting={self.size_budget_accounting!r}: choose 'paper' or 'on_disk'")
         if self.size_budget_mb is not None and self.size_budget_ratio is not None:
             raise ValueError("give size_budget_mb or size_budget_ratio, not both")
         if self.size_budget_mb is not None and self.size_budget_mb <= 0:

@@ -270,13 +270,19 @@ def unit_bytes(plan: KDQPlan, unit: UnitPlan, bits: int, shapes: dict[str, torch
 
 def allocate_bits(
     plan: KDQPlan, shapes: dict[str, torch.Size], bit_choices: tuple[int, ...], *, fixed_bytes: int,
-    budget_bytes: int | None,
+    budget_bytes: int | None, stored_float: frozenset[str] = frozenset(),
 ) -> None:  # fmt: skip
     """Assign bits in place (greedy descent, see the module docstring).
 
     Without a budget every unit gets the highest integer bit width among the choices. ``fixed_bytes`` is
     everything the plan does not quantize (fp16 norms, biases, convolutions, positions, float embedding).
+    ``stored_float`` names units whose export stores them in fp16 whatever their bits (the embedding in the packed
+    format): they cost fp16 bytes, so lowering their bits saves nothing and they keep the highest choice.
     """
+
+    def cost(unit: UnitPlan, bits: int) -> int:
+        return unit_bytes(plan, unit, FLOAT_BITS if unit.name in stored_float else bits, shapes)
+
     choices = sorted(bit_choices, reverse=True)
     quantizable = [u for u in plan.units if u.modules]
     if budget_bytes is None:
@@ -293,7 +299,7 @@ def allocate_bits(
 
         for unit in quantizable:
             unit.bits = choices[0]
-        size = fixed_bytes + sum(unit_bytes(plan, u, u.bits, shapes) for u in quantizable)
+        size = fixed_bytes + sum(cost(u, u.bits) for u in quantizable)
         while size > budget_bytes:
             best = None
             for u in quantizable:
@@ -301,13 +307,13 @@ def allocate_bits(
                 if position + 1 == len(choices):
                     continue
                 lower = choices[position + 1]
-                saved = unit_bytes(plan, u, u.bits, shapes) - unit_bytes(plan, u, lower, shapes)
+                saved = cost(u, u.bits) - cost(u, lower)
                 harm = weight(u) * (u.quant_loss.get(lower, 0.0) - u.quant_loss.get(u.bits, 0.0))
                 ratio = harm / max(saved, 1)
                 if saved > 0 and (best is None or ratio < best[0]):
                     best = (ratio, u, lower, saved)
             if best is None:
-                minimum = fixed_bytes + sum(unit_bytes(plan, u, choices[-1], shapes) for u in quantizable)
+                minimum = fixed_bytes + sum(cost(u, choices[-1]) for u in quantizable)
                 raise ValueError(
                     f"size budget {budget_bytes / 1e6:.2f} MB is below what this student reaches at the lowest "
                     f"bits ({minimum / 1e6:.2f} MB): raise size_budget_mb / size_budget_ratio to at least that, allow "
@@ -318,7 +324,7 @@ def allocate_bits(
             unit.bits = lower
             size -= saved
     plan.budget_bytes = budget_bytes
-    plan.size_bytes = fixed_bytes + sum(unit_bytes(plan, u, u.bits, shapes) for u in plan.units)
+    plan.size_bytes = fixed_bytes + sum(cost(u, u.bits) for u in plan.units)
 
 
 def choose_distillation_layers(plan: KDQPlan, count: int, sides: tuple[str, ...]) -> None:

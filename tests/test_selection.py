@@ -330,3 +330,21 @@ def test_extreme_outliers_are_flagged_at_four_bits(tmp_path, micro_whisper):
     assert q8.index(max(q8)) == 1  # at 8 bits the outliers do dominate the error ...
     q4 = [u.quant_loss[4] for u in plan.layers("decoder")]
     assert q4.index(max(q4)) == 1  # ... at 4 bits they do not
+
+
+def test_units_stored_in_float_cost_fp16_and_keep_the_highest_choice():
+    """On-disk accounting: the packed format stores the embedding in fp16 whatever its bits."""
+    plan, shapes = _plan([_q(), _q()], distill=[0.2, 0.2])
+    fixed = 5000
+    kept_float = unit_bytes(plan, plan.unit("decoder.1"), 16, shapes)
+    budget = fixed + kept_float + unit_bytes(plan, plan.unit("decoder.0"), 3, shapes)
+    allocate_bits(plan, shapes, BITS, fixed_bytes=fixed, budget_bytes=budget, stored_float=frozenset({"decoder.1"}))
+    assert plan.unit("decoder.1").bits == max(BITS)  # lowering it would save nothing on disk
+    assert plan.unit("decoder.0").bits == 3
+    assert plan.size_bytes == fixed + kept_float + unit_bytes(plan, plan.unit("decoder.0"), 3, shapes) <= budget
+    # The paper's accounting counts decoder.1 at its bits: under the same budget it is quantized too.
+    allocate_bits(plan, shapes, BITS, fixed_bytes=fixed, budget_bytes=budget)
+    assert plan.unit("decoder.1").bits < 16 and plan.unit("decoder.0").bits > 3
+    with pytest.raises(ValueError, match="below what this student reaches"):
+        allocate_bits(plan, shapes, BITS, fixed_bytes=fixed, budget_bytes=fixed + kept_float,
+                      stored_float=frozenset({"decoder.1"}))  # fmt: skip

@@ -588,3 +588,25 @@ def test_encoder_cache_is_keyed_by_model_and_bounded(tmp_path, micro_whisper):
     small = EncoderOutputCache(tmp_path / "small", first, max_bytes=3 * entry_bytes)
     small.encode(first, features)
     assert len(list((tmp_path / "small").glob("*/*/*.safetensors"))) <= 3
+
+
+@pytest.mark.parametrize("accounting", ["paper", "on_disk"])
+def test_budget_accounting_of_the_embedding(tmp_path, micro_whisper, caplog, accounting):
+    """'paper' counts the embedding at its planned bits (and warns that the packed file stores it in fp16);
+    'on_disk' counts it in fp16, so it keeps the highest choice and the budget bounds the file."""
+    teacher = micro_whisper(decoder_layers=4)
+    student = build_student(teacher, decoder_layers=2)
+    budget = _student_budget_mb(student, 3)  # the embedding in fp16, the layers' linears at 3 bits on average
+    args = _args(tmp_path, max_steps=1, quant_targets="encoder,decoder,embedding", quant_bit_choices="2,4,8",
+                 size_budget_mb=budget, size_budget_accounting=accounting)  # fmt: skip
+    trainer = _trainer(student, teacher, args, make_micro_rows(8))
+    with caplog.at_level("WARNING", logger="hf_whisper_kdq.callbacks"):
+        trainer.train()
+    embedding = trainer.plan.unit("embedding")
+    warned = "stores it in fp16" in caplog.text
+    if accounting == "on_disk":
+        assert embedding.bits == 8 and not warned
+        embedding_fp16 = sum(p.numel() for p in student.get_decoder().embed_tokens.parameters()) * 2
+        assert trainer.plan.size_bytes <= budget * 1e6 and trainer.plan.size_bytes > embedding_fp16
+    else:
+        assert embedding.bits < 16 and warned
