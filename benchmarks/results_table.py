@@ -465,35 +465,47 @@ def uniform_budget_mb(student, targets: str, bits: int) -> float:
     return (size + 1) / 1e6
 
 
-def run_training(ctx: Context, name: str, row: dict, row_dir: Path, result: dict) -> None:
+def training_arguments(row: dict, student, output_dir: Path, *, steps: int, batch_size: int, learning_rate: float,
+                       seed: int, extra: list[str] = ()):  # fmt: skip
+    """The DistillQuantArguments of a trained row (compress's training defaults for the rest); ``extra`` adds or
+    overrides flags (the GPU script's bf16, loaders, device)."""
     from transformers import HfArgumentParser
 
-    from hf_whisper_kdq import (DistillQuantArguments, DistillQuantTrainer, WhisperDataCollator, build_student,
-                                prepare_dataset, save_compressed)
+    from hf_whisper_kdq import DistillQuantArguments
     from hf_whisper_kdq.compress import with_training_defaults
+
+    argv = ["--output_dir", str(output_dir), "--max_steps", str(steps),
+            "--per_device_train_batch_size", str(batch_size), "--learning_rate", str(learning_rate),
+            "--warmup_steps", str(min(10, steps // 10)), "--seed", str(seed),
+            "--logging_steps", str(max(1, min(10, steps // 5))), "--disable_tqdm", "true",
+            "--quant_targets", row["quant_targets"], "--quant_bit_choices", row["bits"],
+            "--quant_group_size", str(GROUP_SIZE), "--quant_granularity", "per_group",
+            "--kd_weight", str(row.get("kd_weight", 1.0)),
+            "--hidden_weight", str(row.get("hidden_weight", 1.0))]  # fmt: skip
+    if row["guided"]:
+        argv += ["--layer_matching", "dynamic_monotone", "--selection_interval", str(max(1, steps // 4))]
+    else:
+        argv += ["--layer_matching", "static", "--selection_interval", "0"]
+    if row["budget"]:
+        bits = int(row["budget"].split(":")[1])
+        argv += ["--size_budget_mb", f"{uniform_budget_mb(student, row['quant_targets'], bits):.6f}"]
+    (arguments,) = HfArgumentParser(DistillQuantArguments).parse_args_into_dataclasses(
+        args=with_training_defaults([*argv, *extra])
+    )
+    return arguments
+
+
+def run_training(ctx: Context, name: str, row: dict, row_dir: Path, result: dict) -> None:
+    from hf_whisper_kdq import DistillQuantTrainer, WhisperDataCollator, build_student, prepare_dataset, save_compressed
 
     args = ctx.args
     teacher, processor = ctx.teacher()
     teacher_sizes = ctx.teacher_sizes()
     train = ctx.training_data()
     student = build_student(teacher, decoder_layers=row["decoder_layers"])
-    argv = ["--output_dir", str(row_dir / "trainer"), "--max_steps", str(args.train_steps),
-            "--per_device_train_batch_size", str(args.train_batch_size), "--learning_rate", str(args.learning_rate),
-            "--warmup_steps", str(min(10, args.train_steps // 10)), "--seed", str(args.seed),
-            "--logging_steps", str(max(1, min(10, args.train_steps // 5))), "--disable_tqdm", "true",
-            "--quant_targets", row["quant_targets"], "--quant_bit_choices", row["bits"],
-            "--quant_group_size", str(GROUP_SIZE), "--quant_granularity", "per_group",
-            "--kd_weight", str(row.get("kd_weight", 1.0)),
-            "--hidden_weight", str(row.get("hidden_weight", 1.0))]  # fmt: skip
-    if row["guided"]:
-        argv += ["--layer_matching", "dynamic_monotone", "--selection_interval", str(max(1, args.train_steps // 4))]
-    else:
-        argv += ["--layer_matching", "static", "--selection_interval", "0"]
-    if row["budget"]:
-        bits = int(row["budget"].split(":")[1])
-        argv += ["--size_budget_mb", f"{uniform_budget_mb(student, row['quant_targets'], bits):.6f}"]
-    parser = HfArgumentParser(DistillQuantArguments)
-    (training_args,) = parser.parse_args_into_dataclasses(args=with_training_defaults(argv))
+    training_args = training_arguments(row, student, row_dir / "trainer", steps=args.train_steps,
+                                       batch_size=args.train_batch_size, learning_rate=args.learning_rate,
+                                       seed=args.seed)  # fmt: skip
     with ctx.timer(f"{name}: features and labels"):
         multilingual = bool(teacher.generation_config.is_multilingual)
         features, preparation = prepare_dataset(train, processor, multilingual=multilingual)
@@ -514,7 +526,7 @@ def run_training(ctx: Context, name: str, row: dict, row_dir: Path, result: dict
         "rows": len(features), "corpora": dict(Counter(features["corpus"])), "preparation": preparation.summary(),
         "train_runtime_s": output.metrics.get("train_runtime"), "final_train_loss": output.training_loss,
         "log_history": trainer.state.log_history, "arguments": {k: v for k, v in training_args.to_dict().items()
-                                                                if k in _TRAINING_KEYS},
+                                                                if k in TRAINING_KEYS},
     }  # fmt: skip
     result["plan"] = plan.to_dict()
     result["plan_summary"] = plan.summary()
@@ -531,7 +543,7 @@ def run_training(ctx: Context, name: str, row: dict, row_dir: Path, result: dict
     gc.collect()
 
 
-_TRAINING_KEYS = {"max_steps", "per_device_train_batch_size", "learning_rate", "warmup_steps", "seed", "ce_weight",
+TRAINING_KEYS = {"max_steps", "per_device_train_batch_size", "learning_rate", "warmup_steps", "seed", "ce_weight",
                   "kd_weight", "hidden_weight", "quant_weight", "kd_temperature", "layer_matching", "quant_bit_choices",
                   "quant_granularity", "quant_group_size", "learnable_clipping", "quant_targets", "size_budget_mb",
                   "num_distill_layers", "selection_interval", "selection_probe_batches", "freeze_encoder"}  # fmt: skip
