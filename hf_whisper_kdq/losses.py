@@ -11,7 +11,7 @@ Shapes: B batch, T decoder positions, V vocabulary, S encoder frames, D / D_t hi
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 
 import torch
@@ -128,7 +128,9 @@ def quantization_loss(weight: torch.Tensor, fake_quantized_weight: torch.Tensor)
     return (weight.float() - fake_quantized_weight.float()).pow(2).sum() / weight.float().pow(2).sum().clamp_min(1e-12)
 
 
-def check_finite_terms(terms: Mapping[str, torch.Tensor], *, step: int) -> None:
+def check_finite_terms(
+    terms: Mapping[str, torch.Tensor], *, step: int, across_processes: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> None:
     """Raise :class:`NonFiniteLossError` when any loss term is NaN or infinite.
 
     One device sync for all terms. Stopping here, before the backward pass, keeps the weights and the checkpoints
@@ -137,10 +139,22 @@ def check_finite_terms(terms: Mapping[str, torch.Tensor], *, step: int) -> None:
     Args:
         terms: term name (``ce``, ``kd``, ``hidden``, ``quant``) → scalar loss.
         step: the optimizer step being computed (1-based, as logged).
+        across_processes: sums a scalar tensor over the processes of a multi-process run. With it, every process
+            stops when any one diverges: alone, the others would wait for it in their next collective until the
+            launcher's timeout.
     """
     values = torch.stack([value.detach().float().reshape(()) for value in terms.values()])
-    if bool(torch.isfinite(values).all()):
+    diverged_here = (~torch.isfinite(values)).any().float()
+    diverged = across_processes(diverged_here) if across_processes is not None else diverged_here
+    if not bool(diverged > 0):
         return
+    if not bool(diverged_here > 0):
+        raise NonFiniteLossError(
+            f"the loss became non-finite at step {step} in another process (its error names the term); this "
+            "process stops with it. The checkpoints already written are kept",
+            step=step,
+            terms=[],
+        )
     values = values.tolist()
     bad = [name for name, value in zip(terms, values) if not math.isfinite(value)]
     shown = ", ".join(f"{name}={value:.4g}" for name, value in zip(terms, values))

@@ -20,6 +20,7 @@ import logging
 import os
 from collections import defaultdict
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -354,7 +355,9 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         if model.training:  # before backward: a NaN update would poison the weights and every later checkpoint
             from .losses import check_finite_terms
 
-            check_finite_terms(terms, step=self.state.global_step + 1)
+            several = self.accelerator.num_processes > 1
+            check_finite_terms(terms, step=self.state.global_step + 1,
+                               across_processes=partial(self.accelerator.reduce, reduction="sum") if several else None)
 
         weights = {"ce": args.ce_weight, "kd": args.kd_weight, "hidden": args.hidden_weight, "quant": args.quant_weight}
         loss = sum(weights[name] * value for name, value in terms.items())

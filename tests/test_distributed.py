@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +133,13 @@ def test_example_script_runs_under_torchrun_and_reports_once(tmp_path, tiny_whis
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count("KDQ plan at step") == 1  # the main process alone reports
     assert "eval_loss_kd" in result.stdout
+
+
+def test_a_loss_diverging_on_one_process_stops_every_process(tmp_path):
+    """Alone, the diverged process would stop and the other would wait for it until the launcher's timeout."""
+    env = dict(os.environ, KDQ_TEST_POISON_TEACHER="1:3")
+    command = [*LAUNCHERS["torchrun"], str(SCRIPT), str(tmp_path / "out"), "2"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode != 0
+    assert re.search(r"\[rank1\]:.*non-finite at step 3 in term\(s\) kd", result.stderr)
+    assert re.search(r"\[rank0\]:.*non-finite at step 3 in another process", result.stderr)

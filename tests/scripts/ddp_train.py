@@ -14,12 +14,23 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
+from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for conftest's micro helpers
 
 from conftest import make_micro_rows, make_micro_whisper, micro_collate  # noqa: E402
 
 from hf_whisper_kdq import DistillQuantArguments, DistillQuantTrainer, build_student  # noqa: E402
+
+
+class PoisonTeacher(TrainerCallback):
+    def __init__(self, trainer, rank: int, step: int):
+        self.trainer, self.rank, self.step = trainer, rank, step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step and args.process_index == self.rank:
+            with torch.no_grad():
+                self.trainer.teacher.proj_out.weight.fill_(float("nan"))
 
 
 def main(output: str, batch_size: int) -> None:
@@ -39,6 +50,9 @@ def main(output: str, batch_size: int) -> None:
     trainer = DistillQuantTrainer(model=student, teacher_model=teacher, args=args,
                                   train_dataset=Dataset.from_list(make_micro_rows(32, seed=1)),
                                   data_collator=micro_collate)  # fmt: skip
+    if "KDQ_TEST_POISON_TEACHER" in os.environ:  # "RANK:STEP": that process's teacher turns NaN before that step
+        rank, step = map(int, os.environ["KDQ_TEST_POISON_TEACHER"].split(":"))
+        trainer.add_callback(PoisonTeacher(trainer, rank, step))
     trainer.train()
     # Every rank writes its own plan (measurements included): the test checks that they agree exactly.
     plan_file = Path(output) / f"plan_rank{trainer.args.process_index}.json"
