@@ -9,7 +9,7 @@ The model is loaded once (``sources.load_whisper``: a Hub id, an offline pack, a
 OpenAI .pt) and exported from memory with ``export.ctranslate2.export_ctranslate2``, so both engines hold the
 same weights. Transformers runs ``evaluation.evaluate_model`` (float32, batched); CTranslate2 runs
 ``evaluate_faster_whisper`` (one utterance at a time). Both decode greedily (``--num_beams``), get the same number
-of CPU threads (``--threads``), decode one utterance off the clock first, and are scored by ``evaluation.score``.
+of CPU threads (``--threads``), decode one utterance off the clock first, and are scored by ``scoring.score``.
 RTF = decode seconds / audio seconds (lower is faster). Timings depend on the machine and on what else runs on it.
 """
 

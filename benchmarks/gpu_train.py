@@ -16,7 +16,7 @@ of training wall time equally; a row stops at its step count or its share of the
 Evaluation: greedy decoding (at most ``--max_new_tokens`` tokens) of the packed ``dev.jsonl`` features by the
 student with its quantization baked in (``results_table.inference_copy``), in fp32 on the GPU. Those features are
 fp16 (see gpu_pack_inputs.py), the CPU rows' are fp32: the ``teacher`` row measures what that changes. WER/CER are
-scored with ``evaluation.score`` per corpus, as ``evaluate_model`` does. Each row is written in results_table's row
+scored with ``scoring.score`` per corpus, as ``evaluate_model`` does. Each row is written in results_table's row
 format to ``OUTPUT/rows/<row>-gpu.json`` with its transcripts, steps/s, median step time and peak GPU memory; its
 RTF is left out of the table's CPU-RTF column (the GPU decode time is in ``evaluation.gpu_rtf``).
 
@@ -248,8 +248,8 @@ def transcribe(model, processor, split, *, english_only: bool, batch_size: int, 
 
 def score_evaluation(evaluation: dict) -> None:
     """Fill ``evaluation["scores"]`` (results_table's per-corpus entries) and the per-utterance error counts from
-    the transcripts, with ``evaluation.score`` per corpus as ``evaluate_model`` scores."""
-    from hf_whisper_kdq.evaluation import score
+    the transcripts, with ``scoring.score`` per corpus as ``evaluate_model`` scores."""
+    from hf_whisper_kdq.scoring import score
 
     scores = {}
     for corpus in evaluation["corpora"]:

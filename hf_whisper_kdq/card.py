@@ -124,7 +124,7 @@ def _pct(value: float | None) -> str:
 
 
 def _language(code: str | None) -> str | None:
-    from .evaluation import language_code
+    from .scoring import language_code
 
     try:
         return language_code(code) if code else None
@@ -169,7 +169,7 @@ def _as_dict(item: Any) -> dict:
 
 def _row_score(role: str, row: Mapping) -> Score:
     name = str(row.get("dataset_name") or row.get("dataset") or row.get("corpus") or "default")
-    from .evaluation import CER_LANGUAGES
+    from .scoring import CER_LANGUAGES
 
     language = _language(row.get("language"))
     metric = str(row.get("metric") or ("cer" if language in CER_LANGUAGES else "wer")).lower()

@@ -10,7 +10,7 @@ empty after normalization (silence, music, ``[BLANK_AUDIO]``) carry nothing to l
     print(report.summary())
 
 Decoding goes through :func:`hf_whisper_kdq.evaluation.transcribe` and agreement through
-:func:`hf_whisper_kdq.evaluation.score`, so the labels and the evaluation see the same normalization.
+:func:`hf_whisper_kdq.scoring.score`, so the labels and the evaluation see the same normalization.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 
 import datasets
 
-from . import evaluation
+from . import evaluation, scoring
 from .sources import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class LabellingReport:
 def _row_languages(dataset: datasets.Dataset, language_column: str | None) -> list[str | None]:
     if not language_column or language_column not in dataset.column_names:
         return [None] * len(dataset)
-    return [evaluation.language_code(lang) if lang else None for lang in dataset[language_column]]
+    return [scoring.language_code(lang) if lang else None for lang in dataset[language_column]]
 
 
 def pseudo_label(
@@ -144,10 +144,10 @@ def pseudo_label(
     error_rates: list[float | None] = [None] * n
     by_language: dict[str, list[int]] = defaultdict(list)
     for i, (reference, code) in enumerate(zip(references, scoring_languages)):
-        if code is not None and reference is not None and evaluation.normalize_text(reference, code):
+        if code is not None and reference is not None and scoring.normalize_text(reference, code):
             by_language[code].append(i)
     for code, indices in by_language.items():
-        result = evaluation.score([references[i] for i in indices], [hypotheses[i] for i in indices], code,
+        result = scoring.score([references[i] for i in indices], [hypotheses[i] for i in indices], code,
                                   per_utterance=True)
         for i, record in zip(indices, result["utterances"]):
             error_rates[i] = record["error_rate"]
@@ -158,7 +158,7 @@ def pseudo_label(
     kept = []
     for i, hypothesis in enumerate(hypotheses):
         # Without a language, Whisper's English normalizer still keeps any letters and drops filler-only text.
-        if not evaluation.normalize_text(hypothesis, scoring_languages[i] or "en"):
+        if not scoring.normalize_text(hypothesis, scoring_languages[i] or "en"):
             report.dropped["empty"].append(ids[i])
         elif wer_threshold is not None and error_rates[i] is not None and error_rates[i] > wer_threshold:
             report.dropped["wer"].append(ids[i])

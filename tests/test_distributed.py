@@ -117,14 +117,15 @@ def test_fsdp_is_refused_with_the_alternative():
         DistillQuantTrainer._check_sharding(trainer)
 
 
-def test_example_script_runs_under_torchrun_and_reports_once(tmp_path, tiny_whisper):
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_example_script_runs_on_two_processes_and_reports_once(tmp_path, tiny_whisper, launcher):
     pytest.importorskip("piper")
     from hf_whisper_kdq.sources import save_whisper
 
     model, processor = tiny_whisper
     teacher = save_whisper(model, processor, tmp_path / "teacher")
     command = [
-        *LAUNCHERS["torchrun"], str(EXAMPLES / "distill_whisper_base.py"), "--teacher", str(teacher),
+        *LAUNCHERS[launcher], str(EXAMPLES / "distill_whisper_base.py"), "--teacher", str(teacher),
         "--decoder_layers", "1", "--synthetic_prompts", "4", "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
         "--per_device_train_batch_size", "1", "--per_device_eval_batch_size", "2", "--report_to", "none",
         "--ddp_backend", "gloo", "--disable_tqdm", "true",

@@ -246,7 +246,7 @@ def test_offline_pack_generation_config(monkeypatch, hub_id, expected):
 def test_real_pack_transcribes_real_speech(monkeypatch, shared_speech, hub_id):
     """A broken conversion gives garbage: real weights on real LJSpeech clips must be nearly right."""
     from hf_whisper_kdq.data import load_audio
-    from hf_whisper_kdq.evaluation import normalize_text, score
+    from hf_whisper_kdq.scoring import normalize_text, score
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, processor = load_whisper(hub_id)

@@ -31,7 +31,8 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from ..evaluation import EvaluationReport, ManifestRows, as_audio_array, language_code, weight_files
+from ..evaluation import EvaluationReport, ManifestRows, as_audio_array, weight_files
+from ..scoring import language_code
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +256,7 @@ def evaluate_faster_whisper(
     cpu_threads: int = 0, max_new_tokens: int | None = None, warmup: bool = True,
 ) -> EvaluationReport:
     """``evaluation.evaluate_model`` for a CTranslate2 folder decoded by faster-whisper: the same manifest
-    dataset, scoring (``evaluation.score``: normalized WER, CER for zh/ja/...), per corpus and per language
+    dataset, scoring (``scoring.score``: normalized WER, CER for zh/ja/...), per corpus and per language
     entries and real-time factor (audio read before the clock starts; one warm-up utterance off the clock).
     ``batch_size`` is 1 (faster-whisper decodes one utterance at a time), ``dtype`` the compute type."""
     rows = ManifestRows.of(dataset)
