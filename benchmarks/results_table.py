@@ -117,11 +117,20 @@ ROWS: dict[str, dict] = {
                               bits="4", budget=None, guided=False,
                               description="ablation: as kdq-d2-u4 with uniform int4 (one bit choice) and static "
                                           "layer matching, selected once"),
+    # The same ablations on the cheap decoder+embedding row (shared fp16 encoder), at kdq-d2-decemb-u4's bytes.
+    "qat-d2-decemb-u4": dict(kind="train", method="QAT only", decoder_layers=2, quant_targets="decoder,embedding",
+                             bits="2,3,4,8", budget="uniform:4", guided=True, kd_weight=0.0, hidden_weight=0.0,
+                             description="ablation: as kdq-d2-decemb-u4 without distillation"),
+    "kdq-unguided-d2-decemb-4": dict(kind="train", method="KDQ (unguided)", decoder_layers=2,
+                                     quant_targets="decoder,embedding", bits="4", budget=None, guided=False,
+                                     description="ablation: as kdq-d2-decemb-u4 with uniform int4 and static "
+                                                 "layer matching, selected once"),
 }  # fmt: skip
 PRESETS = {
     "all": list(ROWS),
     "cheap": ["teacher", "tiny.en", "ptq-int8", "ptq-int4g32-emb8", "ptq-int4g32", "ptq-int3g32"],
     "ablations": ["kdq-d2-u4", "distill-d2", "qat-d2-u4", "kdq-unguided-d2-4"],
+    "ablations-decemb": ["kdq-d2-decemb-u4", "qat-d2-decemb-u4", "kdq-unguided-d2-decemb-4", "distill-d2"],
 }
 
 
