@@ -52,7 +52,7 @@ from torch import nn
 from ..quant import QuantizedWeight, QuantSpec, convert_qat, prepare_qat, quant_specs
 from ..quant.modules import FAKE_QUANT_TYPES
 from ..selection import KDQPlan
-from ..sources import atomic_folder, save_processor, written_by_us
+from ..sources import atomic_folder, check_output_folder, save_processor
 from ..trainer import ADAPTERS_ATTRIBUTE
 from .report import (
     EMBEDDING_REASON,
@@ -265,20 +265,8 @@ def save_compressed(
         ValueError: plan and model disagree, nothing is quantized, or a spec cannot be packed.
     """
     output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"{output_dir} exists and is not a folder: choose another output_dir")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not is_previous_export(output_dir):
-        if not written_by_us(output_dir):
-            raise FileExistsError(
-                f"{output_dir} is not empty and was not written by hf_whisper_kdq: nothing in it is replaced or "
-                "deleted, even with overwrite=True. Fix: choose a new or empty output_dir, or move its files away "
-                "yourself"
-            )
-        if not overwrite:
-            raise FileExistsError(
-                f"{output_dir} holds another hf_whisper_kdq output, not a packed export (no {REPORT_FILE}): pass "
-                "overwrite=True to replace it, or choose another output_dir"
-            )
+    check_output_folder(output_dir, kind=f"packed export (no {REPORT_FILE})", same_kind=is_previous_export(output_dir),
+                        overwrite=overwrite)  # fmt: skip
     _require_compressed_tensors()
 
     student = _student_copy(model, plan)

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..evaluation import EvaluationReport, ManifestRows, as_audio_array, weight_files
 from ..scoring import language_code
+from ..sources import check_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -79,27 +80,6 @@ def _plain_student(model: nn.Module) -> nn.Module:
 
         convert_qat(student)
     return student
-
-
-def _check_target(output_dir: Path, overwrite: bool) -> None:
-    """A previous CTranslate2 export is replaced; another folder this package wrote only with ``overwrite``; a
-    non-empty folder of anything else never, whatever ``overwrite`` says."""
-    from ..sources import written_by_us
-
-    if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"{output_dir} exists and is not a folder: choose another output_dir")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_dir / EXPORT_MARKER).is_file():
-        if not written_by_us(output_dir):
-            raise FileExistsError(
-                f"{output_dir} is not empty and was not written by hf_whisper_kdq: nothing in it is replaced or "
-                "deleted, even with overwrite=True. Fix: choose a new or empty output_dir, or move its files away "
-                "yourself"
-            )
-        if not overwrite:
-            raise FileExistsError(
-                f"{output_dir} holds another hf_whisper_kdq output, not a CTranslate2 export: pass overwrite=True to "
-                "replace it, or choose another output_dir"
-            )
 
 
 def _replace(staging: Path, output_dir: Path) -> None:
@@ -166,7 +146,8 @@ def export_ctranslate2(
         raise ValueError("exporting a model object needs its WhisperProcessor (the tokenizer and feature extractor)")
     source = str(model) if not is_module else getattr(model, "name_or_path", "") or None
     output_dir = Path(output_dir).expanduser().absolute()
-    _check_target(output_dir, overwrite)
+    check_output_folder(output_dir, kind="CTranslate2 export", same_kind=(output_dir / EXPORT_MARKER).is_file(),
+                        overwrite=overwrite)  # fmt: skip
     converters = _import("ctranslate2.converters", "ctranslate2")
     from ..sources import load_whisper, save_whisper
 

@@ -58,6 +58,7 @@ __all__ = [
     "resolve_source",
     "save_processor",
     "save_whisper",
+    "check_output_folder",
     "written_by_us",
 ]
 
@@ -200,6 +201,32 @@ def written_by_us(folder: str | os.PathLike) -> bool:
     return any((Path(folder) / marker).is_file() for marker in _OUR_MARKERS)
 
 
+def check_output_folder(
+    output_dir: Path, *, kind: str | None = None, same_kind: bool = False, overwrite: bool = False
+) -> None:
+    """Refuse an output folder whose replacement could cost the user files, before any work.
+
+    Missing or empty: fine. Not written by this package: never replaced, whatever ``overwrite`` says. For an export
+    ``kind`` ("CTranslate2 export" ...): a previous one (``same_kind``) is replaced, another output of this package
+    only with ``overwrite``. Without ``kind``, any output of this package is replaced.
+    """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"{output_dir} exists and is not a folder: choose another output folder")
+    if not output_dir.is_dir() or not any(output_dir.iterdir()) or same_kind:
+        return
+    if not written_by_us(output_dir):
+        raise FileExistsError(
+            f"{output_dir} is not empty and was not written by hf_whisper_kdq (no {_COMPLETE_MARKER} inside): "
+            "nothing in it is replaced or deleted, even with overwrite=True. Fix: choose a new or empty output "
+            "folder, or move its files away yourself"
+        )
+    if kind is not None and not overwrite:
+        raise FileExistsError(
+            f"{output_dir} holds another hf_whisper_kdq output, not a {kind}: pass overwrite=True to replace it, "
+            "or choose another output folder"
+        )
+
+
 @contextmanager
 def atomic_folder(output_dir: str | os.PathLike) -> Iterator[Path]:
     """Build a folder atomically: yields an empty staging folder beside ``output_dir``; on a clean exit it gets
@@ -210,14 +237,7 @@ def atomic_folder(output_dir: str | os.PathLike) -> Iterator[Path]:
     ``FileExistsError`` before any work, so a mistyped output folder never costs the user their files.
     """
     output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"{output_dir} exists and is not a folder: choose another output folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not written_by_us(output_dir):
-        raise FileExistsError(
-            f"{output_dir} is not empty and was not written by hf_whisper_kdq (no {_COMPLETE_MARKER} inside): "
-            "nothing in it is replaced or deleted. Fix: choose a new or empty output folder, or move its files away "
-            "yourself"
-        )
+    check_output_folder(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
