@@ -6,9 +6,13 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration
+from transformers import logging as hf_logging
+
+from hf_whisper_kdq.config import DistillQuantArguments
 
 from hf_whisper_kdq.sources import OFFLINE_PACKS
 from hf_whisper_kdq.sources.processor import (
@@ -149,6 +153,50 @@ def micro_collate(rows: list[dict]) -> dict[str, torch.Tensor]:
         labels[i, : len(row["labels"])] = torch.tensor(row["labels"])
     features = torch.stack([torch.as_tensor(row["input_features"], dtype=torch.float32) for row in rows])
     return {"input_features": features, "labels": labels}
+
+
+# The start of a script for a fresh Python process that must not import this package: what an export promises is
+# that plain transformers loads it.
+WITHOUT_OUR_PACKAGE = r"""
+import importlib.abc, sys
+
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "hf_whisper_kdq":
+            raise ImportError("the export must load without hf_whisper_kdq")
+
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def micro_training_args(tmp_path: Path, **overrides) -> DistillQuantArguments:
+    """Training arguments for micro/tiny models on CPU: quick, quiet, deterministic; ``overrides`` win."""
+    defaults = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, per_device_eval_batch_size=8,
+        report_to="none", use_cpu=True, logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
+        learning_rate=1e-3, warmup_steps=0, quant_weight=0.1,
+    )  # fmt: skip
+    return DistillQuantArguments(**{**defaults, **overrides})
+
+
+def tiny_speech_rows(processor, texts: list[str], *, seed: int = 0) -> list[dict]:
+    """Rows for the real-tokenizer tiny Whisper: log-mel features of 0.5 s of noise and each text's label ids."""
+    generator = np.random.default_rng(seed)
+    return [
+        {"input_features": processor.feature_extractor(generator.normal(0, 0.1, 8000).astype(np.float32),
+                                                       sampling_rate=16000).input_features[0],
+         "labels": processor.tokenizer(text).input_ids}
+        for text in texts
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def quiet_transformers():
+    """transformers' own warnings (e.g. about generation settings) at error level for the test."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    yield
+    hf_logging.set_verbosity(verbosity)
 
 
 @pytest.fixture

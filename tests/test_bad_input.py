@@ -17,9 +17,8 @@ import soundfile as sf
 import torch
 from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
-from transformers import logging as hf_logging
 
-from conftest import make_micro_rows, micro_collate
+from conftest import make_micro_rows, micro_collate, micro_training_args
 from hf_whisper_kdq import DistillQuantArguments, DistillQuantTrainer, NonFiniteLossError, build_student
 from hf_whisper_kdq.data import MAX_LABEL_TOKENS, SAMPLING_RATE, load_manifest, prepare_dataset
 from hf_whisper_kdq.export import save_compressed
@@ -30,26 +29,13 @@ from hf_whisper_kdq.sources import load_whisper, save_whisper
 from hf_whisper_kdq.students import TEACHER_LAYERS_KEY
 from hub_standin import HubStandIn
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "quiet_transformers")
 
 REPO = "kdq-org/whisper-kdq"
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    yield
-    hf_logging.set_verbosity(verbosity)
-
-
 def _args(tmp_path, **overrides) -> DistillQuantArguments:
-    defaults = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, report_to="none", use_cpu=True,
-        logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True, learning_rate=1e-3, warmup_steps=0,
-        quant_weight=0.1, max_steps=1,
-    )  # fmt: skip
-    return DistillQuantArguments(**{**defaults, **overrides})
+    return micro_training_args(tmp_path, **{"max_steps": 1, **overrides})  # one step shows each error
 
 
 def _trainer(student, teacher, args, rows=None, **kwargs) -> DistillQuantTrainer:

@@ -35,7 +35,7 @@ from huggingface_hub import ModelCard  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from transformers import logging as hf_logging  # noqa: E402
 
-from conftest import make_tiny_whisper  # noqa: E402
+from conftest import WITHOUT_OUR_PACKAGE, make_tiny_whisper  # noqa: E402
 from hf_whisper_kdq.card import build_model_card, write_model_card  # noqa: E402
 from hf_whisper_kdq.config import DistillQuantArguments  # noqa: E402
 from hf_whisper_kdq.data import SAMPLING_RATE, WhisperDataCollator, manifest_dataset, prepare_dataset  # noqa: E402
@@ -154,16 +154,8 @@ def test_training_under_budget_and_generate_evaluation(run):
 
 # ---- 2. the packed checkpoint, loaded without this package --------------------------------------------------
 
-LOADER = r"""
-import contextlib, importlib.abc, io, runpy, sys
-
-class _Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] == "hf_whisper_kdq":
-            raise ImportError("the export must load without hf_whisper_kdq")
-
-sys.meta_path.insert(0, _Block())
-import json
+LOADER = WITHOUT_OUR_PACKAGE + r"""
+import contextlib, io, json, runpy
 import numpy as np, torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 

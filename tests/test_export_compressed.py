@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from conftest import WITHOUT_OUR_PACKAGE
 from hf_whisper_kdq.export import EMBEDDING_REASON, REPORT_FILE, build_compression_report, save_compressed
 from hf_whisper_kdq.export import compressed as compressed_module
 from hf_whisper_kdq.export.report import _safetensors_layout
@@ -161,15 +162,7 @@ def test_written_codes_and_scales_are_exactly_ours(exports, variant):
         assert torch.equal(scale.reshape(q.scales.shape), q.scales), name
 
 
-LOADER = r"""
-import importlib.abc, sys
-
-class _Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] == "hf_whisper_kdq":
-            raise ImportError("the export must load without hf_whisper_kdq")
-
-sys.meta_path.insert(0, _Block())
+LOADER = WITHOUT_OUR_PACKAGE + r"""
 import numpy as np, torch
 from safetensors.torch import save_file
 from transformers import WhisperForConditionalGeneration

@@ -8,7 +8,6 @@ import logging
 from pathlib import Path
 
 import huggingface_hub.constants
-import numpy as np
 import pytest
 import torch
 import transformers.utils.hub
@@ -17,6 +16,7 @@ from huggingface_hub import HfApi
 from transformers import logging as hf_logging
 from transformers.trainer_pt_utils import safe_globals
 
+from conftest import tiny_speech_rows
 from hf_whisper_kdq.config import DistillQuantArguments
 from hf_whisper_kdq.data import WhisperDataCollator
 from hf_whisper_kdq.students import build_student
@@ -107,13 +107,7 @@ def test_token_is_never_written_or_logged_and_checkpoints_are_safetensors(tmp_pa
     pytest.importorskip("compressed_tensors", minversion="0.20")
     teacher, processor = tiny_whisper
     student = build_student(teacher, decoder_layers=1)
-    generator = np.random.default_rng(0)
-    rows = [
-        {"input_features": processor.feature_extractor(generator.normal(0, 0.1, 8000).astype(np.float32),
-                                                       sampling_rate=16000).input_features[0],
-         "labels": processor.tokenizer(text).input_ids}
-        for text in (" hello world", " another short one")
-    ]  # fmt: skip
+    rows = tiny_speech_rows(processor, [" hello world", " another short one"])
     output = tmp_path / "run"
     args = DistillQuantArguments(
         output_dir=str(output), per_device_train_batch_size=2, max_steps=2, save_strategy="steps", save_steps=1,

@@ -12,36 +12,18 @@ import torch
 from datasets import Dataset
 from safetensors import safe_open
 from transformers import Seq2SeqTrainingArguments
-from transformers import logging as hf_logging
 
-from conftest import make_micro_rows, micro_collate
+from conftest import make_micro_rows, micro_collate, tiny_speech_rows
+from conftest import micro_training_args as _args
 from hf_whisper_kdq.callbacks import LayerSelectionCallback
-from hf_whisper_kdq.config import DistillQuantArguments
 from hf_whisper_kdq.losses import IGNORE_INDEX
 from hf_whisper_kdq.selection import PLAN_FILE, KDQPlan, match_layers, relative_hidden_errors
 from hf_whisper_kdq.students import build_student
 from hf_whisper_kdq.trainer import DistillQuantTrainer
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "quiet_transformers")
 
 TERMS = ("loss_ce", "loss_kd", "loss_hidden", "loss_quant")
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    yield
-    hf_logging.set_verbosity(verbosity)
-
-
-def _args(tmp_path, **overrides) -> DistillQuantArguments:
-    defaults = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, per_device_eval_batch_size=8,
-        report_to="none", use_cpu=True, logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
-        learning_rate=1e-3, warmup_steps=0, quant_weight=0.1,
-    )  # fmt: skip
-    return DistillQuantArguments(**{**defaults, **overrides})
 
 
 def _trainer(student, teacher, args, rows, **kwargs) -> DistillQuantTrainer:
@@ -517,20 +499,12 @@ def test_eval_terms_follow_the_metric_key_prefix(tmp_path, pair):
 
 def test_real_tokenizer_tiny_whisper_with_the_data_collator(tmp_path, base_pack_folder):
     """The trainer on the real-tokenizer tiny Whisper (51,865 tokens, 30 s inputs) and WhisperDataCollator."""
-    import numpy as np
-
     from conftest import make_tiny_whisper
     from hf_whisper_kdq.data import WhisperDataCollator
 
     teacher, processor = make_tiny_whisper(base_pack_folder, decoder_layers=4)
     student = build_student(teacher, decoder_layers=2)
-    generator = np.random.default_rng(0)
-    rows = [
-        {"input_features": processor.feature_extractor(generator.normal(0, 0.1, 8000).astype(np.float32),
-                                                       sampling_rate=16000).input_features[0],
-         "labels": processor.tokenizer(text).input_ids}
-        for text in (" hello world", " a longer sentence to transcribe")
-    ]  # fmt: skip
+    rows = tiny_speech_rows(processor, [" hello world", " a longer sentence to transcribe"])
     args = _args(tmp_path, max_steps=2, per_device_train_batch_size=2, selection_probe_batches=1,
                  quant_targets="decoder,embedding", size_budget_ratio=0.3)  # fmt: skip
     collator = WhisperDataCollator(processor, decoder_start_token_id=student.config.decoder_start_token_id)
