@@ -176,7 +176,8 @@ def quantization_losses(
             if not inputs:
                 continue
             weight = modules[name].weight.float()
-            x = torch.cat(inputs).float()
+            # Inputs were captured to host memory (capture_inputs): measure where the weight lives.
+            x = torch.cat(inputs).to(weight.device, torch.float32)
             reference = x @ weight.T
             denominator += reference.pow(2).sum().item()
             for bits in bit_choices:
@@ -236,7 +237,7 @@ def relative_hidden_errors(student: list[torch.Tensor], teacher: list[torch.Tens
         energy = t.pow(2).sum().clamp_min(1e-12)
         for i, s in enumerate(student):
             s = s.float() if weights is None else s.float() * weights
-            errors[i, j] = (s - t).pow(2).sum() / energy
+            errors[i, j] = ((s - t).pow(2).sum() / energy).item()
     return errors
 
 

@@ -238,7 +238,9 @@ class DistillQuantTrainer(Seq2SeqTrainer):
             return teacher.to(self.accelerator.device).eval()
         # evaluation_mode: placed on this process's device but never wrapped in DDP.
         teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
-        return teacher.eval()
+        # accelerate hands back a model it prepared before untouched: a teacher reused by a second trainer may have
+        # been moved since (found on a GPU: the second trainer's teacher stayed on the CPU).
+        return teacher.to(self.accelerator.device).eval()
 
     @property
     def distill_sides(self) -> tuple[str, ...]:

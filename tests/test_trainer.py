@@ -233,6 +233,20 @@ def test_teacher_is_frozen_unchanged_and_not_saved(tmp_path, pair):
     assert saved_numel < sum(p.numel() for p in teacher.parameters())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: on one device nothing can be misplaced")
+def test_a_teacher_reused_by_a_second_trainer_is_placed_again(tmp_path, micro_whisper):
+    """accelerate returns a model it prepared before as it is; a teacher moved back to the CPU between two
+    trainers must still reach the GPU (benchmarks/step_time.py does this between its runs)."""
+    teacher = micro_whisper(decoder_layers=4)
+    for run in range(2):
+        student = build_student(teacher, decoder_layers=2)
+        args = _args(tmp_path / str(run), max_steps=1, use_cpu=False)
+        trainer = _trainer(student, teacher, args, make_micro_rows(8))
+        trainer.train()
+        assert next(trainer.teacher.parameters()).device.type == "cuda"
+        teacher.to("cpu")
+
+
 def test_tokenizer_mismatch_fails_before_training(tmp_path, pair):
     student, teacher = pair
     student.generation_config.eos_token_id = 5
