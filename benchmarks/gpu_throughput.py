@@ -41,10 +41,11 @@ from dataclasses import asdict  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 import results_table  # noqa: E402
 from step_time import (SHAPES, RandomSpeech, Workload, collate, compare, device_name, print_ratios,  # noqa: E402
-                       random_teacher, release)  # fmt: skip
+                       random_teacher, release, run)  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,12 +63,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume_steps", type=int, default=6, help="steps of the resume check's runs")
     parser.add_argument("--resume_save", type=int, default=3,
                         help="checkpoint interval of the resume check; it resumes from the first checkpoint")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="also profile STEPS steps of the last pair's kdq run (after the warmup) and write the "
+                             "operators that took the most device time next to --output (<output>.profile.txt)")
     parser.add_argument("--smoke", action="store_true",
                         help="a CPU check: the micro shape, batch 2, 1 timed step, a 4-step resume check")
     parser.add_argument("--output", help="write the results as JSON to this file")
     args = parser.parse_args(argv)
     if args.smoke:
         args.pairs, args.batch_size, args.steps, args.warmup = "micro:1", 2, 1, 1
+        args.profile = min(args.profile, 1)
         args.resume_steps, args.resume_save = 4, 2
     try:
         args.pair_list = [(shape, int(layers)) for shape, layers in (p.split(":") for p in args.pairs.split(","))]
@@ -78,6 +83,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not 0 < args.resume_save < args.resume_steps:
         parser.error("--resume_save must be between 0 and --resume_steps (exclusive)")
     return args
+
+
+class ProfileSteps(TrainerCallback):
+    """torch.profiler over ``steps`` optimizer steps after the first ``skip`` ones: where a KDQ step spends its
+    time (the kdq/plain ratio alone does not say)."""
+
+    def __init__(self, skip: int, steps: int):
+        self.skip, self.steps, self.table = skip, steps, None
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.profiler = torch.profiler.profile(activities=activities, record_shapes=True)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.skip:
+            self.profiler.start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.skip + self.steps:
+            self.profiler.stop()
+            sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            self.table = self.profiler.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=40)
 
 
 def resume_check(shape: str, decoder_layers: int, work: Workload, steps: int, save_every: int) -> dict:
@@ -151,6 +178,14 @@ def main(argv=None) -> int:
         pairs.append({"teacher": shape, "decoder_layers": layers, **result})
     shape, layers = cli.pair_list[-1]
     work.decoder_layers = layers
+    if cli.profile:
+        profiler = ProfileSteps(skip=work.warmup, steps=cli.profile)
+        profiled = Workload(**{**asdict(work), "steps": cli.profile})
+        run("kdq", random_teacher(shape), profiled, extra_callbacks=(profiler,))
+        print(f"── profile of {cli.profile} kdq steps ({shape} teacher → {layers} decoder layers)\n{profiler.table}")
+        if cli.output:
+            Path(cli.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(f"{cli.output}.profile.txt").write_text(profiler.table + "\n")
     print(f"── resume check: {shape} teacher → {layers} decoder layers, {cli.resume_steps} steps, resumed from "
           f"checkpoint-{cli.resume_save}", flush=True)
     resume = resume_check(shape, layers, work, cli.resume_steps, cli.resume_save)

@@ -89,9 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("give --inputs (a folder of gpu_pack_inputs.py), or --score FILE")
     args.row_names = [name.strip() for name in args.rows.split(",") if name.strip()]
     for name in args.row_names:
-        if name not in REFERENCE_MODELS and results_table.ROWS.get(name, {}).get("kind") != "train":
-            trained = [n for n, row in results_table.ROWS.items() if row["kind"] == "train"]
-            parser.error(f"unknown row {name!r}: choose from {', '.join([*trained, *REFERENCE_MODELS])}")
+        if name not in REFERENCE_MODELS and results_table.ROWS.get(name, {}).get("kind") not in ("train", "ptq"):
+            runnable = [n for n, row in results_table.ROWS.items() if row["kind"] in ("train", "ptq")]
+            parser.error(f"unknown row {name!r}: choose from {', '.join([*runnable, *REFERENCE_MODELS])}")
     if args.smoke:
         args.train_steps, args.train_batch_size, args.max_new_tokens, args.workers = 2, 2, 8, 0
     if min(args.train_steps, args.train_batch_size, args.batch_size, args.max_new_tokens) < 1 or args.max_minutes <= 0:
@@ -212,6 +212,20 @@ def train_row(name: str, cli, inputs: Inputs, scratch: Path, budget_seconds: flo
     return results_table.inference_copy(student), processor
 
 
+def ptq_row(name: str, row: dict, inputs: Inputs, scratch: Path, result: dict, timer):
+    """A naive-PTQ row as results_table.run_ptq builds it; fills result's model and sizes entries and returns (the
+    model with its quantization baked in, for decoding, its processor)."""
+    model = results_table.ptq_model(inputs.teacher, row["specs"])
+    result["model"] = f"{result['teacher']} + round-to-nearest {row['specs']}"
+    try:
+        with timer(f"{name}: sizes (save_compressed)"):
+            result["sizes"] = results_table.ptq_sizes(model, inputs.processor, inputs.teacher_sizes,
+                                                      scratch / "compressed")  # fmt: skip
+    except ImportError as error:  # compressed-tensors absent: --score rebuilds the sizes
+        result["pending"]["sizes"] = str(error)
+    return results_table.inference_copy(model), inputs.processor
+
+
 # ---- evaluation ------------------------------------------------------------------------------------------------------
 def transcribe(model, processor, split, *, english_only: bool, batch_size: int, max_new_tokens: int,
                device: str) -> tuple[list[dict], list[dict]]:  # fmt: skip
@@ -307,7 +321,7 @@ def run_row(name: str, cli, inputs: Inputs, budget_seconds: float, machine: dict
     manifest = inputs.manifest
     where = "a GPU" if inputs.device == "cuda" else "the CPU"
     result = {"row": f"{name}-gpu", "method": row["method"], "kind": row["kind"],
-              "description": f"{row['description']} — on {where} ({'bf16, ' if cli.bf16 and not reference else ''}"
+              "description": f"{row['description']} — on {where} ({'bf16, ' if cli.bf16 and row['kind'] == 'train' else ''}"
                              f"fp16 features)",
               "config": {k: v for k, v in row.items() if k not in ("method", "description", "kind")},
               "teacher": manifest["teacher"]["source"], "teacher_sizes": inputs.teacher_sizes, "training": None,
@@ -319,6 +333,8 @@ def run_row(name: str, cli, inputs: Inputs, budget_seconds: float, machine: dict
             result["model"] = manifest[REFERENCE_MODELS[name]]["source"]
             result["sizes"] = results_table.float_sizes(model, processor, inputs.teacher_sizes)
             model = copy.deepcopy(model).float()
+        elif row["kind"] == "ptq":
+            model, processor = ptq_row(name, row, inputs, Path(scratch), result, timer)
         else:
             model, processor = train_row(name, cli, inputs, Path(scratch), budget_seconds, result, timer)
         evaluate(name, model, processor, cli, inputs, result, timer)
@@ -367,11 +383,16 @@ def complete(path: Path, cli) -> Path:
         # The packed file's bytes follow from the shapes and the planned bits alone: any student of the same
         # architecture prepared with the row's plan writes a file of the same size.
         teacher, processor = load_whisper(cli.teacher or result["teacher"])
-        student = build_student(teacher, decoder_layers=result["config"]["decoder_layers"])
-        plan = KDQPlan.from_dict(result["plan"])
-        prepare_qat(student, plan.module_specs())
         with tempfile.TemporaryDirectory() as scratch:
-            result["sizes"] = row_sizes(student, processor, plan, result["teacher_sizes"], Path(scratch) / "packed")
+            if result["kind"] == "ptq":
+                model = results_table.ptq_model(teacher, result["config"]["specs"])
+                result["sizes"] = results_table.ptq_sizes(model, processor, result["teacher_sizes"],
+                                                          Path(scratch) / "packed")  # fmt: skip
+            else:
+                student = build_student(teacher, decoder_layers=result["config"]["decoder_layers"])
+                plan = KDQPlan.from_dict(result["plan"])
+                prepare_qat(student, plan.module_specs())
+                result["sizes"] = row_sizes(student, processor, plan, result["teacher_sizes"], Path(scratch) / "packed")
         result["sizes"]["source"] = "rebuilt on the CPU from the plan by gpu_train.py --score"
     result["completed_by_score"] = sorted(pending)
     result["pending"] = {}
@@ -394,7 +415,7 @@ def main(argv=None) -> int:
     if cli.device == "cuda":
         machine["gpu"] = torch.cuda.get_device_name()
     inputs = Inputs(Path(cli.inputs), cli.device)
-    trained = [name for name in cli.row_names if name not in REFERENCE_MODELS]
+    trained = [name for name in cli.row_names if results_table.ROWS.get(name, {}).get("kind") == "train"]
     budget = cli.max_minutes * 60 / max(1, len(trained))
     for name in cli.row_names:
         print(summary(run_row(name, cli, inputs, budget, machine, command)), flush=True)

@@ -125,12 +125,28 @@ ROWS: dict[str, dict] = {
                                      quant_targets="decoder,embedding", bits="4", budget=None, guided=False,
                                      description="ablation: as kdq-d2-decemb-u4 with uniform int4 and static "
                                                  "layer matching, selected once"),
+    # Teacher architecture with the encoder fp16 and shared: quantization of the decoder and embedding alone, the
+    # bytes KDQ can recover from the teacher cheaply (no encoder backward), against round-to-nearest at equal bytes.
+    "ptq-decemb-int3g32": dict(kind="ptq", method="naive PTQ", specs={"decoder": "int3-g32", "embedding": "int3-g32"},
+                               description="teacher, int3 group-32 decoder+embedding, encoder fp16"),
+    "kdq-base-decemb-u3": dict(kind="train", method="KDQ (guided)", decoder_layers=None,
+                               quant_targets="decoder,embedding", bits="2,3,4,8", budget="uniform:3", guided=True,
+                               description="teacher architecture; decoder+embedding guided at the uniform-int3 size, "
+                                           "encoder fp16 and shared with the teacher"),
+    "kdq-unguided-base-decemb-3": dict(kind="train", method="KDQ (unguided)", decoder_layers=None,
+                                       quant_targets="decoder,embedding", bits="3", budget=None, guided=False,
+                                       description="ablation: as kdq-base-decemb-u3 with uniform int3 and static "
+                                                   "layer matching, selected once"),
+    "qat-base-decemb-u3": dict(kind="train", method="QAT only", decoder_layers=None, quant_targets="decoder,embedding",
+                               bits="2,3,4,8", budget="uniform:3", guided=True, kd_weight=0.0, hidden_weight=0.0,
+                               description="ablation: as kdq-base-decemb-u3 without distillation"),
 }  # fmt: skip
 PRESETS = {
     "all": list(ROWS),
     "cheap": ["teacher", "tiny.en", "ptq-int8", "ptq-int4g32-emb8", "ptq-int4g32", "ptq-int3g32"],
     "ablations": ["kdq-d2-u4", "distill-d2", "qat-d2-u4", "kdq-unguided-d2-4"],
     "ablations-decemb": ["kdq-d2-decemb-u4", "qat-d2-decemb-u4", "kdq-unguided-d2-decemb-4", "distill-d2"],
+    "base-decemb": ["ptq-decemb-int3g32", "kdq-base-decemb-u3", "kdq-unguided-base-decemb-3", "qat-base-decemb-u3"],
 }
 
 
@@ -441,25 +457,36 @@ def run_reference(ctx: Context, name: str, row: dict, row_dir: Path, result: dic
     measure(ctx, name, model, processor, row_dir, result)
 
 
-def run_ptq(ctx: Context, name: str, row: dict, row_dir: Path, result: dict) -> None:
-    from hf_whisper_kdq import save_compressed
+def ptq_model(teacher, component_specs: dict[str, str]):
+    """A copy of ``teacher`` with round-to-nearest fake quantization: one spec (``"int4-g32"``…) per component
+    (``encoder`` / ``decoder`` / ``embedding``); components left out stay float."""
     from hf_whisper_kdq.quant import default_quant_targets, prepare_qat
 
-    teacher, processor = ctx.teacher()
-    teacher_sizes = ctx.teacher_sizes()
     model = copy.deepcopy(teacher)
     specs = {}
-    for component, spec in row["specs"].items():
+    for component, spec in component_specs.items():
         targets = default_quant_targets(model, encoder=component == "encoder", decoder=component == "decoder",
                                         embedding=component == "embedding")  # fmt: skip
         specs.update(dict.fromkeys(targets, spec))
     prepare_qat(model, specs)  # the tied proj_out follows the embedding
+    return model
+
+
+def ptq_sizes(model, processor, teacher_sizes: dict, folder: Path) -> dict:
+    """The table's sizes of a PTQ row, from its packed checkpoint."""
+    from hf_whisper_kdq import save_compressed
+
+    folder = save_compressed(model, processor, folder, teacher_fp16_bytes=teacher_sizes["fp16_parameter_bytes"],
+                             overwrite=True)  # fmt: skip
+    return sizes_from_report(json.loads((folder / "compression_report.json").read_text()), teacher_sizes)
+
+
+def run_ptq(ctx: Context, name: str, row: dict, row_dir: Path, result: dict) -> None:
+    teacher, processor = ctx.teacher()
+    model = ptq_model(teacher, row["specs"])
     result["model"] = f"{ctx.args.teacher} + round-to-nearest {row['specs']}"
     with ctx.timer(f"{name}: save_compressed"):
-        folder = save_compressed(model, processor, row_dir / "compressed",
-                                 teacher_fp16_bytes=teacher_sizes["fp16_parameter_bytes"], overwrite=True)
-    report = json.loads((folder / "compression_report.json").read_text())
-    result["sizes"] = sizes_from_report(report, teacher_sizes)
+        result["sizes"] = ptq_sizes(model, processor, ctx.teacher_sizes(), row_dir / "compressed")
     measure(ctx, name, model, processor, row_dir, result)
 
 

@@ -122,8 +122,9 @@ def release(model: torch.nn.Module) -> None:
         torch.cuda.empty_cache()
 
 
-def run(kind: str, teacher: WhisperForConditionalGeneration, work: Workload) -> dict:
-    """Train ``kind`` (one of KINDS) for warmup + steps steps; the median step time, steps/s and peak GPU memory."""
+def run(kind: str, teacher: WhisperForConditionalGeneration, work: Workload, extra_callbacks: tuple = ()) -> dict:
+    """Train ``kind`` (one of KINDS) for warmup + steps steps; the median step time, steps/s and peak GPU memory.
+    ``extra_callbacks`` join the step timer (a profiler, say)."""
     student = build_student(teacher, decoder_layers=work.decoder_layers)
     timer = StepTimer()
     data = RandomSpeech(teacher.config, work.batch_size * (work.warmup + work.steps), work.label_tokens)
@@ -138,13 +139,13 @@ def run(kind: str, teacher: WhisperForConditionalGeneration, work: Workload) -> 
             if kind == "plain_frozen":
                 student.freeze_encoder()
             trainer = Seq2SeqTrainer(model=student, args=Seq2SeqTrainingArguments(**common), train_dataset=data,
-                                     data_collator=collate, callbacks=[timer])  # fmt: skip
+                                     data_collator=collate, callbacks=[timer, *extra_callbacks])  # fmt: skip
         else:
             args = DistillQuantArguments(**common, freeze_encoder=kind == "kdq_shared", quant_targets="decoder",
                                          quant_bit_choices="4", num_distill_layers=work.decoder_layers,
                                          selection_probe_batches=1, cache_encoder_outputs=False)  # fmt: skip
             trainer = DistillQuantTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
-                                          data_collator=collate, callbacks=[timer])  # fmt: skip
+                                          data_collator=collate, callbacks=[timer, *extra_callbacks])  # fmt: skip
             assert trainer.shares_encoder == (kind == "kdq_shared")
         if gpu:
             torch.cuda.reset_peak_memory_stats()

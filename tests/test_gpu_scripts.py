@@ -44,7 +44,7 @@ def throughput(tmp_path_factory):
     output = tmp_path_factory.mktemp("throughput") / "throughput.json"
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, str(BENCHMARKS / "gpu_throughput.py"), "--device", "cpu", "--smoke",
-                                "--output", str(output)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                "--profile", "1", "--output", str(output)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=environment)  # fmt: skip
     yield process, output
     if process.poll() is None:
@@ -127,7 +127,7 @@ def test_train_smoke_defers_what_it_cannot_do_and_score_completes_it(packed, tmp
         (blocked / module / "__init__.py").write_text(f"raise ImportError('{module} is not installed here')\n")
     path = os.pathsep.join([str(blocked), os.environ.get("PYTHONPATH", "")])
     run_script("gpu_train.py", "--inputs", str(packed / "inputs"), "--device", "cpu", "--smoke", "--output",
-               str(tmp_path / "gpu"), env={"PYTHONPATH": path})  # fmt: skip
+               str(tmp_path / "gpu"), "--rows", "kdq-d2-u4,ptq-decemb-int3g32", env={"PYTHONPATH": path})  # fmt: skip
     pending = tmp_path / "gpu" / "pending" / "kdq-d2-u4-gpu.json"
     row = json.loads(pending.read_text())
     assert set(row["pending"]) == {"scores", "sizes"}
@@ -144,6 +144,16 @@ def test_train_smoke_defers_what_it_cannot_do_and_score_completes_it(packed, tmp
     assert done["sizes"]["bytes_on_disk"] > 0 and done["sizes"]["paper_ratio"] > 1
     assert "kdq-d2-u4-gpu" in results_table.merge(tmp_path / "table")
 
+    # A naive-PTQ row: no training, the teacher quantized as results_table quantizes it, completed the same way.
+    pending_ptq = tmp_path / "gpu" / "pending" / "ptq-decemb-int3g32-gpu.json"
+    row = json.loads(pending_ptq.read_text())
+    assert set(row["pending"]) == {"scores", "sizes"} and row["training"] is None and row["kind"] == "ptq"
+    assert gpu_train.main(["--score", str(pending_ptq), "--output", str(tmp_path / "table")]) == 0
+    done = json.loads((tmp_path / "table" / "rows" / "ptq-decemb-int3g32-gpu.json").read_text())
+    assert not done["pending"] and done["sizes"]["paper_ratio"] > 1
+    assert done["sizes"]["per_layer_bits"]["decoder.0"] == 3 and done["sizes"]["per_layer_bits"]["encoder.0"] == 16
+    assert "ptq-decemb-int3g32-gpu" in results_table.merge(tmp_path / "table")
+
 
 def test_throughput_smoke_reports_ratios_memory_and_resume(throughput):
     process, output = throughput
@@ -159,3 +169,4 @@ def test_throughput_smoke_reports_ratios_memory_and_resume(throughput):
     assert resume["final_step_resumed"] == resume["final_step_uninterrupted"] == 4 and resume["same_keys"]
     assert resume["plan_decisions_equal"] and resume["steps_compared"] == [3, 4]
     assert resume["max_abs_weight_diff"] is not None
+    assert "aten::" in Path(f"{output}.profile.txt").read_text()  # the operators of one profiled kdq step
