@@ -107,6 +107,10 @@ ROWS: dict[str, dict] = {
                              bits="2,3,4,8", budget="uniform:4", guided=True,
                              description="2 decoder layers; decoder+embedding guided at the uniform-int4 size, "
                                          "encoder fp16 and shared with the teacher (the cheapest row to train)"),
+    "kdq-d2-u4-relhidden": dict(kind="train", method="KDQ (guided)", decoder_layers=2, quant_targets=ALL_TARGETS,
+                                bits="2,3,4,8", budget="uniform:4", guided=True, hidden_loss_scale="relative",
+                                description="as kdq-d2-u4 with the scale-free hidden loss (hidden_loss_scale="
+                                            "relative): the absolute one outweighs CE and KD ~10× on whisper-base"),
     "distill-d2": dict(kind="train", method="distillation only", decoder_layers=2, quant_targets=ALL_TARGETS,
                        bits="float", budget=None, guided=False,
                        description="ablation: 2 decoder layers, distillation without quantization (float)"),
@@ -517,7 +521,8 @@ def training_arguments(row: dict, student, output_dir: Path, *, steps: int, batc
             "--quant_targets", row["quant_targets"], "--quant_bit_choices", row["bits"],
             "--quant_group_size", str(GROUP_SIZE), "--quant_granularity", "per_group",
             "--kd_weight", str(row.get("kd_weight", 1.0)),
-            "--hidden_weight", str(row.get("hidden_weight", 1.0))]  # fmt: skip
+            "--hidden_weight", str(row.get("hidden_weight", 1.0)),
+            "--hidden_loss_scale", row.get("hidden_loss_scale", "absolute")]  # fmt: skip
     if row["guided"]:
         argv += ["--layer_matching", "dynamic_monotone", "--selection_interval", str(max(1, steps // 4))]
     else:

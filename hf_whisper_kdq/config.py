@@ -16,6 +16,7 @@ FLOAT_BITS = 16  # a layer left unquantized is counted, and stored, as fp16
 MATCHING_MODES = ("static", "dynamic", "dynamic_monotone")
 HIDDEN_TARGETS = ("decoder", "encoder", "both", "none")
 HIDDEN_REPRESENTATIONS = ("layer_output", "ffn_intermediate")
+HIDDEN_LOSS_SCALES = ("absolute", "relative")
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 QUANT_TARGETS = ("encoder", "decoder", "embedding")
 
@@ -65,6 +66,15 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
     hidden_target: str = field(
         default="decoder",
         metadata={"help": f"Which hidden states are distilled: one of {', '.join(HIDDEN_TARGETS)}."},
+    )
+    hidden_loss_scale: str = field(
+        default="absolute",
+        metadata={
+            "help": "How hidden states are compared: 'absolute' (mean squared error, the paper's loss; it grows "
+            "with the size of the states, which is large in Whisper's deeper decoder layers) or 'relative' (the "
+            "squared error of each position divided by the teacher state's mean square: scale-free, about 1 for "
+            "an unrelated student, so the hidden term no longer outweighs CE and KD)."
+        },
     )
     hidden_representation: str = field(
         default="layer_output",
@@ -164,6 +174,7 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
         for name, allowed in (
             ("hidden_target", HIDDEN_TARGETS),
             ("hidden_representation", HIDDEN_REPRESENTATIONS),
+            ("hidden_loss_scale", HIDDEN_LOSS_SCALES),
             ("layer_matching", MATCHING_MODES),
             ("quant_granularity", GRANULARITIES),
         ):

@@ -95,6 +95,7 @@ def hidden_distillation_loss(
     *,
     mask: torch.Tensor | None = None,
     normalizer: torch.Tensor | float | None = None,
+    relative: bool = False,
 ) -> torch.Tensor:
     """Mean squared error per position between a student representation and its matched teacher layer.
 
@@ -104,13 +105,19 @@ def hidden_distillation_loss(
         mask: [B, L] bool, positions that count (decoder: label tokens); None counts every position
             (encoder frames).
         normalizer: positions of the whole accumulated batch (``num_items_in_batch`` for decoder states).
+        relative: divide each position's error by mean_D t² of that position (scale-free). Per position, so
+            the sum over positions still splits exactly across micro-batches.
 
     Returns:
-        Scalar: Σ over counted positions of mean_D (s − t)², divided by the normalizer.
+        Scalar: Σ over counted positions of mean_D (s − t)² (÷ mean_D t² when ``relative``), divided by the
+        normalizer.
     """
     if student_hidden.shape != teacher_hidden.shape:
         raise ValueError(f"hidden shapes differ: {tuple(student_hidden.shape)} vs {tuple(teacher_hidden.shape)}")
-    per_position = (student_hidden.float() - teacher_hidden.float()).pow(2).mean(dim=-1)
+    teacher_hidden = teacher_hidden.float()
+    per_position = (student_hidden.float() - teacher_hidden).pow(2).mean(dim=-1)
+    if relative:
+        per_position = per_position / teacher_hidden.pow(2).mean(dim=-1).clamp_min(1e-6)
     if mask is not None:
         per_position = per_position * mask
         count = mask.sum()

@@ -351,6 +351,7 @@ class DistillQuantTrainer(Seq2SeqTrainer):
                     reps["teacher"][side][teacher_layer],
                     mask=mask,
                     normalizer=normalizer,
+                    relative=self.args.hidden_loss_scale == "relative",
                 )
         terms["hidden"] = hidden
         terms["quant"] = self._quantization_loss(model, student_out.logits) / (steps * processes)

@@ -102,7 +102,7 @@ def test_ce_equals_torch_mean_ce_without_num_items():
     assert cross_entropy_loss(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("loss_name", ["ce", "kd", "hidden_masked"])
+@pytest.mark.parametrize("loss_name", ["ce", "kd", "hidden_masked", "hidden_relative"])
 def test_halves_normalized_by_total_items_add_up_to_the_full_batch(loss_name):
     logits, labels = _batch(seed=10, batch=4, positions=6)
     teacher, _ = _batch(seed=11, batch=4, positions=6)
@@ -117,7 +117,8 @@ def test_halves_normalized_by_total_items_add_up_to_the_full_batch(loss_name):
                 logits[part], teacher[part], labels[part], temperature=2.0, num_items_in_batch=normalizer
             )
         mask = labels[part].ne(IGNORE_INDEX)
-        return hidden_distillation_loss(logits[part], teacher[part], mask=mask, normalizer=normalizer)
+        return hidden_distillation_loss(logits[part], teacher[part], mask=mask, normalizer=normalizer,
+                                        relative=loss_name == "hidden_relative")  # fmt: skip
 
     full = loss(slice(None), None)
     halves = loss(slice(0, 2), total_items) + loss(slice(2, 4), total_items)
@@ -164,6 +165,21 @@ def test_hidden_loss_with_mask_counts_only_masked_positions():
     changed = student.clone()
     changed[~mask] = 1000.0
     assert hidden_distillation_loss(changed, teacher, mask=mask).item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_relative_hidden_loss_is_scale_free_and_zero_on_a_match():
+    generator = torch.Generator().manual_seed(14)
+    student = torch.randn(2, 7, 16, generator=generator)
+    teacher = torch.randn(2, 7, 16, generator=generator)
+    relative = hidden_distillation_loss(student, teacher, relative=True).item()
+    # states 10× larger: the absolute loss grows 100×, the relative one does not move
+    assert hidden_distillation_loss(10 * student, 10 * teacher).item() == pytest.approx(
+        100 * hidden_distillation_loss(student, teacher).item(), rel=1e-5
+    )
+    assert hidden_distillation_loss(10 * student, 10 * teacher, relative=True).item() == pytest.approx(relative, rel=1e-5)
+    per_position = (student - teacher).pow(2).mean(-1) / teacher.pow(2).mean(-1)
+    assert relative == pytest.approx(per_position.mean().item(), rel=1e-5)
+    assert hidden_distillation_loss(teacher.clone(), teacher, relative=True).item() == 0.0
 
 
 def test_hidden_loss_shape_mismatch_is_an_error():

@@ -91,12 +91,16 @@ def test_training_lowers_the_loss_and_logs_every_term(tmp_path, pair):
 
 def test_logged_terms_are_step_means_with_gradient_accumulation(tmp_path, pair):
     student, teacher = pair
-    args = _args(tmp_path, max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                 hidden_target="both", num_distill_layers=3)  # fmt: skip
-    trainer = _trainer(student, teacher, args, make_micro_rows(12, seed=2))
-    trainer.train()
-    for entry in _train_logs(trainer):
-        assert entry["loss"] == pytest.approx(_weighted_sum(entry, args), rel=1e-4)
+    hidden = {}
+    for scale in ("absolute", "relative"):
+        args = _args(tmp_path / scale, max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                     hidden_target="both", num_distill_layers=3, hidden_loss_scale=scale)  # fmt: skip
+        trainer = _trainer(copy.deepcopy(student), teacher, args, make_micro_rows(12, seed=2))
+        trainer.train()
+        for entry in _train_logs(trainer):
+            assert entry["loss"] == pytest.approx(_weighted_sum(entry, args), rel=1e-4)
+        hidden[scale] = _train_logs(trainer)[0]["loss_hidden"]
+    assert 0 < hidden["relative"] != pytest.approx(hidden["absolute"], rel=1e-3)  # the option reaches the loss
 
 
 def test_evaluate_logs_every_term(tmp_path, pair):
