@@ -81,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train_rows", type=int, default=None,
                         help="teacher-labelled LibriSpeech utterances (default: all of unlabeled.jsonl)")
     parser.add_argument("--synthetic_rows", type=int, default=120, help="synthetic training utterances (0: none)")
+    parser.add_argument("--synthetic_text", default=None,
+                        help="id<TAB>text file to synthesize them from (results_table.py's --synthetic_text)")
     parser.add_argument("--label_batch_size", type=int, default=16, help="batch size of the teacher's labelling")
     parser.add_argument("--smoke", action="store_true",
                         help="pack a few rows of random noise with fixed texts instead of the shared speech (a CPU "
@@ -196,6 +198,7 @@ def shared_sources(args):
     argv = ["--rows", "kdq-d2-u4", "--data", args.data, "--output", args.results, "--teacher", args.teacher,
             "--synthetic_rows", str(args.synthetic_rows), "--batch_size", str(args.label_batch_size)]  # fmt: skip
     argv += ["--train_rows", str(args.train_rows)] if args.train_rows else []
+    argv += ["--synthetic_text", args.synthetic_text] if args.synthetic_text else []
     argv += ["--eval_limit", str(args.eval_limit)] if args.eval_limit else []
     ctx = results_table.Context(results_table.parse_args(argv))
     teacher, processor = ctx.teacher()
@@ -418,7 +421,8 @@ def pack(args) -> int:
     teacher, processor, train, evaluation, notes = sources
     manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": shlex.join(sys.argv),
                 "smoke": args.smoke, "eval_limit_per_corpus": args.eval_limit, "train_rows": args.train_rows,
-                "synthetic_rows": 0 if args.smoke else args.synthetic_rows, **notes}  # fmt: skip
+                "synthetic_rows": 0 if args.smoke else args.synthetic_rows, "synthetic_text": args.synthetic_text,
+                **notes}  # fmt: skip
     manifest.update(pack_speech(teacher, processor, train, evaluation, inputs))
     manifest["teacher"] = save_model(teacher, processor, args.teacher, inputs / "teacher")
     manifest["tiny"] = save_model(*load_whisper(args.tiny), args.tiny, inputs / "tiny") if args.tiny else None

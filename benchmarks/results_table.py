@@ -166,6 +166,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train_rows", type=int, default=None,
                         help="teacher-labelled LibriSpeech utterances for training (default: all of unlabeled.jsonl)")
     parser.add_argument("--synthetic_rows", type=int, default=120, help="synthetic training utterances (0: none)")
+    parser.add_argument("--synthetic_text", default=None,
+                        help="id<TAB>text file to synthesize them from (default: the package's embedded prompts, "
+                             "of which 187 are for training; e.g. ../shared/data/text/ljspeech_prompts.tsv for more)")
     parser.add_argument("--train_batch_size", type=int, default=8, help="per-device training batch size")
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--batch_size", type=int, default=16, help="transformers evaluation batch size")
@@ -312,7 +315,8 @@ class Context:
 
             manifest = self.labelled_manifest()
             compress = CompressArguments(teacher=self.args.teacher, level="none", train_manifest=str(manifest),
-                                         synthetic_prompts=self.args.synthetic_rows)  # fmt: skip
+                                         synthetic_prompts=self.args.synthetic_rows,
+                                         synthetic_text=self.args.synthetic_text)  # fmt: skip
             model, processor = self.teacher()
             if len(load_manifest(manifest)) == 0 and not compress.synthetic_prompts:
                 raise ValueError("no training data: every teacher label was empty and --synthetic_rows is 0")

@@ -83,6 +83,12 @@ class CompressArguments:
         metadata={"help": "Embedded prompts to synthesize (Piper/espeak-ng) as training speech; 0 for none. Used "
                   "by default, and added to other training data when given explicitly."},
     )  # fmt: skip
+    synthetic_text: str | None = field(
+        default=None,
+        metadata={"help": "File of id<TAB>text lines to synthesize training speech from, in file order (default: "
+                  "the embedded English prompts, without the ones held out for the smoke evaluation). "
+                  "--synthetic_prompts says how many."},
+    )  # fmt: skip
     eval_manifest: str | None = field(
         default=None,
         metadata={"help": "JSONL manifest to evaluate on. Without one: held-out synthetic speech (smoke check)."},
@@ -105,6 +111,8 @@ class CompressArguments:
             raise ValueError(f"--level {self.level!r}: choose one of {', '.join(LEVELS)}, none")
         if self.synthetic_prompts < 0:
             raise ValueError("--synthetic_prompts must be ≥ 0")
+        if self.synthetic_text and not Path(self.synthetic_text).is_file():
+            raise ValueError(f"--synthetic_text {self.synthetic_text}: no such file (give id<TAB>text lines)")
 
     @property
     def smoke(self) -> bool:
@@ -188,7 +196,7 @@ def _training_data(compress: CompressArguments, teacher, processor, timer: Phase
     from datasets import concatenate_datasets
 
     from .data import load_manifest, load_speech_dataset
-    from .synthesis import default_prompts, synthesize_dataset
+    from .synthesis import default_prompts, load_prompts, synthesize_dataset
 
     parts = []
     if compress.train_manifest:
@@ -200,7 +208,8 @@ def _training_data(compress: CompressArguments, teacher, processor, timer: Phase
         parts.append(_teacher_labels(compress, teacher, processor, timer, folder))
     if compress.synthetic_prompts:
         with timer("synthesize training speech"):
-            parts.append(synthesize_dataset(default_prompts("train")[: compress.synthetic_prompts]))
+            prompts = load_prompts(compress.synthetic_text) if compress.synthetic_text else default_prompts("train")
+            parts.append(synthesize_dataset(prompts[: compress.synthetic_prompts]))
     if not parts:
         raise ValueError("no training data: give --train_manifest, --train_dataset, --unlabeled_manifest or "
                          "--synthetic_prompts > 0")  # fmt: skip

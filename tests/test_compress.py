@@ -87,3 +87,19 @@ def test_teacher_labels_are_kept_and_reused_until_threshold_or_teacher_change(tm
     changed = make_micro_whisper(seed=1)
     labels(threshold=0.1, teacher=changed)
     assert len(calls) == 3
+
+
+def test_synthetic_text_file_is_synthesized_in_order(tmp_path, monkeypatch):
+    """--synthetic_text: training speech from the user's own sentences instead of the embedded prompts."""
+    pytest.importorskip("piper")
+    from hf_whisper_kdq.compress import PhaseTimer, _training_data
+
+    monkeypatch.setenv("HF_WHISPER_KDQ_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "sentences.tsv"
+    text.write_text("a1\tThe press yard was quiet.\na2\tNine feet by six.\na3\tNot this one.\n", encoding="utf-8")
+    compress = CompressArguments(synthetic_prompts=2, synthetic_text=str(text))
+    dataset = _training_data(compress, None, None, PhaseTimer())
+    assert dataset["text"] == ["The press yard was quiet.", "Nine feet by six."]
+    assert all(duration > 0.5 for duration in dataset["duration"])
+    with pytest.raises(ValueError, match="--synthetic_text .*no such file"):
+        CompressArguments(synthetic_text=str(tmp_path / "missing.tsv"))
