@@ -247,7 +247,7 @@ def pack_speech(teacher, processor, train, evaluation, folder: Path) -> dict:
     from safetensors.torch import save_file
 
     from hf_whisper_kdq import prepare_dataset
-    from hf_whisper_kdq.data import load_audio
+    from hf_whisper_kdq.audio import load_audio
 
     # As results_table.run_training prepares its rows: the same labels, the same dropped rows.
     prepared, report = prepare_dataset(train, processor, multilingual=bool(teacher.generation_config.is_multilingual))

@@ -22,11 +22,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data
+from .audio import SAMPLING_RATE, load_audio
 from .scoring import error_rate, language_code, score
 
 logger = logging.getLogger(__name__)
 
-SAMPLING_RATE = data.SAMPLING_RATE
 # Whisper's encoder sees 30 s windows; longer audio needs long-form (sequential, timestamped) decoding.
 CHUNK_SECONDS = 30.0
 # Weight files counted as the model's size on disk (CTranslate2 folders keep theirs in model.bin[.partN]).
@@ -36,13 +36,13 @@ _NOT_WEIGHTS = ("training_args", "optimizer", "scheduler", "rng_state")
 
 # --- Batched decoding ----------------------------------------------------------------------------------
 def as_audio_array(audio: Any) -> np.ndarray:
-    """Arrays and tensors pass through (16 kHz mono); paths and datasets audio dicts go to ``data.load_audio``."""
+    """Arrays and tensors pass through (16 kHz mono); paths and datasets audio dicts go to ``audio.load_audio``."""
     if isinstance(audio, (np.ndarray, torch.Tensor)):
         array = np.asarray(audio, dtype=np.float32)
         if array.ndim != 1:
             raise ValueError(f"audio arrays must be 1-D mono samples at 16 kHz, got shape {array.shape}")
         return array
-    return data.load_audio(audio, sampling_rate=SAMPLING_RATE)
+    return load_audio(audio, sampling_rate=SAMPLING_RATE)
 
 
 def _duration(audio: Any) -> float:
@@ -327,9 +327,9 @@ class ManifestRows:
         decoding only; with ``warmup``, one utterance is decoded first, off the clock."""
         if warmup and self.groups:
             (_, code), indices = next(iter(self.groups.items()))
-            transcriber([data.load_audio(self.audio[indices[0]], row_id=self.ids[indices[0]])], code, True)
+            transcriber([load_audio(self.audio[indices[0]], row_id=self.ids[indices[0]])], code, True)
         for (corpus, code), indices in self.groups.items():
-            arrays = [data.load_audio(self.audio[i], row_id=self.ids[i]) for i in indices]
+            arrays = [load_audio(self.audio[i], row_id=self.ids[i]) for i in indices]
             audio_seconds = sum(len(a) for a in arrays) / SAMPLING_RATE
             start = time.perf_counter()
             hypotheses = transcriber(arrays, code, False)

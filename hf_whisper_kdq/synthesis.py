@@ -41,7 +41,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .data import SAMPLING_RATE, is_silent, load_audio, manifest_dataset
+from .audio import SAMPLING_RATE, is_silent, load_audio
+from .data import manifest_dataset
 from .sources.offline import cache_root
 
 logger = logging.getLogger(__name__)

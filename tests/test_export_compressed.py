@@ -343,7 +343,7 @@ def test_real_weights_packed_export_transcribes_real_clips_identically(shared_sp
     import copy
     import json
 
-    from hf_whisper_kdq.data import load_audio
+    from hf_whisper_kdq.audio import load_audio
     from hf_whisper_kdq.quant import QuantSpec, convert_qat, default_quant_targets, prepare_qat
     from hf_whisper_kdq.sources import load_whisper
 

@@ -245,7 +245,7 @@ def test_offline_pack_generation_config(monkeypatch, hub_id, expected):
 @pytest.mark.parametrize("hub_id", ["openai/whisper-base", "openai/whisper-tiny.en"])
 def test_real_pack_transcribes_real_speech(monkeypatch, shared_speech, hub_id):
     """A broken conversion gives garbage: real weights on real LJSpeech clips must be nearly right."""
-    from hf_whisper_kdq.data import load_audio
+    from hf_whisper_kdq.audio import load_audio
     from hf_whisper_kdq.scoring import normalize_text, score
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
