@@ -277,7 +277,9 @@ class DistillQuantTrainer(Seq2SeqTrainer):
                 for side in hidden_sides
                 if ffn
             }
-            with torch.no_grad():
+            # The Trainer's autocast lives in accelerate's wrapper of model.forward; the teacher's encoder is
+            # called directly, and would otherwise run in fp32 under bf16/fp16 training.
+            with torch.no_grad(), self.accelerator.autocast():
                 if self.encoder_cache is not None and self.shares_encoder:
                     hidden = self.encoder_cache.encode(self.teacher.get_encoder(), features)
                     teacher_encoder = BaseModelOutput(last_hidden_state=hidden)
