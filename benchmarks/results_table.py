@@ -713,11 +713,15 @@ def markdown(rows: list[dict]) -> str:
 def figure(rows: list[dict], path: Path) -> Path | None:
     from hf_whisper_kdq.card import plot_size_vs_error
 
-    points = [{"method": f"{t['row']}", "size_bytes": t["bytes_on_disk"], "error_rate": t["wer_ljspeech"],
-               "metric": "wer"} for t in table_rows(rows) if t["wer_ljspeech"] is not None]  # fmt: skip
+    # GPU rows are scored on the whole dev set, CPU rows often on a subset: separate curves.
+    points = [{"method": t["method"] + (" (GPU, full dev set)" if t["row"].endswith("-gpu") else ""),
+               "label": t["row"].removesuffix("-gpu"), "size_bytes": t["bytes_on_disk"],
+               "error_rate": t["wer_ljspeech"], "metric": "wer"}
+              for t in table_rows(rows) if t["wer_ljspeech"] is not None]  # fmt: skip
     if not points:
         return None
-    return plot_size_vs_error(points, path, title="LJSpeech WER vs bytes on disk (whisper-base teacher)")
+    return plot_size_vs_error(points, path, title="LJSpeech WER vs bytes on disk (whisper-base teacher)",
+                              log_error=True)  # fmt: skip
 
 
 def merge(output: Path) -> str | None:

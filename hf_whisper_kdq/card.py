@@ -352,26 +352,39 @@ def plot_plan(plan: KDQPlan | Mapping | str | Path, path: str | Path) -> Path:
     return _save(figure, path, top=0.93)
 
 
-def plot_size_vs_error(rows: Sequence[Mapping], path: str | Path, *, title: str | None = None) -> Path:
-    """Scatter of size (MB) against error rate (%) per method, for benchmark write-ups.
+def plot_size_vs_error(rows: Sequence[Mapping], path: str | Path, *, title: str | None = None,
+                       log_error: bool = False) -> Path:  # fmt: skip
+    """Size (MB) against error rate (%): one curve per method (its points joined in size order), for benchmark
+    write-ups.
 
     ``rows``: dicts with ``method``, ``size_mb`` or ``size_bytes``, and ``error_rate`` (fraction; or ``wer``/``cer``;
-    ``"percent": True`` for percentages), optional ``metric``."""
-    figure = _figure(5.5, 4.0)
+    ``"percent": True`` for percentages), optional ``metric`` and ``label`` (written beside the point).
+    ``log_error``: a logarithmic error axis, for rows from near the teacher to collapsed models."""
+    figure = _figure(8.5, 4.2)
     ax = figure.add_subplot()
-    metrics = set()
+    metrics, curves = set(), {}
     for i, row in enumerate(rows):
         size = float(row["size_mb"]) if row.get("size_mb") is not None else float(row["size_bytes"]) / 1e6
         metric = str(row.get("metric") or ("cer" if "cer" in row else "wer")).lower()
         value = float(row.get("error_rate", row.get(metric))) * (1 if row.get("percent") else 100)
         metrics.add(metric.upper())
-        ax.scatter([size], [value], s=40, color=f"C{i % 10}", zorder=3)
-        ax.annotate(public(row.get("method", f"model {i}")), (size, value), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)  # fmt: skip
+        curves.setdefault(public(row.get("method", f"model {i}")), []).append((size, value, row.get("label")))
+    markers = "osD^vP*X"
+    for i, (method, points) in enumerate(curves.items()):
+        points.sort(key=lambda point: point[0])
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=markers[i % len(markers)], color=f"C{i % 10}",
+                label=method, zorder=3)  # fmt: skip
+        for size, value, label in points:
+            if label:
+                ax.annotate(public(label), (size, value), textcoords="offset points", xytext=(4, 3), fontsize=6,
+                            color=f"C{i % 10}")  # fmt: skip
+    if log_error:
+        ax.set_yscale("log")
     ax.set_xlabel("size on disk (MB)")
     ax.set_ylabel(f"{'/'.join(sorted(metrics)) or 'WER'} (%)")
-    ax.grid(True, alpha=0.3)
-    ax.margins(0.15)
+    ax.grid(True, alpha=0.3, which="both")
+    ax.margins(0.12)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside: no point hidden
     if title:
         ax.set_title(public(title), fontsize=10)
     return _save(figure, path)

@@ -182,6 +182,10 @@ def test_figures_are_small_pngs(tmp_path):
              "error_rate": 5.1, "percent": True}]  # fmt: skip
     png_size(plot_size_vs_error(rows, tmp_path / "sub" / "size.png", title="LibriSpeech"))
     assert (tmp_path / "sub" / "size.png").stat().st_size < 200_000
+    # several rows of one method make one curve; labels name the points; a log axis for collapsed models
+    curve = [{"method": "naive PTQ", "label": f"int{b}", "size_mb": s, "error_rate": e}
+             for b, s, e in ((8, 101.3, 0.178), (4, 81.9, 0.203), (3, 76.4, 2.541))]  # fmt: skip
+    png_size(plot_size_vs_error(rows + curve, tmp_path / "curves.png", log_error=True))
 
 
 # ---- the usage snippets run, against a local Hub cache (offline) -------------------------------------------------
