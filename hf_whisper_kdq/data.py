@@ -1,12 +1,11 @@
-"""Speech data for Whisper-KDQ: reading audio, loading manifests and `datasets` corpora, building training rows.
+"""Speech data for Whisper-KDQ: loading manifests and `datasets` corpora, building training rows.
 
 Every corpus is brought to one row shape, the *manifest* columns::
 
     id, corpus, language, audio, duration, text
 
-where ``audio`` is a ``datasets.Audio(sampling_rate=16000, decode=False)`` column ({"path", "bytes"}).
-Audio is never decoded by `datasets`: its decoder (torchcodec) is an optional native dependency that is
-missing or broken on many machines, so this module decodes with soundfile and resamples with soxr itself.
+where ``audio`` is a ``datasets.Audio(sampling_rate=16000, decode=False)`` column ({"path", "bytes"}), decoded by
+``audio.load_audio`` (soundfile + soxr), never by `datasets`.
 
 Training rows (``prepare_dataset``) add ``input_features`` (log-mel) and ``labels`` (token ids that start
 with ``<|startoftranscript|>``, following the Hugging Face Whisper fine-tuning convention);
