@@ -17,6 +17,7 @@ MATCHING_MODES = ("static", "dynamic", "dynamic_monotone")
 HIDDEN_TARGETS = ("decoder", "encoder", "both", "none")
 HIDDEN_REPRESENTATIONS = ("layer_output", "ffn_intermediate")
 HIDDEN_LOSS_SCALES = ("absolute", "relative")
+BUDGET_ACCOUNTINGS = ("paper", "on_disk")
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 QUANT_TARGETS = ("encoder", "decoder", "embedding")
 
@@ -177,6 +178,7 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
             ("hidden_loss_scale", HIDDEN_LOSS_SCALES),
             ("layer_matching", MATCHING_MODES),
             ("quant_granularity", GRANULARITIES),
+            ("size_budget_accounting", BUDGET_ACCOUNTINGS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
@@ -188,8 +190,6 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
             raise ValueError(f"quant_group_size must be > 0 with per_group granularity, got {self.quant_group_size}")
         if not self.quant_symmetric:
             raise ValueError("asymmetric quantization is not supported yet: set quant_symmetric=True")
-        if self.size_budget_accounting not in ("paper", "on_disk"):
-            raise ValueError(f"size_budget_accounting={self.size_budget_accounting!r}: choose 'paper' or 'on_disk'")
         if self.size_budget_mb is not None and self.size_budget_ratio is not None:
             raise ValueError("give size_budget_mb or size_budget_ratio, not both")
         if self.size_budget_mb is not None and self.size_budget_mb <= 0:

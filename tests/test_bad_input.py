@@ -159,6 +159,10 @@ def test_unsupported_bit_choices_name_the_flag(tmp_path):
         _args(tmp_path, quant_targets="", size_budget_ratio=0.3)
     with pytest.raises(ValueError, match=r"QuantSpec.bits must be one of \[2, 3, 4, 8\], got 4.0"):
         QuantSpec(bits=4.0)
+    with pytest.raises(ValueError, match=r"size_budget_accounting='disk': choose one of paper, on_disk"):
+        _args(tmp_path, size_budget_accounting="disk")
+    with pytest.raises(ValueError, match=r"hidden_loss_scale='normalized': choose one of absolute, relative"):
+        _args(tmp_path, hidden_loss_scale="normalized")
 
 
 # ---- 5. a size budget below the student's smallest size -------------------------------------------------------
