@@ -152,13 +152,8 @@ def training_arguments(row: dict, cli: argparse.Namespace, student, output_dir: 
 
 def row_sizes(student, processor, plan, teacher_sizes: dict, folder: Path) -> dict:
     """results_table's sizes of a trained row: its packed checkpoint, or fp16 for a float student."""
-    from hf_whisper_kdq import save_compressed
-
     if plan.module_specs():
-        folder = save_compressed(student, processor, folder, plan=plan,
-                                 teacher_fp16_bytes=teacher_sizes["fp16_parameter_bytes"], overwrite=True)  # fmt: skip
-        report = json.loads((folder / "compression_report.json").read_text())
-        return results_table.sizes_from_report(report, teacher_sizes)
+        return results_table.packed_sizes(student, processor, teacher_sizes, folder, plan=plan)
     return results_table.float_sizes(results_table.inference_copy(student), processor, teacher_sizes)
 
 
@@ -219,7 +214,7 @@ def ptq_row(name: str, row: dict, inputs: Inputs, scratch: Path, result: dict, t
     result["model"] = f"{result['teacher']} + round-to-nearest {row['specs']}"
     try:
         with timer(f"{name}: sizes (save_compressed)"):
-            result["sizes"] = results_table.ptq_sizes(model, inputs.processor, inputs.teacher_sizes,
+            result["sizes"] = results_table.packed_sizes(model, inputs.processor, inputs.teacher_sizes,
                                                       scratch / "compressed")  # fmt: skip
     except ImportError as error:  # compressed-tensors absent: --score rebuilds the sizes
         result["pending"]["sizes"] = str(error)
@@ -386,7 +381,7 @@ def complete(path: Path, cli) -> Path:
         with tempfile.TemporaryDirectory() as scratch:
             if result["kind"] == "ptq":
                 model = results_table.ptq_model(teacher, result["config"]["specs"])
-                result["sizes"] = results_table.ptq_sizes(model, processor, result["teacher_sizes"],
+                result["sizes"] = results_table.packed_sizes(model, processor, result["teacher_sizes"],
                                                           Path(scratch) / "packed")  # fmt: skip
             else:
                 student = build_student(teacher, decoder_layers=result["config"]["decoder_layers"])

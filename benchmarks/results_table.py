@@ -480,12 +480,12 @@ def ptq_model(teacher, component_specs: dict[str, str]):
     return model
 
 
-def ptq_sizes(model, processor, teacher_sizes: dict, folder: Path) -> dict:
-    """The table's sizes of a PTQ row, from its packed checkpoint."""
+def packed_sizes(model, processor, teacher_sizes: dict, folder: Path, plan=None) -> dict:
+    """The table's sizes of a quantized row (PTQ, or trained with its ``plan``), from its packed checkpoint."""
     from hf_whisper_kdq import save_compressed
 
-    folder = save_compressed(model, processor, folder, teacher_fp16_bytes=teacher_sizes["fp16_parameter_bytes"],
-                             overwrite=True)  # fmt: skip
+    folder = save_compressed(model, processor, folder, plan=plan,
+                             teacher_fp16_bytes=teacher_sizes["fp16_parameter_bytes"], overwrite=True)  # fmt: skip
     return sizes_from_report(json.loads((folder / "compression_report.json").read_text()), teacher_sizes)
 
 
@@ -494,7 +494,7 @@ def run_ptq(ctx: Context, name: str, row: dict, row_dir: Path, result: dict) -> 
     model = ptq_model(teacher, row["specs"])
     result["model"] = f"{ctx.args.teacher} + round-to-nearest {row['specs']}"
     with ctx.timer(f"{name}: save_compressed"):
-        result["sizes"] = ptq_sizes(model, processor, ctx.teacher_sizes(), row_dir / "compressed")
+        result["sizes"] = packed_sizes(model, processor, ctx.teacher_sizes(), row_dir / "compressed")
     measure(ctx, name, model, processor, row_dir, result)
 
 
@@ -541,7 +541,7 @@ def training_arguments(row: dict, student, output_dir: Path, *, steps: int, batc
 
 
 def run_training(ctx: Context, name: str, row: dict, row_dir: Path, result: dict) -> None:
-    from hf_whisper_kdq import DistillQuantTrainer, WhisperDataCollator, build_student, prepare_dataset, save_compressed
+    from hf_whisper_kdq import DistillQuantTrainer, WhisperDataCollator, build_student, prepare_dataset
 
     args = ctx.args
     teacher, processor = ctx.teacher()
@@ -577,10 +577,7 @@ def run_training(ctx: Context, name: str, row: dict, row_dir: Path, result: dict
     result["plan_summary"] = plan.summary()
     if plan.module_specs():
         with ctx.timer(f"{name}: save_compressed"):
-            folder = save_compressed(student, processor, row_dir / "compressed", plan=plan,
-                                     teacher_fp16_bytes=teacher_sizes["fp16_parameter_bytes"], overwrite=True)
-        report = json.loads((folder / "compression_report.json").read_text())
-        result["sizes"] = sizes_from_report(report, teacher_sizes)
+            result["sizes"] = packed_sizes(student, processor, teacher_sizes, row_dir / "compressed", plan=plan)
     else:  # distillation only: a float student
         result["sizes"] = float_sizes(inference_copy(student), processor, teacher_sizes)
     measure(ctx, name, student, processor, row_dir, result)
