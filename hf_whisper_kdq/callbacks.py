@@ -29,13 +29,37 @@ from .selection import (
     allocate_bits,
     capture_inputs,
     choose_distillation_layers,
+    fixed_bytes,
+    fp16_bytes,
     match_layers,
+    plan_shapes,
     quantization_losses,
     relative_hidden_errors,
+    smallest_bytes,
+    UnreachableBudgetError,
     unit_bytes,
 )
 
 logger = logging.getLogger(__name__)
+
+
+def stored_float(args) -> frozenset[str]:
+    """Units that count at fp16 in the budget: the embedding under on-disk accounting (the packed file keeps it
+    in fp16)."""
+    return frozenset({"embedding"} if args.size_budget_accounting == "on_disk" else ())
+
+
+def check_size_budget(model, plan: KDQPlan, args, teacher_fp16_bytes: int) -> None:
+    """Raise before training (and before a long data phase) when no allocation of ``args.bit_choices`` fits the
+    size budget, with the smallest size this student reaches."""
+    budget = args.budget_bytes(teacher_fp16_bytes)
+    if budget is None:
+        return
+    shapes = plan_shapes(model, plan)
+    minimum = smallest_bytes(plan, shapes, args.bit_choices, fixed_bytes=fixed_bytes(model, plan, shapes),
+                             stored_float=stored_float(args))  # fmt: skip
+    if minimum > budget:
+        raise UnreachableBudgetError(plan, budget, minimum, args.bit_choices)
 
 
 class LayerSelectionCallback(TrainerCallback, ExportableState):
@@ -111,7 +135,7 @@ class LayerSelectionCallback(TrainerCallback, ExportableState):
         batches = self.probe_batches()
         with capture_inputs(model, modules) as inputs:
             for batch in batches:
-                _, _, reps = trainer.forward_student_and_teacher(model, batch, sides)
+                _, _, reps = trainer.forward_student_and_teacher(model, batch, sides, cached_student_encoder=False)
                 mask = batch["labels"].ne(IGNORE_INDEX)
                 for side in sides:
                     student = [trainer.adapt(side, i, h) for i, h in enumerate(reps["student"][side])]
@@ -132,11 +156,10 @@ class LayerSelectionCallback(TrainerCallback, ExportableState):
             for unit in layers:
                 unit.distill_loss = float(matrix[unit.index, unit.teacher_layer])
         if plan.module_specs():
-            shapes = {name: module.weight.shape for name, module in model.named_modules() if name in set(modules)}
-            on_disk = args.size_budget_accounting == "on_disk"
+            shapes = plan_shapes(model, plan)
             allocate_bits(
-                plan, shapes, args.bit_choices, fixed_bytes=self.fixed_bytes(model, plan, shapes),
-                budget_bytes=self.budget_bytes(), stored_float=frozenset({"embedding"} if on_disk else ()),
+                plan, shapes, args.bit_choices, fixed_bytes=fixed_bytes(model, plan, shapes),
+                budget_bytes=args.budget_bytes(fp16_bytes(trainer.teacher)), stored_float=stored_float(args),
             )  # fmt: skip
         choose_distillation_layers(plan, args.num_distill_layers, sides)
         plan.step = step
@@ -162,21 +185,3 @@ class LayerSelectionCallback(TrainerCallback, ExportableState):
             "the file, use size_budget_accounting='on_disk'.",
             embedding.bits, extra / 1e6, plan.size_bytes / 1e6,
         )  # fmt: skip
-
-    def budget_bytes(self) -> int | None:
-        args = self.trainer.args
-        if args.size_budget_mb is not None:
-            return int(args.size_budget_mb * 1e6)
-        if args.size_budget_ratio is not None:
-            teacher_fp16 = sum(p.numel() for p in self.trainer.teacher.parameters()) * 2
-            return int(args.size_budget_ratio * teacher_fp16)
-        return None
-
-    @staticmethod
-    def fixed_bytes(model, plan: KDQPlan, shapes) -> int:
-        """fp16 bytes of everything outside the plan's units (adapters and clipping ratios are training-only)."""
-        training_only = {
-            id(p) for name, p in model.named_parameters() if name.endswith("weight_clip") or name.startswith("kdq_adapters.")
-        }
-        total = sum(p.numel() * 2 for p in model.parameters() if id(p) not in training_only)
-        return total - sum(unit_bytes(plan, unit, FLOAT_BITS, shapes) for unit in plan.units)

@@ -142,10 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     arguments_types, runner, positional = COMMANDS[command][1]()
     parser = HfArgumentParser(arguments_types, prog=f"hf-whisper-kdq {command}", description=COMMANDS[command][0])
     if command == "compress":
-        from .compress import TRAINING_DEFAULTS, with_training_defaults
+        from .compress import LEVELS, TRAINING_DEFAULTS, with_training_defaults
 
-        parser.epilog = "compress's own defaults for training arguments: " + ", ".join(
-            f"--{name} {value}" for name, value in TRAINING_DEFAULTS.items()
+        def flags(defaults: dict) -> str:
+            return ", ".join(f"--{name} {value}" for name, value in defaults.items())
+
+        parser.epilog = f"compress's own defaults for training arguments: {flags(TRAINING_DEFAULTS)}." + "".join(
+            f" With --level {level}: {flags(preset['training_defaults'])}."
+            for level, preset in LEVELS.items()
+            if "training_defaults" in preset
         )
         rest = rest if _is_config_file(rest) else with_training_defaults(rest)
     try:

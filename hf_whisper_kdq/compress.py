@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -24,9 +25,13 @@ from .config import DistillQuantArguments
 logger = logging.getLogger(__name__)
 
 # Paper ratios (Shao et al. 2023): whisper-small compressed to base size (5.18×) and tiny size (10.48×).
+# The paper's sizes are only reachable with every part quantized and low bit widths allowed: those levels set
+# quant_targets and quant_bit_choices too, unless the command line does, and train the encoder they quantize
+# (a frozen encoder at 2-3 bits is round-to-nearest quantization, which collapses whisper-base below 4 bits).
+PAPER_LEVEL_DEFAULTS = {"quant_targets": "encoder,decoder,embedding", "quant_bit_choices": "2,3,4,8", "freeze_encoder": "false"}
 LEVELS = {
-    "base": {"decoder_layers": None, "size_budget_ratio": 1 / 5.18},
-    "tiny": {"decoder_layers": 2, "size_budget_ratio": 1 / 10.48},
+    "base": {"decoder_layers": None, "size_budget_ratio": 1 / 5.18, "training_defaults": PAPER_LEVEL_DEFAULTS},
+    "tiny": {"decoder_layers": 2, "size_budget_ratio": 1 / 10.48, "training_defaults": PAPER_LEVEL_DEFAULTS},
     "smoke": {"decoder_layers": 2, "size_budget_ratio": 0.45},
 }
 # Training arguments compress uses unless the command line sets them (shown by --help).
@@ -59,8 +64,10 @@ class CompressArguments:
     level: str = field(
         default="smoke",
         metadata={"help": "Preset: 'base' (budget teacher/5.18, all layers), 'tiny' (budget teacher/10.48, 2 "
-                  "decoder layers), 'smoke' (2 decoder layers, budget 0.45 × teacher: a quick pipeline check), or "
-                  "'none'. Explicit --decoder_layers / --size_budget_* override the preset."},
+                  "decoder layers), both with --quant_targets encoder,decoder,embedding --quant_bit_choices 2,3,4,8 "
+                  "--freeze_encoder false; "
+                  "'smoke' (2 decoder layers, budget 0.45 × teacher: a quick pipeline check), or 'none'. Explicit "
+                  "--decoder_layers / --size_budget_* / --quant_* flags override the preset."},
     )  # fmt: skip
     student: str | None = field(
         default=None, metadata={"help": "A smaller pretrained Whisper (same tokenizer) to use as the student."}
@@ -134,13 +141,44 @@ class PhaseTimer:
 
 
 def with_training_defaults(argv: list[str]) -> list[str]:
-    """Add ``TRAINING_DEFAULTS`` for every flag the command line does not set."""
+    """Add ``TRAINING_DEFAULTS``, and the ``--level``'s own training defaults over them, for every flag the command
+    line does not set."""
     given = {a.split("=", 1)[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+    defaults = {**TRAINING_DEFAULTS, **LEVELS.get(_level_in(argv), {}).get("training_defaults", {})}
     extra = []
-    for name, value in TRAINING_DEFAULTS.items():
+    for name, value in defaults.items():
         if name not in given:
             extra += [f"--{name}", value]
     return argv + extra
+
+
+def _level_in(argv: list[str]) -> str:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--level="):
+            return arg.split("=", 1)[1]
+        if arg == "--level" and i + 1 < len(argv):
+            return argv[i + 1]
+    return CompressArguments.level
+
+
+def check_level_reachable(compress: CompressArguments, student, teacher, args: DistillQuantArguments) -> None:
+    """Fail in seconds, before the data phase, when the size budget is out of this student's reach."""
+    from .callbacks import check_size_budget
+    from .selection import UnreachableBudgetError, fp16_bytes
+    from .trainer import starting_plan
+
+    try:
+        check_size_budget(student, starting_plan(student, teacher, args), args, fp16_bytes(teacher))
+    except UnreachableBudgetError as error:
+        if compress.level not in LEVELS or args.size_budget_mb is not None or args.size_budget_ratio != LEVELS[compress.level]["size_budget_ratio"]:
+            raise
+        raise ValueError(
+            f"--level {compress.level} (budget teacher/{1 / args.size_budget_ratio:.2f} = {error.budget / 1e6:.2f} MB, "
+            f"the paper's ratio from whisper-small) is out of reach from {compress.teacher}: this student needs at "
+            f"least {error.minimum / 1e6:.2f} MB with every layer at the lowest bits. Give a budget it reaches "
+            f"(--size_budget_mb {math.ceil(error.minimum / 1e5) / 10} or more), keep fewer layers (--encoder_layers, "
+            "--decoder_layers) or distil from a larger teacher (openai/whisper-small)"
+        ) from error
 
 
 def apply_level(compress: CompressArguments, args: DistillQuantArguments) -> tuple[int | None, DistillQuantArguments]:
@@ -238,6 +276,7 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
     from .data import WhisperDataCollator, prepare_dataset
     from .evaluation import SMOKE_RUN_BANNER, evaluate_model
     from .export import save_compressed
+    from .selection import fp16_bytes
     from .sources import atomic_write_text, load_whisper
     from .students import build_student
     from .trainer import DistillQuantTrainer
@@ -251,6 +290,7 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
             student, _ = load_whisper(compress.student)
         else:
             student = build_student(teacher, encoder_layers=compress.encoder_layers, decoder_layers=decoder_layers)
+        check_level_reachable(compress, student, teacher, args)
     multilingual = bool(teacher.generation_config.is_multilingual)
     # Under torchrun / accelerate launch the main process synthesizes and labels first, filling the on-disk
     # caches that the other processes then read instead of repeating the work.
@@ -283,7 +323,7 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
             reports["teacher"] = evaluate_model(teacher.eval(), processor, evaluation, **options)
 
     compressed_dir = output / "compressed"
-    teacher_fp16 = sum(p.numel() for p in teacher.parameters()) * 2
+    teacher_fp16 = fp16_bytes(teacher)
     with timer("export packed checkpoint"):
         save_compressed(student, processor, compressed_dir, plan=trainer.plan, teacher_fp16_bytes=teacher_fp16, overwrite=True)
     if compress.ctranslate2_quantization != "none":

@@ -144,16 +144,18 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
     freeze_encoder: bool = field(
         default=False,
         metadata={
-            "help": "Freeze the student's encoder. When it equals the teacher's, the encoder runs once per step "
-            "for both."
+            "help": "Freeze the student's encoder: its weights and, when it is quantized, its clipping ratios (it is "
+            "then quantized by round-to-nearest and never distilled). When it equals the teacher's, the encoder runs "
+            "once per step for both; otherwise its outputs are cached like the teacher's."
         },
     )
 
     cache_encoder_outputs: bool = field(
         default=True,
         metadata={
-            "help": "When the frozen student encoder is shared with the teacher, keep its outputs in a bounded "
-            "on-disk cache so that later epochs skip the encoder entirely."
+            "help": "Keep the outputs of frozen encoders (the teacher's, and the student's under freeze_encoder) in "
+            "a bounded on-disk cache, keyed by audio and encoder, so that later epochs skip them. An encoder whose "
+            "hidden states are distilled (hidden_target encoder/both with a trained student encoder) always runs."
         },
     )
     encoder_cache_dir: str | None = field(
@@ -224,3 +226,12 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
     @property
     def quant_target_set(self) -> frozenset[str]:
         return frozenset(_split(self.quant_targets))
+
+    def budget_bytes(self, teacher_fp16_bytes: int) -> int | None:
+        """The size budget in bytes, ``size_budget_ratio`` taken of the teacher's fp16 weight bytes; None without
+        a budget."""
+        if self.size_budget_mb is not None:
+            return int(self.size_budget_mb * 1e6)
+        if self.size_budget_ratio is not None:
+            return int(self.size_budget_ratio * teacher_fp16_bytes)
+        return None

@@ -1,9 +1,9 @@
 """A bounded on-disk cache of frozen encoder outputs, so that epochs after the first never re-run the encoder.
 
-The teacher's encoder is frozen, and a student that shares it (frozen and identical) needs the very same
-output: on a CPU that encoder pass is most of a training step. Entries are keyed by the exact input features
-of one utterance *and* a fingerprint of the encoder weights, so a different model, checkpoint or audio never
-hits another's entry. Each entry is one safetensors file written atomically (temp + rename) that records the
+The teacher's encoder is frozen, and so is a student's under ``freeze_encoder`` (its weights and, when it is
+quantized, its clipping): on a CPU those encoder passes are most of a training step. Entries are keyed by the
+exact input features of one utterance *and* a fingerprint of the encoder (weights and quantization specs), so a
+different model, checkpoint, bit width or audio never hits another's entry. Each entry is one safetensors file written atomically (temp + rename) that records the
 fingerprint of the encoder that computed it; an unreadable entry, or one of another encoder (a copied or
 colliding folder), is recomputed and rewritten, never used. When the folder grows past ``max_bytes``, the
 least recently used entries are removed.
@@ -19,17 +19,21 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .quant import quant_specs
 from .sources import atomic_file
 
 logger = logging.getLogger(__name__)
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:
-    """SHA-1 over every parameter's name, dtype, shape and bytes (≈ 0.1 s for whisper-base's encoder)."""
+    """SHA-1 over every parameter's name, dtype, shape and bytes, and the quantization spec of every fake-quantized
+    layer (≈ 0.1 s for whisper-base's encoder)."""
     digest = hashlib.sha1()
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    for name, spec in quant_specs(module).items():
+        digest.update(f"{name}:{spec}".encode())
     return digest.hexdigest()
 
 

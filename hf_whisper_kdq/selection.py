@@ -269,6 +269,55 @@ def unit_bytes(plan: KDQPlan, unit: UnitPlan, bits: int, shapes: dict[str, torch
     return sum(weight_bytes(shapes[m], spec, layer=m) for m in counted)
 
 
+def fp16_bytes(model: nn.Module) -> int:
+    """Bytes of all of ``model``'s parameters in fp16: the reference of size ratios (the teacher's)."""
+    return 2 * sum(p.numel() for p in model.parameters())
+
+
+def plan_shapes(model: nn.Module, plan: KDQPlan) -> dict[str, torch.Size]:
+    """Weight shapes of the modules the plan's units hold."""
+    names = {m for unit in plan.units for m in unit.modules}
+    return {name: module.weight.shape for name, module in model.named_modules() if name in names}
+
+
+def fixed_bytes(model: nn.Module, plan: KDQPlan, shapes: dict[str, torch.Size]) -> int:
+    """fp16 bytes of everything outside the plan's units (adapters and clipping ratios are training-only)."""
+    training_only = {
+        id(p) for name, p in model.named_parameters() if name.endswith("weight_clip") or name.startswith("kdq_adapters.")
+    }
+    total = sum(p.numel() * 2 for p in model.parameters() if id(p) not in training_only)
+    return total - sum(unit_bytes(plan, unit, FLOAT_BITS, shapes) for unit in plan.units)
+
+
+def smallest_bytes(
+    plan: KDQPlan, shapes: dict[str, torch.Size], bit_choices: tuple[int, ...], *, fixed_bytes: int,
+    stored_float: frozenset[str] = frozenset(),
+) -> int:  # fmt: skip
+    """The plan's size with every quantized unit at the lowest of ``bit_choices``."""
+    lowest = min(bit_choices)
+    return fixed_bytes + sum(
+        unit_bytes(plan, u, FLOAT_BITS if u.name in stored_float else lowest, shapes)
+        for u in plan.units
+    )
+
+
+class UnreachableBudgetError(ValueError):
+    """The size budget is below the plan's size with every quantized unit at the lowest bits."""
+
+    def __init__(self, plan: KDQPlan, budget: int, minimum: int, bit_choices: tuple[int, ...]):
+        self.budget, self.minimum = budget, minimum
+        fixes = [f"raise the budget to at least that (size_budget_mb={math.ceil(minimum / 1e5) / 10})"]
+        if min(bit_choices) > 2:
+            fixes.append("allow lower bit widths (quant_bit_choices, e.g. 2,3,4,8)")
+        if any(not u.modules for u in plan.units) or not any(u.side == "embedding" for u in plan.units):
+            fixes.append("quantize more (quant_targets encoder,decoder,embedding)")
+        fixes.append("use a smaller student (fewer layers, or a smaller Whisper)")
+        super().__init__(
+            f"size budget {budget / 1e6:.2f} MB is below what this student reaches at the lowest bits "
+            f"({minimum / 1e6:.2f} MB): " + ", ".join(fixes[:-1]) + f" or {fixes[-1]}"
+        )
+
+
 def allocate_bits(
     plan: KDQPlan, shapes: dict[str, torch.Size], bit_choices: tuple[int, ...], *, fixed_bytes: int,
     budget_bytes: int | None, stored_float: frozenset[str] = frozenset(),
@@ -314,13 +363,8 @@ def allocate_bits(
                 if saved > 0 and (best is None or ratio < best[0]):
                     best = (ratio, u, lower, saved)
             if best is None:
-                minimum = fixed_bytes + sum(cost(u, choices[-1]) for u in quantizable)
-                raise ValueError(
-                    f"size budget {budget_bytes / 1e6:.2f} MB is below what this student reaches at the lowest "
-                    f"bits ({minimum / 1e6:.2f} MB): raise size_budget_mb / size_budget_ratio to at least that, allow "
-                    "lower bit widths (quant_bit_choices, e.g. 2,3,4,8), quantize more (quant_targets, e.g. add "
-                    "embedding) or use a smaller student"
-                )
+                minimum = smallest_bytes(plan, shapes, bit_choices, fixed_bytes=fixed_bytes, stored_float=stored_float)
+                raise UnreachableBudgetError(plan, budget_bytes, minimum, bit_choices)
             _, unit, lower, saved = best
             unit.bits = lower
             size -= saved

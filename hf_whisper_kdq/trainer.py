@@ -31,11 +31,11 @@ from transformers.models.whisper.modeling_whisper import shift_tokens_right
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .callbacks import LayerSelectionCallback
+from .callbacks import LayerSelectionCallback, check_size_budget
 from .config import FLOAT_BITS, DistillQuantArguments
 from .losses import IGNORE_INDEX, cross_entropy_loss, hidden_distillation_loss, logit_distillation_loss, quantization_loss
-from .quant import FakeQuantEmbedding, FakeQuantLinear, default_quant_targets, prepare_qat
-from .selection import KDQPlan, initial_plan
+from .quant import FakeQuantEmbedding, FakeQuantLinear, default_quant_targets, prepare_qat, quant_specs
+from .selection import KDQPlan, fp16_bytes, initial_plan
 from .students import check_same_tokenizer, check_whisper, teacher_layer_map
 
 logger = logging.getLogger(__name__)
@@ -119,6 +119,29 @@ def _tokens_left_out_of_pickles(args):
             copyreg.dispatch_table[kind] = previous
 
 
+def starting_plan(model: WhisperForConditionalGeneration, teacher_model, args: DistillQuantArguments) -> KDQPlan:
+    """The plan a `DistillQuantTrainer` starts from: ``args.quant_targets`` at the highest integer bit choice,
+    each student layer matched to its teacher layer (`teacher_layer_map`); selection rewrites it at train begin."""
+    targets = args.quant_target_set
+    integer_bits = [b for b in args.bit_choices if b < FLOAT_BITS]
+    try:
+        names = default_quant_targets(
+            model, encoder="encoder" in targets, decoder="decoder" in targets, embedding="embedding" in targets
+        )
+    except ValueError:
+        names = []
+    if "embedding" in targets and names:
+        names.append("proj_out")  # tied to the embedding: one unit, quantized together
+    return initial_plan(
+        names if integer_bits else [],
+        teacher_layer_map(model, teacher_model),
+        bits=max(integer_bits) if integer_bits else FLOAT_BITS,
+        granularity=args.quant_granularity,
+        group_size=args.quant_group_size,
+        learnable_clipping=args.learnable_clipping,
+    )
+
+
 class DistillQuantTrainer(Seq2SeqTrainer):
     """Seq2SeqTrainer + a frozen teacher, fake-quantized student layers and guided layer selection.
 
@@ -151,11 +174,13 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         check_same_tokenizer(model, teacher_model)
         if args.freeze_encoder:
             model.freeze_encoder()
-        self.teacher_layers = teacher_layer_map(model, teacher_model)
         self._attach_adapters(model, teacher_model.config, args)
-        self.plan = plan or self._initial_plan(model, args)
+        self.plan = plan or starting_plan(model, teacher_model, args)
+        check_size_budget(model, self.plan, args, fp16_bytes(teacher_model))
         if self.plan.module_specs():
             prepare_qat(model, self.plan.module_specs())
+        if args.freeze_encoder:  # the clipping ratios prepare_qat just added to a quantized encoder too
+            model.get_encoder().requires_grad_(False)
         # Computed once: a frozen student encoder equal to the teacher's lets both share one encoder pass.
         self.encoder_matches_teacher = args.freeze_encoder and _encoders_equal(model, teacher_model)
 
@@ -163,38 +188,15 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         self.model_accepts_loss_kwargs = True  # so that the Trainer counts num_items_in_batch for us
         self._check_sharding()
         self.teacher = self._prepare_teacher(teacher_model)
-        self.encoder_cache = None
-        if args.cache_encoder_outputs and self.encoder_matches_teacher:
-            from .encoder_cache import EncoderOutputCache
-            from .sources import cache_root
-
-            folder = args.encoder_cache_dir or cache_root() / "encoder_outputs"
-            self.encoder_cache = EncoderOutputCache(folder, self.teacher.get_encoder(), int(args.encoder_cache_max_gb * 1e9))
+        self.encoder_cache = None  # the teacher's encoder outputs (also the student's when it shares that encoder)
+        self._student_encoder_cache: tuple[tuple, object] | None = None  # (encoder state, cache) of a frozen one
+        if args.cache_encoder_outputs:
+            self.encoder_cache = self._new_encoder_cache(self.teacher.get_encoder())
         self._logged_terms: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._accumulated_rows = 0  # set by get_batch_samples for each optimizer step
         self.add_callback(LayerSelectionCallback(self))
 
     # ---- set-up -----------------------------------------------------------------------------------
-    def _initial_plan(self, model: WhisperForConditionalGeneration, args: DistillQuantArguments) -> KDQPlan:
-        targets = args.quant_target_set
-        integer_bits = [b for b in args.bit_choices if b < FLOAT_BITS]
-        try:
-            names = default_quant_targets(
-                model, encoder="encoder" in targets, decoder="decoder" in targets, embedding="embedding" in targets
-            )
-        except ValueError:
-            names = []
-        if "embedding" in targets and names:
-            names.append("proj_out")  # tied to the embedding: one unit, quantized together
-        return initial_plan(
-            names if integer_bits else [],
-            self.teacher_layers,
-            bits=max(integer_bits) if integer_bits else FLOAT_BITS,
-            granularity=args.quant_granularity,
-            group_size=args.quant_group_size,
-            learnable_clipping=args.learnable_clipping,
-        )
-
     @staticmethod
     def _attach_adapters(model, teacher_config, args: DistillQuantArguments) -> None:
         """Linear maps from the student's to the teacher's hidden width, one per student layer and side.
@@ -242,11 +244,26 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         # been moved since (found on a GPU: the second trainer's teacher stayed on the CPU).
         return teacher.to(self.accelerator.device).eval()
 
+    def _new_encoder_cache(self, encoder: nn.Module):
+        from .encoder_cache import EncoderOutputCache
+        from .sources import cache_root
+
+        folder = self.args.encoder_cache_dir or cache_root() / "encoder_outputs"
+        return EncoderOutputCache(folder, encoder, int(self.args.encoder_cache_max_gb * 1e9))
+
+    def _frozen_encoder_cache(self, encoder: nn.Module):
+        """The cache of a frozen student encoder's outputs, renewed whenever its weights (version counters, bumped
+        by any in-place update such as a checkpoint load) or its quantization specs (a new plan) change."""
+        state = (tuple((id(p), p._version) for p in encoder.parameters()), tuple(map(str, quant_specs(encoder).values())))
+        if self._student_encoder_cache is None or self._student_encoder_cache[0] != state:
+            self._student_encoder_cache = (state, self._new_encoder_cache(encoder))
+        return self._student_encoder_cache[1]
+
     @property
     def distill_sides(self) -> tuple[str, ...]:
         sides = {"decoder": ("decoder",), "encoder": ("encoder",), "both": ("encoder", "decoder"), "none": ()}
         chosen = sides[self.args.hidden_target]
-        if self.shares_encoder:  # identical encoders: nothing to distil there
+        if self.args.freeze_encoder:  # a frozen encoder has nothing to learn from the teacher's
             chosen = tuple(side for side in chosen if side != "encoder")
         return chosen if self.args.hidden_weight > 0 else ()
 
@@ -255,8 +272,12 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         return self.encoder_matches_teacher and not self.plan.quantized("encoder")
 
     # ---- forwards ---------------------------------------------------------------------------------
-    def forward_student_and_teacher(self, model, inputs, hidden_sides: tuple[str, ...]):
+    def forward_student_and_teacher(self, model, inputs, hidden_sides: tuple[str, ...], *, cached_student_encoder=True):
         """Run teacher (no grad) and student on one batch.
+
+        Frozen encoders' outputs come from the encoder cache (``cache_encoder_outputs``) when no hidden state of
+        theirs is asked for; ``cached_student_encoder=False`` runs the student's encoder whatever (the selection
+        probes capture the inputs of its layers).
 
         Returns:
             (student outputs, teacher outputs, representations) where representations[who][side] lists, per
@@ -279,8 +300,13 @@ class DistillQuantTrainer(Seq2SeqTrainer):
             }
             # The Trainer's autocast lives in accelerate's wrapper of model.forward; the teacher's encoder is
             # called directly, and would otherwise run in fp32 under bf16/fp16 training.
+            student_encoder = unwrapped.get_encoder()
+            cache_student = (
+                cached_student_encoder and self.encoder_cache is not None and not self.shares_encoder
+                and not want["encoder"] and not any(p.requires_grad for p in student_encoder.parameters())
+            )  # fmt: skip
             with torch.no_grad(), self.accelerator.autocast():
-                if self.encoder_cache is not None and self.shares_encoder:
+                if self.encoder_cache is not None and not want["encoder"]:
                     hidden = self.encoder_cache.encode(self.teacher.get_encoder(), features)
                     teacher_encoder = BaseModelOutput(last_hidden_state=hidden)
                 else:
@@ -290,9 +316,13 @@ class DistillQuantTrainer(Seq2SeqTrainer):
                     decoder_input_ids=decoder_input_ids,
                     output_hidden_states=want["decoder"] and not ffn,
                 )
+                if cache_student:
+                    student_hidden = self._frozen_encoder_cache(student_encoder).encode(student_encoder, features)
             student_kwargs = dict(decoder_input_ids=decoder_input_ids, output_hidden_states=any(want.values()) and not ffn)
             if self.shares_encoder:
                 student_out = model(encoder_outputs=(teacher_encoder.last_hidden_state,), **student_kwargs)
+            elif cache_student:
+                student_out = model(encoder_outputs=(student_hidden,), **student_kwargs)
             else:
                 student_out = model(input_features=features, **student_kwargs)
         representations = {"student": {}, "teacher": {}}
@@ -437,7 +467,7 @@ class DistillQuantTrainer(Seq2SeqTrainer):
 
         output_dir = Path(output_dir or Path(self.args.output_dir) / "compressed")
         if self.is_world_process_zero():
-            teacher_fp16 = sum(p.numel() for p in self.teacher.parameters()) * 2
+            teacher_fp16 = fp16_bytes(self.teacher)
             save_compressed(
                 self.accelerator.unwrap_model(self.model), self.processing_class, output_dir, plan=self.plan,
                 teacher_fp16_bytes=teacher_fp16, overwrite=overwrite,

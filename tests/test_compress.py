@@ -10,7 +10,7 @@ from huggingface_hub import ModelCard
 from conftest import make_micro_whisper
 
 from hf_whisper_kdq.cli import main
-from hf_whisper_kdq.compress import LEVELS, CompressArguments, apply_level, with_training_defaults
+from hf_whisper_kdq.compress import LEVELS, TRAINING_DEFAULTS, CompressArguments, apply_level, with_training_defaults
 from hf_whisper_kdq.config import DistillQuantArguments
 from hf_whisper_kdq.sources import save_whisper
 
@@ -32,6 +32,31 @@ def test_levels_set_budget_and_layers_without_mutating_arguments(tmp_path):
     assert apply_level(CompressArguments(level="base"), explicit)[1].size_budget_mb == 30
     with pytest.raises(ValueError, match="--level"):
         CompressArguments(level="huge")
+
+
+def test_paper_levels_quantize_every_part_unless_the_command_line_says_otherwise():
+    def value(argv, flag):
+        return argv[argv.index(flag) + 1]
+
+    for level in (["--level", "tiny"], ["--level=base"]):
+        argv = with_training_defaults(level)
+        assert value(argv, "--quant_targets") == "encoder,decoder,embedding"
+        assert value(argv, "--quant_bit_choices") == "2,3,4,8" and value(argv, "--freeze_encoder") == "false"
+    argv = with_training_defaults(["--level", "base", "--quant_bit_choices", "3,4,8", "--freeze_encoder", "true"])
+    assert argv.count("--quant_bit_choices") == argv.count("--freeze_encoder") == 1
+    assert value(argv, "--quant_bit_choices") == "3,4,8" and value(argv, "--freeze_encoder") == "true"
+    assert value(with_training_defaults([]), "--quant_targets") == TRAINING_DEFAULTS["quant_targets"]  # smoke
+
+
+def test_an_unreachable_level_fails_before_the_data_phase(tmp_path, tiny_whisper):
+    model, processor = tiny_whisper
+    teacher = save_whisper(model, processor, tmp_path / "teacher")
+    output = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"--level tiny \(budget teacher/10\.48 = [\d.]+ MB, the paper's ratio from "
+                       r"whisper-small\) is out of reach from .*teacher: this student needs at least ([\d.]+) MB") as caught:  # fmt: skip
+        main(["compress", str(teacher), "--level", "tiny", "--output_dir", str(output), "--synthetic_prompts", "4"])
+    assert "--size_budget_mb" in str(caught.value)
+    assert not output.exists() or not any(output.iterdir())  # nothing synthesized, labelled or trained
 
 
 def test_compress_end_to_end_on_a_tiny_teacher(tmp_path, tiny_whisper, capsys):

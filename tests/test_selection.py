@@ -4,6 +4,7 @@ planted-outlier case end to end through ``LayerSelectionCallback.select`` (hf_wh
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -15,11 +16,15 @@ from hf_whisper_kdq.config import DistillQuantArguments
 from hf_whisper_kdq.selection import (
     PLAN_FILE,
     KDQPlan,
+    UnreachableBudgetError,
     allocate_bits,
     choose_distillation_layers,
+    fixed_bytes,
     initial_plan,
     match_layers,
+    plan_shapes,
     relative_hidden_errors,
+    smallest_bytes,
     unit_bytes,
 )
 from hf_whisper_kdq.students import build_student
@@ -160,12 +165,15 @@ def test_allocate_bits_unreachable_budget_names_the_fix():
         allocate_bits(plan, shapes, BITS, fixed_bytes=fixed, budget_bytes=minimum - 1)
     message = str(error.value)
     assert "below what this student reaches at the lowest bits" in message
-    assert "size_budget_mb" in message and "quant_bit_choices" in message
+    assert error.value.minimum == minimum == smallest_bytes(plan, shapes, BITS, fixed_bytes=fixed)
+    # Only the fixes that apply: 2 bits are allowed already, the encoder and the embedding are not quantized.
+    assert f"size_budget_mb={math.ceil(minimum / 1e5) / 10}" in message and "quant_bit_choices" not in message
+    assert "quant_targets encoder,decoder,embedding" in message
     # exactly the minimum is reachable: everything at 2 bits
     allocate_bits(plan, shapes, BITS, fixed_bytes=fixed, budget_bytes=minimum)
     assert [u.bits for u in plan.layers("decoder")] == [2, 2]
-    # without 2 bits among the choices the same budget is out of reach
-    with pytest.raises(ValueError, match="raise size_budget_mb"):
+    # without 2 bits among the choices the same budget is out of reach, and lower bits are the first fix named
+    with pytest.raises(UnreachableBudgetError, match=r"\(size_budget_mb=[\d.]+\), allow lower bit widths"):
         allocate_bits(plan, shapes, (3, 4, 8), fixed_bytes=fixed, budget_bytes=minimum)
 
 
@@ -270,11 +278,10 @@ def _selection_trainer(tmp_path, micro_whisper, plant, planted_layer=1, **argume
     return trainer, callback
 
 
-def _budget_mb(trainer, callback, bits_per_unit: dict[int, int]) -> float:
+def _budget_mb(trainer, bits_per_unit: dict[int, int]) -> float:
     model, plan = trainer.model, trainer.plan
-    modules = dict(model.named_modules())
-    shapes = {m: modules[m].weight.shape for u in plan.units for m in u.modules}
-    fixed = callback.fixed_bytes(model, plan, shapes)
+    shapes = plan_shapes(model, plan)
+    fixed = fixed_bytes(model, plan, shapes)
     units = plan.layers("decoder")
     return (fixed + sum(unit_bytes(plan, u, bits_per_unit[u.index], shapes) for u in units)) / 1e6
 
@@ -284,7 +291,7 @@ def test_planted_outliers_get_distillation_and_precision(tmp_path, micro_whisper
     trainer, callback = _selection_trainer(tmp_path, micro_whisper, plant, quant_bit_choices="4,8")
 
     # Budget 1: every decoder layer at 4 bits. The planted layer has the highest q_l and is distilled.
-    trainer.args.size_budget_mb = _budget_mb(trainer, callback, {0: 4, 1: 4, 2: 4})
+    trainer.args.size_budget_mb = _budget_mb(trainer, {0: 4, 1: 4, 2: 4})
     plan = callback.select(step=0)
     assert plan is trainer.plan
     units = plan.layers("decoder")
@@ -300,7 +307,7 @@ def test_planted_outliers_get_distillation_and_precision(tmp_path, micro_whisper
     assert trainer.model.model.decoder.layers[1].fc1.quant_spec.bits == 4
 
     # Budget 2: room for one decoder layer at 8 bits. The planted layer keeps it.
-    trainer.args.size_budget_mb = _budget_mb(trainer, callback, {0: 4, 1: 8, 2: 4})
+    trainer.args.size_budget_mb = _budget_mb(trainer, {0: 4, 1: 8, 2: 4})
     plan = callback.select(step=3)
     assert [u.bits for u in plan.layers("decoder")] == [4, 8, 4]
     assert plan.step == 3 and plan.size_bytes <= plan.budget_bytes

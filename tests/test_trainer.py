@@ -586,6 +586,66 @@ def test_shared_encoder_outputs_are_cached_across_epochs(tmp_path, pair):
     assert trainer.encoder_cache.misses == len(rows) + 1
 
 
+def _count_rows(encoder, counts: list[int]):
+    return encoder.register_forward_hook(lambda module, args, out: counts.append(args[0].shape[0]))
+
+
+def test_teacher_encoder_outputs_are_cached_while_the_student_encoder_trains(tmp_path, pair):
+    student, teacher = pair
+    args = _args(tmp_path, max_steps=6, quant_targets="decoder", encoder_cache_dir=str(tmp_path / "cache"))
+    rows = make_micro_rows(8, seed=3)
+    trainer = _trainer(student, teacher, args, rows)
+    teacher_rows, student_rows = [], []
+    handles = [_count_rows(teacher.model.encoder, teacher_rows), _count_rows(student.model.encoder, student_rows)]
+    try:
+        trainer.train()  # 6 steps of 4 rows: 3 epochs of 8 rows
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert sum(teacher_rows) == len(rows)  # each row once, though the student's encoder is not the teacher's
+    assert sum(student_rows) >= 6 * 4  # it trains: it runs every step
+    probe_rows = 2 * 4  # the selection's probe batches
+    assert trainer.encoder_cache.misses == len(rows) and trainer.encoder_cache.hits == 6 * 4 + probe_rows - len(rows)
+
+
+def test_frozen_quantized_student_encoder_outputs_are_cached_and_exact(tmp_path, pair):
+    """A frozen student encoder (weights and clipping ratios) that is quantized, hence not the teacher's: its outputs
+    are cached too, under a key that includes its bits, and training is the same as without any cache."""
+    student, teacher = pair
+    twin = copy.deepcopy(student)
+    rows = make_micro_rows(8, seed=3)
+    common = dict(max_steps=6, freeze_encoder=True, quant_targets="encoder,decoder", quant_bit_choices="4,8",
+                  num_distill_layers=1, hidden_target="both")  # fmt: skip
+    cached = _trainer(student, teacher, _args(tmp_path / "a", encoder_cache_dir=str(tmp_path / "cache"), **common), rows)
+    assert cached.plan.quantized("encoder") and not cached.shares_encoder
+    clips = [p for n, p in student.model.encoder.named_parameters() if n.endswith("weight_clip")]
+    assert clips and not any(p.requires_grad for p in clips)
+    assert cached.distill_sides == ("decoder",)  # nothing to distil into a frozen encoder
+    student_rows = []
+    handle = _count_rows(student.model.encoder, student_rows)
+    try:
+        cached.train()
+    finally:
+        handle.remove()
+    probe_rows = 2 * 4  # the selection probes run the encoder itself (they capture its layers' inputs)
+    assert sum(student_rows) == probe_rows + len(rows)
+    assert cached._student_encoder_cache[1].misses == len(rows)
+
+    uncached = _trainer(twin, teacher, _args(tmp_path / "b", cache_encoder_outputs=False, **common), rows)
+    uncached.train()
+    assert [e["loss"] for e in _train_logs(cached)] == pytest.approx([e["loss"] for e in _train_logs(uncached)], rel=1e-5)
+    for (name, a), b in zip(student.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+    # Other bits, other entries: never the outputs of the encoder at its former bits.
+    from hf_whisper_kdq.quant import set_quant_specs
+
+    encoder = student.get_encoder()
+    first = cached._frozen_encoder_cache(encoder)
+    set_quant_specs(student, {name: "int8" for name in cached.plan.module_specs() if ".encoder." in name})
+    assert cached._frozen_encoder_cache(encoder).fingerprint != first.fingerprint
+
+
 def test_encoder_cache_is_keyed_by_model_and_bounded(tmp_path, micro_whisper):
     from hf_whisper_kdq.encoder_cache import EncoderOutputCache
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..quant import QuantSpec, quant_specs, weight_bytes
 from ..quant.spec import as_spec
-from ..selection import KDQPlan, group_units
+from ..selection import KDQPlan, fp16_bytes, group_units
 from ..sources import atomic_write_text
 
 REPORT_FILE = "compression_report.json"
@@ -152,7 +152,7 @@ def build_compression_report(
     if teacher is not None and teacher_fp16_bytes is not None:
         raise ValueError("pass teacher or teacher_fp16_bytes, not both")
     if teacher is not None:
-        teacher_fp16_bytes = 2 * sum(p.numel() for p in teacher.parameters())
+        teacher_fp16_bytes = fp16_bytes(teacher)
     planned = _planned_specs(source)
     weights_path = folder / WEIGHTS_FILE
     header_bytes, tensors = _safetensors_layout(weights_path)
