@@ -26,6 +26,7 @@ from .losses import IGNORE_INDEX
 from .quant import set_quant_specs
 from .selection import (
     KDQPlan,
+    UnreachableBudgetError,
     allocate_bits,
     capture_inputs,
     choose_distillation_layers,
@@ -36,14 +37,13 @@ from .selection import (
     quantization_losses,
     relative_hidden_errors,
     smallest_bytes,
-    UnreachableBudgetError,
     unit_bytes,
 )
 
 logger = logging.getLogger(__name__)
 
 
-def stored_float(args) -> frozenset[str]:
+def float_stored_units(args) -> frozenset[str]:
     """Units that count at fp16 in the budget: the embedding under on-disk accounting (the packed file keeps it
     in fp16)."""
     return frozenset({"embedding"} if args.size_budget_accounting == "on_disk" else ())
@@ -57,7 +57,7 @@ def check_size_budget(model, plan: KDQPlan, args, teacher_fp16_bytes: int) -> No
         return
     shapes = plan_shapes(model, plan)
     minimum = smallest_bytes(plan, shapes, args.bit_choices, fixed_bytes=fixed_bytes(model, plan, shapes),
-                             stored_float=stored_float(args))  # fmt: skip
+                             stored_float=float_stored_units(args))  # fmt: skip
     if minimum > budget:
         raise UnreachableBudgetError(plan, budget, minimum, args.bit_choices)
 
@@ -159,7 +159,7 @@ class LayerSelectionCallback(TrainerCallback, ExportableState):
             shapes = plan_shapes(model, plan)
             allocate_bits(
                 plan, shapes, args.bit_choices, fixed_bytes=fixed_bytes(model, plan, shapes),
-                budget_bytes=args.budget_bytes(fp16_bytes(trainer.teacher)), stored_float=stored_float(args),
+                budget_bytes=args.budget_bytes(fp16_bytes(trainer.teacher)), stored_float=float_stored_units(args),
             )  # fmt: skip
         choose_distillation_layers(plan, args.num_distill_layers, sides)
         plan.step = step
