@@ -527,6 +527,10 @@ def training_arguments(row: dict, student, output_dir: Path, *, steps: int, batc
             "--kd_weight", str(row.get("kd_weight", 1.0)),
             "--hidden_weight", str(row.get("hidden_weight", 1.0)),
             "--hidden_loss_scale", row.get("hidden_loss_scale", "absolute")]  # fmt: skip
+    if "encoder" in row["quant_targets"].split(","):
+        # compress freezes the encoder by default, which now means round-to-nearest for a quantized one (its
+        # clipping frozen too): a row that quantizes the encoder trains it, as the method does.
+        argv += ["--freeze_encoder", "false"]
     if row["guided"]:
         argv += ["--layer_matching", "dynamic_monotone", "--selection_interval", str(max(1, steps // 4))]
     else:

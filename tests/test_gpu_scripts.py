@@ -170,3 +170,14 @@ def test_throughput_smoke_reports_ratios_memory_and_resume(throughput):
     assert resume["plan_decisions_equal"] and resume["steps_compared"] == [3, 4]
     assert resume["max_abs_weight_diff"] is not None
     assert "aten::" in Path(f"{output}.profile.txt").read_text()  # the operators of one profiled kdq step
+
+
+def test_rows_that_quantize_the_encoder_train_it(tmp_path, micro_whisper):
+    """compress freezes the encoder by default; a frozen quantized encoder is round-to-nearest, which is not the
+    method: the table's rows that quantize the encoder unfreeze it, the others keep it frozen and shared."""
+    student = micro_whisper()
+    for name, row in results_table.ROWS.items():
+        if row["kind"] != "train":
+            continue
+        args = results_table.training_arguments(row, student, tmp_path, steps=4, batch_size=2, learning_rate=1e-4, seed=0)
+        assert args.freeze_encoder == ("encoder" not in row["quant_targets"].split(",")), name
