@@ -2,6 +2,7 @@
 # The GPU machine's side of the "GPU runs" in benchmarks/README.md. Each device call runs one step from the
 # repository root (the pieces of gpu_pack_inputs.py travel over several calls, see the README):
 #
+#   bash benchmarks/gpu_session.sh smoke        # after code changes: wheels + the smoke pack, every row for 2 steps
 #   bash benchmarks/gpu_session.sh throughput   # first call: receive its pieces + wheels, install, throughput benchmark
 #   bash benchmarks/gpu_session.sh receive      # middle calls: keep the carried pieces
 #   bash benchmarks/gpu_session.sh train        # last call: receive, reassemble (hash-checked), train + evaluate
@@ -51,6 +52,11 @@ throughput() {
         | tee "$OUT/throughput.log"
 }
 
+smoke() {
+    python3 benchmarks/gpu_train.py --inputs "${KDQ_SMOKE_INPUTS:-benchmarks/results/gpu_smoke/inputs}" --device cuda \
+        --smoke --output "$OUT/smoke" 2>&1 | tee "$OUT/smoke.log"
+}
+
 train() {
     if [ ! -f "$INPUTS/manifest.json" ]; then
         python3 benchmarks/gpu_pack_inputs.py --reassemble "$PIECES" --into "$INPUTS"
@@ -61,8 +67,9 @@ train() {
 
 case "${1:-}" in
     receive) receive ;;
+    smoke) receive; setup; smoke ;;
     throughput) receive; setup; throughput ;;
     train) receive; setup; train ;;
     all) receive; setup; throughput; train ;;
-    *) echo "usage: bash benchmarks/gpu_session.sh receive|throughput|train|all" >&2; exit 2 ;;
+    *) echo "usage: bash benchmarks/gpu_session.sh receive|smoke|throughput|train|all" >&2; exit 2 ;;
 esac
