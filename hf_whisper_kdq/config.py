@@ -150,12 +150,13 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
         },
     )
 
-    cache_encoder_outputs: bool = field(
-        default=True,
+    cache_encoder_outputs: bool | None = field(
+        default=None,
         metadata={
             "help": "Keep the outputs of frozen encoders (the teacher's, and the student's under freeze_encoder) in "
             "a bounded on-disk cache, keyed by audio and encoder, so that later epochs skip them. An encoder whose "
-            "hidden states are distilled (hidden_target encoder/both with a trained student encoder) always runs."
+            "hidden states are distilled always runs. Default: on when training on the CPU, where those passes are "
+            "most of a step; off on accelerators, where a pass costs little next to writing its output to disk."
         },
     )
     encoder_cache_dir: str | None = field(

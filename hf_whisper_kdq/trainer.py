@@ -190,7 +190,7 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         self.teacher = self._prepare_teacher(teacher_model)
         self.encoder_cache = None  # the teacher's encoder outputs (also the student's when it shares that encoder)
         self._student_encoder_cache: tuple[tuple, object] | None = None  # (encoder state, cache) of a frozen one
-        if args.cache_encoder_outputs:
+        if args.cache_encoder_outputs or (args.cache_encoder_outputs is None and self.args.device.type == "cpu"):
             self.encoder_cache = self._new_encoder_cache(self.teacher.get_encoder())
         self._logged_terms: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._accumulated_rows = 0  # set by get_batch_samples for each optimizer step

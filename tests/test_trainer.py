@@ -595,6 +595,7 @@ def test_teacher_encoder_outputs_are_cached_while_the_student_encoder_trains(tmp
     args = _args(tmp_path, max_steps=6, quant_targets="decoder", encoder_cache_dir=str(tmp_path / "cache"))
     rows = make_micro_rows(8, seed=3)
     trainer = _trainer(student, teacher, args, rows)
+    assert args.cache_encoder_outputs is None and trainer.encoder_cache is not None  # default: on for CPU training
     teacher_rows, student_rows = [], []
     handles = [_count_rows(teacher.model.encoder, teacher_rows), _count_rows(student.model.encoder, student_rows)]
     try:
@@ -633,6 +634,7 @@ def test_frozen_quantized_student_encoder_outputs_are_cached_and_exact(tmp_path,
 
     uncached = _trainer(twin, teacher, _args(tmp_path / "b", cache_encoder_outputs=False, **common), rows)
     uncached.train()
+    assert uncached.encoder_cache is None and uncached._student_encoder_cache is None
     assert [e["loss"] for e in _train_logs(cached)] == pytest.approx([e["loss"] for e in _train_logs(uncached)], rel=1e-5)
     for (name, a), b in zip(student.state_dict().items(), twin.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
