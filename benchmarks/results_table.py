@@ -509,6 +509,10 @@ def uniform_budget_mb(student, targets: str, bits: int) -> float:
     return (size + 1) / 1e6
 
 
+def quantizes_encoder(row: dict) -> bool:
+    return "encoder" in row["quant_targets"].split(",") and row["bits"] != "float"
+
+
 def training_arguments(row: dict, student, output_dir: Path, *, steps: int, batch_size: int, learning_rate: float,
                        seed: int, extra: list[str] = ()):  # fmt: skip
     """The DistillQuantArguments of a trained row (compress's training defaults for the rest); ``extra`` adds or
@@ -527,7 +531,7 @@ def training_arguments(row: dict, student, output_dir: Path, *, steps: int, batc
             "--kd_weight", str(row.get("kd_weight", 1.0)),
             "--hidden_weight", str(row.get("hidden_weight", 1.0)),
             "--hidden_loss_scale", row.get("hidden_loss_scale", "absolute")]  # fmt: skip
-    if "encoder" in row["quant_targets"].split(","):
+    if quantizes_encoder(row):
         # compress freezes the encoder by default, which now means round-to-nearest for a quantized one (its
         # clipping frozen too): a row that quantizes the encoder trains it, as the method does.
         argv += ["--freeze_encoder", "false"]

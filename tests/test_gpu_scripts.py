@@ -180,4 +180,8 @@ def test_rows_that_quantize_the_encoder_train_it(tmp_path, micro_whisper):
         if row["kind"] != "train":
             continue
         args = results_table.training_arguments(row, student, tmp_path, steps=4, batch_size=2, learning_rate=1e-4, seed=0)
-        assert args.freeze_encoder == ("encoder" not in row["quant_targets"].split(",")), name
+        assert args.freeze_encoder == (not results_table.quantizes_encoder(row)), name
+    assert results_table.training_arguments(results_table.ROWS["distill-d2"], student, tmp_path, steps=4, batch_size=2,
+                                            learning_rate=1e-4, seed=0).freeze_encoder  # float: encoder frozen, shared
+    assert not results_table.training_arguments(results_table.ROWS["kdq-d2-u4"], student, tmp_path, steps=4,
+                                                batch_size=2, learning_rate=1e-4, seed=0).freeze_encoder
