@@ -111,6 +111,11 @@ ROWS: dict[str, dict] = {
                                 bits="2,3,4,8", budget="uniform:4", guided=True, hidden_loss_scale="relative",
                                 description="as kdq-d2-u4 with the scale-free hidden loss (hidden_loss_scale="
                                             "relative): the absolute one outweighs CE and KD ~10× on whisper-base"),
+    "kdq-d2-decemb-u4-relhidden": dict(kind="train", method="KDQ (guided)", decoder_layers=2,
+                                       quant_targets="decoder,embedding", bits="2,3,4,8", budget="uniform:4",
+                                       guided=True, hidden_loss_scale="relative",
+                                       description="as kdq-d2-decemb-u4 with the scale-free hidden loss: the CPU "
+                                                   "counterpart of kdq-d2-u4-relhidden"),
     "distill-d2": dict(kind="train", method="distillation only", decoder_layers=2, quant_targets=ALL_TARGETS,
                        bits="float", budget=None, guided=False,
                        description="ablation: 2 decoder layers, distillation without quantization (float)"),
