@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -170,13 +169,14 @@ def check_level_reachable(compress: CompressArguments, student, teacher, args: D
     try:
         check_size_budget(student, starting_plan(student, teacher, args), args, fp16_bytes(teacher))
     except UnreachableBudgetError as error:
-        if compress.level not in LEVELS or args.size_budget_mb is not None or args.size_budget_ratio != LEVELS[compress.level]["size_budget_ratio"]:
+        level_ratio = LEVELS.get(compress.level, {}).get("size_budget_ratio")
+        if level_ratio is None or args.size_budget_ratio != level_ratio:  # the budget is the user's, not the level's
             raise
         raise ValueError(
             f"--level {compress.level} (budget teacher/{1 / args.size_budget_ratio:.2f} = {error.budget / 1e6:.2f} MB, "
             f"the paper's ratio from whisper-small) is out of reach from {compress.teacher}: this student needs at "
             f"least {error.minimum / 1e6:.2f} MB with every layer at the lowest bits. Give a budget it reaches "
-            f"(--size_budget_mb {math.ceil(error.minimum / 1e5) / 10} or more), keep fewer layers (--encoder_layers, "
+            f"(--size_budget_mb {error.minimum_mb} or more), keep fewer layers (--encoder_layers, "
             "--decoder_layers) or distil from a larger teacher (openai/whisper-small)"
         ) from error
 

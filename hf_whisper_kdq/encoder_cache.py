@@ -3,9 +3,9 @@
 The teacher's encoder is frozen, and so is a student's under ``freeze_encoder`` (its weights and, when it is
 quantized, its clipping): on a CPU those encoder passes are most of a training step. Entries are keyed by the
 exact input features of one utterance *and* a fingerprint of the encoder (weights and quantization specs), so a
-different model, checkpoint, bit width or audio never hits another's entry. Each entry is one safetensors file written atomically (temp + rename) that records the
-fingerprint of the encoder that computed it; an unreadable entry, or one of another encoder (a copied or
-colliding folder), is recomputed and rewritten, never used. When the folder grows past ``max_bytes``, the
+different model, checkpoint, bit width or audio never hits another's entry. Each entry is one safetensors file
+written atomically (temp + rename) that records the fingerprint of the encoder that computed it; an unreadable
+entry, or one of another encoder (a copied or colliding folder), is recomputed and rewritten, never used. When the folder grows past ``max_bytes``, the
 least recently used entries are removed.
 """
 

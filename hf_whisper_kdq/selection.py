@@ -306,7 +306,7 @@ class UnreachableBudgetError(ValueError):
 
     def __init__(self, plan: KDQPlan, budget: int, minimum: int, bit_choices: tuple[int, ...]):
         self.budget, self.minimum = budget, minimum
-        fixes = [f"raise the budget to at least that (size_budget_mb={math.ceil(minimum / 1e5) / 10})"]
+        fixes = [f"raise the budget to at least that (size_budget_mb={self.minimum_mb})"]
         if min(bit_choices) > 2:
             fixes.append("allow lower bit widths (quant_bit_choices, e.g. 2,3,4,8)")
         if any(not u.modules for u in plan.units) or not any(u.side == "embedding" for u in plan.units):
@@ -316,6 +316,11 @@ class UnreachableBudgetError(ValueError):
             f"size budget {budget / 1e6:.2f} MB is below what this student reaches at the lowest bits "
             f"({minimum / 1e6:.2f} MB): " + ", ".join(fixes[:-1]) + f" or {fixes[-1]}"
         )
+
+    @property
+    def minimum_mb(self) -> float:
+        """The smallest size in MB, rounded up to 0.1 MB: a ``size_budget_mb`` that is reachable."""
+        return math.ceil(self.minimum / 1e5) / 10
 
 
 def allocate_bits(

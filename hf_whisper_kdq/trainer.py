@@ -172,15 +172,13 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         check_whisper(model, "student")
         check_whisper(teacher_model, "teacher")
         check_same_tokenizer(model, teacher_model)
-        if args.freeze_encoder:
-            model.freeze_encoder()
         self._attach_adapters(model, teacher_model.config, args)
         self.plan = plan or starting_plan(model, teacher_model, args)
         check_size_budget(model, self.plan, args, fp16_bytes(teacher_model))
         if self.plan.module_specs():
             prepare_qat(model, self.plan.module_specs())
-        if args.freeze_encoder:  # the clipping ratios prepare_qat just added to a quantized encoder too
-            model.get_encoder().requires_grad_(False)
+        if args.freeze_encoder:  # after prepare_qat: a quantized encoder's clipping ratios are frozen too
+            model.freeze_encoder()
         # Computed once: a frozen student encoder equal to the teacher's lets both share one encoder pass.
         self.encoder_matches_teacher = args.freeze_encoder and _encoders_equal(model, teacher_model)
 
@@ -298,13 +296,13 @@ class DistillQuantTrainer(Seq2SeqTrainer):
                 for side in hidden_sides
                 if ffn
             }
-            # The Trainer's autocast lives in accelerate's wrapper of model.forward; the teacher's encoder is
-            # called directly, and would otherwise run in fp32 under bf16/fp16 training.
             student_encoder = unwrapped.get_encoder()
             cache_student = (
                 cached_student_encoder and self.encoder_cache is not None and not self.shares_encoder
                 and not want["encoder"] and not any(p.requires_grad for p in student_encoder.parameters())
             )  # fmt: skip
+            # The Trainer's autocast lives in accelerate's wrapper of model.forward; the teacher's encoder is
+            # called directly, and would otherwise run in fp32 under bf16/fp16 training.
             with torch.no_grad(), self.accelerator.autocast():
                 if self.encoder_cache is not None and not want["encoder"]:
                     hidden = self.encoder_cache.encode(self.teacher.get_encoder(), features)
