@@ -412,9 +412,17 @@ def main(argv=None) -> int:
     inputs = Inputs(Path(cli.inputs), cli.device)
     trained = [name for name in cli.row_names if results_table.ROWS.get(name, {}).get("kind") == "train"]
     budget = cli.max_minutes * 60 / max(1, len(trained))
+    failed = []
     for name in cli.row_names:
-        print(summary(run_row(name, cli, inputs, budget, machine, command)), flush=True)
-    return 0
+        # One row's crash must not cost the others: a device call is minutes of a 15-minute allowance.
+        try:
+            print(summary(run_row(name, cli, inputs, budget, machine, command)), flush=True)
+        except Exception:  # noqa: BLE001 - reported below, the run exits 1
+            logger.exception("%s failed; going on with the other rows", name)
+            failed.append(name)
+    if failed:
+        print(f"failed rows: {', '.join(failed)}", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
