@@ -11,8 +11,9 @@
 # Every step first copies what the call carried under $KDQ_CARRY to $KDQ_ROOT/pieces: the repository copy there is
 # refreshed by each call, /tmp stays while the machine is warm. The wheels are installed once, into $KDQ_SITE, with
 # pip --no-index (the machine reaches no registry). Results go to $OUT (what the device tool brings back):
-# throughput.json and .log, train.log, rows/<row>-gpu.json, or pending/<row>-gpu.json when scoring or the packed
-# checkpoint could not be done there (finish those here with gpu_train.py --score).
+# throughput.json and .log, train.log and rows.tar.gz (rows/<row>-gpu.json, or pending/<row>-gpu.json when scoring or
+# the packed checkpoint could not be done there: finish those here with gpu_train.py --score). One archive, because a
+# call brings back at most 8 files (session 5 lost three rows of ten written as separate files).
 # Environment: KDQ_TRAIN_ARGS, KDQ_THROUGHPUT_ARGS: extra flags of gpu_train.py / gpu_throughput.py.
 set -euo pipefail
 
@@ -57,12 +58,22 @@ smoke() {
         --smoke --output "$OUT/smoke" 2>&1 | tee "$OUT/smoke.log"
 }
 
+bundle_rows() {
+    # At most 8 files come back from a call: the rows travel as one archive (rows/, pending/ inside).
+    if [ -d "$ROWS" ]; then
+        tar czf "$OUT/rows.tar.gz" -C "$ROWS" .
+    fi
+}
+
 train() {
     if [ ! -f "$INPUTS/manifest.json" ]; then
         python3 benchmarks/gpu_pack_inputs.py --reassemble "$PIECES" --into "$INPUTS"
     fi
+    ROWS=$(mktemp -d "$ROOT/rows.XXXX")
+    trap bundle_rows EXIT  # also when the device tool's time limit stops the run (SIGTERM)
+    trap 'exit 143' TERM
     # shellcheck disable=SC2086
-    python3 benchmarks/gpu_train.py --inputs "$INPUTS" --output "$OUT" ${KDQ_TRAIN_ARGS:-} 2>&1 | tee "$OUT/train.log"
+    python3 benchmarks/gpu_train.py --inputs "$INPUTS" --output "$ROWS" ${KDQ_TRAIN_ARGS:-} 2>&1 | tee "$OUT/train.log"
 }
 
 case "${1:-}" in

@@ -1,6 +1,7 @@
 """``LayerSelectionCallback``: measures the student on probe batches and (re)writes the KDQ plan.
 
-At train begin, and every ``selection_interval`` optimizer steps, it measures on a few training batches
+At train begin, and every ``selection_interval`` optimizer steps within the first ``selection_until`` of training, it
+measures on a few training batches
 
 * the quantization loss ``q_l(b)`` of every unit at every candidate bit width, and
 * the distillation loss ``d_l`` of every student layer against every teacher layer,
@@ -86,9 +87,9 @@ class LayerSelectionCallback(TrainerCallback, ExportableState):
             self.select(step=0)
 
     def on_step_end(self, args, state, control, **kwargs):
-        interval = args.selection_interval
-        if interval and state.global_step % interval == 0 and state.global_step < state.max_steps:
-            self.select(step=state.global_step)
+        interval, step = args.selection_interval, state.global_step
+        if interval and step % interval == 0 and step < min(state.max_steps, args.selection_until * state.max_steps):
+            self.select(step=step)
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:

@@ -62,7 +62,7 @@ HYPERPARAMETERS = (
     "quant_weight", "kd_temperature", "hidden_target", "hidden_representation", "layer_matching",
     "quant_bit_choices", "quant_granularity", "quant_group_size", "quant_symmetric", "learnable_clipping",
     "quant_targets", "size_budget_mb", "size_budget_ratio", "num_distill_layers", "selection_interval",
-    "selection_probe_batches", "freeze_encoder",
+    "selection_until", "selection_probe_batches", "freeze_encoder",
 )  # fmt: skip
 _HIDDEN_KEY = re.compile(r"dir|path|file|token|hub|url|report_to|run_name|logging|push|resume|cache|device|local_rank")
 _TOKEN = re.compile(r"\b(?:hf|api_org)_[A-Za-z0-9]{16,}")

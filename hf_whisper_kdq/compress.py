@@ -265,6 +265,20 @@ def _evaluation_data(compress: CompressArguments, timer: PhaseTimer):
         return synthesize_dataset(default_prompts("eval")[: compress.max_eval_samples])
 
 
+def warn_untrained_languages(train_languages, eval_languages) -> list[str]:
+    """Warn about (and return) evaluation languages that no training row is in: the student loses them."""
+    missing = sorted({lang for lang in eval_languages if lang} - {lang for lang in train_languages if lang})
+    if missing:
+        logger.warning(
+            "the evaluation has %s speech, the training data none: a student trained without a language forgets to "
+            "transcribe it, even with its language token forced (whisper-base → KDQ students on English speech "
+            "only: AISHELL CER 15.9%% → 128–440%% after 500 steps). Add %s training speech (--train_manifest, "
+            "--train_dataset, or --unlabeled_manifest for the teacher to label)",
+            ", ".join(missing), ", ".join(missing),
+        )  # fmt: skip
+    return missing
+
+
 def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> dict:
     """Run the whole job; returns the summary written to ``output_dir/compress_summary.json``.
 
@@ -300,6 +314,7 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
         with timer("features and labels"):
             train_features, report = prepare_dataset(train, processor, multilingual=multilingual)
             logger.info("training data: %s", report.summary())
+        warn_untrained_languages(train["language"], evaluation["language"])
 
     with timer("train"):
         trainer = DistillQuantTrainer(

@@ -138,6 +138,13 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
         default=0,
         metadata={"help": "Re-run the layer selection every N optimizer steps (0: only at the start)."},
     )
+    selection_until: float = field(
+        default=1.0,
+        metadata={"help": "Re-select only during this fraction of max_steps (0 < x ≤ 1); the plan then stays fixed, "
+                  "so that the rest of training adapts to one set of bits. A re-plan late in training undoes "
+                  "progress (measured: loss 0.63 → 2.38 after one at step 250 of 500) and leaves few steps to "
+                  "recover. 1.0: re-select throughout, every selection_interval steps."},
+    )  # fmt: skip
     selection_probe_batches: int = field(
         default=2, metadata={"help": "Training batches used to measure quantization and distillation losses."}
     )
@@ -215,6 +222,11 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
                 )
         if self.encoder_cache_max_gb <= 0:
             raise ValueError(f"encoder_cache_max_gb must be > 0, got {self.encoder_cache_max_gb}")
+        if not 0 < self.selection_until <= 1:
+            raise ValueError(
+                f"selection_until={self.selection_until} must be a fraction of training in (0, 1]: e.g. 0.5 stops "
+                "re-selecting halfway, 1.0 re-selects throughout"
+            )
         if self.num_distill_layers < 0 or self.selection_interval < 0 or self.selection_probe_batches < 1:
             raise ValueError(
                 "num_distill_layers and selection_interval must be ≥ 0 and selection_probe_batches ≥ 1"

@@ -163,6 +163,9 @@ def test_unsupported_bit_choices_name_the_flag(tmp_path):
         _args(tmp_path, size_budget_accounting="disk")
     with pytest.raises(ValueError, match=r"hidden_loss_scale='normalized': choose one of absolute, relative"):
         _args(tmp_path, hidden_loss_scale="normalized")
+    for fraction in (0, 1.5):
+        with pytest.raises(ValueError, match=rf"selection_until={fraction} must be a fraction of training in \(0, 1\]"):
+            _args(tmp_path, selection_until=fraction)
 
 
 # ---- 5. a size budget below the student's smallest size -------------------------------------------------------

@@ -10,7 +10,8 @@ from huggingface_hub import ModelCard
 from conftest import make_micro_whisper
 
 from hf_whisper_kdq.cli import main
-from hf_whisper_kdq.compress import LEVELS, TRAINING_DEFAULTS, CompressArguments, apply_level, with_training_defaults
+from hf_whisper_kdq.compress import (LEVELS, TRAINING_DEFAULTS, CompressArguments, apply_level, warn_untrained_languages,
+                                     with_training_defaults)
 from hf_whisper_kdq.config import DistillQuantArguments
 from hf_whisper_kdq.sources import save_whisper
 
@@ -85,6 +86,17 @@ def test_compress_end_to_end_on_a_tiny_teacher(tmp_path, tiny_whisper, capsys):
     assert not card.data.eval_results  # synthetic-speech scores are never published as results
     out = capsys.readouterr().out
     assert "SMOKE RUN" in out and "| compressed |" in out and "| teacher |" in out
+
+
+def test_evaluation_languages_missing_from_training_are_named_with_the_fix(caplog):
+    with caplog.at_level("WARNING", logger="hf_whisper_kdq.compress"):
+        assert warn_untrained_languages(["en", "en", None], ["en", "zh", "zh", "de"]) == ["de", "zh"]
+    assert "the evaluation has de, zh speech, the training data none" in caplog.text
+    assert "Add de, zh training speech (--train_manifest" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_whisper_kdq.compress"):
+        assert warn_untrained_languages(["zh", "en"], ["en", "zh"]) == []
+    assert not caplog.records
 
 
 def test_teacher_labels_are_kept_and_reused_until_threshold_or_teacher_change(tmp_path, monkeypatch):

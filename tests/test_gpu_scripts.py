@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,23 @@ def test_train_smoke_defers_what_it_cannot_do_and_score_completes_it(packed, tmp
     assert not done["pending"] and done["sizes"]["paper_ratio"] > 1
     assert done["sizes"]["per_layer_bits"]["decoder.0"] == 3 and done["sizes"]["per_layer_bits"]["encoder.0"] == 16
     assert "ptq-decemb-int3g32-gpu" in results_table.merge(tmp_path / "table")
+
+
+def test_session_train_step_brings_the_rows_back_as_one_archive(packed, tmp_path):
+    # The device tool returns at most 8 files per call: gpu_session.sh must bundle the rows, however many.
+    site, out = tmp_path / "site", tmp_path / "out"
+    site.mkdir()
+    (site / ".installed").touch()  # no wheels to install here
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "KDQ_CARRY": str(packed / "pieces"),
+                   "KDQ_ROOT": str(tmp_path / "root"), "KDQ_SITE": str(site), "OUT": str(out),
+                   "KDQ_TRAIN_ARGS": "--device cpu --smoke --rows teacher,ptq-decemb-int3g32"}  # fmt: skip
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu_session.sh"), "train"], cwd=BENCHMARKS.parent,
+                          capture_output=True, text=True, env=environment, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["rows.tar.gz", "train.log"]
+    with tarfile.open(out / "rows.tar.gz") as archive:
+        names = {Path(name).as_posix().removeprefix("./") for name in archive.getnames()}
+    assert {"rows/teacher-gpu.json", "rows/ptq-decemb-int3g32-gpu.json"} <= names
 
 
 def test_throughput_smoke_reports_ratios_memory_and_resume(throughput):

@@ -512,6 +512,18 @@ def test_periodic_reselection_moves_the_plan_and_saves_it(tmp_path, pair):
     assert specs == trainer.plan.module_specs()
 
 
+def test_reselection_stops_after_selection_until(tmp_path, pair):
+    student, teacher = pair
+    args = _args(tmp_path, max_steps=8, learning_rate=1e-2, selection_interval=2, selection_until=0.5,
+                 size_budget_mb=_student_budget_mb(student, 3.5))  # fmt: skip
+    trainer = _trainer(student, teacher, args, make_micro_rows(8, seed=13))
+    steps = []
+    select = _selection_callback(trainer).select
+    _selection_callback(trainer).select = lambda step: (steps.append(step), select(step=step))[1]
+    trainer.train()
+    assert steps == [0, 2] and trainer.plan.step == 2  # not at 4 and 6: the second half keeps one plan
+
+
 def test_predict_does_not_leak_terms_into_the_next_evaluation(tmp_path, pair):
     student, teacher = pair
     eval_rows, other_rows = make_micro_rows(8, seed=14), make_micro_rows(8, seed=15, min_tokens=1, max_tokens=3)
