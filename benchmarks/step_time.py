@@ -12,7 +12,10 @@ optimizer steps after ``--warmup`` untimed ones (layer selection at train begin 
   kdq_shared    DistillQuantTrainer, frozen student encoder equal to the teacher's: one encoder pass per step
 
 Targets of the issue: kdq ≤ 1.6 × plain, kdq_shared ≤ 1.2 × plain. Ratios are printed, not asserted. The on-disk
-encoder-output cache is off in the kdq runs: with one pass over fresh rows it would only add its disk writes.
+caches of frozen outputs are off in these runs: with one pass over fresh rows they would only add their disk writes.
+``--cached`` adds a fifth run, ``kdq_cached``: kdq_shared with the encoder-output and teacher-output caches on,
+over ``batch_size × warmup`` rows, so that the warmup steps fill the caches and every timed step reads them (later
+epochs, as in training on a small dataset).
 On a GPU each run also reports its peak allocated GPU memory (teacher included where the run needs it).
 ``gpu_throughput.py`` runs these comparisons for several teacher shapes on one GPU.
 """
@@ -127,7 +130,9 @@ def run(kind: str, teacher: WhisperForConditionalGeneration, work: Workload, ext
     ``extra_callbacks`` join the step timer (a profiler, say)."""
     student = build_student(teacher, decoder_layers=work.decoder_layers)
     timer = StepTimer()
-    data = RandomSpeech(teacher.config, work.batch_size * (work.warmup + work.steps), work.label_tokens)
+    cached = kind == "kdq_cached"
+    rows = work.batch_size * (max(1, work.warmup) if cached else work.warmup + work.steps)
+    data = RandomSpeech(teacher.config, rows, work.label_tokens)
     gpu = not work.use_cpu and torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as scratch:
         common = dict(
@@ -141,12 +146,13 @@ def run(kind: str, teacher: WhisperForConditionalGeneration, work: Workload, ext
             trainer = Seq2SeqTrainer(model=student, args=Seq2SeqTrainingArguments(**common), train_dataset=data,
                                      data_collator=collate, callbacks=[timer, *extra_callbacks])  # fmt: skip
         else:
-            args = DistillQuantArguments(**common, freeze_encoder=kind == "kdq_shared", quant_targets="decoder",
+            args = DistillQuantArguments(**common, freeze_encoder=kind != "kdq", quant_targets="decoder",
                                          quant_bit_choices="4", num_distill_layers=work.decoder_layers,
-                                         selection_probe_batches=1, cache_encoder_outputs=False)  # fmt: skip
+                                         selection_probe_batches=1, cache_encoder_outputs=cached,
+                                         cache_teacher_outputs=cached, encoder_cache_dir=f"{scratch}/cache")  # fmt: skip
             trainer = DistillQuantTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
                                           data_collator=collate, callbacks=[timer, *extra_callbacks])  # fmt: skip
-            assert trainer.shares_encoder == (kind == "kdq_shared")
+            assert trainer.shares_encoder == (kind != "kdq")
         if gpu:
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
@@ -170,15 +176,20 @@ def ratios(runs: dict[str, dict]) -> dict[str, float]:
     }
 
 
-def compare(teacher: WhisperForConditionalGeneration, work: Workload) -> dict:
-    """Every kind of KINDS on the same student and batches: {"runs": {kind: run(...)}, "ratios": ratios(...)}."""
+def compare(teacher: WhisperForConditionalGeneration, work: Workload, cached: bool = False) -> dict:
+    """Every kind of KINDS (and ``kdq_cached``) on the same student and batches: {"runs": {kind: run(...)},
+    "ratios": ratios(...)}."""
     runs = {}
-    for kind in KINDS:
+    for kind in (*KINDS, "kdq_cached") if cached else KINDS:
         runs[kind] = run(kind, teacher, work)
         memory = runs[kind]["peak_memory_bytes"]
         print(f"{kind:<13} median step {runs[kind]['median_step_s'] * 1000:8.1f} ms over {runs[kind]['timed_steps']} "
               f"steps" + ("" if memory is None else f", peak GPU memory {memory / 2**30:.2f} GiB"), flush=True)
-    return {"runs": runs, "ratios": ratios(runs)}
+    values = ratios(runs)
+    if cached:
+        values["kdq_cached/kdq_shared"] = runs["kdq_cached"]["median_step_s"] / runs["kdq_shared"]["median_step_s"]
+        values["kdq_cached/plain_frozen"] = runs["kdq_cached"]["median_step_s"] / runs["plain_frozen"]["median_step_s"]
+    return {"runs": runs, "ratios": values}
 
 
 def device_name(work: Workload) -> str:
@@ -202,11 +213,13 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them (kernel choice, allocation)")
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPUs and recent CPUs)")
+    parser.add_argument("--cached", action="store_true",
+                        help="also time kdq_shared with the frozen-output caches filled (see above)")
     parser.add_argument("--json", help="also write the results to this file")
     cli = parser.parse_args(argv)
     work = Workload(decoder_layers=cli.decoder_layers, batch_size=cli.batch_size, label_tokens=cli.label_tokens,
                     steps=cli.steps, warmup=cli.warmup, bf16=cli.bf16)  # fmt: skip
-    result = compare(random_teacher(cli.teacher), work)
+    result = compare(random_teacher(cli.teacher), work, cached=cli.cached)
     device = device_name(work)
     print(f"\n{cli.teacher} teacher → {cli.decoder_layers}-decoder-layer student, batch {cli.batch_size}, {device}")
     print_ratios(result["ratios"])

@@ -34,7 +34,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .callbacks import LayerSelectionCallback, check_size_budget
 from .config import FLOAT_BITS, DistillQuantArguments
 from .losses import IGNORE_INDEX, cross_entropy_loss, hidden_distillation_loss, logit_distillation_loss, quantization_loss
-from .quant import FakeQuantEmbedding, FakeQuantLinear, default_quant_targets, prepare_qat, quant_specs
+from .output_cache import EncoderOutputCache, TeacherOutputCache
+from .quant import FakeQuantEmbedding, FakeQuantLinear, default_quant_targets, prepare_qat
 from .selection import KDQPlan, fp16_bytes, initial_plan
 from .students import check_same_tokenizer, check_whisper, teacher_layer_map
 
@@ -187,9 +188,14 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         self._check_sharding()
         self.teacher = self._prepare_teacher(teacher_model)
         self.encoder_cache = None  # the teacher's encoder outputs (also the student's when it shares that encoder)
-        self._student_encoder_cache: tuple[tuple, object] | None = None  # (encoder state, cache) of a frozen one
-        if args.cache_encoder_outputs or (args.cache_encoder_outputs is None and self.args.device.type == "cpu"):
-            self.encoder_cache = self._new_encoder_cache(self.teacher.get_encoder())
+        self.teacher_cache = None  # the teacher's logits and decoder hidden states per row
+        self._student_encoder_cache = None  # a frozen student encoder's outputs
+        self._cache_folder = None  # one size bound for all of them
+        on_cpu = self.args.device.type == "cpu"
+        if args.cache_encoder_outputs or (args.cache_encoder_outputs is None and on_cpu):
+            self.encoder_cache = self._new_cache(EncoderOutputCache, self.teacher.get_encoder())
+        if args.cache_teacher_outputs or (args.cache_teacher_outputs is None and on_cpu):
+            self.teacher_cache = self._new_cache(TeacherOutputCache, self.teacher)
         self._logged_terms: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._accumulated_rows = 0  # set by get_batch_samples for each optimizer step
         self.add_callback(LayerSelectionCallback(self))
@@ -242,20 +248,23 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         # been moved since (found on a GPU: the second trainer's teacher stayed on the CPU).
         return teacher.to(self.accelerator.device).eval()
 
-    def _new_encoder_cache(self, encoder: nn.Module):
-        from .encoder_cache import EncoderOutputCache
+    def _new_cache(self, kind, model: nn.Module, current=None):
+        """``current`` if it still describes ``model``, else a new cache of ``kind`` for it: renewed whenever the
+        model's weights (an in-place update, a checkpoint load) or quantization specs (a new plan) change."""
+        from .output_cache import CacheFolder
         from .sources import cache_root
 
-        folder = self.args.encoder_cache_dir or cache_root() / "encoder_outputs"
-        return EncoderOutputCache(folder, encoder, int(self.args.encoder_cache_max_gb * 1e9))
+        if current is not None and current.describes(model):
+            return current
+        if self._cache_folder is None:
+            folder = self.args.encoder_cache_dir or cache_root() / "encoder_outputs"
+            self._cache_folder = CacheFolder(folder, int(self.args.encoder_cache_max_gb * 1e9))
+        return kind(self._cache_folder, model)
 
     def _frozen_encoder_cache(self, encoder: nn.Module):
-        """The cache of a frozen student encoder's outputs, renewed whenever its weights (version counters, bumped
-        by any in-place update such as a checkpoint load) or its quantization specs (a new plan) change."""
-        state = (tuple((id(p), p._version) for p in encoder.parameters()), tuple(map(str, quant_specs(encoder).values())))
-        if self._student_encoder_cache is None or self._student_encoder_cache[0] != state:
-            self._student_encoder_cache = (state, self._new_encoder_cache(encoder))
-        return self._student_encoder_cache[1]
+        """The cache of a frozen student encoder's outputs (see ``_new_cache``)."""
+        self._student_encoder_cache = self._new_cache(EncoderOutputCache, encoder, self._student_encoder_cache)
+        return self._student_encoder_cache
 
     @property
     def distill_sides(self) -> tuple[str, ...]:
@@ -305,15 +314,22 @@ class DistillQuantTrainer(Seq2SeqTrainer):
             # called directly, and would otherwise run in fp32 under bf16/fp16 training.
             with torch.no_grad(), self.accelerator.autocast():
                 if self.encoder_cache is not None and not want["encoder"]:
+                    self.encoder_cache = self._new_cache(EncoderOutputCache, self.teacher.get_encoder(), self.encoder_cache)
                     hidden = self.encoder_cache.encode(self.teacher.get_encoder(), features)
                     teacher_encoder = BaseModelOutput(last_hidden_state=hidden)
                 else:
                     teacher_encoder = self.teacher.get_encoder()(features, output_hidden_states=want["encoder"] and not ffn)
-                teacher_out = self.teacher(
-                    encoder_outputs=teacher_encoder,
-                    decoder_input_ids=decoder_input_ids,
-                    output_hidden_states=want["decoder"] and not ffn,
-                )
+                if self.teacher_cache is not None and not want["encoder"] and not ffn:
+                    self.teacher_cache = self._new_cache(TeacherOutputCache, self.teacher, self.teacher_cache)
+                    teacher_out = self.teacher_cache.forward(
+                        self.teacher, features, teacher_encoder.last_hidden_state, decoder_input_ids, labels
+                    )
+                else:
+                    teacher_out = self.teacher(
+                        encoder_outputs=teacher_encoder,
+                        decoder_input_ids=decoder_input_ids,
+                        output_hidden_states=want["decoder"] and not ffn,
+                    )
                 if cache_student:
                     student_hidden = self._frozen_encoder_cache(student_encoder).encode(student_encoder, features)
             student_kwargs = dict(decoder_input_ids=decoder_input_ids, output_hidden_states=any(want.values()) and not ffn)

@@ -12,6 +12,7 @@ import torch
 from datasets import Dataset
 from safetensors import safe_open
 from transformers import Seq2SeqTrainingArguments
+from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
 from conftest import make_micro_rows, micro_collate, tiny_speech_rows
 from conftest import micro_training_args as _args
@@ -258,7 +259,8 @@ def test_teacher_runs_under_the_mixed_precision_of_training(tmp_path, micro_whis
     slower than plain fine-tuning)."""
     teacher = micro_whisper(decoder_layers=4)
     student = build_student(teacher, decoder_layers=2)
-    args = _args(tmp_path, max_steps=1, bf16=True, freeze_encoder=freeze_encoder, cache_encoder_outputs=False)
+    args = _args(tmp_path, max_steps=1, bf16=True, freeze_encoder=freeze_encoder, cache_encoder_outputs=False,
+                 cache_teacher_outputs=False)  # fmt: skip
     trainer = _trainer(student, teacher, args, make_micro_rows(4))
     seen = {}
 
@@ -585,7 +587,7 @@ def test_shared_encoder_outputs_are_cached_across_epochs(tmp_path, pair):
         handle.remove()
     assert sum(teacher_rows) == len(rows)
     assert trainer.encoder_cache.misses == len(rows) and trainer.encoder_cache.hits > 0
-    entries = sorted((tmp_path / "cache").glob("*/*/*.safetensors"))
+    entries = sorted(trainer.encoder_cache.folder.glob("*/*.safetensors"))
     assert len(entries) == len(rows)
 
     # A corrupt entry is recomputed, never used.
@@ -642,7 +644,7 @@ def test_frozen_quantized_student_encoder_outputs_are_cached_and_exact(tmp_path,
         handle.remove()
     probe_rows = 2 * 4  # the selection probes run the encoder itself (they capture its layers' inputs)
     assert sum(student_rows) == probe_rows + len(rows)
-    assert cached._student_encoder_cache[1].misses == len(rows)
+    assert cached._student_encoder_cache.misses == len(rows)
 
     uncached = _trainer(twin, teacher, _args(tmp_path / "b", cache_encoder_outputs=False, **common), rows)
     uncached.train()
@@ -660,8 +662,79 @@ def test_frozen_quantized_student_encoder_outputs_are_cached_and_exact(tmp_path,
     assert cached._frozen_encoder_cache(encoder).fingerprint != first.fingerprint
 
 
+def test_teacher_outputs_are_cached_per_row_and_training_is_the_same(tmp_path, pair):
+    """The teacher's decoder runs once per row over 3 epochs (plus the probes' rows before the first epoch wrote
+    them), and training with the cache equals training without it."""
+    student, teacher = pair
+    twin = copy.deepcopy(student)
+    rows = make_micro_rows(8, seed=3)
+    common = dict(max_steps=6, quant_targets="decoder", num_distill_layers=1, selection_interval=3)
+    cached = _trainer(student, teacher, _args(tmp_path / "a", encoder_cache_dir=str(tmp_path / "cache"), **common), rows)
+    assert cached.args.cache_teacher_outputs is None and cached.teacher_cache is not None  # default: on for CPU
+    decoded = []
+    handle = teacher.model.decoder.register_forward_hook(lambda m, a, kw, out: decoded.append(kw["input_ids"].shape[0]),
+                                                         with_kwargs=True)  # fmt: skip
+    try:
+        cached.train()  # 6 steps of 4 rows: 3 epochs of 8 rows; selections at steps 0 and 3
+    finally:
+        handle.remove()
+    assert sum(decoded) == len(rows) and cached.teacher_cache.misses == len(rows)
+    assert cached.teacher_cache.hits == 6 * 4 + 2 * (2 * 4) - len(rows)  # + two selections' probe batches
+
+    uncached = _trainer(twin, teacher, _args(tmp_path / "b", cache_encoder_outputs=False, cache_teacher_outputs=False,
+                                             **common), rows)  # fmt: skip
+    uncached.train()
+    assert uncached.teacher_cache is None
+    assert [e["loss"] for e in _train_logs(cached)] == pytest.approx([e["loss"] for e in _train_logs(uncached)], rel=1e-5)
+    for (name, a), b in zip(student.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+    # A teacher changed in place (a user's edit, a test's poison) is never answered from the old entries.
+    before = cached.teacher_cache
+    with torch.no_grad():
+        teacher.proj_out.weight.mul_(2)
+    batch = cached._prepare_inputs(micro_collate(rows[:2]))
+    cached.forward_student_and_teacher(cached.model, batch, ())
+    assert cached.teacher_cache is not before and cached.teacher_cache.fingerprint != before.fingerprint
+    assert cached.teacher_cache.misses == 2
+
+
+def test_teacher_cache_entries_fit_any_padding_and_are_keyed_by_the_labels(tmp_path, micro_whisper):
+    from hf_whisper_kdq.output_cache import TeacherOutputCache
+
+    teacher = micro_whisper(seed=1).eval()
+    short, long = make_micro_rows(2, seed=5, min_tokens=2, max_tokens=3), make_micro_rows(1, seed=6, min_tokens=8, max_tokens=9)
+    cache = TeacherOutputCache(tmp_path, teacher, max_bytes=10**9)
+
+    def outputs(rows):
+        batch = micro_collate(rows)
+        ids = shift_tokens_right(batch["labels"], teacher.config.pad_token_id, teacher.config.decoder_start_token_id)
+        features = batch["input_features"]
+        with torch.no_grad():
+            hidden = teacher.get_encoder()(features).last_hidden_state
+            expected = teacher(encoder_outputs=(hidden,), decoder_input_ids=ids, output_hidden_states=True)
+        got = cache.forward(teacher, features, hidden, ids, batch["labels"])
+        labelled = batch["labels"].ne(IGNORE_INDEX)
+        torch.testing.assert_close(got.logits[labelled], expected.logits[labelled])
+        for a, b in zip(got.decoder_hidden_states, expected.decoder_hidden_states, strict=True):
+            torch.testing.assert_close(a[labelled], b[labelled])
+
+    outputs(short)  # written in a batch padded to 3 tokens
+    outputs(short + long)  # read back in a batch padded to 9
+    assert (cache.misses, cache.hits) == (3, 2)
+    relabelled = [{**short[0], "labels": list(reversed(short[0]["labels"]))}]
+    outputs(relabelled)  # same audio, other transcript: another entry
+    assert cache.misses == 4
+    batch = micro_collate(relabelled)
+    ids = shift_tokens_right(batch["labels"], teacher.config.pad_token_id, teacher.config.decoder_start_token_id)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 outputs are not the fp32 entry's
+        hidden = teacher.get_encoder()(batch["input_features"]).last_hidden_state
+        cache.forward(teacher, batch["input_features"], hidden, ids, batch["labels"])
+    assert cache.misses == 5
+
+
 def test_encoder_cache_is_keyed_by_model_and_bounded(tmp_path, micro_whisper):
-    from hf_whisper_kdq.encoder_cache import EncoderOutputCache
+    from hf_whisper_kdq.output_cache import EncoderOutputCache
 
     first, second = micro_whisper(seed=1).get_encoder(), micro_whisper(seed=2).get_encoder()
     features = micro_collate(make_micro_rows(4, seed=5))["input_features"]
