@@ -7,7 +7,7 @@
 
 Each row is computed, written to ``OUTPUT/rows/<row>.json`` (with the command, machine and date), and then every
 row JSON under OUTPUT is merged into ``OUTPUT/results.md``, ``OUTPUT/results.json`` and the figure
-``OUTPUT/wer_vs_bytes.png`` (LJSpeech WER against bytes on disk, via ``card.plot_size_vs_error``); the table is
+``OUTPUT/wer_vs_bytes.png`` (LJSpeech WER against bytes on disk, via ``figures.plot_size_vs_error``); the table is
 printed at the end. ``--merge`` only merges.
 
 Data (``../shared/data/speech``; the script exits cleanly with a message when it is absent): ``dev.jsonl`` is the
@@ -725,7 +725,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def figure(rows: list[dict], path: Path) -> Path | None:
-    from hf_whisper_kdq.card import plot_size_vs_error
+    from hf_whisper_kdq.figures import plot_size_vs_error
 
     # GPU rows are scored on the whole dev set, CPU rows often on a subset: separate curves.
     points = [{"method": t["method"] + (" (GPU, full dev set)" if t["row"].endswith("-gpu") else ""),

@@ -1,7 +1,8 @@
 """The model card of a compressed Whisper: metadata (model-index, base model), tables, the plan figure, usage.
 
 ``build_model_card`` renders ``model_cards/kdq_model_card.md.jinja`` with huggingface_hub's
-``ModelCard.from_template``; ``write_model_card`` writes ``README.md`` and the figure into the checkpoint folder.
+``ModelCard.from_template``; ``write_model_card`` writes ``README.md`` and the plan figure
+(:func:`figures.plot_plan`) into the checkpoint folder.
 
 **Error rates.** Inputs are *fractions* (as :class:`~hf_whisper_kdq.evaluation.EvaluationReport` stores them; a
 row with ``"percent": True`` is read as a percentage). The card, its tables *and* its ``model-index`` show
@@ -42,8 +43,10 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .config import FLOAT_BITS
+from .figures import plot_plan
+from .hub import hub_model_id, public, scrub
 from .selection import KDQPlan
-from .sources import atomic_file, atomic_write_text
+from .sources import atomic_write_text
 
 TEMPLATE_NAME = "kdq_model_card.md.jinja"
 ROLES = ("compressed", "teacher", "original")
@@ -65,40 +68,6 @@ HYPERPARAMETERS = (
     "selection_until", "selection_probe_batches", "freeze_encoder",
 )  # fmt: skip
 _HIDDEN_KEY = re.compile(r"dir|path|file|token|hub|url|report_to|run_name|logging|push|resume|cache|device|local_rank")
-_TOKEN = re.compile(r"\b(?:hf|api_org)_[A-Za-z0-9]{16,}")
-_ABS_PATH = re.compile(r"(?<![\w.:/\\-])(?:~|[A-Za-z]:)?[/\\](?:[^\s/\\|`'\"()\[\]<>]+[/\\])+([^\s/\\|`'\"()\[\]<>]+)")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(?:/[\w.-]{1,96})?$")
-
-
-# ---- sanitizing --------------------------------------------------------------------------------------------------
-
-
-def _looks_local(text: str) -> bool:
-    s = text.strip()
-    return (s.startswith(("/", "~", "./", "../", "\\")) or bool(re.match(r"^[A-Za-z]:[\\/]", s))
-            or (("/" in s or "\\" in s) and Path(s).expanduser().exists()))  # fmt: skip
-
-
-def public(value: Any) -> str:
-    """A value as card text: tokens redacted, a local path reduced to its last component, pipes escaped."""
-    text = _TOKEN.sub("<redacted>", str(value))
-    if _looks_local(text):
-        text = re.split(r"[/\\]", text.strip().rstrip("/\\"))[-1] or "(local)"
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def scrub(text: str) -> str:
-    """Last pass over rendered text: the home folder, absolute paths (→ basename) and tokens."""
-    home = str(Path.home())
-    if len(home) > 1:
-        text = text.replace(home, "~")
-    return _ABS_PATH.sub(lambda m: m.group(1), _TOKEN.sub("<redacted>", text))
-
-
-def hub_model_id(name: str | None) -> str | None:
-    """``name`` when it is a Hub model id (not a local folder), else None."""
-    local = not name or not _HUB_ID.match(name) or ".." in name or Path(name).expanduser().exists()
-    return None if local else name
 
 
 # ---- inputs ------------------------------------------------------------------------------------------------------
@@ -268,11 +237,6 @@ def _hyperparameters(training_args: Any) -> list[tuple[str, str]]:
             for k in keys if (v := values[k]) is not None and v != ""]  # fmt: skip
 
 
-def _load_plan(plan: KDQPlan | Mapping | str | Path) -> KDQPlan:
-    return plan if isinstance(plan, KDQPlan) else KDQPlan.from_dict(dict(plan)) if isinstance(plan, Mapping) \
-        else KDQPlan.load(plan)
-
-
 def _bits_text(bits: int) -> str:
     return "fp16" if bits >= FLOAT_BITS else str(bits)
 
@@ -295,99 +259,6 @@ def find_template(template_path: str | Path | None = None) -> Path:
             return candidate
     raise FileNotFoundError(f"model card template {TEMPLATE_NAME} not found (looked in model_cards/ beside the "
                             "package and in hf_whisper_kdq/resources/): pass template_path=")  # fmt: skip
-
-
-# ---- figures -----------------------------------------------------------------------------------------------------
-
-
-def _figure(width: float, height: float):
-    # An Agg canvas of our own: no pyplot, so the caller's backend and global state stay untouched.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    return FigureCanvasAgg(Figure(figsize=(width, height), dpi=100)).figure
-
-
-def _save(figure, path: str | Path, top: float = 1.0) -> Path:
-    figure.tight_layout(rect=(0, 0, 1, top))
-    with atomic_file(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=100, metadata={"Software": None})
-    return Path(path)
-
-
-def plot_plan(plan: KDQPlan | Mapping | str | Path, path: str | Path) -> Path:
-    """PNG of the plan: bits per unit as bars (hatched: kept in fp16), ``q_l`` at the assigned bits and ``d_l``
-    as lines on a second, logarithmic axis, stars above distilled layers. Typically 30–60 KB."""
-    plan = _load_plan(plan)
-    units = plan.units
-    x = list(range(len(units)))
-    bits = [u.bits for u in units]
-    figure = _figure(max(6.0, 0.42 * len(units) + 2.5), 3.8)
-    ax = figure.add_subplot()
-    colors = {"encoder": "#4C72B0", "decoder": "#DD8452", "embedding": "#55A868"}
-    bars = ax.bar(x, bits, color=[colors.get(u.side, "#8C8C8C") for u in units], alpha=0.75, width=0.7)
-    for bar, unit in zip(bars, units):
-        if unit.bits >= FLOAT_BITS:  # kept in float
-            bar.set(hatch="//", alpha=0.35)
-        if unit.distilled:
-            bar.set(edgecolor="black", linewidth=1.5)
-    if marked := [(i, u.bits) for i, u in zip(x, units) if u.distilled]:
-        ax.plot([i for i, _ in marked], [b + 1.0 for _, b in marked], linestyle="none", marker="*", markersize=13,
-                color="gold", markeredgecolor="black", label="distilled", zorder=5)  # fmt: skip
-    ax.set_ylim(0, FLOAT_BITS + 3)
-    ax.set_yticks(sorted({2, 4, 8, FLOAT_BITS, *bits}))
-    ax.set_ylabel("bits (16 = fp16)")
-    ax.set_xticks(x, [u.name for u in units], rotation=60, ha="right", fontsize=8)
-    ax.set_xlim(-0.6, len(units) - 0.4)
-    second = ax.twinx()
-    q = [v if (v := u.quant_loss.get(u.bits) or 0) > 0 else math.nan for u in units]  # log axis: no zeros
-    d = [v if (v := u.distill_loss or 0) > 0 else math.nan for u in units]
-    second.plot(x, q, marker="o", color="#C44E52", label="q_l at assigned bits")
-    second.plot(x, d, marker="s", linestyle="--", color="#8172B3", label="d_l (vs matched teacher layer)")
-    if any(not math.isnan(v) for v in q + d):
-        second.set_yscale("log")
-    second.set_ylabel("relative error (log)")
-    handles = [h for axis in (ax, second) for h in axis.get_legend_handles_labels()[0]]
-    figure.legend(handles=handles, loc="upper center", fontsize=7, ncol=3, frameon=False)
-    return _save(figure, path, top=0.93)
-
-
-def plot_size_vs_error(rows: Sequence[Mapping], path: str | Path, *, title: str | None = None,
-                       log_error: bool = False) -> Path:  # fmt: skip
-    """Size (MB) against error rate (%): one curve per method (its points joined in size order), for benchmark
-    write-ups.
-
-    ``rows``: dicts with ``method``, ``size_mb`` or ``size_bytes``, and ``error_rate`` (fraction; or ``wer``/``cer``;
-    ``"percent": True`` for percentages), optional ``metric`` and ``label`` (written beside the point).
-    ``log_error``: a logarithmic error axis, for rows from near the teacher to collapsed models."""
-    figure = _figure(8.5, 4.2)
-    ax = figure.add_subplot()
-    metrics, curves = set(), {}
-    for i, row in enumerate(rows):
-        size = float(row["size_mb"]) if row.get("size_mb") is not None else float(row["size_bytes"]) / 1e6
-        metric = str(row.get("metric") or ("cer" if "cer" in row else "wer")).lower()
-        value = float(row.get("error_rate", row.get(metric))) * (1 if row.get("percent") else 100)
-        metrics.add(metric.upper())
-        curves.setdefault(public(row.get("method", f"model {i}")), []).append((size, value, row.get("label")))
-    markers = "osD^vP*X"
-    for i, (method, points) in enumerate(curves.items()):
-        points.sort(key=lambda point: point[0])
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker=markers[i % len(markers)], color=f"C{i % 10}",
-                label=method, zorder=3)  # fmt: skip
-        for size, value, label in points:
-            if label:
-                ax.annotate(public(label), (size, value), textcoords="offset points", xytext=(4, 3), fontsize=6,
-                            color=f"C{i % 10}")  # fmt: skip
-    if log_error:
-        ax.set_yscale("log")
-    ax.set_xlabel("size on disk (MB)")
-    ax.set_ylabel(f"{'/'.join(sorted(metrics)) or 'WER'} (%)")
-    ax.grid(True, alpha=0.3, which="both")
-    ax.margins(0.12)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside: no point hidden
-    if title:
-        ax.set_title(public(title), fontsize=10)
-    return _save(figure, path)
 
 
 # ---- the card ----------------------------------------------------------------------------------------------------
@@ -543,7 +414,7 @@ def build_model_card(
             files or a ``ctranslate2`` entry, or lists no files at all).
         template_path: another Jinja template (default ``model_cards/kdq_model_card.md.jinja``).
     """
-    plan = _load_plan(plan)
+    plan = KDQPlan.coerce(plan)
     report = dict(compression_report or {})
     scores, stats = collect_results(eval_results)
     hub_teacher, teacher = hub_model_id(teacher_id), public(teacher_id)

@@ -8,7 +8,8 @@ left out: the teacher (a ``teacher*`` folder or file), training-only state (``op
 folder. The folder is only read: a failed push leaves it exactly as it was.
 
 The token comes from the argument or huggingface_hub's standard sources (``HF_TOKEN``, ``huggingface-cli login``);
-it is passed to the client and never logged or put into an error message.
+it is passed to the client and never logged or put into an error message. What is written for the Hub (the card,
+its figures) goes through :func:`public` and :func:`scrub`: tokens redacted, local paths reduced to basenames.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import re
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
@@ -39,6 +42,40 @@ _HINTS = {
     413: "a file is too large for a direct upload",
     429: "too many requests: wait and retry",
 }
+
+
+# ---- what may reach the Hub: no token, no local path (cards, figures, commit messages) ----------------------------
+_TOKEN = re.compile(r"\b(?:hf|api_org)_[A-Za-z0-9]{16,}")
+_ABS_PATH = re.compile(r"(?<![\w.:/\\-])(?:~|[A-Za-z]:)?[/\\](?:[^\s/\\|`'\"()\[\]<>]+[/\\])+([^\s/\\|`'\"()\[\]<>]+)")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(?:/[\w.-]{1,96})?$")
+
+
+def _looks_local(text: str) -> bool:
+    s = text.strip()
+    return (s.startswith(("/", "~", "./", "../", "\\")) or bool(re.match(r"^[A-Za-z]:[\\/]", s))
+            or (("/" in s or "\\" in s) and Path(s).expanduser().exists()))  # fmt: skip
+
+
+def public(value: Any) -> str:
+    """A value as card text: tokens redacted, a local path reduced to its last component, pipes escaped."""
+    text = _TOKEN.sub("<redacted>", str(value))
+    if _looks_local(text):
+        text = re.split(r"[/\\]", text.strip().rstrip("/\\"))[-1] or "(local)"
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def scrub(text: str) -> str:
+    """Last pass over rendered text: the home folder, absolute paths (→ basename) and tokens."""
+    home = str(Path.home())
+    if len(home) > 1:
+        text = text.replace(home, "~")
+    return _ABS_PATH.sub(lambda m: m.group(1), _TOKEN.sub("<redacted>", text))
+
+
+def hub_model_id(name: str | None) -> str | None:
+    """``name`` when it is a Hub model id (not a local folder), else None."""
+    local = not name or not _HUB_ID.match(name) or ".." in name or Path(name).expanduser().exists()
+    return None if local else name
 
 
 class PushError(RuntimeError):

@@ -110,6 +110,11 @@ class KDQPlan:
         path = path / PLAN_FILE if path.is_dir() else path
         return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
+    @classmethod
+    def coerce(cls, plan: KDQPlan | dict | str | Path) -> KDQPlan:
+        """A plan given as itself, its ``to_dict()``, or a ``kdq_plan.json`` file or its folder."""
+        return plan if isinstance(plan, cls) else cls.from_dict(dict(plan)) if isinstance(plan, dict) else cls.load(plan)
+
     def summary(self) -> str:
         """A Markdown table of the plan, one row per unit."""
         rows = ["| unit | bits | distilled | teacher layer | q_l (assigned bits) | d_l |", "|---|---|---|---|---|---|"]

@@ -34,7 +34,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .callbacks import LayerSelectionCallback, check_size_budget
 from .config import FLOAT_BITS, DistillQuantArguments
 from .losses import IGNORE_INDEX, cross_entropy_loss, hidden_distillation_loss, logit_distillation_loss, quantization_loss
-from .output_cache import EncoderOutputCache, TeacherOutputCache
+from .output_cache import CacheFolder, EncoderOutputCache, TeacherOutputCache
 from .quant import FakeQuantEmbedding, FakeQuantLinear, default_quant_targets, prepare_qat
 from .selection import KDQPlan, fp16_bytes, initial_plan
 from .students import check_same_tokenizer, check_whisper, teacher_layer_map
@@ -251,7 +251,6 @@ class DistillQuantTrainer(Seq2SeqTrainer):
     def _new_cache(self, kind, model: nn.Module, current=None):
         """``current`` if it still describes ``model``, else a new cache of ``kind`` for it: renewed whenever the
         model's weights (an in-place update, a checkpoint load) or quantization specs (a new plan) change."""
-        from .output_cache import CacheFolder
         from .sources import cache_root
 
         if current is not None and current.describes(model):
@@ -283,8 +282,9 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         """Run teacher (no grad) and student on one batch.
 
         Frozen encoders' outputs come from the encoder cache (``cache_encoder_outputs``) when no hidden state of
-        theirs is asked for; ``cached_student_encoder=False`` runs the student's encoder whatever (the selection
-        probes capture the inputs of its layers).
+        theirs is asked for, and the teacher's logits and decoder hidden states from the teacher cache
+        (``cache_teacher_outputs``) unless its encoder states or FFN activations are; ``cached_student_encoder=False``
+        runs the student's encoder whatever (the selection probes capture the inputs of its layers).
 
         Returns:
             (student outputs, teacher outputs, representations) where representations[who][side] lists, per

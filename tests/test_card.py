@@ -5,7 +5,6 @@ from __future__ import annotations
 import getpass
 import os
 import re
-import struct
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -14,7 +13,7 @@ import pytest
 import soundfile as sf
 from huggingface_hub import ModelCard
 
-from hf_whisper_kdq.card import build_model_card, plot_plan, plot_size_vs_error, write_model_card
+from hf_whisper_kdq.card import build_model_card, write_model_card
 from hf_whisper_kdq.evaluation import EvaluationReport
 from hf_whisper_kdq.selection import KDQPlan, UnitPlan
 
@@ -165,27 +164,6 @@ def test_training_arguments_show_hyperparameters_only(tmp_path):
     assert "| `learning_rate` | 2e-05 |" in text and "| `size_budget_ratio` | 0.2 |" in text
     assert "| `num_distill_layers` | 3 |" in text and "| `quant_granularity` | per_group |" in text
     assert "output_dir" not in text and "hub_token" not in text and FAKE_TOKEN not in text
-
-
-def png_size(path: Path) -> tuple[int, int]:
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    return struct.unpack(">II", data[16:24])
-
-
-def test_figures_are_small_pngs(tmp_path):
-    width, height = png_size(plot_plan(make_plan(), tmp_path / "plan.png"))
-    assert 400 < width < 2000 and 200 < height < 1000
-    assert (tmp_path / "plan.png").stat().st_size < 200_000
-    rows = [{"method": "Whisper-KDQ", "size_mb": 46.5, "error_rate": 0.071},
-            {"method": "whisper-base", "size_bytes": 145e6, "wer": 0.083}, {"method": "teacher", "size_mb": 483,
-             "error_rate": 5.1, "percent": True}]  # fmt: skip
-    png_size(plot_size_vs_error(rows, tmp_path / "sub" / "size.png", title="LibriSpeech"))
-    assert (tmp_path / "sub" / "size.png").stat().st_size < 200_000
-    # several rows of one method make one curve; labels name the points; a log axis for collapsed models
-    curve = [{"method": "naive PTQ", "label": f"int{b}", "size_mb": s, "error_rate": e}
-             for b, s, e in ((8, 101.3, 0.178), (4, 81.9, 0.203), (3, 76.4, 2.541))]  # fmt: skip
-    png_size(plot_size_vs_error(rows + curve, tmp_path / "curves.png", log_error=True))
 
 
 # ---- the usage snippets run, against a local Hub cache (offline) -------------------------------------------------
