@@ -44,7 +44,7 @@ _HINTS = {
 }
 
 
-# ---- what may reach the Hub: no token, no local path (cards, figures, commit messages) ----------------------------
+# ---- what may reach the Hub: no token, no local path (the card, its figures) ------------------------------------
 _TOKEN = re.compile(r"\b(?:hf|api_org)_[A-Za-z0-9]{16,}")
 _ABS_PATH = re.compile(r"(?<![\w.:/\\-])(?:~|[A-Za-z]:)?[/\\](?:[^\s/\\|`'\"()\[\]<>]+[/\\])+([^\s/\\|`'\"()\[\]<>]+)")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(?:/[\w.-]{1,96})?$")
