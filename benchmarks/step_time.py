@@ -61,6 +61,7 @@ class Workload:
     label_tokens: int = 24
     steps: int = 5
     warmup: int = 1
+    quant_targets: str = "decoder"  # of the KDQ runs, at int4
     bf16: bool = False
     use_cpu: bool = not torch.cuda.is_available()
 
@@ -146,7 +147,7 @@ def run(kind: str, teacher: WhisperForConditionalGeneration, work: Workload, ext
             trainer = Seq2SeqTrainer(model=student, args=Seq2SeqTrainingArguments(**common), train_dataset=data,
                                      data_collator=collate, callbacks=[timer, *extra_callbacks])  # fmt: skip
         else:
-            args = DistillQuantArguments(**common, freeze_encoder=kind != "kdq", quant_targets="decoder",
+            args = DistillQuantArguments(**common, freeze_encoder=kind != "kdq", quant_targets=work.quant_targets,
                                          quant_bit_choices="4", num_distill_layers=work.decoder_layers,
                                          selection_probe_batches=1, cache_encoder_outputs=cached,
                                          cache_teacher_outputs=cached, encoder_cache_dir=f"{scratch}/cache")  # fmt: skip
@@ -212,13 +213,15 @@ def main(argv=None) -> None:
     parser.add_argument("--label_tokens", type=int, default=24, help="text tokens per label row")
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them (kernel choice, allocation)")
+    parser.add_argument("--quant_targets", default="decoder",
+                        help="what the KDQ runs quantize at int4 (e.g. decoder,embedding, as compress does)")
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPUs and recent CPUs)")
     parser.add_argument("--cached", action="store_true",
                         help="also time kdq_shared with the frozen-output caches filled (see above)")
     parser.add_argument("--json", help="also write the results to this file")
     cli = parser.parse_args(argv)
     work = Workload(decoder_layers=cli.decoder_layers, batch_size=cli.batch_size, label_tokens=cli.label_tokens,
-                    steps=cli.steps, warmup=cli.warmup, bf16=cli.bf16)  # fmt: skip
+                    steps=cli.steps, warmup=cli.warmup, quant_targets=cli.quant_targets, bf16=cli.bf16)  # fmt: skip
     result = compare(random_teacher(cli.teacher), work, cached=cli.cached)
     device = device_name(work)
     print(f"\n{cli.teacher} teacher → {cli.decoder_layers}-decoder-layer student, batch {cli.batch_size}, {device}")
