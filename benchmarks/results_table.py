@@ -541,7 +541,7 @@ def training_arguments(row: dict, student, output_dir: Path, *, steps: int, batc
         # clipping frozen too): a row that quantizes the encoder trains it, as the method does.
         argv += ["--freeze_encoder", "false"]
     if row["guided"]:
-        # Re-planning late undid training on the GPU (loss 0.63 → 2.38 after the re-plan at step 250 of 500):
+        # Re-planning late undid training on the GPU (loss 0.57 → 2.38 after the re-plan at step 250 of 500):
         # the second half keeps the plan of the first.
         argv += ["--layer_matching", "dynamic_monotone", "--selection_interval", str(max(1, steps // 4)),
                  "--selection_until", "0.5"]  # fmt: skip
