@@ -75,6 +75,8 @@ class _OutputCache:
     """Per-row entries (a dict of tensors) of one frozen model, in ``folder/<fingerprint[:16]>/``."""
 
     def __init__(self, folder: str | os.PathLike | CacheFolder, model: torch.nn.Module, max_bytes: int | None = None):
+        if not isinstance(folder, CacheFolder) and max_bytes is None:
+            raise TypeError("give max_bytes (the folder's size bound) with a folder path, or a shared CacheFolder")
         self.fingerprint, self.state = module_fingerprint(model), module_state(model)
         self.store = folder if isinstance(folder, CacheFolder) else CacheFolder(folder, max_bytes)
         self.root = self.store.root
