@@ -169,12 +169,10 @@ def run(kind: str, teacher: WhisperForConditionalGeneration, work: Workload, ext
 def ratios(runs: dict[str, dict]) -> dict[str, float]:
     """Step-time ratios of the comparison (> 1: the first is slower)."""
     step = {kind: result["median_step_s"] for kind, result in runs.items()}
-    return {
-        "kdq/plain": step["kdq"] / step["plain"],
-        "kdq_shared/plain": step["kdq_shared"] / step["plain"],
-        "kdq_shared/plain_frozen": step["kdq_shared"] / step["plain_frozen"],
-        "kdq_shared/kdq": step["kdq_shared"] / step["kdq"],
-    }
+    pairs = [("kdq", "plain"), ("kdq_shared", "plain"), ("kdq_shared", "plain_frozen"), ("kdq_shared", "kdq")]
+    if "kdq_cached" in step:
+        pairs += [("kdq_cached", "kdq_shared"), ("kdq_cached", "plain_frozen")]
+    return {f"{a}/{b}": step[a] / step[b] for a, b in pairs}
 
 
 def compare(teacher: WhisperForConditionalGeneration, work: Workload, cached: bool = False) -> dict:
@@ -186,11 +184,7 @@ def compare(teacher: WhisperForConditionalGeneration, work: Workload, cached: bo
         memory = runs[kind]["peak_memory_bytes"]
         print(f"{kind:<13} median step {runs[kind]['median_step_s'] * 1000:8.1f} ms over {runs[kind]['timed_steps']} "
               f"steps" + ("" if memory is None else f", peak GPU memory {memory / 2**30:.2f} GiB"), flush=True)
-    values = ratios(runs)
-    if cached:
-        values["kdq_cached/kdq_shared"] = runs["kdq_cached"]["median_step_s"] / runs["kdq_shared"]["median_step_s"]
-        values["kdq_cached/plain_frozen"] = runs["kdq_cached"]["median_step_s"] / runs["plain_frozen"]["median_step_s"]
-    return {"runs": runs, "ratios": values}
+    return {"runs": runs, "ratios": ratios(runs)}
 
 
 def device_name(work: Workload) -> str:

@@ -88,7 +88,8 @@ class LayerSelectionCallback(TrainerCallback, ExportableState):
 
     def on_step_end(self, args, state, control, **kwargs):
         interval, step = args.selection_interval, state.global_step
-        if interval and step % interval == 0 and step < min(state.max_steps, args.selection_until * state.max_steps):
+        # selection_until ≤ 1: never at the last step, whose plan no step would use.
+        if interval and step % interval == 0 and step < args.selection_until * state.max_steps:
             self.select(step=step)
 
     def on_save(self, args, state, control, **kwargs):
