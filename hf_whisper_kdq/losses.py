@@ -58,6 +58,69 @@ def cross_entropy_loss(
     return _normalize(total, labels.ne(IGNORE_INDEX).sum(), num_items_in_batch)
 
 
+class _SoftenedKL(torch.autograd.Function):
+    """``sum_rows KL(softmax(t / T) ‖ softmax(s / T))`` over ``runs`` (``[start, end)`` row ranges) of ``[N, V]``
+    logits, with the
+    gradient ``(softmax(s / T) - softmax(t / T)) / T`` computed in the same pass.
+
+    Written out rather than composed from log_softmax/kl_div because autograd over the composition keeps four
+    ``[N, V]`` intermediates and copies the selected rows twice: for whisper's 51,865-way vocabulary at batch 8
+    (416 rows) forward + backward took 0.40 s on 2 CPU threads against 0.10 s here, walking the rows in chunks
+    that stay in the CPU's cache.
+    """
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, runs: list[tuple[int, int]], temperature: float):
+        chunk = max(1, (_KL_CHUNK_ELEMENTS if student.device.type == "cpu" else 2**27) // student.shape[-1])
+        grad = torch.empty_like(student, dtype=torch.float32) if ctx.needs_input_grad[0] else None
+        total = student.new_zeros((), dtype=torch.float32)
+        done = 0  # rows before it are either computed or zeroed in grad
+        for run_start, run_end in runs:
+            if grad is not None:
+                grad[done:run_start] = 0  # padding rows get no gradient
+            for start in range(run_start, run_end, chunk):
+                end = min(start + chunk, run_end)
+                student_log_probs = F.log_softmax(_soften(student[start:end], temperature), dim=-1)
+                teacher_log_probs = F.log_softmax(_soften(teacher[start:end], temperature), dim=-1)
+                teacher_probs = teacher_log_probs.exp()
+                total += (teacher_probs * (teacher_log_probs - student_log_probs)).sum()
+                if grad is not None:
+                    torch.sub(student_log_probs.exp_(), teacher_probs, out=grad[start:end])
+                    if temperature != 1.0:
+                        grad[start:end].div_(temperature)
+            done = run_end
+        if grad is not None:
+            grad[done:] = 0
+        ctx.save_for_backward(grad)
+        ctx.student_dtype = student.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_total).to(ctx.student_dtype), None, None, None
+
+
+def _soften(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges of consecutive True entries of a 1-D bool mask (each row's label positions)."""
+    positions = mask.nonzero().squeeze(1)
+    if len(positions) == 0:
+        return []
+    breaks = ((positions[1:] - positions[:-1]) != 1).nonzero().squeeze(1) + 1
+    starts = torch.cat([positions[:1], positions[breaks]]).tolist()
+    ends = torch.cat([positions[breaks - 1] + 1, positions[-1:] + 1]).tolist()
+    return list(zip(starts, ends))
+
+
+# Elements of a CPU chunk of _SoftenedKL: ~40 rows of whisper's vocabulary, 8 MB of float32 (32–64 rows measured best).
+_KL_CHUNK_ELEMENTS = 2**21
+
+
 def logit_distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -72,7 +135,8 @@ def logit_distillation_loss(
 
     Args:
         student_logits: [B, T, V].
-        teacher_logits: [B, T, V], same vocabulary (the trainer checks the tokenizers match).
+        teacher_logits: [B, T, V], same vocabulary (the trainer checks the tokenizers match); no gradient flows
+            to them.
         labels: [B, T]; positions with ``-100`` (padding) contribute nothing.
         temperature: softening temperature, > 0.
         num_items_in_batch: as in :func:`cross_entropy_loss`.
@@ -83,9 +147,9 @@ def logit_distillation_loss(
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} != teacher logits {tuple(teacher_logits.shape)}")
     mask = labels.ne(IGNORE_INDEX)
-    student_log_probs = F.log_softmax(student_logits[mask].float() / temperature, dim=-1)
-    teacher_log_probs = F.log_softmax(teacher_logits[mask].float() / temperature, dim=-1)
-    kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="sum")
+    kl = _SoftenedKL.apply(
+        student_logits.flatten(0, 1), teacher_logits.flatten(0, 1).detach(), _runs(mask.flatten()), float(temperature)
+    )
     return _normalize(kl * temperature**2, mask.sum(), num_items_in_batch)
 
 

@@ -93,6 +93,29 @@ def test_kd_gradient_reaches_the_student_only():
     assert student.grad[masked].abs().sum() == 0
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kd_gradient_equals_autograd_over_the_formula(temperature):
+    student, labels = _batch(seed=11)
+    teacher, _ = _batch(seed=12)
+    mask = labels.ne(IGNORE_INDEX)
+    assert not bool(mask.all())
+    fast = student.clone().requires_grad_(True)
+    reference = student.clone().requires_grad_(True)
+    logit_distillation_loss(fast, teacher, labels, temperature=temperature, num_items_in_batch=7).backward()
+    p = F.softmax(teacher[mask] / temperature, dim=-1)
+    kl = (p * (p.log() - F.log_softmax(reference[mask] / temperature, dim=-1))).sum()
+    (kl * temperature**2 / 7).backward()
+    torch.testing.assert_close(fast.grad, reference.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_kd_of_bf16_logits_gives_a_bf16_gradient():
+    student, labels = _batch(seed=13)
+    teacher, _ = _batch(seed=14)
+    student = student.bfloat16().requires_grad_(True)
+    logit_distillation_loss(student, teacher.bfloat16(), labels).backward()
+    assert student.grad.dtype == torch.bfloat16 and float(student.grad.float().abs().sum()) > 0
+
+
 # ---- cross-entropy and normalization --------------------------------------------------------------------
 
 

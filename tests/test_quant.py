@@ -145,6 +145,73 @@ def test_learnable_clip_gets_gradient_and_matches_quantize_weight(granularity):
     assert torch.equal(fake.detach(), quantize_weight(weight, spec, clip).dequantize())
 
 
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _composite_fake_quantize(weight, spec, clip):
+    """The quantizer written as plain autograd over div/clamp/round/mul, the way the module docstring states it:
+    the reference for `fake_quantize`'s hand-written backward."""
+    from hf_whisper_kdq.quant.fake_quant import _grouped_scale
+
+    grouped, scale = _grouped_scale(weight, spec, clip, "<reference>")
+    codes = _RoundSTE.apply(torch.clamp(grouped / scale, spec.qmin, spec.qmax))
+    return (codes * scale).reshape(weight.shape)
+
+
+@pytest.mark.parametrize("granularity", list(GRANULARITY_SPECS))
+def test_fused_backward_equals_autograd_over_the_formula(granularity):
+    spec = QuantSpec(4, learnable_clipping=True, **GRANULARITY_SPECS[granularity])
+    grads = []
+    for quantizer in (fake_quantize, _composite_fake_quantize):
+        weight = _weight().requires_grad_(True)
+        generator = torch.Generator().manual_seed(3)
+        clip = (0.5 + 0.5 * torch.rand(spec.scale_shape(weight.shape), generator=generator)).requires_grad_(True)
+        output = quantizer(weight, spec, clip)
+        output.backward(torch.randn(weight.shape, generator=generator))
+        grads.append((output.detach(), weight.grad, clip.grad))
+    (fused_out, fused_weight, fused_clip), (ref_out, ref_weight, ref_clip) = grads
+    assert torch.equal(fused_out, ref_out)
+    # The reference's weight gradient is (grad * scale) / scale, the same up to rounding; the clipped set is equal.
+    torch.testing.assert_close(fused_weight, ref_weight, rtol=1e-6, atol=0)
+    assert torch.equal(fused_weight == 0, ref_weight == 0)
+    assert 0 < int((fused_weight == 0).sum()) < fused_weight.numel()  # some elements clipped, some not
+    torch.testing.assert_close(fused_clip, ref_clip, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", ["int4-g16-clip", "int3-clip", "int4-g16", "int8-per_tensor-clip"])
+def test_embedding_quantizes_looked_up_rows_like_the_whole_table(spec):
+    ids = torch.tensor([[3, 1, 3, 0, 0], [5, 3, 2, 0, 0]])  # repeated tokens and padding (0)
+    grads = {}
+    for path in ("rows", "table"):
+        embedding = FakeQuantEmbedding.from_float(nn.Embedding(8, 64, padding_idx=0), name="embed")
+        with torch.no_grad():
+            embedding.weight.copy_(_weight(8, 64))
+        embedding.set_quant_spec(spec)
+        if embedding.weight_clip is not None:
+            with torch.no_grad():
+                embedding.weight_clip.uniform_(0.5, 1.0, generator=torch.Generator().manual_seed(0))
+        if path == "rows":
+            output = embedding(ids)
+        else:  # the whole table, quantized then looked up
+            table = fake_quantize(embedding.weight, embedding.quant_spec, embedding.weight_clip)
+            output = nn.functional.embedding(ids, table, padding_idx=0)
+        output.backward(torch.randn(output.shape, generator=torch.Generator().manual_seed(1)))
+        grads[path] = (output.detach(), embedding.weight.grad, embedding.weight_clip)
+    (rows_out, rows_weight, rows_clip), (table_out, table_weight, table_clip) = grads["rows"], grads["table"]
+    assert torch.equal(rows_out, table_out)
+    torch.testing.assert_close(rows_weight, table_weight, rtol=1e-6, atol=0)
+    assert float(rows_weight[0].abs().sum()) == 0 and float(rows_weight[3].abs().sum()) > 0  # padding row: no gradient
+    if rows_clip is not None:
+        torch.testing.assert_close(rows_clip.grad, table_clip.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_weight_bytes_and_nbytes_packed():
     int4_g32 = QuantSpec.parse("int4-g32")
     assert weight_bytes((64, 64), int4_g32) == 64 * 64 // 2 + 64 * 2 * 2

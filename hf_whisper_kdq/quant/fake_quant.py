@@ -1,7 +1,7 @@
 """Quantizer math: symmetric integer fake quantization with a straight-through estimator and LSQ-style
 learnable clipping, and the real quantization (`quantize_weight`) that convert/export use.
 
-One function, `_codes_and_scale`, computes the integer codes and the scales for both paths, so
+The same two functions (`_grouped_scale`, `_unrounded_codes`) compute the scales and codes for both paths, so
 ``fake_quantize(w, spec, clip)`` and ``quantize_weight(w, spec, clip).dequantize()`` are bit-identical:
 what was trained is exactly what gets exported.
 
@@ -35,19 +35,6 @@ from .spec import SCALE_BYTES, QuantSpec
 CLIP_MIN = 1e-2
 _FP16_MAX = 65504.0
 _FP16_TINY = 2.0**-24  # smallest positive (subnormal) fp16
-
-
-class _RoundSTE(torch.autograd.Function):
-    """``torch.round`` forward, identity backward; a Function rather than ``x + (round(x) - x).detach()``
-    so that the forward value is exactly ``round(x)``."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return grad
 
 
 class _ScaleToFP16(torch.autograd.Function):
@@ -92,30 +79,29 @@ class _ClipRatio(torch.autograd.Function):
         return grad.masked_fill(outward, 0.0), None
 
 
-def _codes_and_scale(
-    weight: Tensor, spec: QuantSpec, clip: Optional[Tensor], layer: str
-) -> tuple[Tensor, Tensor]:
-    """The shared core of fake and real quantization.
+def _grouped_scale(weight: Tensor, spec: QuantSpec, clip: Optional[Tensor], layer: str) -> tuple[Tensor, Tensor]:
+    """The shared front of fake and real quantization.
 
     Args:
         weight: ``[rows, cols]``, any float dtype (computed in float32).
         clip: ``spec.scale_shape(weight.shape)`` ratios, or None for ``clip = 1``.
 
     Returns:
-        codes: ``[rows, G, cols // G]`` float32 holding integers in ``[-qmax, qmax]``; differentiable
-            (STE) with respect to ``weight`` and ``clip``.
-        scale: ``[rows, G, 1]`` (``[1, 1, 1]`` for per_tensor) float32, fp16-representable values.
+        grouped: ``weight`` as float32 ``[rows, G, cols // G]`` (a view when it already is float32).
+        scale: ``[rows, G, 1]`` (``[1, 1, 1]`` for per_tensor) float32, fp16-representable values;
+            differentiable (LSQ) with respect to ``clip``.
     """
     spec.check_shape(weight.shape, layer)
     rows, cols = weight.shape
     groups = spec.num_groups(weight.shape)
-    w = weight.float().reshape(rows, groups, cols // groups)
-    magnitude = w.detach().abs()
+    grouped = weight.float().reshape(rows, groups, cols // groups)
     if spec.granularity == "per_tensor":
-        amax = magnitude.amax().reshape(1, 1, 1)
-        per_scale = w.numel()
+        amax = grouped.detach().abs().amax().reshape(1, 1, 1)
+        per_scale = grouped.numel()
     else:
-        amax = magnitude.amax(dim=-1, keepdim=True)
+        # One pass without a temporary |w|: this runs over the 26 M-entry embedding at every training step.
+        low, high = torch.aminmax(grouped.detach(), dim=-1, keepdim=True)
+        amax = torch.maximum(high, -low)
         per_scale = cols // groups
     if clip is not None:
         expected = spec.scale_shape(weight.shape)
@@ -123,9 +109,46 @@ def _codes_and_scale(
             raise ValueError(f"{layer}: clip must have shape {list(expected)} for {spec}, got {list(clip.shape)}")
         ratio = _ClipRatio.apply(clip.float(), 1.0 / math.sqrt(per_scale * spec.qmax))
         amax = amax * ratio.reshape(amax.shape)
-    scale = _ScaleToFP16.apply(amax / spec.qmax)
-    codes = _RoundSTE.apply(torch.clamp(w / scale, spec.qmin, spec.qmax))
-    return codes, scale
+    return grouped, _ScaleToFP16.apply(amax / spec.qmax)
+
+
+def _unrounded_codes(grouped: Tensor, scale: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """``clamp(w / scale)`` (a new tensor, to be rounded in place) and the mask of the elements the clamp left
+    alone: the one place the codes are computed, so that fake and real quantization cannot drift apart."""
+    ratio = torch.div(grouped, scale)
+    clamped = ratio.clamp(spec.qmin, spec.qmax)
+    return clamped, clamped == ratio
+
+
+class _FakeQuantize(torch.autograd.Function):
+    """``round(clamp(w / scale)) * scale`` with the straight-through and LSQ gradients of the module docstring.
+
+    One Function instead of autograd over div/clamp/round/mul: it keeps a bool mask instead of every
+    intermediate and computes the scale gradient with two dot products per group; measured on the 26.6 M-entry
+    whisper-base embedding (2 CPU threads, int4 groups of 32, learnable clip), forward + backward took
+    0.25 s instead of 0.46 s.
+    """
+
+    @staticmethod
+    def forward(ctx, grouped: Tensor, scale: Tensor, spec: QuantSpec) -> Tensor:
+        codes, inside = _unrounded_codes(grouped, scale, spec)
+        values = codes.round_().mul_(scale)
+        ctx.save_for_backward(grouped, scale, inside, values)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grouped, scale, inside, values = ctx.saved_tensors
+        grad_weight = grad * inside
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            # d values / d scale = codes - inside * w / scale, summed over each group:
+            # (sum(grad * values) - sum(grad_weight * w)) / scale, as codes = values / scale exactly.
+            dots = torch.linalg.vecdot(grad, values, dim=-1) - torch.linalg.vecdot(grad_weight, grouped, dim=-1)
+            grad_scale = dots.unsqueeze(-1) / scale
+            if grad_scale.shape != scale.shape:  # per_tensor: one scale for every group
+                grad_scale = grad_scale.sum().reshape(scale.shape)
+        return grad_weight, grad_scale, None
 
 
 def fake_quantize(weight: Tensor, spec: QuantSpec, clip: Optional[Tensor] = None, *, layer: str = "<weight>") -> Tensor:
@@ -135,8 +158,8 @@ def fake_quantize(weight: Tensor, spec: QuantSpec, clip: Optional[Tensor] = None
     (``|w| <= clip * max|w|`` of its group) and zero outside; LSQ gradient to ``clip`` (shape
     ``spec.scale_shape(weight.shape)``, ratios in (0, 1]) when given.
     """
-    codes, scale = _codes_and_scale(weight, spec, clip, layer)
-    return (codes * scale).reshape(weight.shape).to(weight.dtype)
+    grouped, scale = _grouped_scale(weight, spec, clip, layer)
+    return _FakeQuantize.apply(grouped, scale, spec).reshape(weight.shape).to(weight.dtype)
 
 
 @dataclass
@@ -184,10 +207,11 @@ def quantize_weight(
     weight: Tensor, spec: QuantSpec, clip: Optional[Tensor] = None, *, layer: str = "<weight>"
 ) -> QuantizedWeight:
     """Real quantization of ``weight`` (``[rows, cols]``); ``.dequantize()`` equals `fake_quantize`."""
-    codes, scale = _codes_and_scale(weight, spec, clip, layer)
+    grouped, scale = _grouped_scale(weight, spec, clip, layer)
+    codes, _ = _unrounded_codes(grouped, scale, spec)
     rows, cols = weight.shape
     return QuantizedWeight(
-        codes=codes.to(torch.int8).reshape(rows, cols),
+        codes=codes.round_().to(torch.int8).reshape(rows, cols),
         scales=scale.reshape(scale.shape[0], scale.shape[1]).contiguous(),
         bits=spec.bits,
         group_size=cols // spec.num_groups(weight.shape),

@@ -247,9 +247,21 @@ class FakeQuantEmbedding(_FakeQuantMixin, nn.Embedding):
         return _adopt(plain, self)
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.embedding(
-            input, self.quantized_weight(), self.padding_idx, None, self.norm_type, self.scale_grad_by_freq, False
-        )
+        spec = self.quant_spec
+        if spec is None or spec.granularity == "per_tensor" or not torch.is_grad_enabled():
+            return self._lookup(input, self.quantized_weight())
+        # Scales are per row (or per group within a row), so quantizing only the rows the batch looks up gives the
+        # same values and gradients as quantizing the whole table: a few hundred rows instead of whisper's 51,865,
+        # which made the embedding's fake quantization ~20% of a cached CPU training step.
+        rows = self._lookup(input, self.weight)
+        clip = self.weight_clip if spec.learnable_clipping else None
+        if clip is not None:
+            clip = self._lookup(input, clip).reshape(-1, clip.shape[-1])  # the clip gets the gradient rows get
+        quantized = fake_quantize(rows.reshape(-1, self.embedding_dim), spec, clip, layer=self.quant_name)
+        return quantized.reshape(rows.shape)
+
+    def _lookup(self, input: Tensor, table: Tensor) -> Tensor:
+        return F.embedding(input, table, self.padding_idx, None, self.norm_type, self.scale_grad_by_freq, False)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._quant_repr()}"
