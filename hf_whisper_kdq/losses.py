@@ -47,14 +47,15 @@ def cross_entropy_loss(
 
     Args:
         logits: [B, T, V] student logits, aligned with ``labels`` (Whisper shifts its decoder inputs, not its
-            labels).
+            labels), or any [..., V] with labels [...] (e.g. packed [N, V] rows of the labelled positions).
         labels: [B, T] token ids, ``-100`` where there is nothing to predict.
         num_items_in_batch: label tokens of the whole accumulated batch; defaults to this batch's count.
 
     Returns:
         Scalar: summed token loss / normalizer.
     """
-    total = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                            reduction="sum")  # fmt: skip
     return _normalize(total, labels.ne(IGNORE_INDEX).sum(), num_items_in_batch)
 
 
@@ -134,8 +135,8 @@ def logit_distillation_loss(
     The ``T²`` factor keeps gradient magnitudes comparable across temperatures (Hinton et al., 2015).
 
     Args:
-        student_logits: [B, T, V].
-        teacher_logits: [B, T, V], same vocabulary (the trainer checks the tokenizers match); no gradient flows
+        student_logits: [B, T, V], or any [..., V] with labels [...] (e.g. packed [N, V] rows).
+        teacher_logits: same shape and vocabulary (the trainer checks the tokenizers match); no gradient flows
             to them.
         labels: [B, T]; positions with ``-100`` (padding) contribute nothing.
         temperature: softening temperature, > 0.
@@ -147,9 +148,9 @@ def logit_distillation_loss(
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} != teacher logits {tuple(teacher_logits.shape)}")
     mask = labels.ne(IGNORE_INDEX)
-    kl = _SoftenedKL.apply(
-        student_logits.flatten(0, 1), teacher_logits.flatten(0, 1).detach(), _runs(mask.flatten()), float(temperature)
-    )
+    vocabulary = student_logits.shape[-1]
+    kl = _SoftenedKL.apply(student_logits.reshape(-1, vocabulary), teacher_logits.reshape(-1, vocabulary).detach(),
+                           _runs(mask.reshape(-1)), float(temperature))  # fmt: skip
     return _normalize(kl * temperature**2, mask.sum(), num_items_in_batch)
 
 

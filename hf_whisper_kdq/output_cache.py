@@ -165,9 +165,12 @@ class TeacherOutputCache(_OutputCache):
 
     @torch.no_grad()
     def forward(self, teacher: torch.nn.Module, features: torch.Tensor, encoder_hidden: torch.Tensor,
-                decoder_input_ids: torch.Tensor, labels: torch.Tensor) -> Seq2SeqLMOutput:  # fmt: skip
+                decoder_input_ids: torch.Tensor, labels: torch.Tensor,
+                logits_at: torch.Tensor | None = None) -> Seq2SeqLMOutput:  # fmt: skip
         """Outputs of ``teacher(encoder_outputs=encoder_hidden, decoder_input_ids=..., output_hidden_states=True)``:
-        ``logits`` [B, T, V] and ``decoder_hidden_states`` (num_layers + 1 tensors [B, T, D])."""
+        ``logits`` [B, T, V] and ``decoder_hidden_states`` (num_layers + 1 tensors [B, T, D]). With ``logits_at``
+        ([B, T] bool, inside the labelled positions), ``logits`` are only those positions' rows, packed ``[N, V]``
+        as the trainer's ``forward_student_and_teacher`` packs them."""
         labelled = labels.ne(IGNORE_INDEX)
         positions = torch.arange(1, labels.shape[1] + 1, device=labels.device)
         lengths = (labelled * positions).amax(dim=1).tolist()  # 1 + the last labelled position; 0 for none
@@ -183,10 +186,17 @@ class TeacherOutputCache(_OutputCache):
                 self._write(paths[i], cached[i])
         batch, length = decoder_input_ids.shape
         first = cached[0]
-        logits = first["logits"].new_zeros(batch, length, first["logits"].shape[-1], device=labels.device)
         hidden = first["decoder_hidden_states"].new_zeros(first["decoder_hidden_states"].shape[0], batch, length,
                                                            first["decoder_hidden_states"].shape[-1], device=labels.device)  # fmt: skip
         for i, (entry, n) in enumerate(zip(cached, lengths)):
-            logits[i, :n] = entry["logits"].to(labels.device)
             hidden[:, i, :n] = entry["decoder_hidden_states"].to(labels.device)
+        if logits_at is not None:
+            if bool((logits_at & ~labelled).any()):
+                raise ValueError("logits_at must select labelled positions only: the cache holds no others")
+            logits = torch.cat([entry["logits"].to(labels.device)[logits_at[i, :n]]
+                                for i, (entry, n) in enumerate(zip(cached, lengths))])  # fmt: skip
+        else:
+            logits = first["logits"].new_zeros(batch, length, first["logits"].shape[-1], device=labels.device)
+            for i, (entry, n) in enumerate(zip(cached, lengths)):
+                logits[i, :n] = entry["logits"].to(labels.device)
         return Seq2SeqLMOutput(logits=logits, decoder_hidden_states=tuple(hidden))

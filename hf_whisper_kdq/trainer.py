@@ -73,6 +73,20 @@ def _tap_ffn(model: nn.Module, side: str):
             handle.remove()
 
 
+@contextmanager
+def _output_layer_at(model: nn.Module, positions: torch.Tensor):
+    """While active, ``model``'s output layer (``proj_out``) runs on the decoder states at ``positions`` ([B, T]
+    bool) only, so its logits are packed ``[N, V]`` rows; ``positions=None`` changes nothing."""
+    if positions is None:
+        yield
+        return
+    handle = model.proj_out.register_forward_pre_hook(lambda module, args: (args[0][positions], *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
     """The newest ``checkpoint-N`` of ``folder`` whose trainer state is whole, or None.
 
@@ -278,13 +292,17 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         return self.encoder_matches_teacher and not self.plan.quantized("encoder")
 
     # ---- forwards ---------------------------------------------------------------------------------
-    def forward_student_and_teacher(self, model, inputs, hidden_sides: tuple[str, ...], *, cached_student_encoder=True):
+    def forward_student_and_teacher(
+        self, model, inputs, hidden_sides: tuple[str, ...], *, cached_student_encoder=True, logits_at=None
+    ):
         """Run teacher (no grad) and student on one batch.
 
         Frozen encoders' outputs come from the encoder cache (``cache_encoder_outputs``) when no hidden state of
         theirs is asked for, and the teacher's logits and decoder hidden states from the teacher cache
         (``cache_teacher_outputs``) unless its encoder states or FFN activations are; ``cached_student_encoder=False``
         runs the student's encoder whatever (the selection probes capture the inputs of its layers).
+        ``logits_at`` ([B, T] bool) computes both models' logits at those decoder positions only: ``logits`` are
+        then packed ``[N, V]`` rows (N = ``logits_at.sum()``, row-major order).
 
         Returns:
             (student outputs, teacher outputs, representations) where representations[who][side] lists, per
@@ -322,17 +340,20 @@ class DistillQuantTrainer(Seq2SeqTrainer):
                 if self.teacher_cache is not None and not want["encoder"] and not ffn:
                     self.teacher_cache = self._new_cache(TeacherOutputCache, self.teacher, self.teacher_cache)
                     teacher_out = self.teacher_cache.forward(
-                        self.teacher, features, teacher_encoder.last_hidden_state, decoder_input_ids, labels
-                    )
+                        self.teacher, features, teacher_encoder.last_hidden_state, decoder_input_ids, labels,
+                        logits_at=logits_at,
+                    )  # fmt: skip
                 else:
-                    teacher_out = self.teacher(
-                        encoder_outputs=teacher_encoder,
-                        decoder_input_ids=decoder_input_ids,
-                        output_hidden_states=want["decoder"] and not ffn,
-                    )
+                    with _output_layer_at(self.teacher, logits_at):
+                        teacher_out = self.teacher(
+                            encoder_outputs=teacher_encoder,
+                            decoder_input_ids=decoder_input_ids,
+                            output_hidden_states=want["decoder"] and not ffn,
+                        )
                 if cache_student:
                     student_hidden = self._frozen_encoder_cache(student_encoder).encode(student_encoder, features)
             student_kwargs = dict(decoder_input_ids=decoder_input_ids, output_hidden_states=any(want.values()) and not ffn)
+            taps.enter_context(_output_layer_at(unwrapped, logits_at))
             if self.shares_encoder:
                 student_out = model(encoder_outputs=(teacher_encoder.last_hidden_state,), **student_kwargs)
             elif cache_student:
@@ -364,7 +385,14 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         labels = inputs["labels"]
         args = self.args
         sides = tuple(side for side in self.distill_sides if self.plan.distilled_pairs(side))
-        student_out, teacher_out, reps = self.forward_student_and_teacher(model, inputs, sides)
+        labelled = labels.ne(IGNORE_INDEX)
+        # Logits nobody outside the losses reads are computed where a label is: padding is ~40% of the positions
+        # of a batch of mixed-length utterances, and each position costs a 51,865-way output layer forward and
+        # backward. Evaluation (return_outputs) gets the full [B, T, V] logits it passes on to metrics.
+        student_out, teacher_out, reps = self.forward_student_and_teacher(
+            model, inputs, sides, logits_at=None if return_outputs else labelled
+        )
+        scored = labels if return_outputs else labels[labelled]
 
         # With num_items_in_batch, every term is normalized by the accumulated (and gathered) batch, and the
         # sum is multiplied by the number of processes because DDP averages gradients across them.
@@ -375,15 +403,15 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         steps = self.current_gradient_accumulation_steps if accumulated and model.training else 1
 
         terms = {
-            "ce": cross_entropy_loss(student_out.logits, labels, num_items_in_batch),
+            "ce": cross_entropy_loss(student_out.logits, scored, num_items_in_batch),
             "kd": logit_distillation_loss(
-                student_out.logits, teacher_out.logits, labels, temperature=args.kd_temperature,
+                student_out.logits, teacher_out.logits, scored, temperature=args.kd_temperature,
                 num_items_in_batch=num_items_in_batch,
             ),  # fmt: skip
         }
         hidden = student_out.logits.new_zeros(())
         for side in sides:
-            mask = labels.ne(IGNORE_INDEX) if side == "decoder" else None
+            mask = labelled if side == "decoder" else None
             if side == "decoder":
                 normalizer = num_items_in_batch
             else:  # encoder frames of the whole accumulated batch

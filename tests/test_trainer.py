@@ -716,12 +716,14 @@ def test_teacher_cache_entries_fit_any_padding_and_are_keyed_by_the_labels(tmp_p
         got = cache.forward(teacher, features, hidden, ids, batch["labels"])
         labelled = batch["labels"].ne(IGNORE_INDEX)
         torch.testing.assert_close(got.logits[labelled], expected.logits[labelled])
+        packed = cache.forward(teacher, features, hidden, ids, batch["labels"], logits_at=labelled)
+        torch.testing.assert_close(packed.logits, expected.logits[labelled])
         for a, b in zip(got.decoder_hidden_states, expected.decoder_hidden_states, strict=True):
             torch.testing.assert_close(a[labelled], b[labelled])
 
     outputs(short)  # written in a batch padded to 3 tokens
     outputs(short + long)  # read back in a batch padded to 9
-    assert (cache.misses, cache.hits) == (3, 2)
+    assert (cache.misses, cache.hits) == (3, 2 + 5)
     relabelled = [{**short[0], "labels": list(reversed(short[0]["labels"]))}]
     outputs(relabelled)  # same audio, other transcript: another entry
     assert cache.misses == 4
@@ -731,6 +733,36 @@ def test_teacher_cache_entries_fit_any_padding_and_are_keyed_by_the_labels(tmp_p
         hidden = teacher.get_encoder()(batch["input_features"]).last_hidden_state
         cache.forward(teacher, batch["input_features"], hidden, ids, batch["labels"])
     assert cache.misses == 5
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["teacher_runs", "teacher_cached"])
+def test_training_losses_computed_on_labelled_logits_only_equal_the_full_logits(tmp_path, pair, cached):
+    """A training step computes both models' logits at the labelled positions only (packed rows); the loss and its
+    gradients equal those from full [B, T, V] logits (what evaluation, ``return_outputs=True``, computes)."""
+    student, teacher = pair
+    args = _args(tmp_path, max_steps=1, quant_targets="decoder", num_distill_layers=1, kd_temperature=2.0,
+                 cache_encoder_outputs=cached, cache_teacher_outputs=cached, encoder_cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    rows = make_micro_rows(4, seed=9, min_tokens=2, max_tokens=9)
+    trainer = _trainer(student, teacher, args, rows)
+    trainer.train()  # selection: a plan with a distilled decoder layer, as training computes the hidden term too
+    batch = trainer._prepare_inputs(micro_collate(rows))
+    assert bool(batch["labels"].eq(IGNORE_INDEX).any())  # padding to skip
+    results = []
+    for return_outputs in (False, True):
+        student.zero_grad()
+        loss = trainer.compute_loss(trainer.model, batch, return_outputs=return_outputs, num_items_in_batch=13)
+        loss = loss[0] if return_outputs else loss
+        loss.backward()
+        terms = {name: values[-1] for name, values in trainer._logged_terms["train"].items()}
+        results.append((loss.detach(), terms, {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}))
+    (packed_loss, packed_terms, packed_grads), (full_loss, full_terms, full_grads) = results
+    assert float(packed_terms["hidden"]) > 0 and float(packed_terms["kd"]) > 0
+    torch.testing.assert_close(packed_loss, full_loss)
+    for name in full_terms:
+        torch.testing.assert_close(packed_terms[name], full_terms[name], msg=name)
+    assert packed_grads.keys() == full_grads.keys() and len(full_grads) > 0
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, msg=name)
 
 
 def test_encoder_cache_is_keyed_by_model_and_bounded(tmp_path, micro_whisper):
