@@ -167,19 +167,18 @@ def run(kind: str, teacher: WhisperForConditionalGeneration, work: Workload, ext
 
 
 def ratios(runs: dict[str, dict]) -> dict[str, float]:
-    """Step-time ratios of the comparison (> 1: the first is slower)."""
+    """Step-time ratios of the comparison (> 1: the first is slower), for the pairs whose runs are there."""
     step = {kind: result["median_step_s"] for kind, result in runs.items()}
-    pairs = [("kdq", "plain"), ("kdq_shared", "plain"), ("kdq_shared", "plain_frozen"), ("kdq_shared", "kdq")]
-    if "kdq_cached" in step:
-        pairs += [("kdq_cached", "kdq_shared"), ("kdq_cached", "plain_frozen")]
-    return {f"{a}/{b}": step[a] / step[b] for a, b in pairs}
+    pairs = [("kdq", "plain"), ("kdq_shared", "plain"), ("kdq_shared", "plain_frozen"), ("kdq_shared", "kdq"),
+             ("kdq_cached", "kdq_shared"), ("kdq_cached", "plain_frozen")]  # fmt: skip
+    return {f"{a}/{b}": step[a] / step[b] for a, b in pairs if a in step and b in step}
 
 
-def compare(teacher: WhisperForConditionalGeneration, work: Workload, cached: bool = False) -> dict:
-    """Every kind of KINDS (and ``kdq_cached``) on the same student and batches: {"runs": {kind: run(...)},
-    "ratios": ratios(...)}."""
+def compare(teacher: WhisperForConditionalGeneration, work: Workload, cached: bool = False, kinds=None) -> dict:
+    """Every kind of KINDS (and ``kdq_cached``), or only ``kinds``, on the same student and batches:
+    {"runs": {kind: run(...)}, "ratios": ratios(...)}."""
     runs = {}
-    for kind in (*KINDS, "kdq_cached") if cached else KINDS:
+    for kind in kinds or ((*KINDS, "kdq_cached") if cached else KINDS):
         runs[kind] = run(kind, teacher, work)
         memory = runs[kind]["peak_memory_bytes"]
         print(f"{kind:<13} median step {runs[kind]['median_step_s'] * 1000:8.1f} ms over {runs[kind]['timed_steps']} "
@@ -212,11 +211,16 @@ def main(argv=None) -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPUs and recent CPUs)")
     parser.add_argument("--cached", action="store_true",
                         help="also time kdq_shared with the frozen-output caches filled (see above)")
+    parser.add_argument("--runs", help=f"only these runs, comma-separated from {', '.join((*KINDS, 'kdq_cached'))} "
+                        "(e.g. kdq_cached alone, to follow the cached KDQ step across changes)")
     parser.add_argument("--json", help="also write the results to this file")
     cli = parser.parse_args(argv)
+    kinds = cli.runs.split(",") if cli.runs else None
+    if kinds and not set(kinds) <= {*KINDS, "kdq_cached"}:
+        parser.error(f"--runs: unknown run(s) {sorted(set(kinds) - {*KINDS, 'kdq_cached'})}")
     work = Workload(decoder_layers=cli.decoder_layers, batch_size=cli.batch_size, label_tokens=cli.label_tokens,
                     steps=cli.steps, warmup=cli.warmup, quant_targets=cli.quant_targets, bf16=cli.bf16)  # fmt: skip
-    result = compare(random_teacher(cli.teacher), work, cached=cli.cached)
+    result = compare(random_teacher(cli.teacher), work, cached=cli.cached, kinds=kinds)
     device = device_name(work)
     print(f"\n{cli.teacher} teacher → {cli.decoder_layers}-decoder-layer student, batch {cli.batch_size}, {device}")
     print_ratios(result["ratios"])

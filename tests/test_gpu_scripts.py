@@ -190,6 +190,15 @@ def test_throughput_smoke_reports_ratios_memory_and_resume(throughput):
     assert "aten::" in Path(f"{output}.profile.txt").read_text()  # the operators of one profiled kdq step
 
 
+def test_step_time_runs_only_the_runs_asked_for(tmp_path):
+    output = tmp_path / "step.json"
+    run_script("step_time.py", "--teacher", "micro", "--batch_size", "2", "--steps", "1",
+               "--runs", "kdq_shared,kdq_cached", "--json", str(output))  # fmt: skip
+    report = json.loads(output.read_text())
+    assert list(report["runs"]) == ["kdq_shared", "kdq_cached"]
+    assert list(report["ratios"]) == ["kdq_cached/kdq_shared"] and report["ratios"]["kdq_cached/kdq_shared"] > 0
+
+
 def test_rows_that_quantize_the_encoder_train_it(tmp_path, micro_whisper):
     """compress freezes the encoder by default; a frozen quantized encoder is round-to-nearest, which is not the
     method: the table's rows that quantize the encoder unfreeze it, the others keep it frozen and shared."""
