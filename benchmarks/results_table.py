@@ -193,6 +193,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="keep each row's exported checkpoints under OUTPUT/<row>/ (default: deleted once "
                              "measured)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bf16", action="store_true",
+                        help="train in bf16 CPU autocast (only worth it where the CPU has native bf16: AVX512-BF16 or AMX)")
     args = parser.parse_args(argv)
     if args.list:
         return args
@@ -566,7 +568,7 @@ def run_training(ctx: Context, name: str, row: dict, row_dir: Path, result: dict
     student = build_student(teacher, decoder_layers=row["decoder_layers"])
     training_args = training_arguments(row, student, row_dir / "trainer", steps=args.train_steps,
                                        batch_size=args.train_batch_size, learning_rate=args.learning_rate,
-                                       seed=args.seed)  # fmt: skip
+                                       seed=args.seed, extra=["--bf16", "true", "--use_cpu", "true"] if args.bf16 else [])  # fmt: skip
     with ctx.timer(f"{name}: features and labels"):
         multilingual = bool(teacher.generation_config.is_multilingual)
         features, preparation = prepare_dataset(train, processor, multilingual=multilingual)
@@ -605,7 +607,7 @@ TRAINING_KEYS = {"max_steps", "per_device_train_batch_size", "learning_rate", "w
                   "kd_weight", "hidden_weight", "quant_weight", "kd_temperature", "layer_matching", "quant_bit_choices",
                   "quant_granularity", "quant_group_size", "learnable_clipping", "quant_targets", "size_budget_mb",
                   "num_distill_layers", "selection_interval", "selection_until", "selection_probe_batches",
-                  "freeze_encoder"}  # fmt: skip
+                  "freeze_encoder", "bf16"}  # fmt: skip
 
 
 RUNNERS = {"reference": run_reference, "ptq": run_ptq, "train": run_training}
@@ -688,6 +690,8 @@ def _row_note(r: dict, t: dict) -> str:
     if r.get("training"):
         tr = r["training"]
         note += f"; trained {tr['train_steps']} steps × batch {tr['batch_size']} on {tr['rows']} rows {tr['corpora']}"
+        if tr.get("arguments", {}).get("bf16"):
+            note += " in bf16"
     sizes = r["sizes"]
     if sizes.get("planned_bits"):
         on_disk = "quantized" if sizes.get("embedding_quantized_on_disk") else "fp16"

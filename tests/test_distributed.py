@@ -23,7 +23,9 @@ EXAMPLES = Path(__file__).parents[1] / "examples"
 
 
 def _run(command: list[str], cwd: Path, *, extra_args: dict | None = None, expect_failure: bool = False) -> str:
-    env = dict(os.environ, DS_ACCELERATOR="cpu")  # DeepSpeed's CPU accelerator (gloo without oneCCL)
+    # DS_ACCELERATOR: DeepSpeed's CPU accelerator (gloo without oneCCL). PYTHONFAULTHANDLER: a process killed by a
+    # signal (a rare SIGABRT inside gloo's threads has been seen on loaded machines) prints where its threads were.
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONFAULTHANDLER="1")
     if extra_args:
         env["KDQ_TEST_EXTRA_ARGS"] = json.dumps(extra_args)
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)

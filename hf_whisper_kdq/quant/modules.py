@@ -252,7 +252,7 @@ class FakeQuantEmbedding(_FakeQuantMixin, nn.Embedding):
             return self._lookup(input, self.quantized_weight())
         # Scales are per row (or per group within a row), so quantizing only the rows the batch looks up gives the
         # same values and gradients as quantizing the whole table: a few hundred rows instead of whisper's 51,865,
-        # which made the embedding's fake quantization ~20% of a cached CPU training step.
+        # whose fake quantization (forward and backward) took ~0.45 s of a 2.66 s cached CPU training step.
         rows = self._lookup(input, self.weight)
         clip = self.weight_clip if spec.learnable_clipping else None
         if clip is not None:
