@@ -70,9 +70,10 @@ class _SoftenedKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, runs: list[tuple[int, int]], temperature: float):
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, runs: list[tuple[int, int]], temperature: float,
+                with_gradient: bool):  # fmt: skip
         chunk = max(1, (_KL_CHUNK_ELEMENTS if student.device.type == "cpu" else 2**27) // student.shape[-1])
-        grad = torch.empty_like(student, dtype=torch.float32) if ctx.needs_input_grad[0] else None
+        grad = torch.empty_like(student, dtype=torch.float32) if with_gradient else None
         total = student.new_zeros((), dtype=torch.float32)
         done = 0  # rows before it are either computed or zeroed in grad
         for run_start, run_end in runs:
@@ -98,7 +99,7 @@ class _SoftenedKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_total).to(ctx.student_dtype), None, None, None
+        return (grad * grad_total).to(ctx.student_dtype), None, None, None, None
 
 
 def _soften(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -148,8 +149,10 @@ def logit_distillation_loss(
         raise ValueError(f"student logits {tuple(student_logits.shape)} != teacher logits {tuple(teacher_logits.shape)}")
     mask = labels.ne(IGNORE_INDEX)
     vocabulary = student_logits.shape[-1]
+    # needs_input_grad does not see no_grad (evaluation): the gradient pass is asked for explicitly.
+    with_gradient = torch.is_grad_enabled() and student_logits.requires_grad
     kl = _SoftenedKL.apply(student_logits.reshape(-1, vocabulary), teacher_logits.reshape(-1, vocabulary).detach(),
-                           _runs(mask.reshape(-1)), float(temperature))  # fmt: skip
+                           _runs(mask.reshape(-1)), float(temperature), with_gradient)  # fmt: skip
     return _normalize(kl * temperature**2, mask.sum(), num_items_in_batch)
 
 
