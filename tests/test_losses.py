@@ -93,8 +93,13 @@ def test_kd_gradient_reaches_the_student_only():
     assert student.grad[masked].abs().sum() == 0
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 3], ids=["one_chunk", "chunks_of_3_rows"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_kd_gradient_equals_autograd_over_the_formula(temperature):
+def test_kd_gradient_equals_autograd_over_the_formula(temperature, chunk_rows, monkeypatch):
+    import hf_whisper_kdq.losses as losses
+
+    if chunk_rows:  # runs longer than a chunk, and chunks that end inside a run
+        monkeypatch.setattr(losses, "_KL_CHUNK_ELEMENTS", chunk_rows * _batch(seed=11)[0].shape[-1])
     student, labels = _batch(seed=11)
     teacher, _ = _batch(seed=12)
     mask = labels.ne(IGNORE_INDEX)
