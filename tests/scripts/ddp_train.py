@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for conft
 from conftest import make_micro_rows, make_micro_whisper, micro_collate  # noqa: E402
 
 from hf_whisper_kdq import DistillQuantArguments, DistillQuantTrainer, build_student  # noqa: E402
+from hf_whisper_kdq.cli import _end_distributed  # noqa: E402
 
 
 class PoisonTeacher(TrainerCallback):
@@ -64,9 +65,11 @@ def main(output: str, batch_size: int) -> None:
         weights = {k: v.detach().clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
         torch.save({"losses": losses, "grad_norms": grad_norms, "plan": plan, "weights": weights}, Path(output) / "result.pt")
     # Without an orderly shutdown, a rank that exits while another still writes can abort inside gloo's threads
-    # ("terminate called without an active exception"), seen on a loaded CI machine.
+    # ("terminate called without an active exception"), seen on a loaded CI machine; and even after one, the
+    # interpreter's native teardown sometimes aborts: the CLI's ending (process group closed, then no teardown).
     trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    if trainer.args.world_size > 1:
+        _end_distributed()
 
 
 if __name__ == "__main__":
