@@ -171,7 +171,7 @@ def _end_distributed() -> None:
     """End a process of a torchrun / accelerate launch once its work is done and written.
 
     Its process group is closed first (a process that exits with it open can abort in gloo's threads while another
-    still runs). Even then, about one 2-process CPU run in twenty aborted *after* all Python code had finished
+    still runs). Even then, one 2-process CPU run in 20–45 aborted *after* all Python code had finished
     ("terminate called without an active exception"; faulthandler shows the main thread with no Python frame: the
     interpreter's native teardown), so the launcher reported a failed job whose outputs were complete. The process
     therefore ends without that teardown, after flushing what Python still buffers.
