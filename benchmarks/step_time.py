@@ -48,6 +48,7 @@ SHAPES = {
                   encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=32),
 }  # fmt: skip
 KINDS = ("plain", "plain_frozen", "kdq", "kdq_shared")
+ALL_KINDS = (*KINDS, "kdq_cached")  # kdq_cached only with --cached (or --runs)
 # Multilingual Whisper's special tokens: <|startoftranscript|> <|en|> <|transcribe|> <|notimestamps|>, <|endoftext|>.
 START, PREFIX, END = 50258, (50259, 50359, 50363), 50257
 
@@ -178,7 +179,7 @@ def compare(teacher: WhisperForConditionalGeneration, work: Workload, cached: bo
     """Every kind of KINDS (and ``kdq_cached``), or only ``kinds``, on the same student and batches:
     {"runs": {kind: run(...)}, "ratios": ratios(...)}."""
     runs = {}
-    for kind in kinds or ((*KINDS, "kdq_cached") if cached else KINDS):
+    for kind in kinds or (ALL_KINDS if cached else KINDS):
         runs[kind] = run(kind, teacher, work)
         memory = runs[kind]["peak_memory_bytes"]
         print(f"{kind:<13} median step {runs[kind]['median_step_s'] * 1000:8.1f} ms over {runs[kind]['timed_steps']} "
@@ -211,13 +212,13 @@ def main(argv=None) -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPUs and recent CPUs)")
     parser.add_argument("--cached", action="store_true",
                         help="also time kdq_shared with the frozen-output caches filled (see above)")
-    parser.add_argument("--runs", help=f"only these runs, comma-separated from {', '.join((*KINDS, 'kdq_cached'))} "
+    parser.add_argument("--runs", help=f"only these runs, comma-separated from {', '.join(ALL_KINDS)} "
                         "(e.g. kdq_cached alone, to follow the cached KDQ step across changes)")
     parser.add_argument("--json", help="also write the results to this file")
     cli = parser.parse_args(argv)
     kinds = cli.runs.split(",") if cli.runs else None
-    if kinds and not set(kinds) <= {*KINDS, "kdq_cached"}:
-        parser.error(f"--runs: unknown run(s) {sorted(set(kinds) - {*KINDS, 'kdq_cached'})}")
+    if kinds and not set(kinds) <= set(ALL_KINDS):
+        parser.error(f"--runs: unknown run(s) {sorted(set(kinds) - set(ALL_KINDS))}")
     work = Workload(decoder_layers=cli.decoder_layers, batch_size=cli.batch_size, label_tokens=cli.label_tokens,
                     steps=cli.steps, warmup=cli.warmup, quant_targets=cli.quant_targets, bf16=cli.bf16)  # fmt: skip
     result = compare(random_teacher(cli.teacher), work, cached=cli.cached, kinds=kinds)

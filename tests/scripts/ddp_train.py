@@ -68,8 +68,7 @@ def main(output: str, batch_size: int) -> None:
     # ("terminate called without an active exception"), seen on a loaded CI machine; and even after one, the
     # interpreter's native teardown sometimes aborts: the CLI's ending (process group closed, then no teardown).
     trainer.accelerator.wait_for_everyone()
-    if trainer.args.world_size > 1:
-        _end_distributed()
+    _end_distributed()  # does nothing in a single process (no process group)
 
 
 if __name__ == "__main__":
