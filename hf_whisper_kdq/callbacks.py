@@ -29,13 +29,12 @@ from .selection import (
     KDQPlan,
     UnreachableBudgetError,
     allocate_bits,
-    capture_inputs,
     choose_distillation_layers,
     fixed_bytes,
     fp16_bytes,
     match_layers,
+    measure_quantization_losses,
     plan_shapes,
-    quantization_losses,
     relative_hidden_errors,
     smallest_bytes,
     unit_bytes,
@@ -133,19 +132,17 @@ class LayerSelectionCallback(TrainerCallback, ExportableState):
             set_quant_specs(model, dict.fromkeys(plan.module_specs(), None))
         sides = trainer.distill_sides if args.num_distill_layers else ()
         errors = {side: 0.0 for side in sides}
-        modules = [m for unit in plan.units for m in unit.modules]
         batches = self.probe_batches()
-        with capture_inputs(model, modules) as inputs:
+        with measure_quantization_losses(model, plan, args.bit_choices) as quantization:
             for batch in batches:
                 _, _, reps = trainer.forward_student_and_teacher(model, batch, sides, cached_student_encoder=False)
                 mask = batch["labels"].ne(IGNORE_INDEX)
                 for side in sides:
-                    student = [trainer.adapt(side, i, h) for i, h in enumerate(reps["student"][side])]
                     errors[side] = errors[side] + relative_hidden_errors(
-                        student, reps["teacher"][side], mask if side == "decoder" else None
+                        reps["student"][side], reps["teacher"][side], mask if side == "decoder" else None
                     )
 
-        q = quantization_losses(model, plan, inputs, args.bit_choices)
+        q = quantization.losses()
         for unit in plan.units:
             unit.quant_loss = q[unit.name]
         for side in sides:

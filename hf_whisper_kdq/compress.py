@@ -163,8 +163,7 @@ def _level_in(argv: list[str]) -> str:
 def check_level_reachable(compress: CompressArguments, student, teacher, args: DistillQuantArguments) -> None:
     """Fail in seconds, before the data phase, when the size budget is out of this student's reach."""
     from .callbacks import check_size_budget
-    from .selection import UnreachableBudgetError, fp16_bytes
-    from .trainer import starting_plan
+    from .selection import UnreachableBudgetError, fp16_bytes, starting_plan
 
     try:
         check_size_budget(student, starting_plan(student, teacher, args), args, fp16_bytes(teacher))
@@ -324,6 +323,7 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
             processing_class=processor,
         )  # fmt: skip
         trainer.train()
+    student = trainer.whole_student()  # under FSDP, gathered onto the main process by every process
     if not trainer.is_world_process_zero():
         # Evaluation, exports, the card and the push are the main process's alone (one writer per file).
         logger.info("training done on process %d; the main process evaluates and exports", trainer.args.process_index)

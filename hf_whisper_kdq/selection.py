@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from .config import FLOAT_BITS
-from .quant import QuantSpec, fake_quantize, weight_bytes
+from .quant import QuantSpec, default_quant_targets, fake_quantize, weight_bytes
+from .students import teacher_layer_map
 
 PLAN_FILE = "kdq_plan.json"
 _LAYER = re.compile(r"(?:^|\.)(encoder|decoder)\.layers\.(\d+)\.")
@@ -157,74 +158,94 @@ def initial_plan(
     return KDQPlan(units, granularity, group_size, learnable_clipping)
 
 
+def starting_plan(model: nn.Module, teacher_model: nn.Module, args) -> KDQPlan:
+    """The plan a `DistillQuantTrainer` starts from: ``args.quant_targets`` at the highest integer bit choice,
+    each student layer matched to its teacher layer (`teacher_layer_map`); selection rewrites it at train begin."""
+    targets = args.quant_target_set
+    integer_bits = [b for b in args.bit_choices if b < FLOAT_BITS]
+    try:
+        names = default_quant_targets(
+            model, encoder="encoder" in targets, decoder="decoder" in targets, embedding="embedding" in targets
+        )
+    except ValueError:
+        names = []
+    if "embedding" in targets and names:
+        names.append("proj_out")  # tied to the embedding: one unit, quantized together
+    return initial_plan(
+        names if integer_bits else [],
+        teacher_layer_map(model, teacher_model),
+        bits=max(integer_bits) if integer_bits else FLOAT_BITS,
+        granularity=args.quant_granularity,
+        group_size=args.quant_group_size,
+        learnable_clipping=args.learnable_clipping,
+    )
+
+
 # ---- measurements --------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def quantization_losses(
-    model: nn.Module, plan: KDQPlan, probe_inputs: dict[str, list[torch.Tensor]], bit_choices: tuple[int, ...]
-) -> dict[str, dict[int, float]]:
-    """``q_l(b)`` for every unit and candidate bits: Σ‖X·q(W)ᵀ − X·Wᵀ‖² / Σ‖X·Wᵀ‖² over the unit's linears.
+class measure_quantization_losses:
+    """Context manager measuring ``q_l(b)`` for every unit of ``plan`` and every candidate bits while the probe
+    batches run: Σ‖X·q(W)ᵀ − X·Wᵀ‖² / Σ‖X·Wᵀ‖² over the unit's linears, X their inputs.
 
-    Args:
-        model: the student (fake-quant wrappers allowed; their float ``weight`` is what gets quantized).
-        probe_inputs: module name → list of captured inputs [N, in_features] (see :func:`capture_inputs`);
-            modules without inputs (embedding lookups) are measured through the tied projection.
+    Each linear is measured in a forward hook, inside its own forward: a model sharded by FSDP holds a layer's whole
+    weight only then. ``max_rows`` rows of each call's input are used (evenly strided over its positions), which
+    bounds the work on long encoder sequences while covering every utterance of the probe batches. Units without
+    linears (the embedding lookup) are measured through their tied projection.
+
+    Usage::
+
+        with measure_quantization_losses(model, plan, bit_choices) as measure:
+            ...  # run the probe batches
+        q = measure.losses()  # {unit name: {bits: q_l}}
     """
-    modules = dict(model.named_modules())
-    losses: dict[str, dict[int, float]] = {}
-    for unit in plan.units:
-        numerators = dict.fromkeys(bit_choices, 0.0)
-        denominator = 0.0
-        for name in unit.modules:
-            inputs = probe_inputs.get(name)
-            if not inputs:
-                continue
-            weight = modules[name].weight.float()
-            # Inputs were captured to host memory (capture_inputs): measure where the weight lives.
-            x = torch.cat(inputs).to(weight.device, torch.float32)
+
+    def __init__(self, model: nn.Module, plan: KDQPlan, bit_choices: tuple[int, ...], max_rows: int = 4096):
+        self.model, self.plan, self.bit_choices, self.max_rows = model, plan, bit_choices, max_rows
+        self._numerators: dict[str, dict[int, float]] = defaultdict(lambda: dict.fromkeys(bit_choices, 0.0))
+        self._denominators: dict[str, float] = defaultdict(float)
+        self._handles = []
+
+    def __enter__(self) -> "measure_quantization_losses":
+        modules = dict(self.model.named_modules())
+        for name in (m for unit in self.plan.units for m in unit.modules):
+            if isinstance(modules[name], nn.Linear):
+                self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+        return self
+
+    def _hook(self, name: str):
+        @torch.no_grad()
+        def measure(module, args, output):
+            x = args[0].detach().flatten(0, -2)
+            x = x[:: max(1, math.ceil(x.shape[0] / self.max_rows))].float()
+            weight = module.weight.float()
             reference = x @ weight.T
-            denominator += reference.pow(2).sum().item()
-            for bits in bit_choices:
-                spec = plan.spec(bits)
+            self._denominators[name] += reference.pow(2).sum().item()
+            for bits in self.bit_choices:
+                spec = self.plan.spec(bits)
                 if spec is not None:
                     # Learned clipping is ignored on purpose: sensitivity is a property of the weights.
                     quantized = fake_quantize(weight, spec, None, layer=name)
-                    numerators[bits] += (x @ quantized.T - reference).pow(2).sum().item()
-        losses[unit.name] = {bits: numerators[bits] / max(denominator, 1e-30) for bits in bit_choices}
-    return losses
+                    self._numerators[name][bits] += (x @ quantized.T - reference).pow(2).sum().item()
 
+        return measure
 
-class capture_inputs:
-    """Context manager recording (a bounded sample of) the inputs of the named linears.
-
-    ``max_rows`` rows per module are kept (evenly strided over all positions seen), which bounds memory on
-    long encoder sequences while covering every utterance of the probe batches.
-    """
-
-    def __init__(self, model: nn.Module, names: list[str], max_rows: int = 4096):
-        self.model, self.names, self.max_rows = model, names, max_rows
-        self.inputs: dict[str, list[torch.Tensor]] = defaultdict(list)
-        self._handles = []
-
-    def __enter__(self):
-        modules = dict(self.model.named_modules())
-        for name in self.names:
-            if isinstance(modules[name], nn.Linear):
-                self._handles.append(modules[name].register_forward_hook(self._hook(name)))
-        return self.inputs
-
-    def _hook(self, name):
-        def record(module, args, output):
-            x = args[0].detach().flatten(0, -2)
-            stride = max(1, math.ceil(x.shape[0] / self.max_rows))
-            self.inputs[name].append(x[::stride].float().cpu())
-
-        return record
-
-    def __exit__(self, *exc):
+    def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
+        self._handles.clear()
+
+    def losses(self) -> dict[str, dict[int, float]]:
+        """{unit name: {bits: q_l(bits)}} over what ran inside the context (0 for units that saw no input)."""
+        losses = {}
+        for unit in self.plan.units:
+            denominator = sum(self._denominators.get(name, 0.0) for name in unit.modules)
+            losses[unit.name] = {
+                bits: sum(self._numerators[name][bits] for name in unit.modules if name in self._numerators)
+                / max(denominator, 1e-30)
+                for bits in self.bit_choices
+            }
+        return losses
 
 
 def relative_hidden_errors(student: list[torch.Tensor], teacher: list[torch.Tensor], mask: torch.Tensor | None):

@@ -32,12 +32,13 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .callbacks import LayerSelectionCallback, check_size_budget
-from .config import FLOAT_BITS, DistillQuantArguments
+from .config import DistillQuantArguments
 from .losses import IGNORE_INDEX, cross_entropy_loss, hidden_distillation_loss, logit_distillation_loss, quantization_loss
 from .output_cache import CacheFolder, EncoderOutputCache, TeacherOutputCache
-from .quant import FakeQuantEmbedding, FakeQuantLinear, default_quant_targets, prepare_qat
-from .selection import KDQPlan, fp16_bytes, initial_plan
-from .students import check_same_tokenizer, check_whisper, teacher_layer_map
+from .quant import FakeQuantEmbedding, FakeQuantLinear, prepare_qat
+from .selection import KDQPlan, fp16_bytes, starting_plan
+from .sharding import check_sharding, whole_student
+from .students import check_same_tokenizer, check_whisper
 
 logger = logging.getLogger(__name__)
 
@@ -134,29 +135,6 @@ def _tokens_left_out_of_pickles(args):
             copyreg.dispatch_table[kind] = previous
 
 
-def starting_plan(model: WhisperForConditionalGeneration, teacher_model, args: DistillQuantArguments) -> KDQPlan:
-    """The plan a `DistillQuantTrainer` starts from: ``args.quant_targets`` at the highest integer bit choice,
-    each student layer matched to its teacher layer (`teacher_layer_map`); selection rewrites it at train begin."""
-    targets = args.quant_target_set
-    integer_bits = [b for b in args.bit_choices if b < FLOAT_BITS]
-    try:
-        names = default_quant_targets(
-            model, encoder="encoder" in targets, decoder="decoder" in targets, embedding="embedding" in targets
-        )
-    except ValueError:
-        names = []
-    if "embedding" in targets and names:
-        names.append("proj_out")  # tied to the embedding: one unit, quantized together
-    return initial_plan(
-        names if integer_bits else [],
-        teacher_layer_map(model, teacher_model),
-        bits=max(integer_bits) if integer_bits else FLOAT_BITS,
-        granularity=args.quant_granularity,
-        group_size=args.quant_group_size,
-        learnable_clipping=args.learnable_clipping,
-    )
-
-
 class DistillQuantTrainer(Seq2SeqTrainer):
     """Seq2SeqTrainer + a frozen teacher, fake-quantized student layers and guided layer selection.
 
@@ -199,7 +177,7 @@ class DistillQuantTrainer(Seq2SeqTrainer):
 
         super().__init__(model=model, args=args, **kwargs)
         self.model_accepts_loss_kwargs = True  # so that the Trainer counts num_items_in_batch for us
-        self._check_sharding()
+        check_sharding(self)
         self.teacher = self._prepare_teacher(teacher_model)
         self.encoder_cache = None  # the teacher's encoder outputs (also the student's when it shares that encoder)
         self.teacher_cache = None  # the teacher's logits and decoder hidden states per row
@@ -233,28 +211,14 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         if adapters:
             model.add_module(ADAPTERS_ATTRIBUTE, nn.ModuleDict(adapters))
 
-    def _check_sharding(self) -> None:
-        """Guided selection, fake quantization and export read whole weights outside the forward pass: stages that
-        shard parameters (ZeRO-3, FSDP) would show them one shard per process."""
-        if self.is_fsdp_enabled:
-            raise NotImplementedError(
-                "FSDP shards the student's weights, which the guided selection and fake quantization read whole: "
-                "use DDP (torchrun / accelerate launch --multi_gpu) or DeepSpeed ZeRO-1/2 (examples/deepspeed_zero2.json); "
-                "a Whisper student fits on one GPU"
-            )
-        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            raise NotImplementedError(
-                "DeepSpeed ZeRO-3 shards the student's weights, which the guided selection and fake quantization read "
-                "whole: use ZeRO stage 1 or 2 (examples/deepspeed_zero2.json), which shard optimizer state and gradients"
-            )
-
     def _prepare_teacher(self, teacher: WhisperForConditionalGeneration) -> WhisperForConditionalGeneration:
         student_dtype = next(self.model.parameters()).dtype
         teacher = teacher.to(dtype=student_dtype)
         teacher.requires_grad_(False)
-        if self.is_deepspeed_enabled:
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             # Under ZeRO-1/2 a frozen model needs no engine (TRL gives its reference model a stage-0 engine, which
-            # amounts to this): it is replicated whole on every process, and DeepSpeed never sees it.
+            # amounts to this): it is replicated whole on every process, and DeepSpeed never sees it. FSDP would shard
+            # it, but its encoder and decoder are called apart, outside any FSDP forward: it is replicated too.
             return teacher.to(self.accelerator.device).eval()
         # evaluation_mode: placed on this process's device but never wrapped in DDP.
         teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
@@ -293,7 +257,8 @@ class DistillQuantTrainer(Seq2SeqTrainer):
 
     # ---- forwards ---------------------------------------------------------------------------------
     def forward_student_and_teacher(
-        self, model, inputs, hidden_sides: tuple[str, ...], *, cached_student_encoder=True, logits_at=None
+        self, model, inputs, hidden_sides: tuple[str, ...], *, cached_student_encoder=True, logits_at=None,
+        adapted_layers: dict[str, set[int]] | None = None,
     ):
         """Run teacher (no grad) and student on one batch.
 
@@ -306,7 +271,9 @@ class DistillQuantTrainer(Seq2SeqTrainer):
 
         Returns:
             (student outputs, teacher outputs, representations) where representations[who][side] lists, per
-            layer, the [B, L, D] tensors chosen by ``hidden_representation`` (only for ``hidden_sides``).
+            layer, the [B, L, D] tensors chosen by ``hidden_representation`` (only for ``hidden_sides``). The
+            student's are mapped to the teacher's width by its adapters (`adapt`): every layer's, or those of
+            ``adapted_layers`` ({side: student layer indices}; the others keep the student's width).
         """
         features, labels = inputs["input_features"], inputs["labels"]
         config = self.teacher.config
@@ -324,8 +291,10 @@ class DistillQuantTrainer(Seq2SeqTrainer):
                 if ffn
             }
             student_encoder = unwrapped.get_encoder()
+            # Not under FSDP: the student's encoder is called on its own there, outside the sharded model's forward.
             cache_student = (
                 cached_student_encoder and self.encoder_cache is not None and not self.shares_encoder
+                and not self.is_fsdp_enabled
                 and not want["encoder"] and not any(p.requires_grad for p in student_encoder.parameters())
             )  # fmt: skip
             # The Trainer's autocast lives in accelerate's wrapper of model.forward; the teacher's encoder is
@@ -354,24 +323,35 @@ class DistillQuantTrainer(Seq2SeqTrainer):
                     student_hidden = self._frozen_encoder_cache(student_encoder).encode(student_encoder, features)
             student_kwargs = dict(decoder_input_ids=decoder_input_ids, output_hidden_states=any(want.values()) and not ffn)
             taps.enter_context(_output_layer_at(unwrapped, logits_at))
+            student_states: dict[str, list[torch.Tensor]] = {}
+
+            def collect_student_states(module, args, output):
+                # Adapted inside the student's forward: under FSDP the adapters' weights are whole only then.
+                for side in hidden_sides:
+                    if ffn:
+                        captured = ffn_taps[("student", side)]
+                        states = [captured[i] for i in sorted(captured)]
+                    else:  # hidden_states[0] is the embedding output; [i + 1] is the output of layer i.
+                        states = list(getattr(output, f"{side}_hidden_states")[1:])
+                    chosen = range(len(states)) if adapted_layers is None else adapted_layers.get(side, ())
+                    student_states[side] = [self.adapt(side, i, h) if i in chosen else h for i, h in enumerate(states)]
+
+            if hidden_sides:
+                taps.callback(unwrapped.model.register_forward_hook(collect_student_states).remove)
             if self.shares_encoder:
                 student_out = model(encoder_outputs=(teacher_encoder.last_hidden_state,), **student_kwargs)
             elif cache_student:
                 student_out = model(encoder_outputs=(student_hidden,), **student_kwargs)
             else:
                 student_out = model(input_features=features, **student_kwargs)
-        representations = {"student": {}, "teacher": {}}
+        representations = {"student": student_states, "teacher": {}}
         for side in hidden_sides:
             if ffn:
-                for who in ("student", "teacher"):
-                    captured = ffn_taps[(who, side)]
-                    representations[who][side] = [captured[i] for i in sorted(captured)]
+                captured = ffn_taps[("teacher", side)]
+                representations["teacher"][side] = [captured[i] for i in sorted(captured)]
             else:
-                # hidden_states[0] is the embedding output; [i + 1] is the output of layer i.
                 teacher_states = teacher_encoder.hidden_states if side == "encoder" else teacher_out.decoder_hidden_states
-                student_states = getattr(student_out, f"{side}_hidden_states")
                 representations["teacher"][side] = list(teacher_states[1:])
-                representations["student"][side] = list(student_states[1:])
         return student_out, teacher_out, representations
 
     def adapt(self, side: str, index: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -391,8 +371,9 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         # backward (skipping them made a CPU step on the shared data ~15% faster). Evaluation (return_outputs)
         # gets the full [B, T, V] logits it passes on to metrics.
         student_out, teacher_out, reps = self.forward_student_and_teacher(
-            model, inputs, sides, logits_at=None if return_outputs else labelled
-        )
+            model, inputs, sides, logits_at=None if return_outputs else labelled,
+            adapted_layers={side: {s for s, _ in self.plan.distilled_pairs(side)} for side in sides},
+        )  # fmt: skip
         scored = labels if return_outputs else labels[labelled]
 
         # With num_items_in_batch, every term is normalized by the accumulated (and gathered) batch, and the
@@ -422,7 +403,7 @@ class DistillQuantTrainer(Seq2SeqTrainer):
                 normalizer = frames * rows * processes if accumulated else None
             for student_layer, teacher_layer in self.plan.distilled_pairs(side):
                 hidden = hidden + hidden_distillation_loss(
-                    self.adapt(side, student_layer, reps["student"][side][student_layer]),
+                    reps["student"][side][student_layer],
                     reps["teacher"][side][teacher_layer],
                     mask=mask,
                     normalizer=normalizer,
@@ -470,6 +451,10 @@ class DistillQuantTrainer(Seq2SeqTrainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
         """With ``predict_with_generate``, generate as Seq2SeqTrainer does but report the distillation loss
         (Seq2SeqTrainer would report the student's plain cross-entropy)."""
+        if self.is_fsdp_enabled and "synced_gpus" not in gen_kwargs:
+            # transformers turns synced_gpus on for its own FSDP wrapping, not for accelerate's: without it, a process
+            # that finishes generating first stops joining the others' weight gathers, and they wait forever.
+            gen_kwargs = {**(gen_kwargs or getattr(self, "_gen_kwargs", {})), "synced_gpus": True}
         if not self.args.predict_with_generate or prediction_loss_only:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
         inputs = self._prepare_inputs(inputs)
@@ -509,14 +494,20 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         from .export import save_compressed
 
         output_dir = Path(output_dir or Path(self.args.output_dir) / "compressed")
+        student = self.whole_student()  # on every process: gathering an FSDP-sharded student is collective
         if self.is_world_process_zero():
             teacher_fp16 = fp16_bytes(self.teacher)
             save_compressed(
-                self.accelerator.unwrap_model(self.model), self.processing_class, output_dir, plan=self.plan,
+                student, self.processing_class, output_dir, plan=self.plan,
                 teacher_fp16_bytes=teacher_fp16, overwrite=overwrite,
             )  # fmt: skip
         self._compressed_export = (output_dir.resolve(), self.state.global_step)
         return output_dir
+
+    def whole_student(self) -> nn.Module | None:
+        """The student with whole weights (see `sharding.whole_student`): the model itself unless FSDP shards it;
+        then every process must call this, and the main process gets an unsharded copy, the others None."""
+        return whole_student(self)
 
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token=None,
                     revision: str | None = None, **kwargs):  # fmt: skip

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hf_whisper_kdq import DistillQuantTrainer
+from hf_whisper_kdq.sharding import check_sharding
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
 
@@ -22,12 +22,15 @@ SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
 
-def _run(command: list[str], cwd: Path, *, extra_args: dict | None = None, expect_failure: bool = False) -> str:
+def _run(command: list[str], cwd: Path, *, extra_args: dict | None = None, expect_failure: bool = False,
+         fsdp: bool = False, env: dict | None = None) -> str:  # fmt: skip
     # DS_ACCELERATOR: DeepSpeed's CPU accelerator (gloo without oneCCL). PYTHONFAULTHANDLER: a process killed by a
     # signal (a rare SIGABRT inside gloo's threads has been seen on loaded machines) prints where its threads were.
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONFAULTHANDLER="1")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONFAULTHANDLER="1", **(env or {}))
     if extra_args:
         env["KDQ_TEST_EXTRA_ARGS"] = json.dumps(extra_args)
+    if fsdp or (extra_args and extra_args.get("fsdp")):  # accelerate runs FSDP on accelerators only: lifted for CPUs
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FSDP_ON_CPU), env.get("PYTHONPATH")]))
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     assert (result.returncode != 0) == expect_failure, result.stderr[-4000:]
     return result.stderr
@@ -42,16 +45,24 @@ LAUNCHERS = {
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],  # fmt: skip
 }
 NO_PYTHON = {"torchrun": "--no-python", "accelerate": "--no_python"}
-ZERO2 = {"deepspeed": str(EXAMPLES / "deepspeed_zero2.json")}
+SHARDING = {
+    "zero2": {"deepspeed": str(EXAMPLES / "deepspeed_zero2.json")},
+    "fsdp2": {"fsdp": True, "fsdp_config": str(EXAMPLES / "fsdp2.json")},
+}
+FSDP_ON_CPU = Path(__file__).parent / "scripts" / "fsdp_on_cpu"
 
 
-@pytest.mark.parametrize("launcher", [*LAUNCHERS, "torchrun+zero2"])
+@pytest.mark.parametrize("launcher", [*LAUNCHERS, "torchrun+zero2", "torchrun+fsdp2", "torchrun+fsdp2+narrow"])
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, launcher):
-    if launcher.endswith("zero2"):
+    # "+narrow": a student half the teacher's width, whose adapters FSDP shards like any weight.
+    launcher, _, sharding = launcher.partition("+")
+    sharding, _, student = sharding.partition("+")
+    if sharding == "zero2":
         pytest.importorskip("deepspeed")
-    _run([sys.executable, str(SCRIPT), str(tmp_path / "one"), "4"], tmp_path)
-    zero = ZERO2 if launcher.endswith("zero2") else None
-    _run([*LAUNCHERS[launcher.split("+")[0]], str(SCRIPT), str(tmp_path / "two"), "2"], tmp_path, extra_args=zero)
+    env = {"KDQ_TEST_STUDENT": student}
+    _run([sys.executable, str(SCRIPT), str(tmp_path / "one"), "4"], tmp_path, env=env)
+    _run([*LAUNCHERS[launcher], str(SCRIPT), str(tmp_path / "two"), "2"], tmp_path, extra_args=SHARDING.get(sharding),
+         env=env)  # fmt: skip
     one, two = (torch.load(tmp_path / name / "result.pt") for name in ("one", "two"))
 
     assert one["plan"] == two["plan"]  # the selection is deterministic: every rank holds the same plan
@@ -62,6 +73,17 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, la
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
     # Gradient norms (before clipping) check the loss normalization across processes: Adam would hide a wrong scale.
     assert two["grad_norms"] == pytest.approx(one["grad_norms"], rel=1e-4)
+    # Evaluation after training (generation on each process's rows, then gathered) uses the same trained weights.
+    assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-5)
+    assert torch.equal(two["generated"], one["generated"])
+    assert two["synced_gpus"] == (["True"] if sharding == "fsdp2" else ["False"])
+    # Under FSDP, `whole_student` gathered the shards into a whole copy: every weight is there, whole.
+    assert two["weights"].keys() == one["weights"].keys()
+    assert two["specs"] == one["specs"]  # the plan's bits on every fake-quant layer
+    if student == "narrow":  # its budget keeps a quantizable layer in float: the copy kept its clipping ratios too
+        kept_float = [name for name, spec in one["specs"].items() if spec == "None"]
+        assert kept_float and all(f"{name}.weight_clip" in two["weights"] for name in kept_float)
+    assert any(name.startswith("kdq_adapters.") for name in one["weights"]) == (student == "narrow")
     for name, weight in one["weights"].items():
         # Learnable clipping ratios get tiny LSQ gradients, which Adam normalizes to full-size steps, so summation
         # order differences between 1 and 2 processes show there (observed ≤ 1.5e-3 after 4 steps at lr 1e-3) and,
@@ -71,7 +93,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, la
         torch.testing.assert_close(two["weights"][name], weight, atol=tolerance, rtol=0)
 
 
-@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize("launcher", [*LAUNCHERS, "torchrun+fsdp2"])
 def test_compress_on_two_processes_writes_and_pushes_once(tmp_path, tiny_whisper, monkeypatch, launcher):
     """The whole ``compress`` job on 2 processes: one export, one card, one summary, one commit to the (stand-in) Hub."""
     pytest.importorskip("piper")
@@ -82,6 +104,7 @@ def test_compress_on_two_processes_writes_and_pushes_once(tmp_path, tiny_whisper
     model, processor = tiny_whisper
     teacher = save_whisper(model, processor, tmp_path / "teacher")
     output = tmp_path / "run"
+    launcher, _, sharding = launcher.partition("+")
     command = [
         *LAUNCHERS[launcher], NO_PYTHON[launcher], str(Path(sys.executable).parent / "hf-whisper-kdq"), "compress", str(teacher), "--output_dir", str(output),
         "--synthetic_prompts", "4", "--max_eval_samples", "2", "--max_steps", "2", "--per_device_train_batch_size", "1",
@@ -93,7 +116,8 @@ def test_compress_on_two_processes_writes_and_pushes_once(tmp_path, tiny_whisper
         monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
         monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 34)
         monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-        _run(command, tmp_path)
+        fsdp = ["--fsdp", "--fsdp_config", SHARDING["fsdp2"]["fsdp_config"]] if sharding == "fsdp2" else []
+        _run(command + fsdp, tmp_path, fsdp=bool(fsdp))
     assert hub.unexpected == []
     assert len(hub.created) == 1 and len(hub.commits) == 1  # the main process alone pushes
     assert "model.safetensors" in hub.commits[0]["files"] and "README.md" in hub.commits[0]["files"]
@@ -106,17 +130,41 @@ def test_compress_on_two_processes_writes_and_pushes_once(tmp_path, tiny_whisper
 
 def test_zero3_is_refused_with_the_alternative(tmp_path):
     pytest.importorskip("deepspeed")
-    zero3 = {**json.loads((EXAMPLES / "deepspeed_zero2.json").read_text()), "zero_optimization": {"stage": 3}}
+    zero3 = {**json.loads(Path(SHARDING["zero2"]["deepspeed"]).read_text()), "zero_optimization": {"stage": 3}}
     stderr = _run([*LAUNCHERS["torchrun"], str(SCRIPT), str(tmp_path / "out"), "2"], tmp_path,
                   extra_args={"deepspeed": zero3}, expect_failure=True)  # fmt: skip
     assert "ZeRO-3 shards the student's weights" in stderr and "use ZeRO stage 1 or 2" in stderr
 
 
-def test_fsdp_is_refused_with_the_alternative():
-    # The Trainer enables FSDP on GPUs only, so this checks the guard itself rather than a CPU launch.
-    trainer = SimpleNamespace(is_fsdp_enabled=True, is_deepspeed_enabled=False)
-    with pytest.raises(NotImplementedError, match="FSDP shards .* use DDP .* or DeepSpeed ZeRO-1/2"):
-        DistillQuantTrainer._check_sharding(trainer)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: accelerate's own FSDP set-up, without the CPU lift")
+def test_fsdp_on_a_gpu_matches_training_without_it(tmp_path):
+    # One process (the lent GPU machines have one GPU): FSDP's wrapping, gathers and state-dict paths as on a cluster.
+    gpu = {"use_cpu": False}
+    _run([sys.executable, str(SCRIPT), str(tmp_path / "one"), "4"], tmp_path, extra_args=gpu)
+    one_gpu_process = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+    _run([*one_gpu_process, str(SCRIPT), str(tmp_path / "fsdp"), "4"], tmp_path, extra_args={**gpu, **SHARDING["fsdp2"]})
+    one, fsdp = (torch.load(tmp_path / name / "result.pt") for name in ("one", "fsdp"))
+    assert fsdp["plan"] == one["plan"] and fsdp["specs"] == one["specs"]
+    assert fsdp["losses"] == pytest.approx(one["losses"], rel=1e-4)
+    assert fsdp["test_loss"] == pytest.approx(one["test_loss"], rel=1e-4)
+    assert fsdp["synced_gpus"] == ["True"] and fsdp["weights"].keys() == one["weights"].keys()
+
+
+def test_fsdp_reading_whole_weights_outside_the_forward_is_refused(tmp_path):
+    extra = {**SHARDING["fsdp2"], "quant_weight": 0.1}
+    stderr = _run([*LAUNCHERS["torchrun"], str(SCRIPT), str(tmp_path / "out"), "2"], tmp_path, extra_args=extra,
+                  expect_failure=True)  # fmt: skip
+    assert re.search("quant_weight > 0 .* set quant_weight=0 .* under FSDP", stderr), stderr[-3000:]
+
+
+def test_fsdp_version_1_is_refused_with_version_2():
+    # accelerate builds an FSDP1 plugin only on GPUs (on CPUs it stops first, "no available devices"), so this checks
+    # the guard itself on a trainer-shaped stand-in.
+    plugin = SimpleNamespace(fsdp_version=1)
+    trainer = SimpleNamespace(is_fsdp_enabled=True, is_deepspeed_enabled=False,
+                              accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))  # fmt: skip
+    with pytest.raises(NotImplementedError, match=r"FSDP version 1 .* use FSDP version 2 .*examples/fsdp2.json"):
+        check_sharding(trainer)
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)

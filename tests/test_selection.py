@@ -13,6 +13,7 @@ from datasets import Dataset
 from conftest import make_micro_rows, micro_collate
 from hf_whisper_kdq.callbacks import LayerSelectionCallback
 from hf_whisper_kdq.config import DistillQuantArguments
+from hf_whisper_kdq.quant import fake_quantize
 from hf_whisper_kdq.selection import (
     PLAN_FILE,
     KDQPlan,
@@ -22,6 +23,7 @@ from hf_whisper_kdq.selection import (
     fixed_bytes,
     initial_plan,
     match_layers,
+    measure_quantization_losses,
     plan_shapes,
     relative_hidden_errors,
     smallest_bytes,
@@ -86,6 +88,39 @@ def test_relative_hidden_errors_zero_on_matching_layers_and_masked():
     mask[:, :2] = True
     student[0][:, 2:] += 100  # outside the mask: invisible
     assert relative_hidden_errors(student, teacher, mask)[0, 2] == 0
+
+
+def test_quantization_losses_are_measured_inside_each_forward_against_the_formula():
+    # q_l(b) = Σ‖X·q(W)ᵀ − X·Wᵀ‖² / Σ‖X·Wᵀ‖² over a unit's linears and every probe call, X strided to max_rows rows
+    # per call; measured in forward hooks (where FSDP holds a layer's whole weight), so it must equal the formula.
+    generator = torch.Generator().manual_seed(0)
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(64, 32), "b": torch.nn.Linear(32, 64), "c": torch.nn.Linear(64, 8)})
+    for linear in model.values():
+        torch.nn.init.normal_(linear.weight, generator=generator)
+    plan = initial_plan(["model.decoder.layers.0.a", "model.decoder.layers.0.b"], {"encoder": [], "decoder": [0]},
+                        bits=8, granularity="per_group", group_size=32, learnable_clipping=False)  # fmt: skip
+    plan.units[0].modules = ["a", "b"]  # the unit of this stand-in model's linears
+    calls = [torch.randn(5, 64, generator=generator), torch.randn(2, 3, 64, generator=generator)]
+    with measure_quantization_losses(model, plan, (2, 4, 16), max_rows=4) as measure:
+        for x in calls:
+            model["c"](model["b"](model["a"](x)))
+    model["a"](calls[0])  # after the context: not measured
+
+    numerators, denominator = dict.fromkeys((2, 4), 0.0), 0.0
+    for x in calls:
+        x = x.flatten(0, -2)[:: math.ceil(x.flatten(0, -2).shape[0] / 4)]
+        for name in ("a", "b"):
+            weight = model[name].weight
+            reference = x @ weight.T
+            denominator += reference.pow(2).sum().item()
+            for bits in (2, 4):
+                numerators[bits] += (x @ fake_quantize(weight, plan.spec(bits), None).T - reference).pow(2).sum().item()
+            x = model[name](x)
+    q = measure.losses()["decoder.0"]
+    assert q[16] == 0.0
+    for bits in (2, 4):
+        assert q[bits] == pytest.approx(numerators[bits] / denominator, rel=1e-5)
+    assert q[2] > q[4] > 0
 
 
 # ---- bit allocation ----------------------------------------------------------------------------------------
