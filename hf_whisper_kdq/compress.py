@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from transformers.training_args import ParallelMode
+
 from .config import DistillQuantArguments
 
 logger = logging.getLogger(__name__)
@@ -369,7 +371,8 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
     summary = {
         "arguments": {"compress": asdict(compress), "training": args.to_dict()},
         "phase_seconds": timer.seconds,
-        "processes": trainer.args.world_size,
+        # Processes that trained as one job (several launched processes without it each train alone).
+        "processes": trainer.args.world_size if trainer.args.parallel_mode == ParallelMode.DISTRIBUTED else 1,
         "training_log": trainer.state.log_history,
         "plan": trainer.plan.to_dict(),
         "compression": {k: compression.get(k) for k in ("total_bytes", "ratio_to_teacher_fp16") if k in compression},

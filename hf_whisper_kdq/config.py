@@ -7,8 +7,10 @@ a JSON/YAML file and the Trainer uses it unchanged. Every field documents itself
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
+import torch
 from transformers import Seq2SeqTrainingArguments
 
 ALLOWED_BITS = (2, 3, 4, 8)
@@ -20,6 +22,11 @@ HIDDEN_LOSS_SCALES = ("absolute", "relative")
 BUDGET_ACCOUNTINGS = ("paper", "on_disk")
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 QUANT_TARGETS = ("encoder", "decoder", "embedding")
+
+
+def _launched_on_several_processes() -> bool:
+    """Whether a launcher (torchrun, accelerate launch) started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def parse_bit_choices(text: str) -> tuple[int, ...]:
@@ -187,6 +194,10 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
     )
 
     def __post_init__(self):
+        if not self.use_cpu and _launched_on_several_processes() and not torch.accelerator.is_available():
+            # accelerate makes CPU processes one distributed job only when told they are CPU processes: without it,
+            # each process of `torchrun` on a machine without GPUs trained its own model, none of them synchronized.
+            self.use_cpu = True
         super().__post_init__()
         for name in ("ce_weight", "kd_weight", "hidden_weight", "quant_weight"):
             if getattr(self, name) < 0:
