@@ -74,6 +74,7 @@ def main() -> None:
     )
     trainer.train()
     metrics = trainer.evaluate()  # every process evaluates its share of the held-out split
+    student = trainer.whole_student()  # on every process: under FSDP it gathers the shards onto the main one
     if trainer.is_world_process_zero():
         print(trainer.plan.summary())
         print("held-out synthetic speech (smoke check, not a result):", metrics)

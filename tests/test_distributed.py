@@ -23,7 +23,7 @@ EXAMPLES = Path(__file__).parents[1] / "examples"
 
 
 def _run(command: list[str], cwd: Path, *, extra_args: dict | None = None, expect_failure: bool = False,
-         fsdp: bool = False, env: dict | None = None) -> str:  # fmt: skip
+         fsdp: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:  # fmt: skip
     # DS_ACCELERATOR: DeepSpeed's CPU accelerator (gloo without oneCCL). PYTHONFAULTHANDLER: a process killed by a
     # signal (a rare SIGABRT inside gloo's threads has been seen on loaded machines) prints where its threads were.
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONFAULTHANDLER="1", **(env or {}))
@@ -33,7 +33,7 @@ def _run(command: list[str], cwd: Path, *, extra_args: dict | None = None, expec
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FSDP_ON_CPU), env.get("PYTHONPATH")]))
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     assert (result.returncode != 0) == expect_failure, result.stderr[-4000:]
-    return result.stderr
+    return result
 
 
 # Two processes on this machine, the way users launch them. `accelerate launch --cpu` would start one process (it
@@ -132,8 +132,24 @@ def test_zero3_is_refused_with_the_alternative(tmp_path):
     pytest.importorskip("deepspeed")
     zero3 = {**json.loads(Path(SHARDING["zero2"]["deepspeed"]).read_text()), "zero_optimization": {"stage": 3}}
     stderr = _run([*LAUNCHERS["torchrun"], str(SCRIPT), str(tmp_path / "out"), "2"], tmp_path,
-                  extra_args={"deepspeed": zero3}, expect_failure=True)  # fmt: skip
+                  extra_args={"deepspeed": zero3}, expect_failure=True).stderr  # fmt: skip
     assert "ZeRO-3 shards the student's weights" in stderr and "use ZeRO stage 1 or 2" in stderr
+
+
+def test_fsdp_run_resumed_from_its_checkpoint_equals_the_uninterrupted_run(tmp_path):
+    # FSDP checkpoints hold accelerate's own model and optimizer files beside model.safetensors; resuming reads them
+    # (torch.load with weights_only=True), the plan, the clipping ratios and the RNG states.
+    saving = {**SHARDING["fsdp2"], "save_strategy": "steps", "save_steps": 2}
+    command = [*LAUNCHERS["torchrun"], str(SCRIPT)]
+    _run([*command, str(tmp_path / "whole"), "2"], tmp_path, extra_args=saving)
+    assert (tmp_path / "whole" / "checkpoint-2" / "pytorch_model_fsdp.bin").is_file()
+    _run([*command, str(tmp_path / "resumed"), "2"], tmp_path, extra_args=saving,
+         env={"KDQ_TEST_RESUME_FROM": str(tmp_path / "whole" / "checkpoint-2")})  # fmt: skip
+    whole, resumed = (torch.load(tmp_path / name / "result.pt") for name in ("whole", "resumed"))
+    assert resumed["losses"] == whole["losses"] and resumed["grad_norms"] == whole["grad_norms"]
+    assert resumed["plan"] == whole["plan"] and resumed["test_loss"] == whole["test_loss"]
+    for name, weight in whole["weights"].items():
+        assert torch.equal(resumed["weights"][name], weight), name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: accelerate's own FSDP set-up, without the CPU lift")
@@ -153,7 +169,7 @@ def test_fsdp_on_a_gpu_matches_training_without_it(tmp_path):
 def test_fsdp_reading_whole_weights_outside_the_forward_is_refused(tmp_path):
     extra = {**SHARDING["fsdp2"], "quant_weight": 0.1}
     stderr = _run([*LAUNCHERS["torchrun"], str(SCRIPT), str(tmp_path / "out"), "2"], tmp_path, extra_args=extra,
-                  expect_failure=True)  # fmt: skip
+                  expect_failure=True).stderr  # fmt: skip
     assert re.search("quant_weight > 0 .* set quant_weight=0 .* under FSDP", stderr), stderr[-3000:]
 
 
@@ -167,9 +183,10 @@ def test_fsdp_version_1_is_refused_with_version_2():
         check_sharding(trainer)
 
 
-@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize("launcher", [*LAUNCHERS, "torchrun+fsdp2"])
 def test_example_script_runs_on_two_processes_and_reports_once(tmp_path, tiny_whisper, launcher):
     pytest.importorskip("piper")
+    launcher, _, sharding = launcher.partition("+")
     from hf_whisper_kdq.sources import save_whisper
 
     model, processor = tiny_whisper
@@ -180,8 +197,8 @@ def test_example_script_runs_on_two_processes_and_reports_once(tmp_path, tiny_wh
         "--per_device_train_batch_size", "1", "--per_device_eval_batch_size", "2", "--report_to", "none",
         "--ddp_backend", "gloo", "--disable_tqdm", "true",
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    fsdp = ["--fsdp", "--fsdp_config", SHARDING["fsdp2"]["fsdp_config"]] if sharding == "fsdp2" else []
+    result = _run(command + fsdp, tmp_path, fsdp=bool(fsdp))
     assert result.stdout.count("KDQ plan at step") == 1  # the main process alone reports
     assert "eval_loss_kd" in result.stdout
 

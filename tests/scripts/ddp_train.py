@@ -62,7 +62,7 @@ def main(output: str, batch_size: int) -> None:
     if "KDQ_TEST_POISON_TEACHER" in os.environ:  # "RANK:STEP": that process's teacher turns NaN before that step
         rank, step = map(int, os.environ["KDQ_TEST_POISON_TEACHER"].split(":"))
         trainer.add_callback(PoisonTeacher(trainer, rank, step))
-    trainer.train()
+    trainer.train(resume_from_checkpoint=os.environ.get("KDQ_TEST_RESUME_FROM"))  # a checkpoint folder, or unset
     # Evaluation with generation after training: the trained, fake-quantized weights must be the ones used (the test
     # loss), and under FSDP every process must keep joining the others' weight gathers until the longest generation
     # ends (synced_gpus).
