@@ -136,6 +136,19 @@ def test_zero3_is_refused_with_the_alternative(tmp_path):
     assert "ZeRO-3 shards the student's weights" in stderr and "use ZeRO stage 1 or 2" in stderr
 
 
+def test_fsdp_with_bf16_mixed_precision_trains_like_fp32(tmp_path):
+    # FSDP's mixed-precision policy hands the fake quantization bf16 copies of the weights (fp32 masters are kept).
+    _run([sys.executable, str(SCRIPT), str(tmp_path / "fp32"), "4"], tmp_path)
+    _run([*LAUNCHERS["torchrun"], str(SCRIPT), str(tmp_path / "bf16"), "2"], tmp_path,
+         extra_args={**SHARDING["fsdp2"], "bf16": True})  # fmt: skip
+    fp32, bf16 = (torch.load(tmp_path / name / "result.pt") for name in ("fp32", "bf16"))
+    # bf16 arithmetic did run: fp32 on 2 processes differs from 1 process by ~1e-7 relative, bf16 by ~1e-4.
+    assert max(abs(b - f) / f for b, f in zip(bf16["losses"], fp32["losses"])) > 1e-5
+    assert bf16["losses"] == pytest.approx(fp32["losses"], rel=1e-3)
+    assert bf16["test_loss"] == pytest.approx(fp32["test_loss"], rel=1e-3)
+    assert {weight.dtype for weight in bf16["weights"].values()} == {torch.float32}
+
+
 def test_fsdp_run_resumed_from_its_checkpoint_equals_the_uninterrupted_run(tmp_path):
     # FSDP checkpoints hold accelerate's own model and optimizer files beside model.safetensors; resuming reads them
     # (torch.load with weights_only=True), the plan, the clipping ratios and the RNG states.
