@@ -1,5 +1,6 @@
-"""Multi-process runs under torchrun and accelerate launch (gloo on CPU): the trainer (2 processes × batch 2 against
-1 process × batch 4) and the whole ``compress`` job."""
+"""Multi-process runs under torchrun and accelerate launch (gloo on CPU), plain, under DeepSpeed ZeRO-2 and under FSDP2:
+the trainer (2 processes × batch 2 against 1 process × batch 4), resuming, the example script and the whole
+``compress`` job."""
 
 from __future__ import annotations
 
