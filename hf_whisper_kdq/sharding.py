@@ -77,7 +77,6 @@ def whole_student(trainer) -> nn.Module | None:
 
     from .config import ALLOWED_BITS
     from .quant import prepare_qat, set_quant_specs
-    from .trainer import ADAPTERS_ATTRIBUTE
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not trainer.is_world_process_zero():
@@ -85,16 +84,12 @@ def whole_student(trainer) -> nn.Module | None:
     # The student's own dtype (the teacher was cast to it): FSDP under mixed precision keeps fp32 master weights.
     dtype = next(trainer.teacher.parameters()).dtype
     whole = WhisperForConditionalGeneration(copy.deepcopy(model.config)).to(dtype)  # not FSDP's subclass
+    trainer._attach_adapters(whole, trainer.teacher.config, trainer.args)  # as the trainer attached the student's
     specs = trainer.plan.module_specs()
     if specs:
         # Wrapped at integer bits first, so that layers the plan keeps in float get the clipping ratios they kept
         # from earlier plans (and which the state holds); the plan's own specs are set once the state is loaded.
         prepare_qat(whole, dict.fromkeys(specs, trainer.plan.spec(min(ALLOWED_BITS))))
-    adapters = {name.split(".")[1]: tensor for name, tensor in state.items() if name.startswith(f"{ADAPTERS_ATTRIBUTE}.")}
-    if adapters:
-        whole.add_module(ADAPTERS_ATTRIBUTE, nn.ModuleDict(
-            {key: nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=dtype) for key, weight in adapters.items()}
-        ))  # fmt: skip
     whole.load_state_dict(state)
     if specs:
         set_quant_specs(whole, specs)
@@ -102,4 +97,3 @@ def whole_student(trainer) -> nn.Module | None:
     whole.name_or_path = getattr(model, "name_or_path", "")
     logger.info("gathered the FSDP-sharded student onto the main process (%d tensors)", len(state))
     return whole.eval()
-

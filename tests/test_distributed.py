@@ -51,6 +51,7 @@ SHARDING = {
     "fsdp2": {"fsdp": True, "fsdp_config": str(EXAMPLES / "fsdp2.json")},
 }
 FSDP_ON_CPU = Path(__file__).parent / "scripts" / "fsdp_on_cpu"
+FSDP_FLAGS = ["--fsdp", "--fsdp_config", SHARDING["fsdp2"]["fsdp_config"]]  # the same, as command-line flags
 
 
 @pytest.mark.parametrize("launcher", [*LAUNCHERS, "torchrun+zero2", "torchrun+fsdp2", "torchrun+fsdp2+narrow"])
@@ -117,7 +118,7 @@ def test_compress_on_two_processes_writes_and_pushes_once(tmp_path, tiny_whisper
         monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
         monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 34)
         monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-        fsdp = ["--fsdp", "--fsdp_config", SHARDING["fsdp2"]["fsdp_config"]] if sharding == "fsdp2" else []
+        fsdp = FSDP_FLAGS if sharding == "fsdp2" else []
         _run(command + fsdp, tmp_path, fsdp=bool(fsdp))
     assert hub.unexpected == []
     assert len(hub.created) == 1 and len(hub.commits) == 1  # the main process alone pushes
@@ -211,7 +212,7 @@ def test_example_script_runs_on_two_processes_and_reports_once(tmp_path, tiny_wh
         "--per_device_train_batch_size", "1", "--per_device_eval_batch_size", "2", "--report_to", "none",
         "--ddp_backend", "gloo", "--disable_tqdm", "true",
     ]  # fmt: skip
-    fsdp = ["--fsdp", "--fsdp_config", SHARDING["fsdp2"]["fsdp_config"]] if sharding == "fsdp2" else []
+    fsdp = FSDP_FLAGS if sharding == "fsdp2" else []
     result = _run(command + fsdp, tmp_path, fsdp=bool(fsdp))
     assert result.stdout.count("KDQ plan at step") == 1  # the main process alone reports
     assert "eval_loss_kd" in result.stdout
