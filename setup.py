@@ -15,8 +15,15 @@ OFFLINE = [
 EXPORT = ["compressed-tensors>=0.20", "ctranslate2>=4.5"]
 # openai-whisper: its own model is the reference the .pt converter is tested against. deepspeed: ZeRO-2 training is
 # tested on 2 CPU processes (DeepSpeed's CPU accelerator with gloo).
-TEST = ["pytest>=8", "pytest-timeout>=2.3", "faster-whisper>=1.1", "openai-whisper>=20240930", "deepspeed>=0.15",
-        *EXPORT, *OFFLINE]  # fmt: skip
+TEST = [
+    "pytest>=8",
+    "pytest-timeout>=2.3",
+    "faster-whisper>=1.1",
+    "openai-whisper>=20240930",
+    "deepspeed>=0.15",
+    *EXPORT,
+    *OFFLINE,
+]
 
 setup(
     name="hf-whisper-kdq",

@@ -47,8 +47,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_beams", type=int, default=1, help="1: greedy (both engines)")
     parser.add_argument("--quantization", default="int8", choices=QUANTIZATIONS, help="CTranslate2 weight type")
     parser.add_argument("--compute_type", default="default", help="faster-whisper compute type (default: the weights')")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="CPU threads for both engines (default: torch's, %(default)s)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="CPU threads for both engines (default: torch's, %(default)s)",
+    )
     parser.add_argument("--ct2_dir", default=None, help="keep the CTranslate2 export here (default: a temp folder)")
     parser.add_argument("--json", default=None, help="write both reports and the ratios to this JSON file")
     return parser.parse_args(argv)
@@ -56,48 +60,84 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    dataset = load_manifest(args.manifest, languages=_split(args.languages), corpora=_split(args.corpora),
-                            limit=args.limit)
+    dataset = load_manifest(
+        args.manifest, languages=_split(args.languages), corpora=_split(args.corpora), limit=args.limit
+    )
     if len(dataset) == 0:
         raise SystemExit(f"no rows selected from {args.manifest}: check --corpora / --languages")
     model, processor = load_whisper(args.model)
-    transformers_report = evaluate_model(model, processor, dataset, batch_size=args.batch_size,
-                                         num_beams=args.num_beams, progress=False)
+    transformers_report = evaluate_model(
+        model, processor, dataset, batch_size=args.batch_size, num_beams=args.num_beams, progress=False
+    )
     with tempfile.TemporaryDirectory() as scratch:
-        folder = export_ctranslate2(model, processor, args.ct2_dir or Path(scratch) / "ct2",
-                                    quantization=args.quantization, overwrite=args.ct2_dir is None)
-        ct2_report = evaluate_faster_whisper(folder, dataset, beam_size=args.num_beams,
-                                             compute_type=args.compute_type, cpu_threads=args.threads)
+        folder = export_ctranslate2(
+            model,
+            processor,
+            args.ct2_dir or Path(scratch) / "ct2",
+            quantization=args.quantization,
+            overwrite=args.ct2_dir is None,
+        )
+        ct2_report = evaluate_faster_whisper(
+            folder, dataset, beam_size=args.num_beams, compute_type=args.compute_type, cpu_threads=args.threads
+        )
     reports = {"transformers": transformers_report, "ctranslate2": ct2_report}
-    rows = [{"engine": engine, "dtype": report.dtype, "language": code, "metric": entry["metric"],
-             "error_rate": entry["pooled"], "n_utterances": entry["n_utterances"],
-             "audio_seconds": entry["audio_seconds"], "decode_seconds": entry["decode_seconds"], "rtf": entry["rtf"],
-             "size_mib": report.model_size_bytes / 2**20}
-            for engine, report in reports.items() for code, entry in report.languages.items()]
+    rows = [
+        {
+            "engine": engine,
+            "dtype": report.dtype,
+            "language": code,
+            "metric": entry["metric"],
+            "error_rate": entry["pooled"],
+            "n_utterances": entry["n_utterances"],
+            "audio_seconds": entry["audio_seconds"],
+            "decode_seconds": entry["decode_seconds"],
+            "rtf": entry["rtf"],
+            "size_mib": report.model_size_bytes / 2**20,
+        }
+        for engine, report in reports.items()
+        for code, entry in report.languages.items()
+    ]
     reference, ct2 = transformers_report, ct2_report
-    ratios = {"speedup (transformers RTF / ctranslate2 RTF)": reference.rtf / ct2.rtf,
-              "size ratio (transformers / ctranslate2)": reference.model_size_bytes / ct2.model_size_bytes}
+    ratios = {
+        "speedup (transformers RTF / ctranslate2 RTF)": reference.rtf / ct2.rtf,
+        "size ratio (transformers / ctranslate2)": reference.model_size_bytes / ct2.model_size_bytes,
+    }
     for code, entry in ct2.languages.items():
         change = 100 * (entry["pooled"] - reference.languages[code]["pooled"])
         ratios[f"{entry['metric'].upper()} {code} change (ctranslate2 - transformers, points)"] = change
-    return {"model": args.model, "manifest": args.manifest, "threads": args.threads, "batch_size": args.batch_size,
-            "num_beams": args.num_beams, "quantization": args.quantization, "rows": rows, "ratios": ratios,
-            "reports": {engine: report.to_dict(per_utterance=True) for engine, report in reports.items()}}
+    return {
+        "model": args.model,
+        "manifest": args.manifest,
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+        "num_beams": args.num_beams,
+        "quantization": args.quantization,
+        "rows": rows,
+        "ratios": ratios,
+        "reports": {engine: report.to_dict(per_utterance=True) for engine, report in reports.items()},
+    }
 
 
 def markdown(result: dict) -> str:
-    lines = [f"model {result['model']} (CTranslate2 weights {result['quantization']}), {result['threads']} CPU "
-             f"threads, beams {result['num_beams']}; transformers batch {result['batch_size']}, faster-whisper one "
-             "at a time", "",
-             "| engine | dtype | metric | error rate | utterances | audio s | decode s | RTF | weights MiB |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"model {result['model']} (CTranslate2 weights {result['quantization']}), {result['threads']} CPU "
+        f"threads, beams {result['num_beams']}; transformers batch {result['batch_size']}, faster-whisper one "
+        "at a time",
+        "",
+        "| engine | dtype | metric | error rate | utterances | audio s | decode s | RTF | weights MiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in result["rows"]:
-        lines.append(f"| {row['engine']} | {row['dtype']} | {row['metric'].upper()} ({row['language']}) | "
-                     f"{100 * row['error_rate']:.2f}% | {row['n_utterances']} | {row['audio_seconds']:.1f} | "
-                     f"{row['decode_seconds']:.1f} | {row['rtf']:.3f} | {row['size_mib']:.1f} |")
+        lines.append(
+            f"| {row['engine']} | {row['dtype']} | {row['metric'].upper()} ({row['language']}) | "
+            f"{100 * row['error_rate']:.2f}% | {row['n_utterances']} | {row['audio_seconds']:.1f} | "
+            f"{row['decode_seconds']:.1f} | {row['rtf']:.3f} | {row['size_mib']:.1f} |"
+        )
     lines.append("")
-    lines += [f"- {name}: {value:+.2f}" if "points" in name else f"- {name}: {value:.2f}x"
-              for name, value in result["ratios"].items()]
+    lines += [
+        f"- {name}: {value:+.2f}" if "points" in name else f"- {name}: {value:.2f}x"
+        for name, value in result["ratios"].items()
+    ]
     return "\n".join(lines)
 
 

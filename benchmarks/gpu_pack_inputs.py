@@ -51,50 +51,106 @@ SPLITS = ("train", "eval")
 # What `import hf_whisper_kdq` needs at top level (datasets, soundfile, soxr, jiwer), what scoring needs (opencc,
 # cn2an, whisper-normalizer's spelling table) and save_compressed (compressed-tensors), with their requirements,
 # less what the GPU image ('cuda', .library/device/KINDS.md) already holds.
-WHEELS = ("datasets", "dill", "multiprocess", "soundfile", "cffi", "pycparser", "soxr", "jiwer", "rapidfuzz",
-          "opencc-python-reimplemented", "cn2an", "proces", "whisper-normalizer", "compressed-tensors", "pydantic",
-          "pydantic-core", "annotated-types", "typing-inspection", "loguru")  # fmt: skip
+WHEELS = (
+    "datasets",
+    "dill",
+    "multiprocess",
+    "soundfile",
+    "cffi",
+    "pycparser",
+    "soxr",
+    "jiwer",
+    "rapidfuzz",
+    "opencc-python-reimplemented",
+    "cn2an",
+    "proces",
+    "whisper-normalizer",
+    "compressed-tensors",
+    "pydantic",
+    "pydantic-core",
+    "annotated-types",
+    "typing-inspection",
+    "loguru",
+)
 # pip matches manylinux tags exactly: these are the ones the wheels above are published under.
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
-             "manylinux1_x86_64")  # fmt: skip
+PLATFORMS = (
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+)
 SAMPLING_RATE = 16000
 CHUNK = 1 << 20
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default="/tmp/kdq_inputs",
-                        help="folder to build inputs/ and pieces/ in (default: %(default)s; keep it out of the repo)")
-    parser.add_argument("--reassemble", metavar="DIR",
-                        help="instead of building: verify the pieces in DIR against DIR/pieces.json, join and unpack "
-                             "them into --into")
+    parser.add_argument(
+        "--output",
+        default="/tmp/kdq_inputs",
+        help="folder to build inputs/ and pieces/ in (default: %(default)s; keep it out of the repo)",
+    )
+    parser.add_argument(
+        "--reassemble",
+        metavar="DIR",
+        help="instead of building: verify the pieces in DIR against DIR/pieces.json, join and unpack them into --into",
+    )
     parser.add_argument("--into", help="where --reassemble unpacks the inputs (default: DIR/../inputs)")
     parser.add_argument("--teacher", default="openai/whisper-base", help="the teacher, any load_whisper source")
-    parser.add_argument("--tiny", default=None,
-                        help="also pack this model as tiny/ (e.g. openai/whisper-tiny.en) for a reference row")
+    parser.add_argument(
+        "--tiny", default=None, help="also pack this model as tiny/ (e.g. openai/whisper-tiny.en) for a reference row"
+    )
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder with dev.jsonl and unlabeled.jsonl")
-    parser.add_argument("--results", default=str(DEFAULT_RESULTS),
-                        help="results_table.py's output folder, whose cache/ holds the teacher labels (shared with "
-                             "its trained rows, so that both train on the same labels)")
-    parser.add_argument("--eval_limit", type=int, default=None,
-                        help="dev.jsonl utterances per corpus (default: all, as the results table)")
-    parser.add_argument("--train_rows", type=int, default=None,
-                        help="teacher-labelled LibriSpeech utterances (default: all of unlabeled.jsonl)")
+    parser.add_argument(
+        "--results",
+        default=str(DEFAULT_RESULTS),
+        help="results_table.py's output folder, whose cache/ holds the teacher labels (shared with "
+        "its trained rows, so that both train on the same labels)",
+    )
+    parser.add_argument(
+        "--eval_limit",
+        type=int,
+        default=None,
+        help="dev.jsonl utterances per corpus (default: all, as the results table)",
+    )
+    parser.add_argument(
+        "--train_rows",
+        type=int,
+        default=None,
+        help="teacher-labelled LibriSpeech utterances (default: all of unlabeled.jsonl)",
+    )
     parser.add_argument("--synthetic_rows", type=int, default=120, help="synthetic training utterances (0: none)")
-    parser.add_argument("--synthetic_text", default=None,
-                        help="id<TAB>text file to synthesize them from (results_table.py's --synthetic_text)")
+    parser.add_argument(
+        "--synthetic_text",
+        default=None,
+        help="id<TAB>text file to synthesize them from (results_table.py's --synthetic_text)",
+    )
     parser.add_argument("--label_batch_size", type=int, default=16, help="batch size of the teacher's labelling")
-    parser.add_argument("--smoke", action="store_true",
-                        help="pack a few rows of random noise with fixed texts instead of the shared speech (a CPU "
-                             "check of the pipeline; pair it with a tiny --teacher folder)")
-    parser.add_argument("--piece_mb", type=float, default=60.0,
-                        help="largest piece in MB (1e6 bytes; default %(default)s: with the repo, under a call's "
-                             "64 MiB)")
-    parser.add_argument("--wheels", action=argparse.BooleanOptionalAction, default=True,
-                        help="download the wheels of WHEELS for the GPU (default: on; needs the package registry)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="pack a few rows of random noise with fixed texts instead of the shared speech (a CPU "
+        "check of the pipeline; pair it with a tiny --teacher folder)",
+    )
+    parser.add_argument(
+        "--piece_mb",
+        type=float,
+        default=60.0,
+        help="largest piece in MB (1e6 bytes; default %(default)s: with the repo, under a call's 64 MiB)",
+    )
+    parser.add_argument(
+        "--wheels",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="download the wheels of WHEELS for the GPU (default: on; needs the package registry)",
+    )
     parser.add_argument("--python_version", default="3.12", help="the GPU image's Python, for the wheels")
-    parser.add_argument("--carry_link", default="benchmarks/results/gpu_pieces",
-                        help="ignored path in the repo that links to OUTPUT/pieces, used in the printed carry lists")
+    parser.add_argument(
+        "--carry_link",
+        default="benchmarks/results/gpu_pieces",
+        help="ignored path in the repo that links to OUTPUT/pieces, used in the printed carry lists",
+    )
     args = parser.parse_args(argv)
     for name in ("eval_limit", "train_rows", "label_batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -133,9 +189,11 @@ class SplitWriter:
     def tensors(self) -> dict:
         import torch
 
-        out = {f"{self.name}.features": torch.cat(self.chunks, dim=1).contiguous(),
-               f"{self.name}.fill": torch.stack(self.fills),
-               f"{self.name}.frames": torch.tensor(self.frames)}
+        out = {
+            f"{self.name}.features": torch.cat(self.chunks, dim=1).contiguous(),
+            f"{self.name}.fill": torch.stack(self.fills),
+            f"{self.name}.frames": torch.tensor(self.frames),
+        }
         if self.labels:
             out[f"{self.name}.labels"] = torch.tensor([t for row in self.labels for t in row], dtype=torch.int32)
             out[f"{self.name}.label_lengths"] = torch.tensor([len(row) for row in self.labels])
@@ -195,8 +253,20 @@ def shared_sources(args):
     import results_table
 
     # Context reads only the data, teacher and labelling options; its parser wants a row to be named.
-    argv = ["--rows", "kdq-d2-u4", "--data", args.data, "--output", args.results, "--teacher", args.teacher,
-            "--synthetic_rows", str(args.synthetic_rows), "--batch_size", str(args.label_batch_size)]  # fmt: skip
+    argv = [
+        "--rows",
+        "kdq-d2-u4",
+        "--data",
+        args.data,
+        "--output",
+        args.results,
+        "--teacher",
+        args.teacher,
+        "--synthetic_rows",
+        str(args.synthetic_rows),
+        "--batch_size",
+        str(args.label_batch_size),
+    ]
     argv += ["--train_rows", str(args.train_rows)] if args.train_rows else []
     argv += ["--synthetic_text", args.synthetic_text] if args.synthetic_text else []
     argv += ["--eval_limit", str(args.eval_limit)] if args.eval_limit else []
@@ -206,8 +276,10 @@ def shared_sources(args):
     return teacher, processor, train, evaluation, {"phase_seconds": ctx.timer.seconds}
 
 
-SMOKE_TEXTS = {"en": ["hello world", "a short test sentence", "the quick brown fox", "one two three"],
-               "zh": ["你好世界", "今天天气很好", "一二三四", "谢谢大家"]}  # fmt: skip
+SMOKE_TEXTS = {
+    "en": ["hello world", "a short test sentence", "the quick brown fox", "one two three"],
+    "zh": ["你好世界", "今天天气很好", "一二三四", "谢谢大家"],
+}
 
 
 def smoke_sources(args):
@@ -229,17 +301,29 @@ def smoke_sources(args):
             for i in range(count):
                 seconds = min(1.0 + 0.5 * i, 0.8 * window)
                 buffer = io.BytesIO()
-                soundfile.write(buffer, 0.05 * rng.standard_normal(int(seconds * SAMPLING_RATE)), SAMPLING_RATE,
-                                format="WAV")  # fmt: skip
+                soundfile.write(
+                    buffer, 0.05 * rng.standard_normal(int(seconds * SAMPLING_RATE)), SAMPLING_RATE, format="WAV"
+                )
                 texts = SMOKE_TEXTS[language]
-                values = (f"{prefix}-{corpus}-{i}", corpus, language, {"bytes": buffer.getvalue(), "path": None},
-                          seconds, texts[i % len(texts)])  # fmt: skip
+                values = (
+                    f"{prefix}-{corpus}-{i}",
+                    corpus,
+                    language,
+                    {"bytes": buffer.getvalue(), "path": None},
+                    seconds,
+                    texts[i % len(texts)],
+                )
                 for key, value in zip(columns, values):
                     columns[key].append(value)
         return manifest_dataset(columns)
 
-    return teacher, processor, rows("train", {"smoke-train": "en"}, 6), \
-        rows("eval", {"smoke-en": "en", "smoke-zh": "zh"}, 3), {}  # fmt: skip
+    return (
+        teacher,
+        processor,
+        rows("train", {"smoke-train": "en"}, 6),
+        rows("eval", {"smoke-en": "en", "smoke-zh": "zh"}, 3),
+        {},
+    )
 
 
 def pack_speech(teacher, processor, train, evaluation, folder: Path) -> dict:
@@ -270,12 +354,23 @@ def pack_speech(teacher, processor, train, evaluation, folder: Path) -> dict:
         corpora = {}
         for meta in writer.rows:
             corpora[meta["corpus"]] = corpora.get(meta["corpus"], 0) + 1
-        splits[name] = {"n_rows": len(writer.rows), "kept_frames": int(sum(writer.frames)), "corpora": corpora,
-                        "rows": writer.rows}  # fmt: skip
+        splits[name] = {
+            "n_rows": len(writer.rows),
+            "kept_frames": int(sum(writer.frames)),
+            "corpora": corpora,
+            "rows": writer.rows,
+        }
     splits["train"]["preparation"] = report.summary()
     mels, frames = tensors["train.features"].shape[0], extractor.nb_max_frames
-    return {"splits": splits, "features": {"mels": mels, "frames": frames, "dtype": "float16",
-                                           "trimmed": "trailing frames equal to the last are restored from it"}}
+    return {
+        "splits": splits,
+        "features": {
+            "mels": mels,
+            "frames": frames,
+            "dtype": "float16",
+            "trimmed": "trailing frames equal to the last are restored from it",
+        },
+    }
 
 
 def save_model(model, processor, source: str, folder: Path) -> dict:
@@ -284,8 +379,12 @@ def save_model(model, processor, source: str, folder: Path) -> dict:
     from hf_whisper_kdq import save_whisper
 
     save_whisper(copy.deepcopy(model).half(), processor, folder)
-    return {"source": source, "folder": folder.name, "dtype": "float16",
-            "multilingual": bool(model.generation_config.is_multilingual)}  # fmt: skip
+    return {
+        "source": source,
+        "folder": folder.name,
+        "dtype": "float16",
+        "multilingual": bool(model.generation_config.is_multilingual),
+    }
 
 
 # ---- pieces ----------------------------------------------------------------------------------------------------------
@@ -367,8 +466,12 @@ def split_inputs(inputs: Path, pieces: Path, piece_bytes: int) -> dict:
         for path in sorted(inputs.rglob("*")):
             if path.is_file():
                 tar.add(path, arcname=path.relative_to(inputs).as_posix(), recursive=False)
-    return {"name": ARCHIVE, "bytes": sum(p["bytes"] for p in writer.pieces), "sha256": writer.whole.hexdigest(),
-            "pieces": writer.pieces}  # fmt: skip
+    return {
+        "name": ARCHIVE,
+        "bytes": sum(p["bytes"] for p in writer.pieces),
+        "sha256": writer.whole.hexdigest(),
+        "pieces": writer.pieces,
+    }
 
 
 def download_wheels(folder: Path, python_version: str) -> list[dict]:
@@ -381,14 +484,34 @@ def download_wheels(folder: Path, python_version: str) -> list[dict]:
         raise SystemExit(f"{error.name} is not installed here: pip install it, or pack with --no-wheels") from error
     folder.mkdir(parents=True, exist_ok=True)
     platforms = [flag for platform in PLATFORMS for flag in ("--platform", platform)]
-    done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                           "--python-version", python_version, "--implementation", "cp", *platforms, "-d", str(folder),
-                           *pins])  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            python_version,
+            "--implementation",
+            "cp",
+            *platforms,
+            "-d",
+            str(folder),
+            *pins,
+        ]
+    )
     if done.returncode:
-        raise SystemExit(f"pip could not download the wheels ({' '.join(pins)}): is the package registry reachable? "
-                         "Pack with --no-wheels if the GPU image already has them.")
-    return [{"name": f"wheels/{p.name}", "bytes": p.stat().st_size, "sha256": sha256_of(p)}
-            for p in sorted(folder.glob("*.whl"))]  # fmt: skip
+        raise SystemExit(
+            f"pip could not download the wheels ({' '.join(pins)}): is the package registry reachable? "
+            "Pack with --no-wheels if the GPU image already has them."
+        )
+    return [
+        {"name": f"wheels/{p.name}", "bytes": p.stat().st_size, "sha256": sha256_of(p)}
+        for p in sorted(folder.glob("*.whl"))
+    ]
 
 
 def carry_plan(archive: dict, wheels: list[dict], piece_bytes: int) -> list[list[str]]:
@@ -419,15 +542,23 @@ def pack(args) -> int:
             return 1
         sources = shared_sources(args)
     teacher, processor, train, evaluation, notes = sources
-    manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": shlex.join(sys.argv),
-                "smoke": args.smoke, "eval_limit_per_corpus": args.eval_limit, "train_rows": args.train_rows,
-                "synthetic_rows": 0 if args.smoke else args.synthetic_rows, "synthetic_text": args.synthetic_text,
-                **notes}  # fmt: skip
+    manifest = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": shlex.join(sys.argv),
+        "smoke": args.smoke,
+        "eval_limit_per_corpus": args.eval_limit,
+        "train_rows": args.train_rows,
+        "synthetic_rows": 0 if args.smoke else args.synthetic_rows,
+        "synthetic_text": args.synthetic_text,
+        **notes,
+    }
     manifest.update(pack_speech(teacher, processor, train, evaluation, inputs))
     manifest["teacher"] = save_model(teacher, processor, args.teacher, inputs / "teacher")
     manifest["tiny"] = save_model(*load_whisper(args.tiny), args.tiny, inputs / "tiny") if args.tiny else None
-    manifest["bytes"] = {path.name: sum(f.stat().st_size for f in (path.rglob("*") if path.is_dir() else [path]))
-                         for path in sorted(inputs.iterdir())}  # fmt: skip
+    manifest["bytes"] = {
+        path.name: sum(f.stat().st_size for f in (path.rglob("*") if path.is_dir() else [path]))
+        for path in sorted(inputs.iterdir())
+    }
     (inputs / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
     piece_bytes = int(args.piece_mb * 1e6)
@@ -436,15 +567,22 @@ def pack(args) -> int:
     calls = carry_plan(archive, wheels, piece_bytes)
     listing = {"archive": archive, "wheels": wheels, "calls": calls}
     (pieces / PIECES_FILE).write_text(json.dumps(listing, indent=1) + "\n")
-    print(f"inputs: {inputs} ({', '.join(f'{k} {v / 1e6:.1f} MB' for k, v in manifest['bytes'].items())}); "
-          f"{manifest['splits']['train']['n_rows']} train rows, {manifest['splits']['eval']['n_rows']} eval rows; "
-          f"{time.perf_counter() - clock:.0f} s")
-    print(f"pieces: {pieces}: archive {archive['bytes'] / 1e6:.1f} MB in {len(archive['pieces'])} pieces, wheels "
-          f"{sum(w['bytes'] for w in wheels) / 1e6:.1f} MB ({len(wheels)})")
+    print(
+        f"inputs: {inputs} ({', '.join(f'{k} {v / 1e6:.1f} MB' for k, v in manifest['bytes'].items())}); "
+        f"{manifest['splits']['train']['n_rows']} train rows, {manifest['splits']['eval']['n_rows']} eval rows; "
+        f"{time.perf_counter() - clock:.0f} s"
+    )
+    print(
+        f"pieces: {pieces}: archive {archive['bytes'] / 1e6:.1f} MB in {len(archive['pieces'])} pieces, wheels "
+        f"{sum(w['bytes'] for w in wheels) / 1e6:.1f} MB ({len(wheels)})"
+    )
     print(f"before the device calls: ln -sfn {pieces} {args.carry_link}")
     for number, names in enumerate(calls, 1):
-        size = sum(entry["bytes"] for entry in archive["pieces"] + wheels
-                   if entry["name"] in names or entry["name"].split("/")[0] in names)  # fmt: skip
+        size = sum(
+            entry["bytes"]
+            for entry in archive["pieces"] + wheels
+            if entry["name"] in names or entry["name"].split("/")[0] in names
+        )
         carry = json.dumps([f"{args.carry_link}/{name}" for name in names])
         print(f"call {number}: carry {carry} ({size / 1e6:.1f} MB)")
     return 0
@@ -461,8 +599,11 @@ def reassemble(pieces: Path, into: Path) -> int:
         elif path.stat().st_size != entry["bytes"] or sha256_of(path) != entry["sha256"]:
             corrupted.append(entry["name"])
     if missing or corrupted:
-        print(f"cannot reassemble {pieces}: missing {missing or 'none'}, corrupted (size or SHA-256) "
-              f"{corrupted or 'none'}: carry those again", file=sys.stderr)  # fmt: skip
+        print(
+            f"cannot reassemble {pieces}: missing {missing or 'none'}, corrupted (size or SHA-256) "
+            f"{corrupted or 'none'}: carry those again",
+            file=sys.stderr,
+        )
         return 2
     shutil.rmtree(into, ignore_errors=True)
     into.mkdir(parents=True)

@@ -40,34 +40,63 @@ import time  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import torch  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
-
 import results_table  # noqa: E402
-from step_time import (SHAPES, RandomSpeech, Workload, collate, compare, device_name, print_ratios,  # noqa: E402
-                       random_teacher, release, run)  # fmt: skip
+import torch  # noqa: E402
+from step_time import (
+    SHAPES,
+    RandomSpeech,
+    Workload,
+    collate,
+    compare,
+    device_name,
+    print_ratios,  # noqa: E402
+    random_teacher,
+    release,
+    run,
+)
+from transformers import TrainerCallback  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", default="small:2,base:2",
-                        help=f"comma-separated TEACHER_SHAPE:STUDENT_DECODER_LAYERS (shapes: {', '.join(SHAPES)})")
+    parser.add_argument(
+        "--pairs",
+        default="small:2,base:2",
+        help=f"comma-separated TEACHER_SHAPE:STUDENT_DECODER_LAYERS (shapes: {', '.join(SHAPES)})",
+    )
     parser.add_argument("--batch_size", type=int, default=32, help="rows per optimizer step")
     parser.add_argument("--label_tokens", type=int, default=24, help="text tokens per label row")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them (kernel choice, allocation)")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                        help="bf16 mixed precision (default: on)")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                        help="where to train (auto: the GPU when there is one)")
+    parser.add_argument(
+        "--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 mixed precision (default: on)"
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cuda", "cpu"),
+        default="auto",
+        help="where to train (auto: the GPU when there is one)",
+    )
     parser.add_argument("--resume_steps", type=int, default=6, help="steps of the resume check's runs")
-    parser.add_argument("--resume_save", type=int, default=3,
-                        help="checkpoint interval of the resume check; it resumes from the first checkpoint")
-    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                        help="also profile STEPS steps of the last pair's kdq run (after the warmup) and write the "
-                             "operators that took the most device time next to --output (<output>.profile.txt)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="a CPU check: the micro shape, batch 2, 1 timed step, a 4-step resume check")
+    parser.add_argument(
+        "--resume_save",
+        type=int,
+        default=3,
+        help="checkpoint interval of the resume check; it resumes from the first checkpoint",
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also profile STEPS steps of the last pair's kdq run (after the warmup) and write the "
+        "operators that took the most device time next to --output (<output>.profile.txt)",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a CPU check: the micro shape, batch 2, 1 timed step, a 4-step resume check",
+    )
     parser.add_argument("--output", help="write the results as JSON to this file")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -118,23 +147,43 @@ def resume_check(shape: str, decoder_layers: int, work: Workload, steps: int, sa
     def train(output_dir: str, resume: str | None = None) -> dict:
         student = build_student(teacher, decoder_layers=decoder_layers)
         args = DistillQuantArguments(
-            output_dir=output_dir, per_device_train_batch_size=work.batch_size, max_steps=steps, learning_rate=1e-4,
-            warmup_steps=1, logging_steps=1, save_strategy="steps", save_steps=save_every, seed=0, bf16=work.bf16,
-            use_cpu=work.use_cpu, report_to="none", disable_tqdm=True, dataloader_num_workers=0,
-            remove_unused_columns=False, quant_targets="encoder,decoder", quant_bit_choices="2,4,8",
-            size_budget_mb=results_table.uniform_budget_mb(student, "encoder,decoder", 3), layer_matching="dynamic",
-            selection_interval=2, num_distill_layers=min(2, decoder_layers), selection_probe_batches=1,
+            output_dir=output_dir,
+            per_device_train_batch_size=work.batch_size,
+            max_steps=steps,
+            learning_rate=1e-4,
+            warmup_steps=1,
+            logging_steps=1,
+            save_strategy="steps",
+            save_steps=save_every,
+            seed=0,
+            bf16=work.bf16,
+            use_cpu=work.use_cpu,
+            report_to="none",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+            quant_targets="encoder,decoder",
+            quant_bit_choices="2,4,8",
+            size_budget_mb=results_table.uniform_budget_mb(student, "encoder,decoder", 3),
+            layer_matching="dynamic",
+            selection_interval=2,
+            num_distill_layers=min(2, decoder_layers),
+            selection_probe_batches=1,
             cache_encoder_outputs=False,
-        )  # fmt: skip
-        trainer = DistillQuantTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
-                                      data_collator=collate)  # fmt: skip
+        )
+        trainer = DistillQuantTrainer(
+            model=student, teacher_model=teacher, args=args, train_dataset=data, data_collator=collate
+        )
         trainer.train(resume_from_checkpoint=resume)
         model = trainer.accelerator.unwrap_model(trainer.model)
-        result = {"weights": {k: v.detach().float().cpu() for k, v in model.state_dict().items()},
-                  "losses": {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e},
-                  "decisions": [(u["name"], u["bits"], u["distilled"], u["teacher_layer"])
-                                for u in trainer.plan.to_dict()["units"]],
-                  "step": trainer.state.global_step}  # fmt: skip
+        result = {
+            "weights": {k: v.detach().float().cpu() for k, v in model.state_dict().items()},
+            "losses": {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e},
+            "decisions": [
+                (u["name"], u["bits"], u["distilled"], u["teacher_layer"]) for u in trainer.plan.to_dict()["units"]
+            ],
+            "step": trainer.state.global_step,
+        }
         del trainer
         release(student)
         release(teacher)
@@ -149,30 +198,50 @@ def resume_check(shape: str, decoder_layers: int, work: Workload, steps: int, sa
     finally:
         torch.use_deterministic_algorithms(deterministic)
     same_keys = whole["weights"].keys() == resumed["weights"].keys()
-    weight_diff = max((whole["weights"][k] - resumed["weights"][k]).abs().max().item() for k in whole["weights"]) \
-        if same_keys else None  # fmt: skip
+    weight_diff = (
+        max((whole["weights"][k] - resumed["weights"][k]).abs().max().item() for k in whole["weights"])
+        if same_keys
+        else None
+    )
     after = [s for s in whole["losses"] if s > save_every and s in resumed["losses"]]
     return {
-        "teacher": shape, "decoder_layers": decoder_layers, "steps": steps, "resumed_from_step": save_every,
-        "final_step_uninterrupted": whole["step"], "final_step_resumed": resumed["step"], "same_keys": same_keys,
-        "max_abs_weight_diff": weight_diff, "bitwise_equal": weight_diff == 0.0,
-        "max_loss_diff_after_resume": max((abs(whole["losses"][s] - resumed["losses"][s]) for s in after),
-                                          default=None),
-        "steps_compared": after, "plan_decisions_equal": whole["decisions"] == resumed["decisions"],
-    }  # fmt: skip
+        "teacher": shape,
+        "decoder_layers": decoder_layers,
+        "steps": steps,
+        "resumed_from_step": save_every,
+        "final_step_uninterrupted": whole["step"],
+        "final_step_resumed": resumed["step"],
+        "same_keys": same_keys,
+        "max_abs_weight_diff": weight_diff,
+        "bitwise_equal": weight_diff == 0.0,
+        "max_loss_diff_after_resume": max(
+            (abs(whole["losses"][s] - resumed["losses"][s]) for s in after), default=None
+        ),
+        "steps_compared": after,
+        "plan_decisions_equal": whole["decisions"] == resumed["decisions"],
+    }
 
 
 def main(argv=None) -> int:
     cli = parse_args(argv)
     device = cli.device if cli.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    work = Workload(batch_size=cli.batch_size, label_tokens=cli.label_tokens, steps=cli.steps, warmup=cli.warmup,
-                    bf16=cli.bf16, use_cpu=device == "cpu")  # fmt: skip
-    started, clock = dt.datetime.now(dt.timezone.utc), time.perf_counter()
+    work = Workload(
+        batch_size=cli.batch_size,
+        label_tokens=cli.label_tokens,
+        steps=cli.steps,
+        warmup=cli.warmup,
+        bf16=cli.bf16,
+        use_cpu=device == "cpu",
+    )
+    started, clock = dt.datetime.now(dt.UTC), time.perf_counter()
     pairs = []
     for shape, layers in cli.pair_list:
         work.decoder_layers = layers
-        print(f"── {shape} teacher → {layers}-decoder-layer student, batch {work.batch_size}, "
-              f"{'bf16' if work.bf16 else 'fp32'}, {device_name(work)}", flush=True)
+        print(
+            f"── {shape} teacher → {layers}-decoder-layer student, batch {work.batch_size}, "
+            f"{'bf16' if work.bf16 else 'fp32'}, {device_name(work)}",
+            flush=True,
+        )
         result = compare(random_teacher(shape), work)
         print_ratios(result["ratios"])
         pairs.append({"teacher": shape, "decoder_layers": layers, **result})
@@ -186,15 +255,24 @@ def main(argv=None) -> int:
         if cli.output:
             Path(cli.output).parent.mkdir(parents=True, exist_ok=True)
             Path(f"{cli.output}.profile.txt").write_text(profiler.table + "\n")
-    print(f"── resume check: {shape} teacher → {layers} decoder layers, {cli.resume_steps} steps, resumed from "
-          f"checkpoint-{cli.resume_save}", flush=True)
+    print(
+        f"── resume check: {shape} teacher → {layers} decoder layers, {cli.resume_steps} steps, resumed from "
+        f"checkpoint-{cli.resume_save}",
+        flush=True,
+    )
     resume = resume_check(shape, layers, work, cli.resume_steps, cli.resume_save)
     print(json.dumps(resume, indent=1))
     command = shlex.join(["python", *sys.argv] if argv is None else ["gpu_throughput.py", *argv])
-    report = {"device": device_name(work), "machine": results_table.machine_info(torch.get_num_threads()),
-              "workload": {k: v for k, v in asdict(work).items() if k != "decoder_layers"}, "pairs": pairs,
-              "resume": resume, "date": started.isoformat(timespec="seconds"),
-              "wall_seconds": round(time.perf_counter() - clock, 1), "command": command}  # fmt: skip
+    report = {
+        "device": device_name(work),
+        "machine": results_table.machine_info(torch.get_num_threads()),
+        "workload": {k: v for k, v in asdict(work).items() if k != "decoder_layers"},
+        "pairs": pairs,
+        "resume": resume,
+        "date": started.isoformat(timespec="seconds"),
+        "wall_seconds": round(time.perf_counter() - clock, 1),
+        "command": command,
+    }
     if cli.output:
         Path(cli.output).parent.mkdir(parents=True, exist_ok=True)
         Path(cli.output).write_text(json.dumps(report, indent=2) + "\n")

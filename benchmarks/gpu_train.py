@@ -41,12 +41,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from transformers import TrainerCallback
-
 import gpu_pack_inputs
 import results_table
+import torch
 from step_time import StepTimer
+from transformers import TrainerCallback
 
 logger = logging.getLogger("gpu_train")
 REFERENCE_MODELS = {"teacher": "teacher", "tiny.en": "tiny"}  # reference row -> its folder in the inputs
@@ -56,34 +55,72 @@ TRAINING_KEYS = results_table.TRAINING_KEYS | {"bf16", "dataloader_num_workers"}
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--inputs", help="the inputs folder of gpu_pack_inputs.py (reassembled on the GPU)")
-    parser.add_argument("--rows", default="kdq-d2-u4",
-                        help="comma-separated trained rows of results_table.py and reference rows (teacher, tiny.en)")
-    parser.add_argument("--output", default=str(results_table.DEFAULT_OUTPUT),
-                        help="folder of rows/ (complete rows) and pending/ (default: %(default)s; $OUT on the GPU)")
+    parser.add_argument(
+        "--rows",
+        default="kdq-d2-u4",
+        help="comma-separated trained rows of results_table.py and reference rows (teacher, tiny.en)",
+    )
+    parser.add_argument(
+        "--output",
+        default=str(results_table.DEFAULT_OUTPUT),
+        help="folder of rows/ (complete rows) and pending/ (default: %(default)s; $OUT on the GPU)",
+    )
     parser.add_argument("--train_steps", type=int, default=2000, help="optimizer steps per trained row at most")
     parser.add_argument("--train_batch_size", type=int, default=32, help="per-device training batch size")
     parser.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate (results_table's)")
-    parser.add_argument("--max_minutes", type=float, default=8.0,
-                        help="training wall time of all rows together, shared equally (default: %(default)s)")
+    parser.add_argument(
+        "--max_minutes",
+        type=float,
+        default=8.0,
+        help="training wall time of all rows together, shared equally (default: %(default)s)",
+    )
     parser.add_argument("--batch_size", type=int, default=64, help="evaluation batch size")
-    parser.add_argument("--max_new_tokens", type=int, default=128,
-                        help="decoded tokens per utterance at most (results_table's cap; dev.jsonl needs ≤ 38)")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                        help="bf16 mixed-precision training (default: on)")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                        help="where to train and decode (auto: the GPU when there is one)")
-    parser.add_argument("--workers", type=int, default=4,
-                        help="data-loader worker processes (rebuilding 30 s feature windows keeps one core busy)")
-    parser.add_argument("--encoder_cache", action=argparse.BooleanOptionalAction, default=False,
-                        help="the on-disk encoder-output cache of rows with a shared encoder (default: off: on a "
-                             "GPU the encoder pass costs less than reading its output back)")
+    parser.add_argument(
+        "--max_new_tokens",
+        type=int,
+        default=128,
+        help="decoded tokens per utterance at most (results_table's cap; dev.jsonl needs ≤ 38)",
+    )
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bf16 mixed-precision training (default: on)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cuda", "cpu"),
+        default="auto",
+        help="where to train and decode (auto: the GPU when there is one)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=4,
+        help="data-loader worker processes (rebuilding 30 s feature windows keeps one core busy)",
+    )
+    parser.add_argument(
+        "--encoder_cache",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="the on-disk encoder-output cache of rows with a shared encoder (default: off: on a "
+        "GPU the encoder pass costs less than reading its output back)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="training seed")
-    parser.add_argument("--smoke", action="store_true",
-                        help="a CPU check: 2 steps of batch 2 per row, 8 decoded tokens, no loader workers")
-    parser.add_argument("--score", nargs="+", metavar="FILE",
-                        help="complete these pending row JSONs here (scores, sizes) and write them to OUTPUT/rows/")
-    parser.add_argument("--teacher", default=None,
-                        help="with --score: the teacher source to rebuild sizes from (default: the row's)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a CPU check: 2 steps of batch 2 per row, 8 decoded tokens, no loader workers",
+    )
+    parser.add_argument(
+        "--score",
+        nargs="+",
+        metavar="FILE",
+        help="complete these pending row JSONs here (scores, sizes) and write them to OUTPUT/rows/",
+    )
+    parser.add_argument(
+        "--teacher", default=None, help="with --score: the teacher source to rebuild sizes from (default: the row's)"
+    )
     args = parser.parse_args(argv)
     if not args.score and not args.inputs:
         parser.error("give --inputs (a folder of gpu_pack_inputs.py), or --score FILE")
@@ -142,12 +179,28 @@ class Inputs:
 # ---- training --------------------------------------------------------------------------------------------------------
 def training_arguments(row: dict, cli: argparse.Namespace, student, output_dir: Path):
     """The arguments results_table.run_training gives ``row``, with this script's steps, batch, bf16 and loaders."""
-    extra = ["--bf16", str(cli.bf16).lower(), "--dataloader_num_workers", str(cli.workers),
-             "--use_cpu", str(cli.device == "cpu").lower(), "--cache_encoder_outputs", str(cli.encoder_cache).lower(),
-             "--encoder_cache_dir", str(output_dir / "encoder_cache")]  # fmt: skip
-    return results_table.training_arguments(row, student, output_dir, steps=cli.train_steps,
-                                             batch_size=cli.train_batch_size, learning_rate=cli.learning_rate,
-                                             seed=cli.seed, extra=extra)  # fmt: skip
+    extra = [
+        "--bf16",
+        str(cli.bf16).lower(),
+        "--dataloader_num_workers",
+        str(cli.workers),
+        "--use_cpu",
+        str(cli.device == "cpu").lower(),
+        "--cache_encoder_outputs",
+        str(cli.encoder_cache).lower(),
+        "--encoder_cache_dir",
+        str(output_dir / "encoder_cache"),
+    ]
+    return results_table.training_arguments(
+        row,
+        student,
+        output_dir,
+        steps=cli.train_steps,
+        batch_size=cli.train_batch_size,
+        learning_rate=cli.learning_rate,
+        seed=cli.seed,
+        extra=extra,
+    )
 
 
 def row_sizes(student, processor, plan, teacher_sizes: dict, folder: Path) -> dict:
@@ -168,10 +221,14 @@ def train_row(name: str, cli, inputs: Inputs, scratch: Path, budget_seconds: flo
     arguments = training_arguments(row, cli, student, scratch / "trainer")
     steps, budget = StepTimer(), WallBudget(budget_seconds)
     trainer = DistillQuantTrainer(
-        model=student, teacher_model=teacher, args=arguments, train_dataset=inputs.speech["train"],
+        model=student,
+        teacher_model=teacher,
+        args=arguments,
+        train_dataset=inputs.speech["train"],
         data_collator=WhisperDataCollator(processor, decoder_start_token_id=student.config.decoder_start_token_id),
-        processing_class=processor, callbacks=[steps, budget],
-    )  # fmt: skip
+        processing_class=processor,
+        callbacks=[steps, budget],
+    )
     gpu = inputs.device == "cuda"
     if gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -179,22 +236,37 @@ def train_row(name: str, cli, inputs: Inputs, scratch: Path, budget_seconds: flo
         output = trainer.train()
     state, runtime = trainer.state, output.metrics.get("train_runtime")
     train_split = inputs.manifest["splits"]["train"]
-    result["model"] = (f"student of {result['teacher']}: {student.config.encoder_layers} encoder / "
-                       f"{student.config.decoder_layers} decoder layers")  # fmt: skip
+    result["model"] = (
+        f"student of {result['teacher']}: {student.config.encoder_layers} encoder / "
+        f"{student.config.decoder_layers} decoder layers"
+    )
     result["training"] = {
-        "train_steps": state.global_step, "planned_steps": cli.train_steps, "batch_size": cli.train_batch_size,
-        "learning_rate": cli.learning_rate, "bf16": cli.bf16, "rows": train_split["n_rows"],
-        "corpora": train_split["corpora"], "preparation": train_split.get("preparation"),
-        "budget_seconds": budget_seconds, "stopped_by_budget": budget.stopped, "train_runtime_s": runtime,
+        "train_steps": state.global_step,
+        "planned_steps": cli.train_steps,
+        "batch_size": cli.train_batch_size,
+        "learning_rate": cli.learning_rate,
+        "bf16": cli.bf16,
+        "rows": train_split["n_rows"],
+        "corpora": train_split["corpora"],
+        "preparation": train_split.get("preparation"),
+        "budget_seconds": budget_seconds,
+        "stopped_by_budget": budget.stopped,
+        "train_runtime_s": runtime,
         "steps_per_second": state.global_step / runtime if runtime else None,
         "median_step_seconds": statistics.median(steps.times) if steps.times else None,
         "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if gpu else None,
-        "final_train_loss": output.training_loss, "log_history": state.log_history,
+        "final_train_loss": output.training_loss,
+        "log_history": state.log_history,
         "arguments": {k: v for k, v in arguments.to_dict().items() if k in TRAINING_KEYS},
-    }  # fmt: skip
+    }
     if budget.stopped:
-        logger.warning("%s: stopped by its %.0f s budget after %d of %d steps", name, budget_seconds,
-                       state.global_step, cli.train_steps)  # fmt: skip
+        logger.warning(
+            "%s: stopped by its %.0f s budget after %d of %d steps",
+            name,
+            budget_seconds,
+            state.global_step,
+            cli.train_steps,
+        )
     student = trainer.accelerator.unwrap_model(trainer.model).cpu().eval()
     plan = trainer.plan
     result["plan"], result["plan_summary"] = plan.to_dict(), plan.summary()
@@ -214,16 +286,18 @@ def ptq_row(name: str, row: dict, inputs: Inputs, scratch: Path, result: dict, t
     result["model"] = f"{result['teacher']} + round-to-nearest {row['specs']}"
     try:
         with timer(f"{name}: sizes (save_compressed)"):
-            result["sizes"] = results_table.packed_sizes(model, inputs.processor, inputs.teacher_sizes,
-                                                      scratch / "compressed")  # fmt: skip
+            result["sizes"] = results_table.packed_sizes(
+                model, inputs.processor, inputs.teacher_sizes, scratch / "compressed"
+            )
     except ImportError as error:  # compressed-tensors absent: --score rebuilds the sizes
         result["pending"]["sizes"] = str(error)
     return results_table.inference_copy(model), inputs.processor
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------------------
-def transcribe(model, processor, split, *, english_only: bool, batch_size: int, max_new_tokens: int,
-               device: str) -> tuple[list[dict], list[dict]]:  # fmt: skip
+def transcribe(
+    model, processor, split, *, english_only: bool, batch_size: int, max_new_tokens: int, device: str
+) -> tuple[list[dict], list[dict]]:
     """Greedy transcripts of the eval split, grouped by (corpus, language) as evaluate_model groups them:
     (per-corpus entries with audio and decode seconds, per-utterance entries with reference and hypothesis)."""
     groups: dict[tuple[str, str], list[int]] = {}
@@ -242,16 +316,31 @@ def transcribe(model, processor, split, *, english_only: bool, batch_size: int, 
                 batch = indices[first : first + batch_size]
                 features = torch.stack([split.features_of(i) for i in batch]).to(device)
                 options = {"language": language, "task": "transcribe"} if multilingual else {}
-                output = model.generate(input_features=features, max_new_tokens=max_new_tokens, num_beams=1,
-                                        do_sample=False, **options)  # fmt: skip
+                output = model.generate(
+                    input_features=features, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False, **options
+                )
                 texts += [text.strip() for text in processor.batch_decode(output, skip_special_tokens=True)]
             if device == "cuda":
                 torch.cuda.synchronize()
-            corpora.append({"corpus": corpus, "language": language, "n_utterances": len(indices),
-                            "audio_seconds": sum(split.rows[i]["duration"] for i in indices),
-                            "decode_seconds": time.perf_counter() - start})  # fmt: skip
-            utterances += [{"id": split.rows[i]["id"], "corpus": corpus, "language": language,
-                            "reference": split.rows[i]["text"], "hypothesis": text} for i, text in zip(indices, texts)]
+            corpora.append(
+                {
+                    "corpus": corpus,
+                    "language": language,
+                    "n_utterances": len(indices),
+                    "audio_seconds": sum(split.rows[i]["duration"] for i in indices),
+                    "decode_seconds": time.perf_counter() - start,
+                }
+            )
+            utterances += [
+                {
+                    "id": split.rows[i]["id"],
+                    "corpus": corpus,
+                    "language": language,
+                    "reference": split.rows[i]["text"],
+                    "hypothesis": text,
+                }
+                for i, text in zip(indices, texts)
+            ]
     return corpora, utterances
 
 
@@ -263,33 +352,55 @@ def score_evaluation(evaluation: dict) -> None:
     scores = {}
     for corpus in evaluation["corpora"]:
         rows = [u for u in evaluation["utterances"] if u["corpus"] == corpus["corpus"]]
-        result = score([u["reference"] for u in rows], [u["hypothesis"] for u in rows], corpus["language"],
-                       per_utterance=True)  # fmt: skip
+        result = score(
+            [u["reference"] for u in rows], [u["hypothesis"] for u in rows], corpus["language"], per_utterance=True
+        )
         for row, record in zip(rows, result.pop("utterances")):
             row.update(record)
         audio, decode = corpus["audio_seconds"], corpus["decode_seconds"]
-        scores[corpus["corpus"]] = {"metric": result["metric"], "error_rate": result[result["metric"]],
-                                    "n_utterances": corpus["n_utterances"], "audio_seconds": audio,
-                                    "decode_seconds": decode, "rtf": decode / audio if audio else None}  # fmt: skip
+        scores[corpus["corpus"]] = {
+            "metric": result["metric"],
+            "error_rate": result[result["metric"]],
+            "n_utterances": corpus["n_utterances"],
+            "audio_seconds": audio,
+            "decode_seconds": decode,
+            "rtf": decode / audio if audio else None,
+        }
     evaluation["scores"] = scores
 
 
 def evaluate(name: str, model, processor, cli, inputs: Inputs, result: dict, timer) -> None:
     english_only = not getattr(model.generation_config, "is_multilingual", True)
     with timer(f"{name}: evaluate"):
-        corpora, utterances = transcribe(model, processor, inputs.speech["eval"], english_only=english_only,
-                                         batch_size=cli.batch_size, max_new_tokens=cli.max_new_tokens,
-                                         device=inputs.device)  # fmt: skip
+        corpora, utterances = transcribe(
+            model,
+            processor,
+            inputs.speech["eval"],
+            english_only=english_only,
+            batch_size=cli.batch_size,
+            max_new_tokens=cli.max_new_tokens,
+            device=inputs.device,
+        )
     audio, decode = sum(c["audio_seconds"] for c in corpora), sum(c["decode_seconds"] for c in corpora)
     device = torch.cuda.get_device_name() if inputs.device == "cuda" else "cpu"
     # "rtf" is the table's CPU real-time factor column: a GPU's decode time does not belong there.
     result["evaluation"] = {
-        "english_only": english_only, "scores": None, "rtf": None, "gpu_rtf": decode / audio if audio else None,
-        "n_utterances": len(utterances), "audio_seconds": audio, "decode_seconds": decode,
-        "batch_size": cli.batch_size, "num_beams": 1, "dtype": "float32", "device": device,
-        "max_new_tokens": cli.max_new_tokens, "features": "fp16 log-mel packed by gpu_pack_inputs.py",
-        "corpora": corpora, "utterances": utterances,
-    }  # fmt: skip
+        "english_only": english_only,
+        "scores": None,
+        "rtf": None,
+        "gpu_rtf": decode / audio if audio else None,
+        "n_utterances": len(utterances),
+        "audio_seconds": audio,
+        "decode_seconds": decode,
+        "batch_size": cli.batch_size,
+        "num_beams": 1,
+        "dtype": "float32",
+        "device": device,
+        "max_new_tokens": cli.max_new_tokens,
+        "features": "fp16 log-mel packed by gpu_pack_inputs.py",
+        "corpora": corpora,
+        "utterances": utterances,
+    }
     try:
         score_evaluation(result["evaluation"])
     except ImportError as error:  # jiwer / opencc / cn2an absent: --score scores the transcripts here
@@ -310,17 +421,28 @@ def run_row(name: str, cli, inputs: Inputs, budget_seconds: float, machine: dict
 
     timer = PhaseTimer()
     reference = name in REFERENCE_MODELS
-    row = {"method": "reference", "kind": "reference", "description": f"{name}, fp16 on disk"} if reference \
-        else results_table.ROWS[name]  # fmt: skip
-    started, clock = dt.datetime.now(dt.timezone.utc), time.perf_counter()
+    row = (
+        {"method": "reference", "kind": "reference", "description": f"{name}, fp16 on disk"}
+        if reference
+        else results_table.ROWS[name]
+    )
+    started, clock = dt.datetime.now(dt.UTC), time.perf_counter()
     manifest = inputs.manifest
     where = "a GPU" if inputs.device == "cuda" else "the CPU"
-    result = {"row": f"{name}-gpu", "method": row["method"], "kind": row["kind"],
-              "description": f"{row['description']} — on {where} ({'bf16, ' if cli.bf16 and row['kind'] == 'train' else ''}"
-                             f"fp16 features)",
-              "config": {k: v for k, v in row.items() if k not in ("method", "description", "kind")},
-              "teacher": manifest["teacher"]["source"], "teacher_sizes": inputs.teacher_sizes, "training": None,
-              "plan": None, "ct2": None, "pending": {}}  # fmt: skip
+    result = {
+        "row": f"{name}-gpu",
+        "method": row["method"],
+        "kind": row["kind"],
+        "description": f"{row['description']} — on {where} ({'bf16, ' if cli.bf16 and row['kind'] == 'train' else ''}"
+        f"fp16 features)",
+        "config": {k: v for k, v in row.items() if k not in ("method", "description", "kind")},
+        "teacher": manifest["teacher"]["source"],
+        "teacher_sizes": inputs.teacher_sizes,
+        "training": None,
+        "plan": None,
+        "ct2": None,
+        "pending": {},
+    }
     load_before = results_table.load_average()
     with tempfile.TemporaryDirectory(prefix=f"{name}-") as scratch:
         if reference:
@@ -339,13 +461,20 @@ def run_row(name: str, cli, inputs: Inputs, budget_seconds: float, machine: dict
         torch.cuda.empty_cache()
     steps = (result["training"] or {}).get("train_steps")
     result["eval_limit_per_corpus"] = manifest.get("eval_limit_per_corpus")
-    result["smoke"] = bool(cli.smoke or manifest.get("smoke") or manifest.get("eval_limit_per_corpus")
-                           or (steps is not None and steps < 1000))  # fmt: skip
+    result["smoke"] = bool(
+        cli.smoke
+        or manifest.get("smoke")
+        or manifest.get("eval_limit_per_corpus")
+        or (steps is not None and steps < 1000)
+    )
     result["phase_seconds"] = {k: round(v, 1) for k, v in timer.seconds.items()}
     result["wall_seconds"] = round(time.perf_counter() - clock, 1)
     result["command"] = command
-    result["machine"] = {**machine, "load_average_before": load_before,
-                         "load_average_after": results_table.load_average()}
+    result["machine"] = {
+        **machine,
+        "load_average_before": load_before,
+        "load_average_after": results_table.load_average(),
+    }
     result["date"] = started.isoformat(timespec="seconds")
     return write_row(result, Path(cli.output))
 
@@ -357,10 +486,12 @@ def summary(path: Path) -> str:
     line = f"{result['row']}: {rates or 'scores pending (--score here)'}"
     if training := result.get("training"):
         memory = training["peak_gpu_memory_bytes"]
-        line += (f"; {training['train_steps']} steps × batch {training['batch_size']}, "
-                 f"{training['steps_per_second'] or 0:.2f} steps/s"
-                 + ("" if memory is None else f", peak {memory / 2**30:.1f} GiB")
-                 + (" (stopped by the time budget)" if training["stopped_by_budget"] else ""))  # fmt: skip
+        line += (
+            f"; {training['train_steps']} steps × batch {training['batch_size']}, "
+            f"{training['steps_per_second'] or 0:.2f} steps/s"
+            + ("" if memory is None else f", peak {memory / 2**30:.1f} GiB")
+            + (" (stopped by the time budget)" if training["stopped_by_budget"] else "")
+        )
     return f"{line} → {path}"
 
 
@@ -381,8 +512,9 @@ def complete(path: Path, cli) -> Path:
         with tempfile.TemporaryDirectory() as scratch:
             if result["kind"] == "ptq":
                 model = results_table.ptq_model(teacher, result["config"]["specs"])
-                result["sizes"] = results_table.packed_sizes(model, processor, result["teacher_sizes"],
-                                                          Path(scratch) / "packed")  # fmt: skip
+                result["sizes"] = results_table.packed_sizes(
+                    model, processor, result["teacher_sizes"], Path(scratch) / "packed"
+                )
             else:
                 student = build_student(teacher, decoder_layers=result["config"]["decoder_layers"])
                 plan = KDQPlan.from_dict(result["plan"])

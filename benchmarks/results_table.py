@@ -75,81 +75,209 @@ logger = logging.getLogger("results_table")
 # targeted layer at B bits (per group of 32), so the guided rows, QAT-only and unguided KDQ have equal planned bytes.
 ALL_TARGETS = "encoder,decoder,embedding"
 ROWS: dict[str, dict] = {
-    "teacher": dict(kind="reference", method="reference", model="teacher",
-                    description="teacher, fp16 on disk"),
-    "tiny.en": dict(kind="reference", method="reference", model="tiny",
-                    description="original whisper-tiny.en, fp16 on disk (English only)"),
-    "ptq-int8": dict(kind="ptq", method="naive PTQ",
-                     specs={"encoder": "int8", "decoder": "int8", "embedding": "int8"},
-                     description="teacher, round-to-nearest int8 per channel everywhere"),
-    "ptq-int4g32-emb8": dict(kind="ptq", method="naive PTQ",
-                             specs={"encoder": "int4-g32", "decoder": "int4-g32", "embedding": "int8"},
-                             description="teacher, int4 group-32 encoder+decoder, int8 per-channel embedding"),
-    "ptq-int4g32": dict(kind="ptq", method="naive PTQ",
-                        specs={"encoder": "int4-g32", "decoder": "int4-g32", "embedding": "int4-g32"},
-                        description="teacher, int4 group-32 everywhere"),
-    "ptq-int3g32": dict(kind="ptq", method="naive PTQ",
-                        specs={"encoder": "int3-g32", "decoder": "int3-g32", "embedding": "int3-g32"},
-                        description="teacher, int3 group-32 everywhere"),
-    "kdq-base-u4": dict(kind="train", method="KDQ (guided)", decoder_layers=None, quant_targets=ALL_TARGETS,
-                        bits="2,3,4,8", budget="uniform:4", guided=True,
-                        description="teacher architecture, guided bits {2,3,4,8} at the uniform-int4 size"),
-    "kdq-base-u3": dict(kind="train", method="KDQ (guided)", decoder_layers=None, quant_targets=ALL_TARGETS,
-                        bits="2,3,4,8", budget="uniform:3", guided=True,
-                        description="teacher architecture, guided bits {2,3,4,8} at the uniform-int3 size"),
-    "kdq-d2-u4": dict(kind="train", method="KDQ (guided)", decoder_layers=2, quant_targets=ALL_TARGETS,
-                      bits="2,3,4,8", budget="uniform:4", guided=True,
-                      description="2 spaced decoder layers, guided bits {2,3,4,8} at the uniform-int4 size"),
-    "kdq-d2-u3": dict(kind="train", method="KDQ (guided)", decoder_layers=2, quant_targets=ALL_TARGETS,
-                      bits="2,3,4,8", budget="uniform:3", guided=True,
-                      description="2 spaced decoder layers, guided bits {2,3,4,8} at the uniform-int3 size"),
-    "kdq-d2-decemb-u4": dict(kind="train", method="KDQ (guided)", decoder_layers=2, quant_targets="decoder,embedding",
-                             bits="2,3,4,8", budget="uniform:4", guided=True,
-                             description="2 decoder layers; decoder+embedding guided at the uniform-int4 size, "
-                                         "encoder fp16 and shared with the teacher (the cheapest row to train)"),
-    "kdq-d2-u4-relhidden": dict(kind="train", method="KDQ (guided)", decoder_layers=2, quant_targets=ALL_TARGETS,
-                                bits="2,3,4,8", budget="uniform:4", guided=True, hidden_loss_scale="relative",
-                                description="as kdq-d2-u4 with the scale-free hidden loss (hidden_loss_scale="
-                                            "relative): the absolute one outweighs CE and KD ~10× on whisper-base"),
-    "kdq-d2-decemb-u4-relhidden": dict(kind="train", method="KDQ (guided)", decoder_layers=2,
-                                       quant_targets="decoder,embedding", bits="2,3,4,8", budget="uniform:4",
-                                       guided=True, hidden_loss_scale="relative",
-                                       description="as kdq-d2-decemb-u4 with the scale-free hidden loss: the CPU "
-                                                   "counterpart of kdq-d2-u4-relhidden"),
-    "distill-d2": dict(kind="train", method="distillation only", decoder_layers=2, quant_targets=ALL_TARGETS,
-                       bits="float", budget=None, guided=False,
-                       description="ablation: 2 decoder layers, distillation without quantization (float)"),
-    "qat-d2-u4": dict(kind="train", method="QAT only", decoder_layers=2, quant_targets=ALL_TARGETS,
-                      bits="2,3,4,8", budget="uniform:4", guided=True, kd_weight=0.0, hidden_weight=0.0,
-                      description="ablation: as kdq-d2-u4 without distillation (kd_weight=0, hidden_weight=0)"),
-    "kdq-unguided-d2-4": dict(kind="train", method="KDQ (unguided)", decoder_layers=2, quant_targets=ALL_TARGETS,
-                              bits="4", budget=None, guided=False,
-                              description="ablation: as kdq-d2-u4 with uniform int4 (one bit choice) and static "
-                                          "layer matching, selected once"),
+    "teacher": dict(kind="reference", method="reference", model="teacher", description="teacher, fp16 on disk"),
+    "tiny.en": dict(
+        kind="reference",
+        method="reference",
+        model="tiny",
+        description="original whisper-tiny.en, fp16 on disk (English only)",
+    ),
+    "ptq-int8": dict(
+        kind="ptq",
+        method="naive PTQ",
+        specs={"encoder": "int8", "decoder": "int8", "embedding": "int8"},
+        description="teacher, round-to-nearest int8 per channel everywhere",
+    ),
+    "ptq-int4g32-emb8": dict(
+        kind="ptq",
+        method="naive PTQ",
+        specs={"encoder": "int4-g32", "decoder": "int4-g32", "embedding": "int8"},
+        description="teacher, int4 group-32 encoder+decoder, int8 per-channel embedding",
+    ),
+    "ptq-int4g32": dict(
+        kind="ptq",
+        method="naive PTQ",
+        specs={"encoder": "int4-g32", "decoder": "int4-g32", "embedding": "int4-g32"},
+        description="teacher, int4 group-32 everywhere",
+    ),
+    "ptq-int3g32": dict(
+        kind="ptq",
+        method="naive PTQ",
+        specs={"encoder": "int3-g32", "decoder": "int3-g32", "embedding": "int3-g32"},
+        description="teacher, int3 group-32 everywhere",
+    ),
+    "kdq-base-u4": dict(
+        kind="train",
+        method="KDQ (guided)",
+        decoder_layers=None,
+        quant_targets=ALL_TARGETS,
+        bits="2,3,4,8",
+        budget="uniform:4",
+        guided=True,
+        description="teacher architecture, guided bits {2,3,4,8} at the uniform-int4 size",
+    ),
+    "kdq-base-u3": dict(
+        kind="train",
+        method="KDQ (guided)",
+        decoder_layers=None,
+        quant_targets=ALL_TARGETS,
+        bits="2,3,4,8",
+        budget="uniform:3",
+        guided=True,
+        description="teacher architecture, guided bits {2,3,4,8} at the uniform-int3 size",
+    ),
+    "kdq-d2-u4": dict(
+        kind="train",
+        method="KDQ (guided)",
+        decoder_layers=2,
+        quant_targets=ALL_TARGETS,
+        bits="2,3,4,8",
+        budget="uniform:4",
+        guided=True,
+        description="2 spaced decoder layers, guided bits {2,3,4,8} at the uniform-int4 size",
+    ),
+    "kdq-d2-u3": dict(
+        kind="train",
+        method="KDQ (guided)",
+        decoder_layers=2,
+        quant_targets=ALL_TARGETS,
+        bits="2,3,4,8",
+        budget="uniform:3",
+        guided=True,
+        description="2 spaced decoder layers, guided bits {2,3,4,8} at the uniform-int3 size",
+    ),
+    "kdq-d2-decemb-u4": dict(
+        kind="train",
+        method="KDQ (guided)",
+        decoder_layers=2,
+        quant_targets="decoder,embedding",
+        bits="2,3,4,8",
+        budget="uniform:4",
+        guided=True,
+        description="2 decoder layers; decoder+embedding guided at the uniform-int4 size, "
+        "encoder fp16 and shared with the teacher (the cheapest row to train)",
+    ),
+    "kdq-d2-u4-relhidden": dict(
+        kind="train",
+        method="KDQ (guided)",
+        decoder_layers=2,
+        quant_targets=ALL_TARGETS,
+        bits="2,3,4,8",
+        budget="uniform:4",
+        guided=True,
+        hidden_loss_scale="relative",
+        description="as kdq-d2-u4 with the scale-free hidden loss (hidden_loss_scale="
+        "relative): the absolute one outweighs CE and KD ~10× on whisper-base",
+    ),
+    "kdq-d2-decemb-u4-relhidden": dict(
+        kind="train",
+        method="KDQ (guided)",
+        decoder_layers=2,
+        quant_targets="decoder,embedding",
+        bits="2,3,4,8",
+        budget="uniform:4",
+        guided=True,
+        hidden_loss_scale="relative",
+        description="as kdq-d2-decemb-u4 with the scale-free hidden loss: the CPU counterpart of kdq-d2-u4-relhidden",
+    ),
+    "distill-d2": dict(
+        kind="train",
+        method="distillation only",
+        decoder_layers=2,
+        quant_targets=ALL_TARGETS,
+        bits="float",
+        budget=None,
+        guided=False,
+        description="ablation: 2 decoder layers, distillation without quantization (float)",
+    ),
+    "qat-d2-u4": dict(
+        kind="train",
+        method="QAT only",
+        decoder_layers=2,
+        quant_targets=ALL_TARGETS,
+        bits="2,3,4,8",
+        budget="uniform:4",
+        guided=True,
+        kd_weight=0.0,
+        hidden_weight=0.0,
+        description="ablation: as kdq-d2-u4 without distillation (kd_weight=0, hidden_weight=0)",
+    ),
+    "kdq-unguided-d2-4": dict(
+        kind="train",
+        method="KDQ (unguided)",
+        decoder_layers=2,
+        quant_targets=ALL_TARGETS,
+        bits="4",
+        budget=None,
+        guided=False,
+        description="ablation: as kdq-d2-u4 with uniform int4 (one bit choice) and static "
+        "layer matching, selected once",
+    ),
     # The same ablations on the cheap decoder+embedding row (shared fp16 encoder), at kdq-d2-decemb-u4's bytes.
-    "qat-d2-decemb-u4": dict(kind="train", method="QAT only", decoder_layers=2, quant_targets="decoder,embedding",
-                             bits="2,3,4,8", budget="uniform:4", guided=True, kd_weight=0.0, hidden_weight=0.0,
-                             description="ablation: as kdq-d2-decemb-u4 without distillation"),
-    "kdq-unguided-d2-decemb-4": dict(kind="train", method="KDQ (unguided)", decoder_layers=2,
-                                     quant_targets="decoder,embedding", bits="4", budget=None, guided=False,
-                                     description="ablation: as kdq-d2-decemb-u4 with uniform int4 and static "
-                                                 "layer matching, selected once"),
+    "qat-d2-decemb-u4": dict(
+        kind="train",
+        method="QAT only",
+        decoder_layers=2,
+        quant_targets="decoder,embedding",
+        bits="2,3,4,8",
+        budget="uniform:4",
+        guided=True,
+        kd_weight=0.0,
+        hidden_weight=0.0,
+        description="ablation: as kdq-d2-decemb-u4 without distillation",
+    ),
+    "kdq-unguided-d2-decemb-4": dict(
+        kind="train",
+        method="KDQ (unguided)",
+        decoder_layers=2,
+        quant_targets="decoder,embedding",
+        bits="4",
+        budget=None,
+        guided=False,
+        description="ablation: as kdq-d2-decemb-u4 with uniform int4 and static layer matching, selected once",
+    ),
     # Teacher architecture with the encoder fp16 and shared: quantization of the decoder and embedding alone, the
     # bytes KDQ can recover from the teacher cheaply (no encoder backward), against round-to-nearest at equal bytes.
-    "ptq-decemb-int3g32": dict(kind="ptq", method="naive PTQ", specs={"decoder": "int3-g32", "embedding": "int3-g32"},
-                               description="teacher, int3 group-32 decoder+embedding, encoder fp16"),
-    "kdq-base-decemb-u3": dict(kind="train", method="KDQ (guided)", decoder_layers=None,
-                               quant_targets="decoder,embedding", bits="2,3,4,8", budget="uniform:3", guided=True,
-                               description="teacher architecture; decoder+embedding guided at the uniform-int3 size, "
-                                           "encoder fp16 and shared with the teacher"),
-    "kdq-unguided-base-decemb-3": dict(kind="train", method="KDQ (unguided)", decoder_layers=None,
-                                       quant_targets="decoder,embedding", bits="3", budget=None, guided=False,
-                                       description="ablation: as kdq-base-decemb-u3 with uniform int3 and static "
-                                                   "layer matching, selected once"),
-    "qat-base-decemb-u3": dict(kind="train", method="QAT only", decoder_layers=None, quant_targets="decoder,embedding",
-                               bits="2,3,4,8", budget="uniform:3", guided=True, kd_weight=0.0, hidden_weight=0.0,
-                               description="ablation: as kdq-base-decemb-u3 without distillation"),
-}  # fmt: skip
+    "ptq-decemb-int3g32": dict(
+        kind="ptq",
+        method="naive PTQ",
+        specs={"decoder": "int3-g32", "embedding": "int3-g32"},
+        description="teacher, int3 group-32 decoder+embedding, encoder fp16",
+    ),
+    "kdq-base-decemb-u3": dict(
+        kind="train",
+        method="KDQ (guided)",
+        decoder_layers=None,
+        quant_targets="decoder,embedding",
+        bits="2,3,4,8",
+        budget="uniform:3",
+        guided=True,
+        description="teacher architecture; decoder+embedding guided at the uniform-int3 size, "
+        "encoder fp16 and shared with the teacher",
+    ),
+    "kdq-unguided-base-decemb-3": dict(
+        kind="train",
+        method="KDQ (unguided)",
+        decoder_layers=None,
+        quant_targets="decoder,embedding",
+        bits="3",
+        budget=None,
+        guided=False,
+        description="ablation: as kdq-base-decemb-u3 with uniform int3 and static layer matching, selected once",
+    ),
+    "qat-base-decemb-u3": dict(
+        kind="train",
+        method="QAT only",
+        decoder_layers=None,
+        quant_targets="decoder,embedding",
+        bits="2,3,4,8",
+        budget="uniform:3",
+        guided=True,
+        kd_weight=0.0,
+        hidden_weight=0.0,
+        description="ablation: as kdq-base-decemb-u3 without distillation",
+    ),
+}
 PRESETS = {
     "all": list(ROWS),
     "cheap": ["teacher", "tiny.en", "ptq-int8", "ptq-int4g32-emb8", "ptq-int4g32", "ptq-int3g32"],
@@ -162,46 +290,78 @@ PRESETS = {
 # ---- command line ----------------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default=None,
-                        help=f"comma-separated rows and presets ({', '.join(PRESETS)}) to compute; see --list")
+    parser.add_argument(
+        "--rows", default=None, help=f"comma-separated rows and presets ({', '.join(PRESETS)}) to compute; see --list"
+    )
     parser.add_argument("--list", action="store_true", help="list the rows and exit")
     parser.add_argument("--merge", action="store_true", help="compute nothing: merge the row JSONs into the table")
     parser.add_argument("--eval_limit", type=int, default=None, help="utterances per corpus (default: all)")
     parser.add_argument("--train_steps", type=int, default=300, help="optimizer steps of trained rows")
-    parser.add_argument("--train_rows", type=int, default=None,
-                        help="teacher-labelled LibriSpeech utterances for training (default: all of unlabeled.jsonl)")
+    parser.add_argument(
+        "--train_rows",
+        type=int,
+        default=None,
+        help="teacher-labelled LibriSpeech utterances for training (default: all of unlabeled.jsonl)",
+    )
     parser.add_argument("--synthetic_rows", type=int, default=120, help="synthetic training utterances (0: none)")
-    parser.add_argument("--synthetic_text", default=None,
-                        help="id<TAB>text file to synthesize them from (default: the package's embedded prompts, "
-                             "of which 187 are for training; e.g. ../shared/data/text/ljspeech_prompts.tsv for more)")
+    parser.add_argument(
+        "--synthetic_text",
+        default=None,
+        help="id<TAB>text file to synthesize them from (default: the package's embedded prompts, "
+        "of which 187 are for training; e.g. ../shared/data/text/ljspeech_prompts.tsv for more)",
+    )
     parser.add_argument("--train_batch_size", type=int, default=8, help="per-device training batch size")
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--batch_size", type=int, default=16, help="transformers evaluation batch size")
-    parser.add_argument("--max_new_tokens", type=int, default=128,
-                        help="cap on decoded tokens per utterance in evaluations (default: %(default)s; the longest "
-                             "dev.jsonl reference is 38 tokens): bounds the time a degenerate student spends repeating "
-                             "itself up to Whisper's 448 positions")
+    parser.add_argument(
+        "--max_new_tokens",
+        type=int,
+        default=128,
+        help="cap on decoded tokens per utterance in evaluations (default: %(default)s; the longest "
+        "dev.jsonl reference is 38 tokens): bounds the time a degenerate student spends repeating "
+        "itself up to Whisper's 448 positions",
+    )
     parser.add_argument("--teacher", default="openai/whisper-base", help="any sources.load_whisper source")
     parser.add_argument("--tiny", default="openai/whisper-tiny.en", help="the original small model of row tiny.en")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder with dev.jsonl and unlabeled.jsonl")
     parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="results folder (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="CPU threads for torch and CTranslate2 (default: torch's, %(default)s)")
-    parser.add_argument("--ct2", action=argparse.BooleanOptionalAction, default=True,
-                        help="also export to CTranslate2 int8 and time faster-whisper (default: on)")
-    parser.add_argument("--keep_exports", action="store_true",
-                        help="keep each row's exported checkpoints under OUTPUT/<row>/ (default: deleted once "
-                             "measured)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="CPU threads for torch and CTranslate2 (default: torch's, %(default)s)",
+    )
+    parser.add_argument(
+        "--ct2",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also export to CTranslate2 int8 and time faster-whisper (default: on)",
+    )
+    parser.add_argument(
+        "--keep_exports",
+        action="store_true",
+        help="keep each row's exported checkpoints under OUTPUT/<row>/ (default: deleted once measured)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bf16", action="store_true",
-                        help="train in bf16 CPU autocast (only worth it where the CPU has native bf16: AVX512-BF16 or AMX)")
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="train in bf16 CPU autocast (only worth it where the CPU has native bf16: AVX512-BF16 or AMX)",
+    )
     args = parser.parse_args(argv)
     if args.list:
         return args
     if not args.merge and not args.rows:
         parser.error("give --rows (see --list), or --merge to only rebuild the table")
-    positive = ("eval_limit", "max_new_tokens", "train_steps", "train_rows", "train_batch_size", "batch_size",
-                "threads")
+    positive = (
+        "eval_limit",
+        "max_new_tokens",
+        "train_steps",
+        "train_rows",
+        "train_batch_size",
+        "batch_size",
+        "threads",
+    )
     for name in positive:
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -228,8 +388,14 @@ def machine_info(threads: int) -> dict:
 
     cpu_model = None
     try:
-        cpu_model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                          if line.startswith("model name")), None)  # fmt: skip
+        cpu_model = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            None,
+        )
     except OSError:
         pass
     info = {
@@ -298,8 +464,11 @@ class Context:
                 if line.strip():
                     row = json.loads(line)
                     corpora.setdefault(row.get("corpus"), row.get("language"))
-            parts = [load_manifest(manifest, corpora=[corpus], limit=self.args.eval_limit)
-                     for corpus, language in corpora.items() if not english_only or language == "en"]  # fmt: skip
+            parts = [
+                load_manifest(manifest, corpora=[corpus], limit=self.args.eval_limit)
+                for corpus, language in corpora.items()
+                if not english_only or language == "en"
+            ]
             self._eval_sets[english_only] = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
         return self._eval_sets[english_only]
 
@@ -309,8 +478,10 @@ class Context:
         known = json.loads(path.read_text()) if path.is_file() else {}
         if self.args.teacher not in known:
             model, processor = self.teacher()
-            known[self.args.teacher] = {"fp16_bytes_on_disk": fp16_weights_bytes(model, processor),
-                                        "fp16_parameter_bytes": 2 * n_parameters(model)}  # fmt: skip
+            known[self.args.teacher] = {
+                "fp16_bytes_on_disk": fp16_weights_bytes(model, processor),
+                "fp16_parameter_bytes": 2 * n_parameters(model),
+            }
             path.write_text(json.dumps(known, indent=2) + "\n")
         return known[self.args.teacher]
 
@@ -321,9 +492,13 @@ class Context:
             from hf_whisper_kdq.compress import CompressArguments, _training_data
 
             manifest = self.labelled_manifest()
-            compress = CompressArguments(teacher=self.args.teacher, level="none", train_manifest=str(manifest),
-                                         synthetic_prompts=self.args.synthetic_rows,
-                                         synthetic_text=self.args.synthetic_text)  # fmt: skip
+            compress = CompressArguments(
+                teacher=self.args.teacher,
+                level="none",
+                train_manifest=str(manifest),
+                synthetic_prompts=self.args.synthetic_rows,
+                synthetic_text=self.args.synthetic_text,
+            )
             model, processor = self.teacher()
             if len(load_manifest(manifest)) == 0 and not compress.synthetic_prompts:
                 raise ValueError("no training data: every teacher label was empty and --synthetic_rows is 0")
@@ -343,8 +518,9 @@ class Context:
         if todo:
             model, processor = self.teacher()
             with self.timer(f"label {len(todo)} utterances with the teacher"):
-                labelled, report = pseudo_label(unlabeled.select(todo), model, processor,
-                                                batch_size=self.args.batch_size, progress=False)  # fmt: skip
+                labelled, report = pseudo_label(
+                    unlabeled.select(todo), model, processor, batch_size=self.args.batch_size, progress=False
+                )
             logger.info("%s", report.summary())
             got = dict(zip(labelled["id"], labelled["text"]))
             for i in todo:
@@ -355,8 +531,12 @@ class Context:
             for row in unlabeled:
                 if labels.get(row["id"]):
                     entry = {key: row[key] for key in ("id", "corpus", "language", "duration")}
-                    file.write(json.dumps({**entry, "audio": row["audio"]["path"], "text": labels[row["id"]]},
-                                          ensure_ascii=False) + "\n")  # fmt: skip
+                    file.write(
+                        json.dumps(
+                            {**entry, "audio": row["audio"]["path"], "text": labels[row["id"]]}, ensure_ascii=False
+                        )
+                        + "\n"
+                    )
         return manifest
 
 
@@ -406,28 +586,48 @@ def measure(ctx: Context, name: str, model, processor, row_dir: Path, result: di
     dataset = ctx.eval_set(english_only)
     plain = inference_copy(model)
     with ctx.timer(f"{name}: evaluate (transformers)"):
-        report = evaluate_model(plain, processor, dataset, batch_size=ctx.args.batch_size,
-                                max_new_tokens=ctx.args.max_new_tokens, progress=False)
+        report = evaluate_model(
+            plain,
+            processor,
+            dataset,
+            batch_size=ctx.args.batch_size,
+            max_new_tokens=ctx.args.max_new_tokens,
+            progress=False,
+        )
     del plain
     gc.collect()
     report.save_json(row_dir / "eval_transformers.json", per_utterance=True)
-    result["evaluation"] = {"english_only": english_only, "scores": scores(report), "rtf": report.rtf,
-                            "n_utterances": report.n_utterances, "audio_seconds": report.audio_seconds,
-                            "batch_size": report.batch_size, "num_beams": report.num_beams, "dtype": report.dtype,
-                            "max_new_tokens": ctx.args.max_new_tokens}
+    result["evaluation"] = {
+        "english_only": english_only,
+        "scores": scores(report),
+        "rtf": report.rtf,
+        "n_utterances": report.n_utterances,
+        "audio_seconds": report.audio_seconds,
+        "batch_size": report.batch_size,
+        "num_beams": report.num_beams,
+        "dtype": report.dtype,
+        "max_new_tokens": ctx.args.max_new_tokens,
+    }
     result["ct2"] = None
     if ctx.args.ct2:
         from hf_whisper_kdq.evaluation import weight_files
         from hf_whisper_kdq.export.ctranslate2 import evaluate_faster_whisper, export_ctranslate2
 
         with ctx.timer(f"{name}: CTranslate2 int8 export + evaluate"):
-            folder = export_ctranslate2(model, processor, row_dir / "ctranslate2-int8", quantization="int8",
-                                        overwrite=True)  # fmt: skip
-            ct2 = evaluate_faster_whisper(folder, dataset, cpu_threads=ctx.args.threads,
-                                          max_new_tokens=ctx.args.max_new_tokens)
+            folder = export_ctranslate2(
+                model, processor, row_dir / "ctranslate2-int8", quantization="int8", overwrite=True
+            )
+            ct2 = evaluate_faster_whisper(
+                folder, dataset, cpu_threads=ctx.args.threads, max_new_tokens=ctx.args.max_new_tokens
+            )
         ct2.save_json(row_dir / "eval_ct2.json", per_utterance=True)
-        result["ct2"] = {"quantization": "int8", "compute_type": ct2.dtype, "rtf": ct2.rtf, "scores": scores(ct2),
-                         "bytes_on_disk": sum(path.stat().st_size for path in weight_files(folder))}
+        result["ct2"] = {
+            "quantization": "int8",
+            "compute_type": ct2.dtype,
+            "rtf": ct2.rtf,
+            "scores": scores(ct2),
+            "bytes_on_disk": sum(path.stat().st_size for path in weight_files(folder)),
+        }
 
 
 def sizes_from_report(report: dict, teacher: dict) -> dict:
@@ -450,9 +650,13 @@ def sizes_from_report(report: dict, teacher: dict) -> dict:
 def float_sizes(model, processor, teacher: dict) -> dict:
     on_disk = fp16_weights_bytes(model, processor)
     paper = 2 * n_parameters(model)
-    return {"bytes_on_disk": on_disk, "paper_bytes": paper, "stored": "fp16 safetensors (save_whisper)",
-            "ratio_to_teacher_fp16": teacher["fp16_bytes_on_disk"] / on_disk,
-            "paper_ratio": teacher["fp16_parameter_bytes"] / paper}
+    return {
+        "bytes_on_disk": on_disk,
+        "paper_bytes": paper,
+        "stored": "fp16 safetensors (save_whisper)",
+        "ratio_to_teacher_fp16": teacher["fp16_bytes_on_disk"] / on_disk,
+        "paper_ratio": teacher["fp16_parameter_bytes"] / paper,
+    }
 
 
 # ---- the three kinds of rows -----------------------------------------------------------------------------------------
@@ -480,8 +684,9 @@ def ptq_model(teacher, component_specs: dict[str, str]):
     model = copy.deepcopy(teacher)
     specs = {}
     for component, spec in component_specs.items():
-        targets = default_quant_targets(model, encoder=component == "encoder", decoder=component == "decoder",
-                                        embedding=component == "embedding")  # fmt: skip
+        targets = default_quant_targets(
+            model, encoder=component == "encoder", decoder=component == "decoder", embedding=component == "embedding"
+        )
         specs.update(dict.fromkeys(targets, spec))
     prepare_qat(model, specs)  # the tied proj_out follows the embedding
     return model
@@ -491,8 +696,9 @@ def packed_sizes(model, processor, teacher_sizes: dict, folder: Path, plan=None)
     """The table's sizes of a quantized row (PTQ, or trained with its ``plan``), from its packed checkpoint."""
     from hf_whisper_kdq import save_compressed
 
-    folder = save_compressed(model, processor, folder, plan=plan,
-                             teacher_fp16_bytes=teacher_sizes["fp16_parameter_bytes"], overwrite=True)  # fmt: skip
+    folder = save_compressed(
+        model, processor, folder, plan=plan, teacher_fp16_bytes=teacher_sizes["fp16_parameter_bytes"], overwrite=True
+    )
     return sizes_from_report(json.loads((folder / "compression_report.json").read_text()), teacher_sizes)
 
 
@@ -510,8 +716,9 @@ def uniform_budget_mb(student, targets: str, bits: int) -> float:
     from hf_whisper_kdq.quant import default_quant_targets, quantized_size_bytes
 
     chosen = set(targets.split(","))
-    names = default_quant_targets(student, encoder="encoder" in chosen, decoder="decoder" in chosen,
-                                  embedding="embedding" in chosen)  # fmt: skip
+    names = default_quant_targets(
+        student, encoder="encoder" in chosen, decoder="decoder" in chosen, embedding="embedding" in chosen
+    )
     size = quantized_size_bytes(student, dict.fromkeys(names, f"int{bits}-g{GROUP_SIZE}"))
     return (size + 1) / 1e6
 
@@ -520,8 +727,17 @@ def quantizes_encoder(row: dict) -> bool:
     return "encoder" in row["quant_targets"].split(",") and row["bits"] != "float"
 
 
-def training_arguments(row: dict, student, output_dir: Path, *, steps: int, batch_size: int, learning_rate: float,
-                       seed: int, extra: list[str] = ()):  # fmt: skip
+def training_arguments(
+    row: dict,
+    student,
+    output_dir: Path,
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    extra: list[str] = (),
+):
     """The DistillQuantArguments of a trained row (compress's training defaults for the rest); ``extra`` adds or
     overrides flags (the GPU script's bf16, loaders, device)."""
     from transformers import HfArgumentParser
@@ -529,15 +745,38 @@ def training_arguments(row: dict, student, output_dir: Path, *, steps: int, batc
     from hf_whisper_kdq import DistillQuantArguments
     from hf_whisper_kdq.compress import with_training_defaults
 
-    argv = ["--output_dir", str(output_dir), "--max_steps", str(steps),
-            "--per_device_train_batch_size", str(batch_size), "--learning_rate", str(learning_rate),
-            "--warmup_steps", str(min(10, steps // 10)), "--seed", str(seed),
-            "--logging_steps", str(max(1, min(10, steps // 5))), "--disable_tqdm", "true",
-            "--quant_targets", row["quant_targets"], "--quant_bit_choices", row["bits"],
-            "--quant_group_size", str(GROUP_SIZE), "--quant_granularity", "per_group",
-            "--kd_weight", str(row.get("kd_weight", 1.0)),
-            "--hidden_weight", str(row.get("hidden_weight", 1.0)),
-            "--hidden_loss_scale", row.get("hidden_loss_scale", "absolute")]  # fmt: skip
+    argv = [
+        "--output_dir",
+        str(output_dir),
+        "--max_steps",
+        str(steps),
+        "--per_device_train_batch_size",
+        str(batch_size),
+        "--learning_rate",
+        str(learning_rate),
+        "--warmup_steps",
+        str(min(10, steps // 10)),
+        "--seed",
+        str(seed),
+        "--logging_steps",
+        str(max(1, min(10, steps // 5))),
+        "--disable_tqdm",
+        "true",
+        "--quant_targets",
+        row["quant_targets"],
+        "--quant_bit_choices",
+        row["bits"],
+        "--quant_group_size",
+        str(GROUP_SIZE),
+        "--quant_granularity",
+        "per_group",
+        "--kd_weight",
+        str(row.get("kd_weight", 1.0)),
+        "--hidden_weight",
+        str(row.get("hidden_weight", 1.0)),
+        "--hidden_loss_scale",
+        row.get("hidden_loss_scale", "absolute"),
+    ]
     if quantizes_encoder(row):
         # compress freezes the encoder by default, which now means round-to-nearest for a quantized one (its
         # clipping frozen too): a row that quantizes the encoder trains it, as the method does.
@@ -545,8 +784,14 @@ def training_arguments(row: dict, student, output_dir: Path, *, steps: int, batc
     if row["guided"]:
         # Re-planning late undid training on the GPU (loss 0.57 → 2.38 after the re-plan at step 250 of 500):
         # the second half keeps the plan of the first.
-        argv += ["--layer_matching", "dynamic_monotone", "--selection_interval", str(max(1, steps // 4)),
-                 "--selection_until", "0.5"]  # fmt: skip
+        argv += [
+            "--layer_matching",
+            "dynamic_monotone",
+            "--selection_interval",
+            str(max(1, steps // 4)),
+            "--selection_until",
+            "0.5",
+        ]
     else:
         argv += ["--layer_matching", "static", "--selection_interval", "0"]
     if row["budget"]:
@@ -566,31 +811,48 @@ def run_training(ctx: Context, name: str, row: dict, row_dir: Path, result: dict
     teacher_sizes = ctx.teacher_sizes()
     train = ctx.training_data()
     student = build_student(teacher, decoder_layers=row["decoder_layers"])
-    training_args = training_arguments(row, student, row_dir / "trainer", steps=args.train_steps,
-                                       batch_size=args.train_batch_size, learning_rate=args.learning_rate,
-                                       seed=args.seed, extra=["--bf16", "true", "--use_cpu", "true"] if args.bf16 else [])  # fmt: skip
+    training_args = training_arguments(
+        row,
+        student,
+        row_dir / "trainer",
+        steps=args.train_steps,
+        batch_size=args.train_batch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        extra=["--bf16", "true", "--use_cpu", "true"] if args.bf16 else [],
+    )
     with ctx.timer(f"{name}: features and labels"):
         multilingual = bool(teacher.generation_config.is_multilingual)
         features, preparation = prepare_dataset(train, processor, multilingual=multilingual)
     trainer = DistillQuantTrainer(
-        model=student, teacher_model=teacher, args=training_args, train_dataset=features,
+        model=student,
+        teacher_model=teacher,
+        args=training_args,
+        train_dataset=features,
         data_collator=WhisperDataCollator(processor, decoder_start_token_id=student.config.decoder_start_token_id),
         processing_class=processor,
-    )  # fmt: skip
+    )
     with ctx.timer(f"{name}: train"):
         output = trainer.train()
     student = trainer.accelerator.unwrap_model(trainer.model).eval()
     plan = trainer.plan
     logger.info("%s plan:\n%s", name, plan.summary())
-    result["model"] = f"student of {args.teacher}: {student.config.encoder_layers} encoder / " \
-                      f"{student.config.decoder_layers} decoder layers"  # fmt: skip
+    result["model"] = (
+        f"student of {args.teacher}: {student.config.encoder_layers} encoder / "
+        f"{student.config.decoder_layers} decoder layers"
+    )
     result["training"] = {
-        "train_steps": args.train_steps, "batch_size": args.train_batch_size, "learning_rate": args.learning_rate,
-        "rows": len(features), "corpora": dict(Counter(features["corpus"])), "preparation": preparation.summary(),
-        "train_runtime_s": output.metrics.get("train_runtime"), "final_train_loss": output.training_loss,
-        "log_history": trainer.state.log_history, "arguments": {k: v for k, v in training_args.to_dict().items()
-                                                                if k in TRAINING_KEYS},
-    }  # fmt: skip
+        "train_steps": args.train_steps,
+        "batch_size": args.train_batch_size,
+        "learning_rate": args.learning_rate,
+        "rows": len(features),
+        "corpora": dict(Counter(features["corpus"])),
+        "preparation": preparation.summary(),
+        "train_runtime_s": output.metrics.get("train_runtime"),
+        "final_train_loss": output.training_loss,
+        "log_history": trainer.state.log_history,
+        "arguments": {k: v for k, v in training_args.to_dict().items() if k in TRAINING_KEYS},
+    }
     result["plan"] = plan.to_dict()
     result["plan_summary"] = plan.summary()
     if plan.module_specs():
@@ -603,11 +865,31 @@ def run_training(ctx: Context, name: str, row: dict, row_dir: Path, result: dict
     gc.collect()
 
 
-TRAINING_KEYS = {"max_steps", "per_device_train_batch_size", "learning_rate", "warmup_steps", "seed", "ce_weight",
-                  "kd_weight", "hidden_weight", "quant_weight", "kd_temperature", "layer_matching", "quant_bit_choices",
-                  "quant_granularity", "quant_group_size", "learnable_clipping", "quant_targets", "size_budget_mb",
-                  "num_distill_layers", "selection_interval", "selection_until", "selection_probe_batches",
-                  "freeze_encoder", "bf16"}  # fmt: skip
+TRAINING_KEYS = {
+    "max_steps",
+    "per_device_train_batch_size",
+    "learning_rate",
+    "warmup_steps",
+    "seed",
+    "ce_weight",
+    "kd_weight",
+    "hidden_weight",
+    "quant_weight",
+    "kd_temperature",
+    "layer_matching",
+    "quant_bit_choices",
+    "quant_granularity",
+    "quant_group_size",
+    "learnable_clipping",
+    "quant_targets",
+    "size_budget_mb",
+    "num_distill_layers",
+    "selection_interval",
+    "selection_until",
+    "selection_probe_batches",
+    "freeze_encoder",
+    "bf16",
+}
 
 
 RUNNERS = {"reference": run_reference, "ptq": run_ptq, "train": run_training}
@@ -617,11 +899,18 @@ def run_row(ctx: Context, name: str, command: str, machine: dict) -> Path:
     row = ROWS[name]
     row_dir = ctx.output / name
     row_dir.mkdir(parents=True, exist_ok=True)
-    started, load_before, clock = dt.datetime.now(dt.timezone.utc), load_average(), time.perf_counter()
+    started, load_before, clock = dt.datetime.now(dt.UTC), load_average(), time.perf_counter()
     phases_before = dict(ctx.timer.seconds)
-    result = {"row": name, "method": row["method"], "description": row["description"], "kind": row["kind"],
-              "config": {k: v for k, v in row.items() if k not in ("method", "description", "kind")},
-              "teacher": ctx.args.teacher, "training": None, "plan": None}  # fmt: skip
+    result = {
+        "row": name,
+        "method": row["method"],
+        "description": row["description"],
+        "kind": row["kind"],
+        "config": {k: v for k, v in row.items() if k not in ("method", "description", "kind")},
+        "teacher": ctx.args.teacher,
+        "training": None,
+        "plan": None,
+    }
     try:
         RUNNERS[row["kind"]](ctx, name, row, row_dir, result)
     finally:
@@ -643,8 +932,16 @@ def run_row(ctx: Context, name: str, command: str, machine: dict) -> Path:
 
 
 # ---- merge: table, JSON, figure --------------------------------------------------------------------------------------
-COLUMNS = ["model", "bytes on disk", "ratio to teacher fp16", "paper accounting ratio", "WER LJSpeech",
-           "CER AISHELL", "CPU real-time factor (transformers)", "CT2 int8 RTF"]  # fmt: skip
+COLUMNS = [
+    "model",
+    "bytes on disk",
+    "ratio to teacher fp16",
+    "paper accounting ratio",
+    "WER LJSpeech",
+    "CER AISHELL",
+    "CPU real-time factor (transformers)",
+    "CT2 int8 RTF",
+]
 
 
 def _corpus(scores_: dict, prefix: str) -> float | None:
@@ -671,16 +968,27 @@ def table_rows(rows: list[dict]) -> list[dict]:
     for r in rows:
         sizes, evaluation, ct2 = r["sizes"], r["evaluation"], r.get("ct2") or {}
         ct2_scores = ct2.get("scores") or {}
-        out.append({
-            "row": r["row"], "method": r["method"], "bytes_on_disk": sizes["bytes_on_disk"],
-            "ratio_to_teacher_fp16": sizes["ratio_to_teacher_fp16"], "paper_bytes": sizes["paper_bytes"],
-            "paper_ratio": sizes["paper_ratio"], "wer_ljspeech": _corpus(evaluation["scores"], "ljspeech"),
-            "cer_aishell": _corpus(evaluation["scores"], "aishell"), "rtf_transformers": evaluation["rtf"],
-            "rtf_ct2_int8": ct2.get("rtf"), "ct2_bytes_on_disk": ct2.get("bytes_on_disk"),
-            "ct2_wer_ljspeech": _corpus(ct2_scores, "ljspeech"), "ct2_cer_aishell": _corpus(ct2_scores, "aishell"),
-            "n_utterances": {c: e["n_utterances"] for c, e in evaluation["scores"].items()},
-            "english_only": evaluation["english_only"], "smoke": r.get("smoke"), "date": r["date"],
-        })  # fmt: skip
+        out.append(
+            {
+                "row": r["row"],
+                "method": r["method"],
+                "bytes_on_disk": sizes["bytes_on_disk"],
+                "ratio_to_teacher_fp16": sizes["ratio_to_teacher_fp16"],
+                "paper_bytes": sizes["paper_bytes"],
+                "paper_ratio": sizes["paper_ratio"],
+                "wer_ljspeech": _corpus(evaluation["scores"], "ljspeech"),
+                "cer_aishell": _corpus(evaluation["scores"], "aishell"),
+                "rtf_transformers": evaluation["rtf"],
+                "rtf_ct2_int8": ct2.get("rtf"),
+                "ct2_bytes_on_disk": ct2.get("bytes_on_disk"),
+                "ct2_wer_ljspeech": _corpus(ct2_scores, "ljspeech"),
+                "ct2_cer_aishell": _corpus(ct2_scores, "aishell"),
+                "n_utterances": {c: e["n_utterances"] for c, e in evaluation["scores"].items()},
+                "english_only": evaluation["english_only"],
+                "smoke": r.get("smoke"),
+                "date": r["date"],
+            }
+        )
     return out
 
 
@@ -695,11 +1003,15 @@ def _row_note(r: dict, t: dict) -> str:
     sizes = r["sizes"]
     if sizes.get("planned_bits"):
         on_disk = "quantized" if sizes.get("embedding_quantized_on_disk") else "fp16"
-        note += (f"; planned bits {sizes['planned_bits']} (16 = float), embedding planned "
-                 f"{sizes.get('embedding_planned_bits')} bits, on disk {on_disk}")
+        note += (
+            f"; planned bits {sizes['planned_bits']} (16 = float), embedding planned "
+            f"{sizes.get('embedding_planned_bits')} bits, on disk {on_disk}"
+        )
     machine = r["machine"]
-    note += (f"; {r['date']}, {machine['cpu_count']} CPUs, {machine['torch_threads']} threads, load "
-             f"{machine.get('load_average_before')}")
+    note += (
+        f"; {r['date']}, {machine['cpu_count']} CPUs, {machine['torch_threads']} threads, load "
+        f"{machine.get('load_average_before')}"
+    )
     return note + (" **(smoke: small subset / short training)**" if t["smoke"] else "")
 
 
@@ -716,15 +1028,27 @@ def markdown(rows: list[dict]) -> str:
     if any(t["english_only"] for t in summary):
         lines += ["", "¹ English-only model: evaluated (and timed) on LJSpeech only."]
     if any(t["ct2_bytes_on_disk"] for t in summary):
-        lines += ["", "CTranslate2 int8 exports (faster-whisper, one utterance at a time):", "",
-                  "| model | CT2 int8 bytes on disk | WER LJSpeech | CER AISHELL |", "|---|---:|---:|---:|"]
-        lines += [f"| {t['row']} | {t['ct2_bytes_on_disk'] / 1e6:.1f} MB | {_pct(t['ct2_wer_ljspeech'])} | "
-                  f"{_pct(t['ct2_cer_aishell'])} |" for t in summary if t["ct2_bytes_on_disk"]]
+        lines += [
+            "",
+            "CTranslate2 int8 exports (faster-whisper, one utterance at a time):",
+            "",
+            "| model | CT2 int8 bytes on disk | WER LJSpeech | CER AISHELL |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {t['row']} | {t['ct2_bytes_on_disk'] / 1e6:.1f} MB | {_pct(t['ct2_wer_ljspeech'])} | "
+            f"{_pct(t['ct2_cer_aishell'])} |"
+            for t in summary
+            if t["ct2_bytes_on_disk"]
+        ]
     lines += ["", "Rows:", ""] + [_row_note(r, t) for r, t in zip(rows, summary)]
     limits = {r.get("eval_limit_per_corpus") for r in rows}
     if len(limits) > 1:
-        lines += ["", f"WARNING: rows were evaluated on different subsets (eval_limit per corpus: "
-                  f"{sorted(limits, key=str)}): their error rates are not directly comparable."]
+        lines += [
+            "",
+            f"WARNING: rows were evaluated on different subsets (eval_limit per corpus: "
+            f"{sorted(limits, key=str)}): their error rates are not directly comparable.",
+        ]
     return "\n".join(lines)
 
 
@@ -732,14 +1056,22 @@ def figure(rows: list[dict], path: Path) -> Path | None:
     from hf_whisper_kdq.figures import plot_size_vs_error
 
     # GPU rows are scored on the whole dev set, CPU rows often on a subset: separate curves.
-    points = [{"method": t["method"] + (" (GPU, full dev set)" if t["row"].endswith("-gpu") else ""),
-               "label": t["row"].removesuffix("-gpu"), "size_bytes": t["bytes_on_disk"],
-               "error_rate": t["wer_ljspeech"], "metric": "wer"}
-              for t in table_rows(rows) if t["wer_ljspeech"] is not None]  # fmt: skip
+    points = [
+        {
+            "method": t["method"] + (" (GPU, full dev set)" if t["row"].endswith("-gpu") else ""),
+            "label": t["row"].removesuffix("-gpu"),
+            "size_bytes": t["bytes_on_disk"],
+            "error_rate": t["wer_ljspeech"],
+            "metric": "wer",
+        }
+        for t in table_rows(rows)
+        if t["wer_ljspeech"] is not None
+    ]
     if not points:
         return None
-    return plot_size_vs_error(points, path, title="LJSpeech WER vs bytes on disk (whisper-base teacher)",
-                              log_error=True)  # fmt: skip
+    return plot_size_vs_error(
+        points, path, title="LJSpeech WER vs bytes on disk (whisper-base teacher)", log_error=True
+    )
 
 
 def merge(output: Path) -> str | None:
@@ -749,10 +1081,15 @@ def merge(output: Path) -> str | None:
         return None
     text = markdown(rows)
     (output / "results.md").write_text(text + "\n", encoding="utf-8")
-    merged = {"merged_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "columns": COLUMNS,
-              "table": table_rows(rows), "rows": rows}  # fmt: skip
-    (output / "results.json").write_text(json.dumps(merged, indent=2, ensure_ascii=False, default=str) + "\n",
-                                         encoding="utf-8")  # fmt: skip
+    merged = {
+        "merged_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "columns": COLUMNS,
+        "table": table_rows(rows),
+        "rows": rows,
+    }
+    (output / "results.json").write_text(
+        json.dumps(merged, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8"
+    )
     try:
         picture = figure(rows, output / "wer_vs_bytes.png")
     except Exception as error:  # matplotlib missing: the table still stands
@@ -781,8 +1118,10 @@ def main(argv=None) -> int:
     data = Path(args.data)
     needed = ["dev.jsonl"] + (["unlabeled.jsonl"] if any(ROWS[n]["kind"] == "train" for n in args.row_names) else [])
     if missing := [name for name in needed if not (data / name).is_file()]:
-        print(f"skipping: the shared speech data is absent ({', '.join(str(data / m) for m in missing)} not found); "
-              "pass --data to point at a folder with dev.jsonl and unlabeled.jsonl")
+        print(
+            f"skipping: the shared speech data is absent ({', '.join(str(data / m) for m in missing)} not found); "
+            "pass --data to point at a folder with dev.jsonl and unlabeled.jsonl"
+        )
         return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

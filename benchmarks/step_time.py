@@ -31,22 +31,56 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import (Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback, WhisperConfig,
-                          WhisperForConditionalGeneration)  # fmt: skip
+from transformers import (
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    TrainerCallback,
+    WhisperConfig,
+    WhisperForConditionalGeneration,
+)
 
 from hf_whisper_kdq import DistillQuantArguments, DistillQuantTrainer, build_student
 
 SHAPES = {
-    "tiny": dict(d_model=384, encoder_layers=4, decoder_layers=4, encoder_attention_heads=6, decoder_attention_heads=6,
-                 encoder_ffn_dim=1536, decoder_ffn_dim=1536),
-    "base": dict(d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8, decoder_attention_heads=8,
-                 encoder_ffn_dim=2048, decoder_ffn_dim=2048),
-    "small": dict(d_model=768, encoder_layers=12, decoder_layers=12, encoder_attention_heads=12,
-                  decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072),
+    "tiny": dict(
+        d_model=384,
+        encoder_layers=4,
+        decoder_layers=4,
+        encoder_attention_heads=6,
+        decoder_attention_heads=6,
+        encoder_ffn_dim=1536,
+        decoder_ffn_dim=1536,
+    ),
+    "base": dict(
+        d_model=512,
+        encoder_layers=6,
+        decoder_layers=6,
+        encoder_attention_heads=8,
+        decoder_attention_heads=8,
+        encoder_ffn_dim=2048,
+        decoder_ffn_dim=2048,
+    ),
+    "small": dict(
+        d_model=768,
+        encoder_layers=12,
+        decoder_layers=12,
+        encoder_attention_heads=12,
+        decoder_attention_heads=12,
+        encoder_ffn_dim=3072,
+        decoder_ffn_dim=3072,
+    ),
     # CPU smoke runs of the benchmark scripts: 64 input frames instead of 3000, so that a step takes milliseconds.
-    "micro": dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
-                  encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=32),
-}  # fmt: skip
+    "micro": dict(
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_source_positions=32,
+    ),
+}
 KINDS = ("plain", "plain_frozen", "kdq", "kdq_shared")
 ALL_KINDS = (*KINDS, "kdq_cached")  # kdq_cached only with --cached (or --runs)
 # Multilingual Whisper's special tokens: <|startoftranscript|> <|en|> <|transcribe|> <|notimestamps|>, <|endoftext|>.
@@ -83,8 +117,15 @@ class StepTimer(TrainerCallback):
 
 
 def random_teacher(shape: str) -> WhisperForConditionalGeneration:
-    config = WhisperConfig(vocab_size=51865, num_mel_bins=80, decoder_start_token_id=START, pad_token_id=END,
-                           eos_token_id=END, bos_token_id=END, **SHAPES[shape])  # fmt: skip
+    config = WhisperConfig(
+        vocab_size=51865,
+        num_mel_bins=80,
+        decoder_start_token_id=START,
+        pad_token_id=END,
+        eos_token_id=END,
+        bos_token_id=END,
+        **SHAPES[shape],
+    )
     torch.manual_seed(0)
     model = WhisperForConditionalGeneration(config)
     model.generation_config.decoder_start_token_id = START
@@ -108,8 +149,10 @@ class RandomSpeech(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         generator = torch.Generator().manual_seed(index)
         tokens = torch.randint(0, 50000, (self.label_tokens,), generator=generator).tolist()
-        return {"input_features": torch.randn(self.shape, generator=generator),
-                "labels": [START, *PREFIX, *tokens, END]}  # fmt: skip
+        return {
+            "input_features": torch.randn(self.shape, generator=generator),
+            "labels": [START, *PREFIX, *tokens, END],
+        }
 
 
 def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -138,22 +181,49 @@ def run(kind: str, teacher: WhisperForConditionalGeneration, work: Workload, ext
     gpu = not work.use_cpu and torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as scratch:
         common = dict(
-            output_dir=scratch, per_device_train_batch_size=work.batch_size, max_steps=work.warmup + work.steps,
-            learning_rate=1e-5, report_to="none", save_strategy="no", logging_strategy="no", bf16=work.bf16,
-            use_cpu=work.use_cpu, dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
-        )  # fmt: skip
+            output_dir=scratch,
+            per_device_train_batch_size=work.batch_size,
+            max_steps=work.warmup + work.steps,
+            learning_rate=1e-5,
+            report_to="none",
+            save_strategy="no",
+            logging_strategy="no",
+            bf16=work.bf16,
+            use_cpu=work.use_cpu,
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+            disable_tqdm=True,
+        )
         if kind.startswith("plain"):
             if kind == "plain_frozen":
                 student.freeze_encoder()
-            trainer = Seq2SeqTrainer(model=student, args=Seq2SeqTrainingArguments(**common), train_dataset=data,
-                                     data_collator=collate, callbacks=[timer, *extra_callbacks])  # fmt: skip
+            trainer = Seq2SeqTrainer(
+                model=student,
+                args=Seq2SeqTrainingArguments(**common),
+                train_dataset=data,
+                data_collator=collate,
+                callbacks=[timer, *extra_callbacks],
+            )
         else:
-            args = DistillQuantArguments(**common, freeze_encoder=kind != "kdq", quant_targets=work.quant_targets,
-                                         quant_bit_choices="4", num_distill_layers=work.decoder_layers,
-                                         selection_probe_batches=1, cache_encoder_outputs=cached,
-                                         cache_teacher_outputs=cached, encoder_cache_dir=f"{scratch}/cache")  # fmt: skip
-            trainer = DistillQuantTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
-                                          data_collator=collate, callbacks=[timer, *extra_callbacks])  # fmt: skip
+            args = DistillQuantArguments(
+                **common,
+                freeze_encoder=kind != "kdq",
+                quant_targets=work.quant_targets,
+                quant_bit_choices="4",
+                num_distill_layers=work.decoder_layers,
+                selection_probe_batches=1,
+                cache_encoder_outputs=cached,
+                cache_teacher_outputs=cached,
+                encoder_cache_dir=f"{scratch}/cache",
+            )
+            trainer = DistillQuantTrainer(
+                model=student,
+                teacher_model=teacher,
+                args=args,
+                train_dataset=data,
+                data_collator=collate,
+                callbacks=[timer, *extra_callbacks],
+            )
             assert trainer.shares_encoder == (kind != "kdq")
         if gpu:
             torch.cuda.reset_peak_memory_stats()
@@ -170,8 +240,14 @@ def run(kind: str, teacher: WhisperForConditionalGeneration, work: Workload, ext
 def ratios(runs: dict[str, dict]) -> dict[str, float]:
     """Step-time ratios of the comparison (> 1: the first is slower), for the pairs whose runs are there."""
     step = {kind: result["median_step_s"] for kind, result in runs.items()}
-    pairs = [("kdq", "plain"), ("kdq_shared", "plain"), ("kdq_shared", "plain_frozen"), ("kdq_shared", "kdq"),
-             ("kdq_cached", "kdq_shared"), ("kdq_cached", "plain_frozen")]  # fmt: skip
+    pairs = [
+        ("kdq", "plain"),
+        ("kdq_shared", "plain"),
+        ("kdq_shared", "plain_frozen"),
+        ("kdq_shared", "kdq"),
+        ("kdq_cached", "kdq_shared"),
+        ("kdq_cached", "plain_frozen"),
+    ]
     return {f"{a}/{b}": step[a] / step[b] for a, b in pairs if a in step and b in step}
 
 
@@ -182,8 +258,11 @@ def compare(teacher: WhisperForConditionalGeneration, work: Workload, cached: bo
     for kind in kinds or (ALL_KINDS if cached else KINDS):
         runs[kind] = run(kind, teacher, work)
         memory = runs[kind]["peak_memory_bytes"]
-        print(f"{kind:<13} median step {runs[kind]['median_step_s'] * 1000:8.1f} ms over {runs[kind]['timed_steps']} "
-              f"steps" + ("" if memory is None else f", peak GPU memory {memory / 2**30:.2f} GiB"), flush=True)
+        print(
+            f"{kind:<13} median step {runs[kind]['median_step_s'] * 1000:8.1f} ms over {runs[kind]['timed_steps']} "
+            f"steps" + ("" if memory is None else f", peak GPU memory {memory / 2**30:.2f} GiB"),
+            flush=True,
+        )
     return {"runs": runs, "ratios": ratios(runs)}
 
 
@@ -207,20 +286,34 @@ def main(argv=None) -> None:
     parser.add_argument("--label_tokens", type=int, default=24, help="text tokens per label row")
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them (kernel choice, allocation)")
-    parser.add_argument("--quant_targets", default="decoder",
-                        help="what the KDQ runs quantize at int4 (e.g. decoder,embedding, as compress does)")
+    parser.add_argument(
+        "--quant_targets",
+        default="decoder",
+        help="what the KDQ runs quantize at int4 (e.g. decoder,embedding, as compress does)",
+    )
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPUs and recent CPUs)")
-    parser.add_argument("--cached", action="store_true",
-                        help="also time kdq_shared with the frozen-output caches filled (see above)")
-    parser.add_argument("--runs", help=f"only these runs, comma-separated from {', '.join(ALL_KINDS)} "
-                        "(e.g. kdq_cached alone, to follow the cached KDQ step across changes)")
+    parser.add_argument(
+        "--cached", action="store_true", help="also time kdq_shared with the frozen-output caches filled (see above)"
+    )
+    parser.add_argument(
+        "--runs",
+        help=f"only these runs, comma-separated from {', '.join(ALL_KINDS)} "
+        "(e.g. kdq_cached alone, to follow the cached KDQ step across changes)",
+    )
     parser.add_argument("--json", help="also write the results to this file")
     cli = parser.parse_args(argv)
     kinds = cli.runs.split(",") if cli.runs else None
     if kinds and not set(kinds) <= set(ALL_KINDS):
         parser.error(f"--runs: unknown run(s) {sorted(set(kinds) - set(ALL_KINDS))}")
-    work = Workload(decoder_layers=cli.decoder_layers, batch_size=cli.batch_size, label_tokens=cli.label_tokens,
-                    steps=cli.steps, warmup=cli.warmup, quant_targets=cli.quant_targets, bf16=cli.bf16)  # fmt: skip
+    work = Workload(
+        decoder_layers=cli.decoder_layers,
+        batch_size=cli.batch_size,
+        label_tokens=cli.label_tokens,
+        steps=cli.steps,
+        warmup=cli.warmup,
+        quant_targets=cli.quant_targets,
+        bf16=cli.bf16,
+    )
     result = compare(random_teacher(cli.teacher), work, cached=cli.cached, kinds=kinds)
     device = device_name(work)
     print(f"\n{cli.teacher} teacher → {cli.decoder_layers}-decoder-layer student, batch {cli.batch_size}, {device}")

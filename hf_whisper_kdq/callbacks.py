@@ -56,8 +56,13 @@ def check_size_budget(model, plan: KDQPlan, args, teacher_fp16_bytes: int) -> No
     if budget is None:
         return
     shapes = plan_shapes(model, plan)
-    minimum = smallest_bytes(plan, shapes, args.bit_choices, fixed_bytes=fixed_bytes(model, plan, shapes),
-                             stored_float=float_stored_units(args))  # fmt: skip
+    minimum = smallest_bytes(
+        plan,
+        shapes,
+        args.bit_choices,
+        fixed_bytes=fixed_bytes(model, plan, shapes),
+        stored_float=float_stored_units(args),
+    )
     if minimum > budget:
         raise UnreachableBudgetError(plan, budget, minimum, args.bit_choices)
 
@@ -114,7 +119,11 @@ class LayerSelectionCallback(TrainerCallback, ExportableState):
         count = min(len(dataset), batch_size * trainer.args.selection_probe_batches)
         rows = [round(i * (len(dataset) - 1) / max(count - 1, 1)) for i in range(count)]
         collate = trainer._get_collator_with_removed_columns(trainer.data_collator, description="probe")
-        dataset = trainer._remove_unused_columns(dataset, description="probe") if hasattr(dataset, "column_names") else dataset
+        dataset = (
+            trainer._remove_unused_columns(dataset, description="probe")
+            if hasattr(dataset, "column_names")
+            else dataset
+        )
         return [
             trainer._prepare_inputs(collate([dataset[i] for i in rows[start : start + batch_size]]))
             for start in range(0, count, batch_size)
@@ -157,9 +166,13 @@ class LayerSelectionCallback(TrainerCallback, ExportableState):
         if plan.module_specs():
             shapes = plan_shapes(model, plan)
             allocate_bits(
-                plan, shapes, args.bit_choices, fixed_bytes=fixed_bytes(model, plan, shapes),
-                budget_bytes=args.budget_bytes(fp16_bytes(trainer.teacher)), stored_float=float_stored_units(args),
-            )  # fmt: skip
+                plan,
+                shapes,
+                args.bit_choices,
+                fixed_bytes=fixed_bytes(model, plan, shapes),
+                budget_bytes=args.budget_bytes(fp16_bytes(trainer.teacher)),
+                stored_float=float_stored_units(args),
+            )
         choose_distillation_layers(plan, args.num_distill_layers, sides)
         plan.step = step
         self.apply(plan)
@@ -182,5 +195,7 @@ class LayerSelectionCallback(TrainerCallback, ExportableState):
             "checkpoint stores it in fp16 (transformers cannot load a quantized embedding): the file will be about "
             "%.1f MB larger than the plan's %.1f MB (the CTranslate2 copy stores it in int8). To make the budget bound "
             "the file, use size_budget_accounting='on_disk'.",
-            embedding.bits, extra / 1e6, plan.size_bytes / 1e6,
-        )  # fmt: skip
+            embedding.bits,
+            extra / 1e6,
+            plan.size_bytes / 1e6,
+        )

@@ -59,14 +59,44 @@ CITATION = """@article{shao2023whisperkdq,
 }"""
 # Shown when present; other keys of a plain dict are kept unless they name paths, tokens, hub or logging settings.
 HYPERPARAMETERS = (
-    "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "warmup_steps", "warmup_ratio", "lr_scheduler_type", "weight_decay", "optim", "max_grad_norm", "seed", "fp16",
-    "bf16", "gradient_checkpointing", "label_smoothing_factor", "ce_weight", "kd_weight", "hidden_weight",
-    "quant_weight", "kd_temperature", "hidden_target", "hidden_representation", "layer_matching",
-    "quant_bit_choices", "quant_granularity", "quant_group_size", "quant_symmetric", "learnable_clipping",
-    "quant_targets", "size_budget_mb", "size_budget_ratio", "num_distill_layers", "selection_interval",
-    "selection_until", "selection_probe_batches", "freeze_encoder",
-)  # fmt: skip
+    "learning_rate",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "warmup_steps",
+    "warmup_ratio",
+    "lr_scheduler_type",
+    "weight_decay",
+    "optim",
+    "max_grad_norm",
+    "seed",
+    "fp16",
+    "bf16",
+    "gradient_checkpointing",
+    "label_smoothing_factor",
+    "ce_weight",
+    "kd_weight",
+    "hidden_weight",
+    "quant_weight",
+    "kd_temperature",
+    "hidden_target",
+    "hidden_representation",
+    "layer_matching",
+    "quant_bit_choices",
+    "quant_granularity",
+    "quant_group_size",
+    "quant_symmetric",
+    "learnable_clipping",
+    "quant_targets",
+    "size_budget_mb",
+    "size_budget_ratio",
+    "num_distill_layers",
+    "selection_interval",
+    "selection_until",
+    "selection_probe_batches",
+    "freeze_encoder",
+)
 _HIDDEN_KEY = re.compile(r"dir|path|file|token|hub|url|report_to|run_name|logging|push|resume|cache|device|local_rank")
 
 
@@ -149,8 +179,17 @@ def _row_score(role: str, row: Mapping) -> Score:
         raise ValueError(f"the {role} row for {name!r} has no error_rate (or {metric}) value")
     value = float(value) / (100 if row.get("percent") else 1)
     n = row.get("n_utterances")
-    return Score(role, name, public(row.get("dataset_type") or name), language, row.get("split"),
-                 row.get("dataset_config"), metric, value, None if n is None else int(n))  # fmt: skip
+    return Score(
+        role,
+        name,
+        public(row.get("dataset_type") or name),
+        language,
+        row.get("split"),
+        row.get("dataset_config"),
+        metric,
+        value,
+        None if n is None else int(n),
+    )
 
 
 def collect_results(eval_results: Any) -> tuple[list[Score], dict[str, ModelStats]]:
@@ -182,8 +221,10 @@ def collect_results(eval_results: Any) -> tuple[list[Score], dict[str, ModelStat
                     entry.size_bytes = int(item["model_size_bytes"])
                 entry.rtf = item.get("rtf", entry.rtf)
                 if item.get("device"):
-                    entry.setup = (f"{public(item['device'])} {public(item.get('dtype', ''))}, batch size "
-                                   f"{item.get('batch_size', '?')}, {item.get('num_beams', 1)} beam(s)")  # fmt: skip
+                    entry.setup = (
+                        f"{public(item['device'])} {public(item.get('dtype', ''))}, batch size "
+                        f"{item.get('batch_size', '?')}, {item.get('num_beams', 1)} beam(s)"
+                    )
             for row in rows:
                 scores.append(_row_score(role, row))
                 entry.size_bytes = row.get("size_bytes", row.get("model_size_bytes")) or entry.size_bytes
@@ -200,13 +241,20 @@ def eval_results_for_card(scores: list[Score]) -> list[EvalResult]:
     """The compressed model's scores as ``EvalResult``s: percentages, one per (dataset, language, split)."""
     return [
         EvalResult(
-            task_type="automatic-speech-recognition", task_name="Automatic Speech Recognition",
-            dataset_type=s.dataset_type, dataset_name=public(s.name), dataset_config=s.config, dataset_split=s.split,
-            dataset_args={"language": s.language} if s.language else None, metric_type=s.metric,
-            metric_name=f"{s.metric.upper()} (%)", metric_value=round(100 * s.value, 2),
+            task_type="automatic-speech-recognition",
+            task_name="Automatic Speech Recognition",
+            dataset_type=s.dataset_type,
+            dataset_name=public(s.name),
+            dataset_config=s.config,
+            dataset_split=s.split,
+            dataset_args={"language": s.language} if s.language else None,
+            metric_type=s.metric,
+            metric_name=f"{s.metric.upper()} (%)",
+            metric_value=round(100 * s.value, 2),
         )
-        for s in scores if s.role == "compressed"
-    ]  # fmt: skip
+        for s in scores
+        if s.role == "compressed"
+    ]
 
 
 def _files(report: Mapping) -> dict[str, int]:
@@ -233,8 +281,11 @@ def _hyperparameters(training_args: Any) -> list[tuple[str, str]]:
     keys = [k for k in HYPERPARAMETERS if k in values]
     if plain:
         keys += [k for k in values if k not in HYPERPARAMETERS and not _HIDDEN_KEY.search(k.lower())]
-    return [(public(k), public(json.dumps(v) if isinstance(v, (list, dict, tuple)) else v))
-            for k in keys if (v := values[k]) is not None and v != ""]  # fmt: skip
+    return [
+        (public(k), public(json.dumps(v) if isinstance(v, (list, dict, tuple)) else v))
+        for k in keys
+        if (v := values[k]) is not None and v != ""
+    ]
 
 
 def _bits_text(bits: int) -> str:
@@ -245,20 +296,33 @@ def _plan_rows(plan: KDQPlan) -> list[list[str]]:
     def number(value: float | None) -> str:
         return "" if value is None else f"{value:.3g}"
 
-    return [[public(u.name), _bits_text(u.bits), "✓" if u.distilled else "",
-             "" if u.teacher_layer is None else str(u.teacher_layer), number(u.quant_loss.get(u.bits)),
-             number(u.distill_loss)] for u in plan.units]  # fmt: skip
+    return [
+        [
+            public(u.name),
+            _bits_text(u.bits),
+            "✓" if u.distilled else "",
+            "" if u.teacher_layer is None else str(u.teacher_layer),
+            number(u.quant_loss.get(u.bits)),
+            number(u.distill_loss),
+        ]
+        for u in plan.units
+    ]
 
 
 def find_template(template_path: str | Path | None = None) -> Path:
     here = Path(__file__).resolve().parent
-    candidates = [Path(template_path)] if template_path else [here.parent / "model_cards" / TEMPLATE_NAME,
-                                                              here / "resources" / TEMPLATE_NAME]  # fmt: skip
+    candidates = (
+        [Path(template_path)]
+        if template_path
+        else [here.parent / "model_cards" / TEMPLATE_NAME, here / "resources" / TEMPLATE_NAME]
+    )
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"model card template {TEMPLATE_NAME} not found (looked in model_cards/ beside the "
-                            "package and in hf_whisper_kdq/resources/): pass template_path=")  # fmt: skip
+    raise FileNotFoundError(
+        f"model card template {TEMPLATE_NAME} not found (looked in model_cards/ beside the "
+        "package and in hf_whisper_kdq/resources/): pass template_path="
+    )
 
 
 # ---- the card ----------------------------------------------------------------------------------------------------
@@ -301,17 +365,25 @@ def _size_details(report: Mapping, plan: KDQPlan, sizes: _Sizes, teacher: str) -
     if sizes.teacher16 or sizes.teacher32:
         details.append(f"Teacher {teacher}: {_mb(sizes.teacher16)} in fp16, {_mb(sizes.teacher32)} in fp32.")
     if sizes.size:
-        ratios = [f"{f:.2f}× smaller than the teacher in {k}"
-                  for k, f in (("fp16", sizes.factor16), ("fp32", sizes.factor32)) if f]  # fmt: skip
-        details.append(f"This checkpoint: {_mb(sizes.size)} on disk (weights, config, tokenizer)"
-                       + "".join(f"; {r}" for r in ratios) + ".")  # fmt: skip
+        ratios = [
+            f"{f:.2f}× smaller than the teacher in {k}"
+            for k, f in (("fp16", sizes.factor16), ("fp32", sizes.factor32))
+            if f
+        ]
+        details.append(
+            f"This checkpoint: {_mb(sizes.size)} on disk (weights, config, tokenizer)"
+            + "".join(f"; {r}" for r in ratios)
+            + "."
+        )
     if plan.size_bytes:
         budget = f" (budget {_mb(plan.budget_bytes)})" if plan.budget_bytes else ""
         details.append(f"Plan's weight accounting: {_mb(plan.size_bytes)}{budget}, float layers counted as fp16.")
     paper = _get(report, "paper_accounting", "paper")
     if isinstance(paper, Mapping):
-        details += [f"Paper accounting, {public(k)}: {_mb(v) if str(k).endswith('bytes') else public(v)}"
-                    for k, v in paper.items()]  # fmt: skip
+        details += [
+            f"Paper accounting, {public(k)}: {_mb(v) if str(k).endswith('bytes') else public(v)}"
+            for k, v in paper.items()
+        ]
     elif paper:
         details.append(f"Paper accounting: {public(paper)}")
     if fmt := _get(report, "format", "quantization_format"):
@@ -351,27 +423,35 @@ def _limitations(report, plan, scores, codes, ct2_quant: str | None, synthetic: 
         "Whisper's own limitations carry over (hallucinated text on silence or noise, uneven quality across "
         "languages and accents), and a smaller student is more exposed to them than its teacher.",
         f"Trained and evaluated for transcription in {', '.join(codes) or 'the listed languages'} only; other "
-        "languages and speech translation (`task=\"translate\"`) were not tuned or measured.",
+        'languages and speech translation (`task="translate"`) were not tuned or measured.',
         "The size gain is on disk and in download; whether inference runs on packed integers depends on the "
         "runtime (compressed-tensors in transformers may dequantize at load time).",
     ]
     if ct2_quant:
-        items.append(f"CTranslate2 has no 2–4-bit weights: the `ctranslate2/` copy is {ct2_quant}, larger than the "
-                     "packed checkpoint, and its error rates may differ slightly from the table.")  # fmt: skip
+        items.append(
+            f"CTranslate2 has no 2–4-bit weights: the `ctranslate2/` copy is {ct2_quant}, larger than the "
+            "packed checkpoint, and its error rates may differ slightly from the table."
+        )
     quantized = _get(report, "embedding_quantized", "embedding.quantized")
     if quantized is None:
         quantized = any(u.side == "embedding" and u.bits < FLOAT_BITS for u in plan.units)
     reason = _get(report, "embedding_reason", "embedding_quantized_reason", "embedding.reason")
     if not quantized:
-        items.append("The token embedding (tied to the output projection) is kept in fp16"
-                     + (f": {public(reason)}." if reason else "; it is a large share of a small Whisper's size."))
+        items.append(
+            "The token embedding (tied to the output projection) is kept in fp16"
+            + (f": {public(reason)}." if reason else "; it is a large share of a small Whisper's size.")
+        )
     if synthetic:
-        items.append("Part of the training audio is synthetic (text-to-speech) speech: it lacks the noise, "
-                     "reverberation, disfluencies and speaker variety of real recordings, so expect higher error "
-                     "rates on real-world audio than on clean read speech; evaluate on your own data.")  # fmt: skip
+        items.append(
+            "Part of the training audio is synthetic (text-to-speech) speech: it lacks the noise, "
+            "reverberation, disfluencies and speaker variety of real recordings, so expect higher error "
+            "rates on real-world audio than on clean read speech; evaluate on your own data."
+        )
     if n_eval := sum(s.n_utterances or 0 for s in scores if s.role == "compressed"):
-        items.append(f"The error rates above come from {n_eval} utterances; differences of a point or less "
-                     "between models may be noise.")  # fmt: skip
+        items.append(
+            f"The error rates above come from {n_eval} utterances; differences of a point or less "
+            "between models may be noise."
+        )
     exported = _get(report, "per_layer_bits", "layer_bits", default={}) or {}
     if differ := [public(u.name) for u in plan.units if u.name in exported and int(exported[u.name]) != u.bits]:
         items.append(f"The exported bits differ from the plan for {', '.join(differ)}.")
@@ -381,10 +461,12 @@ def _limitations(report, plan, scores, codes, ct2_quant: str | None, synthetic: 
 def _summary(name, teacher, plan: KDQPlan, sizes: _Sizes, scores: list[Score]) -> str:
     bits = "/".join(_bits_text(b) for b in sorted({u.bits for u in plan.units if u.modules})) or "float"
     n_enc, n_dec = len(plan.layers("encoder")), len(plan.layers("decoder"))
-    text = (f"**{name}** is a [Whisper-KDQ](https://arxiv.org/abs/2305.10788) compression of {teacher}: a "
-            f"{n_enc}+{n_dec}-layer student distilled from the teacher (logits, and the hidden states of "
-            f"{sum(u.distilled for u in plan.units)} guided layer(s)) while its weights were quantization-aware "
-            f"trained to {bits} bits per layer.")  # fmt: skip
+    text = (
+        f"**{name}** is a [Whisper-KDQ](https://arxiv.org/abs/2305.10788) compression of {teacher}: a "
+        f"{n_enc}+{n_dec}-layer student distilled from the teacher (logits, and the hidden states of "
+        f"{sum(u.distilled for u in plan.units)} guided layer(s)) while its weights were quantization-aware "
+        f"trained to {bits} bits per layer."
+    )
     if sizes.size:
         smaller = f", {sizes.factor16:.2f}× smaller than the teacher in fp16" if sizes.factor16 else ""
         text += f" It takes {_mb(sizes.size)} on disk{smaller}."
@@ -396,12 +478,22 @@ def _summary(name, teacher, plan: KDQPlan, sizes: _Sizes, scores: list[Score]) -
 
 
 def build_model_card(
-    *, plan: KDQPlan | Mapping | str | Path, compression_report: Mapping | None, eval_results: Any, teacher_id: str,
-    training_args: Any = None, datasets: Sequence[str] = (), languages: Sequence[str] = (), repo_id: str | None = None,
-    figure_path: str = "kdq_plan.png", original_id: str | None = None, model_name: str | None = None,
-    synthetic_speech: bool | None = None, include_ctranslate2: bool | None = None,
+    *,
+    plan: KDQPlan | Mapping | str | Path,
+    compression_report: Mapping | None,
+    eval_results: Any,
+    teacher_id: str,
+    training_args: Any = None,
+    datasets: Sequence[str] = (),
+    languages: Sequence[str] = (),
+    repo_id: str | None = None,
+    figure_path: str = "kdq_plan.png",
+    original_id: str | None = None,
+    model_name: str | None = None,
+    synthetic_speech: bool | None = None,
+    include_ctranslate2: bool | None = None,
     template_path: str | Path | None = None,
-) -> ModelCard:  # fmt: skip
+) -> ModelCard:
     """The model card of a Whisper-KDQ checkpoint (see the module docstring for the inputs' shapes).
 
     Args:
@@ -427,11 +519,17 @@ def build_model_card(
     if synthetic_speech is None:
         synthetic_speech = any(re.search(r"synth|tts|piper", d, re.I) for d in data_names)
     sizes = _sizes(report, stats)
-    labels = {"teacher": f"teacher: {teacher}", "compressed": f"**{name}** (this model)",
-              "original": f"original: {public(original_id or 'same-size Whisper')}"}  # fmt: skip
+    labels = {
+        "teacher": f"teacher: {teacher}",
+        "compressed": f"**{name}** (this model)",
+        "original": f"original: {public(original_id or 'same-size Whisper')}",
+    }
     columns, rows, note = _comparison(scores, stats, sizes, labels)
-    components = {k: v for k, v in (_get(report, "components", "bytes_per_component") or {}).items()
-                  if isinstance(v, (int, float))}  # fmt: skip
+    components = {
+        k: v
+        for k, v in (_get(report, "components", "bytes_per_component") or {}).items()
+        if isinstance(v, (int, float))
+    }
     total = sum(components.values()) or 1
     ct2 = _get(report, "ctranslate2")
     if include_ctranslate2 is None:
@@ -448,26 +546,44 @@ def build_model_card(
     )
     evals = eval_results_for_card(scores)
     card_data = ModelCardData(
-        language=codes or None, license="mit", library_name="transformers", pipeline_tag="automatic-speech-recognition",
-        tags=list(TAGS), base_model=hub_teacher, datasets=data_names or None, model_name=name if evals else None,
-        metrics=sorted({s.metric for s in scores}) or ["wer"], eval_results=evals or None,
+        language=codes or None,
+        license="mit",
+        library_name="transformers",
+        pipeline_tag="automatic-speech-recognition",
+        tags=list(TAGS),
+        base_model=hub_teacher,
+        datasets=data_names or None,
+        model_name=name if evals else None,
+        metrics=sorted({s.metric for s in scores}) or ["wer"],
+        eval_results=evals or None,
         **({"base_model_relation": "quantized"} if hub_teacher else {}),
-    )  # fmt: skip
+    )
     card = ModelCard.from_template(
-        card_data, template_path=str(find_template(template_path)), model_name=name,
-        summary=_summary(name, teacher, plan, sizes, scores), score_columns=columns, comparison_rows=rows,
-        comparison_note=note, size_details=_size_details(report, plan, sizes, teacher),
+        card_data,
+        template_path=str(find_template(template_path)),
+        model_name=name,
+        summary=_summary(name, teacher, plan, sizes, scores),
+        score_columns=columns,
+        comparison_rows=rows,
+        comparison_note=note,
+        size_details=_size_details(report, plan, sizes, teacher),
         component_rows=[[public(k), f"{v / 1e6:,.2f}", f"{100 * v / total:.1f} %"] for k, v in components.items()],
         file_rows=[[f"`{public(k)}`", f"{v / 1e6:,.2f}"] for k, v in sorted(sizes.files.items(), key=lambda i: -i[1])],
-        plan_description=plan_description, plan_rows=_plan_rows(plan), figure_path=_figure_ref(figure_path).as_posix(),
+        plan_description=plan_description,
+        plan_rows=_plan_rows(plan),
+        figure_path=_figure_ref(figure_path).as_posix(),
         teacher_link=f"[{hub_teacher}](https://huggingface.co/{hub_teacher})" if hub_teacher else teacher,
-        datasets_text=", ".join(data_names) or "not recorded", languages_text=", ".join(codes) or "not recorded",
-        hyperparameters=_hyperparameters(training_args), transformers_code=transformers_code,
-        ctranslate2_code=ctranslate2_code if include_ctranslate2 else None, ctranslate2_note=f"{ct2_quant} weights",
-        limitations=_limitations(report, plan, scores, codes, ct2_quant if include_ctranslate2 else None,
-                                 synthetic_speech),
+        datasets_text=", ".join(data_names) or "not recorded",
+        languages_text=", ".join(codes) or "not recorded",
+        hyperparameters=_hyperparameters(training_args),
+        transformers_code=transformers_code,
+        ctranslate2_code=ctranslate2_code if include_ctranslate2 else None,
+        ctranslate2_note=f"{ct2_quant} weights",
+        limitations=_limitations(
+            report, plan, scores, codes, ct2_quant if include_ctranslate2 else None, synthetic_speech
+        ),
         citation=CITATION,
-    )  # fmt: skip
+    )
     return ModelCard(re.sub(r"\n{3,}", "\n\n", scrub(str(card))))  # no runs of blank lines from the template
 
 

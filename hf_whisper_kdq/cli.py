@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from transformers import HfArgumentParser
@@ -35,8 +35,10 @@ class ConvertArguments:
     )
     overwrite: bool = field(
         default=False,
-        metadata={"help": "Replace output_dir when it holds an earlier output of hf-whisper-kdq (atomically); a "
-                  "folder of other files is never replaced."},  # fmt: skip
+        metadata={
+            "help": "Replace output_dir when it holds an earlier output of hf-whisper-kdq (atomically); a "
+            "folder of other files is never replaced."
+        },
     )
 
     def __post_init__(self):
@@ -87,8 +89,14 @@ class PushArguments:
 def run_push(args: PushArguments):
     from .hub import push_compressed
 
-    info = push_compressed(args.folder, args.repo_id, private=args.private, revision=args.revision,
-                           create_pr=args.create_pr, commit_message=args.commit_message)  # fmt: skip
+    info = push_compressed(
+        args.folder,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        create_pr=args.create_pr,
+        commit_message=args.commit_message,
+    )
     print(f"Pushed {args.folder} to {args.repo_id}: {getattr(info, 'commit_url', info)}")
     return info
 

@@ -29,7 +29,11 @@ logger = logging.getLogger(__name__)
 # The paper's sizes are only reachable with every part quantized and low bit widths allowed: those levels set
 # quant_targets and quant_bit_choices too, unless the command line does, and train the encoder they quantize
 # (a frozen encoder at 2-3 bits is round-to-nearest quantization, which collapses whisper-base below 4 bits).
-PAPER_LEVEL_DEFAULTS = {"quant_targets": "encoder,decoder,embedding", "quant_bit_choices": "2,3,4,8", "freeze_encoder": "false"}
+PAPER_LEVEL_DEFAULTS = {
+    "quant_targets": "encoder,decoder,embedding",
+    "quant_bit_choices": "2,3,4,8",
+    "freeze_encoder": "false",
+}
 LEVELS = {
     "base": {"decoder_layers": None, "size_budget_ratio": 1 / 5.18, "training_defaults": PAPER_LEVEL_DEFAULTS},
     "tiny": {"decoder_layers": 2, "size_budget_ratio": 1 / 10.48, "training_defaults": PAPER_LEVEL_DEFAULTS},
@@ -59,17 +63,21 @@ class CompressArguments:
 
     teacher: str = field(
         default="openai/whisper-base",
-        metadata={"help": "Teacher: a Hub id, HF folder, OpenAI .pt or CTranslate2 folder (offline packs for "
-                  "openai/whisper-base and openai/whisper-tiny.en)."},
-    )  # fmt: skip
+        metadata={
+            "help": "Teacher: a Hub id, HF folder, OpenAI .pt or CTranslate2 folder (offline packs for "
+            "openai/whisper-base and openai/whisper-tiny.en)."
+        },
+    )
     level: str = field(
         default="smoke",
-        metadata={"help": "Preset: 'base' (budget teacher/5.18, all layers), 'tiny' (budget teacher/10.48, 2 "
-                  "decoder layers), both with --quant_targets encoder,decoder,embedding --quant_bit_choices 2,3,4,8 "
-                  "--freeze_encoder false; "
-                  "'smoke' (2 decoder layers, budget 0.45 × teacher: a quick pipeline check), or 'none'. Explicit "
-                  "--decoder_layers / --size_budget_* / --quant_* flags override the preset."},
-    )  # fmt: skip
+        metadata={
+            "help": "Preset: 'base' (budget teacher/5.18, all layers), 'tiny' (budget teacher/10.48, 2 "
+            "decoder layers), both with --quant_targets encoder,decoder,embedding --quant_bit_choices 2,3,4,8 "
+            "--freeze_encoder false; "
+            "'smoke' (2 decoder layers, budget 0.45 × teacher: a quick pipeline check), or 'none'. Explicit "
+            "--decoder_layers / --size_budget_* / --quant_* flags override the preset."
+        },
+    )
     student: str | None = field(
         default=None, metadata={"help": "A smaller pretrained Whisper (same tokenizer) to use as the student."}
     )
@@ -88,15 +96,19 @@ class CompressArguments:
     )
     synthetic_prompts: int = field(
         default=120,
-        metadata={"help": "Embedded prompts to synthesize (Piper/espeak-ng) as training speech; 0 for none. Used "
-                  "by default, and added to other training data when given explicitly."},
-    )  # fmt: skip
+        metadata={
+            "help": "Embedded prompts to synthesize (Piper/espeak-ng) as training speech; 0 for none. Used "
+            "by default, and added to other training data when given explicitly."
+        },
+    )
     synthetic_text: str | None = field(
         default=None,
-        metadata={"help": "File of id<TAB>text lines to synthesize training speech from, in file order (default: "
-                  "the embedded English prompts, without the ones held out for the smoke evaluation). "
-                  "--synthetic_prompts says how many."},
-    )  # fmt: skip
+        metadata={
+            "help": "File of id<TAB>text lines to synthesize training speech from, in file order (default: "
+            "the embedded English prompts, without the ones held out for the smoke evaluation). "
+            "--synthetic_prompts says how many."
+        },
+    )
     eval_manifest: str | None = field(
         default=None,
         metadata={"help": "JSONL manifest to evaluate on. Without one: held-out synthetic speech (smoke check)."},
@@ -110,9 +122,11 @@ class CompressArguments:
     )
     eval_max_new_tokens: int = field(
         default=160,
-        metadata={"help": "Cap on generated tokens per utterance at evaluation (30 s of speech is well under it), "
-                  "so that a student that has not learnt to stop yet cannot stall the run."},
-    )  # fmt: skip
+        metadata={
+            "help": "Cap on generated tokens per utterance at evaluation (30 s of speech is well under it), "
+            "so that a student that has not learnt to stop yet cannot stall the run."
+        },
+    )
 
     def __post_init__(self):
         if self.level not in (*LEVELS, "none"):
@@ -241,7 +255,9 @@ def _training_data(compress: CompressArguments, teacher, processor, timer: Phase
     if compress.train_manifest:
         parts.append(load_manifest(compress.train_manifest))
     if compress.train_dataset:
-        parts.append(load_speech_dataset(compress.train_dataset, split=compress.train_split, language=compress.language))
+        parts.append(
+            load_speech_dataset(compress.train_dataset, split=compress.train_split, language=compress.language)
+        )
     if compress.unlabeled_manifest:
         folder = Path(output_dir) / "teacher_labels" if output_dir else None
         parts.append(_teacher_labels(compress, teacher, processor, timer, folder))
@@ -250,10 +266,13 @@ def _training_data(compress: CompressArguments, teacher, processor, timer: Phase
             prompts = load_prompts(compress.synthetic_text) if compress.synthetic_text else default_prompts("train")
             parts.append(synthesize_dataset(prompts[: compress.synthetic_prompts]))
     if not parts:
-        raise ValueError("no training data: give --train_manifest, --train_dataset, --unlabeled_manifest or "
-                         "--synthetic_prompts > 0")  # fmt: skip
+        raise ValueError(
+            "no training data: give --train_manifest, --train_dataset, --unlabeled_manifest or --synthetic_prompts > 0"
+        )
     dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    return dataset.select(range(min(len(dataset), compress.max_train_samples))) if compress.max_train_samples else dataset
+    return (
+        dataset.select(range(min(len(dataset), compress.max_train_samples))) if compress.max_train_samples else dataset
+    )
 
 
 def _evaluation_data(compress: CompressArguments, timer: PhaseTimer):
@@ -275,8 +294,9 @@ def warn_untrained_languages(train_languages, eval_languages) -> list[str]:
             "transcribe it, even with its language token forced (whisper-base → KDQ students on English speech "
             "only: AISHELL CER 15.9%% → 128–440%% after 500 steps). Add %s training speech (--train_manifest, "
             "--train_dataset, or --unlabeled_manifest for the teacher to label)",
-            ", ".join(missing), ", ".join(missing),
-        )  # fmt: skip
+            ", ".join(missing),
+            ", ".join(missing),
+        )
     return missing
 
 
@@ -320,10 +340,13 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
     with timer("train"):
         trainer = DistillQuantTrainer(
             # compress pushes the compressed folder itself, once: the Trainer's own push would upload checkpoints.
-            model=student, teacher_model=teacher, args=replace(args, push_to_hub=False), train_dataset=train_features,
+            model=student,
+            teacher_model=teacher,
+            args=replace(args, push_to_hub=False),
+            train_dataset=train_features,
             data_collator=WhisperDataCollator(processor, decoder_start_token_id=student.config.decoder_start_token_id),
             processing_class=processor,
-        )  # fmt: skip
+        )
         trainer.train()
     student = trainer.whole_student()  # under FSDP, gathered onto the main process by every process
     if not trainer.is_world_process_zero():
@@ -342,32 +365,49 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
     compressed_dir = output / "compressed"
     teacher_fp16 = fp16_bytes(teacher)
     with timer("export packed checkpoint"):
-        save_compressed(student, processor, compressed_dir, plan=trainer.plan, teacher_fp16_bytes=teacher_fp16, overwrite=True)
+        save_compressed(
+            student, processor, compressed_dir, plan=trainer.plan, teacher_fp16_bytes=teacher_fp16, overwrite=True
+        )
     if compress.ctranslate2_quantization != "none":
         with timer("export CTranslate2 copy"):
             from .export.ctranslate2 import export_ctranslate2
 
-            export_ctranslate2(student, processor, compressed_dir / "ctranslate2",
-                               quantization=compress.ctranslate2_quantization, overwrite=True)  # fmt: skip
+            export_ctranslate2(
+                student,
+                processor,
+                compressed_dir / "ctranslate2",
+                quantization=compress.ctranslate2_quantization,
+                overwrite=True,
+            )
     compression = json.loads((compressed_dir / "compression_report.json").read_text())
     eval_json = {name: r.to_dict(per_utterance=False) for name, r in reports.items()}
     eval_json["smoke_run"] = compress.smoke
     atomic_write_text(compressed_dir / "eval_report.json", json.dumps(eval_json, indent=2, ensure_ascii=False) + "\n")
     with timer("model card"):
         write_model_card(
-            compressed_dir, plan=trainer.plan, compression_report=compression,
+            compressed_dir,
+            plan=trainer.plan,
+            compression_report=compression,
             # Scores on synthetic speech are never published as results: a smoke run's card carries none.
-            eval_results={} if compress.smoke else {"compressed": eval_json["compressed"], "teacher": eval_json.get("teacher")},
-            teacher_id=compress.teacher, training_args=args.to_dict(),
-            datasets=sorted(set(train["corpus"])), languages=sorted(set(train["language"])),
+            eval_results={}
+            if compress.smoke
+            else {"compressed": eval_json["compressed"], "teacher": eval_json.get("teacher")},
+            teacher_id=compress.teacher,
+            training_args=args.to_dict(),
+            datasets=sorted(set(train["corpus"])),
+            languages=sorted(set(train["language"])),
             synthetic_speech=compress.smoke or any("synthetic" in c for c in set(train["corpus"])),
-        )  # fmt: skip
+        )
     if args.push_to_hub:
         from .hub import push_compressed
 
         with timer("push"):
-            push_compressed(compressed_dir, args.hub_model_id or compressed_dir.name, private=bool(args.hub_private_repo),
-                            token=args.hub_token)  # fmt: skip
+            push_compressed(
+                compressed_dir,
+                args.hub_model_id or compressed_dir.name,
+                private=bool(args.hub_private_repo),
+                token=args.hub_token,
+            )
     summary = {
         "arguments": {"compress": asdict(compress), "training": args.to_dict()},
         "phase_seconds": timer.seconds,
@@ -378,7 +418,9 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
         "compression": {k: compression.get(k) for k in ("total_bytes", "ratio_to_teacher_fp16") if k in compression},
         "evaluation": eval_json,
     }
-    atomic_write_text(output / "compress_summary.json", json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
+    atomic_write_text(
+        output / "compress_summary.json", json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n"
+    )
     sizes = {"compressed": compression.get("total_bytes"), "teacher": teacher_fp16}
     print(summary_table(reports, sizes, timer.seconds, smoke=compress.smoke))
     return summary
@@ -389,7 +431,9 @@ def summary_table(reports: dict, sizes: dict[str, int | None], phases: dict[str,
     lines = ["", "| model | size (MB) | error rates | RTF |", "|---|---:|---|---:|"]
     for name, report in reports.items():
         rates = ", ".join(
-            f"{c['corpus']} {c['metric'].upper()} {100 * c['error_rate']:.1f}%" for c in report.corpora if c["error_rate"] is not None
+            f"{c['corpus']} {c['metric'].upper()} {100 * c['error_rate']:.1f}%"
+            for c in report.corpora
+            if c["error_rate"] is not None
         )
         size = "" if sizes.get(name) is None else f"{sizes[name] / 1e6:.1f}"
         lines.append(f"| {name} | {size} | {rates} | {report.rtf or 0:.3f} |")

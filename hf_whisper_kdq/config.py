@@ -131,10 +131,12 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
     )
     size_budget_accounting: str = field(
         default="paper",
-        metadata={"help": "How the budget counts the token embedding: 'paper' at its planned bits (the paper's "
-                  "accounting, used by compress's --level presets), or 'on_disk' in fp16, as the packed checkpoint "
-                  "stores it (transformers cannot load a quantized embedding), so that the budget bounds the file."},
-    )  # fmt: skip
+        metadata={
+            "help": "How the budget counts the token embedding: 'paper' at its planned bits (the paper's "
+            "accounting, used by compress's --level presets), or 'on_disk' in fp16, as the packed checkpoint "
+            "stores it (transformers cannot load a quantized embedding), so that the budget bounds the file."
+        },
+    )
 
     # ---- guided layer selection ---------------------------------------------------------------------
     num_distill_layers: int = field(
@@ -147,11 +149,13 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
     )
     selection_until: float = field(
         default=1.0,
-        metadata={"help": "Re-select only during this fraction of max_steps (0 < x ≤ 1); the plan then stays fixed, "
-                  "so that the rest of training adapts to one set of bits. A re-plan late in training undoes "
-                  "progress (measured: loss 0.57 → 2.38 after one at step 250 of 500) and leaves few steps to "
-                  "recover. 1.0: re-select throughout, every selection_interval steps."},
-    )  # fmt: skip
+        metadata={
+            "help": "Re-select only during this fraction of max_steps (0 < x ≤ 1); the plan then stays fixed, "
+            "so that the rest of training adapts to one set of bits. A re-plan late in training undoes "
+            "progress (measured: loss 0.57 → 2.38 after one at step 250 of 500) and leaves few steps to "
+            "recover. 1.0: re-select throughout, every selection_interval steps."
+        },
+    )
     selection_probe_batches: int = field(
         default=2, metadata={"help": "Training batches used to measure quantization and distillation losses."}
     )
@@ -185,9 +189,11 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
     )
     encoder_cache_dir: str | None = field(
         default=None,
-        metadata={"help": "Folder of the encoder-output and teacher-output caches (default: "
-                  "$HF_WHISPER_KDQ_CACHE/encoder_outputs)."},
-    )  # fmt: skip
+        metadata={
+            "help": "Folder of the encoder-output and teacher-output caches (default: "
+            "$HF_WHISPER_KDQ_CACHE/encoder_outputs)."
+        },
+    )
     encoder_cache_max_gb: float = field(
         default=8.0,
         metadata={"help": "Size bound of that folder in GB (both caches together); least recently used entries go."},
@@ -252,9 +258,7 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
                 "re-selecting halfway, 1.0 re-selects throughout"
             )
         if self.num_distill_layers < 0 or self.selection_interval < 0 or self.selection_probe_batches < 1:
-            raise ValueError(
-                "num_distill_layers and selection_interval must be ≥ 0 and selection_probe_batches ≥ 1"
-            )
+            raise ValueError("num_distill_layers and selection_interval must be ≥ 0 and selection_probe_batches ≥ 1")
 
     @property
     def bit_choices(self) -> tuple[int, ...]:

@@ -12,9 +12,10 @@ import logging
 import os
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import soundfile
@@ -75,8 +76,10 @@ def _language_plan(model, languages, n: int, task: str) -> list[str | None]:
     generation_config = model.generation_config
     if not getattr(generation_config, "is_multilingual", True):
         if others := sorted({code for code in codes if code not in (None, "en")}):
-            raise ValueError(f"this model is English-only and cannot transcribe language(s) {others}: use a multi"
-                             "lingual checkpoint (e.g. openai/whisper-base, not whisper-base.en) or drop those rows")
+            raise ValueError(
+                f"this model is English-only and cannot transcribe language(s) {others}: use a multi"
+                "lingual checkpoint (e.g. openai/whisper-base, not whisper-base.en) or drop those rows"
+            )
         if task != "transcribe":
             raise ValueError(f"English-only models only transcribe; task={task!r} needs a multilingual checkpoint")
         return [None] * n
@@ -87,8 +90,15 @@ def _language_plan(model, languages, n: int, task: str) -> list[str | None]:
 
 
 def transcribe(
-    model, processor, audios: Sequence[Any], *, languages: str | Sequence[str | None] | None = None,
-    task: str = "transcribe", batch_size: int = 8, num_beams: int = 1, max_new_tokens: int | None = None,
+    model,
+    processor,
+    audios: Sequence[Any],
+    *,
+    languages: str | Sequence[str | None] | None = None,
+    task: str = "transcribe",
+    batch_size: int = 8,
+    num_beams: int = 1,
+    max_new_tokens: int | None = None,
     progress: bool = True,
 ) -> list[str]:
     """Transcribe ``audios`` (16 kHz arrays, file paths or datasets audio dicts) in batches, in input order.
@@ -97,8 +107,10 @@ def transcribe(
     models get neither and refuse other languages), longest first. Audio over 30 s is decoded long-form. Runs on
     the model's device and dtype under ``torch.inference_mode``; greedy for ``num_beams=1``, else beam search."""
     if task not in ("transcribe", "translate") or batch_size < 1 or num_beams < 1:
-        raise ValueError(f"need task 'transcribe' or 'translate' and batch_size, num_beams >= 1; got {task!r}, "
-                         f"{batch_size}, {num_beams}")
+        raise ValueError(
+            f"need task 'transcribe' or 'translate' and batch_size, num_beams >= 1; got {task!r}, "
+            f"{batch_size}, {num_beams}"
+        )
     n = len(audios)
     codes = _language_plan(model, languages, n, task)
     multilingual = getattr(model.generation_config, "is_multilingual", True)
@@ -115,9 +127,15 @@ def transcribe(
             for start in range(0, len(indices), batch_size):
                 batch = indices[start : start + batch_size]
                 texts = _generate(
-                    model, processor, [as_audio_array(audios[i]) for i in batch], device=device, dtype=dtype,
-                    language=code if multilingual else None, task=task if multilingual else None,
-                    num_beams=num_beams, max_new_tokens=max_new_tokens,
+                    model,
+                    processor,
+                    [as_audio_array(audios[i]) for i in batch],
+                    device=device,
+                    dtype=dtype,
+                    language=code if multilingual else None,
+                    task=task if multilingual else None,
+                    num_beams=num_beams,
+                    max_new_tokens=max_new_tokens,
                 )
                 for i, text in zip(batch, texts):
                     results[i] = text
@@ -128,11 +146,14 @@ def transcribe(
 def _generate(model, processor, arrays, *, device, dtype, language, task, num_beams, max_new_tokens) -> list[str]:
     long_form = max(len(a) for a in arrays) > CHUNK_SECONDS * SAMPLING_RATE
     extra = {"truncation": False, "padding": "longest"} if long_form else {}
-    features = processor.feature_extractor(arrays, sampling_rate=SAMPLING_RATE, return_tensors="pt",
-                                           return_attention_mask=True, **extra)
+    features = processor.feature_extractor(
+        arrays, sampling_rate=SAMPLING_RATE, return_tensors="pt", return_attention_mask=True, **extra
+    )
     kwargs: dict[str, Any] = {
         "input_features": features.input_features.to(device=device, dtype=dtype),
-        "attention_mask": features.attention_mask.to(device), "num_beams": num_beams, "do_sample": False,
+        "attention_mask": features.attention_mask.to(device),
+        "num_beams": num_beams,
+        "do_sample": False,
     }
     optional = {"language": language, "task": task, "max_new_tokens": max_new_tokens}
     kwargs.update({key: value for key, value in optional.items() if value is not None})
@@ -200,19 +221,23 @@ class EvaluationReport:
     rtf: float | None = None
     utterances: list[dict[str, Any]] = field(default_factory=list)
 
-
     def summarize(self) -> None:
         """Fill the per-language entries (macro over corpora, pooled) and the totals from ``corpora``."""
         for code in dict.fromkeys(entry["language"] for entry in self.corpora):
             entries = [entry for entry in self.corpora if entry["language"] == code]
             metric = entries[0]["metric"]
             size_key = "n_reference_chars" if metric == "cer" else "n_reference_words"
-            audio_seconds, decode_seconds = (sum(e[key] for e in entries) for key in ("audio_seconds", "decode_seconds"))
+            audio_seconds, decode_seconds = (
+                sum(e[key] for e in entries) for key in ("audio_seconds", "decode_seconds")
+            )
             self.languages[code] = {
-                "metric": metric, "macro": sum(e["error_rate"] for e in entries) / len(entries),
+                "metric": metric,
+                "macro": sum(e["error_rate"] for e in entries) / len(entries),
                 "pooled": error_rate(sum(e["errors"] for e in entries), sum(e[size_key] for e in entries)),
-                "n_corpora": len(entries), "n_utterances": sum(e["n_utterances"] for e in entries),
-                "audio_seconds": audio_seconds, "decode_seconds": decode_seconds,
+                "n_corpora": len(entries),
+                "n_utterances": sum(e["n_utterances"] for e in entries),
+                "audio_seconds": audio_seconds,
+                "decode_seconds": decode_seconds,
                 "rtf": _rtf(decode_seconds, audio_seconds),
             }
         self.n_utterances = len(self.utterances)
@@ -266,8 +291,16 @@ class EvaluationReport:
 
 
 def evaluate_model(
-    model, processor, dataset, *, batch_size: int = 8, num_beams: int = 1, max_new_tokens: int | None = None,
-    model_path: str | os.PathLike | None = None, progress: bool = True, warmup: bool = True,
+    model,
+    processor,
+    dataset,
+    *,
+    batch_size: int = 8,
+    num_beams: int = 1,
+    max_new_tokens: int | None = None,
+    model_path: str | os.PathLike | None = None,
+    progress: bool = True,
+    warmup: bool = True,
 ) -> EvaluationReport:
     """Transcribe a manifest dataset (``id``, ``corpus``, ``language``, ``audio``, ``text``; see
     ``data.load_manifest``) and score it per corpus and per language. Each corpus's audio is read before its
@@ -277,17 +310,30 @@ def evaluate_model(
     parameter = next(model.parameters())
     size_bytes, size_source = model_size(model, model_path)
     report = EvaluationReport(
-        model=None if model_path is None else str(model_path), n_parameters=sum(p.numel() for p in model.parameters()),
-        model_size_bytes=size_bytes, model_size_source=size_source, batch_size=batch_size, num_beams=num_beams,
-        device=str(parameter.device), dtype=str(parameter.dtype).removeprefix("torch."),
+        model=None if model_path is None else str(model_path),
+        n_parameters=sum(p.numel() for p in model.parameters()),
+        model_size_bytes=size_bytes,
+        model_size_source=size_source,
+        batch_size=batch_size,
+        num_beams=num_beams,
+        device=str(parameter.device),
+        dtype=str(parameter.dtype).removeprefix("torch."),
         n_unlabeled_skipped=rows.unlabeled,
     )
 
     def transcriber(arrays: list[np.ndarray], code: str, warmup: bool) -> list[str]:
         if warmup:
             return transcribe(model, processor, arrays, languages=code, max_new_tokens=8, progress=False)
-        return transcribe(model, processor, arrays, languages=code, batch_size=batch_size, num_beams=num_beams,
-                          max_new_tokens=max_new_tokens, progress=progress)  # fmt: skip
+        return transcribe(
+            model,
+            processor,
+            arrays,
+            languages=code,
+            batch_size=batch_size,
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+            progress=progress,
+        )
 
     return rows.transcribe_and_score(report, transcriber, warmup=warmup)
 
@@ -338,11 +384,27 @@ class ManifestRows:
             references = [self.references[i] for i in indices]
             result = score(references, hypotheses, code, per_utterance=True)
             for i, hypothesis, record in zip(indices, hypotheses, result.pop("utterances")):
-                report.utterances.append({"id": self.ids[i], "corpus": corpus, "language": code,
-                                          "reference": self.references[i], "hypothesis": hypothesis, **record})
-            report.corpora.append({"corpus": corpus, "language": code, "error_rate": result[result["metric"]],
-                                   **result, "audio_seconds": audio_seconds, "decode_seconds": decode_seconds,
-                                   "rtf": _rtf(decode_seconds, audio_seconds)})  # fmt: skip
+                report.utterances.append(
+                    {
+                        "id": self.ids[i],
+                        "corpus": corpus,
+                        "language": code,
+                        "reference": self.references[i],
+                        "hypothesis": hypothesis,
+                        **record,
+                    }
+                )
+            report.corpora.append(
+                {
+                    "corpus": corpus,
+                    "language": code,
+                    "error_rate": result[result["metric"]],
+                    **result,
+                    "audio_seconds": audio_seconds,
+                    "decode_seconds": decode_seconds,
+                    "rtf": _rtf(decode_seconds, audio_seconds),
+                }
+            )
         report.summarize()
         return report
 
@@ -402,7 +464,7 @@ def make_compute_metrics(processor, language: str | Sequence[str] = "en"):
             result = score([references[i] for i in rows], [hypotheses[i] for i in rows], code)
             metrics[f"{result['metric']}_{language_code(code)}"] = result[result["metric"]]
         if len(metrics) == 1:
-            (name, value), = metrics.items()
+            ((name, value),) = metrics.items()
             metrics[name.split("_")[0]] = value
         return metrics
 
@@ -413,12 +475,17 @@ def make_compute_metrics(processor, language: str | Sequence[str] = "en"):
 class EvaluationArguments:
     """Arguments of ``hf-whisper-kdq evaluate`` (parse them with ``HfArgumentParser(EvaluationArguments)``)."""
 
-    model_name_or_path: str = _arg("Model to evaluate: a Hub id (openai/whisper-base), a local HF folder, an OpenAI "
-                                   ".pt file or a CTranslate2 folder.", default="openai/whisper-base")
-    manifest: str | None = _arg("JSONL manifest (id, corpus, language, audio, duration, text per line), e.g. "
-                                "../shared/data/speech/dev.jsonl. Without one, a smoke run on speech synthesized "
-                                "offline from the package's held-out prompts (checks the pipeline; not a result).",
-                                default=None)
+    model_name_or_path: str = _arg(
+        "Model to evaluate: a Hub id (openai/whisper-base), a local HF folder, an OpenAI "
+        ".pt file or a CTranslate2 folder.",
+        default="openai/whisper-base",
+    )
+    manifest: str | None = _arg(
+        "JSONL manifest (id, corpus, language, audio, duration, text per line), e.g. "
+        "../shared/data/speech/dev.jsonl. Without one, a smoke run on speech synthesized "
+        "offline from the package's held-out prompts (checks the pipeline; not a result).",
+        default=None,
+    )
     batch_size: int = _arg("Utterances decoded together.", default=8)
     num_beams: int = _arg("1 for greedy decoding, more for beam search.", default=1)
     languages: str | None = _arg("Comma-separated language codes to keep, e.g. 'en,zh' (default: all).", default=None)
@@ -433,16 +500,25 @@ class EvaluationArguments:
 
     def __post_init__(self):
         checks = [
-            (str(self.model_name_or_path or "").strip(), "model_name_or_path is empty: name a model, e.g. "
-             "`hf-whisper-kdq evaluate openai/whisper-base`"),
-            (self.manifest is None or Path(self.manifest).is_file(), f"manifest {self.manifest!r} is not a file: "
-             "pass --manifest path/to/dev.jsonl"),
+            (
+                str(self.model_name_or_path or "").strip(),
+                "model_name_or_path is empty: name a model, e.g. `hf-whisper-kdq evaluate openai/whisper-base`",
+            ),
+            (
+                self.manifest is None or Path(self.manifest).is_file(),
+                f"manifest {self.manifest!r} is not a file: pass --manifest path/to/dev.jsonl",
+            ),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}: pass e.g. --batch_size 8"),
             (self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}: pass --num_beams 1 for greedy"),
-            (self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}: pass a positive --limit "
-             "or leave it out"),
-            (self.max_new_tokens is None or 1 <= self.max_new_tokens <= 444, "max_new_tokens must be in 1..444 "
-             f"(Whisper's 448 positions less the prompt), got {self.max_new_tokens}"),
+            (
+                self.limit is None or self.limit >= 1,
+                f"limit must be >= 1, got {self.limit}: pass a positive --limit or leave it out",
+            ),
+            (
+                self.max_new_tokens is None or 1 <= self.max_new_tokens <= 444,
+                "max_new_tokens must be in 1..444 "
+                f"(Whisper's 448 positions less the prompt), got {self.max_new_tokens}",
+            ),
             (self.dtype in _DTYPES, f"dtype {self.dtype!r} is not supported: pass --dtype {' or '.join(_DTYPES)}"),
         ]
         if failed := [message for ok, message in checks if not ok]:
@@ -479,8 +555,14 @@ def run_evaluation(args: EvaluationArguments) -> EvaluationReport:
     if len(dataset) == 0:
         raise ValueError(f"no rows selected from {args.manifest}: check --languages / --corpora against it")
     report = evaluate_model(
-        model, processor, dataset, batch_size=args.batch_size, num_beams=args.num_beams,
-        max_new_tokens=args.max_new_tokens, model_path=args.model_name_or_path, progress=args.progress,
+        model,
+        processor,
+        dataset,
+        batch_size=args.batch_size,
+        num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens,
+        model_path=args.model_name_or_path,
+        progress=args.progress,
     )
     print(report.summary_table())
     if args.manifest is None:

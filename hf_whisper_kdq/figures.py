@@ -48,8 +48,17 @@ def plot_plan(plan: KDQPlan | Mapping | str | Path, path: str | Path) -> Path:
         if unit.distilled:
             bar.set(edgecolor="black", linewidth=1.5)
     if marked := [(i, u.bits) for i, u in zip(x, units) if u.distilled]:
-        ax.plot([i for i, _ in marked], [b + 1.0 for _, b in marked], linestyle="none", marker="*", markersize=13,
-                color="gold", markeredgecolor="black", label="distilled", zorder=5)  # fmt: skip
+        ax.plot(
+            [i for i, _ in marked],
+            [b + 1.0 for _, b in marked],
+            linestyle="none",
+            marker="*",
+            markersize=13,
+            color="gold",
+            markeredgecolor="black",
+            label="distilled",
+            zorder=5,
+        )
     ax.set_ylim(0, FLOAT_BITS + 3)
     ax.set_yticks(sorted({2, 4, 8, FLOAT_BITS, *bits}))
     ax.set_ylabel("bits (16 = fp16)")
@@ -68,8 +77,9 @@ def plot_plan(plan: KDQPlan | Mapping | str | Path, path: str | Path) -> Path:
     return _save(figure, path, top=0.93)
 
 
-def plot_size_vs_error(rows: Sequence[Mapping], path: str | Path, *, title: str | None = None,
-                       log_error: bool = False) -> Path:  # fmt: skip
+def plot_size_vs_error(
+    rows: Sequence[Mapping], path: str | Path, *, title: str | None = None, log_error: bool = False
+) -> Path:
     """Size (MB) against error rate (%): one curve per method (its points joined in size order), for benchmark
     write-ups.
 
@@ -88,12 +98,24 @@ def plot_size_vs_error(rows: Sequence[Mapping], path: str | Path, *, title: str 
     markers = "osD^vP*X"
     for i, (method, points) in enumerate(curves.items()):
         points.sort(key=lambda point: point[0])
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker=markers[i % len(markers)], color=f"C{i % 10}",
-                label=method, zorder=3)  # fmt: skip
+        ax.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            marker=markers[i % len(markers)],
+            color=f"C{i % 10}",
+            label=method,
+            zorder=3,
+        )
         for size, value, label in points:
             if label:
-                ax.annotate(public(label), (size, value), textcoords="offset points", xytext=(4, 3), fontsize=6,
-                            color=f"C{i % 10}")  # fmt: skip
+                ax.annotate(
+                    public(label),
+                    (size, value),
+                    textcoords="offset points",
+                    xytext=(4, 3),
+                    fontsize=6,
+                    color=f"C{i % 10}",
+                )
     if log_error:
         ax.set_yscale("log")
     ax.set_xlabel("size on disk (MB)")

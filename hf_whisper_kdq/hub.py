@@ -29,9 +29,20 @@ logger = logging.getLogger(__name__)
 # Matched against every path component (folders) or the file name (files).
 EXCLUDED_DIRS = ("checkpoint-*", "runs", "teacher*", "__pycache__", "wandb", "logs")
 EXCLUDED_FILES = (
-    "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", "rng_state*", "trainer_state.json",
-    "training_args.bin", "teacher*", "*.pt", "*.pth", "*.ckpt", "*.pyc", "events.out.tfevents*",
-)  # fmt: skip
+    "optimizer.pt",
+    "optimizer.bin",
+    "scheduler.pt",
+    "scaler.pt",
+    "rng_state*",
+    "trainer_state.json",
+    "training_args.bin",
+    "teacher*",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "*.pyc",
+    "events.out.tfevents*",
+)
 _HINTS = {
     401: "the token is invalid or expired: run `huggingface-cli login` again or set a valid HF_TOKEN",
     403: "the token may not write to this repo or namespace: use a token with write access (a 'write' token, or a "
@@ -52,8 +63,11 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(?:/[\w.-]{1,96})?$")
 
 def _looks_local(text: str) -> bool:
     s = text.strip()
-    return (s.startswith(("/", "~", "./", "../", "\\")) or bool(re.match(r"^[A-Za-z]:[\\/]", s))
-            or (("/" in s or "\\" in s) and Path(s).expanduser().exists()))  # fmt: skip
+    return (
+        s.startswith(("/", "~", "./", "../", "\\"))
+        or bool(re.match(r"^[A-Za-z]:[\\/]", s))
+        or (("/" in s or "\\" in s) and Path(s).expanduser().exists())
+    )
 
 
 def public(value: Any) -> str:
@@ -141,10 +155,17 @@ def _describe(err: HfHubHTTPError, repo_id: str, stage: str) -> str:
 
 
 def push_compressed(
-    folder: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None,
-    commit_message: str | None = None, revision: str | None = None, create_pr: bool = False,
-    endpoint: str | None = None, require_card: bool = True,
-) -> CommitInfo:  # fmt: skip
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    endpoint: str | None = None,
+    require_card: bool = True,
+) -> CommitInfo:
     """Upload a compressed checkpoint folder to ``repo_id`` in one commit and return its ``CommitInfo``.
 
     Args:
@@ -163,15 +184,19 @@ def push_compressed(
     root = Path(folder)
     files = files_to_upload(root)
     if require_card and "README.md" not in files:
-        raise PushError(f"{root.name!r} has no README.md: write the model card first "
-                        "(hf_whisper_kdq.card.write_model_card(folder, ...)) or pass require_card=False")  # fmt: skip
+        raise PushError(
+            f"{root.name!r} has no README.md: write the model card first "
+            "(hf_whisper_kdq.card.write_model_card(folder, ...)) or pass require_card=False"
+        )
     if not any(f.endswith((".safetensors", ".bin")) for f in files):
         raise PushError(f"{root.name!r} holds no weights (*.safetensors / *.bin): nothing worth pushing")
     token = token or get_token()
     if not token:
-        raise MissingTokenError(f"cannot push to {repo_id}: no Hugging Face token found. Fix: run `huggingface-cli "
-                                "login` (or `hf auth login`) with a token that has write access, set the HF_TOKEN "
-                                "environment variable, or pass token=...")  # fmt: skip
+        raise MissingTokenError(
+            f"cannot push to {repo_id}: no Hugging Face token found. Fix: run `huggingface-cli "
+            "login` (or `hf auth login`) with a token that has write access, set the HF_TOKEN "
+            "environment variable, or pass token=..."
+        )
     _refuse_leaked_token(root, files, token)
     endpoint = endpoint or os.environ.get("HF_ENDPOINT") or None
     api = HfApi(endpoint=endpoint, token=token, library_name="hf-whisper-kdq")
@@ -186,9 +211,12 @@ def push_compressed(
         stage = "commit the files"
         operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(root / f)) for f in files]
         info = api.create_commit(
-            repo_id, operations, commit_message=commit_message or f"Upload Whisper-KDQ checkpoint ({len(files)} files)",
-            revision=revision, create_pr=create_pr,
-        )  # fmt: skip
+            repo_id,
+            operations,
+            commit_message=commit_message or f"Upload Whisper-KDQ checkpoint ({len(files)} files)",
+            revision=revision,
+            create_pr=create_pr,
+        )
     except HfHubHTTPError as err:
         raise PushError(_describe(err, repo_id, stage)) from err
     except ValueError as err:  # e.g. the Hub rejected README.md's metadata
@@ -197,8 +225,10 @@ def push_compressed(
         # Connection errors: OSError, or the HTTP client's own (httpx2.TransportError is not an OSError).
         if not isinstance(err, OSError) and type(err).__module__.split(".")[0] not in ("httpx", "httpx2"):
             raise
-        raise PushError(f"pushing to {repo_id} failed while trying to {stage}: Hub unreachable at "
-                        f"{api.endpoint} ({type(err).__name__}: {err})") from err  # fmt: skip
+        raise PushError(
+            f"pushing to {repo_id} failed while trying to {stage}: Hub unreachable at "
+            f"{api.endpoint} ({type(err).__name__}: {err})"
+        ) from err
     logger.info("Pushed to %s", info.pr_url or info.commit_url)
     return info
 

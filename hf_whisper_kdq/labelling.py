@@ -123,8 +123,10 @@ def pseudo_label(
         raise ValueError(f"wer_threshold must be >= 0 (e.g. 0.1) or None to keep every row, got {wer_threshold}")
     columns = dataset.column_names
     if audio_column not in columns:
-        raise ValueError(f"the dataset has no {audio_column!r} column: load it with data.load_manifest "
-                         f"or pass audio_column= (columns: {columns})")
+        raise ValueError(
+            f"the dataset has no {audio_column!r} column: load it with data.load_manifest "
+            f"or pass audio_column= (columns: {columns})"
+        )
     n = len(dataset)
     ids = [str(i) for i in dataset["id"]] if "id" in columns else [str(i) for i in range(n)]
     languages = _row_languages(dataset, language_column)
@@ -133,8 +135,14 @@ def pseudo_label(
 
     start = time.perf_counter()
     hypotheses = evaluation.transcribe(
-        model, processor, evaluation.audio_values(dataset, audio_column), languages=languages, batch_size=batch_size,
-        num_beams=num_beams, max_new_tokens=max_new_tokens, progress=progress,
+        model,
+        processor,
+        evaluation.audio_values(dataset, audio_column),
+        languages=languages,
+        batch_size=batch_size,
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+        progress=progress,
     )
     report = LabellingReport(n_input=n, wer_threshold=wer_threshold, decode_seconds=time.perf_counter() - start)
 
@@ -147,12 +155,16 @@ def pseudo_label(
         if code is not None and reference is not None and scoring.normalize_text(reference, code):
             by_language[code].append(i)
     for code, indices in by_language.items():
-        result = scoring.score([references[i] for i in indices], [hypotheses[i] for i in indices], code,
-                                  per_utterance=True)
+        result = scoring.score(
+            [references[i] for i in indices], [hypotheses[i] for i in indices], code, per_utterance=True
+        )
         for i, record in zip(indices, result["utterances"]):
             error_rates[i] = record["error_rate"]
-        report.teacher_scores[code] = {"metric": result["metric"], "error_rate": result[result["metric"]],
-                                       "n_utterances": result["n_utterances"]}
+        report.teacher_scores[code] = {
+            "metric": result["metric"],
+            "error_rate": result[result["metric"]],
+            "n_utterances": result["n_utterances"],
+        }
     report.n_with_reference = sum(map(len, by_language.values()))
 
     kept = []

@@ -54,8 +54,9 @@ def cross_entropy_loss(
     Returns:
         Scalar: summed token loss / normalizer.
     """
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                            reduction="sum")  # fmt: skip
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return _normalize(total, labels.ne(IGNORE_INDEX).sum(), num_items_in_batch)
 
 
@@ -70,8 +71,14 @@ class _SoftenedKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, runs: list[tuple[int, int]], temperature: float,
-                with_gradient: bool):  # fmt: skip
+    def forward(
+        ctx,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        runs: list[tuple[int, int]],
+        temperature: float,
+        with_gradient: bool,
+    ):
         chunk = max(1, (_KL_CHUNK_ELEMENTS if student.device.type == "cpu" else 2**27) // student.shape[-1])
         grad = torch.empty_like(student, dtype=torch.float32) if with_gradient else None
         total = student.new_zeros((), dtype=torch.float32)
@@ -146,13 +153,20 @@ def logit_distillation_loss(
         Scalar; exactly 0 when the two logits are equal.
     """
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} != teacher logits {tuple(teacher_logits.shape)}")
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} != teacher logits {tuple(teacher_logits.shape)}"
+        )
     mask = labels.ne(IGNORE_INDEX)
     vocabulary = student_logits.shape[-1]
     # needs_input_grad does not see no_grad (evaluation): the gradient pass is asked for explicitly.
     with_gradient = torch.is_grad_enabled() and student_logits.requires_grad
-    kl = _SoftenedKL.apply(student_logits.reshape(-1, vocabulary), teacher_logits.reshape(-1, vocabulary).detach(),
-                           _runs(mask.reshape(-1)), float(temperature), with_gradient)  # fmt: skip
+    kl = _SoftenedKL.apply(
+        student_logits.reshape(-1, vocabulary),
+        teacher_logits.reshape(-1, vocabulary).detach(),
+        _runs(mask.reshape(-1)),
+        float(temperature),
+        with_gradient,
+    )
     return _normalize(kl * temperature**2, mask.sum(), num_items_in_batch)
 
 
@@ -203,7 +217,10 @@ def quantization_loss(weight: torch.Tensor, fake_quantized_weight: torch.Tensor)
 
 
 def check_finite_terms(
-    terms: Mapping[str, torch.Tensor], *, step: int, across_processes: Callable[[torch.Tensor], torch.Tensor] | None = None
+    terms: Mapping[str, torch.Tensor],
+    *,
+    step: int,
+    across_processes: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
     """Raise :class:`NonFiniteLossError` when any loss term is NaN or infinite.
 

@@ -118,8 +118,10 @@ class _OutputCache:
     def _write(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
         fingerprint = torch.frombuffer(bytearray(bytes.fromhex(self.fingerprint)), dtype=torch.uint8)
         with atomic_file(path) as temporary:
-            save_file({**{k: v.detach().cpu().contiguous() for k, v in tensors.items()}, "fingerprint": fingerprint},
-                      str(temporary))  # fmt: skip
+            save_file(
+                {**{k: v.detach().cpu().contiguous() for k, v in tensors.items()}, "fingerprint": fingerprint},
+                str(temporary),
+            )
         self.store.added(path.stat().st_size)
 
     def _lookup(self, paths: list[Path], required: str) -> tuple[list, list[int]]:
@@ -164,9 +166,15 @@ class TeacherOutputCache(_OutputCache):
     """
 
     @torch.no_grad()
-    def forward(self, teacher: torch.nn.Module, features: torch.Tensor, encoder_hidden: torch.Tensor,
-                decoder_input_ids: torch.Tensor, labels: torch.Tensor,
-                logits_at: torch.Tensor | None = None) -> Seq2SeqLMOutput:  # fmt: skip
+    def forward(
+        self,
+        teacher: torch.nn.Module,
+        features: torch.Tensor,
+        encoder_hidden: torch.Tensor,
+        decoder_input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        logits_at: torch.Tensor | None = None,
+    ) -> Seq2SeqLMOutput:
         """Outputs of ``teacher(encoder_outputs=encoder_hidden, decoder_input_ids=..., output_hidden_states=True)``:
         ``logits`` [B, T, V] and ``decoder_hidden_states`` (num_layers + 1 tensors [B, T, D]). With ``logits_at``
         ([B, T] bool, inside the labelled positions), ``logits`` are only those positions' rows, packed ``[N, V]``
@@ -177,24 +185,38 @@ class TeacherOutputCache(_OutputCache):
         paths = [self._path(features[i], decoder_input_ids[i, :n]) for i, n in enumerate(lengths)]
         cached, missing = self._lookup(paths, "logits")
         if missing:
-            out = teacher(encoder_outputs=(encoder_hidden[missing],), decoder_input_ids=decoder_input_ids[missing],
-                          output_hidden_states=True)  # fmt: skip
+            out = teacher(
+                encoder_outputs=(encoder_hidden[missing],),
+                decoder_input_ids=decoder_input_ids[missing],
+                output_hidden_states=True,
+            )
             for row, i in enumerate(missing):
                 n = lengths[i]
-                cached[i] = {"logits": out.logits[row, :n],
-                             "decoder_hidden_states": torch.stack([h[row, :n] for h in out.decoder_hidden_states])}
+                cached[i] = {
+                    "logits": out.logits[row, :n],
+                    "decoder_hidden_states": torch.stack([h[row, :n] for h in out.decoder_hidden_states]),
+                }
                 self._write(paths[i], cached[i])
         batch, length = decoder_input_ids.shape
         first = cached[0]
-        hidden = first["decoder_hidden_states"].new_zeros(first["decoder_hidden_states"].shape[0], batch, length,
-                                                           first["decoder_hidden_states"].shape[-1], device=labels.device)  # fmt: skip
+        hidden = first["decoder_hidden_states"].new_zeros(
+            first["decoder_hidden_states"].shape[0],
+            batch,
+            length,
+            first["decoder_hidden_states"].shape[-1],
+            device=labels.device,
+        )
         for i, (entry, n) in enumerate(zip(cached, lengths)):
             hidden[:, i, :n] = entry["decoder_hidden_states"].to(labels.device)
         if logits_at is not None:
             if bool((logits_at & ~labelled).any()):
                 raise ValueError("logits_at must select labelled positions only: the cache holds no others")
-            logits = torch.cat([entry["logits"].to(labels.device)[logits_at[i, :n]]
-                                for i, (entry, n) in enumerate(zip(cached, lengths))])  # fmt: skip
+            logits = torch.cat(
+                [
+                    entry["logits"].to(labels.device)[logits_at[i, :n]]
+                    for i, (entry, n) in enumerate(zip(cached, lengths))
+                ]
+            )
         else:
             logits = first["logits"].new_zeros(batch, length, first["logits"].shape[-1], device=labels.device)
             for i, (entry, n) in enumerate(zip(cached, lengths)):

@@ -15,8 +15,9 @@ import json
 import re
 import unicodedata
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jiwer
 import regex
@@ -175,8 +176,12 @@ def error_rate(errors: int, n_reference: int) -> float:
 
 
 def score(
-    references: Sequence[str | None], hypotheses: Sequence[str | None], language: str, *,
-    normalize: bool = True, per_utterance: bool = False,
+    references: Sequence[str | None],
+    hypotheses: Sequence[str | None],
+    language: str,
+    *,
+    normalize: bool = True,
+    per_utterance: bool = False,
 ) -> dict[str, Any]:
     """Corpus-level WER (CER where :func:`uses_cer`): errors summed over utterances / total reference length.
 
@@ -202,12 +207,23 @@ def score(
         n_empty += not ref_units
         if per_utterance:
             errors = counts["substitutions"] + counts["deletions"] + counts["insertions"]
-            records.append({"normalized_reference": ref_text, "normalized_hypothesis": hyp_text, "errors": errors,
-                            "n_reference": len(ref_units), "error_rate": error_rate(errors, len(ref_units))})
+            records.append(
+                {
+                    "normalized_reference": ref_text,
+                    "normalized_hypothesis": hyp_text,
+                    "errors": errors,
+                    "n_reference": len(ref_units),
+                    "error_rate": error_rate(errors, len(ref_units)),
+                }
+            )
     errors = totals["substitutions"] + totals["deletions"] + totals["insertions"]
     result: dict[str, Any] = {
-        "metric": metric, metric: error_rate(errors, n_reference), **totals, "errors": errors,
-        f"n_reference_{'chars' if cer else 'words'}": n_reference, "n_utterances": len(references),
+        "metric": metric,
+        metric: error_rate(errors, n_reference),
+        **totals,
+        "errors": errors,
+        f"n_reference_{'chars' if cer else 'words'}": n_reference,
+        "n_utterances": len(references),
         "n_empty_references": n_empty,
     }
     if per_utterance:

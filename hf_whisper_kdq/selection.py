@@ -114,7 +114,9 @@ class KDQPlan:
     @classmethod
     def coerce(cls, plan: KDQPlan | dict | str | Path) -> KDQPlan:
         """A plan given as itself, its ``to_dict()``, or a ``kdq_plan.json`` file or its folder."""
-        return plan if isinstance(plan, cls) else cls.from_dict(dict(plan)) if isinstance(plan, dict) else cls.load(plan)
+        return (
+            plan if isinstance(plan, cls) else cls.from_dict(dict(plan)) if isinstance(plan, dict) else cls.load(plan)
+        )
 
     def summary(self) -> str:
         """A Markdown table of the plan, one row per unit."""
@@ -124,8 +126,10 @@ class KDQPlan:
             q = u.quant_loss.get(u.bits)
             d = "" if u.distill_loss is None else f"{u.distill_loss:.4g}"
             teacher = "" if u.teacher_layer is None else str(u.teacher_layer)
-            rows.append(f"| {u.name} | {bits} | {'yes' if u.distilled else ''} | {teacher} | "
-                        f"{'' if q is None else f'{q:.4g}'} | {d} |")  # fmt: skip
+            rows.append(
+                f"| {u.name} | {bits} | {'yes' if u.distilled else ''} | {teacher} | "
+                f"{'' if q is None else f'{q:.4g}'} | {d} |"
+            )
         size = "" if self.size_bytes is None else f" — size {self.size_bytes / 1e6:.2f} MB"
         budget = "" if self.budget_bytes is None else f" (budget {self.budget_bytes / 1e6:.2f} MB)"
         return f"KDQ plan at step {self.step}{size}{budget}\n" + "\n".join(rows)
@@ -141,18 +145,29 @@ def group_units(quant_targets: list[str]) -> dict[str, list[str]]:
 
 
 def initial_plan(
-    quant_targets: list[str], teacher_layers: dict[str, list[int]], *, bits: int, granularity: str,
-    group_size: int | None, learnable_clipping: bool,
-) -> KDQPlan:  # fmt: skip
+    quant_targets: list[str],
+    teacher_layers: dict[str, list[int]],
+    *,
+    bits: int,
+    granularity: str,
+    group_size: int | None,
+    learnable_clipping: bool,
+) -> KDQPlan:
     """One unit per encoder and decoder layer (``teacher_layers`` gives each its teacher layer) plus the
     embedding when targeted. Units with quantization targets start at ``bits``, the others stay float."""
     grouped = group_units(quant_targets)
     units = [
-        UnitPlan(f"{side}.{i}", side, i, grouped.get(f"{side}.{i}", []),
-                 bits if f"{side}.{i}" in grouped else FLOAT_BITS, teacher_layer=teacher)
+        UnitPlan(
+            f"{side}.{i}",
+            side,
+            i,
+            grouped.get(f"{side}.{i}", []),
+            bits if f"{side}.{i}" in grouped else FLOAT_BITS,
+            teacher_layer=teacher,
+        )
         for side in ("encoder", "decoder")
         for i, teacher in enumerate(teacher_layers[side])
-    ]  # fmt: skip
+    ]
     if "embedding" in grouped:
         units.append(UnitPlan("embedding", "embedding", None, grouped["embedding"], bits))
     return KDQPlan(units, granularity, group_size, learnable_clipping)
@@ -206,7 +221,7 @@ class measure_quantization_losses:
         self._denominators: dict[str, float] = defaultdict(float)
         self._handles = []
 
-    def __enter__(self) -> "measure_quantization_losses":
+    def __enter__(self) -> measure_quantization_losses:
         modules = dict(self.model.named_modules())
         for name in (m for unit in self.plan.units for m in unit.modules):
             if isinstance(modules[name], nn.Linear):
@@ -309,21 +324,26 @@ def plan_shapes(model: nn.Module, plan: KDQPlan) -> dict[str, torch.Size]:
 def fixed_bytes(model: nn.Module, plan: KDQPlan, shapes: dict[str, torch.Size]) -> int:
     """fp16 bytes of everything outside the plan's units (adapters and clipping ratios are training-only)."""
     training_only = {
-        id(p) for name, p in model.named_parameters() if name.endswith("weight_clip") or name.startswith("kdq_adapters.")
+        id(p)
+        for name, p in model.named_parameters()
+        if name.endswith("weight_clip") or name.startswith("kdq_adapters.")
     }
     total = sum(p.numel() * 2 for p in model.parameters() if id(p) not in training_only)
     return total - sum(unit_bytes(plan, unit, FLOAT_BITS, shapes) for unit in plan.units)
 
 
 def smallest_bytes(
-    plan: KDQPlan, shapes: dict[str, torch.Size], bit_choices: tuple[int, ...], *, fixed_bytes: int,
+    plan: KDQPlan,
+    shapes: dict[str, torch.Size],
+    bit_choices: tuple[int, ...],
+    *,
+    fixed_bytes: int,
     stored_float: frozenset[str] = frozenset(),
-) -> int:  # fmt: skip
+) -> int:
     """The plan's size with every quantized unit at the lowest of ``bit_choices``."""
     lowest = min(bit_choices)
     return fixed_bytes + sum(
-        unit_bytes(plan, u, FLOAT_BITS if u.name in stored_float else lowest, shapes)
-        for u in plan.units
+        unit_bytes(plan, u, FLOAT_BITS if u.name in stored_float else lowest, shapes) for u in plan.units
     )
 
 
@@ -350,9 +370,14 @@ class UnreachableBudgetError(ValueError):
 
 
 def allocate_bits(
-    plan: KDQPlan, shapes: dict[str, torch.Size], bit_choices: tuple[int, ...], *, fixed_bytes: int,
-    budget_bytes: int | None, stored_float: frozenset[str] = frozenset(),
-) -> None:  # fmt: skip
+    plan: KDQPlan,
+    shapes: dict[str, torch.Size],
+    bit_choices: tuple[int, ...],
+    *,
+    fixed_bytes: int,
+    budget_bytes: int | None,
+    stored_float: frozenset[str] = frozenset(),
+) -> None:
     """Assign bits in place (greedy descent, see the module docstring).
 
     Without a budget every unit gets the highest integer bit width among the choices. ``fixed_bytes`` is
@@ -407,7 +432,9 @@ def choose_distillation_layers(plan: KDQPlan, count: int, sides: tuple[str, ...]
     """Mark the ``count`` layers (of the given sides) with the highest quantization loss at their assigned
     bits as distilled; ties broken by depth (deeper first), deterministically."""
     candidates = [u for u in plan.units if u.side in sides and u.teacher_layer is not None]
-    ranked = sorted(candidates, key=lambda u: (u.quant_loss.get(u.bits, 0.0), u.side == "decoder", u.index), reverse=True)
+    ranked = sorted(
+        candidates, key=lambda u: (u.quant_loss.get(u.bits, 0.0), u.side == "decoder", u.index), reverse=True
+    )
     chosen = {u.name for u in ranked[:count]}
     for unit in plan.units:
         unit.distilled = unit.name in chosen

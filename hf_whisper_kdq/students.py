@@ -126,4 +126,3 @@ def build_student(
         if layer in kept["decoder"]
     ] or None
     return student.to(teacher.dtype).train(teacher.training)
-

@@ -34,10 +34,10 @@ import random
 import shutil
 import subprocess
 import threading
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -254,8 +254,10 @@ def resolve_engine(engine: str = "auto", *, voice: str | os.PathLike | None = No
     if espeak_available():
         return "espeak"
     raise EngineUnavailableError(
-        "No text-to-speech engine is available. Install Piper: " + PIPER_INSTALL_HINT
-        + "; or espeak-ng: " + ESPEAK_INSTALL_HINT
+        "No text-to-speech engine is available. Install Piper: "
+        + PIPER_INSTALL_HINT
+        + "; or espeak-ng: "
+        + ESPEAK_INSTALL_HINT
     )
 
 
@@ -285,8 +287,14 @@ def synthesize_audio(
 
 
 def _cache_path(cache_dir: Path, eng, text: str, params: dict, fmt: str) -> Path:
-    payload = {"v": _CACHE_VERSION, "engine": eng.name, "voice": eng.voice_id, "text": text, "params": params,
-               "sr": SAMPLING_RATE}
+    payload = {
+        "v": _CACHE_VERSION,
+        "engine": eng.name,
+        "voice": eng.voice_id,
+        "text": text,
+        "params": params,
+        "sr": SAMPLING_RATE,
+    }
     key = hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
     return cache_dir / eng.name / key[:2] / f"{key[:32]}.{fmt}"
 
@@ -394,14 +402,24 @@ def synthesize_dataset(
     made = sum(1 for path, _, new in results if path is not None and new)
     if skipped:
         logger.warning("skipped %d text(s) that synthesized to no audio: %s", len(skipped), ", ".join(skipped[:10]))
-    logger.info("%s: %d utterance(s), %d synthesized, %d from cache %s, %d skipped, %.1f s of audio",
-                eng.name, len(rows), made, len(rows) - made, cache, len(skipped), sum(r[3] for r in rows))
+    logger.info(
+        "%s: %d utterance(s), %d synthesized, %d from cache %s, %d skipped, %.1f s of audio",
+        eng.name,
+        len(rows),
+        made,
+        len(rows) - made,
+        cache,
+        len(skipped),
+        sum(r[3] for r in rows),
+    )
 
-    return manifest_dataset({
-        "id": [r[0] for r in rows],
-        "corpus": [corpus] * len(rows),
-        "language": [language] * len(rows),
-        "audio": [{"bytes": None, "path": str(r[2])} for r in rows],
-        "duration": [round(r[3], 3) for r in rows],
-        "text": [r[1] for r in rows],
-    })
+    return manifest_dataset(
+        {
+            "id": [r[0] for r in rows],
+            "corpus": [corpus] * len(rows),
+            "language": [language] * len(rows),
+            "audio": [{"bytes": None, "path": str(r[2])} for r in rows],
+            "duration": [round(r[3], 3) for r in rows],
+            "text": [r[1] for r in rows],
+        }
+    )

@@ -33,7 +33,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .callbacks import LayerSelectionCallback, check_size_budget
 from .config import DistillQuantArguments
-from .losses import IGNORE_INDEX, cross_entropy_loss, hidden_distillation_loss, logit_distillation_loss, quantization_loss
+from .losses import (
+    IGNORE_INDEX,
+    cross_entropy_loss,
+    hidden_distillation_loss,
+    logit_distillation_loss,
+    quantization_loss,
+)
 from .output_cache import CacheFolder, EncoderOutputCache, TeacherOutputCache
 from .quant import FakeQuantEmbedding, FakeQuantLinear, prepare_qat
 from .selection import KDQPlan, fp16_bytes, starting_plan
@@ -103,8 +109,9 @@ def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
         try:
             json.loads((steps[step] / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            logger.warning("%s was not completely written (the run stopped while saving it): not resuming from it",
-                           steps[step])  # fmt: skip
+            logger.warning(
+                "%s was not completely written (the run stopped while saving it): not resuming from it", steps[step]
+            )
             continue
         return str(steps[step])
     return None
@@ -188,7 +195,10 @@ class DistillQuantTrainer(Seq2SeqTrainer):
             self.encoder_cache = self._new_cache(EncoderOutputCache, self.teacher.get_encoder())
         if args.cache_teacher_outputs or (args.cache_teacher_outputs is None and on_cpu):
             self.teacher_cache = self._new_cache(TeacherOutputCache, self.teacher)
-        self._logged_terms: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._logged_terms: dict[str, dict[str, list[torch.Tensor]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
         self._accumulated_rows = 0  # set by get_batch_samples for each optimizer step
         self.add_callback(LayerSelectionCallback(self))
 
@@ -257,7 +267,13 @@ class DistillQuantTrainer(Seq2SeqTrainer):
 
     # ---- forwards ---------------------------------------------------------------------------------
     def forward_student_and_teacher(
-        self, model, inputs, hidden_sides: tuple[str, ...], *, cached_student_encoder=True, logits_at=None,
+        self,
+        model,
+        inputs,
+        hidden_sides: tuple[str, ...],
+        *,
+        cached_student_encoder=True,
+        logits_at=None,
         adapted_layers: dict[str, set[int]] | None = None,
     ):
         """Run teacher (no grad) and student on one batch.
@@ -293,25 +309,36 @@ class DistillQuantTrainer(Seq2SeqTrainer):
             student_encoder = unwrapped.get_encoder()
             # Not under FSDP: the student's encoder is called on its own there, outside the sharded model's forward.
             cache_student = (
-                cached_student_encoder and self.encoder_cache is not None and not self.shares_encoder
+                cached_student_encoder
+                and self.encoder_cache is not None
+                and not self.shares_encoder
                 and not self.is_fsdp_enabled
-                and not want["encoder"] and not any(p.requires_grad for p in student_encoder.parameters())
-            )  # fmt: skip
+                and not want["encoder"]
+                and not any(p.requires_grad for p in student_encoder.parameters())
+            )
             # The Trainer's autocast lives in accelerate's wrapper of model.forward; the teacher's encoder is
             # called directly, and would otherwise run in fp32 under bf16/fp16 training.
             with torch.no_grad(), self.accelerator.autocast():
                 if self.encoder_cache is not None and not want["encoder"]:
-                    self.encoder_cache = self._new_cache(EncoderOutputCache, self.teacher.get_encoder(), self.encoder_cache)
+                    self.encoder_cache = self._new_cache(
+                        EncoderOutputCache, self.teacher.get_encoder(), self.encoder_cache
+                    )
                     hidden = self.encoder_cache.encode(self.teacher.get_encoder(), features)
                     teacher_encoder = BaseModelOutput(last_hidden_state=hidden)
                 else:
-                    teacher_encoder = self.teacher.get_encoder()(features, output_hidden_states=want["encoder"] and not ffn)
+                    teacher_encoder = self.teacher.get_encoder()(
+                        features, output_hidden_states=want["encoder"] and not ffn
+                    )
                 if self.teacher_cache is not None and not want["encoder"] and not ffn:
                     self.teacher_cache = self._new_cache(TeacherOutputCache, self.teacher, self.teacher_cache)
                     teacher_out = self.teacher_cache.forward(
-                        self.teacher, features, teacher_encoder.last_hidden_state, decoder_input_ids, labels,
+                        self.teacher,
+                        features,
+                        teacher_encoder.last_hidden_state,
+                        decoder_input_ids,
+                        labels,
                         logits_at=logits_at,
-                    )  # fmt: skip
+                    )
                 else:
                     with _output_layer_at(self.teacher, logits_at):
                         teacher_out = self.teacher(
@@ -321,7 +348,9 @@ class DistillQuantTrainer(Seq2SeqTrainer):
                         )
                 if cache_student:
                     student_hidden = self._frozen_encoder_cache(student_encoder).encode(student_encoder, features)
-            student_kwargs = dict(decoder_input_ids=decoder_input_ids, output_hidden_states=any(want.values()) and not ffn)
+            student_kwargs = dict(
+                decoder_input_ids=decoder_input_ids, output_hidden_states=any(want.values()) and not ffn
+            )
             taps.enter_context(_output_layer_at(unwrapped, logits_at))
             student_states: dict[str, list[torch.Tensor]] = {}
 
@@ -350,7 +379,9 @@ class DistillQuantTrainer(Seq2SeqTrainer):
                 captured = ffn_taps[("teacher", side)]
                 representations["teacher"][side] = [captured[i] for i in sorted(captured)]
             else:
-                teacher_states = teacher_encoder.hidden_states if side == "encoder" else teacher_out.decoder_hidden_states
+                teacher_states = (
+                    teacher_encoder.hidden_states if side == "encoder" else teacher_out.decoder_hidden_states
+                )
                 representations["teacher"][side] = list(teacher_states[1:])
         return student_out, teacher_out, representations
 
@@ -371,9 +402,12 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         # backward (skipping them made a CPU step on the shared data ~15% faster). Evaluation (return_outputs)
         # gets the full [B, T, V] logits it passes on to metrics.
         student_out, teacher_out, reps = self.forward_student_and_teacher(
-            model, inputs, sides, logits_at=None if return_outputs else labelled,
+            model,
+            inputs,
+            sides,
+            logits_at=None if return_outputs else labelled,
             adapted_layers={side: {s for s, _ in self.plan.distilled_pairs(side)} for side in sides},
-        )  # fmt: skip
+        )
         scored = labels if return_outputs else labels[labelled]
 
         # With num_items_in_batch, every term is normalized by the accumulated (and gathered) batch, and the
@@ -387,9 +421,12 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         terms = {
             "ce": cross_entropy_loss(student_out.logits, scored, num_items_in_batch),
             "kd": logit_distillation_loss(
-                student_out.logits, teacher_out.logits, scored, temperature=args.kd_temperature,
+                student_out.logits,
+                teacher_out.logits,
+                scored,
+                temperature=args.kd_temperature,
                 num_items_in_batch=num_items_in_batch,
-            ),  # fmt: skip
+            ),
         }
         hidden = student_out.logits.new_zeros(())
         for side in sides:
@@ -415,8 +452,11 @@ class DistillQuantTrainer(Seq2SeqTrainer):
             from .losses import check_finite_terms
 
             several = self.accelerator.num_processes > 1
-            check_finite_terms(terms, step=self.state.global_step + 1,
-                               across_processes=partial(self.accelerator.reduce, reduction="sum") if several else None)
+            check_finite_terms(
+                terms,
+                step=self.state.global_step + 1,
+                across_processes=partial(self.accelerator.reduce, reduction="sum") if several else None,
+            )
 
         weights = {"ce": args.ce_weight, "kd": args.kd_weight, "hidden": args.hidden_weight, "quant": args.quant_weight}
         loss = sum(weights[name] * value for name, value in terms.items())
@@ -498,9 +538,13 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         if self.is_world_process_zero():
             teacher_fp16 = fp16_bytes(self.teacher)
             save_compressed(
-                student, self.processing_class, output_dir, plan=self.plan,
-                teacher_fp16_bytes=teacher_fp16, overwrite=overwrite,
-            )  # fmt: skip
+                student,
+                self.processing_class,
+                output_dir,
+                plan=self.plan,
+                teacher_fp16_bytes=teacher_fp16,
+                overwrite=overwrite,
+            )
         self._compressed_export = (output_dir.resolve(), self.state.global_step)
         return output_dir
 
@@ -509,8 +553,14 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         then every process must call this, and the main process gets an unsharded copy, the others None."""
         return whole_student(self)
 
-    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token=None,
-                    revision: str | None = None, **kwargs):  # fmt: skip
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token=None,
+        revision: str | None = None,
+        **kwargs,
+    ):
         """Push the compressed checkpoint, its model card and figure in one commit — never the teacher, the
         fake-quant training state or the checkpoints. The card's scores come from the last ``evaluate()``."""
         from .card import write_model_card
@@ -531,27 +581,48 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         # The teacher's Hub id (HF's finetuned_from kwarg, else the name it was loaded under), never a made-up one:
         # the card shows an unnamed or local teacher by name only, without base_model metadata.
         teacher = self.accelerator.unwrap_model(self.teacher)
-        teacher_id = (kwargs.get("finetuned_from") or getattr(teacher, "name_or_path", "")
-                      or getattr(teacher.config, "_name_or_path", "") or "unnamed teacher")  # fmt: skip
+        teacher_id = (
+            kwargs.get("finetuned_from")
+            or getattr(teacher, "name_or_path", "")
+            or getattr(teacher.config, "_name_or_path", "")
+            or "unnamed teacher"
+        )
         repo_id = self.args.hub_model_id or Path(self.args.output_dir).name
         # The card's snippets load the repo pushed to (a name without namespace only names the model).
         naming = {"repo_id": repo_id} if "/" in repo_id else {"model_name": kwargs.get("model_name") or repo_id}
         write_model_card(
-            folder, plan=self.plan, compression_report=report, eval_results={"compressed": self._last_eval_rows()},
-            teacher_id=teacher_id, training_args=self.args.to_dict(), datasets=as_list(kwargs.get("dataset_tags")),
-            languages=as_list(kwargs.get("language")), **naming,
-        )  # fmt: skip
-        return push_compressed(folder, repo_id, private=bool(self.args.hub_private_repo), token=token or self.args.hub_token,
-                               commit_message=commit_message, revision=revision)  # fmt: skip
+            folder,
+            plan=self.plan,
+            compression_report=report,
+            eval_results={"compressed": self._last_eval_rows()},
+            teacher_id=teacher_id,
+            training_args=self.args.to_dict(),
+            datasets=as_list(kwargs.get("dataset_tags")),
+            languages=as_list(kwargs.get("language")),
+            **naming,
+        )
+        return push_compressed(
+            folder,
+            repo_id,
+            private=bool(self.args.hub_private_repo),
+            token=token or self.args.hub_token,
+            commit_message=commit_message,
+            revision=revision,
+        )
 
     def _last_eval_rows(self) -> list[dict]:
         """The last evaluation's wer/cer metrics (``eval_wer_en`` ...) as model-card rows of the compressed model."""
         for entry in reversed(self.state.log_history):
             rows = [
-                {"dataset": "evaluation set", "language": key.rsplit("_", 1)[1], "metric": key.split("_")[1], "error_rate": value}
+                {
+                    "dataset": "evaluation set",
+                    "language": key.rsplit("_", 1)[1],
+                    "metric": key.split("_")[1],
+                    "error_rate": value,
+                }
                 for key, value in entry.items()
                 if key.startswith(("eval_wer_", "eval_cer_"))
-            ]  # fmt: skip
+            ]
             if rows:
                 return rows
         return []

@@ -13,7 +13,6 @@ from transformers import WhisperConfig, WhisperForConditionalGeneration
 from transformers import logging as hf_logging
 
 from hf_whisper_kdq.config import DistillQuantArguments
-
 from hf_whisper_kdq.sources import OFFLINE_PACKS
 from hf_whisper_kdq.sources.processor import (
     align_model_config,
@@ -172,10 +171,19 @@ sys.meta_path.insert(0, _Block())
 def micro_training_args(tmp_path: Path, **overrides) -> DistillQuantArguments:
     """Training arguments for micro/tiny models on CPU: quick, quiet, deterministic; ``overrides`` win."""
     defaults = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, per_device_eval_batch_size=8,
-        report_to="none", use_cpu=True, logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
-        learning_rate=1e-3, warmup_steps=0, quant_weight=0.1,
-    )  # fmt: skip
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        report_to="none",
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        learning_rate=1e-3,
+        warmup_steps=0,
+        quant_weight=0.1,
+    )
     return DistillQuantArguments(**{**defaults, **overrides})
 
 
@@ -183,11 +191,14 @@ def tiny_speech_rows(processor, texts: list[str], *, seed: int = 0) -> list[dict
     """Rows for the real-tokenizer tiny Whisper: log-mel features of 0.5 s of noise and each text's label ids."""
     generator = np.random.default_rng(seed)
     return [
-        {"input_features": processor.feature_extractor(generator.normal(0, 0.1, 8000).astype(np.float32),
-                                                       sampling_rate=16000).input_features[0],
-         "labels": processor.tokenizer(text).input_ids}
+        {
+            "input_features": processor.feature_extractor(
+                generator.normal(0, 0.1, 8000).astype(np.float32), sampling_rate=16000
+            ).input_features[0],
+            "labels": processor.tokenizer(text).input_ids,
+        }
         for text in texts
-    ]  # fmt: skip
+    ]
 
 
 @pytest.fixture

@@ -78,8 +78,9 @@ class HubStandIn:
             if action == "preupload":
                 files = json.loads(body)["files"]
                 self.preuploaded += [f["path"] for f in files]
-                return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                       for f in files]}  # fmt: skip
+                return 200, {
+                    "files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
+                }
             if action == "branch":
                 self.branches.append(revision)
                 return 200, {}
@@ -93,8 +94,15 @@ class HubStandIn:
                     assert line["value"]["encoding"] == "base64"
                     files[line["value"]["path"]] = base64.b64decode(line["value"]["content"])
                 create_pr = query.get("create_pr") == ["1"]
-                self.commits.append({"repo": repo, "revision": revision, "header": lines[0]["value"],
-                                     "files": files, "create_pr": create_pr})  # fmt: skip
+                self.commits.append(
+                    {
+                        "repo": repo,
+                        "revision": revision,
+                        "header": lines[0]["value"],
+                        "files": files,
+                        "create_pr": create_pr,
+                    }
+                )
                 oid = hashlib.sha1(repr(sorted(files)).encode()).hexdigest()
                 answer = {"commitUrl": f"{self.endpoint}/{repo}/commit/{oid}", "commitOid": oid}
                 if create_pr:
@@ -131,8 +139,9 @@ class HubStandIn:
                 url = urlsplit(self.path)
                 body = self._body() if method == "POST" else b""
                 with hub._lock:
-                    hub.requests.append({"method": method, "path": url.path,
-                                         "authorization": self.headers.get("Authorization")})  # fmt: skip
+                    hub.requests.append(
+                        {"method": method, "path": url.path, "authorization": self.headers.get("Authorization")}
+                    )
                     if len(hub.requests) > hub.max_requests:
                         status, answer = 429, {"error": "stand-in request limit reached"}
                     else:

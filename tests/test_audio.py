@@ -32,7 +32,6 @@ def dominant_frequency(audio: np.ndarray, rate: int) -> float:
     return float(np.fft.rfftfreq(audio.size, 1 / rate)[np.argmax(spectrum)])
 
 
-
 def test_load_audio_reads_mono_16k_unchanged(tmp_path):
     audio = sine(0.5)
     out = load_audio(write(tmp_path / "a.wav", audio))

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import make_micro_rows, micro_collate, micro_training_args
 from datasets import Dataset
+from hub_standin import HubStandIn
 from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
 
-from conftest import make_micro_rows, micro_collate, micro_training_args
 from hf_whisper_kdq import DistillQuantArguments, DistillQuantTrainer, NonFiniteLossError, build_student
 from hf_whisper_kdq.data import MAX_LABEL_TOKENS, SAMPLING_RATE, load_manifest, prepare_dataset
 from hf_whisper_kdq.export import save_compressed
@@ -27,7 +28,6 @@ from hf_whisper_kdq.hub import MissingTokenError, PushError, push_compressed
 from hf_whisper_kdq.quant import QuantSpec, quant_specs
 from hf_whisper_kdq.sources import load_whisper, save_whisper
 from hf_whisper_kdq.students import TEACHER_LAYERS_KEY
-from hub_standin import HubStandIn
 
 pytestmark = pytest.mark.usefixtures("single_thread", "quiet_transformers")
 
@@ -40,9 +40,13 @@ def _args(tmp_path, **overrides) -> DistillQuantArguments:
 
 def _trainer(student, teacher, args, rows=None, **kwargs) -> DistillQuantTrainer:
     return DistillQuantTrainer(
-        model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows or make_micro_rows(4)),
-        data_collator=micro_collate, **kwargs,
-    )  # fmt: skip
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=Dataset.from_list(rows or make_micro_rows(4)),
+        data_collator=micro_collate,
+        **kwargs,
+    )
 
 
 @pytest.fixture
@@ -116,8 +120,11 @@ def test_wider_student_is_distilled_through_adapters_and_a_foreign_layer_map_is_
     # Unsupported: a spaced copy of a 4-layer teacher trained against a 2-layer one (its recorded map points at
     # teacher layers 0 and 3). Refused by name before training instead of an IndexError mid-step.
     copied = build_student(micro_whisper(decoder_layers=4), decoder_layers=2)
-    with pytest.raises(ValueError, match=rf"{TEACHER_LAYERS_KEY} maps its 2 decoder layers to teacher layers \[0, 3\]"
-                       r".*2 decoder layers.*built from another teacher.*delete"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=rf"{TEACHER_LAYERS_KEY} maps its 2 decoder layers to teacher layers \[0, 3\]"
+        r".*2 decoder layers.*built from another teacher.*delete",
+    ):
         _trainer(copied, teacher, _args(tmp_path))
 
 
@@ -126,8 +133,11 @@ def test_wider_student_is_distilled_through_adapters_and_a_foreign_layer_map_is_
 
 def test_non_whisper_models_are_refused_by_role(tmp_path, pair):
     student, teacher = pair
-    with pytest.raises(TypeError, match=r"the student is a GPT2LMHeadModel, not a WhisperForConditionalGeneration.*"
-                       r"load_whisper"):  # fmt: skip
+    with pytest.raises(
+        TypeError,
+        match=r"the student is a GPT2LMHeadModel, not a WhisperForConditionalGeneration.*"
+        r"load_whisper",
+    ):
         _trainer(_gpt2(), teacher, _args(tmp_path))
     with pytest.raises(TypeError, match="the teacher is a WhisperModel, not a WhisperForConditionalGeneration"):
         _trainer(student, teacher.model, _args(tmp_path))  # the bare encoder-decoder, without the LM head
@@ -147,13 +157,19 @@ def test_non_whisper_models_are_refused_by_role(tmp_path, pair):
 
 def test_unsupported_bit_choices_name_the_flag(tmp_path):
     for choices in ("2,4,5", "4.5", "int4", "1"):
-        with pytest.raises(ValueError, match=rf"quant_bit_choices='{choices}': bit choice .* is not supported.*"
-                           r"2, 3, 4, 8 and optionally 'float'"):  # fmt: skip
+        with pytest.raises(
+            ValueError,
+            match=rf"quant_bit_choices='{choices}': bit choice .* is not supported.*"
+            r"2, 3, 4, 8 and optionally 'float'",
+        ):
             _args(tmp_path, quant_bit_choices=choices)
     assert _args(tmp_path, quant_bit_choices="8, 2,float").bit_choices == (2, 8, 16)
     # Only float with a size budget: the budget could never be met (it used to be ignored silently).
-    with pytest.raises(ValueError, match=r"size_budget_mb=5.0 cannot be met: quant_bit_choices='float' keeps every "
-                       r"layer in float.*--quant_bit_choices"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"size_budget_mb=5.0 cannot be met: quant_bit_choices='float' keeps every "
+        r"layer in float.*--quant_bit_choices",
+    ):
         _args(tmp_path, quant_bit_choices="float", size_budget_mb=5.0)
     with pytest.raises(ValueError, match=r"size_budget_ratio=0.3 cannot be met: quant_targets is empty"):
         _args(tmp_path, quant_targets="", size_budget_ratio=0.3)
@@ -174,15 +190,21 @@ def test_unsupported_bit_choices_name_the_flag(tmp_path):
 def test_unreachable_size_budget_names_the_minimum_and_the_flag(tmp_path, pair):
     student, teacher = pair
     # Raised when the trainer is built: before any data is read or any step is taken.
-    with pytest.raises(ValueError, match=r"size budget 0.01 MB is below what this student reaches at the lowest bits "
-                       r"\(\d+\.\d\d MB\): raise the budget to at least that \(size_budget_mb=") as caught:  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"size budget 0.01 MB is below what this student reaches at the lowest bits "
+        r"\(\d+\.\d\d MB\): raise the budget to at least that \(size_budget_mb=",
+    ) as caught:
         _trainer(student, teacher, _args(tmp_path, size_budget_mb=0.01, max_steps=3))
     minimum = float(re.search(r"lowest bits \((\S+) MB\)", str(caught.value)).group(1))
     assert 0.01 < minimum < sum(p.numel() for p in student.parameters()) * 2 / 1e6
     # The named minimum is reachable.
     _, fresh_teacher = pair
-    again = _trainer(build_student(fresh_teacher, decoder_layers=2), fresh_teacher,
-                     _args(tmp_path, size_budget_mb=minimum + 0.01, max_steps=1))  # fmt: skip
+    again = _trainer(
+        build_student(fresh_teacher, decoder_layers=2),
+        fresh_teacher,
+        _args(tmp_path, size_budget_mb=minimum + 0.01, max_steps=1),
+    )
     again.train()
     assert again.plan.size_bytes <= again.plan.budget_bytes
 
@@ -192,9 +214,12 @@ def test_unreachable_size_budget_names_the_minimum_and_the_flag(tmp_path, pair):
 
 def test_group_size_not_dividing_a_width_names_the_layer_and_the_fix(tmp_path, pair):
     student, teacher = pair
-    with pytest.raises(ValueError, match=r"model\.encoder\.layers\.0\.self_attn\.\w_proj: group_size=24 does not "
-                       r"divide its input width 32; valid group sizes are \[1, 2, 4, 8, 16, 32\]\. Fix: "
-                       r".*quant_group_size.*quant_granularity='per_channel'"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"model\.encoder\.layers\.0\.self_attn\.\w_proj: group_size=24 does not "
+        r"divide its input width 32; valid group sizes are \[1, 2, 4, 8, 16, 32\]\. Fix: "
+        r".*quant_group_size.*quant_granularity='per_channel'",
+    ):
         _trainer(student, teacher, _args(tmp_path, quant_group_size=24))
     assert quant_specs(student) == {}  # refused before any layer was swapped
     trainer = _trainer(student, teacher, _args(tmp_path, quant_group_size=24, quant_granularity="per_channel"))
@@ -205,11 +230,15 @@ def test_group_size_not_dividing_a_width_names_the_layer_and_the_fix(tmp_path, p
 
 
 def test_empty_dataset_after_filtering_says_how_many_rows_and_why(tmp_path, processor):
-    dataset = _manifest(tmp_path, [("no-words", _sine(1.0), SAMPLING_RATE, None),
-                                   ("wordy", _sine(1.0), SAMPLING_RATE, " word" * 500)])  # fmt: skip
-    with pytest.raises(ValueError, match=r"no usable rows: all 2 rows were dropped .*labels_too_long: 1 \(wordy\), "
-                       r"no_text: 1 \(no-words\)\)\. Fix: labels_too_long: split these utterances .* 448 tokens.*"
-                       r"no_text: give these rows a transcript"):  # fmt: skip
+    dataset = _manifest(
+        tmp_path, [("no-words", _sine(1.0), SAMPLING_RATE, None), ("wordy", _sine(1.0), SAMPLING_RATE, " word" * 500)]
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"no usable rows: all 2 rows were dropped .*labels_too_long: 1 \(wordy\), "
+        r"no_text: 1 \(no-words\)\)\. Fix: labels_too_long: split these utterances .* 448 tokens.*"
+        r"no_text: give these rows a transcript",
+    ):
         prepare_dataset(dataset, processor)
     with pytest.raises(ValueError, match=r"the dataset has no rows.*languages / corpora / limit"):
         prepare_dataset(load_manifest(tmp_path / "m.jsonl", languages=["zh"]), processor)
@@ -219,15 +248,19 @@ def test_empty_dataset_after_filtering_says_how_many_rows_and_why(tmp_path, proc
 
 
 def test_audio_over_30_seconds_is_dropped_and_named(tmp_path, processor, caplog):
-    dataset = _manifest(tmp_path, [("short", _sine(1.0), SAMPLING_RATE, "hello"),
-                                   ("long-talk", _sine(30.5, rate=8000), 8000, "hello")])  # fmt: skip
+    dataset = _manifest(
+        tmp_path, [("short", _sine(1.0), SAMPLING_RATE, "hello"), ("long-talk", _sine(30.5, rate=8000), 8000, "hello")]
+    )
     with caplog.at_level(logging.WARNING, logger="hf_whisper_kdq.data"):
         prepared, report = prepare_dataset(dataset, processor)
     assert prepared["id"][:] == ["short"]
     assert report.dropped == {"audio_too_long": 1} and report.dropped_ids == {"audio_too_long": ["long-talk"]}
     assert "kept 1 of 2 rows; dropped audio_too_long: 1 (long-talk)" in caplog.text
-    with pytest.raises(ValueError, match=r"audio_too_long: 1 \(long-talk\).*cut this audio into segments of at most "
-                       r"30 s"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"audio_too_long: 1 \(long-talk\).*cut this audio into segments of at most "
+        r"30 s",
+    ):
         prepare_dataset(dataset.select([1]), processor)
 
 
@@ -252,8 +285,14 @@ def test_other_sampling_rates_are_resampled_to_16k(tmp_path, processor):
     rows = [(f"rate-{rate}", _sine(1.0, rate=rate), rate, "hello") for rate in (SAMPLING_RATE, 8000, 44100)]
     dataset = _manifest(tmp_path, rows)
     # a decoded datasets value at yet another rate
-    from_array = Dataset.from_dict({"id": ["array-22050"], "language": ["en"], "text": ["hello"],
-                                    "audio": [{"array": _sine(1.0, rate=22050), "sampling_rate": 22050}]})  # fmt: skip
+    from_array = Dataset.from_dict(
+        {
+            "id": ["array-22050"],
+            "language": ["en"],
+            "text": ["hello"],
+            "audio": [{"array": _sine(1.0, rate=22050), "sampling_rate": 22050}],
+        }
+    )
     prepared, report = prepare_dataset(dataset, processor)
     prepared_array, _ = prepare_dataset(from_array, processor)
     assert report.dropped == {} and report.rows_kept == 3
@@ -286,8 +325,11 @@ def test_non_finite_loss_stops_naming_step_and_term_and_keeps_checkpoints(tmp_pa
     args = _args(tmp_path, max_steps=5, save_strategy="steps", save_steps=1, hidden_target="none")
     trainer = _trainer(student, teacher, args)
     trainer.add_callback(_PoisonTeacher(trainer, at=2))
-    with pytest.raises(NonFiniteLossError, match=r"non-finite at step 3 in term\(s\) kd \(ce=[^,]+, kd=nan, "
-                       r"hidden=0, quant=[^,]+\).*checkpoints already written are kept.*learning_rate") as caught:
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"non-finite at step 3 in term\(s\) kd \(ce=[^,]+, kd=nan, "
+        r"hidden=0, quant=[^,]+\).*checkpoints already written are kept.*learning_rate",
+    ) as caught:
         trainer.train()
     assert (caught.value.step, caught.value.terms) == (3, ["kd"]) and isinstance(caught.value, RuntimeError)
     assert pickle.loads(pickle.dumps(caught.value)).terms == ["kd"]  # survives a launcher's worker process
@@ -311,15 +353,21 @@ def test_push_without_token_or_write_access_names_repo_and_fix(tmp_path, monkeyp
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     with HubStandIn() as hub:
-        with pytest.raises(MissingTokenError, match=rf"cannot push to {REPO}: no Hugging Face token found\. Fix: run "
-                           r"`huggingface-cli login`.*HF_TOKEN"):  # fmt: skip
+        with pytest.raises(
+            MissingTokenError,
+            match=rf"cannot push to {REPO}: no Hugging Face token found\. Fix: run "
+            r"`huggingface-cli login`.*HF_TOKEN",
+        ):
             push_compressed(folder, REPO, endpoint=hub.endpoint)
     assert hub.requests == []  # refused before any request
 
     monkeypatch.setenv("HF_TOKEN", "hf_ReadOnlyStandInToken0123456789")
     with HubStandIn(forbid="commit") as hub:
-        with pytest.raises(PushError, match=rf"pushing to {REPO} failed while trying to commit the files: HTTP 403 "
-                           r"\(the token may not write to this repo.*write access.*write permission\)"):  # fmt: skip
+        with pytest.raises(
+            PushError,
+            match=rf"pushing to {REPO} failed while trying to commit the files: HTTP 403 "
+            r"\(the token may not write to this repo.*write access.*write permission\)",
+        ):
             push_compressed(folder, REPO, endpoint=hub.endpoint)
     assert hub.commits == [] and _tree(folder) == {"README.md": b"# card\n", "model.safetensors": b"weights"}
 
@@ -334,8 +382,10 @@ def test_export_into_a_foreign_folder_deletes_nothing(tmp_path, micro_whisper, p
     (foreign / "notes.txt").write_text("keep me")
     (foreign / "src" / "main.py").write_text("print('hi')")
     before = _tree(foreign)
-    refusal = (re.escape(str(foreign)) + r" is not empty and was not written by hf_whisper_kdq"
-               r".*nothing in it is replaced or deleted")  # fmt: skip
+    refusal = (
+        re.escape(str(foreign)) + r" is not empty and was not written by hf_whisper_kdq"
+        r".*nothing in it is replaced or deleted"
+    )
     with pytest.raises(FileExistsError, match=refusal):
         save_whisper(model, processor, foreign)
     for overwrite in (False, True):

@@ -22,44 +22,100 @@ FAKE_TOKEN = "hf_" + "Q" * 34
 
 
 def make_plan() -> KDQPlan:
-    units = [UnitPlan(f"encoder.{i}", "encoder", i, [f"model.encoder.layers.{i}.fc1"], bits, distilled=i == 2,
-                      teacher_layer=3 * i + 2, quant_loss={bits: 0.01 * (i + 1), 16: 0.0}, distill_loss=0.05 * (i + 1))
-             for i, bits in enumerate((4, 8, 16, 3))]  # fmt: skip
-    units += [UnitPlan(f"decoder.{i}", "decoder", i, [f"model.decoder.layers.{i}.fc1"], bits, distilled=i == 1,
-                       teacher_layer=(5, 11)[i], quant_loss={bits: 0.1}, distill_loss=0.2)
-              for i, bits in enumerate((2, 4))]  # fmt: skip
+    units = [
+        UnitPlan(
+            f"encoder.{i}",
+            "encoder",
+            i,
+            [f"model.encoder.layers.{i}.fc1"],
+            bits,
+            distilled=i == 2,
+            teacher_layer=3 * i + 2,
+            quant_loss={bits: 0.01 * (i + 1), 16: 0.0},
+            distill_loss=0.05 * (i + 1),
+        )
+        for i, bits in enumerate((4, 8, 16, 3))
+    ]
+    units += [
+        UnitPlan(
+            f"decoder.{i}",
+            "decoder",
+            i,
+            [f"model.decoder.layers.{i}.fc1"],
+            bits,
+            distilled=i == 1,
+            teacher_layer=(5, 11)[i],
+            quant_loss={bits: 0.1},
+            distill_loss=0.2,
+        )
+        for i, bits in enumerate((2, 4))
+    ]
     units.append(UnitPlan("embedding", "embedding", None, ["model.decoder.embed_tokens"], 16))
     return KDQPlan(units, "per_group", 32, True, budget_bytes=60_000_000, size_bytes=55_000_000, step=300)
 
 
 REPORT = {
-    "total_bytes": 46_500_000, "teacher_fp16_bytes": 483_000_000, "teacher_fp32_bytes": 967_000_000,
-    "files": {"model.safetensors": 44_000_000, "tokenizer.json": 2_480_000, "config.json": 20_000,
-              "ctranslate2/model.bin": 90_000_000},
+    "total_bytes": 46_500_000,
+    "teacher_fp16_bytes": 483_000_000,
+    "teacher_fp32_bytes": 967_000_000,
+    "files": {
+        "model.safetensors": 44_000_000,
+        "tokenizer.json": 2_480_000,
+        "config.json": 20_000,
+        "ctranslate2/model.bin": 90_000_000,
+    },
     "components": {"encoder": 20_000_000, "decoder": 5_000_000, "embedding": 19_000_000},
     "paper_accounting": {"size_bytes": 30_100_000, "note": "quantized weights + fp16 rest, as in the paper"},
-    "embedding_quantized": False, "embedding_reason": "compressed-tensors cannot quantize the tied embedding",
+    "embedding_quantized": False,
+    "embedding_reason": "compressed-tensors cannot quantize the tied embedding",
     "ctranslate2": {"quantization": "int8"},
-}  # fmt: skip
+}
 EVALS = {
     "compressed": [
-        {"corpus": "LibriSpeech test-clean", "dataset_type": "openslr/librispeech_asr", "split": "test",
-         "language": "en", "error_rate": 0.0712, "n_utterances": 200, "audio_seconds": 100.0, "decode_seconds": 5.0},
-        {"corpus": "AISHELL-1", "dataset_type": "aishell", "language": "zh", "metric": "cer", "error_rate": 0.1234,
-         "n_utterances": 100, "audio_seconds": 50.0, "decode_seconds": 3.0},
+        {
+            "corpus": "LibriSpeech test-clean",
+            "dataset_type": "openslr/librispeech_asr",
+            "split": "test",
+            "language": "en",
+            "error_rate": 0.0712,
+            "n_utterances": 200,
+            "audio_seconds": 100.0,
+            "decode_seconds": 5.0,
+        },
+        {
+            "corpus": "AISHELL-1",
+            "dataset_type": "aishell",
+            "language": "zh",
+            "metric": "cer",
+            "error_rate": 0.1234,
+            "n_utterances": 100,
+            "audio_seconds": 50.0,
+            "decode_seconds": 3.0,
+        },
     ],
-    "teacher": [{"corpus": "LibriSpeech test-clean", "language": "en", "error_rate": 0.051, "rtf": 0.2},
-                {"corpus": "AISHELL-1", "language": "zh", "error_rate": 0.10, "rtf": 0.2}],
-    "original": [{"corpus": "LibriSpeech test-clean", "language": "en", "error_rate": 0.083,
-                  "size_bytes": 145_000_000}],
-}  # fmt: skip
+    "teacher": [
+        {"corpus": "LibriSpeech test-clean", "language": "en", "error_rate": 0.051, "rtf": 0.2},
+        {"corpus": "AISHELL-1", "language": "zh", "error_rate": 0.10, "rtf": 0.2},
+    ],
+    "original": [
+        {"corpus": "LibriSpeech test-clean", "language": "en", "error_rate": 0.083, "size_bytes": 145_000_000}
+    ],
+}
 
 
 def card_kwargs(**overrides):
-    return {"plan": make_plan(), "compression_report": REPORT, "eval_results": EVALS,
-            "teacher_id": "openai/whisper-small", "training_args": {"learning_rate": 1e-4, "kd_weight": 1.0},
-            "datasets": ["kdq-org/synthetic-tts-en", "aishell"], "languages": ["en", "zh"], "repo_id": REPO,
-            "original_id": "openai/whisper-base", **overrides}  # fmt: skip
+    return {
+        "plan": make_plan(),
+        "compression_report": REPORT,
+        "eval_results": EVALS,
+        "teacher_id": "openai/whisper-small",
+        "training_args": {"learning_rate": 1e-4, "kd_weight": 1.0},
+        "datasets": ["kdq-org/synthetic-tts-en", "aishell"],
+        "languages": ["en", "zh"],
+        "repo_id": REPO,
+        "original_id": "openai/whisper-base",
+        **overrides,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -80,21 +136,42 @@ def test_metadata_and_eval_results_round_trip(written):
     assert data.datasets == ["kdq-org/synthetic-tts-en", "aishell"]
     assert data.model_name == "whisper-small-kdq"
     assert loaded.data.eval_results == built.data.eval_results
-    got = [(r.task_type, r.dataset_type, r.dataset_name, r.dataset_split, r.dataset_args, r.metric_type,
-            r.metric_name, r.metric_value) for r in data.eval_results]  # fmt: skip
+    got = [
+        (
+            r.task_type,
+            r.dataset_type,
+            r.dataset_name,
+            r.dataset_split,
+            r.dataset_args,
+            r.metric_type,
+            r.metric_name,
+            r.metric_value,
+        )
+        for r in data.eval_results
+    ]
     # percentages, and only the compressed model's scores
     assert got == [
-        ("automatic-speech-recognition", "openslr/librispeech_asr", "LibriSpeech test-clean", "test",
-         {"language": "en"}, "wer", "WER (%)", 7.12),
+        (
+            "automatic-speech-recognition",
+            "openslr/librispeech_asr",
+            "LibriSpeech test-clean",
+            "test",
+            {"language": "en"},
+            "wer",
+            "WER (%)",
+            7.12,
+        ),
         ("automatic-speech-recognition", "aishell", "AISHELL-1", None, {"language": "zh"}, "cer", "CER (%)", 12.34),
-    ]  # fmt: skip
+    ]
 
 
 def test_body_tables_figure_usage_and_citation(written):
     text = written.read_text()
     assert "are **percentages**" in text
-    header = ("| model | size on disk | smaller than teacher (fp16) | LibriSpeech test-clean (en) WER % "
-              "| AISHELL-1 (zh) CER % | RTF |")
+    header = (
+        "| model | size on disk | smaller than teacher (fp16) | LibriSpeech test-clean (en) WER % "
+        "| AISHELL-1 (zh) CER % | RTF |"
+    )
     assert header in text
     assert "| teacher: openai/whisper-small (fp16) | 483.0 MB | 1.00× | 5.10 | 10.00 | 0.200 |" in text
     assert "| original: openai/whisper-base | 145.0 MB | 3.33× | 8.30 | – | – |" in text
@@ -116,16 +193,36 @@ def test_nothing_local_reaches_the_card(tmp_path, monkeypatch):
     teacher = tmp_path / "teachers" / "whisper-small"
     teacher.mkdir(parents=True)
     report = {**REPORT, "format": f"packed at {tmp_path}/out/model.safetensors"}
-    args = {"learning_rate": 3e-5, "output_dir": str(tmp_path / "out"), "hub_token": FAKE_TOKEN,
-            "logging_dir": str(Path.home() / "logs"), "notes": f"manifest {tmp_path}/data/train.jsonl, {FAKE_TOKEN}"}
-    compressed = EvaluationReport(model=str(tmp_path / "out"), n_parameters=1, model_size_bytes=46_000_000,
-                                  model_size_source="disk", batch_size=8, num_beams=1, device="cpu", dtype="float32",
-                                  corpora=[{"corpus": "dev", "language": "en", "metric": "wer", "error_rate": 0.25,
-                                            "n_utterances": 4}], rtf=0.1)  # fmt: skip
-    path = write_model_card(tmp_path / "out", **card_kwargs(
-        teacher_id=str(teacher), training_args=args, eval_results={"compressed": compressed},
-        datasets=[str(tmp_path / "data" / "train.jsonl")], figure_path=str(tmp_path / "figs" / "plan.png"),
-        compression_report=report))  # fmt: skip
+    args = {
+        "learning_rate": 3e-5,
+        "output_dir": str(tmp_path / "out"),
+        "hub_token": FAKE_TOKEN,
+        "logging_dir": str(Path.home() / "logs"),
+        "notes": f"manifest {tmp_path}/data/train.jsonl, {FAKE_TOKEN}",
+    }
+    compressed = EvaluationReport(
+        model=str(tmp_path / "out"),
+        n_parameters=1,
+        model_size_bytes=46_000_000,
+        model_size_source="disk",
+        batch_size=8,
+        num_beams=1,
+        device="cpu",
+        dtype="float32",
+        corpora=[{"corpus": "dev", "language": "en", "metric": "wer", "error_rate": 0.25, "n_utterances": 4}],
+        rtf=0.1,
+    )
+    path = write_model_card(
+        tmp_path / "out",
+        **card_kwargs(
+            teacher_id=str(teacher),
+            training_args=args,
+            eval_results={"compressed": compressed},
+            datasets=[str(tmp_path / "data" / "train.jsonl")],
+            figure_path=str(tmp_path / "figs" / "plan.png"),
+            compression_report=report,
+        ),
+    )
     text = path.read_text()
     for secret in (str(tmp_path), str(Path.home()), os.environ.get("HOME", str(Path.home()))):
         assert secret not in text
@@ -141,8 +238,10 @@ def test_nothing_local_reaches_the_card(tmp_path, monkeypatch):
 
 
 def test_row_lists_with_roles_and_errors():
-    rows = [{"role": "compressed", "dataset": "dev", "language": "English", "wer": 0.5},
-            {"model": "teacher", "dataset": "dev", "language": "en", "error_rate": 40.0, "percent": True}]  # fmt: skip
+    rows = [
+        {"role": "compressed", "dataset": "dev", "language": "English", "wer": 0.5},
+        {"model": "teacher", "dataset": "dev", "language": "en", "error_rate": 40.0, "percent": True},
+    ]
     card = build_model_card(**card_kwargs(eval_results=rows, compression_report=None, repo_id=None))
     assert [r.metric_value for r in card.data.eval_results] == [50.0]
     assert card.data.model_name == "whisper-small-kdq" and "<namespace>/whisper-small-kdq" in card.text
@@ -158,8 +257,14 @@ def test_row_lists_with_roles_and_errors():
 def test_training_arguments_show_hyperparameters_only(tmp_path):
     from hf_whisper_kdq import DistillQuantArguments
 
-    args = DistillQuantArguments(output_dir=str(tmp_path / "run"), learning_rate=2e-5, report_to=[],
-                                 hub_token=FAKE_TOKEN, size_budget_ratio=0.2, num_distill_layers=3)  # fmt: skip
+    args = DistillQuantArguments(
+        output_dir=str(tmp_path / "run"),
+        learning_rate=2e-5,
+        report_to=[],
+        hub_token=FAKE_TOKEN,
+        size_budget_ratio=0.2,
+        num_distill_layers=3,
+    )
     text = build_model_card(**card_kwargs(training_args=args)).text
     assert "| `learning_rate` | 2e-05 |" in text and "| `size_budget_ratio` | 0.2 |" in text
     assert "| `num_distill_layers` | 3 |" in text and "| `quant_granularity` | per_group |" in text

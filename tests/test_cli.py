@@ -26,8 +26,16 @@ def tone_manifest(tmp_path):
     for i, language in enumerate(["en", "zh"]):
         audio = 0.1 * np.sin(2 * np.pi * 220 * (i + 1) * np.arange(16000) / 16000)
         sf.write(tmp_path / f"tone{i}.wav", audio, 16000)
-        rows.append({"id": f"tone{i}", "corpus": "tones", "language": language, "audio": f"tone{i}.wav",
-                     "duration": 1.0, "text": "hello world" if language == "en" else "你好"})  # fmt: skip
+        rows.append(
+            {
+                "id": f"tone{i}",
+                "corpus": "tones",
+                "language": language,
+                "audio": f"tone{i}.wav",
+                "duration": 1.0,
+                "text": "hello world" if language == "en" else "你好",
+            }
+        )
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in rows) + "\n")
     return manifest
@@ -53,8 +61,20 @@ def test_console_script_help_documents_every_flag():
 
 def test_evaluate_positional_model_and_json_report(tiny_folder, tone_manifest, tmp_path, capsys):
     report_path = tmp_path / "report.json"
-    code = main(["evaluate", str(tiny_folder), "--manifest", str(tone_manifest), "--max_new_tokens", "4",
-                 "--output_json", str(report_path), "--progress", "false"])  # fmt: skip
+    code = main(
+        [
+            "evaluate",
+            str(tiny_folder),
+            "--manifest",
+            str(tone_manifest),
+            "--max_new_tokens",
+            "4",
+            "--output_json",
+            str(report_path),
+            "--progress",
+            "false",
+        ]
+    )
     assert code == 0
     report = json.loads(report_path.read_text())
     assert report["n_utterances"] == 2

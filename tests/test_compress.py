@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import make_micro_whisper
 from huggingface_hub import ModelCard
 
-from conftest import make_micro_whisper
-
 from hf_whisper_kdq.cli import main
-from hf_whisper_kdq.compress import (LEVELS, TRAINING_DEFAULTS, CompressArguments, apply_level, warn_untrained_languages,
-                                     with_training_defaults)
+from hf_whisper_kdq.compress import (
+    LEVELS,
+    TRAINING_DEFAULTS,
+    CompressArguments,
+    apply_level,
+    warn_untrained_languages,
+    with_training_defaults,
+)
 from hf_whisper_kdq.config import DistillQuantArguments
 from hf_whisper_kdq.sources import save_whisper
 
@@ -53,8 +58,11 @@ def test_an_unreachable_level_fails_before_the_data_phase(tmp_path, tiny_whisper
     model, processor = tiny_whisper
     teacher = save_whisper(model, processor, tmp_path / "teacher")
     output = tmp_path / "run"
-    with pytest.raises(ValueError, match=r"--level tiny \(budget teacher/10\.48 = [\d.]+ MB, the paper's ratio from "
-                       r"whisper-small\) is out of reach from .*teacher: this student needs at least ([\d.]+) MB") as caught:  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"--level tiny \(budget teacher/10\.48 = [\d.]+ MB, the paper's ratio from "
+        r"whisper-small\) is out of reach from .*teacher: this student needs at least ([\d.]+) MB",
+    ) as caught:
         main(["compress", str(teacher), "--level", "tiny", "--output_dir", str(output), "--synthetic_prompts", "4"])
     assert "--size_budget_mb" in str(caught.value)
     assert not output.exists() or not any(output.iterdir())  # nothing synthesized, labelled or trained
@@ -66,21 +74,53 @@ def test_compress_end_to_end_on_a_tiny_teacher(tmp_path, tiny_whisper, capsys):
     model, processor = tiny_whisper
     teacher = save_whisper(model, processor, tmp_path / "teacher")
     output = tmp_path / "run"
-    code = main([
-        "compress", str(teacher), "--output_dir", str(output), "--synthetic_prompts", "4", "--max_eval_samples", "2",
-        "--max_steps", "2", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",
-        "--quant_targets", "encoder,decoder,embedding", "--size_budget_ratio", "0.6", "--decoder_layers", "1",
-        "--eval_max_new_tokens", "8", "--disable_tqdm", "true",
-    ])  # fmt: skip
+    code = main(
+        [
+            "compress",
+            str(teacher),
+            "--output_dir",
+            str(output),
+            "--synthetic_prompts",
+            "4",
+            "--max_eval_samples",
+            "2",
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "2",
+            "--per_device_eval_batch_size",
+            "2",
+            "--quant_targets",
+            "encoder,decoder,embedding",
+            "--size_budget_ratio",
+            "0.6",
+            "--decoder_layers",
+            "1",
+            "--eval_max_new_tokens",
+            "8",
+            "--disable_tqdm",
+            "true",
+        ]
+    )
     assert code == 0
     compressed = output / "compressed"
-    for name in ("config.json", "model.safetensors", "compression_report.json", "kdq_plan.json", "README.md",
-                 "kdq_plan.png", "eval_report.json", "ctranslate2/model.bin"):  # fmt: skip
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "compression_report.json",
+        "kdq_plan.json",
+        "README.md",
+        "kdq_plan.png",
+        "eval_report.json",
+        "ctranslate2/model.bin",
+    ):
         assert (compressed / name).is_file(), name
     config = json.loads((compressed / "config.json").read_text())
     assert config["quantization_config"]["format"] == "pack-quantized"
     summary = json.loads((output / "compress_summary.json").read_text())
-    assert {"load teacher", "train", "evaluate", "export packed checkpoint", "model card"} <= set(summary["phase_seconds"])
+    assert {"load teacher", "train", "evaluate", "export packed checkpoint", "model card"} <= set(
+        summary["phase_seconds"]
+    )
     assert summary["evaluation"]["smoke_run"] is True
     card = ModelCard.load(compressed / "README.md")
     assert not card.data.eval_results  # synthetic-speech scores are never published as results

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Audio, Dataset, DatasetDict, Features, Value
+from test_audio import sine, write
 
 from hf_whisper_kdq.audio import SAMPLING_RATE, is_silent, load_audio
 from hf_whisper_kdq.data import (
@@ -23,7 +24,6 @@ from hf_whisper_kdq.data import (
     prepare_dataset,
     tokenizer_is_multilingual,
 )
-from test_audio import sine, write
 
 
 def write_manifest(path: Path, rows: list[dict]) -> Path:
@@ -54,7 +54,14 @@ def corpus_dir(tmp_path) -> Path:
         [
             {"id": "en1", "corpus": "lj", "language": "en", "audio": "wav/en1.wav", "duration": 1, "text": "hello"},
             {"id": "en2", "corpus": "libri", "language": "en", "audio": "wav/en2.wav", "duration": 0.5, "text": None},
-            {"id": "zh1", "corpus": "aishell", "language": "zh", "audio": "wav/zh1.wav", "duration": 0.7, "text": "你好"},
+            {
+                "id": "zh1",
+                "corpus": "aishell",
+                "language": "zh",
+                "audio": "wav/zh1.wav",
+                "duration": 0.7,
+                "text": "你好",
+            },
         ],
     )
     return tmp_path

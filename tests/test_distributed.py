@@ -23,8 +23,15 @@ SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
 
-def _run(command: list[str], cwd: Path, *, extra_args: dict | None = None, expect_failure: bool = False,
-         fsdp: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+def _run(
+    command: list[str],
+    cwd: Path,
+    *,
+    extra_args: dict | None = None,
+    expect_failure: bool = False,
+    fsdp: bool = False,
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
     # DS_ACCELERATOR: DeepSpeed's CPU accelerator (gloo without oneCCL). PYTHONFAULTHANDLER: a process killed by a
     # signal (a rare SIGABRT inside gloo's threads has been seen on loaded machines) prints where its threads were.
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONFAULTHANDLER="1", **(env or {}))
@@ -42,8 +49,20 @@ def _run(command: list[str], cwd: Path, *, extra_args: dict | None = None, expec
 # Trainer picks gloo.
 LAUNCHERS = {
     "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
-    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],  # fmt: skip
+    "accelerate": [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ],
 }
 NO_PYTHON = {"torchrun": "--no-python", "accelerate": "--no_python"}
 SHARDING = {
@@ -63,8 +82,12 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, la
         pytest.importorskip("deepspeed")
     env = {"KDQ_TEST_STUDENT": student}
     _run([sys.executable, str(SCRIPT), str(tmp_path / "one"), "4"], tmp_path, env=env)
-    _run([*LAUNCHERS[launcher], str(SCRIPT), str(tmp_path / "two"), "2"], tmp_path, extra_args=SHARDING.get(sharding),
-         env=env)  # fmt: skip
+    _run(
+        [*LAUNCHERS[launcher], str(SCRIPT), str(tmp_path / "two"), "2"],
+        tmp_path,
+        extra_args=SHARDING.get(sharding),
+        env=env,
+    )
     one, two = (torch.load(tmp_path / name / "result.pt") for name in ("one", "two"))
 
     assert one["plan"] == two["plan"]  # the selection is deterministic: every rank holds the same plan
@@ -108,12 +131,39 @@ def test_compress_on_two_processes_writes_and_pushes_once(tmp_path, tiny_whisper
     output = tmp_path / "run"
     launcher, _, sharding = launcher.partition("+")
     command = [
-        *LAUNCHERS[launcher], NO_PYTHON[launcher], str(Path(sys.executable).parent / "hf-whisper-kdq"), "compress", str(teacher), "--output_dir", str(output),
-        "--synthetic_prompts", "4", "--max_eval_samples", "2", "--max_steps", "2", "--per_device_train_batch_size", "1",
-        "--decoder_layers", "1", "--eval_max_new_tokens", "8", "--ctranslate2_quantization", "none",
-        "--evaluate_teacher", "false", "--ddp_backend", "gloo", "--disable_tqdm", "true", "--logging_steps", "1",
-        "--push_to_hub", "--hub_model_id", "kdq-org/tiny-kdq",
-    ]  # fmt: skip
+        *LAUNCHERS[launcher],
+        NO_PYTHON[launcher],
+        str(Path(sys.executable).parent / "hf-whisper-kdq"),
+        "compress",
+        str(teacher),
+        "--output_dir",
+        str(output),
+        "--synthetic_prompts",
+        "4",
+        "--max_eval_samples",
+        "2",
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "1",
+        "--decoder_layers",
+        "1",
+        "--eval_max_new_tokens",
+        "8",
+        "--ctranslate2_quantization",
+        "none",
+        "--evaluate_teacher",
+        "false",
+        "--ddp_backend",
+        "gloo",
+        "--disable_tqdm",
+        "true",
+        "--logging_steps",
+        "1",
+        "--push_to_hub",
+        "--hub_model_id",
+        "kdq-org/tiny-kdq",
+    ]
     with HubStandIn(lifetime=600) as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
         monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 34)
@@ -125,7 +175,9 @@ def test_compress_on_two_processes_writes_and_pushes_once(tmp_path, tiny_whisper
     assert "model.safetensors" in hub.commits[0]["files"] and "README.md" in hub.commits[0]["files"]
     summary = json.loads((output / "compress_summary.json").read_text())
     assert summary["processes"] == 2
-    assert len([entry for entry in summary["training_log"] if "loss" in entry]) == 2  # 2 optimizer steps, each over both processes' batches
+    assert (
+        len([entry for entry in summary["training_log"] if "loss" in entry]) == 2
+    )  # 2 optimizer steps, each over both processes' batches
     # No leftovers of a second writer: staging folders of atomic writes would start with a dot.
     assert sorted(p.name for p in output.iterdir() if p.name.startswith(".")) == []
 
@@ -133,16 +185,23 @@ def test_compress_on_two_processes_writes_and_pushes_once(tmp_path, tiny_whisper
 def test_zero3_is_refused_with_the_alternative(tmp_path):
     pytest.importorskip("deepspeed")
     zero3 = {**json.loads(Path(SHARDING["zero2"]["deepspeed"]).read_text()), "zero_optimization": {"stage": 3}}
-    stderr = _run([*LAUNCHERS["torchrun"], str(SCRIPT), str(tmp_path / "out"), "2"], tmp_path,
-                  extra_args={"deepspeed": zero3}, expect_failure=True).stderr  # fmt: skip
+    stderr = _run(
+        [*LAUNCHERS["torchrun"], str(SCRIPT), str(tmp_path / "out"), "2"],
+        tmp_path,
+        extra_args={"deepspeed": zero3},
+        expect_failure=True,
+    ).stderr
     assert "ZeRO-3 shards the student's weights" in stderr and "use ZeRO stage 1 or 2" in stderr
 
 
 def test_fsdp_with_bf16_mixed_precision_trains_like_fp32(tmp_path):
     # FSDP's mixed-precision policy hands the fake quantization bf16 copies of the weights (fp32 masters are kept).
     _run([sys.executable, str(SCRIPT), str(tmp_path / "fp32"), "4"], tmp_path)
-    _run([*LAUNCHERS["torchrun"], str(SCRIPT), str(tmp_path / "bf16"), "2"], tmp_path,
-         extra_args={**SHARDING["fsdp2"], "bf16": True})  # fmt: skip
+    _run(
+        [*LAUNCHERS["torchrun"], str(SCRIPT), str(tmp_path / "bf16"), "2"],
+        tmp_path,
+        extra_args={**SHARDING["fsdp2"], "bf16": True},
+    )
     fp32, bf16 = (torch.load(tmp_path / name / "result.pt") for name in ("fp32", "bf16"))
     # bf16 arithmetic did run: fp32 on 2 processes differs from 1 process by ~1e-7 relative, bf16 by ~1e-4.
     assert max(abs(b - f) / f for b, f in zip(bf16["losses"], fp32["losses"])) > 1e-5
@@ -158,8 +217,12 @@ def test_fsdp_run_resumed_from_its_checkpoint_equals_the_uninterrupted_run(tmp_p
     command = [*LAUNCHERS["torchrun"], str(SCRIPT)]
     _run([*command, str(tmp_path / "whole"), "2"], tmp_path, extra_args=saving)
     assert (tmp_path / "whole" / "checkpoint-2" / "pytorch_model_fsdp.bin").is_file()
-    _run([*command, str(tmp_path / "resumed"), "2"], tmp_path, extra_args=saving,
-         env={"KDQ_TEST_RESUME_FROM": str(tmp_path / "whole" / "checkpoint-2")})  # fmt: skip
+    _run(
+        [*command, str(tmp_path / "resumed"), "2"],
+        tmp_path,
+        extra_args=saving,
+        env={"KDQ_TEST_RESUME_FROM": str(tmp_path / "whole" / "checkpoint-2")},
+    )
     whole, resumed = (torch.load(tmp_path / name / "result.pt") for name in ("whole", "resumed"))
     assert resumed["losses"] == whole["losses"] and resumed["grad_norms"] == whole["grad_norms"]
     assert resumed["plan"] == whole["plan"] and resumed["test_loss"] == whole["test_loss"]
@@ -167,13 +230,17 @@ def test_fsdp_run_resumed_from_its_checkpoint_equals_the_uninterrupted_run(tmp_p
         assert torch.equal(resumed["weights"][name], weight), name
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: accelerate's own FSDP set-up, without the CPU lift")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU: accelerate's own FSDP set-up, without the CPU lift"
+)
 def test_fsdp_on_a_gpu_matches_training_without_it(tmp_path):
     # One process (the lent GPU machines have one GPU): FSDP's wrapping, gathers and state-dict paths as on a cluster.
     gpu = {"use_cpu": False}
     _run([sys.executable, str(SCRIPT), str(tmp_path / "one"), "4"], tmp_path, extra_args=gpu)
     one_gpu_process = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
-    _run([*one_gpu_process, str(SCRIPT), str(tmp_path / "fsdp"), "4"], tmp_path, extra_args={**gpu, **SHARDING["fsdp2"]})
+    _run(
+        [*one_gpu_process, str(SCRIPT), str(tmp_path / "fsdp"), "4"], tmp_path, extra_args={**gpu, **SHARDING["fsdp2"]}
+    )
     one, fsdp = (torch.load(tmp_path / name / "result.pt") for name in ("one", "fsdp"))
     assert fsdp["plan"] == one["plan"] and fsdp["specs"] == one["specs"]
     assert fsdp["losses"] == pytest.approx(one["losses"], rel=1e-4)
@@ -183,8 +250,12 @@ def test_fsdp_on_a_gpu_matches_training_without_it(tmp_path):
 
 def test_fsdp_reading_whole_weights_outside_the_forward_is_refused(tmp_path):
     extra = {**SHARDING["fsdp2"], "quant_weight": 0.1}
-    stderr = _run([*LAUNCHERS["torchrun"], str(SCRIPT), str(tmp_path / "out"), "2"], tmp_path, extra_args=extra,
-                  expect_failure=True).stderr  # fmt: skip
+    stderr = _run(
+        [*LAUNCHERS["torchrun"], str(SCRIPT), str(tmp_path / "out"), "2"],
+        tmp_path,
+        extra_args=extra,
+        expect_failure=True,
+    ).stderr
     assert re.search("quant_weight > 0 .* set quant_weight=0 .* under FSDP", stderr), stderr[-3000:]
 
 
@@ -192,8 +263,11 @@ def test_fsdp_version_1_is_refused_with_version_2():
     # accelerate builds an FSDP1 plugin only on GPUs (on CPUs it stops first, "no available devices"), so this checks
     # the guard itself on a trainer-shaped stand-in.
     plugin = SimpleNamespace(fsdp_version=1)
-    trainer = SimpleNamespace(is_fsdp_enabled=True, is_deepspeed_enabled=False,
-                              accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))  # fmt: skip
+    trainer = SimpleNamespace(
+        is_fsdp_enabled=True,
+        is_deepspeed_enabled=False,
+        accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)),
+    )
     with pytest.raises(NotImplementedError, match=r"FSDP version 1 .* use FSDP version 2 .*examples/fsdp2.json"):
         check_sharding(trainer)
 
@@ -207,11 +281,29 @@ def test_example_script_runs_on_two_processes_and_reports_once(tmp_path, tiny_wh
     model, processor = tiny_whisper
     teacher = save_whisper(model, processor, tmp_path / "teacher")
     command = [
-        *LAUNCHERS[launcher], str(EXAMPLES / "distill_whisper_base.py"), "--teacher", str(teacher),
-        "--decoder_layers", "1", "--synthetic_prompts", "4", "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
-        "--per_device_train_batch_size", "1", "--per_device_eval_batch_size", "2", "--report_to", "none",
-        "--ddp_backend", "gloo", "--disable_tqdm", "true",
-    ]  # fmt: skip
+        *LAUNCHERS[launcher],
+        str(EXAMPLES / "distill_whisper_base.py"),
+        "--teacher",
+        str(teacher),
+        "--decoder_layers",
+        "1",
+        "--synthetic_prompts",
+        "4",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "1",
+        "--per_device_eval_batch_size",
+        "2",
+        "--report_to",
+        "none",
+        "--ddp_backend",
+        "gloo",
+        "--disable_tqdm",
+        "true",
+    ]
     fsdp = FSDP_FLAGS if sharding == "fsdp2" else []
     result = _run(command + fsdp, tmp_path, fsdp=bool(fsdp))
     assert result.stdout.count("KDQ plan at step") == 1  # the main process alone reports

@@ -31,11 +31,12 @@ import torch
 from torch import nn
 
 pytest.importorskip("compressed_tensors", minversion="0.20")
+from conftest import WITHOUT_OUR_PACKAGE, make_tiny_whisper  # noqa: E402
+from hub_standin import HubStandIn  # noqa: E402
 from huggingface_hub import ModelCard  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from transformers import logging as hf_logging  # noqa: E402
 
-from conftest import WITHOUT_OUR_PACKAGE, make_tiny_whisper  # noqa: E402
 from hf_whisper_kdq.card import build_model_card, write_model_card  # noqa: E402
 from hf_whisper_kdq.config import DistillQuantArguments  # noqa: E402
 from hf_whisper_kdq.data import SAMPLING_RATE, WhisperDataCollator, manifest_dataset, prepare_dataset  # noqa: E402
@@ -43,7 +44,6 @@ from hf_whisper_kdq.evaluation import make_compute_metrics  # noqa: E402
 from hf_whisper_kdq.quant import convert_qat  # noqa: E402
 from hf_whisper_kdq.students import build_student  # noqa: E402
 from hf_whisper_kdq.trainer import ADAPTERS_ATTRIBUTE, DistillQuantTrainer  # noqa: E402
-from hub_standin import HubStandIn  # noqa: E402
 
 TEACHER_ID = "openai/whisper-base"
 REPO = "kdq-org/whisper-tiny-kdq"
@@ -56,9 +56,17 @@ ROWS = [  # (id, audio kind, seconds, frequency, text)
 ]
 EVAL_ROWS = [0, 2]
 GENERATE = dict(language="en", task="transcribe", max_new_tokens=6, do_sample=False, num_beams=1)
-EXPORTED_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                  "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
-                  "compression_report.json", "kdq_plan.json"}  # fmt: skip
+EXPORTED_FILES = {
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "compression_report.json",
+    "kdq_plan.json",
+}
 
 
 def tone(seconds: float = 1.0, freq: float = 440.0) -> np.ndarray:
@@ -81,8 +89,9 @@ def _wav(audio: np.ndarray) -> bytes:
 def _budget_mb(student: nn.Module, average_bits: float) -> float:
     """About ``average_bits`` per quantizable layer weight (+ one fp16 scale per group of 32), the rest fp16."""
     total = sum(p.numel() for p in student.parameters())
-    linears = sum(m.weight.numel() for name, m in student.named_modules()
-                  if isinstance(m, nn.Linear) and ".layers." in name)  # fmt: skip
+    linears = sum(
+        m.weight.numel() for name, m in student.named_modules() if isinstance(m, nn.Linear) and ".layers." in name
+    )
     return ((total - linears) * 2 + linears * average_bits / 8 + linears / 32 * 2) / 1e6
 
 
@@ -98,29 +107,53 @@ def run(base_pack_folder, tmp_path_factory):
     student = build_student(teacher, decoder_layers=2)
 
     audios = [_audio(kind, seconds, freq) for _, kind, seconds, freq, _ in ROWS]
-    raw = manifest_dataset({
-        "id": [row[0] for row in ROWS], "corpus": ["tones"] * len(ROWS), "language": ["en"] * len(ROWS),
-        "audio": [{"bytes": _wav(a), "path": None} for a in audios],
-        "duration": [len(a) / SAMPLING_RATE for a in audios], "text": [row[4] for row in ROWS],
-    })  # fmt: skip
+    raw = manifest_dataset(
+        {
+            "id": [row[0] for row in ROWS],
+            "corpus": ["tones"] * len(ROWS),
+            "language": ["en"] * len(ROWS),
+            "audio": [{"bytes": _wav(a), "path": None} for a in audios],
+            "duration": [len(a) / SAMPLING_RATE for a in audios],
+            "text": [row[4] for row in ROWS],
+        }
+    )
     prepared, report = prepare_dataset(raw, processor, multilingual=True)
     assert report.rows_kept == len(ROWS)
 
     args = DistillQuantArguments(
-        output_dir=str(root / "training"), per_device_train_batch_size=2, per_device_eval_batch_size=2, max_steps=2,
-        learning_rate=1e-3, warmup_steps=0, seed=0, report_to="none", use_cpu=True, logging_steps=1, disable_tqdm=True,
+        output_dir=str(root / "training"),
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=2,
+        max_steps=2,
+        learning_rate=1e-3,
+        warmup_steps=0,
+        seed=0,
+        report_to="none",
+        use_cpu=True,
+        logging_steps=1,
+        disable_tqdm=True,
         # a checkpoint of the training state, so that the output folder holds what a push must leave out
-        save_strategy="steps", save_steps=2,
-        quant_targets="encoder,decoder", size_budget_mb=_budget_mb(student, 4), quant_weight=0.1,
-        selection_probe_batches=1, predict_with_generate=True, generation_max_length=8,
-        hub_model_id=REPO, hub_token=FAKE_TOKEN,
-    )  # fmt: skip
+        save_strategy="steps",
+        save_steps=2,
+        quant_targets="encoder,decoder",
+        size_budget_mb=_budget_mb(student, 4),
+        quant_weight=0.1,
+        selection_probe_batches=1,
+        predict_with_generate=True,
+        generation_max_length=8,
+        hub_model_id=REPO,
+        hub_token=FAKE_TOKEN,
+    )
     trainer = DistillQuantTrainer(
-        model=student, teacher_model=teacher, args=args, train_dataset=prepared,
-        eval_dataset=prepared.select(EVAL_ROWS), processing_class=processor,
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=prepared,
+        eval_dataset=prepared.select(EVAL_ROWS),
+        processing_class=processor,
         data_collator=WhisperDataCollator(processor, decoder_start_token_id=student.config.decoder_start_token_id),
         compute_metrics=make_compute_metrics(processor, "en"),
-    )  # fmt: skip
+    )
     trainer.train()
     metrics = trainer.evaluate()
     export = trainer.save_compressed(root / "export")
@@ -154,7 +187,9 @@ def test_training_under_budget_and_generate_evaluation(run):
 
 # ---- 2. the packed checkpoint, loaded without this package --------------------------------------------------
 
-LOADER = WITHOUT_OUR_PACKAGE + r"""
+LOADER = (
+    WITHOUT_OUR_PACKAGE
+    + r"""
 import contextlib, io, json, runpy
 import numpy as np, torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
@@ -182,6 +217,7 @@ json.dump({"quantized_modules": quantized, "texts": processor.batch_decode(ids, 
            "hf_whisper_kdq": sorted(m for m in sys.modules if m.partition(".")[0] == "hf_whisper_kdq")},
           open(f"{work}/loaded.json", "w"))
 """
+)
 
 
 def _fixed_features(processor) -> torch.Tensor:
@@ -192,19 +228,32 @@ def _fixed_features(processor) -> torch.Tensor:
 
 
 def _eval_rows(metrics: dict) -> list[dict]:
-    return [{"corpus": "tones", "language": "en", "metric": "wer", "error_rate": metrics["eval_wer_en"],
-             "n_utterances": len(EVAL_ROWS)}]  # fmt: skip
+    return [
+        {
+            "corpus": "tones",
+            "language": "en",
+            "metric": "wer",
+            "error_rate": metrics["eval_wer_en"],
+            "n_utterances": len(EVAL_ROWS),
+        }
+    ]
 
 
 def _card_snippet(run, folder: Path) -> str:
     """The card's transformers snippet, loading ``folder`` instead of the Hub repo (decoding at most 8 tokens)."""
     report = json.loads((run["export"] / "compression_report.json").read_text())
-    card = build_model_card(plan=run["trainer"].plan, compression_report=report, teacher_id=TEACHER_ID,
-                            eval_results={"compressed": _eval_rows(run["metrics"])}, repo_id=REPO)  # fmt: skip
+    card = build_model_card(
+        plan=run["trainer"].plan,
+        compression_report=report,
+        teacher_id=TEACHER_ID,
+        eval_results={"compressed": _eval_rows(run["metrics"])},
+        repo_id=REPO,
+    )
     code = re.findall(r"```python\n(.*?)```", card.text, re.S)[0]
     assert f'repo = "{REPO}"' in code and 'task="transcribe")' in code
     return code.replace(f'repo = "{REPO}"', f"repo = {str(folder)!r}").replace(
-        'task="transcribe")', 'task="transcribe", max_new_tokens=8)')
+        'task="transcribe")', 'task="transcribe", max_new_tokens=8)'
+    )
 
 
 def test_export_folder_and_quantization_config(run):
@@ -234,8 +283,14 @@ def test_plain_transformers_generates_the_students_ids(run, tmp_path):
     sf.write(tmp_path / "audio.wav", tone(), SAMPLING_RATE)  # what the card's snippet transcribes
     (tmp_path / "snippet.py").write_text(_card_snippet(run, export))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    result = subprocess.run([sys.executable, "-c", LOADER, str(export), str(tmp_path)], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", LOADER, str(export), str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     loaded = json.loads((tmp_path / "loaded.json").read_text())
     assert loaded["hf_whisper_kdq"] == [] and loaded["compressed_tensors"]
@@ -283,7 +338,9 @@ def test_ctranslate2_int8_copy_transcribes(run):
     student = trainer.accelerator.unwrap_model(trainer.model)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     folder = export_ctranslate2(student, run["processor"], run["export"] / "ctranslate2", quantization="int8")
-    assert {"model.bin", "config.json", "tokenizer.json", "preprocessor_config.json"} <= {p.name for p in folder.iterdir()}
+    assert {"model.bin", "config.json", "tokenizer.json", "preprocessor_config.json"} <= {
+        p.name for p in folder.iterdir()
+    }
     texts = transcribe_faster_whisper(folder, [tone()], "en", max_new_tokens=8)
     assert len(texts) == 1 and isinstance(texts[0], str)
     after = student.state_dict()
@@ -304,9 +361,16 @@ def test_model_card_with_the_evaluation_scores(run):
     trainer, export, metrics = run["trainer"], run["export"], run["metrics"]
     report = json.loads((export / "compression_report.json").read_text())
     readme = write_model_card(
-        export, plan=trainer.plan, compression_report=report, eval_results={"compressed": _eval_rows(metrics)},
-        teacher_id=TEACHER_ID, training_args=trainer.args, datasets=["tones"], languages=["en"], repo_id=REPO,
-    )  # fmt: skip
+        export,
+        plan=trainer.plan,
+        compression_report=report,
+        eval_results={"compressed": _eval_rows(metrics)},
+        teacher_id=TEACHER_ID,
+        training_args=trainer.args,
+        datasets=["tones"],
+        languages=["en"],
+        repo_id=REPO,
+    )
     assert readme == export / "README.md"
     assert (export / "kdq_plan.png").read_bytes().startswith(b"\x89PNG")
     card = ModelCard.load(readme)

@@ -38,8 +38,16 @@ def write_manifest(folder: Path, rows: list[tuple[str, str, str, float, str | No
     for i, (row_id, corpus, language, seconds, text) in enumerate(rows):
         rate = RATE if i % 2 == 0 else 22050  # exercise resampling too
         sf.write(folder / f"{row_id}.wav", tone(seconds, 200 + 50 * i, rate), rate)
-        lines.append({"id": row_id, "corpus": corpus, "language": language, "audio": f"{row_id}.wav",
-                      "duration": seconds, "text": text})
+        lines.append(
+            {
+                "id": row_id,
+                "corpus": corpus,
+                "language": language,
+                "audio": f"{row_id}.wav",
+                "duration": seconds,
+                "text": text,
+            }
+        )
     path = folder / "manifest.jsonl"
     path.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
     return path
@@ -55,8 +63,9 @@ class GenerateSpy:
 
     def __call__(self, input_features, attention_mask=None, **kwargs):
         frames = attention_mask.sum(-1).tolist()
-        self.calls.append({"frames": frames, "shape": tuple(input_features.shape), "dtype": input_features.dtype,
-                           **kwargs})
+        self.calls.append(
+            {"frames": frames, "shape": tuple(input_features.shape), "dtype": input_features.dtype, **kwargs}
+        )
         if not self.fake:
             return self.real(input_features, attention_mask=attention_mask, **kwargs)
         ids = [self.tokenizer(f" {n}", add_special_tokens=False).input_ids for n in frames]
@@ -109,8 +118,9 @@ def test_english_only_model_refuses_other_languages(tiny_whisper):
     with pytest.raises(ValueError, match="English-only models only transcribe"):
         transcribe(model, processor, [tone(1.0)], task="translate", progress=False)
     spy = GenerateSpy(model, processor)
-    texts = transcribe(model, processor, [tone(1.0), tone(0.5)], languages=["en", None], num_beams=2,
-                       max_new_tokens=3, progress=False)
+    texts = transcribe(
+        model, processor, [tone(1.0), tone(0.5)], languages=["en", None], num_beams=2, max_new_tokens=3, progress=False
+    )
     assert len(texts) == 2 and len(spy.calls) == 1
     assert "language" not in spy.calls[0] and "task" not in spy.calls[0] and spy.calls[0]["num_beams"] == 2
 
@@ -132,8 +142,15 @@ def test_transcribe_long_form_and_files(tiny_whisper, tmp_path):
     model, processor = tiny_whisper
     sf.write(tmp_path / "short.flac", tone(1.0, rate=22050), 22050)
     spy = GenerateSpy(model, processor)
-    texts = transcribe(model, processor, [tone(31.0), str(tmp_path / "short.flac")], languages="en", batch_size=2,
-                       max_new_tokens=3, progress=False)
+    texts = transcribe(
+        model,
+        processor,
+        [tone(31.0), str(tmp_path / "short.flac")],
+        languages="en",
+        batch_size=2,
+        max_new_tokens=3,
+        progress=False,
+    )
     assert len(texts) == 2
     assert spy.calls[0]["return_timestamps"] is True and spy.calls[0]["shape"][-1] > 3000
 
@@ -168,8 +185,9 @@ def test_evaluate_model_aggregates(tiny_whisper, manifest, monkeypatch):
         return [by_length[len(array)] for array in arrays]
 
     monkeypatch.setattr(evaluation, "transcribe", fake_transcribe)
-    report = evaluate_model(model, processor, load_manifest(manifest), batch_size=4, num_beams=1, progress=False,
-                            warmup=False)
+    report = evaluate_model(
+        model, processor, load_manifest(manifest), batch_size=4, num_beams=1, progress=False, warmup=False
+    )
     assert calls == ["en", "en", "zh"] and report.n_unlabeled_skipped == 1 and report.n_utterances == 5
     corpora = {entry["corpus"]: entry for entry in report.corpora}
     assert corpora["synth-a"]["wer"] == pytest.approx(1 / 6) and corpora["synth-a"]["n_utterances"] == 2
@@ -198,8 +216,9 @@ def test_evaluate_model_real_decoding_and_json_round_trip(tiny_whisper, manifest
     (weights / "model.safetensors").write_bytes(b"x" * 100)
     (weights / "training_args.bin").write_bytes(b"x" * 7)
     dataset = load_manifest(manifest, limit=5)
-    report = evaluate_model(model, processor, dataset, batch_size=2, num_beams=1, max_new_tokens=3,
-                            model_path=weights, progress=False)
+    report = evaluate_model(
+        model, processor, dataset, batch_size=2, num_beams=1, max_new_tokens=3, model_path=weights, progress=False
+    )
     assert (report.model_size_bytes, report.model_size_source) == (100, "disk")
     assert report.n_utterances == 5 and all(isinstance(r["hypothesis"], str) for r in report.utterances)
     for entry in report.corpora:  # each corpus score is the score of its own utterances
@@ -216,8 +235,14 @@ def test_evaluate_model_real_decoding_and_json_round_trip(tiny_whisper, manifest
 
 def test_model_size(tiny_whisper, tmp_path):
     model, _ = tiny_whisper
-    for name, size in [("model-00001-of-00002.safetensors", 10), ("pytorch_model.bin", 20), ("model.bin.part1", 5),
-                       ("optimizer.bin", 1000), ("training_args.bin", 1000), ("config.json", 1000)]:
+    for name, size in [
+        ("model-00001-of-00002.safetensors", 10),
+        ("pytorch_model.bin", 20),
+        ("model.bin.part1", 5),
+        ("optimizer.bin", 1000),
+        ("training_args.bin", 1000),
+        ("config.json", 1000),
+    ]:
         (tmp_path / name).write_bytes(b"x" * size)
     assert model_size(model, tmp_path) == (35, "disk")
     assert model_size(model, "openai/whisper-base") == (in_memory_bytes(model), "memory")
@@ -232,9 +257,20 @@ def test_model_size(tiny_whisper, tmp_path):
 def test_evaluation_arguments(manifest):
     args = EvaluationArguments("m", str(manifest), languages=" en, Chinese ", corpora="a,,b")
     assert args.languages == "en,zh" and args.corpora == "a,b"
-    parsed, = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses(
-        ["--model_name_or_path", "m", "--manifest", str(manifest), "--languages", "en,zh", "--limit", "3",
-         "--per_utterance", "--output_json", "r.json"]
+    (parsed,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses(
+        [
+            "--model_name_or_path",
+            "m",
+            "--manifest",
+            str(manifest),
+            "--languages",
+            "en,zh",
+            "--limit",
+            "3",
+            "--per_utterance",
+            "--output_json",
+            "r.json",
+        ]
     )
     assert (parsed.languages, parsed.limit, parsed.per_utterance, parsed.batch_size) == ("en,zh", 3, True, 8)
     assert all(f.metadata.get("help") for f in EvaluationArguments.__dataclass_fields__.values())
@@ -264,8 +300,17 @@ def test_run_evaluation(tiny_whisper, manifest, tmp_path, capsys):
     from hf_whisper_kdq.sources import save_whisper
 
     folder = save_whisper(*tiny_whisper, tmp_path / "tiny")
-    args = EvaluationArguments(str(folder), str(manifest), batch_size=4, languages="en", limit=2, max_new_tokens=3,
-                               output_json=str(tmp_path / "report.json"), per_utterance=True, progress=False)
+    args = EvaluationArguments(
+        str(folder),
+        str(manifest),
+        batch_size=4,
+        languages="en",
+        limit=2,
+        max_new_tokens=3,
+        output_json=str(tmp_path / "report.json"),
+        per_utterance=True,
+        progress=False,
+    )
     report = run_evaluation(args)
     written = json.loads((tmp_path / "report.json").read_text())
     assert report.n_utterances == 2 and len(written["utterances"]) == 2 and list(written["languages"]) == ["en"]
@@ -312,7 +357,9 @@ def test_make_compute_metrics_decodes_and_scores(tiny_whisper):
         rows = [tokenizer(" " + t).input_ids for t in texts]
         return np.array([row + [pad] * (width - len(row)) for row in rows])
 
-    prediction = EvalPrediction(predictions=encode(hypotheses, tokenizer.pad_token_id), label_ids=encode(references, -100))
+    prediction = EvalPrediction(
+        predictions=encode(hypotheses, tokenizer.pad_token_id), label_ids=encode(references, -100)
+    )
     metrics = make_compute_metrics(processor, "en")(prediction)
     assert metrics == {"wer_en": pytest.approx(1 / 9), "wer": pytest.approx(1 / 9)}
 

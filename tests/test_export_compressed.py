@@ -17,11 +17,11 @@ import torch
 
 pytest.importorskip("compressed_tensors", minversion="0.20")
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32  # noqa: E402
+from conftest import WITHOUT_OUR_PACKAGE
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import WITHOUT_OUR_PACKAGE
 from hf_whisper_kdq.export import EMBEDDING_REASON, REPORT_FILE, build_compression_report, save_compressed
 from hf_whisper_kdq.export import compressed as compressed_module
 from hf_whisper_kdq.export.report import _safetensors_layout
@@ -89,8 +89,9 @@ def exports(_tiny_whisper_session, tmp_path_factory):
         out = tmp_path_factory.mktemp(variant) / "student-kdq"
         save_compressed(model, processor, out, teacher_fp16_bytes=TEACHER_FP16_BYTES)
         reference, packed = _reference(model)
-        result[variant] = SimpleNamespace(model=model, processor=processor, out=out, before=before,
-                                          reference=reference, packed=packed)  # fmt: skip
+        result[variant] = SimpleNamespace(
+            model=model, processor=processor, out=out, before=before, reference=reference, packed=packed
+        )
     return result
 
 
@@ -121,13 +122,17 @@ def test_config_groups_ignore_and_dtypes(exports):
     assert w8["targets"] == encoder and w4["targets"] == decoder
     assert (w8["weights"]["num_bits"], w8["weights"]["strategy"], w8["weights"]["group_size"]) == (8, "channel", None)
     assert (w4["weights"]["num_bits"], w4["weights"]["strategy"], w4["weights"]["group_size"]) == (4, "group", 32)
-    assert all(g["weights"]["symmetric"] and g["weights"]["type"] == "int" and g["format"] == "pack-quantized"
-               for g in qc["config_groups"].values())  # fmt: skip
+    assert all(
+        g["weights"]["symmetric"] and g["weights"]["type"] == "int" and g["format"] == "pack-quantized"
+        for g in qc["config_groups"].values()
+    )
     assert qc["ignore"] == [FLOAT_LAYER, "proj_out"]  # the float linears; the embedding is in no group
     assert config["dtype"] == "float16" and config["tie_word_embeddings"] is True
     low = _quantization_config(exports["low"].out)["config_groups"]
     assert {k: (g["weights"]["num_bits"], g["weights"]["strategy"]) for k, g in low.items()} == {
-        "w2_tensor": (2, "tensor"), "w3_group32": (3, "group")}  # fmt: skip
+        "w2_tensor": (2, "tensor"),
+        "w3_group32": (3, "group"),
+    }
 
 
 def test_safetensors_holds_packed_codes_and_no_training_state(exports):
@@ -162,7 +167,9 @@ def test_written_codes_and_scales_are_exactly_ours(exports, variant):
         assert torch.equal(scale.reshape(q.scales.shape), q.scales), name
 
 
-LOADER = WITHOUT_OUR_PACKAGE + r"""
+LOADER = (
+    WITHOUT_OUR_PACKAGE
+    + r"""
 import numpy as np, torch
 from safetensors.torch import save_file
 from transformers import WhisperForConditionalGeneration
@@ -182,6 +189,7 @@ for index, folder in enumerate(sys.argv[2:]):
     save_file(weights, f"{work}/loaded_{index}.safetensors")
 assert "hf_whisper_kdq" not in sys.modules
 """
+)
 
 
 def test_plain_transformers_loads_the_export(exports, tmp_path):
@@ -193,8 +201,11 @@ def test_plain_transformers_loads_the_export(exports, tmp_path):
     variants = list(VARIANTS)
     result = subprocess.run(
         [sys.executable, "-c", LOADER, str(tmp_path), *(str(exports[v].out) for v in variants)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     for index, variant in enumerate(variants):
         reference = exports[variant].reference
@@ -224,8 +235,9 @@ def test_report_sizes_bits_and_embedding(exports):
     assert report["modules"][EMBEDDING] == {**report["modules"][EMBEDDING], "bits": 16, "planned_bits": 4}
 
     # Honest bytes: every file's size on disk; components + header = the weights file.
-    files = {p.name: p.stat().st_size for p in export.out.iterdir()
-             if p.name != REPORT_FILE and not p.name.startswith(".")}  # fmt: skip
+    files = {
+        p.name: p.stat().st_size for p in export.out.iterdir() if p.name != REPORT_FILE and not p.name.startswith(".")
+    }
     assert report["files"] == files and report["total_bytes"] == sum(files.values())
     assert report["weights_bytes"] == files["model.safetensors"]
     assert sum(report["components"].values()) + report["safetensors"]["header_bytes"] == report["weights_bytes"]
@@ -264,8 +276,11 @@ def test_smaller_than_the_fp16_save_by_the_expected_factor(exports, tmp_path):
         assert after == sum(weight_bytes(export.packed[n].shape, specs[n]) for n in names)  # bits/8 per weight + scales
         # int8 per channel: 1 byte per weight + one fp16 scale per row (64 or 128 wide); int4-g32: 0.5 + 2 per 32.
         assert bits / 16 < after / before <= bits / 16 + overhead / 2, side
-    saved = sum(float_tensors[f"{n}.weight"][1] - sum(packed_tensors[f"{n}.{leaf}"][1]
-                for leaf in ("weight_packed", "weight_scale", "weight_shape")) for n in export.packed)  # fmt: skip
+    saved = sum(
+        float_tensors[f"{n}.weight"][1]
+        - sum(packed_tensors[f"{n}.{leaf}"][1] for leaf in ("weight_packed", "weight_scale", "weight_shape"))
+        for n in export.packed
+    )
     assert sum(v[1] for v in float_tensors.values()) - sum(v[1] for v in packed_tensors.values()) == saved
     assert (export.out / "model.safetensors").stat().st_size < (fp16 / "model.safetensors").stat().st_size - 0.9 * saved
 
@@ -296,8 +311,14 @@ def test_foreign_folder_refused_even_with_overwrite_and_plan_quantizes_a_float_s
     target = tmp_path / "mine"
     target.mkdir()
     (target / "notes.txt").write_text("keep me")
-    plan = initial_plan(default_quant_targets(model), {"encoder": [0, 1], "decoder": [0, 1]}, bits=4,
-                        granularity="per_channel", group_size=None, learnable_clipping=False)  # fmt: skip
+    plan = initial_plan(
+        default_quant_targets(model),
+        {"encoder": [0, 1], "decoder": [0, 1]},
+        bits=4,
+        granularity="per_channel",
+        group_size=None,
+        learnable_clipping=False,
+    )
     for overwrite in (False, True):
         with pytest.raises(FileExistsError, match="not written by hf_whisper_kdq"):
             save_compressed(model, processor, target, plan=plan, overwrite=overwrite)
@@ -321,8 +342,14 @@ def test_clear_errors_and_nothing_written(exports, tiny_whisper, tmp_path, monke
     target = tmp_path / "out"
     with pytest.raises(ValueError, match="no quantized layers"):
         save_compressed(model, processor, target)
-    plan = initial_plan(default_quant_targets(model), {"encoder": [0, 1], "decoder": [0, 1]}, bits=8,
-                        granularity="per_channel", group_size=None, learnable_clipping=False)  # fmt: skip
+    plan = initial_plan(
+        default_quant_targets(model),
+        {"encoder": [0, 1], "decoder": [0, 1]},
+        bits=8,
+        granularity="per_channel",
+        group_size=None,
+        learnable_clipping=False,
+    )
     with pytest.raises(ValueError, match="disagree"):
         save_compressed(exports["low"].model, processor, target, plan=plan)
     with pytest.raises(TypeError, match="WhisperForConditionalGeneration"):
@@ -355,8 +382,9 @@ def test_real_weights_packed_export_transcribes_real_clips_identically(shared_sp
     out = save_compressed(model, processor, tmp_path / "packed")
 
     rows = [json.loads(line) for line in (shared_speech / "dev.jsonl").read_text().splitlines()[:3]]
-    features = processor([load_audio(shared_speech / r["audio"]) for r in rows], sampling_rate=16000,
-                         return_tensors="pt").input_features  # fmt: skip
+    features = processor(
+        [load_audio(shared_speech / r["audio"]) for r in rows], sampling_rate=16000, return_tensors="pt"
+    ).input_features
     np.save(tmp_path / "features.npy", features.numpy())
     converted = copy.deepcopy(model)
     convert_qat(converted)

@@ -84,8 +84,15 @@ def test_int8_export_logits_are_close(exported, _tiny_whisper_session):
 
 def test_faster_whisper_transcribes_the_export(exported):
     whisper = faster_whisper.WhisperModel(str(exported["int8"]), device="cpu", compute_type="int8")
-    segments, info = whisper.transcribe(_tone(), language="en", beam_size=1, without_timestamps=True,
-                                        condition_on_previous_text=False, vad_filter=False, max_new_tokens=16)
+    segments, info = whisper.transcribe(
+        _tone(),
+        language="en",
+        beam_size=1,
+        without_timestamps=True,
+        condition_on_previous_text=False,
+        vad_filter=False,
+        max_new_tokens=16,
+    )
     assert all(isinstance(segment.text, str) for segment in segments)
     assert info.language == "en"
     texts = transcribe_faster_whisper(exported["int8"], [_tone(), _tone(0.5, 880.0)], "en", max_new_tokens=8)
@@ -185,14 +192,21 @@ def test_evaluate_faster_whisper_report(exported, tmp_path):
     for i, freq in enumerate((440.0, 660.0)):
         paths.append(str(tmp_path / f"tone{i}.wav"))
         soundfile.write(paths[-1], _tone(1.0, freq), SR)
-    dataset = data.manifest_dataset({
-        "id": ["a", "b", "c"], "corpus": ["tones", "tones", "hanzi"], "language": ["en", "en", "zh"],
-        "audio": [{"path": p, "bytes": None} for p in (*paths, paths[0])], "duration": [1.0, 1.0, 1.0],
-        "text": ["a tone", "another tone", "音调"],
-    })
+    dataset = data.manifest_dataset(
+        {
+            "id": ["a", "b", "c"],
+            "corpus": ["tones", "tones", "hanzi"],
+            "language": ["en", "en", "zh"],
+            "audio": [{"path": p, "bytes": None} for p in (*paths, paths[0])],
+            "duration": [1.0, 1.0, 1.0],
+            "text": ["a tone", "another tone", "音调"],
+        }
+    )
     report = evaluate_faster_whisper(exported["int8"], dataset, max_new_tokens=8)
-    assert [(e["corpus"], e["language"], e["metric"]) for e in report.corpora] == [("tones", "en", "wer"),
-                                                                                  ("hanzi", "zh", "cer")]
+    assert [(e["corpus"], e["language"], e["metric"]) for e in report.corpora] == [
+        ("tones", "en", "wer"),
+        ("hanzi", "zh", "cer"),
+    ]
     assert set(report.languages) == {"en", "zh"} and report.n_utterances == 3
     assert report.audio_seconds == pytest.approx(3.0) and report.rtf > 0
     assert report.model_size_bytes == (exported["int8"] / "model.bin").stat().st_size

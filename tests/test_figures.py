@@ -20,12 +20,16 @@ def test_figures_are_small_pngs(tmp_path):
     width, height = png_size(plot_plan(make_plan(), tmp_path / "plan.png"))
     assert 400 < width < 2000 and 200 < height < 1000
     assert (tmp_path / "plan.png").stat().st_size < 200_000
-    rows = [{"method": "Whisper-KDQ", "size_mb": 46.5, "error_rate": 0.071},
-            {"method": "whisper-base", "size_bytes": 145e6, "wer": 0.083}, {"method": "teacher", "size_mb": 483,
-             "error_rate": 5.1, "percent": True}]  # fmt: skip
+    rows = [
+        {"method": "Whisper-KDQ", "size_mb": 46.5, "error_rate": 0.071},
+        {"method": "whisper-base", "size_bytes": 145e6, "wer": 0.083},
+        {"method": "teacher", "size_mb": 483, "error_rate": 5.1, "percent": True},
+    ]
     png_size(plot_size_vs_error(rows, tmp_path / "sub" / "size.png", title="LibriSpeech"))
     assert (tmp_path / "sub" / "size.png").stat().st_size < 200_000
     # several rows of one method make one curve; labels name the points; a log axis for collapsed models
-    curve = [{"method": "naive PTQ", "label": f"int{b}", "size_mb": s, "error_rate": e}
-             for b, s, e in ((8, 101.3, 0.178), (4, 81.9, 0.203), (3, 76.4, 2.541))]  # fmt: skip
+    curve = [
+        {"method": "naive PTQ", "label": f"int{b}", "size_mb": s, "error_rate": e}
+        for b, s, e in ((8, 101.3, 0.178), (4, 81.9, 0.203), (3, 76.4, 2.541))
+    ]
     png_size(plot_size_vs_error(rows + curve, tmp_path / "curves.png", log_error=True))

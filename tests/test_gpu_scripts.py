@@ -33,8 +33,9 @@ PIECE_MB = 1.0
 def run_script(name: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     # One thread: micro models gain nothing from more, and on 2 busy cores OpenMP barriers cost seconds.
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
-    done = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True,
-                          env=environment, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True, env=environment, timeout=300
+    )
     assert done.returncode == 0, f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
 
@@ -44,9 +45,23 @@ def throughput(tmp_path_factory):
     """gpu_throughput.py's smoke run, started first: it runs beside the packing and training tests."""
     output = tmp_path_factory.mktemp("throughput") / "throughput.json"
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, str(BENCHMARKS / "gpu_throughput.py"), "--device", "cpu", "--smoke",
-                                "--profile", "1", "--output", str(output)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=environment)  # fmt: skip
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(BENCHMARKS / "gpu_throughput.py"),
+            "--device",
+            "cpu",
+            "--smoke",
+            "--profile",
+            "1",
+            "--output",
+            str(output),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=environment,
+    )
     yield process, output
     if process.poll() is None:
         process.kill()
@@ -65,8 +80,17 @@ def packed(tmp_path_factory, _tiny_whisper_session, throughput):
     processor.feature_extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins, chunk_length=1)
     root = tmp_path_factory.mktemp("gpu_pack")
     teacher = save_whisper(short, processor, root / "teacher")
-    run_script("gpu_pack_inputs.py", "--smoke", "--teacher", str(teacher), "--output", str(root / "pack"),
-               "--no-wheels", "--piece_mb", str(PIECE_MB))  # fmt: skip
+    run_script(
+        "gpu_pack_inputs.py",
+        "--smoke",
+        "--teacher",
+        str(teacher),
+        "--output",
+        str(root / "pack"),
+        "--no-wheels",
+        "--piece_mb",
+        str(PIECE_MB),
+    )
     return root / "pack"
 
 
@@ -127,8 +151,19 @@ def test_train_smoke_defers_what_it_cannot_do_and_score_completes_it(packed, tmp
         (blocked / module).mkdir(parents=True)
         (blocked / module / "__init__.py").write_text(f"raise ImportError('{module} is not installed here')\n")
     path = os.pathsep.join([str(blocked), os.environ.get("PYTHONPATH", "")])
-    run_script("gpu_train.py", "--inputs", str(packed / "inputs"), "--device", "cpu", "--smoke", "--output",
-               str(tmp_path / "gpu"), "--rows", "kdq-d2-u4,ptq-decemb-int3g32", env={"PYTHONPATH": path})  # fmt: skip
+    run_script(
+        "gpu_train.py",
+        "--inputs",
+        str(packed / "inputs"),
+        "--device",
+        "cpu",
+        "--smoke",
+        "--output",
+        str(tmp_path / "gpu"),
+        "--rows",
+        "kdq-d2-u4,ptq-decemb-int3g32",
+        env={"PYTHONPATH": path},
+    )
     pending = tmp_path / "gpu" / "pending" / "kdq-d2-u4-gpu.json"
     row = json.loads(pending.read_text())
     assert set(row["pending"]) == {"scores", "sizes"}
@@ -161,11 +196,23 @@ def test_session_train_step_brings_the_rows_back_as_one_archive(packed, tmp_path
     site, out = tmp_path / "site", tmp_path / "out"
     site.mkdir()
     (site / ".installed").touch()  # no wheels to install here
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "KDQ_CARRY": str(packed / "pieces"),
-                   "KDQ_ROOT": str(tmp_path / "root"), "KDQ_SITE": str(site), "OUT": str(out),
-                   "KDQ_TRAIN_ARGS": "--device cpu --smoke --rows teacher,ptq-decemb-int3g32"}  # fmt: skip
-    done = subprocess.run(["bash", str(BENCHMARKS / "gpu_session.sh"), "train"], cwd=BENCHMARKS.parent,
-                          capture_output=True, text=True, env=environment, timeout=300)  # fmt: skip
+    environment = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "KDQ_CARRY": str(packed / "pieces"),
+        "KDQ_ROOT": str(tmp_path / "root"),
+        "KDQ_SITE": str(site),
+        "OUT": str(out),
+        "KDQ_TRAIN_ARGS": "--device cpu --smoke --rows teacher,ptq-decemb-int3g32",
+    }
+    done = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_session.sh"), "train"],
+        cwd=BENCHMARKS.parent,
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["rows.tar.gz", "train.log"]
     with tarfile.open(out / "rows.tar.gz") as archive:
@@ -192,8 +239,19 @@ def test_throughput_smoke_reports_ratios_memory_and_resume(throughput):
 
 def test_step_time_runs_only_the_runs_asked_for(tmp_path):
     output = tmp_path / "step.json"
-    run_script("step_time.py", "--teacher", "micro", "--batch_size", "2", "--steps", "1",
-               "--runs", "kdq_shared,kdq_cached", "--json", str(output))  # fmt: skip
+    run_script(
+        "step_time.py",
+        "--teacher",
+        "micro",
+        "--batch_size",
+        "2",
+        "--steps",
+        "1",
+        "--runs",
+        "kdq_shared,kdq_cached",
+        "--json",
+        str(output),
+    )
     report = json.loads(output.read_text())
     assert list(report["runs"]) == ["kdq_shared", "kdq_cached"]
     assert list(report["ratios"]) == ["kdq_cached/kdq_shared"] and report["ratios"]["kdq_cached/kdq_shared"] > 0
@@ -206,9 +264,13 @@ def test_rows_that_quantize_the_encoder_train_it(tmp_path, micro_whisper):
     for name, row in results_table.ROWS.items():
         if row["kind"] != "train":
             continue
-        args = results_table.training_arguments(row, student, tmp_path, steps=4, batch_size=2, learning_rate=1e-4, seed=0)
+        args = results_table.training_arguments(
+            row, student, tmp_path, steps=4, batch_size=2, learning_rate=1e-4, seed=0
+        )
         assert args.freeze_encoder == (not results_table.quantizes_encoder(row)), name
-    assert results_table.training_arguments(results_table.ROWS["distill-d2"], student, tmp_path, steps=4, batch_size=2,
-                                            learning_rate=1e-4, seed=0).freeze_encoder  # float: encoder frozen, shared
-    assert not results_table.training_arguments(results_table.ROWS["kdq-d2-u4"], student, tmp_path, steps=4,
-                                                batch_size=2, learning_rate=1e-4, seed=0).freeze_encoder
+    assert results_table.training_arguments(
+        results_table.ROWS["distill-d2"], student, tmp_path, steps=4, batch_size=2, learning_rate=1e-4, seed=0
+    ).freeze_encoder  # float: encoder frozen, shared
+    assert not results_table.training_arguments(
+        results_table.ROWS["kdq-d2-u4"], student, tmp_path, steps=4, batch_size=2, learning_rate=1e-4, seed=0
+    ).freeze_encoder

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
+from hub_standin import HubStandIn
 from huggingface_hub import ModelCard
 
 from hf_whisper_kdq.card import write_model_card
 from hf_whisper_kdq.hub import MissingTokenError, PushError, files_to_upload, push_compressed
 from hf_whisper_kdq.selection import KDQPlan, UnitPlan
-from hub_standin import HubStandIn
 
 TOKEN = "hf_StandInTestToken0123456789abcdefXYZ"
 REPO = "kdq-org/whisper-tiny-kdq"
@@ -26,9 +26,20 @@ REPO = "kdq-org/whisper-tiny-kdq"
 
 
 def make_plan() -> KDQPlan:
-    units = [UnitPlan(f"encoder.{i}", "encoder", i, [f"model.encoder.layers.{i}.fc1"], b, distilled=i == 1,
-                      teacher_layer=2 * i + 1, quant_loss={b: 0.01 * (i + 1)}, distill_loss=0.1)
-             for i, b in enumerate((4, 8))]  # fmt: skip
+    units = [
+        UnitPlan(
+            f"encoder.{i}",
+            "encoder",
+            i,
+            [f"model.encoder.layers.{i}.fc1"],
+            b,
+            distilled=i == 1,
+            teacher_layer=2 * i + 1,
+            quant_loss={b: 0.01 * (i + 1)},
+            distill_loss=0.1,
+        )
+        for i, b in enumerate((4, 8))
+    ]
     units.append(UnitPlan("decoder.0", "decoder", 0, ["model.decoder.layers.0.fc1"], 2, True, 3, {2: 0.2}, 0.3))
     return KDQPlan(units, "per_group", 32, True, step=10)
 
@@ -38,33 +49,63 @@ def checkpoint(tmp_path) -> tuple[Path, list[str]]:
     """A compressed checkpoint folder with card and figure, plus training leftovers that must not be pushed."""
     folder = tmp_path / "whisper-tiny-kdq"
     for name, content in {
-        "model.safetensors": b"\x00weights" * 64, "config.json": b'{"model_type": "whisper"}',
-        "generation_config.json": b"{}", "tokenizer.json": b'{"version": "1.0"}', "compression_report.json": b"{}",
-        "ctranslate2/model.bin": b"ct2" * 100, "ctranslate2/config.json": b"{}",
+        "model.safetensors": b"\x00weights" * 64,
+        "config.json": b'{"model_type": "whisper"}',
+        "generation_config.json": b"{}",
+        "tokenizer.json": b'{"version": "1.0"}',
+        "compression_report.json": b"{}",
+        "ctranslate2/model.bin": b"ct2" * 100,
+        "ctranslate2/config.json": b"{}",
         # left out:
-        "optimizer.pt": b"x", "scheduler.pt": b"x", "rng_state_0.pth": b"x", "trainer_state.json": b"{}",
-        "training_args.bin": b"x", "checkpoint-500/model.safetensors": b"x", "teacher/model.safetensors": b"x",
-        "runs/events.out.tfevents.1": b"x", "extra.pt": b"x", ".hf_whisper_kdq_complete": b"",
-        ".cache/huggingface/upload.lock": b"x", "__pycache__/x.pyc": b"x",
-    }.items():  # fmt: skip
+        "optimizer.pt": b"x",
+        "scheduler.pt": b"x",
+        "rng_state_0.pth": b"x",
+        "trainer_state.json": b"{}",
+        "training_args.bin": b"x",
+        "checkpoint-500/model.safetensors": b"x",
+        "teacher/model.safetensors": b"x",
+        "runs/events.out.tfevents.1": b"x",
+        "extra.pt": b"x",
+        ".hf_whisper_kdq_complete": b"",
+        ".cache/huggingface/upload.lock": b"x",
+        "__pycache__/x.pyc": b"x",
+    }.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(content)
     outside = tmp_path / "secret.txt"
     outside.write_text("outside the folder")
     (folder / "linked.txt").symlink_to(outside)
     (folder / "linked_dir").symlink_to(tmp_path, target_is_directory=True)
-    write_model_card(folder, plan=make_plan(), compression_report={"total_bytes": 800},
-                     eval_results={"compressed": [{"corpus": "dev", "language": "en", "error_rate": 0.2}]},
-                     teacher_id="openai/whisper-small", repo_id=REPO)  # fmt: skip
-    expected = sorted(["README.md", "kdq_plan.png", "model.safetensors", "config.json", "generation_config.json",
-                       "tokenizer.json", "compression_report.json", "ctranslate2/model.bin",
-                       "ctranslate2/config.json"])  # fmt: skip
+    write_model_card(
+        folder,
+        plan=make_plan(),
+        compression_report={"total_bytes": 800},
+        eval_results={"compressed": [{"corpus": "dev", "language": "en", "error_rate": 0.2}]},
+        teacher_id="openai/whisper-small",
+        repo_id=REPO,
+    )
+    expected = sorted(
+        [
+            "README.md",
+            "kdq_plan.png",
+            "model.safetensors",
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "compression_report.json",
+            "ctranslate2/model.bin",
+            "ctranslate2/config.json",
+        ]
+    )
     return folder, expected
 
 
 def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
-    return {p.relative_to(folder).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}  # fmt: skip
+    return {
+        p.relative_to(folder).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
 
 
 @pytest.fixture
@@ -88,11 +129,15 @@ def test_push_one_commit_with_exact_files(checkpoint, online, caplog):
     with HubStandIn() as hub:
         info = push_compressed(folder, REPO, private=True, endpoint=hub.endpoint)
     assert hub.unexpected == []
-    assert hub.created == [{"name": "whisper-tiny-kdq", "organization": "kdq-org", "visibility": "private",
-                            "type": "model"}]  # fmt: skip
+    assert hub.created == [
+        {"name": "whisper-tiny-kdq", "organization": "kdq-org", "visibility": "private", "type": "model"}
+    ]
     assert [(r["method"], r["path"].replace(f"/api/models/{REPO}/", "")) for r in hub.requests] == [
-        ("POST", "/api/repos/create"), ("POST", "/api/validate-yaml"), ("POST", "preupload/main"),
-        ("POST", "commit/main")]  # fmt: skip
+        ("POST", "/api/repos/create"),
+        ("POST", "/api/validate-yaml"),
+        ("POST", "preupload/main"),
+        ("POST", "commit/main"),
+    ]
     assert sorted(hub.preuploaded) == expected
     assert len(hub.commits) == 1
     commit = hub.commits[0]

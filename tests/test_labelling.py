@@ -95,18 +95,21 @@ def test_without_threshold_only_empty_rows_go(tiny_whisper, dataset, monkeypatch
 def test_other_reference_column_and_decoded_audio_feature(tiny_whisper, dataset, monkeypatch):
     plant_transcripts(monkeypatch, TEACHER)
     renamed = dataset.rename_column("text", "transcript").cast_column("audio", datasets.Audio(sampling_rate=RATE))
-    out, report = pseudo_label(renamed, *tiny_whisper, reference_column="transcript", wer_threshold=0.0,
-                               progress=False)
+    out, report = pseudo_label(renamed, *tiny_whisper, reference_column="transcript", wer_threshold=0.0, progress=False)
     assert out["id"] == ["r1", "r4", "r5"] and out["transcript"] == out["reference_text"]
     assert out.column_names[-3:] == ["text", "reference_text", "teacher_error_rate"]
 
 
 def test_unlabeled_audio_with_real_teacher(tiny_whisper, tmp_path):
-    rows = [{"id": "u1", "language": "en", "text": None}, {"id": "u2", "language": "zh", "text": None},
-            {"id": "u3", "language": None, "text": None}]
+    rows = [
+        {"id": "u1", "language": "en", "text": None},
+        {"id": "u2", "language": "zh", "text": None},
+        {"id": "u3", "language": None, "text": None},
+    ]
     dataset = load_manifest(write_manifest(tmp_path, rows))
-    out, report = pseudo_label(dataset, *tiny_whisper, batch_size=2, wer_threshold=0.1, max_new_tokens=3,
-                               progress=False)
+    out, report = pseudo_label(
+        dataset, *tiny_whisper, batch_size=2, wer_threshold=0.1, max_new_tokens=3, progress=False
+    )
     assert out.column_names == dataset.column_names  # no references: no reference columns
     assert report.n_kept + report.n_dropped_empty == 3 and report.n_dropped_wer == 0 and report.n_with_reference == 0
     assert all(isinstance(text, str) and text.strip() for text in out["text"])
@@ -122,8 +125,12 @@ def test_english_only_teacher_scores_rows_without_language(tiny_whisper, tmp_pat
     assert report.n_with_reference == 2 and "en" in report.teacher_scores
     assert report.n_kept + report.n_dropped_empty + report.n_dropped_wer == 2 and report.n_dropped_wer >= 1
     with pytest.raises(ValueError, match="English-only"):
-        pseudo_label(load_manifest(write_manifest(tmp_path, [{"id": "c1", "language": "zh", "text": None}])),
-                     model, processor, progress=False)
+        pseudo_label(
+            load_manifest(write_manifest(tmp_path, [{"id": "c1", "language": "zh", "text": None}])),
+            model,
+            processor,
+            progress=False,
+        )
 
 
 def test_argument_errors(tiny_whisper, dataset):
@@ -134,10 +141,16 @@ def test_argument_errors(tiny_whisper, dataset):
 
 
 def test_report_round_trip(tmp_path):
-    report = LabellingReport(n_input=4, n_kept=2, n_dropped_empty=1, n_dropped_wer=1, n_with_reference=3,
-                             wer_threshold=0.1, teacher_scores={"en": {"metric": "wer", "error_rate": 0.2,
-                                                                        "n_utterances": 3}},
-                             dropped={"empty": ["a"], "wer": ["b"]})
+    report = LabellingReport(
+        n_input=4,
+        n_kept=2,
+        n_dropped_empty=1,
+        n_dropped_wer=1,
+        n_with_reference=3,
+        wer_threshold=0.1,
+        teacher_scores={"en": {"metric": "wer", "error_rate": 0.2, "n_utterances": 3}},
+        dropped={"empty": ["a"], "wer": ["b"]},
+    )
     path = report.save_json(tmp_path / "nested" / "labelling.json")
     assert LabellingReport.from_dict(json.loads(path.read_text())) == report
     assert "en WER 20.00% over 3" in report.summary()

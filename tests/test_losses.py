@@ -145,8 +145,9 @@ def test_halves_normalized_by_total_items_add_up_to_the_full_batch(loss_name):
                 logits[part], teacher[part], labels[part], temperature=2.0, num_items_in_batch=normalizer
             )
         mask = labels[part].ne(IGNORE_INDEX)
-        return hidden_distillation_loss(logits[part], teacher[part], mask=mask, normalizer=normalizer,
-                                        relative=loss_name == "hidden_relative")  # fmt: skip
+        return hidden_distillation_loss(
+            logits[part], teacher[part], mask=mask, normalizer=normalizer, relative=loss_name == "hidden_relative"
+        )
 
     full = loss(slice(None), None)
     halves = loss(slice(0, 2), total_items) + loss(slice(2, 4), total_items)
@@ -204,7 +205,9 @@ def test_relative_hidden_loss_is_scale_free_and_zero_on_a_match():
     assert hidden_distillation_loss(10 * student, 10 * teacher).item() == pytest.approx(
         100 * hidden_distillation_loss(student, teacher).item(), rel=1e-5
     )
-    assert hidden_distillation_loss(10 * student, 10 * teacher, relative=True).item() == pytest.approx(relative, rel=1e-5)
+    assert hidden_distillation_loss(10 * student, 10 * teacher, relative=True).item() == pytest.approx(
+        relative, rel=1e-5
+    )
     per_position = (student - teacher).pow(2).mean(-1) / teacher.pow(2).mean(-1)
     assert relative == pytest.approx(per_position.mean().item(), rel=1e-5)
     assert hidden_distillation_loss(teacher.clone(), teacher, relative=True).item() == 0.0

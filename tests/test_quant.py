@@ -432,6 +432,8 @@ def test_no_grad_forwards_reuse_the_quantized_weight_until_it_changes():
         layer.weight.mul_(2)  # an optimizer step or load_state_dict bumps the version
         changed = layer.quantized_weight()
         assert changed is not first
-        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, fake_quantize(layer.weight, layer.quant_spec), layer.bias))
+        torch.testing.assert_close(
+            layer(x), torch.nn.functional.linear(x, fake_quantize(layer.weight, layer.quant_spec), layer.bias)
+        )
     assert layer.quantized_weight() is not changed  # with autograd: always recomputed, with a graph
     assert layer.quantized_weight().requires_grad

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
 from conftest import make_micro_rows, make_micro_whisper, micro_collate
+
 from hf_whisper_kdq import sources, synthesis
 from hf_whisper_kdq.config import DistillQuantArguments
 from hf_whisper_kdq.output_cache import EncoderOutputCache
@@ -32,8 +32,13 @@ SCRIPT = Path(__file__).parent / "scripts" / "resume_train.py"
 
 
 def _start(output: Path, *mode: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(SCRIPT), str(output), *mode], cwd=output.parent,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(output), *mode],
+        cwd=output.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _finish(process: subprocess.Popen) -> int:
@@ -98,8 +103,13 @@ def test_resume_takes_the_newest_completely_written_checkpoint(tmp_path):
 
     teacher = make_micro_whisper(decoder_layers=4)
     args = DistillQuantArguments(output_dir=str(tmp_path / "empty"), report_to="none", use_cpu=True, max_steps=1)
-    trainer = DistillQuantTrainer(model=build_student(teacher, decoder_layers=2), teacher_model=teacher, args=args,
-                                  train_dataset=make_micro_rows(4), data_collator=micro_collate)  # fmt: skip
+    trainer = DistillQuantTrainer(
+        model=build_student(teacher, decoder_layers=2),
+        teacher_model=teacher,
+        args=args,
+        train_dataset=make_micro_rows(4),
+        data_collator=micro_collate,
+    )
     (tmp_path / "empty").mkdir(exist_ok=True)
     with pytest.raises(ValueError, match="No complete checkpoint found"):
         trainer.train(resume_from_checkpoint=True)
@@ -198,8 +208,9 @@ def test_truncated_synthesis_cache_entry_is_synthesized_again(tmp_path, monkeypa
     monkeypatch.setattr(synthesis, "get_engine", lambda *args, **kwargs: engine)
 
     def synthesize():
-        dataset = synthesis.synthesize_dataset(["hello there"], cache_dir=tmp_path, audio_format=audio_format,
-                                               corpus="tones", progress=False)  # fmt: skip
+        dataset = synthesis.synthesize_dataset(
+            ["hello there"], cache_dir=tmp_path, audio_format=audio_format, corpus="tones", progress=False
+        )
         return Path(dataset[0]["audio"]["path"]), dataset[0]["duration"]
 
     path, duration = synthesize()

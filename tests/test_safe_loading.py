@@ -11,17 +11,17 @@ import huggingface_hub.constants
 import pytest
 import torch
 import transformers.utils.hub
+from conftest import tiny_speech_rows
 from datasets import Dataset
+from hub_standin import HubStandIn
 from huggingface_hub import HfApi
 from transformers import logging as hf_logging
 from transformers.trainer_pt_utils import safe_globals
 
-from conftest import tiny_speech_rows
 from hf_whisper_kdq.config import DistillQuantArguments
 from hf_whisper_kdq.data import WhisperDataCollator
 from hf_whisper_kdq.students import build_student
 from hf_whisper_kdq.trainer import DistillQuantTrainer
-from hub_standin import HubStandIn
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hf_whisper_kdq"
 TOKEN = "hf_FAKEsecret0123456789abcdefghijKLMNOP"
@@ -35,15 +35,24 @@ def unweighted_loads(source: str) -> list[str]:
     """``torch.load`` calls without a literal ``weights_only=True``, as ``line: code``."""
     tree = ast.parse(source)
     # `from torch import load` (possibly renamed) makes a bare name a torch.load too.
-    loads = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-             and node.module == "torch" for alias in node.names if alias.name == "load"}  # fmt: skip
+    loads = {
+        alias.asname or alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "torch"
+        for alias in node.names
+        if alias.name == "load"
+    }
     found = []
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
             continue
         func = node.func
-        is_torch_load = (isinstance(func, ast.Attribute) and func.attr == "load" and isinstance(func.value, ast.Name)
-                         and func.value.id == "torch") or (isinstance(func, ast.Name) and func.id in loads)  # fmt: skip
+        is_torch_load = (
+            isinstance(func, ast.Attribute)
+            and func.attr == "load"
+            and isinstance(func.value, ast.Name)
+            and func.value.id == "torch"
+        ) or (isinstance(func, ast.Name) and func.id in loads)
         weights_only = next((k.value for k in node.keywords if k.arg == "weights_only"), None)
         if is_torch_load and not (isinstance(weights_only, ast.Constant) and weights_only.value is True):
             found.append(f"{node.lineno}: {ast.unparse(node)}")
@@ -102,23 +111,38 @@ def hub(monkeypatch):
         yield standin
 
 
-def test_token_is_never_written_or_logged_and_checkpoints_are_safetensors(tmp_path, tiny_whisper, hub, all_logs,
-                                                                          capsys, single_thread):  # fmt: skip
+def test_token_is_never_written_or_logged_and_checkpoints_are_safetensors(
+    tmp_path, tiny_whisper, hub, all_logs, capsys, single_thread
+):
     pytest.importorskip("compressed_tensors", minversion="0.20")
     teacher, processor = tiny_whisper
     student = build_student(teacher, decoder_layers=1)
     rows = tiny_speech_rows(processor, [" hello world", " another short one"])
     output = tmp_path / "run"
     args = DistillQuantArguments(
-        output_dir=str(output), per_device_train_batch_size=2, max_steps=2, save_strategy="steps", save_steps=1,
-        report_to="none", use_cpu=True, logging_steps=1, seed=0, selection_probe_batches=1,
-        quant_targets="decoder", push_to_hub=True, hub_model_id=REPO, hub_token=TOKEN,
-    )  # fmt: skip
+        output_dir=str(output),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=1,
+        report_to="none",
+        use_cpu=True,
+        logging_steps=1,
+        seed=0,
+        selection_probe_batches=1,
+        quant_targets="decoder",
+        push_to_hub=True,
+        hub_model_id=REPO,
+        hub_token=TOKEN,
+    )
     trainer = DistillQuantTrainer(
-        model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
         data_collator=WhisperDataCollator(processor, decoder_start_token_id=student.config.decoder_start_token_id),
         processing_class=processor,
-    )  # fmt: skip
+    )
     trainer.train()
     # The Trainer's own pushes (of the output folder, at each save) run in the background.
     assert trainer.push_in_progress is not None
@@ -136,8 +160,14 @@ def test_token_is_never_written_or_logged_and_checkpoints_are_safetensors(tmp_pa
     assert {"README.md", "kdq_plan.png", "model.safetensors", "compression_report.json"} <= set(pushes[-1])
     written = [p for p in sorted(output.rglob("*")) if p.is_file()]
     names = {p.relative_to(output).as_posix() for p in written}
-    assert {"training_args.bin", "checkpoint-1/training_args.bin", "checkpoint-2/trainer_state.json",
-            "compressed/README.md", "compressed/kdq_plan.png", "compressed/model.safetensors"} <= names  # fmt: skip
+    assert {
+        "training_args.bin",
+        "checkpoint-1/training_args.bin",
+        "checkpoint-2/trainer_state.json",
+        "compressed/README.md",
+        "compressed/kdq_plan.png",
+        "compressed/model.safetensors",
+    } <= names
 
     secret = TOKEN.encode()
     assert [p.relative_to(output).as_posix() for p in written if secret in p.read_bytes()] == []

@@ -7,7 +7,6 @@ import pytest
 from hf_whisper_kdq import scoring
 from hf_whisper_kdq.scoring import chinese_numerals, normalize_text, score, uses_cer
 
-
 # --- Normalization -----------------------------------------------------------------------------------
 
 

@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
+from conftest import make_micro_rows, micro_collate
 from datasets import Dataset
 
-from conftest import make_micro_rows, micro_collate
 from hf_whisper_kdq.callbacks import LayerSelectionCallback
 from hf_whisper_kdq.config import DistillQuantArguments
 from hf_whisper_kdq.quant import fake_quantize
@@ -94,11 +94,19 @@ def test_quantization_losses_are_measured_inside_each_forward_against_the_formul
     # q_l(b) = Σ‖X·q(W)ᵀ − X·Wᵀ‖² / Σ‖X·Wᵀ‖² over a unit's linears and every probe call, X strided to max_rows rows
     # per call; measured in forward hooks (where FSDP holds a layer's whole weight), so it must equal the formula.
     generator = torch.Generator().manual_seed(0)
-    model = torch.nn.ModuleDict({"a": torch.nn.Linear(64, 32), "b": torch.nn.Linear(32, 64), "c": torch.nn.Linear(64, 8)})
+    model = torch.nn.ModuleDict(
+        {"a": torch.nn.Linear(64, 32), "b": torch.nn.Linear(32, 64), "c": torch.nn.Linear(64, 8)}
+    )
     for linear in model.values():
         torch.nn.init.normal_(linear.weight, generator=generator)
-    plan = initial_plan(["model.decoder.layers.0.a", "model.decoder.layers.0.b"], {"encoder": [], "decoder": [0]},
-                        bits=8, granularity="per_group", group_size=32, learnable_clipping=False)  # fmt: skip
+    plan = initial_plan(
+        ["model.decoder.layers.0.a", "model.decoder.layers.0.b"],
+        {"encoder": [], "decoder": [0]},
+        bits=8,
+        granularity="per_group",
+        group_size=32,
+        learnable_clipping=False,
+    )
     plan.units[0].modules = ["a", "b"]  # the unit of this stand-in model's linears
     calls = [torch.randn(5, 64, generator=generator), torch.randn(2, 3, 64, generator=generator)]
     with measure_quantization_losses(model, plan, (2, 4, 16), max_rows=4) as measure:
@@ -133,9 +141,13 @@ def _plan(q_losses: list[dict[int, float]], distill=None, granularity="per_group
     names = [f"model.decoder.layers.{i}.{leaf}" for i in range(len(q_losses)) for leaf in _LINEARS]
     shapes = {name: _SHAPES_PER_LAYER[name.split(".", 4)[-1]] for name in names}
     plan = initial_plan(
-        names, {"encoder": [0], "decoder": list(range(len(q_losses)))}, bits=8, granularity=granularity,
-        group_size=32 if granularity == "per_group" else None, learnable_clipping=False,
-    )  # fmt: skip
+        names,
+        {"encoder": [0], "decoder": list(range(len(q_losses)))},
+        bits=8,
+        granularity=granularity,
+        group_size=32 if granularity == "per_group" else None,
+        learnable_clipping=False,
+    )
     for unit, q in zip(plan.layers("decoder"), q_losses):
         unit.quant_loss = dict(q)
     if distill is not None:
@@ -185,8 +197,9 @@ def test_allocate_bits_respects_the_budget(average_bits):
     # greedy descent stops as soon as it fits: it never gives up more than its last step saved
     largest_step = max(
         unit_bytes(plan, u, high, shapes) - unit_bytes(plan, u, low, shapes)
-        for u in plan.layers("decoder") for low, high in zip(BITS, BITS[1:])
-    )  # fmt: skip
+        for u in plan.layers("decoder")
+        for low, high in zip(BITS, BITS[1:])
+    )
     assert plan.size_bytes > budget - largest_step
     if average_bits >= 16:
         assert all(u.bits == 16 for u in plan.layers("decoder"))
@@ -302,13 +315,22 @@ def _selection_trainer(tmp_path, micro_whisper, plant, planted_layer=1, **argume
     student = build_student(teacher, decoder_layers=3)  # decoder layers [0, 2, 3] of the teacher
     plant(student.model.decoder.layers[planted_layer])
     args = DistillQuantArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, report_to="none", use_cpu=True,
-        remove_unused_columns=False, quant_targets="decoder", num_distill_layers=1, **arguments,
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        report_to="none",
+        use_cpu=True,
+        remove_unused_columns=False,
+        quant_targets="decoder",
+        num_distill_layers=1,
+        **arguments,
+    )
     trainer = DistillQuantTrainer(
-        model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(make_micro_rows(8)),
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=Dataset.from_list(make_micro_rows(8)),
         data_collator=micro_collate,
-    )  # fmt: skip
+    )
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, LayerSelectionCallback))
     return trainer, callback
 
@@ -388,5 +410,11 @@ def test_units_stored_in_float_cost_fp16_and_keep_the_highest_choice():
     allocate_bits(plan, shapes, BITS, fixed_bytes=fixed, budget_bytes=budget)
     assert plan.unit("decoder.1").bits < 16 and plan.unit("decoder.0").bits > 3
     with pytest.raises(ValueError, match="below what this student reaches"):
-        allocate_bits(plan, shapes, BITS, fixed_bytes=fixed, budget_bytes=fixed + kept_float,
-                      stored_float=frozenset({"decoder.1"}))  # fmt: skip
+        allocate_bits(
+            plan,
+            shapes,
+            BITS,
+            fixed_bytes=fixed,
+            budget_bytes=fixed + kept_float,
+            stored_float=frozenset({"decoder.1"}),
+        )

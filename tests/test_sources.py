@@ -114,9 +114,7 @@ def test_bad_ct2_files_are_named(tmp_path, content, message):
 
 def test_split_model_bin_parts_are_read_in_order(tiny_hf_folder, tmp_path):
     whole = tmp_path / "whole"
-    ctranslate2.converters.TransformersConverter(str(tiny_hf_folder), copy_files=["tokenizer.json"]).convert(
-        str(whole)
-    )
+    ctranslate2.converters.TransformersConverter(str(tiny_hf_folder), copy_files=["tokenizer.json"]).convert(str(whole))
     split = tmp_path / "split"
     split.mkdir()
     data = (whole / "model.bin").read_bytes()
@@ -134,9 +132,17 @@ def test_split_model_bin_parts_are_read_in_order(tiny_hf_folder, tmp_path):
 def test_openai_checkpoint_matches_openai_whisper(tmp_path):
     whisper_model = pytest.importorskip("whisper.model")
     dims = whisper_model.ModelDimensions(
-        n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=4, n_audio_layer=2,
-        n_vocab=51865, n_text_ctx=448, n_text_state=64, n_text_head=4, n_text_layer=2,
-    )  # fmt: skip
+        n_mels=80,
+        n_audio_ctx=1500,
+        n_audio_state=64,
+        n_audio_head=4,
+        n_audio_layer=2,
+        n_vocab=51865,
+        n_text_ctx=448,
+        n_text_state=64,
+        n_text_head=4,
+        n_text_layer=2,
+    )
     torch.manual_seed(0)
     reference = whisper_model.Whisper(dims).eval()
     with torch.no_grad():  # openai-whisper zero-initialises nothing useful: randomise every parameter
@@ -189,8 +195,14 @@ def test_convert_cli_writes_a_folder_stock_transformers_loads(tiny_hf_folder, tm
     out = tmp_path / "converted"
     assert cli_main(["convert", str(ct2_dir), str(out)]) == 0
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "preprocessor_config.json",
-            "tokenizer.json", "tokenizer_config.json"} <= names  # fmt: skip
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "preprocessor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= names
     script = textwrap.dedent(
         f"""
         import sys, torch
@@ -222,8 +234,10 @@ def test_offline_pack_generation_config(monkeypatch, hub_id, expected):
     model, processor = load_whisper(hub_id)
     config = model.generation_config
     assert (config.eos_token_id, config.decoder_start_token_id, config.no_timestamps_token_id) == (
-        expected["eos"], expected["start"], expected["no_ts"]
-    )  # fmt: skip
+        expected["eos"],
+        expected["start"],
+        expected["no_ts"],
+    )
     assert config.is_multilingual is expected["multilingual"]
     assert len(getattr(config, "lang_to_id", {}) or {}) == expected["languages"]
     pack_config = json.loads(next(f for f in OFFLINE_PACKS[hub_id].files() if f.name == "config.json").read_text())

@@ -79,9 +79,7 @@ def test_build_student_copies_the_spaced_layers(teacher):
             for name in ours:
                 assert torch.equal(ours[name], theirs[name]), (side, k, name)
         # and not the neighbouring layer
-        assert not torch.equal(
-            student.model.decoder.layers[1].fc1.weight, teacher.model.decoder.layers[2].fc1.weight
-        )
+        assert not torch.equal(student.model.decoder.layers[1].fc1.weight, teacher.model.decoder.layers[2].fc1.weight)
     # everything outside the layers is copied too
     for name in ("model.encoder.conv1.weight", "model.decoder.embed_tokens.weight", "model.decoder.layer_norm.weight"):
         assert torch.equal(student.state_dict()[name], teacher.state_dict()[name])
@@ -108,8 +106,10 @@ def test_build_student_outputs_match_teacher_when_all_layers_kept(teacher):
     features = torch.randn(1, 80, 3000)
     ids = torch.tensor([[teacher.config.decoder_start_token_id, 50259, 50359]])
     with torch.no_grad():
-        assert torch.equal(student(input_features=features, decoder_input_ids=ids).logits,
-                           teacher(input_features=features, decoder_input_ids=ids).logits)  # fmt: skip
+        assert torch.equal(
+            student(input_features=features, decoder_input_ids=ids).logits,
+            teacher(input_features=features, decoder_input_ids=ids).logits,
+        )
 
 
 def test_build_student_remaps_alignment_heads(teacher):

@@ -117,7 +117,9 @@ def test_piper_determinism(tmp_path):
     a = synthesize_dataset(TEXTS[:1], cache_dir=tmp_path / "a", engine="piper", progress=False)
     b = synthesize_dataset(TEXTS[:1], cache_dir=tmp_path / "b", engine="piper", progress=False)
     rel_a = Path(a[0]["audio"]["path"]).relative_to(tmp_path / "a")
-    assert rel_a == Path(b[0]["audio"]["path"]).relative_to(tmp_path / "b")  # same text, engine, voice and parameters: same cache entry
+    assert rel_a == Path(b[0]["audio"]["path"]).relative_to(
+        tmp_path / "b"
+    )  # same text, engine, voice and parameters: same cache entry
     plain = synthesize_dataset(TEXTS[:1], cache_dir=tmp_path / "a", engine="piper", variation=False, progress=False)
     assert plain[0]["audio"]["path"] != a[0]["audio"]["path"]
 

@@ -9,13 +9,13 @@ import json
 
 import pytest
 import torch
+from conftest import make_micro_rows, micro_collate, tiny_speech_rows
+from conftest import micro_training_args as _args
 from datasets import Dataset
 from safetensors import safe_open
 from transformers import Seq2SeqTrainingArguments
 from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
-from conftest import make_micro_rows, micro_collate, tiny_speech_rows
-from conftest import micro_training_args as _args
 from hf_whisper_kdq.callbacks import LayerSelectionCallback
 from hf_whisper_kdq.losses import IGNORE_INDEX
 from hf_whisper_kdq.selection import PLAN_FILE, KDQPlan, match_layers, relative_hidden_errors
@@ -29,9 +29,13 @@ TERMS = ("loss_ce", "loss_kd", "loss_hidden", "loss_quant")
 
 def _trainer(student, teacher, args, rows, **kwargs) -> DistillQuantTrainer:
     return DistillQuantTrainer(
-        model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),
-        data_collator=micro_collate, **kwargs,
-    )  # fmt: skip
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        data_collator=micro_collate,
+        **kwargs,
+    )
 
 
 def _selection_callback(trainer) -> LayerSelectionCallback:
@@ -42,9 +46,8 @@ def _student_budget_mb(student, average_bits: float) -> float:
     """A size budget of about ``average_bits`` per quantizable weight (the rest in fp16)."""
     total = sum(p.numel() for p in student.parameters())
     linears = sum(
-        m.weight.numel() for name, m in student.named_modules()
-        if isinstance(m, torch.nn.Linear) and ".layers." in name
-    )  # fmt: skip
+        m.weight.numel() for name, m in student.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in name
+    )
     return ((total - linears) * 2 + linears * average_bits / 8 + linears / 32 * 2) / 1e6
 
 
@@ -94,8 +97,15 @@ def test_logged_terms_are_step_means_with_gradient_accumulation(tmp_path, pair):
     student, teacher = pair
     hidden = {}
     for scale in ("absolute", "relative"):
-        args = _args(tmp_path / scale, max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                     hidden_target="both", num_distill_layers=3, hidden_loss_scale=scale)  # fmt: skip
+        args = _args(
+            tmp_path / scale,
+            max_steps=3,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            hidden_target="both",
+            num_distill_layers=3,
+            hidden_loss_scale=scale,
+        )
         trainer = _trainer(copy.deepcopy(student), teacher, args, make_micro_rows(12, seed=2))
         trainer.train()
         for entry in _train_logs(trainer):
@@ -144,8 +154,14 @@ def test_evaluate_with_generate_still_logs_every_term(tmp_path, pair):
         return {"answer": 42.0}
 
     args = _args(tmp_path, max_steps=1, predict_with_generate=True, generation_max_length=6)
-    trainer = _trainer(student, teacher, args, make_micro_rows(8), eval_dataset=Dataset.from_list(rows),
-                       compute_metrics=compute_metrics)  # fmt: skip
+    trainer = _trainer(
+        student,
+        teacher,
+        args,
+        make_micro_rows(8),
+        eval_dataset=Dataset.from_list(rows),
+        compute_metrics=compute_metrics,
+    )
     trainer.train()
     metrics = trainer.evaluate()
     assert metrics["eval_answer"] == 42.0 and seen["shape"][0] == 4
@@ -162,13 +178,23 @@ def _one_step(tmp_path, teacher, rows, *, batch, accumulation, name, budget_bits
     # one encoder layer (teacher layer 1 on the embeddings): the encoder hidden term is far from zero
     student = build_student(teacher, encoder_layers=1, decoder_layers=2)
     args = _args(
-        tmp_path / name, max_steps=1, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
-        optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
-        hidden_target="both", num_distill_layers=3, quant_weight=0.5, quant_targets="encoder,decoder,embedding",
+        tmp_path / name,
+        max_steps=1,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        hidden_target="both",
+        num_distill_layers=3,
+        quant_weight=0.5,
+        quant_targets="encoder,decoder,embedding",
         size_budget_mb=_student_budget_mb(student, budget_bits) if budget_bits else None,
         # the probe batches cover the same rows in both runs, so both plans come out the same
         selection_probe_batches=-(-len(rows) // batch),
-    )  # fmt: skip
+    )
     trainer = _trainer(student, teacher, args, rows)
     trainer.train()
     return trainer
@@ -186,8 +212,9 @@ def test_gradient_accumulation_is_exact(tmp_path, micro_whisper, rows, batch, ac
     assert len(set(lengths)) > 3  # uneven rows: a mean of micro-batch means would differ from the batch mean
 
     full = _one_step(tmp_path, teacher, rows, batch=len(rows), accumulation=1, name="full", budget_bits=budget_bits)
-    accumulated = _one_step(tmp_path, teacher, rows, batch=batch, accumulation=accumulation, name="accumulated",
-                            budget_bits=budget_bits)  # fmt: skip
+    accumulated = _one_step(
+        tmp_path, teacher, rows, batch=batch, accumulation=accumulation, name="accumulated", budget_bits=budget_bits
+    )
     plans = [[(u.name, u.bits, u.distilled, u.teacher_layer) for u in t.plan.units] for t in (full, accumulated)]
     assert plans[0] == plans[1]
     assert all(u.distilled for u in full.plan.units if u.side in ("encoder", "decoder"))
@@ -259,8 +286,14 @@ def test_teacher_runs_under_the_mixed_precision_of_training(tmp_path, micro_whis
     slower than plain fine-tuning)."""
     teacher = micro_whisper(decoder_layers=4)
     student = build_student(teacher, decoder_layers=2)
-    args = _args(tmp_path, max_steps=1, bf16=True, freeze_encoder=freeze_encoder, cache_encoder_outputs=False,
-                 cache_teacher_outputs=False)  # fmt: skip
+    args = _args(
+        tmp_path,
+        max_steps=1,
+        bf16=True,
+        freeze_encoder=freeze_encoder,
+        cache_encoder_outputs=False,
+        cache_teacher_outputs=False,
+    )
     trainer = _trainer(student, teacher, args, make_micro_rows(4))
     seen = {}
 
@@ -312,9 +345,15 @@ def test_plan_round_trips_through_checkpoint_and_resume(tmp_path, micro_whisper,
 
     def run(**overrides):
         student = build_student(teacher, decoder_layers=2)
-        args = _args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2,
-                     size_budget_mb=_student_budget_mb(student, 3.5),
-                     restore_callback_states_from_checkpoint=restore_callback_states, **overrides)  # fmt: skip
+        args = _args(
+            tmp_path,
+            max_steps=4,
+            save_strategy="steps",
+            save_steps=2,
+            size_budget_mb=_student_budget_mb(student, 3.5),
+            restore_callback_states_from_checkpoint=restore_callback_states,
+            **overrides,
+        )
         return _trainer(student, teacher, args, rows)
 
     first = run()
@@ -347,8 +386,14 @@ def test_plan_round_trips_through_checkpoint_and_resume(tmp_path, micro_whisper,
 
 def test_frozen_identical_encoder_is_shared_with_the_teacher(tmp_path, pair):
     student, teacher = pair  # all encoder layers kept
-    args = _args(tmp_path, max_steps=1, freeze_encoder=True, quant_targets="decoder", num_distill_layers=2,
-                 cache_encoder_outputs=False)  # fmt: skip
+    args = _args(
+        tmp_path,
+        max_steps=1,
+        freeze_encoder=True,
+        quant_targets="decoder",
+        num_distill_layers=2,
+        cache_encoder_outputs=False,
+    )
     trainer = _trainer(student, teacher, args, make_micro_rows(8, seed=7))
     assert trainer.shares_encoder and trainer.distill_sides == ("decoder",)
 
@@ -460,8 +505,9 @@ def test_static_matching_keeps_the_recorded_origins(tmp_path, micro_whisper):
 
 def test_ffn_intermediate_representation_trains(tmp_path, pair):
     student, teacher = pair
-    args = _args(tmp_path, max_steps=2, hidden_representation="ffn_intermediate", hidden_target="both",
-                 num_distill_layers=4)  # fmt: skip
+    args = _args(
+        tmp_path, max_steps=2, hidden_representation="ffn_intermediate", hidden_target="both", num_distill_layers=4
+    )
     trainer = _trainer(student, teacher, args, make_micro_rows(8, seed=10))
     assert not hasattr(student, "kdq_adapters")  # same widths: no adapters
     trainer.train()
@@ -479,8 +525,15 @@ def test_ffn_intermediate_representation_trains(tmp_path, pair):
 def test_narrower_student_trains_through_adapters(tmp_path, micro_whisper, representation):
     teacher = micro_whisper(decoder_layers=4)
     student = micro_whisper(seed=1, d_model=16, encoder_ffn_dim=32, decoder_ffn_dim=32)
-    args = _args(tmp_path, max_steps=3, learning_rate=1e-2, hidden_target="both", hidden_representation=representation,
-                 num_distill_layers=4, quant_group_size=16)  # fmt: skip
+    args = _args(
+        tmp_path,
+        max_steps=3,
+        learning_rate=1e-2,
+        hidden_target="both",
+        hidden_representation=representation,
+        num_distill_layers=4,
+        quant_group_size=16,
+    )
     trainer = _trainer(student, teacher, args, make_micro_rows(8, seed=12))
     adapters = student.kdq_adapters
     assert sorted(adapters) == ["decoder_0", "decoder_1", "encoder_0", "encoder_1"]
@@ -503,8 +556,15 @@ def test_narrower_student_trains_through_adapters(tmp_path, micro_whisper, repre
 
 def test_periodic_reselection_moves_the_plan_and_saves_it(tmp_path, pair):
     student, teacher = pair
-    args = _args(tmp_path, max_steps=4, learning_rate=1e-2, selection_interval=2, save_strategy="steps", save_steps=2,
-                 size_budget_mb=_student_budget_mb(student, 3.5))  # fmt: skip
+    args = _args(
+        tmp_path,
+        max_steps=4,
+        learning_rate=1e-2,
+        selection_interval=2,
+        save_strategy="steps",
+        save_steps=2,
+        size_budget_mb=_student_budget_mb(student, 3.5),
+    )
     trainer = _trainer(student, teacher, args, make_micro_rows(8, seed=13))
     trainer.train()
     assert trainer.plan.step == 2  # re-selected at step 2, not at the last step
@@ -516,8 +576,14 @@ def test_periodic_reselection_moves_the_plan_and_saves_it(tmp_path, pair):
 
 def test_reselection_stops_after_selection_until(tmp_path, pair):
     student, teacher = pair
-    args = _args(tmp_path, max_steps=8, learning_rate=1e-2, selection_interval=2, selection_until=0.5,
-                 size_budget_mb=_student_budget_mb(student, 3.5))  # fmt: skip
+    args = _args(
+        tmp_path,
+        max_steps=8,
+        learning_rate=1e-2,
+        selection_interval=2,
+        selection_until=0.5,
+        size_budget_mb=_student_budget_mb(student, 3.5),
+    )
     trainer = _trainer(student, teacher, args, make_micro_rows(8, seed=13))
     steps = []
     select = _selection_callback(trainer).select
@@ -555,18 +621,29 @@ def test_eval_terms_follow_the_metric_key_prefix(tmp_path, pair):
 def test_real_tokenizer_tiny_whisper_with_the_data_collator(tmp_path, base_pack_folder):
     """The trainer on the real-tokenizer tiny Whisper (51,865 tokens, 30 s inputs) and WhisperDataCollator."""
     from conftest import make_tiny_whisper
+
     from hf_whisper_kdq.data import WhisperDataCollator
 
     teacher, processor = make_tiny_whisper(base_pack_folder, decoder_layers=4)
     student = build_student(teacher, decoder_layers=2)
     rows = tiny_speech_rows(processor, [" hello world", " a longer sentence to transcribe"])
-    args = _args(tmp_path, max_steps=2, per_device_train_batch_size=2, selection_probe_batches=1,
-                 quant_targets="decoder,embedding", size_budget_ratio=0.3)  # fmt: skip
+    args = _args(
+        tmp_path,
+        max_steps=2,
+        per_device_train_batch_size=2,
+        selection_probe_batches=1,
+        quant_targets="decoder,embedding",
+        size_budget_ratio=0.3,
+    )
     collator = WhisperDataCollator(processor, decoder_start_token_id=student.config.decoder_start_token_id)
     trainer = DistillQuantTrainer(
-        model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),
-        data_collator=collator, processing_class=processor,
-    )  # fmt: skip
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        data_collator=collator,
+        processing_class=processor,
+    )
     trainer.train()
     logs = _train_logs(trainer)
     assert len(logs) == 2 and all(all(term in entry for term in TERMS) for entry in logs)
@@ -575,8 +652,14 @@ def test_real_tokenizer_tiny_whisper_with_the_data_collator(tmp_path, base_pack_
 
 def test_shared_encoder_outputs_are_cached_across_epochs(tmp_path, pair):
     student, teacher = pair
-    args = _args(tmp_path, max_steps=6, freeze_encoder=True, quant_targets="decoder", num_distill_layers=1,
-                 encoder_cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    args = _args(
+        tmp_path,
+        max_steps=6,
+        freeze_encoder=True,
+        quant_targets="decoder",
+        num_distill_layers=1,
+        encoder_cache_dir=str(tmp_path / "cache"),
+    )
     rows = make_micro_rows(8, seed=3)
     trainer = _trainer(student, teacher, args, rows)
     teacher_rows = []
@@ -629,9 +712,17 @@ def test_frozen_quantized_student_encoder_outputs_are_cached_and_exact(tmp_path,
     student, teacher = pair
     twin = copy.deepcopy(student)
     rows = make_micro_rows(8, seed=3)
-    common = dict(max_steps=6, freeze_encoder=True, quant_targets="encoder,decoder", quant_bit_choices="4,8",
-                  num_distill_layers=1, hidden_target="both")  # fmt: skip
-    cached = _trainer(student, teacher, _args(tmp_path / "a", encoder_cache_dir=str(tmp_path / "cache"), **common), rows)
+    common = dict(
+        max_steps=6,
+        freeze_encoder=True,
+        quant_targets="encoder,decoder",
+        quant_bit_choices="4,8",
+        num_distill_layers=1,
+        hidden_target="both",
+    )
+    cached = _trainer(
+        student, teacher, _args(tmp_path / "a", encoder_cache_dir=str(tmp_path / "cache"), **common), rows
+    )
     assert cached.plan.quantized("encoder") and not cached.shares_encoder
     clips = [p for n, p in student.model.encoder.named_parameters() if n.endswith("weight_clip")]
     assert clips and not any(p.requires_grad for p in clips)
@@ -649,7 +740,9 @@ def test_frozen_quantized_student_encoder_outputs_are_cached_and_exact(tmp_path,
     uncached = _trainer(twin, teacher, _args(tmp_path / "b", cache_encoder_outputs=False, **common), rows)
     uncached.train()
     assert uncached.encoder_cache is None and uncached._student_encoder_cache is None
-    assert [e["loss"] for e in _train_logs(cached)] == pytest.approx([e["loss"] for e in _train_logs(uncached)], rel=1e-5)
+    assert [e["loss"] for e in _train_logs(cached)] == pytest.approx(
+        [e["loss"] for e in _train_logs(uncached)], rel=1e-5
+    )
     for (name, a), b in zip(student.state_dict().items(), twin.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
 
@@ -669,11 +762,14 @@ def test_teacher_outputs_are_cached_per_row_and_training_is_the_same(tmp_path, p
     twin = copy.deepcopy(student)
     rows = make_micro_rows(8, seed=3)
     common = dict(max_steps=6, quant_targets="decoder", num_distill_layers=1, selection_interval=3)
-    cached = _trainer(student, teacher, _args(tmp_path / "a", encoder_cache_dir=str(tmp_path / "cache"), **common), rows)
+    cached = _trainer(
+        student, teacher, _args(tmp_path / "a", encoder_cache_dir=str(tmp_path / "cache"), **common), rows
+    )
     assert cached.args.cache_teacher_outputs is None and cached.teacher_cache is not None  # default: on for CPU
     decoded = []
-    handle = teacher.model.decoder.register_forward_hook(lambda m, a, kw, out: decoded.append(kw["input_ids"].shape[0]),
-                                                         with_kwargs=True)  # fmt: skip
+    handle = teacher.model.decoder.register_forward_hook(
+        lambda m, a, kw, out: decoded.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
     try:
         cached.train()  # 6 steps of 4 rows: 3 epochs of 8 rows; selections at steps 0 and 3
     finally:
@@ -681,11 +777,14 @@ def test_teacher_outputs_are_cached_per_row_and_training_is_the_same(tmp_path, p
     assert sum(decoded) == len(rows) and cached.teacher_cache.misses == len(rows)
     assert cached.teacher_cache.hits == 6 * 4 + 2 * (2 * 4) - len(rows)  # + two selections' probe batches
 
-    uncached = _trainer(twin, teacher, _args(tmp_path / "b", cache_encoder_outputs=False, cache_teacher_outputs=False,
-                                             **common), rows)  # fmt: skip
+    uncached = _trainer(
+        twin, teacher, _args(tmp_path / "b", cache_encoder_outputs=False, cache_teacher_outputs=False, **common), rows
+    )
     uncached.train()
     assert uncached.teacher_cache is None
-    assert [e["loss"] for e in _train_logs(cached)] == pytest.approx([e["loss"] for e in _train_logs(uncached)], rel=1e-5)
+    assert [e["loss"] for e in _train_logs(cached)] == pytest.approx(
+        [e["loss"] for e in _train_logs(uncached)], rel=1e-5
+    )
     for (name, a), b in zip(student.state_dict().items(), twin.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
 
@@ -703,7 +802,10 @@ def test_teacher_cache_entries_fit_any_padding_and_are_keyed_by_the_labels(tmp_p
     from hf_whisper_kdq.output_cache import TeacherOutputCache
 
     teacher = micro_whisper(seed=1).eval()
-    short, long = make_micro_rows(2, seed=5, min_tokens=2, max_tokens=3), make_micro_rows(1, seed=6, min_tokens=8, max_tokens=9)
+    short, long = (
+        make_micro_rows(2, seed=5, min_tokens=2, max_tokens=3),
+        make_micro_rows(1, seed=6, min_tokens=8, max_tokens=9),
+    )
     cache = TeacherOutputCache(tmp_path, teacher, max_bytes=10**9)
 
     def outputs(rows):
@@ -740,8 +842,16 @@ def test_training_losses_computed_on_labelled_logits_only_equal_the_full_logits(
     """A training step computes both models' logits at the labelled positions only (packed rows); the loss and its
     gradients equal those from full [B, T, V] logits (what evaluation, ``return_outputs=True``, computes)."""
     student, teacher = pair
-    args = _args(tmp_path, max_steps=1, quant_targets="decoder", num_distill_layers=1, kd_temperature=2.0,
-                 cache_encoder_outputs=cached, cache_teacher_outputs=cached, encoder_cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    args = _args(
+        tmp_path,
+        max_steps=1,
+        quant_targets="decoder",
+        num_distill_layers=1,
+        kd_temperature=2.0,
+        cache_encoder_outputs=cached,
+        cache_teacher_outputs=cached,
+        encoder_cache_dir=str(tmp_path / "cache"),
+    )
     rows = make_micro_rows(4, seed=9, min_tokens=2, max_tokens=9)
     trainer = _trainer(student, teacher, args, rows)
     trainer.train()  # selection: a plan with a distilled decoder layer, as training computes the hidden term too
@@ -754,7 +864,9 @@ def test_training_losses_computed_on_labelled_logits_only_equal_the_full_logits(
         loss = loss[0] if return_outputs else loss
         loss.backward()
         terms = {name: values[-1] for name, values in trainer._logged_terms["train"].items()}
-        results.append((loss.detach(), terms, {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}))
+        results.append(
+            (loss.detach(), terms, {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
+        )
     (packed_loss, packed_terms, packed_grads), (full_loss, full_terms, full_grads) = results
     assert float(packed_terms["hidden"]) > 0 and float(packed_terms["kd"]) > 0
     torch.testing.assert_close(packed_loss, full_loss)
@@ -791,8 +903,14 @@ def test_budget_accounting_of_the_embedding(tmp_path, micro_whisper, caplog, acc
     teacher = micro_whisper(decoder_layers=4)
     student = build_student(teacher, decoder_layers=2)
     budget = _student_budget_mb(student, 3)  # the embedding in fp16, the layers' linears at 3 bits on average
-    args = _args(tmp_path, max_steps=1, quant_targets="encoder,decoder,embedding", quant_bit_choices="2,4,8",
-                 size_budget_mb=budget, size_budget_accounting=accounting)  # fmt: skip
+    args = _args(
+        tmp_path,
+        max_steps=1,
+        quant_targets="encoder,decoder,embedding",
+        quant_bit_choices="2,4,8",
+        size_budget_mb=budget,
+        size_budget_accounting=accounting,
+    )
     trainer = _trainer(student, teacher, args, make_micro_rows(8))
     with caplog.at_level("WARNING", logger="hf_whisper_kdq.callbacks"):
         trainer.train()

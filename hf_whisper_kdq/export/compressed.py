@@ -43,7 +43,6 @@ import copy
 import logging
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors.torch import save_file
@@ -93,14 +92,14 @@ def _require_compressed_tensors() -> None:
         )
 
 
-def _same_spec(a: Optional[QuantSpec], b: Optional[QuantSpec]) -> bool:
+def _same_spec(a: QuantSpec | None, b: QuantSpec | None) -> bool:
     """Equal as stored (learnable clipping is training-only)."""
     if a is None or b is None:
         return a is b
     return (a.bits, a.granularity, a.group_size) == (b.bits, b.granularity, b.group_size)
 
 
-def _student_copy(model: nn.Module, plan: Optional[KDQPlan]) -> nn.Module:
+def _student_copy(model: nn.Module, plan: KDQPlan | None) -> nn.Module:
     """A CPU copy in eval mode without training-only submodules, prepared and checked against ``plan``."""
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) != "whisper" or not hasattr(model, "generation_config"):
@@ -117,11 +116,15 @@ def _student_copy(model: nn.Module, plan: Optional[KDQPlan]) -> nn.Module:
             prepare_qat(student, planned)  # a float model and a plan: quantize at export (post-training)
         else:
             modules = dict(student.named_modules())
-            wrong = [f"{n} (plan {planned[n]}, model {current.get(n, 'not prepared')})"
-                     for n in planned if n not in current or not _same_spec(planned[n], current[n])]  # fmt: skip
+            wrong = [
+                f"{n} (plan {planned[n]}, model {current.get(n, 'not prepared')})"
+                for n in planned
+                if n not in current or not _same_spec(planned[n], current[n])
+            ]
             covered = {m.quant_name for n in planned if n in current for m in modules[n]._quant_group.members}
-            wrong += [f"{n} (model {s}, not in the plan)" for n, s in current.items()
-                      if s is not None and n not in covered]  # fmt: skip
+            wrong += [
+                f"{n} (model {s}, not in the plan)" for n, s in current.items() if s is not None and n not in covered
+            ]
             if wrong:
                 more = " ..." if len(wrong) > 5 else ""
                 raise ValueError(
@@ -147,12 +150,12 @@ def _shared_weights(model: nn.Module) -> set[str]:
     return {name for names in owners.values() if len(names) > 1 for name in names}
 
 
-def _scheme_key(q: QuantizedWeight) -> tuple[int, str, Optional[int]]:
+def _scheme_key(q: QuantizedWeight) -> tuple[int, str, int | None]:
     strategy = CT_STRATEGIES[q.granularity]
     return q.bits, strategy, q.group_size if strategy == "group" else None
 
 
-def _group_name(key: tuple[int, str, Optional[int]]) -> str:
+def _group_name(key: tuple[int, str, int | None]) -> str:
     bits, strategy, group_size = key
     return f"w{bits}_{strategy}{group_size or ''}"
 
@@ -200,8 +203,11 @@ def _pack(name: str, q: QuantizedWeight, scheme) -> dict[str, torch.Tensor]:
     scale16 = out["weight_scale"].to(torch.float16)
     if not torch.equal(scale16.float(), scale.float()):
         raise RuntimeError(f"{name}: scales are not exactly representable in fp16; they must come from convert_qat")
-    return {"weight_packed": out["weight_packed"].contiguous(), "weight_scale": scale16.contiguous(),
-            "weight_shape": out["weight_shape"]}  # fmt: skip
+    return {
+        "weight_packed": out["weight_packed"].contiguous(),
+        "weight_scale": scale16.contiguous(),
+        "weight_shape": out["weight_shape"],
+    }
 
 
 def _state_dict(student: nn.Module, packed: dict[str, QuantizedWeight], schemes: dict) -> dict[str, torch.Tensor]:
@@ -236,8 +242,8 @@ def save_compressed(
     processor,
     output_dir: str | os.PathLike,
     *,
-    plan: Optional[KDQPlan] = None,
-    teacher_fp16_bytes: Optional[int] = None,
+    plan: KDQPlan | None = None,
+    teacher_fp16_bytes: int | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``model`` (a QAT-prepared Whisper student) as a packed compressed-tensors checkpoint.
@@ -265,8 +271,12 @@ def save_compressed(
         ValueError: plan and model disagree, nothing is quantized, or a spec cannot be packed.
     """
     output_dir = Path(output_dir)
-    check_output_folder(output_dir, kind=f"packed export (no {REPORT_FILE})", same_kind=is_previous_export(output_dir),
-                        overwrite=overwrite)  # fmt: skip
+    check_output_folder(
+        output_dir,
+        kind=f"packed export (no {REPORT_FILE})",
+        same_kind=is_previous_export(output_dir),
+        overwrite=overwrite,
+    )
     _require_compressed_tensors()
 
     student = _student_copy(model, plan)
@@ -275,9 +285,7 @@ def save_compressed(
     converted = convert_qat(student)
     if any(isinstance(m, FAKE_QUANT_TYPES) for m in student.modules()):
         raise RuntimeError("convert_qat left fake-quant wrappers behind")
-    packed = {
-        n: q for n, q in converted.items() if isinstance(student.get_submodule(n), nn.Linear) and n not in shared
-    }
+    packed = {n: q for n, q in converted.items() if isinstance(student.get_submodule(n), nn.Linear) and n not in shared}
     kept = sorted(set(converted) - set(packed))
     if kept:
         # Their weights hold the dequantized values (convert_qat baked them in); fp16 rounds them slightly.
@@ -299,13 +307,17 @@ def save_compressed(
         save_processor(processor, staging)
         if plan is not None:
             plan.save(staging)
-        report = build_compression_report(staging, plan if plan is not None else specs,
-                                          teacher_fp16_bytes=teacher_fp16_bytes)  # fmt: skip
+        report = build_compression_report(
+            staging, plan if plan is not None else specs, teacher_fp16_bytes=teacher_fp16_bytes
+        )
         write_compression_report(staging, report)
     logger.info(
         "Exported %d packed layers (%s) to %s: %.2f MB of weights",
-        len(packed), ", ".join(schemes), output_dir, report["weights_bytes"] / 1e6,
-    )  # fmt: skip
+        len(packed),
+        ", ".join(schemes),
+        output_dir,
+        report["weights_bytes"] / 1e6,
+    )
     return output_dir
 
 

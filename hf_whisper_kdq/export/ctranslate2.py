@@ -26,8 +26,9 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -139,15 +140,17 @@ def export_ctranslate2(
     if output_dir is None:
         raise TypeError("export_ctranslate2() needs an output_dir")
     if quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization {quantization!r} is not a CTranslate2 weight type: use one of "
-                         f"{', '.join(QUANTIZATIONS)}")
+        raise ValueError(
+            f"quantization {quantization!r} is not a CTranslate2 weight type: use one of {', '.join(QUANTIZATIONS)}"
+        )
     is_module = isinstance(model, nn.Module)
     if is_module and processor is None:
         raise ValueError("exporting a model object needs its WhisperProcessor (the tokenizer and feature extractor)")
     source = str(model) if not is_module else getattr(model, "name_or_path", "") or None
     output_dir = Path(output_dir).expanduser().absolute()
-    check_output_folder(output_dir, kind="CTranslate2 export", same_kind=(output_dir / EXPORT_MARKER).is_file(),
-                        overwrite=overwrite)  # fmt: skip
+    check_output_folder(
+        output_dir, kind="CTranslate2 export", same_kind=(output_dir / EXPORT_MARKER).is_file(), overwrite=overwrite
+    )
     converters = _import("ctranslate2.converters", "ctranslate2")
     from ..sources import load_whisper, save_whisper
 
@@ -162,8 +165,12 @@ def export_ctranslate2(
             hf_folder = save_whisper(_plain_student(model), processor, work / "hf")
         converter = converters.TransformersConverter(str(hf_folder), copy_files=list(COPY_FILES))
         staging = Path(converter.convert(str(work / "ct2"), quantization=quantization))
-        marker = {"quantization": quantization, "source": source, "converter": "ctranslate2.converters."
-                  f"TransformersConverter (ctranslate2 {_import('ctranslate2', 'ctranslate2').__version__})"}
+        marker = {
+            "quantization": quantization,
+            "source": source,
+            "converter": "ctranslate2.converters."
+            f"TransformersConverter (ctranslate2 {_import('ctranslate2', 'ctranslate2').__version__})",
+        }
         (staging / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         _replace(staging, output_dir)
     finally:
@@ -192,19 +199,36 @@ def _language_codes(whisper, languages, n: int) -> list[str | None]:
     supported = whisper.supported_languages
     if unsupported := sorted({c for c in codes if c is not None and c not in supported}):
         listed = ", ".join(supported[:8]) + (" ..." if len(supported) > 8 else "")
-        raise ValueError(f"this model cannot transcribe language(s) {unsupported} (it supports {listed}): use a "
-                         "multilingual checkpoint or drop those rows")
+        raise ValueError(
+            f"this model cannot transcribe language(s) {unsupported} (it supports {listed}): use a "
+            "multilingual checkpoint or drop those rows"
+        )
     return codes
 
 
-_GREEDY = dict(without_timestamps=True, condition_on_previous_text=False, vad_filter=False, temperature=0.0,
-               compression_ratio_threshold=None, log_prob_threshold=None, no_speech_threshold=None)
+_GREEDY = dict(
+    without_timestamps=True,
+    condition_on_previous_text=False,
+    vad_filter=False,
+    temperature=0.0,
+    compression_ratio_threshold=None,
+    log_prob_threshold=None,
+    no_speech_threshold=None,
+)
 
 
 def transcribe_faster_whisper(
-    model_dir, audios: Sequence[Any], languages: str | Sequence[str | None] | None = None, *, beam_size: int = 1,
-    device: str = "cpu", compute_type: str = "default", cpu_threads: int = 0, task: str = "transcribe",
-    max_new_tokens: int | None = None, **options,
+    model_dir,
+    audios: Sequence[Any],
+    languages: str | Sequence[str | None] | None = None,
+    *,
+    beam_size: int = 1,
+    device: str = "cpu",
+    compute_type: str = "default",
+    cpu_threads: int = 0,
+    task: str = "transcribe",
+    max_new_tokens: int | None = None,
+    **options,
 ) -> list[str]:
     """Transcribe ``audios`` (16 kHz arrays, paths or datasets audio dicts) one by one with faster-whisper.
 
@@ -233,8 +257,15 @@ def _n_parameters(folder: Path) -> int:
 
 
 def evaluate_faster_whisper(
-    model_dir: str | os.PathLike, dataset, *, beam_size: int = 1, device: str = "cpu", compute_type: str = "default",
-    cpu_threads: int = 0, max_new_tokens: int | None = None, warmup: bool = True,
+    model_dir: str | os.PathLike,
+    dataset,
+    *,
+    beam_size: int = 1,
+    device: str = "cpu",
+    compute_type: str = "default",
+    cpu_threads: int = 0,
+    max_new_tokens: int | None = None,
+    warmup: bool = True,
 ) -> EvaluationReport:
     """``evaluation.evaluate_model`` for a CTranslate2 folder decoded by faster-whisper: the same manifest
     dataset, scoring (``scoring.score``: normalized WER, CER for zh/ja/...), per corpus and per language
@@ -244,14 +275,20 @@ def evaluate_faster_whisper(
     whisper = _faster_whisper_model(model_dir, device=device, compute_type=compute_type, cpu_threads=cpu_threads)
     files = weight_files(model_dir)
     report = EvaluationReport(
-        model=str(model_dir), n_parameters=_n_parameters(Path(model_dir)),
-        model_size_bytes=sum(file.stat().st_size for file in files), model_size_source="disk", batch_size=1,
-        num_beams=beam_size, device=device, dtype=whisper.model.compute_type,
+        model=str(model_dir),
+        n_parameters=_n_parameters(Path(model_dir)),
+        model_size_bytes=sum(file.stat().st_size for file in files),
+        model_size_source="disk",
+        batch_size=1,
+        num_beams=beam_size,
+        device=device,
+        dtype=whisper.model.compute_type,
         n_unlabeled_skipped=rows.unlabeled,
     )
 
     def transcriber(arrays, code: str, warmup: bool) -> list[str]:
-        return transcribe_faster_whisper(whisper, arrays, code, beam_size=beam_size,
-                                         max_new_tokens=8 if warmup else max_new_tokens)  # fmt: skip
+        return transcribe_faster_whisper(
+            whisper, arrays, code, beam_size=beam_size, max_new_tokens=8 if warmup else max_new_tokens
+        )
 
     return rows.transcribe_and_score(report, transcriber, warmup=warmup)

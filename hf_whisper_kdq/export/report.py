@@ -29,7 +29,6 @@ import re
 import struct
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional, Union
 
 from torch import nn
 
@@ -50,7 +49,7 @@ EMBEDDING_REASON = (
 )
 _GRANULARITY = {"tensor": "per_tensor", "channel": "per_channel", "group": "per_group"}
 
-Source = Union[KDQPlan, nn.Module, Mapping, None]
+Source = KDQPlan | nn.Module | Mapping | None
 
 
 def is_previous_export(folder: str | os.PathLike) -> bool:
@@ -104,7 +103,7 @@ def _stored_specs(folder: Path, tensors: Mapping) -> tuple[dict[str, QuantSpec],
     return specs, group_of, groups, list(config.get("ignore") or [])
 
 
-def _planned_specs(source: Source) -> Optional[dict[str, Optional[QuantSpec]]]:
+def _planned_specs(source: Source) -> dict[str, QuantSpec | None] | None:
     if source is None:
         return None
     if isinstance(source, KDQPlan):
@@ -121,11 +120,11 @@ def _planned_specs(source: Source) -> Optional[dict[str, Optional[QuantSpec]]]:
     )
 
 
-def _bits(spec: Optional[QuantSpec]) -> int:
+def _bits(spec: QuantSpec | None) -> int:
     return 16 if spec is None else spec.bits
 
 
-def _ratios(teacher: Optional[int], size: int) -> dict[str, Optional[float]]:
+def _ratios(teacher: int | None, size: int) -> dict[str, float | None]:
     if not teacher or not size:
         return {"fp16": None, "fp32": None}
     return {"fp16": round(teacher / size, 4), "fp32": round(2 * teacher / size, 4)}
@@ -135,8 +134,8 @@ def build_compression_report(
     output_dir: str | os.PathLike,
     source: Source = None,
     *,
-    teacher: Optional[nn.Module] = None,
-    teacher_fp16_bytes: Optional[int] = None,
+    teacher: nn.Module | None = None,
+    teacher_fp16_bytes: int | None = None,
 ) -> dict:
     """The size report of an export folder (see the module docstring for every key).
 
@@ -195,12 +194,13 @@ def build_compression_report(
         spec = packed.get(name)
         intended = planned_of.get(name, spec)
         modules[name] = {
-            "bits": _bits(spec), "planned_bits": _bits(intended),
+            "bits": _bits(spec),
+            "planned_bits": _bits(intended),
             "granularity": None if spec is None else spec.granularity,
             "group_size": None if spec is None else spec.group_size,
             "stored": "pack-quantized" if spec is not None else "float16",
             "config_group": group_of.get(name),
-        }  # fmt: skip
+        }
     per_layer_bits = {}
     for unit, names in group_units(list(modules)).items():
         widths = {modules[n]["bits"] for n in names}
@@ -238,8 +238,12 @@ def build_compression_report(
         "files_note": f"bytes on disk; {REPORT_FILE} itself excluded",
         "components": stored,
         "safetensors": {"header_bytes": header_bytes, "tensor_bytes": sum(stored.values())},
-        "parameters": {**params, "total": total_params, "quantized": quantized_params,
-                       "float": total_params - quantized_params},  # fmt: skip
+        "parameters": {
+            **params,
+            "total": total_params,
+            "quantized": quantized_params,
+            "float": total_params - quantized_params,
+        },
         "paper_accounting": {
             "planned_bytes": planned_bytes,
             "as_stored_bytes": as_stored_bytes,
@@ -264,10 +268,14 @@ def build_compression_report(
         "embedding_planned_bits": _bits(embedding_plan),
         "embedding_reason": embedding_reason,
         "config_groups": {
-            name: {"num_bits": g["weights"]["num_bits"], "strategy": g["weights"]["strategy"],
-                   "group_size": g["weights"].get("group_size"), "layers": len(g.get("targets", []))}
+            name: {
+                "num_bits": g["weights"]["num_bits"],
+                "strategy": g["weights"]["strategy"],
+                "group_size": g["weights"].get("group_size"),
+                "layers": len(g.get("targets", [])),
+            }
             for name, g in groups.items()
-        },  # fmt: skip
+        },
         "ignore": ignore,
     }
 

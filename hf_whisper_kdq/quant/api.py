@@ -14,7 +14,7 @@ holding a targeted weight is quantized with the same spec and the same ``weight_
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from .fake_quant import QuantizedWeight, quantize_weight
 from .modules import FAKE_QUANT_TYPES, FakeQuantEmbedding, FakeQuantLinear, _QuantGroup
 from .spec import QuantSpec, as_spec, weight_bytes
 
-SpecLike = Union[QuantSpec, str, None]
+SpecLike = QuantSpec | str | None
 
 # Leaf names of the linears inside Whisper's attention and feed-forward blocks.
 WHISPER_LINEAR_LEAVES = frozenset({"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"})
@@ -75,13 +75,11 @@ def _weight_owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str
 _Members = list[tuple[str, nn.Module]]
 
 
-def _tie_groups(
-    model: nn.Module, specs: Mapping[str, Optional[QuantSpec]]
-) -> list[tuple[_Members, Optional[QuantSpec]]]:
+def _tie_groups(model: nn.Module, specs: Mapping[str, QuantSpec | None]) -> list[tuple[_Members, QuantSpec | None]]:
     """Group the targets with every module sharing their weight; one agreed spec per group."""
     targets = _resolve(model, specs)
     owners = _weight_owners(model)
-    groups: dict[int, tuple[_Members, Optional[QuantSpec], str]] = {}
+    groups: dict[int, tuple[_Members, QuantSpec | None, str]] = {}
     for name, module in targets.items():
         key = id(module.weight)
         if key in groups:
@@ -169,7 +167,7 @@ def default_quant_targets(
     return names
 
 
-def quant_specs(model: nn.Module) -> dict[str, Optional[QuantSpec]]:
+def quant_specs(model: nn.Module) -> dict[str, QuantSpec | None]:
     """Current spec of every fake-quant wrapper (None = float), in model order."""
     return {name: m.quant_spec for name, m in model.named_modules() if isinstance(m, FAKE_QUANT_TYPES)}
 
@@ -228,8 +226,8 @@ def convert_qat(model: nn.Module) -> dict[str, QuantizedWeight]:
 
 
 def quantized_size_bytes(
-    model_or_shapes: Union[nn.Module, Mapping[str, Sequence[int]]],
-    specs: Optional[Mapping[str, SpecLike]] = None,
+    model_or_shapes: nn.Module | Mapping[str, Sequence[int]],
+    specs: Mapping[str, SpecLike] | None = None,
 ) -> int:
     """Stored size in bytes under ``specs``; everything not quantized counts at 16 bits.
 
@@ -249,7 +247,7 @@ def quantized_size_bytes(
 
     model = model_or_shapes
     layers = {**quant_specs(model), **parsed}
-    per_weight: dict[int, tuple[Optional[QuantSpec], str]] = {}
+    per_weight: dict[int, tuple[QuantSpec | None, str]] = {}
     for name, module in _resolve(model, layers).items():
         key = id(module.weight)
         if key in per_weight and per_weight[key][0] != layers[name]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -79,7 +78,7 @@ class _ClipRatio(torch.autograd.Function):
         return grad.masked_fill(outward, 0.0), None
 
 
-def _grouped_scale(weight: Tensor, spec: QuantSpec, clip: Optional[Tensor], layer: str) -> tuple[Tensor, Tensor]:
+def _grouped_scale(weight: Tensor, spec: QuantSpec, clip: Tensor | None, layer: str) -> tuple[Tensor, Tensor]:
     """The shared front of fake and real quantization.
 
     Args:
@@ -151,7 +150,7 @@ class _FakeQuantize(torch.autograd.Function):
         return grad_weight, grad_scale, None
 
 
-def fake_quantize(weight: Tensor, spec: QuantSpec, clip: Optional[Tensor] = None, *, layer: str = "<weight>") -> Tensor:
+def fake_quantize(weight: Tensor, spec: QuantSpec, clip: Tensor | None = None, *, layer: str = "<weight>") -> Tensor:
     """Quantize-dequantize ``weight`` (``[rows, cols]``) → same shape and dtype, differentiable.
 
     Forward: ``dequant(quant(weight))``. Backward: identity to ``weight`` inside the clipping range
@@ -187,7 +186,7 @@ class QuantizedWeight:
     def shape(self) -> torch.Size:
         return self.codes.shape
 
-    def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """``codes * scales`` → ``[rows, cols]`` in ``dtype`` (default: the original weight's)."""
         rows, cols = self.codes.shape
         groups = cols // self.group_size
@@ -204,7 +203,7 @@ class QuantizedWeight:
 
 @torch.no_grad()
 def quantize_weight(
-    weight: Tensor, spec: QuantSpec, clip: Optional[Tensor] = None, *, layer: str = "<weight>"
+    weight: Tensor, spec: QuantSpec, clip: Tensor | None = None, *, layer: str = "<weight>"
 ) -> QuantizedWeight:
     """Real quantization of ``weight`` (``[rows, cols]``); ``.dequantize()`` equals `fake_quantize`."""
     grouped, scale = _grouped_scale(weight, spec, clip, layer)

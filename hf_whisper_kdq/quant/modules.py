@@ -13,8 +13,6 @@ module changes both.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -60,20 +58,20 @@ class _QuantGroup:
     """Spec shared by the wrappers of one weight Parameter (one member unless the weight is tied)."""
 
     def __init__(self) -> None:
-        self.spec: Optional[QuantSpec] = None
+        self.spec: QuantSpec | None = None
         self.members: list[nn.Module] = []
         # (key, tensor) of the last fake-quantized weight computed without autograd: generation runs the
         # forward once per token, and re-quantizing a 26 M-entry embedding each time dominated decoding.
-        self.cached: Optional[tuple[tuple, Tensor]] = None
+        self.cached: tuple[tuple, Tensor] | None = None
 
 
 class _FakeQuantMixin:
     """Spec handling common to both wrappers; expects ``self.weight`` of shape ``[rows, cols]``."""
 
     weight: nn.Parameter
-    weight_clip: Optional[nn.Parameter]
+    weight_clip: nn.Parameter | None
 
-    def _init_quant(self, name: str, group: Optional[_QuantGroup] = None) -> None:
+    def _init_quant(self, name: str, group: _QuantGroup | None = None) -> None:
         # Plain attributes: nn.Module only registers Modules/Parameters/Tensors specially.
         self.quant_name = name
         self._quant_group = group if group is not None else _QuantGroup()
@@ -84,7 +82,7 @@ class _FakeQuantMixin:
             self.register_parameter("weight_clip", None)
 
     @property
-    def quant_spec(self) -> Optional[QuantSpec]:
+    def quant_spec(self) -> QuantSpec | None:
         """The current spec; None means the layer runs in float."""
         return self._quant_group.spec
 
@@ -93,7 +91,7 @@ class _FakeQuantMixin:
         """All wrappers (this one included) that share this weight, hence its spec and clip."""
         return list(self._quant_group.members)
 
-    def set_quant_spec(self, spec: "QuantSpec | str | None") -> None:
+    def set_quant_spec(self, spec: QuantSpec | str | None) -> None:
         """Switch bits/granularity at runtime, for this module and every module tied to its weight.
 
         ``None`` runs the layer in float and keeps a learned ``weight_clip`` for later. A spec with
@@ -126,8 +124,13 @@ class _FakeQuantMixin:
         if torch.is_grad_enabled():
             return fake_quantize(self.weight, spec, clip, layer=self.quant_name)
         # Parameters' version counters change on every in-place update (optimizer steps, load_state_dict).
-        key = (spec, self.weight.data_ptr(), self.weight._version, self.weight.dtype,
-               None if clip is None else (clip.data_ptr(), clip._version))  # fmt: skip
+        key = (
+            spec,
+            self.weight.data_ptr(),
+            self.weight._version,
+            self.weight.dtype,
+            None if clip is None else (clip.data_ptr(), clip._version),
+        )
         group = self._quant_group
         if group.cached is None or group.cached[0] != key:
             group.cached = (key, fake_quantize(self.weight, spec, clip, layer=self.quant_name))
@@ -158,7 +161,7 @@ class FakeQuantLinear(_FakeQuantMixin, nn.Linear):
         out_features: int,
         bias: bool = True,
         *,
-        spec: "QuantSpec | str | None" = None,
+        spec: QuantSpec | str | None = None,
         name: str = "<FakeQuantLinear>",
         device=None,
         dtype=None,
@@ -168,7 +171,7 @@ class FakeQuantLinear(_FakeQuantMixin, nn.Linear):
         self.set_quant_spec(spec)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, *, name: str, group: Optional[_QuantGroup] = None) -> "FakeQuantLinear":
+    def from_float(cls, linear: nn.Linear, *, name: str, group: _QuantGroup | None = None) -> FakeQuantLinear:
         """Wrap ``linear`` sharing its Parameter objects (no copy); the spec is set by the caller."""
         new = cls.__new__(cls)
         nn.Linear.__init__(new, linear.in_features, linear.out_features, bias=False, device="meta")
@@ -203,9 +206,9 @@ class FakeQuantEmbedding(_FakeQuantMixin, nn.Embedding):
         self,
         num_embeddings: int,
         embedding_dim: int,
-        padding_idx: Optional[int] = None,
+        padding_idx: int | None = None,
         *,
-        spec: "QuantSpec | str | None" = None,
+        spec: QuantSpec | str | None = None,
         name: str = "<FakeQuantEmbedding>",
         device=None,
         dtype=None,
@@ -215,9 +218,7 @@ class FakeQuantEmbedding(_FakeQuantMixin, nn.Embedding):
         self.set_quant_spec(spec)
 
     @classmethod
-    def from_float(
-        cls, embedding: nn.Embedding, *, name: str, group: Optional[_QuantGroup] = None
-    ) -> "FakeQuantEmbedding":
+    def from_float(cls, embedding: nn.Embedding, *, name: str, group: _QuantGroup | None = None) -> FakeQuantEmbedding:
         """Wrap ``embedding`` sharing its weight Parameter (no copy); the spec is set by the caller."""
         if embedding.max_norm is not None or embedding.sparse:
             raise TypeError(f"{name}: embeddings with max_norm or sparse=True cannot be fake-quantized")

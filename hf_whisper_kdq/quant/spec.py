@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 ALLOWED_BITS: tuple[int, ...] = (2, 3, 4, 8)
 GRANULARITIES: tuple[str, ...] = ("per_tensor", "per_channel", "per_group")
@@ -58,7 +58,7 @@ class QuantSpec:
 
     bits: int
     granularity: str = "per_channel"
-    group_size: Optional[int] = None
+    group_size: int | None = None
     symmetric: bool = True
     learnable_clipping: bool = False
 
@@ -66,9 +66,7 @@ class QuantSpec:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in ALLOWED_BITS:
             raise ValueError(f"QuantSpec.bits must be one of {list(ALLOWED_BITS)}, got {self.bits!r}")
         if self.granularity not in GRANULARITIES:
-            raise ValueError(
-                f"QuantSpec.granularity must be one of {list(GRANULARITIES)}, got {self.granularity!r}"
-            )
+            raise ValueError(f"QuantSpec.granularity must be one of {list(GRANULARITIES)}, got {self.granularity!r}")
         if self.granularity == "per_group":
             if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
                 raise ValueError(f"per_group quantization needs a positive integer group_size, got {self.group_size!r}")
@@ -127,7 +125,7 @@ class QuantSpec:
     # ------------------------------------------------------------------ text form
 
     @classmethod
-    def parse(cls, text: str) -> "QuantSpec":
+    def parse(cls, text: str) -> QuantSpec:
         """``"int4-g32"`` → ``QuantSpec(4, "per_group", 32)``; see the module docstring for the grammar."""
         match = _PARSE_RE.match(text.strip().lower())
         if match is None:
@@ -159,7 +157,7 @@ class QuantSpec:
         return text + ("-clip" if self.learnable_clipping else "")
 
 
-def as_spec(value: "QuantSpec | str | None") -> Optional[QuantSpec]:
+def as_spec(value: QuantSpec | str | None) -> QuantSpec | None:
     """Accept a spec, its string form, or None (float); everything else is a TypeError."""
     if value is None or isinstance(value, QuantSpec):
         return value
@@ -170,7 +168,7 @@ def as_spec(value: "QuantSpec | str | None") -> Optional[QuantSpec]:
     raise TypeError(f"expected a QuantSpec, its string form or None, got {type(value).__name__}")
 
 
-def weight_bytes(shape: Sequence[int], spec: Optional[QuantSpec], layer: str = "<weight>") -> int:
+def weight_bytes(shape: Sequence[int], spec: QuantSpec | None, layer: str = "<weight>") -> int:
     """Stored size of one weight of ``shape`` under ``spec``.
 
     Quantized: codes bit-packed, ``ceil(numel * bits / 8)``, plus one fp16 scale per group. Float

@@ -82,7 +82,9 @@ def resolve_source(name_or_path: str | os.PathLike) -> CheckpointSource:
             return CheckpointSource("ctranslate2", str(path.parent))
         raise ValueError(f"{path}: a file must be an OpenAI Whisper checkpoint (.pt) or a CTranslate2 model.bin")
     if path.is_dir():
-        if (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))):
+        if (path / "config.json").is_file() and (
+            any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
+        ):
             return CheckpointSource("hf", str(path))
         if model_bin_parts(path):
             return CheckpointSource("ctranslate2", str(path))
@@ -290,8 +292,12 @@ def _sha256(path: Path) -> str:
 
 def _pack_manifest(pack: OfflinePack, folder: Path) -> dict:
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name not in (_PACK_MANIFEST, _COMPLETE_MARKER))
-    return {"hub_id": pack.hub_id, "pack_version": pack.version, "conversion": _PACK_CONVERSION,
-            "files": {p.name: _sha256(p) for p in files}}  # fmt: skip
+    return {
+        "hub_id": pack.hub_id,
+        "pack_version": pack.version,
+        "conversion": _PACK_CONVERSION,
+        "files": {p.name: _sha256(p) for p in files},
+    }
 
 
 def _converted_pack_problem(pack: OfflinePack, folder: Path) -> str | None:
@@ -307,7 +313,7 @@ def _converted_pack_problem(pack: OfflinePack, folder: Path) -> str | None:
         return "without a readable manifest (written by an older version or damaged)"
     made_from = (expected["hub_id"], expected["pack_version"], expected["conversion"])
     if made_from != (pack.hub_id, pack.version, _PACK_CONVERSION):
-        return "from another version (%s %s, conversion %s)" % made_from
+        return "from another version ({} {}, conversion {})".format(*made_from)
     for name, digest in expected["files"].items():
         if not (folder / name).is_file() or _sha256(folder / name) != digest:
             return f"damaged ({name} differs from what the conversion wrote)"

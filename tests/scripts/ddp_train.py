@@ -42,23 +42,43 @@ def main(output: str, batch_size: int) -> None:
     else:
         student = build_student(teacher, decoder_layers=2)
     settings = dict(
-        output_dir=output, per_device_train_batch_size=batch_size, max_steps=4, learning_rate=1e-3,
-        warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
+        output_dir=output,
+        per_device_train_batch_size=batch_size,
+        max_steps=4,
+        learning_rate=1e-3,
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
         # Mixed bits under a budget and a re-selection mid-run: a plan that every rank must compute alike.
-        quant_targets="decoder", quant_bit_choices="2,4,8", size_budget_ratio=0.5, selection_interval=2,
-        num_distill_layers=1, disable_tqdm=True,
-        dataloader_drop_last=True, remove_unused_columns=False, data_seed=0, predict_with_generate=True,
-        generation_max_length=12, per_device_eval_batch_size=3,
+        quant_targets="decoder",
+        quant_bit_choices="2,4,8",
+        size_budget_ratio=0.5,
+        selection_interval=2,
+        num_distill_layers=1,
+        disable_tqdm=True,
+        dataloader_drop_last=True,
+        remove_unused_columns=False,
+        data_seed=0,
+        predict_with_generate=True,
+        generation_max_length=12,
+        per_device_eval_batch_size=3,
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         # More training arguments as JSON, e.g. {"deepspeed": "examples/deepspeed_zero2.json"}: the same run under ZeRO;
         # {"fsdp": true, "fsdp_config": "examples/fsdp2.json"} under FSDP (on CPUs with tests/scripts/fsdp_on_cpu).
-    )  # fmt: skip
+    )
     if narrow:  # groups that divide its width; a budget that keeps one quantizable layer in float (its clipping kept)
         settings.update(quant_group_size=16, quant_bit_choices="2,4,8,float", size_budget_ratio=0.17)
     args = DistillQuantArguments(**{**settings, **json.loads(os.environ.get("KDQ_TEST_EXTRA_ARGS", "{}"))})
-    trainer = DistillQuantTrainer(model=student, teacher_model=teacher, args=args,
-                                  train_dataset=Dataset.from_list(make_micro_rows(32, seed=1)),
-                                  data_collator=micro_collate)  # fmt: skip
+    trainer = DistillQuantTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=Dataset.from_list(make_micro_rows(32, seed=1)),
+        data_collator=micro_collate,
+    )
     if "KDQ_TEST_POISON_TEACHER" in os.environ:  # "RANK:STEP": that process's teacher turns NaN before that step
         rank, step = map(int, os.environ["KDQ_TEST_POISON_TEACHER"].split(":"))
         trainer.add_callback(PoisonTeacher(trainer, rank, step))
@@ -85,10 +105,19 @@ def main(output: str, batch_size: int) -> None:
         plan = [(u.name, u.bits, u.distilled) for u in trainer.plan.units]
         weights = {k: v.detach().clone() for k, v in student.state_dict().items()}
         specs = {name: str(m.quant_spec) for name, m in student.named_modules() if hasattr(m, "quant_spec")}
-        torch.save({"losses": losses, "grad_norms": grad_norms, "plan": plan, "weights": weights,
-                    "test_loss": predicted.metrics["test_loss"], "generated": torch.as_tensor(predicted.predictions),
-                    "synced_gpus": sorted(map(str, synced)), "specs": specs},
-                   Path(output) / "result.pt")  # fmt: skip
+        torch.save(
+            {
+                "losses": losses,
+                "grad_norms": grad_norms,
+                "plan": plan,
+                "weights": weights,
+                "test_loss": predicted.metrics["test_loss"],
+                "generated": torch.as_tensor(predicted.predictions),
+                "synced_gpus": sorted(map(str, synced)),
+                "specs": specs,
+            },
+            Path(output) / "result.pt",
+        )
     # Without an orderly shutdown, a rank that exits while another still writes can abort inside gloo's threads
     # ("terminate called without an active exception"), seen on a loaded CI machine; and even after one, the
     # interpreter's native teardown sometimes aborts: the CLI's ending (process group closed, then no teardown).

@@ -33,20 +33,42 @@ def main(output: str, mode: str, kill_step: int | None) -> None:
     dropout = dict(dropout=0.1, attention_dropout=0.1, activation_dropout=0.1)
     student = make_micro_whisper(seed=1, d_model=16, encoder_ffn_dim=32, decoder_ffn_dim=32, **dropout)
     # A size budget of 3.5 bits per layer weight on average (+ fp16 scales per 16, the rest fp16): mixed bits.
-    linears = sum(m.weight.numel() for name, m in student.named_modules()
-                  if ".layers." in name and isinstance(m, torch.nn.Linear))  # fmt: skip
+    linears = sum(
+        m.weight.numel() for name, m in student.named_modules() if ".layers." in name and isinstance(m, torch.nn.Linear)
+    )
     budget = ((sum(p.numel() for p in student.parameters()) - linears) * 2 + linears * 3.5 / 8 + linears / 16 * 2) / 1e6
     args = DistillQuantArguments(
-        output_dir=output, per_device_train_batch_size=4, max_steps=MAX_STEPS, learning_rate=1e-2, warmup_steps=2,
-        lr_scheduler_type="linear", logging_steps=1, save_strategy="steps", save_steps=SAVE_STEPS, report_to="none",
-        use_cpu=True, seed=0, disable_tqdm=True, remove_unused_columns=False, quant_weight=0.1,
-        hidden_target="both", num_distill_layers=1, layer_matching="dynamic", selection_interval=2,
-        learnable_clipping=True, quant_group_size=16, size_budget_mb=budget,
-    )  # fmt: skip
+        output_dir=output,
+        per_device_train_batch_size=4,
+        max_steps=MAX_STEPS,
+        learning_rate=1e-2,
+        warmup_steps=2,
+        lr_scheduler_type="linear",
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=SAVE_STEPS,
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        quant_weight=0.1,
+        hidden_target="both",
+        num_distill_layers=1,
+        layer_matching="dynamic",
+        selection_interval=2,
+        learnable_clipping=True,
+        quant_group_size=16,
+        size_budget_mb=budget,
+    )
     # 16 rows in batches of 4: checkpoint-6 lies in the middle of the second (shuffled) epoch.
-    trainer = DistillQuantTrainer(model=student, teacher_model=teacher, args=args,
-                                  train_dataset=Dataset.from_list(make_micro_rows(16, seed=3)),
-                                  data_collator=micro_collate)  # fmt: skip
+    trainer = DistillQuantTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=Dataset.from_list(make_micro_rows(16, seed=3)),
+        data_collator=micro_collate,
+    )
     if mode == "kill-in-save":
         save_rng_state = trainer._save_rng_state
 
