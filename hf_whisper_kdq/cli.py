@@ -31,7 +31,11 @@ class ConvertArguments:
     output_dir: str = field(metadata={"help": "Folder to write the Hugging Face checkpoint to."})
     dtype: str = field(
         default="auto",
-        metadata={"help": "Parameter dtype on disk: auto (keep the source's), float32, float16 or bfloat16."},
+        metadata={
+            "help": "Parameter dtype on disk: auto (keep the source's), float32, float16 or bfloat16. The config "
+            "declares float32 whatever the storage (as openai/whisper-* do), so transformers loads the folder in "
+            "float32 and it takes a WhisperProcessor's features as they come."
+        },
     )
     overwrite: bool = field(
         default=False,

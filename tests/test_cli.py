@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from hf_whisper_kdq.cli import main
 from hf_whisper_kdq.sources import save_whisper
@@ -112,3 +113,34 @@ def test_evaluate_without_manifest_is_a_labelled_smoke_run(tiny_folder, capsys):
 def test_python_dash_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "hf_whisper_kdq.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "commands:" in result.stdout
+
+
+# Run without hf_whisper_kdq imported: a user's script loading the converted folder with plain transformers.
+PLAIN_LOAD_AND_GENERATE = """
+import sys, numpy as np, torch
+from transformers import WhisperForConditionalGeneration, WhisperProcessor
+model = WhisperForConditionalGeneration.from_pretrained(sys.argv[1])
+processor = WhisperProcessor.from_pretrained(sys.argv[1])
+features = processor(np.zeros(16000, dtype=np.float32), sampling_rate=16000, return_tensors="pt").input_features
+assert features.dtype == torch.float32
+model.generate(features, max_new_tokens=3)
+assert "hf_whisper_kdq" not in sys.modules
+print(model.dtype)
+"""
+
+
+def test_converted_fp16_folder_runs_the_usual_generate_in_plain_transformers(tiny_folder, tmp_path):
+    """``convert --dtype float16`` stores fp16 weights, yet the folder declares float32 as the Hub's openai/whisper-*
+    configs do: transformers 5 loads the declared dtype, and fp16 weights would refuse the processor's float32
+    features ("Input type (float) and bias type (c10::Half) should be the same")."""
+    from safetensors import safe_open
+
+    output = tmp_path / "converted"
+    assert main(["convert", str(tiny_folder), str(output), "--dtype", "float16"]) == 0
+    with safe_open(str(output / "model.safetensors"), framework="pt") as weights:
+        assert {weights.get_tensor(key).dtype for key in weights.keys()} == {torch.float16}
+    result = subprocess.run(
+        [sys.executable, "-c", PLAIN_LOAD_AND_GENERATE, str(output)], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("torch.float32")

@@ -272,12 +272,20 @@ def save_whisper(
 ) -> Path:
     """Write a standard HF folder (config, safetensors, generation config, tokenizer, preprocessor config).
 
+    The weights keep ``model``'s dtype on disk, but ``config.json`` declares float32, as the Hub's openai/whisper-*
+    configs do: transformers 5 loads a checkpoint in its declared dtype, and a float16 model refuses the float32
+    features a ``WhisperProcessor`` returns, so the usual ``model.generate(processor(audio, ...).input_features)``
+    would fail on a float16 folder.
+
     Built in a temporary folder beside the target and renamed into place, so an interrupted write leaves
     any previous folder intact. A non-empty ``output_dir`` this package did not write is refused
     (``FileExistsError``) and left untouched.
     """
     with atomic_folder(output_dir) as staging:
         model.save_pretrained(staging)
+        config = WhisperConfig.from_pretrained(staging)
+        config.dtype = torch.float32
+        config.save_pretrained(staging)
         save_processor(processor, staging)
     return Path(output_dir)
 
