@@ -34,8 +34,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",
-    packages=find_packages(include=["hf_whisper_kdq", "hf_whisper_kdq.*"]),
-    package_data={"hf_whisper_kdq": ["resources/*"]},
+    # The model card template lives in the top-level model_cards/ folder and ships inside the package as
+    # hf_whisper_kdq/model_cards/: wheel, editable install and checkout all read that one file (card.find_template).
+    packages=[*find_packages(include=["hf_whisper_kdq", "hf_whisper_kdq.*"]), "hf_whisper_kdq.model_cards"],
+    package_dir={"hf_whisper_kdq.model_cards": "model_cards"},
+    package_data={"hf_whisper_kdq": ["resources/*"], "hf_whisper_kdq.model_cards": ["*.jinja"]},
     install_requires=[
         # A range that the CPU wheel on these machines (2.13.0) satisfies: a bare `torch` pulls a CUDA build.
         "torch>=2.4,<2.15",

@@ -43,6 +43,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .config import FLOAT_BITS
+from .export.report import CompressionReport
 from .figures import plot_plan
 from .hub import hub_model_id, public, scrub
 from .selection import KDQPlan
@@ -310,18 +311,20 @@ def _plan_rows(plan: KDQPlan) -> list[list[str]]:
 
 
 def find_template(template_path: str | Path | None = None) -> Path:
-    here = Path(__file__).resolve().parent
-    candidates = (
-        [Path(template_path)]
-        if template_path
-        else [here.parent / "model_cards" / TEMPLATE_NAME, here / "resources" / TEMPLATE_NAME]
-    )
+    """``template_path``, else the package's one template, ``model_cards/kdq_model_card.md.jinja``: inside the
+    installed package (setup.py ships the top-level ``model_cards/`` folder as ``hf_whisper_kdq/model_cards/``), or
+    beside it in a checkout and an editable install, which read the folder where it lives."""
+    if template_path:
+        candidates = [Path(template_path)]
+    else:
+        here = Path(__file__).resolve().parent
+        candidates = [here / "model_cards" / TEMPLATE_NAME, here.parent / "model_cards" / TEMPLATE_NAME]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(
-        f"model card template {TEMPLATE_NAME} not found (looked in model_cards/ beside the "
-        "package and in hf_whisper_kdq/resources/): pass template_path="
+        f"model card template not found (looked at {', '.join(map(str, candidates))}): reinstall hf-whisper-kdq, "
+        "or pass template_path="
     )
 
 
@@ -480,7 +483,7 @@ def _summary(name, teacher, plan: KDQPlan, sizes: _Sizes, scores: list[Score]) -
 def build_model_card(
     *,
     plan: KDQPlan | Mapping | str | Path,
-    compression_report: Mapping | None,
+    compression_report: CompressionReport | Mapping | None,
     eval_results: Any,
     teacher_id: str,
     training_args: Any = None,
@@ -507,7 +510,7 @@ def build_model_card(
         template_path: another Jinja template (default ``model_cards/kdq_model_card.md.jinja``).
     """
     plan = KDQPlan.coerce(plan)
-    report = dict(compression_report or {})
+    report = _report_dict(compression_report)
     scores, stats = collect_results(eval_results)
     hub_teacher, teacher = hub_model_id(teacher_id), public(teacher_id)
     repo = hub_model_id(repo_id) if repo_id else None
@@ -587,6 +590,10 @@ def build_model_card(
     return ModelCard(re.sub(r"\n{3,}", "\n\n", scrub(str(card))))  # no runs of blank lines from the template
 
 
+def _report_dict(report: CompressionReport | Mapping | None) -> dict:
+    return report.to_dict() if isinstance(report, CompressionReport) else dict(report or {})
+
+
 def _figure_ref(figure_path: str | Path) -> PurePosixPath:
     """The figure's place relative to the card: an absolute or escaping path keeps only its file name."""
     figure = PurePosixPath(str(figure_path).replace("\\", "/"))
@@ -601,10 +608,10 @@ def write_model_card(output_dir: str | Path, **kwargs) -> Path:
     faster-whisper snippet and weight type) unless ``include_ctranslate2`` or the report's ``ctranslate2`` says
     otherwise: the compression report is written before that copy exists, so it cannot list it."""
     output_dir = Path(output_dir)
-    report = kwargs.get("compression_report")
+    report = _report_dict(kwargs.get("compression_report"))
     if kwargs.get("include_ctranslate2") is None and _get(report, "ctranslate2") is None:
         if (ct2 := _ctranslate2_copy(output_dir)) is not None:
-            kwargs = {**kwargs, "compression_report": {**(report or {}), "ctranslate2": ct2}}
+            kwargs = {**kwargs, "compression_report": {**report, "ctranslate2": ct2}}
     text = str(build_model_card(**kwargs))
     output_dir.mkdir(parents=True, exist_ok=True)
     plot_plan(kwargs["plan"], output_dir / _figure_ref(kwargs.get("figure_path", "kdq_plan.png")))

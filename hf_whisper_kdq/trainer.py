@@ -22,6 +22,7 @@ from collections import defaultdict
 from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -45,6 +46,9 @@ from .quant import FakeQuantEmbedding, FakeQuantLinear, prepare_qat
 from .selection import KDQPlan, fp16_bytes, starting_plan
 from .sharding import check_sharding, whole_student
 from .students import check_same_tokenizer, check_whisper
+
+if TYPE_CHECKING:
+    from .export import CompressionReport
 
 logger = logging.getLogger(__name__)
 
@@ -527,31 +531,96 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         super().log(logs, start_time)
 
     # ---- export ---------------------------------------------------------------------------------------
-    def save_compressed(self, output_dir: str | os.PathLike | None = None, *, overwrite: bool = False):
+    def save_compressed(
+        self, output_dir: str | os.PathLike | None = None, *, overwrite: bool = False
+    ) -> CompressionReport | None:
         """Write the student as a packed integer checkpoint (compressed-tensors ``pack-quantized``) that plain
         ``WhisperForConditionalGeneration.from_pretrained`` loads, with ``compression_report.json`` and
-        ``kdq_plan.json``. Default folder: ``<output_dir>/compressed``. Only the main process writes."""
+        ``kdq_plan.json``. Default folder: ``<output_dir>/compressed``.
+
+        Every process must call it (gathering an FSDP-sharded student is collective); the main process alone
+        writes, and gets the `CompressionReport` it wrote (``report.folder`` is the folder), the others None."""
         from .export import save_compressed
 
         output_dir = Path(output_dir or Path(self.args.output_dir) / "compressed")
-        student = self.whole_student()  # on every process: gathering an FSDP-sharded student is collective
+        student = self.whole_student()
+        report = None
         if self.is_world_process_zero():
-            teacher_fp16 = fp16_bytes(self.teacher)
-            save_compressed(
+            report = save_compressed(
                 student,
                 self.processing_class,
                 output_dir,
                 plan=self.plan,
-                teacher_fp16_bytes=teacher_fp16,
+                teacher_fp16_bytes=fp16_bytes(self.teacher),
                 overwrite=overwrite,
             )
-        self._compressed_export = (output_dir.resolve(), self.state.global_step)
-        return output_dir
+        self._compressed_export = (output_dir.resolve(), self.state.global_step, report)
+        return report
 
     def whole_student(self) -> nn.Module | None:
         """The student with whole weights (see `sharding.whole_student`): the model itself unless FSDP shards it;
         then every process must call this, and the main process gets an unsharded copy, the others None."""
         return whole_student(self)
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        dataset_tags: str | list[str] | None = None,
+        language: str | list[str] | None = None,
+        *,
+        report: CompressionReport | None = None,
+        eval_results=None,
+        repo_id: str | None = None,
+        synthetic_speech: bool | None = None,
+    ) -> Path | None:
+        """Write the compressed export's model card (``README.md``) and plan figure beside it, as TRL's trainers
+        write theirs; ``push_to_hub`` and ``hf-whisper-kdq compress`` both call it. Only the main process writes;
+        it returns the card's path, the others None.
+
+        Args:
+            model_name: the model-index name (default: the repo name, else ``<teacher>-kdq``).
+            finetuned_from: the teacher's Hub id (default: the name the teacher was loaded under; an unnamed or
+                local teacher is shown by name only, never with a made-up ``base_model``).
+            dataset_tags / language: the training data's names and languages, shown on the card.
+            report: the export to describe (`save_compressed`'s return); default: the last export of this trainer,
+                else the one in ``<output_dir>/compressed``.
+            eval_results: scores for the card (see :mod:`.card`); default: the last ``evaluate()``'s WER/CER.
+            repo_id: the Hub repository the card's snippets load.
+            synthetic_speech: whether training used synthesized speech (default: guessed from the dataset names).
+        """
+        from .card import write_model_card
+        from .export import CompressionReport
+
+        if not self.is_world_process_zero():
+            return None
+        if report is None:
+            last = getattr(self, "_compressed_export", None)
+            report = last[2] if last is not None else CompressionReport.load(Path(self.args.output_dir) / "compressed")
+        teacher = self.accelerator.unwrap_model(self.teacher)
+        teacher_id = (
+            finetuned_from
+            or getattr(teacher, "name_or_path", "")
+            or getattr(teacher.config, "_name_or_path", "")
+            or "unnamed teacher"
+        )
+
+        def as_list(value) -> list:  # HF's card kwargs take a string or a list
+            return [value] if isinstance(value, str) else list(value or ())
+
+        return write_model_card(
+            report.folder,
+            plan=self.plan,
+            compression_report=report,
+            eval_results={"compressed": self._last_eval_rows()} if eval_results is None else eval_results,
+            teacher_id=teacher_id,
+            training_args=self.args.to_dict(),
+            datasets=as_list(dataset_tags),
+            languages=as_list(language),
+            repo_id=repo_id,
+            model_name=model_name,
+            synthetic_speech=synthetic_speech,
+        )
 
     def push_to_hub(
         self,
@@ -563,42 +632,23 @@ class DistillQuantTrainer(Seq2SeqTrainer):
     ):
         """Push the compressed checkpoint, its model card and figure in one commit — never the teacher, the
         fake-quant training state or the checkpoints. The card's scores come from the last ``evaluate()``."""
-        from .card import write_model_card
         from .hub import push_compressed
 
         folder = Path(self.args.output_dir) / "compressed"
         # An export of this very step is pushed as it is, with what the user added to it (a CTranslate2 copy, an
-        # evaluation report): re-saving would replace the folder.
-        if getattr(self, "_compressed_export", None) != (folder.resolve(), self.state.global_step):
-            folder = self.save_compressed(overwrite=True)
+        # evaluation report): re-saving would replace the folder. The card describes that export.
+        last = getattr(self, "_compressed_export", None)
+        if last is None or last[:2] != (folder.resolve(), self.state.global_step):
+            self.save_compressed(overwrite=True)
         if not self.is_world_process_zero():
             return None
-        report = json.loads((folder / "compression_report.json").read_text(encoding="utf-8"))
-
-        def as_list(value) -> list:  # HF's push_to_hub kwargs take a string or a list
-            return [value] if isinstance(value, str) else list(value or ())
-
-        # The teacher's Hub id (HF's finetuned_from kwarg, else the name it was loaded under), never a made-up one:
-        # the card shows an unnamed or local teacher by name only, without base_model metadata.
-        teacher = self.accelerator.unwrap_model(self.teacher)
-        teacher_id = (
-            kwargs.get("finetuned_from")
-            or getattr(teacher, "name_or_path", "")
-            or getattr(teacher.config, "_name_or_path", "")
-            or "unnamed teacher"
-        )
         repo_id = self.args.hub_model_id or Path(self.args.output_dir).name
         # The card's snippets load the repo pushed to (a name without namespace only names the model).
         naming = {"repo_id": repo_id} if "/" in repo_id else {"model_name": kwargs.get("model_name") or repo_id}
-        write_model_card(
-            folder,
-            plan=self.plan,
-            compression_report=report,
-            eval_results={"compressed": self._last_eval_rows()},
-            teacher_id=teacher_id,
-            training_args=self.args.to_dict(),
-            datasets=as_list(kwargs.get("dataset_tags")),
-            languages=as_list(kwargs.get("language")),
+        self.create_model_card(
+            finetuned_from=kwargs.get("finetuned_from"),
+            dataset_tags=kwargs.get("dataset_tags"),
+            language=kwargs.get("language"),
             **naming,
         )
         return push_compressed(

@@ -328,3 +328,53 @@ def test_faster_whisper_snippet_runs(offline_hub, capsys):
     assert "WhisperModel" in code
     exec(compile(code, "<card snippet>", "exec"), {"__name__": "__card__"})
     capsys.readouterr()
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = REPO_ROOT / "model_cards" / "kdq_model_card.md.jinja"
+
+
+def test_one_template_in_the_checkout_and_the_card_reads_it():
+    """One template, in the top-level model_cards/ folder: a second copy elsewhere would be silently ignored."""
+    from hf_whisper_kdq.card import find_template
+
+    assert sorted(p.relative_to(REPO_ROOT) for p in REPO_ROOT.glob("**/*.jinja") if ".git" not in p.parts) == [
+        TEMPLATE.relative_to(REPO_ROOT)
+    ]
+    assert find_template() == TEMPLATE
+
+
+@pytest.mark.slow
+def test_the_installed_package_ships_and_reads_the_model_cards_template(tmp_path):
+    """A wheel built from the checkout holds model_cards/'s template as package data, once, and the installed
+    package (imported from where pip put it, not from the checkout) renders its cards from that file."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    source = tmp_path / "source"  # a copy of the tracked files: the build writes build/ and egg-info beside them
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    for name in tracked.stdout.splitlines():
+        if (REPO_ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO_ROOT / name, source / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path, source], check=True)
+    (wheel,) = tmp_path.glob("hf_whisper_kdq-*.whl")
+    templates = [name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".jinja")]
+    assert templates == ["hf_whisper_kdq/model_cards/kdq_model_card.md.jinja"]
+
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", site, wheel], check=True)
+    found = subprocess.run(
+        [sys.executable, "-c", "import hf_whisper_kdq.card as c; print(c.__file__); print(c.find_template())"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+    )
+    assert found.returncode == 0, found.stderr[-2000:]
+    module, template = (Path(line) for line in found.stdout.split()[-2:])
+    assert module.is_relative_to(site.resolve()) and template.is_relative_to(site.resolve())
+    assert template.read_bytes() == TEMPLATE.read_bytes()

@@ -156,7 +156,7 @@ def run(base_pack_folder, tmp_path_factory):
     )
     trainer.train()
     metrics = trainer.evaluate()
-    export = trainer.save_compressed(root / "export")
+    export = trainer.save_compressed(root / "export").folder
     yield {"trainer": trainer, "processor": processor, "metrics": metrics, "export": export, "root": root}
     hf_logging.set_verbosity(verbosity)
 
@@ -450,7 +450,7 @@ def test_push_to_hub_keeps_what_was_added_to_this_steps_export(run, hub):
     """A CTranslate2 copy (or any file) added to ``compressed/`` after ``save_compressed`` is pushed, not wiped by a
     re-save; a new training step would make the export stale and is re-saved."""
     trainer = run["trainer"]
-    folder = trainer.save_compressed(overwrite=True)
+    folder = trainer.save_compressed(overwrite=True).folder
     (folder / "ctranslate2").mkdir()
     (folder / "ctranslate2" / "notes.txt").write_text("added by the user")
     trainer.push_to_hub()

@@ -22,7 +22,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from hf_whisper_kdq.export import EMBEDDING_REASON, REPORT_FILE, build_compression_report, save_compressed
+from hf_whisper_kdq.export import (
+    EMBEDDING_REASON,
+    REPORT_FILE,
+    CompressionReport,
+    build_compression_report,
+    save_compressed,
+)
 from hf_whisper_kdq.export import compressed as compressed_module
 from hf_whisper_kdq.export.report import _safetensors_layout
 from hf_whisper_kdq.quant import (
@@ -87,10 +93,10 @@ def exports(_tiny_whisper_session, tmp_path_factory):
         model = _prepare(copy.deepcopy(base), variant)
         before = {k: v.clone() for k, v in model.state_dict().items()}
         out = tmp_path_factory.mktemp(variant) / "student-kdq"
-        save_compressed(model, processor, out, teacher_fp16_bytes=TEACHER_FP16_BYTES)
+        report = save_compressed(model, processor, out, teacher_fp16_bytes=TEACHER_FP16_BYTES)
         reference, packed = _reference(model)
         result[variant] = SimpleNamespace(
-            model=model, processor=processor, out=out, before=before, reference=reference, packed=packed
+            model=model, processor=processor, out=out, before=before, reference=reference, packed=packed, report=report
         )
     return result
 
@@ -221,6 +227,15 @@ def test_plain_transformers_loads_the_export(exports, tmp_path):
         loaded_logits = torch.from_numpy(np.load(tmp_path / f"logits_{index}.npy"))
         torch.testing.assert_close(loaded_logits, logits, rtol=0, atol=1e-5)
         assert np.array_equal(np.load(tmp_path / f"generated_{index}.npy"), generated.numpy()), variant
+
+
+def test_save_compressed_returns_the_typed_report_it_wrote(exports, tmp_path):
+    export = exports["mixed"]
+    on_disk = json.loads((export.out / REPORT_FILE).read_text())
+    assert isinstance(export.report, CompressionReport) and export.report.folder == export.out
+    assert export.report.to_dict() == on_disk and list(export.report.to_dict()) == list(on_disk)  # the JSON unchanged
+    assert CompressionReport.load(export.out) == export.report
+    assert export.report.weights_bytes == (export.out / "model.safetensors").stat().st_size
 
 
 def test_report_sizes_bits_and_embedding(exports):
@@ -379,7 +394,7 @@ def test_real_weights_packed_export_transcribes_real_clips_identically(shared_sp
     specs = {name: QuantSpec(8, "per_channel") for name in default_quant_targets(model, decoder=False)}
     specs.update({name: QuantSpec(4, "per_group", 32) for name in default_quant_targets(model, encoder=False)})
     prepare_qat(model, specs)
-    out = save_compressed(model, processor, tmp_path / "packed")
+    out = save_compressed(model, processor, tmp_path / "packed").folder
 
     rows = [json.loads(line) for line in (shared_speech / "dev.jsonl").read_text().splitlines()[:3]]
     features = processor(

@@ -2,7 +2,7 @@
 
     from hf_whisper_kdq.export import save_compressed
 
-    save_compressed(student, processor, "whisper-kdq/", plan=trainer.plan, teacher_fp16_bytes=...)
+    report = save_compressed(student, processor, "whisper-kdq/", plan=trainer.plan, teacher_fp16_bytes=...)
     # anywhere with transformers + compressed-tensors, without hf_whisper_kdq:
     model = WhisperForConditionalGeneration.from_pretrained("whisper-kdq/")
     model.hf_quantizer.compressor.decompress_model(model)  # before generate(language=...): see .compressed
@@ -16,6 +16,7 @@ from .compressed import CT_STRATEGIES, PACK_FORMAT, save_compressed
 from .report import (
     EMBEDDING_REASON,
     REPORT_FILE,
+    CompressionReport,
     build_compression_report,
     component_of,
     is_previous_export,
@@ -25,6 +26,7 @@ from .report import (
 __all__ = [
     "CT_STRATEGIES",
     "EMBEDDING_REASON",
+    "CompressionReport",
     "PACK_FORMAT",
     "REPORT_FILE",
     "build_compression_report",

@@ -57,6 +57,7 @@ from .report import (
     EMBEDDING_REASON,
     REPORT_FILE,
     WEIGHTS_FILE,
+    CompressionReport,
     build_compression_report,
     is_previous_export,
     write_compression_report,
@@ -245,7 +246,7 @@ def save_compressed(
     plan: KDQPlan | None = None,
     teacher_fp16_bytes: int | None = None,
     overwrite: bool = False,
-) -> Path:
+) -> CompressionReport:
     """Write ``model`` (a QAT-prepared Whisper student) as a packed compressed-tensors checkpoint.
 
     Args:
@@ -262,8 +263,9 @@ def save_compressed(
             is always replaced; a non-empty folder of anything else never is, whatever ``overwrite`` says.
 
     Returns:
-        ``output_dir``. It loads with ``WhisperForConditionalGeneration.from_pretrained(output_dir)`` wherever
-        transformers and compressed-tensors are installed.
+        The `CompressionReport` written as ``compression_report.json`` (``report.folder`` is ``output_dir``). The
+        folder loads with ``WhisperForConditionalGeneration.from_pretrained(output_dir)`` wherever transformers and
+        compressed-tensors are installed.
 
     Raises:
         FileExistsError: ``output_dir`` holds files this package did not write, or another of its outputs and
@@ -318,7 +320,7 @@ def save_compressed(
         output_dir,
         report["weights_bytes"] / 1e6,
     )
-    return output_dir
+    return CompressionReport.from_dict(report, output_dir)
 
 
 __all__ = ["CT_STRATEGIES", "PACK_FORMAT", "save_compressed"]

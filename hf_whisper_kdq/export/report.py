@@ -28,7 +28,9 @@ import os
 import re
 import struct
 from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -50,6 +52,55 @@ EMBEDDING_REASON = (
 _GRANULARITY = {"tensor": "per_tensor", "channel": "per_channel", "group": "per_group"}
 
 Source = KDQPlan | nn.Module | Mapping | None
+
+
+@dataclass(frozen=True)
+class CompressionReport:
+    """``compression_report.json`` of one export, typed (the module docstring says what each field holds).
+
+    `save_compressed` returns the report it wrote, so that the export's callers (``compress``, the model card, the
+    benchmarks) read it from here instead of from the file; `load` reads a folder written earlier.
+    ``to_dict()`` is the JSON on disk, key for key.
+    """
+
+    folder: Path = field(metadata={"json": False})  # where the export lives; not written into the file
+    writer: str
+    report_version: int
+    format: str
+    total_bytes: int
+    weights_bytes: int
+    files: dict[str, int]
+    files_note: str
+    components: dict[str, int]
+    safetensors: dict[str, int]
+    parameters: dict[str, int]
+    paper_accounting: dict[str, Any]
+    paper_components: dict[str, dict[str, int]]
+    teacher_fp16_bytes: int | None
+    teacher_fp32_bytes: int | None
+    ratio_to_teacher_fp16: float | None
+    ratio_to_teacher_fp32: float | None
+    ratios: dict[str, Any]
+    per_layer_bits: dict[str, float]
+    modules: dict[str, dict[str, Any]]
+    embedding_quantized: bool
+    embedding_planned_bits: int
+    embedding_reason: str | None
+    config_groups: dict[str, dict[str, Any]]
+    ignore: list[str]
+
+    def to_dict(self) -> dict:
+        """The report as ``compression_report.json`` holds it."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("json", True)}
+
+    @classmethod
+    def from_dict(cls, report: Mapping, folder: str | os.PathLike) -> CompressionReport:
+        return cls(folder=Path(folder), **report)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> CompressionReport:
+        """The report of the export in ``folder``."""
+        return cls.from_dict(json.loads((Path(folder) / REPORT_FILE).read_text(encoding="utf-8")), folder)
 
 
 def is_previous_export(folder: str | os.PathLike) -> bool:
@@ -287,6 +338,7 @@ def write_compression_report(output_dir: str | os.PathLike, report: dict) -> Pat
 
 __all__ = [
     "EMBEDDING_REASON",
+    "CompressionReport",
     "REPORT_FILE",
     "WEIGHTS_FILE",
     "build_compression_report",
