@@ -14,7 +14,7 @@ Data (``../shared/data/speech``; the script exits cleanly with a message when it
 evaluation set (LJSpeech, English, WER; AISHELL-1, Mandarin, CER), the first ``--eval_limit`` utterances of each
 corpus. Trained rows learn from the first ``--train_rows`` LibriSpeech utterances of ``unlabeled.jsonl``, labelled
 by the teacher (``labelling.pseudo_label``; labels cached in ``OUTPUT/cache``), plus ``--synthetic_rows``
-synthetic utterances (``synthesis``), assembled by ``compress._training_data``.
+synthetic utterances (``synthesis``), assembled by ``compress.training_data``.
 
 Columns:
 
@@ -42,7 +42,6 @@ load average before and after.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime as dt
 import gc
@@ -57,9 +56,15 @@ import tempfile
 import time
 import traceback
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from transformers import HfArgumentParser
+
+if TYPE_CHECKING:
+    from hf_whisper_kdq.export import CompressionReport
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "speech"
@@ -288,97 +293,90 @@ PRESETS = {
 
 
 # ---- command line ----------------------------------------------------------------------------------------------------
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--rows", default=None, help=f"comma-separated rows and presets ({', '.join(PRESETS)}) to compute; see --list"
-    )
-    parser.add_argument("--list", action="store_true", help="list the rows and exit")
-    parser.add_argument("--merge", action="store_true", help="compute nothing: merge the row JSONs into the table")
-    parser.add_argument("--eval_limit", type=int, default=None, help="utterances per corpus (default: all)")
-    parser.add_argument("--train_steps", type=int, default=300, help="optimizer steps of trained rows")
-    parser.add_argument(
-        "--train_rows",
-        type=int,
+@dataclass
+class TableArguments:
+    """What to compute and how (``HfArgumentParser``: ``--help`` lists every field)."""
+
+    rows: str | None = field(
         default=None,
-        help="teacher-labelled LibriSpeech utterances for training (default: all of unlabeled.jsonl)",
+        metadata={"help": f"comma-separated rows and presets ({', '.join(PRESETS)}) to compute; see --list"},
     )
-    parser.add_argument("--synthetic_rows", type=int, default=120, help="synthetic training utterances (0: none)")
-    parser.add_argument(
-        "--synthetic_text",
+    list_rows: bool = field(default=False, metadata={"help": "list the rows and exit", "aliases": ["--list"]})
+    merge: bool = field(default=False, metadata={"help": "compute nothing: merge the row JSONs into the table"})
+    eval_limit: int | None = field(default=None, metadata={"help": "utterances per corpus (default: all)"})
+    train_steps: int = field(default=300, metadata={"help": "optimizer steps of trained rows"})
+    train_rows: int | None = field(
         default=None,
-        help="id<TAB>text file to synthesize them from (default: the package's embedded prompts, "
-        "of which 187 are for training; e.g. ../shared/data/text/ljspeech_prompts.tsv for more)",
+        metadata={"help": "teacher-labelled LibriSpeech utterances for training (default: all of unlabeled.jsonl)"},
     )
-    parser.add_argument("--train_batch_size", type=int, default=8, help="per-device training batch size")
-    parser.add_argument("--learning_rate", type=float, default=1e-4)
-    parser.add_argument("--batch_size", type=int, default=16, help="transformers evaluation batch size")
-    parser.add_argument(
-        "--max_new_tokens",
-        type=int,
+    synthetic_rows: int = field(default=120, metadata={"help": "synthetic training utterances (0: none)"})
+    synthetic_text: str | None = field(
+        default=None,
+        metadata={
+            "help": "id<TAB>text file to synthesize them from (default: the package's embedded prompts, of which 187 "
+            "are for training; e.g. ../shared/data/text/ljspeech_prompts.tsv for more)"
+        },
+    )
+    train_batch_size: int = field(default=8, metadata={"help": "per-device training batch size"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate of trained rows"})
+    batch_size: int = field(default=16, metadata={"help": "transformers evaluation batch size"})
+    max_new_tokens: int = field(
         default=128,
-        help="cap on decoded tokens per utterance in evaluations (default: %(default)s; the longest "
-        "dev.jsonl reference is 38 tokens): bounds the time a degenerate student spends repeating "
-        "itself up to Whisper's 448 positions",
+        metadata={
+            "help": "cap on decoded tokens per utterance in evaluations (the longest dev.jsonl reference is 38 "
+            "tokens): bounds the time a degenerate student spends repeating itself up to Whisper's 448 positions"
+        },
     )
-    parser.add_argument("--teacher", default="openai/whisper-base", help="any sources.load_whisper source")
-    parser.add_argument("--tiny", default="openai/whisper-tiny.en", help="the original small model of row tiny.en")
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder with dev.jsonl and unlabeled.jsonl")
-    parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="results folder (default: %(default)s)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=torch.get_num_threads(),
-        help="CPU threads for torch and CTranslate2 (default: torch's, %(default)s)",
+    teacher: str = field(default="openai/whisper-base", metadata={"help": "any sources.load_whisper source"})
+    tiny: str = field(default="openai/whisper-tiny.en", metadata={"help": "the original small model of row tiny.en"})
+    data: str = field(default=str(DEFAULT_DATA), metadata={"help": "folder with dev.jsonl and unlabeled.jsonl"})
+    output: str = field(default=str(DEFAULT_OUTPUT), metadata={"help": "results folder"})
+    threads: int = field(
+        default_factory=torch.get_num_threads, metadata={"help": "CPU threads for torch and CTranslate2 (torch's)"}
     )
-    parser.add_argument(
-        "--ct2",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also export to CTranslate2 int8 and time faster-whisper (default: on)",
+    ct2: bool = field(
+        default=True, metadata={"help": "also export to CTranslate2 int8 and time faster-whisper (--no-ct2: not)"}
     )
-    parser.add_argument(
-        "--keep_exports",
-        action="store_true",
-        help="keep each row's exported checkpoints under OUTPUT/<row>/ (default: deleted once measured)",
+    keep_exports: bool = field(
+        default=False,
+        metadata={"help": "keep each row's exported checkpoints under OUTPUT/<row>/ (default: deleted once measured)"},
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--bf16",
-        action="store_true",
-        help="train in bf16 CPU autocast (only worth it where the CPU has native bf16: AVX512-BF16 or AMX)",
+    seed: int = field(default=0, metadata={"help": "training seed"})
+    bf16: bool = field(
+        default=False,
+        metadata={
+            "help": "train in bf16 CPU autocast (only worth it where the CPU has native bf16: AVX512-BF16 or AMX)"
+        },
     )
-    args = parser.parse_args(argv)
-    if args.list:
-        return args
-    if not args.merge and not args.rows:
-        parser.error("give --rows (see --list), or --merge to only rebuild the table")
-    positive = (
-        "eval_limit",
-        "max_new_tokens",
-        "train_steps",
-        "train_rows",
-        "train_batch_size",
-        "batch_size",
-        "threads",
-    )
-    for name in positive:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name} must be >= 1")
-    if args.synthetic_rows < 0:
-        parser.error("--synthetic_rows must be >= 0")
-    args.row_names = expand_rows(args.rows, parser) if args.rows and not args.merge else []
+    row_names: list[str] = field(init=False, default_factory=list)
+
+    def __post_init__(self):
+        if self.list_rows:
+            return
+        if not self.merge and not self.rows:
+            raise ValueError("give --rows (see --list), or --merge to only rebuild the table")
+        positive = ("eval_limit", "max_new_tokens", "train_steps", "train_rows", "train_batch_size", "batch_size")
+        for name in (*positive, "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be >= 1")
+        if self.synthetic_rows < 0:
+            raise ValueError("--synthetic_rows must be >= 0 (0: no synthetic speech)")
+        self.row_names = expand_rows(self.rows) if self.rows and not self.merge else []
+
+
+def parse_args(argv=None) -> TableArguments:
+    (args,) = HfArgumentParser(TableArguments, description=__doc__).parse_args_into_dataclasses(args=argv)
     return args
 
 
-def expand_rows(text: str, parser: argparse.ArgumentParser) -> list[str]:
+def expand_rows(text: str) -> list[str]:
     names: list[str] = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
         if item not in PRESETS and item not in ROWS:
-            parser.error(f"unknown row {item!r}: choose from {', '.join(ROWS)} or a preset ({', '.join(PRESETS)})")
+            raise ValueError(f"unknown row {item!r}: choose from {', '.join(ROWS)} or a preset ({', '.join(PRESETS)})")
         names += PRESETS.get(item, [item])
     return list(dict.fromkeys(names))
 
@@ -429,7 +427,7 @@ def load_average() -> list[float] | None:
 class Context:
     """What rows share within one invocation: the teacher, the evaluation sets, the training data."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: TableArguments):
         from hf_whisper_kdq.compress import PhaseTimer
 
         self.args = args
@@ -486,10 +484,10 @@ class Context:
         return known[self.args.teacher]
 
     def training_data(self):
-        """Teacher-labelled LibriSpeech (labels cached) + synthetic speech, via compress._training_data."""
+        """Teacher-labelled LibriSpeech (labels cached) + synthetic speech, via compress.training_data."""
         if self._train is None:
             from hf_whisper_kdq import load_manifest
-            from hf_whisper_kdq.compress import CompressArguments, _training_data
+            from hf_whisper_kdq.compress import CompressArguments, training_data
 
             manifest = self.labelled_manifest()
             compress = CompressArguments(
@@ -502,7 +500,7 @@ class Context:
             model, processor = self.teacher()
             if len(load_manifest(manifest)) == 0 and not compress.synthetic_prompts:
                 raise ValueError("no training data: every teacher label was empty and --synthetic_rows is 0")
-            self._train = _training_data(compress, model, processor, self.timer)
+            self._train = training_data(compress, model, processor, timer=self.timer)
         return self._train
 
     def labelled_manifest(self) -> Path:
@@ -630,20 +628,20 @@ def measure(ctx: Context, name: str, model, processor, row_dir: Path, result: di
         }
 
 
-def sizes_from_report(report: dict, teacher: dict) -> dict:
-    planned = report["paper_accounting"]["planned_bytes"]
+def sizes_from_report(report: CompressionReport, teacher: dict) -> dict:
+    planned = report.paper_accounting["planned_bytes"]
     return {
-        "bytes_on_disk": report["weights_bytes"],
-        "all_files_bytes": report["total_bytes"],
+        "bytes_on_disk": report.weights_bytes,
+        "all_files_bytes": report.total_bytes,
         "paper_bytes": planned,
-        "paper_as_stored_bytes": report["paper_accounting"]["as_stored_bytes"],
-        "ratio_to_teacher_fp16": teacher["fp16_bytes_on_disk"] / report["weights_bytes"],
+        "paper_as_stored_bytes": report.paper_accounting["as_stored_bytes"],
+        "ratio_to_teacher_fp16": teacher["fp16_bytes_on_disk"] / report.weights_bytes,
         "paper_ratio": teacher["fp16_parameter_bytes"] / planned,
-        "embedding_quantized_on_disk": report["embedding_quantized"],
-        "embedding_planned_bits": report["embedding_planned_bits"],
-        "embedding_reason": report["embedding_reason"],
-        "per_layer_bits": report["per_layer_bits"],
-        "planned_bits": sorted({m["planned_bits"] for m in report["modules"].values()}),
+        "embedding_quantized_on_disk": report.embedding_quantized,
+        "embedding_planned_bits": report.embedding_planned_bits,
+        "embedding_reason": report.embedding_reason,
+        "per_layer_bits": report.per_layer_bits,
+        "planned_bits": sorted({m["planned_bits"] for m in report.modules.values()}),
     }
 
 
@@ -696,10 +694,10 @@ def packed_sizes(model, processor, teacher_sizes: dict, folder: Path, plan=None)
     """The table's sizes of a quantized row (PTQ, or trained with its ``plan``), from its packed checkpoint."""
     from hf_whisper_kdq import save_compressed
 
-    folder = save_compressed(
+    report = save_compressed(
         model, processor, folder, plan=plan, teacher_fp16_bytes=teacher_sizes["fp16_parameter_bytes"], overwrite=True
     )
-    return sizes_from_report(json.loads((folder / "compression_report.json").read_text()), teacher_sizes)
+    return sizes_from_report(report, teacher_sizes)
 
 
 def run_ptq(ctx: Context, name: str, row: dict, row_dir: Path, result: dict) -> None:
@@ -727,6 +725,10 @@ def quantizes_encoder(row: dict) -> bool:
     return "encoder" in row["quant_targets"].split(",") and row["bits"] != "float"
 
 
+def student_description(teacher: str, student) -> str:
+    return f"student of {teacher}: {student.config.encoder_layers} encoder / {student.config.decoder_layers} decoder layers"
+
+
 def training_arguments(
     row: dict,
     student,
@@ -736,75 +738,53 @@ def training_arguments(
     batch_size: int,
     learning_rate: float,
     seed: int,
-    extra: list[str] = (),
+    **extra,
 ):
     """The DistillQuantArguments of a trained row (compress's training defaults for the rest); ``extra`` adds or
-    overrides flags (the GPU script's bf16, loaders, device)."""
+    overrides fields (the GPU script's bf16, loaders, device)."""
+    from dataclasses import replace
+
     from transformers import HfArgumentParser
 
     from hf_whisper_kdq import DistillQuantArguments
     from hf_whisper_kdq.compress import with_training_defaults
 
-    argv = [
-        "--output_dir",
-        str(output_dir),
-        "--max_steps",
-        str(steps),
-        "--per_device_train_batch_size",
-        str(batch_size),
-        "--learning_rate",
-        str(learning_rate),
-        "--warmup_steps",
-        str(min(10, steps // 10)),
-        "--seed",
-        str(seed),
-        "--logging_steps",
-        str(max(1, min(10, steps // 5))),
-        "--disable_tqdm",
-        "true",
-        "--quant_targets",
-        row["quant_targets"],
-        "--quant_bit_choices",
-        row["bits"],
-        "--quant_group_size",
-        str(GROUP_SIZE),
-        "--quant_granularity",
-        "per_group",
-        "--kd_weight",
-        str(row.get("kd_weight", 1.0)),
-        "--hidden_weight",
-        str(row.get("hidden_weight", 1.0)),
-        "--hidden_loss_scale",
-        row.get("hidden_loss_scale", "absolute"),
-    ]
-    if quantizes_encoder(row):
-        # compress freezes the encoder by default, which now means round-to-nearest for a quantized one (its
-        # clipping frozen too): a row that quantizes the encoder trains it, as the method does.
-        argv += ["--freeze_encoder", "false"]
+    fields = dict(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        warmup_steps=min(10, steps // 10),
+        seed=seed,
+        logging_steps=max(1, min(10, steps // 5)),
+        disable_tqdm=True,
+        quant_targets=row["quant_targets"],
+        quant_bit_choices=row["bits"],
+        quant_group_size=GROUP_SIZE,
+        quant_granularity="per_group",
+        kd_weight=row.get("kd_weight", 1.0),
+        hidden_weight=row.get("hidden_weight", 1.0),
+        hidden_loss_scale=row.get("hidden_loss_scale", "absolute"),
+        # compress freezes the encoder by default, which means round-to-nearest for a quantized one (its clipping
+        # frozen too): a row that quantizes the encoder trains it, as the method does.
+        freeze_encoder=not quantizes_encoder(row),
+    )
     if row["guided"]:
         # Re-planning late undid training on the GPU (loss 0.57 → 2.38 after the re-plan at step 250 of 500):
         # the second half keeps the plan of the first.
-        argv += [
-            "--layer_matching",
-            "dynamic_monotone",
-            "--selection_interval",
-            str(max(1, steps // 4)),
-            "--selection_until",
-            "0.5",
-        ]
+        fields.update(layer_matching="dynamic_monotone", selection_interval=max(1, steps // 4), selection_until=0.5)
     else:
-        argv += ["--layer_matching", "static", "--selection_interval", "0"]
+        fields.update(layer_matching="static", selection_interval=0)
     if row["budget"]:
         bits = int(row["budget"].split(":")[1])
-        argv += ["--size_budget_mb", f"{uniform_budget_mb(student, row['quant_targets'], bits):.6f}"]
-    (arguments,) = HfArgumentParser(DistillQuantArguments).parse_args_into_dataclasses(
-        args=with_training_defaults([*argv, *extra])
-    )
-    return arguments
+        fields["size_budget_mb"] = round(uniform_budget_mb(student, row["quant_targets"], bits), 6)
+    (defaults,) = HfArgumentParser(DistillQuantArguments).parse_args_into_dataclasses(args=with_training_defaults([]))
+    return replace(defaults, **fields, **extra)
 
 
 def run_training(ctx: Context, name: str, row: dict, row_dir: Path, result: dict) -> None:
-    from hf_whisper_kdq import DistillQuantTrainer, WhisperDataCollator, build_student, prepare_dataset
+    from hf_whisper_kdq import build_student, prepare_dataset
+    from hf_whisper_kdq.compress import train_student
 
     args = ctx.args
     teacher, processor = ctx.teacher()
@@ -819,28 +799,17 @@ def run_training(ctx: Context, name: str, row: dict, row_dir: Path, result: dict
         batch_size=args.train_batch_size,
         learning_rate=args.learning_rate,
         seed=args.seed,
-        extra=["--bf16", "true", "--use_cpu", "true"] if args.bf16 else [],
+        **({"bf16": True, "use_cpu": True} if args.bf16 else {}),
     )
     with ctx.timer(f"{name}: features and labels"):
         multilingual = bool(teacher.generation_config.is_multilingual)
         features, preparation = prepare_dataset(train, processor, multilingual=multilingual)
-    trainer = DistillQuantTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=training_args,
-        train_dataset=features,
-        data_collator=WhisperDataCollator(processor, decoder_start_token_id=student.config.decoder_start_token_id),
-        processing_class=processor,
-    )
     with ctx.timer(f"{name}: train"):
-        output = trainer.train()
-    student = trainer.accelerator.unwrap_model(trainer.model).eval()
-    plan = trainer.plan
+        trainer = train_student(student, teacher, processor, features, training_args)
+    student = trainer.whole_student().eval()
+    plan, output = trainer.plan, trainer.state.log_history[-1]  # the Trainer logs its run's totals last
     logger.info("%s plan:\n%s", name, plan.summary())
-    result["model"] = (
-        f"student of {args.teacher}: {student.config.encoder_layers} encoder / "
-        f"{student.config.decoder_layers} decoder layers"
-    )
+    result["model"] = student_description(args.teacher, student)
     result["training"] = {
         "train_steps": args.train_steps,
         "batch_size": args.train_batch_size,
@@ -848,8 +817,8 @@ def run_training(ctx: Context, name: str, row: dict, row_dir: Path, result: dict
         "rows": len(features),
         "corpora": dict(Counter(features["corpus"])),
         "preparation": preparation.summary(),
-        "train_runtime_s": output.metrics.get("train_runtime"),
-        "final_train_loss": output.training_loss,
+        "train_runtime_s": output.get("train_runtime"),
+        "final_train_loss": output.get("train_loss"),
         "log_history": trainer.state.log_history,
         "arguments": {k: v for k, v in training_args.to_dict().items() if k in TRAINING_KEYS},
     }
@@ -1106,7 +1075,7 @@ def main(argv=None) -> int:
     for noisy in ("transformers", "datasets", "httpx", "urllib3", "faster_whisper"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = parse_args(argv)
-    if args.list:
+    if args.list_rows:
         for name, row in ROWS.items():
             print(f"{name:20s} {row['method']:18s} {row['description']}")
         print("presets: " + "; ".join(f"{k} = {','.join(v)}" for k, v in PRESETS.items()))

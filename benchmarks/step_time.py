@@ -17,7 +17,7 @@ caches of frozen outputs are off in these runs: with one pass over fresh rows th
 over ``batch_size × warmup`` rows, so that the warmup steps fill the caches and every timed step reads them (later
 epochs, as in training on a small dataset).
 On a GPU each run also reports its peak allocated GPU memory (teacher included where the run needs it).
-``gpu_throughput.py`` runs these comparisons for several teacher shapes on one GPU.
+``gpu/gpu_throughput.py`` runs these comparisons for several teacher shapes on one GPU.
 """
 
 from __future__ import annotations

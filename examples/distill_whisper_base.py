@@ -17,17 +17,10 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from hf_whisper_kdq import (
-    DistillQuantArguments,
-    DistillQuantTrainer,
-    WhisperDataCollator,
-    build_student,
-    load_whisper,
-    make_compute_metrics,
-)
+from hf_whisper_kdq import DistillQuantArguments, build_student, load_whisper, make_compute_metrics
+from hf_whisper_kdq.compress import CompressArguments, train_student, training_data
 from hf_whisper_kdq.data import load_manifest, prepare_dataset
 from hf_whisper_kdq.evaluation import evaluate_model
-from hf_whisper_kdq.labelling import pseudo_label
 from hf_whisper_kdq.synthesis import default_prompts, synthesize_dataset
 
 
@@ -45,34 +38,32 @@ def main() -> None:
     teacher, processor = load_whisper(script.teacher)
     student = build_student(teacher, decoder_layers=script.decoder_layers)
 
-    # Under torchrun / accelerate launch the main process synthesizes and labels first; the others then read the
-    # synthesis cache (labels are recomputed: compress keeps them in its output folder instead).
+    # The training data of `hf-whisper-kdq compress`. Under torchrun / accelerate launch the main process synthesizes
+    # and labels first; the others then read the synthesis cache and the labels kept in the output folder.
+    data = CompressArguments(
+        teacher=script.teacher,
+        level="none",
+        synthetic_prompts=script.synthetic_prompts,
+        unlabeled_manifest=script.unlabeled_manifest,
+    )
     with args.main_process_first(desc="training data"):
-        train = synthesize_dataset(default_prompts("train")[: script.synthetic_prompts])
-        if script.unlabeled_manifest:
-            from datasets import concatenate_datasets
-
-            labelled, report = pseudo_label(load_manifest(script.unlabeled_manifest), teacher, processor)
-            print(report.summary())
-            train = concatenate_datasets([train, labelled.select_columns(train.column_names)])
+        train = training_data(data, teacher, processor, output_dir=args.output_dir)
         held_out = synthesize_dataset(default_prompts("eval"))
         multilingual = teacher.generation_config.is_multilingual
         train_features, train_report = prepare_dataset(train, processor, multilingual=multilingual)
         eval_features, _ = prepare_dataset(held_out, processor, multilingual=multilingual)
         print(train_report.summary())
 
-    trainer = DistillQuantTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=args,
-        train_dataset=train_features,
+    trainer = train_student(
+        student,
+        teacher,
+        processor,
+        train_features,
+        args,
         eval_dataset=eval_features,
-        data_collator=WhisperDataCollator(processor, decoder_start_token_id=student.config.decoder_start_token_id),
-        processing_class=processor,
         # WER needs generated transcripts: only with --predict_with_generate (slower evaluation).
         compute_metrics=make_compute_metrics(processor, language="en") if args.predict_with_generate else None,
     )
-    trainer.train()
     metrics = trainer.evaluate()  # every process evaluates its share of the held-out split
     student = trainer.whole_student()  # on every process: under FSDP it gathers the shards onto the main one
     if trainer.is_world_process_zero():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -245,7 +245,13 @@ def _teacher_labels(compress: CompressArguments, teacher, processor, timer: Phas
     return labelled
 
 
-def _training_data(compress: CompressArguments, teacher, processor, timer: PhaseTimer, output_dir: str | None = None):
+def training_data(
+    compress: CompressArguments, teacher, processor, *, timer: PhaseTimer | None = None, output_dir: str | None = None
+):
+    """The training rows ``compress`` trains on (``id``, ``corpus``, ``language``, ``audio``, ``text``), from the
+    data flags of ``compress``: manifests, a ``datasets`` id, ``--unlabeled_manifest`` transcribed by ``teacher``
+    (its labels kept under ``output_dir/teacher_labels`` and reused) and synthesized speech, concatenated and capped
+    at ``--max_train_samples``. Features and labels come next, from ``data.prepare_dataset``."""
     from datasets import concatenate_datasets
 
     from .data import load_manifest, load_speech_dataset
@@ -258,6 +264,7 @@ def _training_data(compress: CompressArguments, teacher, processor, timer: Phase
         parts.append(
             load_speech_dataset(compress.train_dataset, split=compress.train_split, language=compress.language)
         )
+    timer = timer or PhaseTimer()
     if compress.unlabeled_manifest:
         folder = Path(output_dir) / "teacher_labels" if output_dir else None
         parts.append(_teacher_labels(compress, teacher, processor, timer, folder))
@@ -275,14 +282,50 @@ def _training_data(compress: CompressArguments, teacher, processor, timer: Phase
     )
 
 
-def _evaluation_data(compress: CompressArguments, timer: PhaseTimer):
+def evaluation_data(compress: CompressArguments, timer: PhaseTimer | None = None):
+    """The rows ``compress`` evaluates on: ``--eval_manifest``, else held-out synthetic speech (a smoke check)."""
     from .data import load_manifest
     from .synthesis import default_prompts, synthesize_dataset
 
     if compress.eval_manifest:
         return load_manifest(compress.eval_manifest, limit=compress.max_eval_samples)
-    with timer("synthesize held-out evaluation speech"):
+    with (timer or PhaseTimer())("synthesize held-out evaluation speech"):
         return synthesize_dataset(default_prompts("eval")[: compress.max_eval_samples])
+
+
+def train_student(
+    student,
+    teacher,
+    processor,
+    train_features,
+    args: DistillQuantArguments,
+    *,
+    timer: PhaseTimer | None = None,
+    **kwargs,
+):
+    """Distil and quantize ``student`` from ``teacher`` on ``train_features`` (``data.prepare_dataset``'s output)
+    as ``compress`` does, and return the trained ``DistillQuantTrainer``: read the student from
+    ``trainer.whole_student()`` (on every process: under FSDP it is gathered) and export it with
+    ``trainer.save_compressed()``.
+
+    ``kwargs`` go to the trainer (``eval_dataset``, ``compute_metrics``, ``callbacks``...). The Trainer's own push is
+    switched off (it would upload checkpoints): push the compressed folder with ``trainer.push_to_hub()``.
+    """
+    from .data import WhisperDataCollator
+    from .trainer import DistillQuantTrainer
+
+    trainer = DistillQuantTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=replace(args, push_to_hub=False),
+        train_dataset=train_features,
+        data_collator=WhisperDataCollator(processor, decoder_start_token_id=student.config.decoder_start_token_id),
+        processing_class=processor,
+        **kwargs,
+    )
+    with timer("train") if timer else nullcontext():
+        trainer.train()
+    return trainer
 
 
 def warn_untrained_languages(train_languages, eval_languages) -> list[str]:
@@ -307,14 +350,10 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
     ``accelerate launch``), every process trains its share of each batch; the main process alone evaluates,
     exports, writes the card and pushes, and the other processes return an empty summary.
     """
-    from .card import write_model_card
-    from .data import WhisperDataCollator, prepare_dataset
+    from .data import prepare_dataset
     from .evaluation import SMOKE_RUN_BANNER, evaluate_model
-    from .export import save_compressed
-    from .selection import fp16_bytes
     from .sources import atomic_write_text, load_whisper
     from .students import build_student
-    from .trainer import DistillQuantTrainer
 
     timer = PhaseTimer()
     decoder_layers, args = apply_level(compress, args)
@@ -330,25 +369,17 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
     # Under torchrun / accelerate launch the main process synthesizes and labels first, filling the on-disk
     # caches that the other processes then read instead of repeating the work.
     with args.main_process_first(desc="training and evaluation data"):
-        train = _training_data(compress, teacher, processor, timer, args.output_dir)
-        evaluation = _evaluation_data(compress, timer)
+        train = training_data(compress, teacher, processor, timer=timer, output_dir=args.output_dir)
+        evaluation = evaluation_data(compress, timer)
         with timer("features and labels"):
             train_features, report = prepare_dataset(train, processor, multilingual=multilingual)
             logger.info("training data: %s", report.summary())
         warn_untrained_languages(train["language"], evaluation["language"])
 
-    with timer("train"):
-        trainer = DistillQuantTrainer(
-            # compress pushes the compressed folder itself, once: the Trainer's own push would upload checkpoints.
-            model=student,
-            teacher_model=teacher,
-            args=replace(args, push_to_hub=False),
-            train_dataset=train_features,
-            data_collator=WhisperDataCollator(processor, decoder_start_token_id=student.config.decoder_start_token_id),
-            processing_class=processor,
-        )
-        trainer.train()
+    trainer = train_student(student, teacher, processor, train_features, args, timer=timer)
     student = trainer.whole_student()  # under FSDP, gathered onto the main process by every process
+    with timer("export packed checkpoint"):
+        compression = trainer.save_compressed(output / "compressed", overwrite=True)  # on every process: collective
     if not trainer.is_world_process_zero():
         # Evaluation, exports, the card and the push are the main process's alone (one writer per file).
         logger.info("training done on process %d; the main process evaluates and exports", trainer.args.process_index)
@@ -362,12 +393,7 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
         if compress.evaluate_teacher:
             reports["teacher"] = evaluate_model(teacher.eval(), processor, evaluation, **options)
 
-    compressed_dir = output / "compressed"
-    teacher_fp16 = fp16_bytes(teacher)
-    with timer("export packed checkpoint"):
-        save_compressed(
-            student, processor, compressed_dir, plan=trainer.plan, teacher_fp16_bytes=teacher_fp16, overwrite=True
-        )
+    compressed_dir = compression.folder
     if compress.ctranslate2_quantization != "none":
         with timer("export CTranslate2 copy"):
             from .export.ctranslate2 import export_ctranslate2
@@ -379,23 +405,19 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
                 quantization=compress.ctranslate2_quantization,
                 overwrite=True,
             )
-    compression = json.loads((compressed_dir / "compression_report.json").read_text())
     eval_json = {name: r.to_dict(per_utterance=False) for name, r in reports.items()}
     eval_json["smoke_run"] = compress.smoke
     atomic_write_text(compressed_dir / "eval_report.json", json.dumps(eval_json, indent=2, ensure_ascii=False) + "\n")
     with timer("model card"):
-        write_model_card(
-            compressed_dir,
-            plan=trainer.plan,
-            compression_report=compression,
+        trainer.create_model_card(
+            finetuned_from=compress.teacher,
+            dataset_tags=sorted(set(train["corpus"])),
+            language=sorted(set(train["language"])),
+            report=compression,
             # Scores on synthetic speech are never published as results: a smoke run's card carries none.
             eval_results={}
             if compress.smoke
             else {"compressed": eval_json["compressed"], "teacher": eval_json.get("teacher")},
-            teacher_id=compress.teacher,
-            training_args=args.to_dict(),
-            datasets=sorted(set(train["corpus"])),
-            languages=sorted(set(train["language"])),
             synthetic_speech=compress.smoke or any("synthetic" in c for c in set(train["corpus"])),
         )
     if args.push_to_hub:
@@ -415,13 +437,16 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
         "processes": trainer.args.world_size if trainer.args.parallel_mode == ParallelMode.DISTRIBUTED else 1,
         "training_log": trainer.state.log_history,
         "plan": trainer.plan.to_dict(),
-        "compression": {k: compression.get(k) for k in ("total_bytes", "ratio_to_teacher_fp16") if k in compression},
+        "compression": {
+            "total_bytes": compression.total_bytes,
+            "ratio_to_teacher_fp16": compression.ratio_to_teacher_fp16,
+        },
         "evaluation": eval_json,
     }
     atomic_write_text(
         output / "compress_summary.json", json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n"
     )
-    sizes = {"compressed": compression.get("total_bytes"), "teacher": teacher_fp16}
+    sizes = {"compressed": compression.total_bytes, "teacher": compression.teacher_fp16_bytes}
     print(summary_table(reports, sizes, timer.seconds, smoke=compress.smoke))
     return summary
 

@@ -101,7 +101,8 @@ def transcribe(
     max_new_tokens: int | None = None,
     progress: bool = True,
 ) -> list[str]:
-    """Transcribe ``audios`` (16 kHz arrays, file paths or datasets audio dicts) in batches, in input order.
+    """Transcribe ``audios`` (16 kHz arrays, file paths or datasets audio dicts) in batches, in input order; or
+    log-mel features extracted beforehand (``[n_mels, frames]`` tensors, e.g. stored in fp16), decoded as they are.
 
     Batches hold one language (multilingual models get ``language`` and ``task``; ``None`` is detected; English-only
     models get neither and refuse other languages), longest first. Audio over 30 s is decoded long-form. Runs on
@@ -114,7 +115,8 @@ def transcribe(
     n = len(audios)
     codes = _language_plan(model, languages, n, task)
     multilingual = getattr(model.generation_config, "is_multilingual", True)
-    lengths = [_duration(audio) for audio in audios]  # drives the batching order; files are read per batch
+    # Drives the batching order; files are read per batch. Extracted features all span one window.
+    lengths = [0.0 if _is_features(audio) else _duration(audio) for audio in audios]
     groups: dict[str | None, list[int]] = defaultdict(list)
     for i, code in enumerate(codes):
         groups[code].append(i)  # one language per batch: generate takes a single language and task
@@ -129,7 +131,7 @@ def transcribe(
                 texts = _generate(
                     model,
                     processor,
-                    [as_audio_array(audios[i]) for i in batch],
+                    [audios[i] if _is_features(audios[i]) else as_audio_array(audios[i]) for i in batch],
                     device=device,
                     dtype=dtype,
                     language=code if multilingual else None,
@@ -143,18 +145,23 @@ def transcribe(
     return [text or "" for text in results]
 
 
+def _is_features(item: Any) -> bool:
+    return isinstance(item, torch.Tensor) and item.ndim == 2
+
+
 def _generate(model, processor, arrays, *, device, dtype, language, task, num_beams, max_new_tokens) -> list[str]:
-    long_form = max(len(a) for a in arrays) > CHUNK_SECONDS * SAMPLING_RATE
-    extra = {"truncation": False, "padding": "longest"} if long_form else {}
-    features = processor.feature_extractor(
-        arrays, sampling_rate=SAMPLING_RATE, return_tensors="pt", return_attention_mask=True, **extra
-    )
-    kwargs: dict[str, Any] = {
-        "input_features": features.input_features.to(device=device, dtype=dtype),
-        "attention_mask": features.attention_mask.to(device),
-        "num_beams": num_beams,
-        "do_sample": False,
-    }
+    kwargs: dict[str, Any] = {"num_beams": num_beams, "do_sample": False}
+    long_form = False
+    if all(_is_features(item) for item in arrays):
+        kwargs["input_features"] = torch.stack(arrays).to(device=device, dtype=dtype)
+    else:
+        long_form = max(len(a) for a in arrays) > CHUNK_SECONDS * SAMPLING_RATE
+        extra = {"truncation": False, "padding": "longest"} if long_form else {}
+        features = processor.feature_extractor(
+            arrays, sampling_rate=SAMPLING_RATE, return_tensors="pt", return_attention_mask=True, **extra
+        )
+        kwargs["input_features"] = features.input_features.to(device=device, dtype=dtype)
+        kwargs["attention_mask"] = features.attention_mask.to(device)
     optional = {"language": language, "task": task, "max_new_tokens": max_new_tokens}
     kwargs.update({key: value for key, value in optional.items() if value is not None})
     if long_form:
@@ -245,6 +252,27 @@ class EvaluationReport:
         self.decode_seconds = sum(e["decode_seconds"] for e in self.corpora)
         self.rtf = _rtf(self.decode_seconds, self.audio_seconds)
 
+    def score_transcripts(self) -> EvaluationReport:
+        """Score the transcripts in ``utterances`` per (corpus, language) of ``corpora``, then summarize: what
+        `evaluate_model` does after decoding, or later and elsewhere for a report made with ``score=False``."""
+        for position, entry in enumerate(self.corpora):
+            rows = [u for u in self.utterances if (u["corpus"], u["language"]) == (entry["corpus"], entry["language"])]
+            references, hypotheses = [u["reference"] for u in rows], [u["hypothesis"] for u in rows]
+            result = score(references, hypotheses, entry["language"], per_utterance=True)
+            for row, record in zip(rows, result.pop("utterances")):
+                row.update(record)
+            self.corpora[position] = {
+                "corpus": entry["corpus"],
+                "language": entry["language"],
+                "error_rate": result[result["metric"]],
+                **result,
+                "audio_seconds": entry["audio_seconds"],
+                "decode_seconds": entry["decode_seconds"],
+                "rtf": entry["rtf"],
+            }
+        self.summarize()
+        return self
+
     def to_dict(self, per_utterance: bool = True) -> dict[str, Any]:
         result = asdict(self)
         if not per_utterance:
@@ -295,18 +323,25 @@ def evaluate_model(
     processor,
     dataset,
     *,
+    features: Sequence[torch.Tensor] | None = None,
     batch_size: int = 8,
     num_beams: int = 1,
     max_new_tokens: int | None = None,
     model_path: str | os.PathLike | None = None,
     progress: bool = True,
     warmup: bool = True,
+    score: bool = True,
 ) -> EvaluationReport:
     """Transcribe a manifest dataset (``id``, ``corpus``, ``language``, ``audio``, ``text``; see
     ``data.load_manifest``) and score it per corpus and per language. Each corpus's audio is read before its
     clock starts, so ``decode_seconds`` and the real-time factor cover feature extraction and generation;
-    with ``warmup``, one utterance is decoded first, off the clock (first passes pick kernels, allocate)."""
-    rows = ManifestRows.of(dataset)
+    with ``warmup``, one utterance is decoded first, off the clock (first passes pick kernels, allocate).
+
+    ``features``: the rows' log-mel features, extracted beforehand (``features[i]``, a ``[n_mels, frames]`` tensor,
+    for row ``i``); the dataset then needs ``duration`` instead of ``audio``, and the clock covers generation only.
+    ``score=False`` returns the transcripts unscored (no error rates), for `EvaluationReport.score_transcripts`
+    to score later, e.g. where the scoring dependencies are installed."""
+    rows = ManifestRows.of(dataset, features)
     parameter = next(model.parameters())
     size_bytes, size_source = model_size(model, model_path)
     report = EvaluationReport(
@@ -335,25 +370,32 @@ def evaluate_model(
             progress=progress,
         )
 
-    return rows.transcribe_and_score(report, transcriber, warmup=warmup)
+    rows.transcribe(report, transcriber, warmup=warmup)
+    return report.score_transcripts() if score else report
 
 
 @dataclass
 class ManifestRows:
-    """The labelled rows of a manifest dataset, grouped by (corpus, language): what every evaluator scores."""
+    """The labelled rows of a manifest dataset, grouped by (corpus, language): what every evaluator transcribes.
+    ``features`` (optional): each row's log-mel features, extracted beforehand, decoded instead of its audio."""
 
     ids: list[str]
     references: list[str | None]
-    audio: list[Any]
+    audio: list[Any] | None
     groups: dict[tuple[str, str], list[int]]
     unlabeled: int
+    features: Sequence[torch.Tensor] | None = None
+    durations: list[float] | None = None
 
     @classmethod
-    def of(cls, dataset) -> ManifestRows:
+    def of(cls, dataset, features: Sequence[torch.Tensor] | None = None) -> ManifestRows:
         columns = set(dataset.column_names)
-        if missing := {"audio", "text", "language"} - columns:
+        needed = {"text", "language", "duration" if features is not None else "audio"}
+        if missing := needed - columns:
             raise ValueError(f"the dataset lacks column(s) {sorted(missing)}: load it with data.load_manifest")
         n = len(dataset)
+        if features is not None and len(features) != n:
+            raise ValueError(f"{len(features)} feature rows for {n} dataset rows: pass one per row")
         ids = list(dataset["id"]) if "id" in columns else [str(i) for i in range(n)]
         corpora = list(dataset["corpus"]) if "corpus" in columns else [None] * n
         references = list(dataset["text"])
@@ -364,49 +406,56 @@ class ManifestRows:
                 groups[(corpora[i] or "default", languages[i])].append(i)
         if unlabeled := n - sum(map(len, groups.values())):
             logger.warning("%d of %d rows have no reference text and are not evaluated", unlabeled, n)
+        if features is not None:
+            return cls(ids, references, None, dict(groups), unlabeled, features, list(dataset["duration"]))
         return cls(ids, references, audio_values(dataset), dict(groups), unlabeled)
 
-    def transcribe_and_score(self, report: EvaluationReport, transcriber, *, warmup: bool) -> EvaluationReport:
-        """Fill ``report`` per corpus with ``transcriber(arrays, language, warmup) -> texts``.
+    def inputs(self, indices: list[int]) -> tuple[list[Any], float]:
+        """What the transcriber decodes for these rows (audio arrays or features) and their seconds of audio."""
+        if self.features is not None:
+            return [self.features[i] for i in indices], sum(self.durations[i] for i in indices)
+        arrays = [load_audio(self.audio[i], row_id=self.ids[i]) for i in indices]
+        return arrays, sum(len(a) for a in arrays) / SAMPLING_RATE
+
+    def transcribe(self, report: EvaluationReport, transcriber, *, warmup: bool) -> EvaluationReport:
+        """Fill ``report`` per corpus with the transcripts of ``transcriber(inputs, language, warmup) -> texts`` and
+        their timing (scores: `EvaluationReport.score_transcripts`).
 
         Each corpus's audio is read before its clock starts, so ``decode_seconds`` covers feature extraction and
         decoding only; with ``warmup``, one utterance is decoded first, off the clock."""
         if warmup and self.groups:
             (_, code), indices = next(iter(self.groups.items()))
-            transcriber([load_audio(self.audio[indices[0]], row_id=self.ids[indices[0]])], code, True)
+            transcriber(self.inputs(indices[:1])[0], code, True)
         for (corpus, code), indices in self.groups.items():
-            arrays = [load_audio(self.audio[i], row_id=self.ids[i]) for i in indices]
-            audio_seconds = sum(len(a) for a in arrays) / SAMPLING_RATE
+            inputs, audio_seconds = self.inputs(indices)
             start = time.perf_counter()
-            hypotheses = transcriber(arrays, code, False)
+            hypotheses = transcriber(inputs, code, False)
             decode_seconds = time.perf_counter() - start
-            del arrays  # one corpus in memory at a time
-            references = [self.references[i] for i in indices]
-            result = score(references, hypotheses, code, per_utterance=True)
-            for i, hypothesis, record in zip(indices, hypotheses, result.pop("utterances")):
-                report.utterances.append(
-                    {
-                        "id": self.ids[i],
-                        "corpus": corpus,
-                        "language": code,
-                        "reference": self.references[i],
-                        "hypothesis": hypothesis,
-                        **record,
-                    }
-                )
+            del inputs  # one corpus in memory at a time
+            report.utterances += [
+                {
+                    "id": self.ids[i],
+                    "corpus": corpus,
+                    "language": code,
+                    "reference": self.references[i],
+                    "hypothesis": h,
+                }
+                for i, h in zip(indices, hypotheses)
+            ]
             report.corpora.append(
                 {
                     "corpus": corpus,
                     "language": code,
-                    "error_rate": result[result["metric"]],
-                    **result,
                     "audio_seconds": audio_seconds,
                     "decode_seconds": decode_seconds,
                     "rtf": _rtf(decode_seconds, audio_seconds),
                 }
             )
-        report.summarize()
         return report
+
+    def transcribe_and_score(self, report: EvaluationReport, transcriber, *, warmup: bool) -> EvaluationReport:
+        """`transcribe`, then `EvaluationReport.score_transcripts`."""
+        return self.transcribe(report, transcriber, warmup=warmup).score_transcripts()
 
 
 # --- Command line: hf-whisper-kdq evaluate MODEL --manifest ... ----------------------------------------

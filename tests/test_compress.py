@@ -68,9 +68,23 @@ def test_an_unreachable_level_fails_before_the_data_phase(tmp_path, tiny_whisper
     assert not output.exists() or not any(output.iterdir())  # nothing synthesized, labelled or trained
 
 
-def test_compress_end_to_end_on_a_tiny_teacher(tmp_path, tiny_whisper, capsys):
+def test_compress_end_to_end_on_a_tiny_teacher(tmp_path, tiny_whisper, capsys, monkeypatch):
     pytest.importorskip("piper")
     pytest.importorskip("ctranslate2")
+    from hf_whisper_kdq.trainer import DistillQuantTrainer
+
+    # compress exports and writes its card through the trainer's own methods, as push_to_hub does: one path.
+    calls = {}
+
+    def spy(name: str, original):
+        def recorded(self, *args, **kwargs):
+            calls.setdefault(name, []).append(result := original(self, *args, **kwargs))
+            return result
+
+        return recorded
+
+    for method in ("save_compressed", "create_model_card"):
+        monkeypatch.setattr(DistillQuantTrainer, method, spy(method, getattr(DistillQuantTrainer, method)))
     model, processor = tiny_whisper
     teacher = save_whisper(model, processor, tmp_path / "teacher")
     output = tmp_path / "run"
@@ -124,6 +138,9 @@ def test_compress_end_to_end_on_a_tiny_teacher(tmp_path, tiny_whisper, capsys):
     assert summary["evaluation"]["smoke_run"] is True
     card = ModelCard.load(compressed / "README.md")
     assert not card.data.eval_results  # synthetic-speech scores are never published as results
+    (report,) = calls["save_compressed"]
+    assert report.folder == compressed and calls["create_model_card"] == [compressed / "README.md"]
+    assert summary["compression"]["total_bytes"] == report.total_bytes == report.to_dict()["total_bytes"]
     out = capsys.readouterr().out
     assert "SMOKE RUN" in out and "| compressed |" in out and "| teacher |" in out
 
@@ -169,13 +186,13 @@ def test_teacher_labels_are_kept_and_reused_until_threshold_or_teacher_change(tm
 def test_synthetic_text_file_is_synthesized_in_order(tmp_path, monkeypatch):
     """--synthetic_text: training speech from the user's own sentences instead of the embedded prompts."""
     pytest.importorskip("piper")
-    from hf_whisper_kdq.compress import PhaseTimer, _training_data
+    from hf_whisper_kdq.compress import PhaseTimer, training_data
 
     monkeypatch.setenv("HF_WHISPER_KDQ_CACHE", str(tmp_path / "cache"))
     text = tmp_path / "sentences.tsv"
     text.write_text("a1\tThe press yard was quiet.\na2\tNine feet by six.\na3\tNot this one.\n", encoding="utf-8")
     compress = CompressArguments(synthetic_prompts=2, synthetic_text=str(text))
-    dataset = _training_data(compress, None, None, PhaseTimer())
+    dataset = training_data(compress, None, None, timer=PhaseTimer())
     assert dataset["text"] == ["The press yard was quiet.", "Nine feet by six."]
     assert all(duration > 0.5 for duration in dataset["duration"])
     with pytest.raises(ValueError, match="--synthetic_text .*no such file"):

@@ -233,6 +233,32 @@ def test_evaluate_model_real_decoding_and_json_round_trip(tiny_whisper, manifest
     assert EvaluationReport.load_json(brief_path).utterances == []
 
 
+def test_evaluate_model_on_extracted_features_scores_as_on_audio(tiny_whisper, manifest):
+    """Features extracted beforehand (stored in fp16, as the GPU script packs them) decode and score as the audio
+    does; ``score=False`` keeps the transcripts unscored, and ``score_transcripts`` later gives the same report."""
+    from hf_whisper_kdq.audio import load_audio
+
+    model, processor = tiny_whisper
+    dataset = load_manifest(manifest, limit=5)
+    options = dict(batch_size=2, max_new_tokens=3, progress=False, warmup=False)
+    on_audio = evaluate_model(model, processor, dataset, **options)
+    arrays = [load_audio(row["audio"]) for row in dataset]
+    features = processor.feature_extractor(arrays, sampling_rate=RATE, return_tensors="pt").input_features.half()
+    metadata = dataset.remove_columns("audio")
+    later = evaluate_model(model, processor, metadata, features=list(features), score=False, **options)
+    assert all("error_rate" not in entry for entry in later.corpora) and later.languages == {}
+    assert [u["hypothesis"] for u in later.utterances] == [u["hypothesis"] for u in on_audio.utterances]
+    later.score_transcripts()
+    assert [
+        {k: v for k, v in e.items() if k not in ("audio_seconds", "decode_seconds", "rtf")} for e in later.corpora
+    ] == [{k: v for k, v in e.items() if k not in ("audio_seconds", "decode_seconds", "rtf")} for e in on_audio.corpora]
+    assert later.utterances == on_audio.utterances and later.audio_seconds == pytest.approx(
+        on_audio.audio_seconds, 1e-3
+    )
+    with pytest.raises(ValueError, match="4 feature rows for 5 dataset rows"):
+        evaluate_model(model, processor, metadata, features=list(features[:4]), **options)
+
+
 def test_model_size(tiny_whisper, tmp_path):
     model, _ = tiny_whisper
     for name, size in [

@@ -1,5 +1,5 @@
-"""CPU smoke runs of the GPU scripts (benchmarks/gpu_*.py), each in a subprocess as the device would run it, on a
-tiny random Whisper with a 1 s input window; and the pieces of gpu_pack_inputs.py round-tripping bit-exactly."""
+"""CPU smoke runs of the GPU scripts (benchmarks/gpu/), each in a subprocess as the device would run it, on a tiny
+random Whisper with a 1 s input window; and the pieces of gpu_pack_inputs.py round-tripping bit-exactly."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneratio
 from hf_whisper_kdq import save_whisper
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
+GPU_TOOLS = BENCHMARKS / "gpu"  # the transport and GPU-side scripts, apart from the CPU benchmarks
+sys.path[:0] = [str(GPU_TOOLS), str(BENCHMARKS)]
 
 import gpu_pack_inputs  # noqa: E402
 import gpu_train  # noqa: E402
@@ -30,13 +31,17 @@ from step_time import KINDS  # noqa: E402
 PIECE_MB = 1.0
 
 
-def run_script(name: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_script(script: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     # One thread: micro models gain nothing from more, and on 2 busy cores OpenMP barriers cost seconds.
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True, env=environment, timeout=300
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
     )
-    assert done.returncode == 0, f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, f"{script.name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
 
 
@@ -48,7 +53,7 @@ def throughput(tmp_path_factory):
     process = subprocess.Popen(
         [
             sys.executable,
-            str(BENCHMARKS / "gpu_throughput.py"),
+            str(GPU_TOOLS / "gpu_throughput.py"),
             "--device",
             "cpu",
             "--smoke",
@@ -81,7 +86,7 @@ def packed(tmp_path_factory, _tiny_whisper_session, throughput):
     root = tmp_path_factory.mktemp("gpu_pack")
     teacher = save_whisper(short, processor, root / "teacher")
     run_script(
-        "gpu_pack_inputs.py",
+        GPU_TOOLS / "gpu_pack_inputs.py",
         "--smoke",
         "--teacher",
         str(teacher),
@@ -108,7 +113,9 @@ def test_pack_lists_every_piece_once_within_the_piece_size(packed):
 
 
 def test_reassemble_round_trips_bit_exactly(packed, tmp_path):
-    run_script("gpu_pack_inputs.py", "--reassemble", str(packed / "pieces"), "--into", str(tmp_path / "inputs"))
+    run_script(
+        GPU_TOOLS / "gpu_pack_inputs.py", "--reassemble", str(packed / "pieces"), "--into", str(tmp_path / "inputs")
+    )
     comparison = filecmp.dircmp(packed / "inputs", tmp_path / "inputs")
     files = [path.relative_to(packed / "inputs") for path in (packed / "inputs").rglob("*") if path.is_file()]
     assert files and not comparison.left_only and not comparison.right_only
@@ -152,7 +159,7 @@ def test_train_smoke_defers_what_it_cannot_do_and_score_completes_it(packed, tmp
         (blocked / module / "__init__.py").write_text(f"raise ImportError('{module} is not installed here')\n")
     path = os.pathsep.join([str(blocked), os.environ.get("PYTHONPATH", "")])
     run_script(
-        "gpu_train.py",
+        GPU_TOOLS / "gpu_train.py",
         "--inputs",
         str(packed / "inputs"),
         "--device",
@@ -170,7 +177,7 @@ def test_train_smoke_defers_what_it_cannot_do_and_score_completes_it(packed, tmp
     training = row["training"]
     assert training["train_steps"] == 2 and training["steps_per_second"] > 0 and training["median_step_seconds"] > 0
     assert "peak_gpu_memory_bytes" in training and row["plan"]["units"]
-    utterances = row["evaluation"]["utterances"]
+    utterances = row["evaluation"]["report"]["utterances"]
     assert len(utterances) == 6 and all("hypothesis" in u and u["reference"] for u in utterances)
 
     assert gpu_train.main(["--score", str(pending), "--output", str(tmp_path / "table")]) == 0
@@ -206,7 +213,7 @@ def test_session_train_step_brings_the_rows_back_as_one_archive(packed, tmp_path
         "KDQ_TRAIN_ARGS": "--device cpu --smoke --rows teacher,ptq-decemb-int3g32",
     }
     done = subprocess.run(
-        ["bash", str(BENCHMARKS / "gpu_session.sh"), "train"],
+        ["bash", str(GPU_TOOLS / "gpu_session.sh"), "train"],
         cwd=BENCHMARKS.parent,
         capture_output=True,
         text=True,
@@ -240,7 +247,7 @@ def test_throughput_smoke_reports_ratios_memory_and_resume(throughput):
 def test_step_time_runs_only_the_runs_asked_for(tmp_path):
     output = tmp_path / "step.json"
     run_script(
-        "step_time.py",
+        BENCHMARKS / "step_time.py",
         "--teacher",
         "micro",
         "--batch_size",

@@ -1,12 +1,12 @@
 """The inputs of the GPU runs, built on the CPU machine and split into pieces that the device tool can carry.
 
-    python benchmarks/gpu_pack_inputs.py --output /tmp/kdq_inputs                  # here: build, split, print the calls
-    python benchmarks/gpu_pack_inputs.py --reassemble /tmp/kdq_inputs/pieces       # there: verify, join, unpack
-    python benchmarks/gpu_pack_inputs.py --smoke --teacher TINY_FOLDER --output DIR --no-wheels   # a CPU check
+    python benchmarks/gpu/gpu_pack_inputs.py --output /tmp/kdq_inputs                  # here: build, split, print the calls
+    python benchmarks/gpu/gpu_pack_inputs.py --reassemble /tmp/kdq_inputs/pieces       # there: verify, join, unpack
+    python benchmarks/gpu/gpu_pack_inputs.py --smoke --teacher TINY_FOLDER --output DIR --no-wheels   # a CPU check
 
 The GPU machine has torch, transformers and accelerate but no soundfile, soxr or datasets, and a call carries at
 most 64 MiB. So the speech travels as what training and decoding consume, log-mel features and token labels,
-computed here exactly as ``results_table.py``'s trained rows compute them (``compress._training_data`` and
+computed here exactly as ``results_table.py``'s trained rows compute them (``compress.training_data`` and
 ``prepare_dataset`` for training; the feature extractor, as ``evaluation.transcribe`` runs it, for ``dev.jsonl``).
 
 OUTPUT/inputs/ (what ``gpu_train.py --inputs`` reads):
@@ -40,7 +40,9 @@ import tarfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+# The CPU benchmarks this GPU tooling builds on (results_table, step_time) live one folder up.
+sys.path.insert(0, str(ROOT / "benchmarks"))
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "speech"
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results"
 ARCHIVE = "inputs.tar"
@@ -252,25 +254,19 @@ def shared_sources(args):
     """(teacher, processor, training manifest, evaluation manifest, notes) through results_table's Context."""
     import results_table
 
-    # Context reads only the data, teacher and labelling options; its parser wants a row to be named.
-    argv = [
-        "--rows",
-        "kdq-d2-u4",
-        "--data",
-        args.data,
-        "--output",
-        args.results,
-        "--teacher",
-        args.teacher,
-        "--synthetic_rows",
-        str(args.synthetic_rows),
-        "--batch_size",
-        str(args.label_batch_size),
-    ]
-    argv += ["--train_rows", str(args.train_rows)] if args.train_rows else []
-    argv += ["--synthetic_text", args.synthetic_text] if args.synthetic_text else []
-    argv += ["--eval_limit", str(args.eval_limit)] if args.eval_limit else []
-    ctx = results_table.Context(results_table.parse_args(argv))
+    # Context reads only the data, teacher and labelling options; its arguments want a row to be named.
+    table = results_table.TableArguments(
+        rows="kdq-d2-u4",
+        data=args.data,
+        output=args.results,
+        teacher=args.teacher,
+        synthetic_rows=args.synthetic_rows,
+        batch_size=args.label_batch_size,
+        train_rows=args.train_rows or None,
+        synthetic_text=args.synthetic_text or None,
+        eval_limit=args.eval_limit or None,
+    )
+    ctx = results_table.Context(table)
     teacher, processor = ctx.teacher()
     train, evaluation = ctx.training_data(), ctx.eval_set(english_only=False)
     return teacher, processor, train, evaluation, {"phase_seconds": ctx.timer.seconds}

@@ -2,11 +2,11 @@
 # The GPU machine's side of the "GPU runs" in benchmarks/README.md. Each device call runs one step from the
 # repository root (the pieces of gpu_pack_inputs.py travel over several calls, see the README):
 #
-#   bash benchmarks/gpu_session.sh smoke        # after code changes: wheels + the smoke pack, every row for 2 steps
-#   bash benchmarks/gpu_session.sh throughput   # first call: receive its pieces + wheels, install, throughput benchmark
-#   bash benchmarks/gpu_session.sh receive      # middle calls: keep the carried pieces
-#   bash benchmarks/gpu_session.sh train        # last call: receive, reassemble (hash-checked), train + evaluate
-#   bash benchmarks/gpu_session.sh all          # all of it, when every piece came in this call
+#   bash benchmarks/gpu/gpu_session.sh smoke        # after code changes: wheels + the smoke pack, every row for 2 steps
+#   bash benchmarks/gpu/gpu_session.sh throughput   # first call: receive its pieces + wheels, install, throughput benchmark
+#   bash benchmarks/gpu/gpu_session.sh receive      # middle calls: keep the carried pieces
+#   bash benchmarks/gpu/gpu_session.sh train        # last call: receive, reassemble (hash-checked), train + evaluate
+#   bash benchmarks/gpu/gpu_session.sh all          # all of it, when every piece came in this call
 #
 # Every step first copies what the call carried under $KDQ_CARRY to $KDQ_ROOT/pieces: the repository copy there is
 # refreshed by each call, /tmp stays while the machine is warm. The wheels are installed once, into $KDQ_SITE, with
@@ -49,12 +49,12 @@ transformers.__version__, '| GPU', torch.cuda.get_device_name() if torch.cuda.is
 
 throughput() {
     # shellcheck disable=SC2086  # the extra flags are meant to split
-    python3 benchmarks/gpu_throughput.py --output "$OUT/throughput.json" ${KDQ_THROUGHPUT_ARGS:-} 2>&1 \
+    python3 benchmarks/gpu/gpu_throughput.py --output "$OUT/throughput.json" ${KDQ_THROUGHPUT_ARGS:-} 2>&1 \
         | tee "$OUT/throughput.log"
 }
 
 smoke() {
-    python3 benchmarks/gpu_train.py --inputs "${KDQ_SMOKE_INPUTS:-benchmarks/results/gpu_smoke/inputs}" --device cuda \
+    python3 benchmarks/gpu/gpu_train.py --inputs "${KDQ_SMOKE_INPUTS:-benchmarks/results/gpu_smoke/inputs}" --device cuda \
         --smoke --output "$OUT/smoke" 2>&1 | tee "$OUT/smoke.log"
 }
 
@@ -67,13 +67,13 @@ bundle_rows() {
 
 train() {
     if [ ! -f "$INPUTS/manifest.json" ]; then
-        python3 benchmarks/gpu_pack_inputs.py --reassemble "$PIECES" --into "$INPUTS"
+        python3 benchmarks/gpu/gpu_pack_inputs.py --reassemble "$PIECES" --into "$INPUTS"
     fi
     ROWS=$(mktemp -d "$ROOT/rows.XXXX")
     trap bundle_rows EXIT  # also when the device tool's time limit stops the run (SIGTERM)
     trap 'exit 143' TERM
     # shellcheck disable=SC2086
-    python3 benchmarks/gpu_train.py --inputs "$INPUTS" --output "$ROWS" ${KDQ_TRAIN_ARGS:-} 2>&1 | tee "$OUT/train.log"
+    python3 benchmarks/gpu/gpu_train.py --inputs "$INPUTS" --output "$ROWS" ${KDQ_TRAIN_ARGS:-} 2>&1 | tee "$OUT/train.log"
 }
 
 case "${1:-}" in
@@ -82,5 +82,5 @@ case "${1:-}" in
     throughput) receive; setup; throughput ;;
     train) receive; setup; train ;;
     all) receive; setup; throughput; train ;;
-    *) echo "usage: bash benchmarks/gpu_session.sh receive|smoke|throughput|train|all" >&2; exit 2 ;;
+    *) echo "usage: bash benchmarks/gpu/gpu_session.sh receive|smoke|throughput|train|all" >&2; exit 2 ;;
 esac

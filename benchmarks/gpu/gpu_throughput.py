@@ -1,7 +1,7 @@
 """Training throughput of Whisper-KDQ on one GPU (steps/s, peak memory, ratios) and a resume check.
 
-    python benchmarks/gpu_throughput.py --output $OUT/throughput.json        # on the GPU (gpu_session.sh)
-    python benchmarks/gpu_throughput.py --device cpu --smoke --output /tmp/throughput.json   # a CPU check
+    python benchmarks/gpu/gpu_throughput.py --output $OUT/throughput.json        # on the GPU (gpu_session.sh)
+    python benchmarks/gpu/gpu_throughput.py --device cpu --smoke --output /tmp/throughput.json   # a CPU check
 
 Random weights with real Whisper shapes (step time does not depend on the values). ``--pairs`` lists teacher
 shape : student decoder layers; the default ``small:2,base:2`` is
@@ -39,6 +39,9 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+# The CPU benchmarks this GPU tooling builds on (results_table, step_time) live one folder up.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import results_table  # noqa: E402
 import torch  # noqa: E402

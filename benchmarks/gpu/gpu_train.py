@@ -1,9 +1,9 @@
 """Trained rows of the results table on one GPU, from the inputs that gpu_pack_inputs.py built.
 
-    python benchmarks/gpu_train.py --inputs /tmp/kdq_inputs/inputs --output $OUT      # on the GPU (gpu_session.sh)
-    python benchmarks/gpu_train.py --score OUT/pending/kdq-d2-u4-gpu.json            # here, only if work was deferred
+    python benchmarks/gpu/gpu_train.py --inputs /tmp/kdq_inputs/inputs --output $OUT      # on the GPU (gpu_session.sh)
+    python benchmarks/gpu/gpu_train.py --score OUT/pending/kdq-d2-u4-gpu.json            # here, only if work was deferred
     python benchmarks/results_table.py --merge                                       # the table, GPU rows included
-    python benchmarks/gpu_train.py --inputs DIR --device cpu --smoke --output DIR2    # a CPU check of the script
+    python benchmarks/gpu/gpu_train.py --inputs DIR --device cpu --smoke --output DIR2    # a CPU check of the script
 
 Each ``--rows`` entry is a trained row of ``results_table.py`` (``--list`` there), trained as that script trains
 it (``DistillQuantTrainer`` on a ``build_student`` spaced student, the row's quantization targets, bits, budget,
@@ -13,12 +13,12 @@ of training wall time equally; a row stops at its step count or its share of the
 (the linear learning-rate schedule is set for ``--train_steps``: the row JSON says when the clock stopped it).
 ``teacher`` and ``tiny.en`` are reference rows: the packed model evaluated the same way.
 
-Evaluation: greedy decoding (at most ``--max_new_tokens`` tokens) of the packed ``dev.jsonl`` features by the
-student with its quantization baked in (``results_table.inference_copy``), in fp32 on the GPU. Those features are
-fp16 (see gpu_pack_inputs.py), the CPU rows' are fp32: the ``teacher`` row measures what that changes. WER/CER are
-scored with ``scoring.score`` per corpus, as ``evaluate_model`` does. Each row is written in results_table's row
-format to ``OUTPUT/rows/<row>-gpu.json`` with its transcripts, steps/s, median step time and peak GPU memory; its
-RTF is left out of the table's CPU-RTF column (the GPU decode time is in ``evaluation.gpu_rtf``).
+Evaluation: ``evaluate_model`` on the packed ``dev.jsonl`` features (greedy, at most ``--max_new_tokens`` tokens)
+of the student with its quantization baked in (``results_table.inference_copy``), in fp32 on the GPU. Those
+features are fp16 (see gpu_pack_inputs.py), the CPU rows' are fp32: the ``teacher`` row measures what that changes.
+Each row is written in results_table's row format to ``OUTPUT/rows/<row>-gpu.json`` with its evaluation report
+(transcripts included), steps/s, median step time and peak GPU memory; its RTF is left out of the table's CPU-RTF
+column (the GPU decode time is in ``evaluation.gpu_rtf``).
 
 Degrading: when the GPU lacks what scoring (jiwer, opencc, cn2an) or the packed checkpoint (compressed-tensors)
 needs, the row goes to ``OUTPUT/pending/`` with its transcripts and plan; ``--score`` completes it here (scores
@@ -28,7 +28,6 @@ to ``--output``/rows/ (default: results_table.py's), where ``results_table.py --
 
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime as dt
 import gc
@@ -39,100 +38,94 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import gpu_pack_inputs
+import gpu_pack_inputs  # puts the CPU benchmarks (results_table, step_time) on the path
 import results_table
 import torch
 from step_time import StepTimer
-from transformers import TrainerCallback
+from transformers import HfArgumentParser, TrainerCallback
 
 logger = logging.getLogger("gpu_train")
 REFERENCE_MODELS = {"teacher": "teacher", "tiny.en": "tiny"}  # reference row -> its folder in the inputs
 TRAINING_KEYS = results_table.TRAINING_KEYS | {"bf16", "dataloader_num_workers"}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--inputs", help="the inputs folder of gpu_pack_inputs.py (reassembled on the GPU)")
-    parser.add_argument(
-        "--rows",
+@dataclass
+class GpuTrainArguments:
+    """What to train and evaluate on the GPU, or which deferred rows to finish here (``HfArgumentParser``)."""
+
+    inputs: str | None = field(
+        default=None, metadata={"help": "the inputs folder of gpu_pack_inputs.py (reassembled on the GPU)"}
+    )
+    rows: str = field(
         default="kdq-d2-u4",
-        help="comma-separated trained rows of results_table.py and reference rows (teacher, tiny.en)",
+        metadata={"help": "comma-separated trained rows of results_table.py and reference rows (teacher, tiny.en)"},
     )
-    parser.add_argument(
-        "--output",
+    output: str = field(
         default=str(results_table.DEFAULT_OUTPUT),
-        help="folder of rows/ (complete rows) and pending/ (default: %(default)s; $OUT on the GPU)",
+        metadata={"help": "folder of rows/ (complete rows) and pending/ ($OUT on the GPU)"},
     )
-    parser.add_argument("--train_steps", type=int, default=2000, help="optimizer steps per trained row at most")
-    parser.add_argument("--train_batch_size", type=int, default=32, help="per-device training batch size")
-    parser.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate (results_table's)")
-    parser.add_argument(
-        "--max_minutes",
-        type=float,
-        default=8.0,
-        help="training wall time of all rows together, shared equally (default: %(default)s)",
+    train_steps: int = field(default=2000, metadata={"help": "optimizer steps per trained row at most"})
+    train_batch_size: int = field(default=32, metadata={"help": "per-device training batch size"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate (results_table's)"})
+    max_minutes: float = field(
+        default=8.0, metadata={"help": "training wall time of all rows together, shared equally"}
     )
-    parser.add_argument("--batch_size", type=int, default=64, help="evaluation batch size")
-    parser.add_argument(
-        "--max_new_tokens",
-        type=int,
+    batch_size: int = field(default=64, metadata={"help": "evaluation batch size"})
+    max_new_tokens: int = field(
         default=128,
-        help="decoded tokens per utterance at most (results_table's cap; dev.jsonl needs ≤ 38)",
+        metadata={"help": "decoded tokens per utterance at most (results_table's cap; dev.jsonl needs ≤ 38)"},
     )
-    parser.add_argument(
-        "--bf16",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="bf16 mixed-precision training (default: on)",
+    bf16: bool = field(default=True, metadata={"help": "bf16 mixed-precision training (--no-bf16: fp32)"})
+    device: str = field(
+        default="auto", metadata={"help": "where to train and decode: auto (the GPU when there is one), cuda or cpu"}
     )
-    parser.add_argument(
-        "--device",
-        choices=("auto", "cuda", "cpu"),
-        default="auto",
-        help="where to train and decode (auto: the GPU when there is one)",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
+    workers: int = field(
         default=4,
-        help="data-loader worker processes (rebuilding 30 s feature windows keeps one core busy)",
+        metadata={"help": "data-loader worker processes (rebuilding 30 s feature windows keeps one core busy)"},
     )
-    parser.add_argument(
-        "--encoder_cache",
-        action=argparse.BooleanOptionalAction,
+    encoder_cache: bool = field(
         default=False,
-        help="the on-disk encoder-output cache of rows with a shared encoder (default: off: on a "
-        "GPU the encoder pass costs less than reading its output back)",
+        metadata={
+            "help": "the on-disk encoder-output cache of rows with a shared encoder (default: off: on a GPU the "
+            "encoder pass costs less than reading its output back)"
+        },
     )
-    parser.add_argument("--seed", type=int, default=0, help="training seed")
-    parser.add_argument(
-        "--smoke",
-        action="store_true",
-        help="a CPU check: 2 steps of batch 2 per row, 8 decoded tokens, no loader workers",
+    seed: int = field(default=0, metadata={"help": "training seed"})
+    smoke: bool = field(
+        default=False, metadata={"help": "a CPU check: 2 steps of batch 2 per row, 8 decoded tokens, no loader workers"}
     )
-    parser.add_argument(
-        "--score",
-        nargs="+",
-        metavar="FILE",
-        help="complete these pending row JSONs here (scores, sizes) and write them to OUTPUT/rows/",
+    score: list[str] | None = field(
+        default=None,
+        metadata={"help": "complete these pending row JSONs here (scores, sizes) and write them to OUTPUT/rows/"},
     )
-    parser.add_argument(
-        "--teacher", default=None, help="with --score: the teacher source to rebuild sizes from (default: the row's)"
+    teacher: str | None = field(
+        default=None, metadata={"help": "with --score: the teacher source to rebuild sizes from (default: the row's)"}
     )
-    args = parser.parse_args(argv)
-    if not args.score and not args.inputs:
-        parser.error("give --inputs (a folder of gpu_pack_inputs.py), or --score FILE")
-    args.row_names = [name.strip() for name in args.rows.split(",") if name.strip()]
-    for name in args.row_names:
-        if name not in REFERENCE_MODELS and results_table.ROWS.get(name, {}).get("kind") not in ("train", "ptq"):
-            runnable = [n for n, row in results_table.ROWS.items() if row["kind"] in ("train", "ptq")]
-            parser.error(f"unknown row {name!r}: choose from {', '.join([*runnable, *REFERENCE_MODELS])}")
-    if args.smoke:
-        args.train_steps, args.train_batch_size, args.max_new_tokens, args.workers = 2, 2, 8, 0
-    if min(args.train_steps, args.train_batch_size, args.batch_size, args.max_new_tokens) < 1 or args.max_minutes <= 0:
-        parser.error("steps, batch sizes and --max_new_tokens must be >= 1 and --max_minutes > 0")
+    row_names: list[str] = field(init=False, default_factory=list)
+
+    def __post_init__(self):
+        if not self.score and not self.inputs:
+            raise ValueError("give --inputs (a folder of gpu_pack_inputs.py), or --score FILE")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"--device {self.device!r}: choose auto, cuda or cpu")
+        self.row_names = [name.strip() for name in self.rows.split(",") if name.strip()]
+        for name in self.row_names:
+            if name not in REFERENCE_MODELS and results_table.ROWS.get(name, {}).get("kind") not in ("train", "ptq"):
+                runnable = [n for n, row in results_table.ROWS.items() if row["kind"] in ("train", "ptq")]
+                raise ValueError(f"unknown row {name!r}: choose from {', '.join([*runnable, *REFERENCE_MODELS])}")
+        if self.smoke:
+            self.train_steps, self.train_batch_size, self.max_new_tokens, self.workers = 2, 2, 8, 0
+        if min(self.train_steps, self.train_batch_size, self.batch_size, self.max_new_tokens) < 1:
+            raise ValueError("steps, batch sizes and --max_new_tokens must be >= 1")
+        if self.max_minutes <= 0:
+            raise ValueError("--max_minutes must be > 0")
+
+
+def parse_args(argv=None) -> GpuTrainArguments:
+    (args,) = HfArgumentParser(GpuTrainArguments, description=__doc__).parse_args_into_dataclasses(args=argv)
     return args
 
 
@@ -177,20 +170,15 @@ class Inputs:
 
 
 # ---- training --------------------------------------------------------------------------------------------------------
-def training_arguments(row: dict, cli: argparse.Namespace, student, output_dir: Path):
+def training_arguments(row: dict, cli: GpuTrainArguments, student, output_dir: Path):
     """The arguments results_table.run_training gives ``row``, with this script's steps, batch, bf16 and loaders."""
-    extra = [
-        "--bf16",
-        str(cli.bf16).lower(),
-        "--dataloader_num_workers",
-        str(cli.workers),
-        "--use_cpu",
-        str(cli.device == "cpu").lower(),
-        "--cache_encoder_outputs",
-        str(cli.encoder_cache).lower(),
-        "--encoder_cache_dir",
-        str(output_dir / "encoder_cache"),
-    ]
+    extra = dict(
+        bf16=cli.bf16,
+        dataloader_num_workers=cli.workers,
+        use_cpu=cli.device == "cpu",
+        cache_encoder_outputs=cli.encoder_cache,
+        encoder_cache_dir=str(output_dir / "encoder_cache"),
+    )
     return results_table.training_arguments(
         row,
         student,
@@ -199,7 +187,7 @@ def training_arguments(row: dict, cli: argparse.Namespace, student, output_dir: 
         batch_size=cli.train_batch_size,
         learning_rate=cli.learning_rate,
         seed=cli.seed,
-        extra=extra,
+        **extra,
     )
 
 
@@ -213,33 +201,25 @@ def row_sizes(student, processor, plan, teacher_sizes: dict, folder: Path) -> di
 def train_row(name: str, cli, inputs: Inputs, scratch: Path, budget_seconds: float, result: dict, timer):
     """Train one row as results_table.run_training does; fills result's training, plan, model and sizes entries
     and returns (the student with its quantization baked in, for decoding, its processor)."""
-    from hf_whisper_kdq import DistillQuantTrainer, WhisperDataCollator, build_student
+    from hf_whisper_kdq import build_student
+    from hf_whisper_kdq.compress import train_student
 
     row = results_table.ROWS[name]
     teacher, processor = inputs.teacher, inputs.processor
     student = build_student(teacher, decoder_layers=row["decoder_layers"])
     arguments = training_arguments(row, cli, student, scratch / "trainer")
     steps, budget = StepTimer(), WallBudget(budget_seconds)
-    trainer = DistillQuantTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=arguments,
-        train_dataset=inputs.speech["train"],
-        data_collator=WhisperDataCollator(processor, decoder_start_token_id=student.config.decoder_start_token_id),
-        processing_class=processor,
-        callbacks=[steps, budget],
-    )
     gpu = inputs.device == "cuda"
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     with timer(f"{name}: train"):
-        output = trainer.train()
-    state, runtime = trainer.state, output.metrics.get("train_runtime")
+        trainer = train_student(
+            student, teacher, processor, inputs.speech["train"], arguments, callbacks=[steps, budget]
+        )
+    state, output = trainer.state, trainer.state.log_history[-1]  # the Trainer logs its run's totals last
+    runtime = output.get("train_runtime")
     train_split = inputs.manifest["splits"]["train"]
-    result["model"] = (
-        f"student of {result['teacher']}: {student.config.encoder_layers} encoder / "
-        f"{student.config.decoder_layers} decoder layers"
-    )
+    result["model"] = results_table.student_description(result["teacher"], student)
     result["training"] = {
         "train_steps": state.global_step,
         "planned_steps": cli.train_steps,
@@ -255,7 +235,7 @@ def train_row(name: str, cli, inputs: Inputs, scratch: Path, budget_seconds: flo
         "steps_per_second": state.global_step / runtime if runtime else None,
         "median_step_seconds": statistics.median(steps.times) if steps.times else None,
         "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if gpu else None,
-        "final_train_loss": output.training_loss,
+        "final_train_loss": output.get("train_loss"),
         "log_history": state.log_history,
         "arguments": {k: v for k, v in arguments.to_dict().items() if k in TRAINING_KEYS},
     }
@@ -267,7 +247,7 @@ def train_row(name: str, cli, inputs: Inputs, scratch: Path, budget_seconds: flo
             state.global_step,
             cli.train_steps,
         )
-    student = trainer.accelerator.unwrap_model(trainer.model).cpu().eval()
+    student = trainer.whole_student().cpu().eval()
     plan = trainer.plan
     result["plan"], result["plan_summary"] = plan.to_dict(), plan.summary()
     del trainer
@@ -295,116 +275,70 @@ def ptq_row(name: str, row: dict, inputs: Inputs, scratch: Path, result: dict, t
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------------------
-def transcribe(
-    model, processor, split, *, english_only: bool, batch_size: int, max_new_tokens: int, device: str
-) -> tuple[list[dict], list[dict]]:
-    """Greedy transcripts of the eval split, grouped by (corpus, language) as evaluate_model groups them:
-    (per-corpus entries with audio and decode seconds, per-utterance entries with reference and hypothesis)."""
-    groups: dict[tuple[str, str], list[int]] = {}
-    for i, meta in enumerate(split.rows):
-        if not english_only or meta["language"] == "en":
-            groups.setdefault((meta["corpus"], meta["language"]), []).append(i)
-    multilingual = bool(model.generation_config.is_multilingual)
-    model = model.to(device).eval()
-    corpora, utterances = [], []
-    with torch.inference_mode():
-        for (corpus, language), indices in groups.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start, texts = time.perf_counter(), []
-            for first in range(0, len(indices), batch_size):
-                batch = indices[first : first + batch_size]
-                features = torch.stack([split.features_of(i) for i in batch]).to(device)
-                options = {"language": language, "task": "transcribe"} if multilingual else {}
-                output = model.generate(
-                    input_features=features, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False, **options
-                )
-                texts += [text.strip() for text in processor.batch_decode(output, skip_special_tokens=True)]
-            if device == "cuda":
-                torch.cuda.synchronize()
-            corpora.append(
-                {
-                    "corpus": corpus,
-                    "language": language,
-                    "n_utterances": len(indices),
-                    "audio_seconds": sum(split.rows[i]["duration"] for i in indices),
-                    "decode_seconds": time.perf_counter() - start,
-                }
-            )
-            utterances += [
-                {
-                    "id": split.rows[i]["id"],
-                    "corpus": corpus,
-                    "language": language,
-                    "reference": split.rows[i]["text"],
-                    "hypothesis": text,
-                }
-                for i, text in zip(indices, texts)
-            ]
-    return corpora, utterances
+class PackedFeatures:
+    """``features[i]``: the packed log-mel features of the i-th evaluated row, unpacked when decoded."""
 
+    def __init__(self, split, indices: list[int]):
+        self.split, self.indices = split, indices
 
-def score_evaluation(evaluation: dict) -> None:
-    """Fill ``evaluation["scores"]`` (results_table's per-corpus entries) and the per-utterance error counts from
-    the transcripts, with ``scoring.score`` per corpus as ``evaluate_model`` scores."""
-    from hf_whisper_kdq.scoring import score
+    def __len__(self) -> int:
+        return len(self.indices)
 
-    scores = {}
-    for corpus in evaluation["corpora"]:
-        rows = [u for u in evaluation["utterances"] if u["corpus"] == corpus["corpus"]]
-        result = score(
-            [u["reference"] for u in rows], [u["hypothesis"] for u in rows], corpus["language"], per_utterance=True
-        )
-        for row, record in zip(rows, result.pop("utterances")):
-            row.update(record)
-        audio, decode = corpus["audio_seconds"], corpus["decode_seconds"]
-        scores[corpus["corpus"]] = {
-            "metric": result["metric"],
-            "error_rate": result[result["metric"]],
-            "n_utterances": corpus["n_utterances"],
-            "audio_seconds": audio,
-            "decode_seconds": decode,
-            "rtf": decode / audio if audio else None,
-        }
-    evaluation["scores"] = scores
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.split.features_of(self.indices[i])
 
 
 def evaluate(name: str, model, processor, cli, inputs: Inputs, result: dict, timer) -> None:
+    """``evaluate_model`` on the packed eval split's features; scored here when the scoring dependencies are
+    installed, else left to ``--score`` (the transcripts are in the row)."""
+    from datasets import Dataset
+
+    from hf_whisper_kdq.evaluation import evaluate_model
+
     english_only = not getattr(model.generation_config, "is_multilingual", True)
+    split = inputs.speech["eval"]
+    indices = [i for i, row in enumerate(split.rows) if not english_only or row["language"] == "en"]
     with timer(f"{name}: evaluate"):
-        corpora, utterances = transcribe(
-            model,
+        report = evaluate_model(
+            model.to(inputs.device).eval(),
             processor,
-            inputs.speech["eval"],
-            english_only=english_only,
+            Dataset.from_list([split.rows[i] for i in indices]),
+            features=PackedFeatures(split, indices),
             batch_size=cli.batch_size,
             max_new_tokens=cli.max_new_tokens,
-            device=inputs.device,
+            progress=False,
+            score=False,
         )
-    audio, decode = sum(c["audio_seconds"] for c in corpora), sum(c["decode_seconds"] for c in corpora)
     device = torch.cuda.get_device_name() if inputs.device == "cuda" else "cpu"
     # "rtf" is the table's CPU real-time factor column: a GPU's decode time does not belong there.
     result["evaluation"] = {
         "english_only": english_only,
         "scores": None,
         "rtf": None,
-        "gpu_rtf": decode / audio if audio else None,
-        "n_utterances": len(utterances),
-        "audio_seconds": audio,
-        "decode_seconds": decode,
+        "gpu_rtf": report.rtf,
+        "n_utterances": report.n_utterances,
+        "audio_seconds": report.audio_seconds,
+        "decode_seconds": report.decode_seconds,
         "batch_size": cli.batch_size,
         "num_beams": 1,
         "dtype": "float32",
         "device": device,
         "max_new_tokens": cli.max_new_tokens,
         "features": "fp16 log-mel packed by gpu_pack_inputs.py",
-        "corpora": corpora,
-        "utterances": utterances,
+        "report": report.to_dict(per_utterance=True),
     }
     try:
         score_evaluation(result["evaluation"])
     except ImportError as error:  # jiwer / opencc / cn2an absent: --score scores the transcripts here
         result["pending"]["scores"] = str(error)
+
+
+def score_evaluation(evaluation: dict) -> None:
+    """Score the row's transcripts (``EvaluationReport.score_transcripts``) into results_table's entries."""
+    from hf_whisper_kdq.evaluation import EvaluationReport
+
+    report = EvaluationReport.from_dict(evaluation["report"]).score_transcripts()
+    evaluation["report"], evaluation["scores"] = report.to_dict(per_utterance=True), results_table.scores(report)
 
 
 # ---- rows ------------------------------------------------------------------------------------------------------------
