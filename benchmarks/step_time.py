@@ -22,16 +22,16 @@ On a GPU each run also reports its peak allocated GPU memory (teacher included w
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from transformers import (
+    HfArgumentParser,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
     TrainerCallback,
@@ -278,33 +278,45 @@ def print_ratios(values: dict[str, float]) -> None:
         print(f"{name:<25} = {value:.2f}{targets.get(name, '')}")
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", choices=sorted(SHAPES), default="base", help="Whisper shape of the random teacher")
-    parser.add_argument("--decoder_layers", type=int, default=2, help="decoder layers of the spaced student")
-    parser.add_argument("--batch_size", type=int, default=4, help="rows per optimizer step")
-    parser.add_argument("--label_tokens", type=int, default=24, help="text tokens per label row")
-    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per run")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them (kernel choice, allocation)")
-    parser.add_argument(
-        "--quant_targets",
+@dataclass
+class StepTimeArguments:
+    """Which comparison to time (``HfArgumentParser``: ``--help`` lists every field)."""
+
+    teacher: str = field(
+        default="base", metadata={"help": f"Whisper shape of the random teacher: {', '.join(sorted(SHAPES))}"}
+    )
+    decoder_layers: int = field(default=2, metadata={"help": "decoder layers of the spaced student"})
+    batch_size: int = field(default=4, metadata={"help": "rows per optimizer step"})
+    label_tokens: int = field(default=24, metadata={"help": "text tokens per label row"})
+    steps: int = field(default=5, metadata={"help": "timed optimizer steps per run"})
+    warmup: int = field(default=1, metadata={"help": "untimed steps before them (kernel choice, allocation)"})
+    quant_targets: str = field(
         default="decoder",
-        help="what the KDQ runs quantize at int4 (e.g. decoder,embedding, as compress does)",
+        metadata={"help": "what the KDQ runs quantize at int4 (e.g. decoder,embedding, as compress does)"},
     )
-    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPUs and recent CPUs)")
-    parser.add_argument(
-        "--cached", action="store_true", help="also time kdq_shared with the frozen-output caches filled (see above)"
+    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (GPUs and recent CPUs)"})
+    cached: bool = field(
+        default=False, metadata={"help": "also time kdq_shared with the frozen-output caches filled (see above)"}
     )
-    parser.add_argument(
-        "--runs",
-        help=f"only these runs, comma-separated from {', '.join(ALL_KINDS)} "
-        "(e.g. kdq_cached alone, to follow the cached KDQ step across changes)",
+    runs: str | None = field(
+        default=None,
+        metadata={
+            "help": f"only these runs, comma-separated from {', '.join(ALL_KINDS)} (e.g. kdq_cached alone, to follow "
+            "the cached KDQ step across changes)"
+        },
     )
-    parser.add_argument("--json", help="also write the results to this file")
-    cli = parser.parse_args(argv)
+    json: str | None = field(default=None, metadata={"help": "also write the results to this file"})
+
+    def __post_init__(self):
+        if self.teacher not in SHAPES:
+            raise ValueError(f"--teacher {self.teacher!r}: choose from {', '.join(sorted(SHAPES))}")
+        if self.runs and not set(self.runs.split(",")) <= set(ALL_KINDS):
+            raise ValueError(f"--runs: unknown run(s) {sorted(set(self.runs.split(',')) - set(ALL_KINDS))}")
+
+
+def main(argv=None) -> None:
+    (cli,) = HfArgumentParser(StepTimeArguments, description=__doc__).parse_args_into_dataclasses(args=argv)
     kinds = cli.runs.split(",") if cli.runs else None
-    if kinds and not set(kinds) <= set(ALL_KINDS):
-        parser.error(f"--runs: unknown run(s) {sorted(set(kinds) - set(ALL_KINDS))}")
     work = Workload(
         decoder_layers=cli.decoder_layers,
         batch_size=cli.batch_size,
@@ -320,7 +332,7 @@ def main(argv=None) -> None:
     print_ratios(result["ratios"])
     if cli.json:
         with open(cli.json, "w") as handle:
-            json.dump({"config": vars(cli), "workload": asdict(work), "device": device, **result}, handle, indent=2)
+            json.dump({"config": asdict(cli), "workload": asdict(work), "device": device, **result}, handle, indent=2)
 
 
 if __name__ == "__main__":

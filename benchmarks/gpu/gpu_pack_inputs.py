@@ -28,7 +28,6 @@ checks every hash first and names the missing or corrupted pieces, then streams 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -38,6 +37,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,79 +86,80 @@ SAMPLING_RATE = 16000
 CHUNK = 1 << 20
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--output",
-        default="/tmp/kdq_inputs",
-        help="folder to build inputs/ and pieces/ in (default: %(default)s; keep it out of the repo)",
+@dataclass
+class PackArguments:
+    """What to pack for the GPU, or which pieces to reassemble there (``HfArgumentParser``)."""
+
+    output: str = field(
+        default="/tmp/kdq_inputs", metadata={"help": "folder to build inputs/ and pieces/ in (keep it out of the repo)"}
     )
-    parser.add_argument(
-        "--reassemble",
-        metavar="DIR",
-        help="instead of building: verify the pieces in DIR against DIR/pieces.json, join and unpack them into --into",
+    reassemble: str | None = field(
+        default=None,
+        metadata={
+            "help": "instead of building: verify the pieces in this folder against its pieces.json, join and unpack "
+            "them into --into"
+        },
     )
-    parser.add_argument("--into", help="where --reassemble unpacks the inputs (default: DIR/../inputs)")
-    parser.add_argument("--teacher", default="openai/whisper-base", help="the teacher, any load_whisper source")
-    parser.add_argument(
-        "--tiny", default=None, help="also pack this model as tiny/ (e.g. openai/whisper-tiny.en) for a reference row"
+    into: str | None = field(
+        default=None, metadata={"help": "where --reassemble unpacks the inputs (default: DIR/../inputs)"}
     )
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder with dev.jsonl and unlabeled.jsonl")
-    parser.add_argument(
-        "--results",
+    teacher: str = field(default="openai/whisper-base", metadata={"help": "the teacher, any load_whisper source"})
+    tiny: str | None = field(
+        default=None,
+        metadata={"help": "also pack this model as tiny/ (e.g. openai/whisper-tiny.en) for a reference row"},
+    )
+    data: str = field(default=str(DEFAULT_DATA), metadata={"help": "folder with dev.jsonl and unlabeled.jsonl"})
+    results: str = field(
         default=str(DEFAULT_RESULTS),
-        help="results_table.py's output folder, whose cache/ holds the teacher labels (shared with "
-        "its trained rows, so that both train on the same labels)",
+        metadata={
+            "help": "results_table.py's output folder, whose cache/ holds the teacher labels (shared with its trained "
+            "rows, so that both train on the same labels)"
+        },
     )
-    parser.add_argument(
-        "--eval_limit",
-        type=int,
+    eval_limit: int | None = field(
+        default=None, metadata={"help": "dev.jsonl utterances per corpus (default: all, as the results table)"}
+    )
+    train_rows: int | None = field(
+        default=None, metadata={"help": "teacher-labelled LibriSpeech utterances (default: all of unlabeled.jsonl)"}
+    )
+    synthetic_rows: int = field(default=120, metadata={"help": "synthetic training utterances (0: none)"})
+    synthetic_text: str | None = field(
         default=None,
-        help="dev.jsonl utterances per corpus (default: all, as the results table)",
+        metadata={"help": "id<TAB>text file to synthesize them from (results_table.py's --synthetic_text)"},
     )
-    parser.add_argument(
-        "--train_rows",
-        type=int,
-        default=None,
-        help="teacher-labelled LibriSpeech utterances (default: all of unlabeled.jsonl)",
+    label_batch_size: int = field(default=16, metadata={"help": "batch size of the teacher's labelling"})
+    smoke: bool = field(
+        default=False,
+        metadata={
+            "help": "pack a few rows of random noise with fixed texts instead of the shared speech (a CPU check of "
+            "the pipeline; pair it with a tiny --teacher folder)"
+        },
     )
-    parser.add_argument("--synthetic_rows", type=int, default=120, help="synthetic training utterances (0: none)")
-    parser.add_argument(
-        "--synthetic_text",
-        default=None,
-        help="id<TAB>text file to synthesize them from (results_table.py's --synthetic_text)",
+    piece_mb: float = field(
+        default=60.0, metadata={"help": "largest piece in MB (1e6 bytes; with the repo, under a call's 64 MiB)"}
     )
-    parser.add_argument("--label_batch_size", type=int, default=16, help="batch size of the teacher's labelling")
-    parser.add_argument(
-        "--smoke",
-        action="store_true",
-        help="pack a few rows of random noise with fixed texts instead of the shared speech (a CPU "
-        "check of the pipeline; pair it with a tiny --teacher folder)",
-    )
-    parser.add_argument(
-        "--piece_mb",
-        type=float,
-        default=60.0,
-        help="largest piece in MB (1e6 bytes; default %(default)s: with the repo, under a call's 64 MiB)",
-    )
-    parser.add_argument(
-        "--wheels",
-        action=argparse.BooleanOptionalAction,
+    wheels: bool = field(
         default=True,
-        help="download the wheels of WHEELS for the GPU (default: on; needs the package registry)",
+        metadata={"help": "download the wheels of WHEELS for the GPU (needs the package registry; --no-wheels: not)"},
     )
-    parser.add_argument("--python_version", default="3.12", help="the GPU image's Python, for the wheels")
-    parser.add_argument(
-        "--carry_link",
+    python_version: str = field(default="3.12", metadata={"help": "the GPU image's Python, for the wheels"})
+    carry_link: str = field(
         default="benchmarks/results/gpu_pieces",
-        help="ignored path in the repo that links to OUTPUT/pieces, used in the printed carry lists",
+        metadata={"help": "ignored path in the repo that links to OUTPUT/pieces, used in the printed carry lists"},
     )
-    args = parser.parse_args(argv)
-    for name in ("eval_limit", "train_rows", "label_batch_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
-    if args.piece_mb <= 0 or args.synthetic_rows < 0:
-        parser.error("--piece_mb must be > 0 and --synthetic_rows >= 0")
+
+    def __post_init__(self):
+        for name in ("eval_limit", "train_rows", "label_batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1")
+        if self.piece_mb <= 0 or self.synthetic_rows < 0:
+            raise ValueError("--piece_mb must be > 0 and --synthetic_rows >= 0")
+
+
+def parse_args(argv=None) -> PackArguments:
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(PackArguments, description=__doc__).parse_args_into_dataclasses(args=argv)
     return args
 
 

@@ -30,14 +30,13 @@ import os
 # algorithms, which refuse cuBLAS calls without it.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-import argparse  # noqa: E402
 import datetime as dt  # noqa: E402
 import json  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from dataclasses import asdict  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 # The CPU benchmarks this GPU tooling builds on (results_table, step_time) live one folder up.
@@ -57,63 +56,63 @@ from step_time import (
     release,
     run,
 )
-from transformers import TrainerCallback  # noqa: E402
+from transformers import HfArgumentParser, TrainerCallback  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--pairs",
+@dataclass
+class ThroughputArguments:
+    """What to measure on the GPU (``HfArgumentParser``: ``--help`` lists every field)."""
+
+    pairs: str = field(
         default="small:2,base:2",
-        help=f"comma-separated TEACHER_SHAPE:STUDENT_DECODER_LAYERS (shapes: {', '.join(SHAPES)})",
+        metadata={"help": f"comma-separated TEACHER_SHAPE:STUDENT_DECODER_LAYERS (shapes: {', '.join(SHAPES)})"},
     )
-    parser.add_argument("--batch_size", type=int, default=32, help="rows per optimizer step")
-    parser.add_argument("--label_tokens", type=int, default=24, help="text tokens per label row")
-    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per run")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them (kernel choice, allocation)")
-    parser.add_argument(
-        "--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 mixed precision (default: on)"
+    batch_size: int = field(default=32, metadata={"help": "rows per optimizer step"})
+    label_tokens: int = field(default=24, metadata={"help": "text tokens per label row"})
+    steps: int = field(default=10, metadata={"help": "timed optimizer steps per run"})
+    warmup: int = field(default=2, metadata={"help": "untimed steps before them (kernel choice, allocation)"})
+    bf16: bool = field(default=True, metadata={"help": "bf16 mixed precision (--no-bf16: fp32)"})
+    device: str = field(
+        default="auto", metadata={"help": "where to train: auto (the GPU when there is one), cuda or cpu"}
     )
-    parser.add_argument(
-        "--device",
-        choices=("auto", "cuda", "cpu"),
-        default="auto",
-        help="where to train (auto: the GPU when there is one)",
+    resume_steps: int = field(default=6, metadata={"help": "steps of the resume check's runs"})
+    resume_save: int = field(
+        default=3, metadata={"help": "checkpoint interval of the resume check; it resumes from the first checkpoint"}
     )
-    parser.add_argument("--resume_steps", type=int, default=6, help="steps of the resume check's runs")
-    parser.add_argument(
-        "--resume_save",
-        type=int,
-        default=3,
-        help="checkpoint interval of the resume check; it resumes from the first checkpoint",
-    )
-    parser.add_argument(
-        "--profile",
-        type=int,
+    profile: int = field(
         default=0,
-        metavar="STEPS",
-        help="also profile STEPS steps of the last pair's kdq run (after the warmup) and write the "
-        "operators that took the most device time next to --output (<output>.profile.txt)",
+        metadata={
+            "help": "also profile this many steps of the last pair's kdq run (after the warmup) and write the "
+            "operators that took the most device time next to --output (<output>.profile.txt)"
+        },
     )
-    parser.add_argument(
-        "--smoke",
-        action="store_true",
-        help="a CPU check: the micro shape, batch 2, 1 timed step, a 4-step resume check",
+    smoke: bool = field(
+        default=False, metadata={"help": "a CPU check: the micro shape, batch 2, 1 timed step, a 4-step resume check"}
     )
-    parser.add_argument("--output", help="write the results as JSON to this file")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.pairs, args.batch_size, args.steps, args.warmup = "micro:1", 2, 1, 1
-        args.profile = min(args.profile, 1)
-        args.resume_steps, args.resume_save = 4, 2
-    try:
-        args.pair_list = [(shape, int(layers)) for shape, layers in (p.split(":") for p in args.pairs.split(","))]
-    except ValueError:
-        parser.error(f"--pairs {args.pairs!r}: give TEACHER_SHAPE:DECODER_LAYERS items, e.g. small:2,base:2")
-    if unknown := [shape for shape, _ in args.pair_list if shape not in SHAPES]:
-        parser.error(f"unknown shape(s) {unknown}: choose from {', '.join(SHAPES)}")
-    if not 0 < args.resume_save < args.resume_steps:
-        parser.error("--resume_save must be between 0 and --resume_steps (exclusive)")
+    output: str | None = field(default=None, metadata={"help": "write the results as JSON to this file"})
+    pair_list: list = field(init=False, default_factory=list)
+
+    def __post_init__(self):
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"--device {self.device!r}: choose auto, cuda or cpu")
+        if self.smoke:
+            self.pairs, self.batch_size, self.steps, self.warmup = "micro:1", 2, 1, 1
+            self.profile = min(self.profile, 1)
+            self.resume_steps, self.resume_save = 4, 2
+        try:
+            self.pair_list = [(shape, int(layers)) for shape, layers in (p.split(":") for p in self.pairs.split(","))]
+        except ValueError:
+            raise ValueError(
+                f"--pairs {self.pairs!r}: give TEACHER_SHAPE:DECODER_LAYERS items, e.g. small:2,base:2"
+            ) from None
+        if unknown := [shape for shape, _ in self.pair_list if shape not in SHAPES]:
+            raise ValueError(f"unknown shape(s) {unknown}: choose from {', '.join(SHAPES)}")
+        if not 0 < self.resume_save < self.resume_steps:
+            raise ValueError("--resume_save must be between 0 and --resume_steps (exclusive)")
+
+
+def parse_args(argv=None) -> ThroughputArguments:
+    (args,) = HfArgumentParser(ThroughputArguments, description=__doc__).parse_args_into_dataclasses(args=argv)
     return args
 
 
