@@ -178,8 +178,7 @@ def _level_in(argv: list[str]) -> str:
 
 def check_level_reachable(compress: CompressArguments, student, teacher, args: DistillQuantArguments) -> None:
     """Fail in seconds, before the data phase, when the size budget is out of this student's reach."""
-    from .callbacks import check_size_budget
-    from .selection import UnreachableBudgetError, fp16_bytes, starting_plan
+    from .selection import UnreachableBudgetError, check_size_budget, fp16_bytes, starting_plan
 
     try:
         check_size_budget(student, starting_plan(student, teacher, args), args, fp16_bytes(teacher))
@@ -215,8 +214,8 @@ def _teacher_labels(compress: CompressArguments, teacher, processor, timer: Phas
     from datasets import load_from_disk
 
     from .data import load_manifest
+    from .files import atomic_folder
     from .labelling import pseudo_label
-    from .sources import atomic_folder
 
     weights = hashlib.sha256()
     for name, tensor in sorted(teacher.state_dict().items()):
@@ -311,8 +310,9 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
     from .data import WhisperDataCollator, prepare_dataset
     from .evaluation import SMOKE_RUN_BANNER, evaluate_model
     from .export import save_compressed
+    from .files import atomic_write_text
     from .selection import fp16_bytes
-    from .sources import atomic_write_text, load_whisper
+    from .sources import load_whisper
     from .students import build_student
     from .trainer import DistillQuantTrainer
 

@@ -27,9 +27,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers.modeling_outputs import Seq2SeqLMOutput
 
+from .files import atomic_file
 from .losses import IGNORE_INDEX
 from .quant import quant_specs
-from .sources import atomic_file
 
 logger = logging.getLogger(__name__)
 
