@@ -151,8 +151,8 @@ class StudentTeacherForwards:
         Returns:
             (student outputs, teacher outputs, representations) where representations[who][side] lists, per
             layer, the [B, L, D] tensors chosen by ``hidden_representation`` (only for ``hidden_sides``). The
-            student's are mapped to the teacher's width by its adapters (`adapters.adapt`): every layer's, or those of
-            ``adapted_layers`` ({side: student layer indices}; the others keep the student's width).
+            student's are mapped to the teacher's width by its adapters (`adapters.adapt`): every layer's, or
+            those of ``adapted_layers`` ({side: student layer indices}; the others keep the student's width).
         """
         features, labels = inputs["input_features"], inputs["labels"]
         config = self.teacher.config

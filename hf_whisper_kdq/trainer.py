@@ -8,8 +8,8 @@ Usage is that of any HF trainer, with one extra argument::
     trainer.plan  # per layer: bits, distilled or not, matched teacher layer, q_l and d_l
 
 ``compute_loss`` runs the forwards (:mod:`hf_whisper_kdq.forwards`) and calls the pure loss functions of
-:mod:`hf_whisper_kdq.losses`; the guided layer selection (:class:`~hf_whisper_kdq.callbacks.LayerSelectionCallback`) decides which layers
-are distilled and how many bits each layer gets.
+:mod:`hf_whisper_kdq.losses`; the guided layer selection (:class:`~hf_whisper_kdq.callbacks.LayerSelectionCallback`)
+decides which layers are distilled and how many bits each layer gets.
 """
 
 from __future__ import annotations
