@@ -543,7 +543,9 @@ def safe_name(text: str) -> str:
 
 
 def n_parameters(model) -> int:
-    return sum(p.numel() for name, p in model.named_parameters() if not name.startswith("kdq_adapters."))
+    from hf_whisper_kdq.adapters import ADAPTERS_ATTRIBUTE
+
+    return sum(p.numel() for name, p in model.named_parameters() if not name.startswith(f"{ADAPTERS_ATTRIBUTE}."))
 
 
 def fp16_weights_bytes(model, processor) -> int:
@@ -558,15 +560,10 @@ def fp16_weights_bytes(model, processor) -> int:
 
 def inference_copy(model):
     """A plain fp32 model for decoding: fake-quant wrappers baked in (convert_qat), training adapters dropped."""
-    from hf_whisper_kdq.quant import convert_qat
-    from hf_whisper_kdq.quant.modules import FAKE_QUANT_TYPES
-    from hf_whisper_kdq.trainer import ADAPTERS_ATTRIBUTE
+    from hf_whisper_kdq.adapters import strip_training_only
 
     plain = copy.deepcopy(model).cpu()
-    if ADAPTERS_ATTRIBUTE in plain._modules:
-        delattr(plain, ADAPTERS_ATTRIBUTE)
-    if any(isinstance(module, FAKE_QUANT_TYPES) for module in plain.modules()):
-        convert_qat(plain)
+    strip_training_only(plain)
     return plain.float().eval()
 
 
@@ -608,8 +605,8 @@ def measure(ctx: Context, name: str, model, processor, row_dir: Path, result: di
     }
     result["ct2"] = None
     if ctx.args.ct2:
-        from hf_whisper_kdq.evaluation import weight_files
-        from hf_whisper_kdq.export.ctranslate2 import evaluate_faster_whisper, export_ctranslate2
+        from hf_whisper_kdq.evaluation import evaluate_faster_whisper, weight_files
+        from hf_whisper_kdq.export.ctranslate2 import export_ctranslate2
 
         with ctx.timer(f"{name}: CTranslate2 int8 export + evaluate"):
             folder = export_ctranslate2(

@@ -224,7 +224,7 @@ def run(kind: str, teacher: WhisperForConditionalGeneration, work: Workload, ext
                 data_collator=collate,
                 callbacks=[timer, *extra_callbacks],
             )
-            assert trainer.shares_encoder == (kind != "kdq")
+            assert trainer.forwards.shares_encoder == (kind != "kdq")
         if gpu:
             torch.cuda.reset_peak_memory_stats()
         trainer.train()

@@ -16,66 +16,61 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Protocol
 
 import torch
+from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .config import FLOAT_BITS
+from .config import DistillQuantArguments
+from .forwards import StudentTeacherForwards
 from .losses import IGNORE_INDEX
-from .quant import set_quant_specs
+from .quant import FLOAT_BITS, set_quant_specs
 from .selection import (
     KDQPlan,
-    UnreachableBudgetError,
     allocate_bits,
     choose_distillation_layers,
     fixed_bytes,
+    float_stored_units,
     fp16_bytes,
     match_layers,
     measure_quantization_losses,
     plan_shapes,
     relative_hidden_errors,
-    smallest_bytes,
     unit_bytes,
 )
 
 logger = logging.getLogger(__name__)
 
 
-def float_stored_units(args) -> frozenset[str]:
-    """Units that count at fp16 in the budget: the embedding under on-disk accounting (the packed file keeps it
-    in fp16)."""
-    return frozenset({"embedding"} if args.size_budget_accounting == "on_disk" else ())
+class SelectionHost(Protocol):
+    """What the selection reads and writes: :class:`~hf_whisper_kdq.DistillQuantTrainer` provides it."""
 
+    args: DistillQuantArguments
+    plan: KDQPlan
+    forwards: StudentTeacherForwards
 
-def check_size_budget(model, plan: KDQPlan, args, teacher_fp16_bytes: int) -> None:
-    """Raise before training (and before a long data phase) when no allocation of ``args.bit_choices`` fits the
-    size budget, with the smallest size this student reaches."""
-    budget = args.budget_bytes(teacher_fp16_bytes)
-    if budget is None:
-        return
-    shapes = plan_shapes(model, plan)
-    minimum = smallest_bytes(
-        plan,
-        shapes,
-        args.bit_choices,
-        fixed_bytes=fixed_bytes(model, plan, shapes),
-        stored_float=float_stored_units(args),
-    )
-    if minimum > budget:
-        raise UnreachableBudgetError(plan, budget, minimum, args.bit_choices)
+    def unwrapped_student(self) -> nn.Module: ...
+
+    def apply_plan(self, plan: KDQPlan) -> None: ...
+
+    def probe_batches(self) -> list[dict]: ...
+
+    def is_world_process_zero(self) -> bool: ...
 
 
 class LayerSelectionCallback(TrainerCallback, ExportableState):
-    """Guided layer selection for :class:`~hf_whisper_kdq.DistillQuantTrainer` (added by it automatically)."""
+    """Guided layer selection for :class:`~hf_whisper_kdq.DistillQuantTrainer`, which adds it (one passed in its
+    ``callbacks`` is used instead, bound to it). ``trainer`` is a :class:`SelectionHost`."""
 
-    def __init__(self, trainer=None, restored_plan: dict | None = None):
+    def __init__(self, trainer: SelectionHost | None = None, restored_plan: dict | None = None):
         self.trainer = trainer
         self.restored_plan = restored_plan
         self._warned_embedding = False
 
-    def bind(self, trainer) -> None:
+    def bind(self, trainer: SelectionHost) -> None:
         self.trainer = trainer
 
     def state(self) -> dict:
@@ -84,7 +79,7 @@ class LayerSelectionCallback(TrainerCallback, ExportableState):
     # ---- events -------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
         if self.restored_plan is not None:
-            self.apply(KDQPlan.from_dict(self.restored_plan))
+            self.trainer.apply_plan(KDQPlan.from_dict(self.restored_plan))
             self.restored_plan = None
             logger.info("Restored the KDQ plan of step %d from the checkpoint", self.trainer.plan.step)
         elif state.global_step == 0:
@@ -103,48 +98,22 @@ class LayerSelectionCallback(TrainerCallback, ExportableState):
                 self.trainer.plan.save(folder)
 
     # ---- selection ------------------------------------------------------------------------------------
-    def apply(self, plan: KDQPlan) -> None:
-        self.trainer.plan = plan
-        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        if plan.module_specs():
-            set_quant_specs(model, plan.module_specs())
-
-    def probe_batches(self) -> list[dict]:
-        """``selection_probe_batches`` batches of fixed, evenly spaced training rows (no RNG consumed)."""
-        trainer = self.trainer
-        dataset = trainer.train_dataset
-        if dataset is None or len(dataset) == 0:
-            raise ValueError("layer selection needs a non-empty train_dataset")
-        batch_size = trainer.args.per_device_train_batch_size
-        count = min(len(dataset), batch_size * trainer.args.selection_probe_batches)
-        rows = [round(i * (len(dataset) - 1) / max(count - 1, 1)) for i in range(count)]
-        collate = trainer._get_collator_with_removed_columns(trainer.data_collator, description="probe")
-        dataset = (
-            trainer._remove_unused_columns(dataset, description="probe")
-            if hasattr(dataset, "column_names")
-            else dataset
-        )
-        return [
-            trainer._prepare_inputs(collate([dataset[i] for i in rows[start : start + batch_size]]))
-            for start in range(0, count, batch_size)
-        ]
-
     @torch.no_grad()
     def select(self, step: int) -> KDQPlan:
         trainer, args = self.trainer, self.trainer.args
         plan = trainer.plan
-        model = trainer.accelerator.unwrap_model(trainer.model)
+        model = trainer.unwrapped_student()
         was_training = model.training
         model.eval()
         # Measure the float student: sensitivities are properties of its weights, not of the current bits.
         if plan.module_specs():
             set_quant_specs(model, dict.fromkeys(plan.module_specs(), None))
-        sides = trainer.distill_sides if args.num_distill_layers else ()
+        sides = trainer.forwards.distill_sides if args.num_distill_layers else ()
         errors = {side: 0.0 for side in sides}
-        batches = self.probe_batches()
+        batches = trainer.probe_batches()
         with measure_quantization_losses(model, plan, args.bit_choices) as quantization:
             for batch in batches:
-                _, _, reps = trainer.forward_student_and_teacher(model, batch, sides, cached_student_encoder=False)
+                _, _, reps = trainer.forwards(model, batch, sides, cached_student_encoder=False)
                 mask = batch["labels"].ne(IGNORE_INDEX)
                 for side in sides:
                     errors[side] = errors[side] + relative_hidden_errors(
@@ -170,12 +139,12 @@ class LayerSelectionCallback(TrainerCallback, ExportableState):
                 shapes,
                 args.bit_choices,
                 fixed_bytes=fixed_bytes(model, plan, shapes),
-                budget_bytes=args.budget_bytes(fp16_bytes(trainer.teacher)),
+                budget_bytes=args.budget_bytes(fp16_bytes(trainer.forwards.teacher)),
                 stored_float=float_stored_units(args),
             )
         choose_distillation_layers(plan, args.num_distill_layers, sides)
         plan.step = step
-        self.apply(plan)
+        trainer.apply_plan(plan)
         model.train(was_training)
         if trainer.is_world_process_zero():
             logger.info("\n%s", plan.summary())

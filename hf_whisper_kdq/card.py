@@ -42,12 +42,13 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .config import FLOAT_BITS
 from .export.report import CompressionReport
 from .figures import plot_plan
+from .files import CT2_EXPORT_MARKER, atomic_write_text
 from .hub import hub_model_id, public, scrub
+from .quant import FLOAT_BITS
+from .scoring import CER_LANGUAGES, language_code
 from .selection import KDQPlan
-from .sources import atomic_write_text
 
 TEMPLATE_NAME = "kdq_model_card.md.jinja"
 ROLES = ("compressed", "teacher", "original")
@@ -124,8 +125,6 @@ def _pct(value: float | None) -> str:
 
 
 def _language(code: str | None) -> str | None:
-    from .scoring import language_code
-
     try:
         return language_code(code) if code else None
     except ValueError:
@@ -169,8 +168,6 @@ def _as_dict(item: Any) -> dict:
 
 def _row_score(role: str, row: Mapping) -> Score:
     name = str(row.get("dataset_name") or row.get("dataset") or row.get("corpus") or "default")
-    from .scoring import CER_LANGUAGES
-
     language = _language(row.get("language"))
     metric = str(row.get("metric") or ("cer" if language in CER_LANGUAGES else "wer")).lower()
     if metric not in ("wer", "cer"):
@@ -625,10 +622,8 @@ def _ctranslate2_copy(folder: Path) -> dict | bool | None:
     ct2 = folder / "ctranslate2"
     if not (ct2 / "model.bin").is_file():
         return None
-    from .export.ctranslate2 import EXPORT_MARKER
-
     try:
-        quantization = json.loads((ct2 / EXPORT_MARKER).read_text(encoding="utf-8")).get("quantization")
+        quantization = json.loads((ct2 / CT2_EXPORT_MARKER).read_text(encoding="utf-8")).get("quantization")
     except (OSError, ValueError, AttributeError):
         quantization = None  # converted by other means: the card's default weight type (int8) is shown
     return {"quantization": quantization} if quantization else True

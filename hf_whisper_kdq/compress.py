@@ -22,6 +22,16 @@ from pathlib import Path
 from transformers.training_args import ParallelMode
 
 from .config import DistillQuantArguments
+from .data import WhisperDataCollator, load_manifest, load_speech_dataset, prepare_dataset
+from .evaluation import SMOKE_RUN_BANNER, evaluate_model
+from .files import atomic_folder, atomic_write_text
+from .hub import push_compressed
+from .labelling import pseudo_label
+from .selection import UnreachableBudgetError, check_size_budget, fp16_bytes, starting_plan
+from .sources import load_whisper
+from .students import build_student
+from .synthesis import default_prompts, load_prompts, synthesize_dataset
+from .trainer import DistillQuantTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -178,8 +188,6 @@ def _level_in(argv: list[str]) -> str:
 
 def check_level_reachable(compress: CompressArguments, student, teacher, args: DistillQuantArguments) -> None:
     """Fail in seconds, before the data phase, when the size budget is out of this student's reach."""
-    from .callbacks import check_size_budget
-    from .selection import UnreachableBudgetError, fp16_bytes, starting_plan
 
     try:
         check_size_budget(student, starting_plan(student, teacher, args), args, fp16_bytes(teacher))
@@ -213,10 +221,6 @@ def _teacher_labels(compress: CompressArguments, teacher, processor, timer: Phas
     import hashlib
 
     from datasets import load_from_disk
-
-    from .data import load_manifest
-    from .labelling import pseudo_label
-    from .sources import atomic_folder
 
     weights = hashlib.sha256()
     for name, tensor in sorted(teacher.state_dict().items()):
@@ -254,9 +258,6 @@ def training_data(
     at ``--max_train_samples``. Features and labels come next, from ``data.prepare_dataset``."""
     from datasets import concatenate_datasets
 
-    from .data import load_manifest, load_speech_dataset
-    from .synthesis import default_prompts, load_prompts, synthesize_dataset
-
     parts = []
     if compress.train_manifest:
         parts.append(load_manifest(compress.train_manifest))
@@ -284,8 +285,6 @@ def training_data(
 
 def evaluation_data(compress: CompressArguments, timer: PhaseTimer | None = None):
     """The rows ``compress`` evaluates on: ``--eval_manifest``, else held-out synthetic speech (a smoke check)."""
-    from .data import load_manifest
-    from .synthesis import default_prompts, synthesize_dataset
 
     if compress.eval_manifest:
         return load_manifest(compress.eval_manifest, limit=compress.max_eval_samples)
@@ -311,8 +310,6 @@ def train_student(
     ``kwargs`` go to the trainer (``eval_dataset``, ``compute_metrics``, ``callbacks``...). The Trainer's own push is
     switched off (it would upload checkpoints): push the compressed folder with ``trainer.push_to_hub()``.
     """
-    from .data import WhisperDataCollator
-    from .trainer import DistillQuantTrainer
 
     trainer = DistillQuantTrainer(
         model=student,
@@ -350,10 +347,6 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
     ``accelerate launch``), every process trains its share of each batch; the main process alone evaluates,
     exports, writes the card and pushes, and the other processes return an empty summary.
     """
-    from .data import prepare_dataset
-    from .evaluation import SMOKE_RUN_BANNER, evaluate_model
-    from .sources import atomic_write_text, load_whisper
-    from .students import build_student
 
     timer = PhaseTimer()
     decoder_layers, args = apply_level(compress, args)
@@ -421,8 +414,6 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
             synthetic_speech=compress.smoke or any("synthetic" in c for c in set(train["corpus"])),
         )
     if args.push_to_hub:
-        from .hub import push_compressed
-
         with timer("push"):
             push_compressed(
                 compressed_dir,

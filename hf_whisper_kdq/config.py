@@ -13,14 +13,13 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Seq2SeqTrainingArguments
 
-ALLOWED_BITS = (2, 3, 4, 8)
-FLOAT_BITS = 16  # a layer left unquantized is counted, and stored, as fp16
+from .quant import ALLOWED_BITS, FLOAT_BITS, GRANULARITIES
+
 MATCHING_MODES = ("static", "dynamic", "dynamic_monotone")
 HIDDEN_TARGETS = ("decoder", "encoder", "both", "none")
 HIDDEN_REPRESENTATIONS = ("layer_output", "ffn_intermediate")
 HIDDEN_LOSS_SCALES = ("absolute", "relative")
 BUDGET_ACCOUNTINGS = ("paper", "on_disk")
-GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 QUANT_TARGETS = ("encoder", "decoder", "embedding")
 
 

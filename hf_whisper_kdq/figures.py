@@ -10,10 +10,10 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .config import FLOAT_BITS
+from .files import atomic_file
 from .hub import public
+from .quant import FLOAT_BITS
 from .selection import KDQPlan
-from .sources import atomic_file
 
 
 def _figure(width: float, height: float):

@@ -27,7 +27,7 @@ from typing import Any
 import datasets
 
 from . import evaluation, scoring
-from .sources import atomic_write_text
+from .files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers.modeling_outputs import Seq2SeqLMOutput
 
+from .files import atomic_file
 from .losses import IGNORE_INDEX
 from .quant import quant_specs
-from .sources import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class TeacherOutputCache(_OutputCache):
         """Outputs of ``teacher(encoder_outputs=encoder_hidden, decoder_input_ids=..., output_hidden_states=True)``:
         ``logits`` [B, T, V] and ``decoder_hidden_states`` (num_layers + 1 tensors [B, T, D]). With ``logits_at``
         ([B, T] bool, inside the labelled positions), ``logits`` are only those positions' rows, packed ``[N, V]``
-        as the trainer's ``forward_student_and_teacher`` packs them."""
+        as ``forwards.StudentTeacherForwards`` packs them."""
         labelled = labels.ne(IGNORE_INDEX)
         positions = torch.arange(1, labels.shape[1] + 1, device=labels.device)
         lengths = (labelled * positions).amax(dim=1).tolist()  # 1 + the last labelled position; 0 for none

@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import FLOAT_BITS
-from .quant import QuantSpec, default_quant_targets, fake_quantize, weight_bytes
+from .adapters import is_training_only
+from .files import atomic_write_text
+from .quant import FLOAT_BITS, QuantSpec, default_quant_targets, fake_quantize, weight_bytes
 from .students import teacher_layer_map
 
 PLAN_FILE = "kdq_plan.json"
@@ -101,8 +102,6 @@ class KDQPlan:
         return cls(**{**data, "units": units})
 
     def save(self, folder: str | Path) -> Path:
-        from .sources import atomic_write_text
-
         return atomic_write_text(Path(folder) / PLAN_FILE, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
@@ -323,11 +322,7 @@ def plan_shapes(model: nn.Module, plan: KDQPlan) -> dict[str, torch.Size]:
 
 def fixed_bytes(model: nn.Module, plan: KDQPlan, shapes: dict[str, torch.Size]) -> int:
     """fp16 bytes of everything outside the plan's units (adapters and clipping ratios are training-only)."""
-    training_only = {
-        id(p)
-        for name, p in model.named_parameters()
-        if name.endswith("weight_clip") or name.startswith("kdq_adapters.")
-    }
+    training_only = {id(p) for name, p in model.named_parameters() if is_training_only(name)}
     total = sum(p.numel() * 2 for p in model.parameters() if id(p) not in training_only)
     return total - sum(unit_bytes(plan, unit, FLOAT_BITS, shapes) for unit in plan.units)
 
@@ -438,3 +433,27 @@ def choose_distillation_layers(plan: KDQPlan, count: int, sides: tuple[str, ...]
     chosen = {u.name for u in ranked[:count]}
     for unit in plan.units:
         unit.distilled = unit.name in chosen
+
+
+def float_stored_units(args) -> frozenset[str]:
+    """Units that count at fp16 in the budget: the embedding under on-disk accounting (the packed file keeps it
+    in fp16)."""
+    return frozenset({"embedding"} if args.size_budget_accounting == "on_disk" else ())
+
+
+def check_size_budget(model, plan: KDQPlan, args, teacher_fp16_bytes: int) -> None:
+    """Raise before training (and before a long data phase) when no allocation of ``args.bit_choices`` fits the
+    size budget, with the smallest size this student reaches."""
+    budget = args.budget_bytes(teacher_fp16_bytes)
+    if budget is None:
+        return
+    shapes = plan_shapes(model, plan)
+    minimum = smallest_bytes(
+        plan,
+        shapes,
+        args.bit_choices,
+        fixed_bytes=fixed_bytes(model, plan, shapes),
+        stored_float=float_stored_units(args),
+    )
+    if minimum > budget:
+        raise UnreachableBudgetError(plan, budget, minimum, args.bit_choices)

@@ -21,6 +21,9 @@ import logging
 from torch import nn
 from transformers import WhisperForConditionalGeneration
 
+from .adapters import attach_adapters
+from .quant import ALLOWED_BITS, prepare_qat, set_quant_specs
+
 logger = logging.getLogger(__name__)
 
 ZERO2_EXAMPLE = "examples/deepspeed_zero2.json"
@@ -70,13 +73,10 @@ def whole_student(trainer) -> nn.Module | None:
     (the gather is collective); the main process gets an unsharded copy (its fake-quant layers under the plan's
     specs, learned clipping ratios, adapters and generation config) and the others None.
     """
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    model = trainer.unwrapped_student()
     if not is_sharded(model):
         return model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    from .config import ALLOWED_BITS
-    from .quant import prepare_qat, set_quant_specs
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not trainer.is_world_process_zero():
@@ -84,7 +84,7 @@ def whole_student(trainer) -> nn.Module | None:
     # The student's own dtype (the teacher was cast to it): FSDP under mixed precision keeps fp32 master weights.
     dtype = next(trainer.teacher.parameters()).dtype
     whole = WhisperForConditionalGeneration(copy.deepcopy(model.config)).to(dtype)  # not FSDP's subclass
-    trainer._attach_adapters(whole, trainer.teacher.config, trainer.args)  # as the trainer attached the student's
+    attach_adapters(whole, trainer.teacher.config, trainer.args)  # as the trainer attached the student's
     specs = trainer.plan.module_specs()
     if specs:
         # Wrapped at integer bits first, so that layers the plan keeps in float get the clipping ratios they kept

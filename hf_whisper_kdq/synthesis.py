@@ -43,7 +43,7 @@ import numpy as np
 
 from .audio import SAMPLING_RATE, is_silent, load_audio
 from .data import manifest_dataset
-from .sources.offline import cache_root
+from .files import cache_root
 
 logger = logging.getLogger(__name__)
 

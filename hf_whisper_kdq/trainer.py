@@ -7,9 +7,9 @@ Usage is that of any HF trainer, with one extra argument::
     trainer.train()
     trainer.plan  # per layer: bits, distilled or not, matched teacher layer, q_l and d_l
 
-``compute_loss`` only runs the forwards and calls the pure loss functions of :mod:`hf_whisper_kdq.losses`;
-the guided layer selection (:class:`~hf_whisper_kdq.callbacks.LayerSelectionCallback`) decides which layers
-are distilled and how many bits each layer gets.
+``compute_loss`` runs the forwards (:mod:`hf_whisper_kdq.forwards`) and calls the pure loss functions of
+:mod:`hf_whisper_kdq.losses`; the guided layer selection (:class:`~hf_whisper_kdq.callbacks.LayerSelectionCallback`)
+decides which layers are distilled and how many bits each layer gets.
 """
 
 from __future__ import annotations
@@ -19,83 +19,41 @@ import json
 import logging
 import os
 from collections import defaultdict
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import Seq2SeqTrainer, WhisperForConditionalGeneration
-from transformers.modeling_outputs import BaseModelOutput
-from transformers.models.whisper.modeling_whisper import shift_tokens_right
+from transformers import Seq2SeqTrainer, TrainerCallback, WhisperForConditionalGeneration, WhisperProcessor
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .callbacks import LayerSelectionCallback, check_size_budget
+from .adapters import attach_adapters
+from .callbacks import LayerSelectionCallback
+from .card import write_model_card
 from .config import DistillQuantArguments
+from .export import CompressionReport, save_compressed
+from .forwards import StudentTeacherForwards, encoders_equal
+from .hub import push_compressed
 from .losses import (
     IGNORE_INDEX,
+    check_finite_terms,
     cross_entropy_loss,
     hidden_distillation_loss,
     logit_distillation_loss,
     quantization_loss,
 )
-from .output_cache import CacheFolder, EncoderOutputCache, TeacherOutputCache
-from .quant import FakeQuantEmbedding, FakeQuantLinear, prepare_qat
-from .selection import KDQPlan, fp16_bytes, starting_plan
+from .quant import FakeQuantEmbedding, FakeQuantLinear, prepare_qat, set_quant_specs
+from .selection import KDQPlan, check_size_budget, fp16_bytes, starting_plan
 from .sharding import check_sharding, whole_student
+from .sources import load_whisper
 from .students import check_same_tokenizer, check_whisper
-
-if TYPE_CHECKING:
-    from .export import CompressionReport
 
 logger = logging.getLogger(__name__)
 
 LOSS_TERMS = ("ce", "kd", "hidden", "quant")
-ADAPTERS_ATTRIBUTE = "kdq_adapters"
-
-
-def _hidden_width(config, side: str, representation: str) -> int:
-    return getattr(config, f"{side}_ffn_dim") if representation == "ffn_intermediate" else config.d_model
-
-
-def _encoders_equal(student: nn.Module, teacher: nn.Module) -> bool:
-    ours, theirs = student.get_encoder().state_dict(), teacher.get_encoder().state_dict()
-    return ours.keys() == theirs.keys() and all(
-        ours[k].shape == theirs[k].shape and torch.equal(ours[k].to(theirs[k].device, theirs[k].dtype), theirs[k])
-        for k in ours
-    )
-
-
-@contextmanager
-def _tap_ffn(model: nn.Module, side: str):
-    """Record the FFN intermediate (``fc1`` output) of every layer of one side: {layer index: tensor}."""
-    captured: dict[int, torch.Tensor] = {}
-    layers = getattr(model.model, side).layers
-    handles = [
-        layer.fc1.register_forward_hook(lambda module, args, output, i=i: captured.__setitem__(i, output))
-        for i, layer in enumerate(layers)
-    ]
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextmanager
-def _output_layer_at(model: nn.Module, positions: torch.Tensor):
-    """While active, ``model``'s output layer (``proj_out``) runs on the decoder states at ``positions`` ([B, T]
-    bool) only, so its logits are packed ``[N, V]`` rows; ``positions=None`` changes nothing."""
-    if positions is None:
-        yield
-        return
-    handle = model.proj_out.register_forward_pre_hook(lambda module, args: (args[0][positions], *args[1:]))
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
@@ -146,6 +104,12 @@ def _tokens_left_out_of_pickles(args):
             copyreg.dispatch_table[kind] = previous
 
 
+def _is_selection_callback(callback) -> bool:
+    """A :class:`LayerSelectionCallback`, as an instance or as the class (the Trainer takes both)."""
+    kind = callback if isinstance(callback, type) else type(callback)
+    return issubclass(kind, LayerSelectionCallback)
+
+
 class DistillQuantTrainer(Seq2SeqTrainer):
     """Seq2SeqTrainer + a frozen teacher, fake-quantized student layers and guided layer selection.
 
@@ -157,26 +121,49 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         teacher_model: the teacher, or a name/path for :func:`~hf_whisper_kdq.load_whisper`. Never trained,
             never saved with the student.
         args: :class:`~hf_whisper_kdq.DistillQuantArguments`.
+        data_collator, train_dataset, eval_dataset, processing_class, compute_metrics, optimizers,
+            preprocess_logits_for_metrics: as for ``Seq2SeqTrainer``. ``processing_class`` (the
+            ``WhisperProcessor``) is saved beside the compressed student; without it, that of a teacher given by
+            name is.
+        callbacks: as for ``Seq2SeqTrainer``. The guided selection (:class:`LayerSelectionCallback`) is always
+            added; one passed here is used instead (bound to this trainer), never twice.
         plan: a previous :class:`~hf_whisper_kdq.selection.KDQPlan` to start from (default: fresh).
-        **kwargs: everything ``Seq2SeqTrainer`` takes (datasets, collator, processing_class, callbacks, ...).
+
+    ``Seq2SeqTrainer``'s ``model_init`` and ``compute_loss_func`` are not taken: the student is prepared once,
+    here, and the loss is the distillation loss.
     """
 
     # compute_loss normalizes every term by the accumulated batch itself (num_items_in_batch).
     loss_is_scaled_for_ga = True
 
-    def __init__(self, model=None, teacher_model=None, args=None, *, plan: KDQPlan | None = None, **kwargs):
+    def __init__(
+        self,
+        model: WhisperForConditionalGeneration | None = None,
+        teacher_model: WhisperForConditionalGeneration | str | os.PathLike | None = None,
+        args: DistillQuantArguments | None = None,
+        *,
+        data_collator: Callable | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class: WhisperProcessor | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list[TrainerCallback | type[TrainerCallback]] | None = None,
+        optimizers: tuple = (None, None),
+        preprocess_logits_for_metrics: Callable | None = None,
+        plan: KDQPlan | None = None,
+    ):
         if not isinstance(args, DistillQuantArguments):
             raise TypeError("args must be a DistillQuantArguments (it extends Seq2SeqTrainingArguments)")
         if teacher_model is None:
             raise ValueError("teacher_model is required: a WhisperForConditionalGeneration or a name/path")
+        # The processor of a teacher loaded by name: what the export saves when no processing_class is given.
+        self.teacher_processor = None
         if isinstance(teacher_model, (str, os.PathLike)):
-            from .sources import load_whisper
-
-            teacher_model, _ = load_whisper(teacher_model)
+            teacher_model, self.teacher_processor = load_whisper(teacher_model)
         check_whisper(model, "student")
         check_whisper(teacher_model, "teacher")
         check_same_tokenizer(model, teacher_model)
-        self._attach_adapters(model, teacher_model.config, args)
+        attach_adapters(model, teacher_model.config, args)
         self.plan = plan or starting_plan(model, teacher_model, args)
         check_size_budget(model, self.plan, args, fp16_bytes(teacher_model))
         if self.plan.module_specs():
@@ -184,46 +171,51 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         if args.freeze_encoder:  # after prepare_qat: a quantized encoder's clipping ratios are frozen too
             model.freeze_encoder()
         # Computed once: a frozen student encoder equal to the teacher's lets both share one encoder pass.
-        self.encoder_matches_teacher = args.freeze_encoder and _encoders_equal(model, teacher_model)
+        encoder_matches_teacher = args.freeze_encoder and encoders_equal(model, teacher_model)
+        # One selection callback, bound to this trainer: the one passed, else a new one. It joins after the
+        # Trainer's own callbacks, as add_callback would add it.
+        others = [c for c in callbacks or () if not _is_selection_callback(c)]
+        selection = next((c for c in callbacks or () if _is_selection_callback(c)), LayerSelectionCallback)
 
-        super().__init__(model=model, args=args, **kwargs)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=others,
+            optimizers=optimizers,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
         self.model_accepts_loss_kwargs = True  # so that the Trainer counts num_items_in_batch for us
         check_sharding(self)
         self.teacher = self._prepare_teacher(teacher_model)
-        self.encoder_cache = None  # the teacher's encoder outputs (also the student's when it shares that encoder)
-        self.teacher_cache = None  # the teacher's logits and decoder hidden states per row
-        self._student_encoder_cache = None  # a frozen student encoder's outputs
-        self._cache_folder = None  # one size bound for all of them
-        on_cpu = self.args.device.type == "cpu"
-        if args.cache_encoder_outputs or (args.cache_encoder_outputs is None and on_cpu):
-            self.encoder_cache = self._new_cache(EncoderOutputCache, self.teacher.get_encoder())
-        if args.cache_teacher_outputs or (args.cache_teacher_outputs is None and on_cpu):
-            self.teacher_cache = self._new_cache(TeacherOutputCache, self.teacher)
+        self.forwards = StudentTeacherForwards(
+            self.teacher,
+            args,
+            self.accelerator,
+            plan=lambda: self.plan,
+            encoder_matches_teacher=encoder_matches_teacher,
+            sharded=self.is_fsdp_enabled,
+        )
         self._logged_terms: dict[str, dict[str, list[torch.Tensor]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),
         }
         self._accumulated_rows = 0  # set by get_batch_samples for each optimizer step
-        self.add_callback(LayerSelectionCallback(self))
+        self.add_callback(selection)
 
-    # ---- set-up -----------------------------------------------------------------------------------
-    @staticmethod
-    def _attach_adapters(model, teacher_config, args: DistillQuantArguments) -> None:
-        """Linear maps from the student's to the teacher's hidden width, one per student layer and side.
-
-        Trained with the student (they live on it, so optimizers, checkpoints and resume see them) and dropped
-        by the export.
-        """
-        sides = {"decoder": ("decoder",), "encoder": ("encoder",), "both": ("encoder", "decoder"), "none": ()}
-        adapters = {}
-        for side in sides[args.hidden_target]:
-            ours = _hidden_width(model.config, side, args.hidden_representation)
-            theirs = _hidden_width(teacher_config, side, args.hidden_representation)
-            if ours != theirs:
-                for i in range(getattr(model.config, f"{side}_layers")):
-                    adapters[f"{side}_{i}"] = nn.Linear(ours, theirs, bias=False, dtype=model.dtype)
-        if adapters:
-            model.add_module(ADAPTERS_ATTRIBUTE, nn.ModuleDict(adapters))
+    def add_callback(self, callback) -> None:
+        """As ``Trainer.add_callback``; a :class:`LayerSelectionCallback` (class or instance) is bound to this
+        trainer and replaces the one it has, so that one selection runs."""
+        if _is_selection_callback(callback):
+            callback = callback() if isinstance(callback, type) else callback
+            callback.bind(self)
+            for existing in [c for c in self.callback_handler.callbacks if _is_selection_callback(c)]:
+                self.callback_handler.remove_callback(existing)
+        super().add_callback(callback)
 
     def _prepare_teacher(self, teacher: WhisperForConditionalGeneration) -> WhisperForConditionalGeneration:
         student_dtype = next(self.model.parameters()).dtype
@@ -240,172 +232,45 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         # been moved since (found on a GPU: the second trainer's teacher stayed on the CPU).
         return teacher.to(self.accelerator.device).eval()
 
-    def _new_cache(self, kind, model: nn.Module, current=None):
-        """``current`` if it still describes ``model``, else a new cache of ``kind`` for it: renewed whenever the
-        model's weights (an in-place update, a checkpoint load) or quantization specs (a new plan) change."""
-        from .sources import cache_root
+    # ---- what the guided selection reads and writes (callbacks.SelectionHost) -------------------------
+    def unwrapped_student(self) -> nn.Module:
+        """The student without its distributed wrapper (under FSDP its weights stay sharded)."""
+        return self.accelerator.unwrap_model(self.model)
 
-        if current is not None and current.describes(model):
-            return current
-        if self._cache_folder is None:
-            folder = self.args.encoder_cache_dir or cache_root() / "encoder_outputs"
-            self._cache_folder = CacheFolder(folder, int(self.args.encoder_cache_max_gb * 1e9))
-        return kind(self._cache_folder, model)
+    def apply_plan(self, plan: KDQPlan) -> None:
+        """Make ``plan`` the trainer's and set its quantization specs on the student."""
+        self.plan = plan
+        if plan.module_specs():
+            set_quant_specs(self.unwrapped_student(), plan.module_specs())
 
-    def _frozen_encoder_cache(self, encoder: nn.Module):
-        """The cache of a frozen student encoder's outputs (see ``_new_cache``)."""
-        self._student_encoder_cache = self._new_cache(EncoderOutputCache, encoder, self._student_encoder_cache)
-        return self._student_encoder_cache
-
-    @property
-    def distill_sides(self) -> tuple[str, ...]:
-        sides = {"decoder": ("decoder",), "encoder": ("encoder",), "both": ("encoder", "decoder"), "none": ()}
-        chosen = sides[self.args.hidden_target]
-        if self.args.freeze_encoder:  # a frozen encoder has nothing to learn from the teacher's
-            chosen = tuple(side for side in chosen if side != "encoder")
-        return chosen if self.args.hidden_weight > 0 else ()
-
-    @property
-    def shares_encoder(self) -> bool:
-        return self.encoder_matches_teacher and not self.plan.quantized("encoder")
-
-    # ---- forwards ---------------------------------------------------------------------------------
-    def forward_student_and_teacher(
-        self,
-        model,
-        inputs,
-        hidden_sides: tuple[str, ...],
-        *,
-        cached_student_encoder=True,
-        logits_at=None,
-        adapted_layers: dict[str, set[int]] | None = None,
-    ):
-        """Run teacher (no grad) and student on one batch.
-
-        Frozen encoders' outputs come from the encoder cache (``cache_encoder_outputs``) when no hidden state of
-        theirs is asked for, and the teacher's logits and decoder hidden states from the teacher cache
-        (``cache_teacher_outputs``) unless its encoder states or FFN activations are; ``cached_student_encoder=False``
-        runs the student's encoder whatever (the selection probes capture the inputs of its layers).
-        ``logits_at`` ([B, T] bool) computes both models' logits at those decoder positions only: ``logits`` are
-        then packed ``[N, V]`` rows (N = ``logits_at.sum()``, row-major order).
-
-        Returns:
-            (student outputs, teacher outputs, representations) where representations[who][side] lists, per
-            layer, the [B, L, D] tensors chosen by ``hidden_representation`` (only for ``hidden_sides``). The
-            student's are mapped to the teacher's width by its adapters (`adapt`): every layer's, or those of
-            ``adapted_layers`` ({side: student layer indices}; the others keep the student's width).
-        """
-        features, labels = inputs["input_features"], inputs["labels"]
-        config = self.teacher.config
-        decoder_input_ids = inputs.get("decoder_input_ids")
-        if decoder_input_ids is None:
-            decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
-        ffn = self.args.hidden_representation == "ffn_intermediate"
-        want = {side: side in hidden_sides for side in ("encoder", "decoder")}
-        unwrapped = self.accelerator.unwrap_model(model)
-        with ExitStack() as taps:
-            ffn_taps = {
-                (who, side): taps.enter_context(_tap_ffn(net, side))
-                for who, net in (("teacher", self.teacher), ("student", unwrapped))
-                for side in hidden_sides
-                if ffn
-            }
-            student_encoder = unwrapped.get_encoder()
-            # Not under FSDP: the student's encoder is called on its own there, outside the sharded model's forward.
-            cache_student = (
-                cached_student_encoder
-                and self.encoder_cache is not None
-                and not self.shares_encoder
-                and not self.is_fsdp_enabled
-                and not want["encoder"]
-                and not any(p.requires_grad for p in student_encoder.parameters())
-            )
-            # The Trainer's autocast lives in accelerate's wrapper of model.forward; the teacher's encoder is
-            # called directly, and would otherwise run in fp32 under bf16/fp16 training.
-            with torch.no_grad(), self.accelerator.autocast():
-                if self.encoder_cache is not None and not want["encoder"]:
-                    self.encoder_cache = self._new_cache(
-                        EncoderOutputCache, self.teacher.get_encoder(), self.encoder_cache
-                    )
-                    hidden = self.encoder_cache.encode(self.teacher.get_encoder(), features)
-                    teacher_encoder = BaseModelOutput(last_hidden_state=hidden)
-                else:
-                    teacher_encoder = self.teacher.get_encoder()(
-                        features, output_hidden_states=want["encoder"] and not ffn
-                    )
-                if self.teacher_cache is not None and not want["encoder"] and not ffn:
-                    self.teacher_cache = self._new_cache(TeacherOutputCache, self.teacher, self.teacher_cache)
-                    teacher_out = self.teacher_cache.forward(
-                        self.teacher,
-                        features,
-                        teacher_encoder.last_hidden_state,
-                        decoder_input_ids,
-                        labels,
-                        logits_at=logits_at,
-                    )
-                else:
-                    with _output_layer_at(self.teacher, logits_at):
-                        teacher_out = self.teacher(
-                            encoder_outputs=teacher_encoder,
-                            decoder_input_ids=decoder_input_ids,
-                            output_hidden_states=want["decoder"] and not ffn,
-                        )
-                if cache_student:
-                    student_hidden = self._frozen_encoder_cache(student_encoder).encode(student_encoder, features)
-            student_kwargs = dict(
-                decoder_input_ids=decoder_input_ids, output_hidden_states=any(want.values()) and not ffn
-            )
-            taps.enter_context(_output_layer_at(unwrapped, logits_at))
-            student_states: dict[str, list[torch.Tensor]] = {}
-
-            def collect_student_states(module, args, output):
-                # Adapted inside the student's forward: under FSDP the adapters' weights are whole only then.
-                for side in hidden_sides:
-                    if ffn:
-                        captured = ffn_taps[("student", side)]
-                        states = [captured[i] for i in sorted(captured)]
-                    else:  # hidden_states[0] is the embedding output; [i + 1] is the output of layer i.
-                        states = list(getattr(output, f"{side}_hidden_states")[1:])
-                    chosen = range(len(states)) if adapted_layers is None else adapted_layers.get(side, ())
-                    student_states[side] = [self.adapt(side, i, h) if i in chosen else h for i, h in enumerate(states)]
-
-            if hidden_sides:
-                taps.callback(unwrapped.model.register_forward_hook(collect_student_states).remove)
-            if self.shares_encoder:
-                student_out = model(encoder_outputs=(teacher_encoder.last_hidden_state,), **student_kwargs)
-            elif cache_student:
-                student_out = model(encoder_outputs=(student_hidden,), **student_kwargs)
-            else:
-                student_out = model(input_features=features, **student_kwargs)
-        representations = {"student": student_states, "teacher": {}}
-        for side in hidden_sides:
-            if ffn:
-                captured = ffn_taps[("teacher", side)]
-                representations["teacher"][side] = [captured[i] for i in sorted(captured)]
-            else:
-                teacher_states = (
-                    teacher_encoder.hidden_states if side == "encoder" else teacher_out.decoder_hidden_states
-                )
-                representations["teacher"][side] = list(teacher_states[1:])
-        return student_out, teacher_out, representations
-
-    def adapt(self, side: str, index: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Map a student representation to the teacher's width (identity when widths match)."""
-        adapters = getattr(self.accelerator.unwrap_model(self.model), ADAPTERS_ATTRIBUTE, None)
-        key = f"{side}_{index}"
-        return adapters[key](hidden) if adapters is not None and key in adapters else hidden
+    def probe_batches(self) -> list[dict]:
+        """``selection_probe_batches`` batches of fixed, evenly spaced training rows (no RNG consumed), collated and
+        placed as training batches are."""
+        dataset = self.train_dataset
+        if dataset is None or len(dataset) == 0:
+            raise ValueError("layer selection needs a non-empty train_dataset")
+        batch_size = self.args.per_device_train_batch_size
+        count = min(len(dataset), batch_size * self.args.selection_probe_batches)
+        rows = [round(i * (len(dataset) - 1) / max(count - 1, 1)) for i in range(count)]
+        collate = self._get_collator_with_removed_columns(self.data_collator, description="probe")
+        if hasattr(dataset, "column_names"):
+            dataset = self._remove_unused_columns(dataset, description="probe")
+        return [
+            self._prepare_inputs(collate([dataset[i] for i in rows[start : start + batch_size]]))
+            for start in range(0, count, batch_size)
+        ]
 
     # ---- loss -------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         args = self.args
-        sides = tuple(side for side in self.distill_sides if self.plan.distilled_pairs(side))
+        sides = tuple(side for side in self.forwards.distill_sides if self.plan.distilled_pairs(side))
         labelled = labels.ne(IGNORE_INDEX)
         # Logits nobody outside the losses reads are computed where a label is: in batches of mixed-length
         # utterances much of [B, T] is padding, and each position costs a 51,865-way output layer forward and
         # backward (skipping them made a CPU step on the shared data ~15% faster). Evaluation (return_outputs)
         # gets the full [B, T, V] logits it passes on to metrics.
-        student_out, teacher_out, reps = self.forward_student_and_teacher(
+        student_out, teacher_out, reps = self.forwards(
             model,
             inputs,
             sides,
@@ -453,8 +318,6 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         terms["hidden"] = hidden
         terms["quant"] = self._quantization_loss(model, student_out.logits) / (steps * processes)
         if model.training:  # before backward: a NaN update would poison the weights and every later checkpoint
-            from .losses import check_finite_terms
-
             several = self.accelerator.num_processes > 1
             check_finite_terms(
                 terms,
@@ -539,16 +402,24 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         ``kdq_plan.json``. Default folder: ``<output_dir>/compressed``.
 
         Every process must call it (gathering an FSDP-sharded student is collective); the main process alone
-        writes, and gets the `CompressionReport` it wrote (``report.folder`` is the folder), the others None."""
-        from .export import save_compressed
+        writes, and gets the `CompressionReport` it wrote (``report.folder`` is the folder), the others None.
 
+        The processor saved beside it is ``processing_class``, else that of a teacher given by name; with neither,
+        nothing is written (a folder without tokenizer and feature extractor would not transcribe)."""
+        processor = self.processing_class or self.teacher_processor
+        if processor is None:
+            raise ValueError(
+                "save_compressed writes the WhisperProcessor beside the student, and this trainer has none: pass "
+                "processing_class=processor to DistillQuantTrainer (the processor load_whisper returned with the "
+                "teacher), or give the teacher by name (teacher_model='openai/whisper-base')"
+            )
         output_dir = Path(output_dir or Path(self.args.output_dir) / "compressed")
         student = self.whole_student()
         report = None
         if self.is_world_process_zero():
             report = save_compressed(
                 student,
-                self.processing_class,
+                processor,
                 output_dir,
                 plan=self.plan,
                 teacher_fp16_bytes=fp16_bytes(self.teacher),
@@ -589,7 +460,6 @@ class DistillQuantTrainer(Seq2SeqTrainer):
             repo_id: the Hub repository the card's snippets load.
             synthetic_speech: whether training used synthesized speech (default: guessed from the dataset names).
         """
-        from .card import write_model_card
         from .export import CompressionReport
 
         if not self.is_world_process_zero():
@@ -632,8 +502,6 @@ class DistillQuantTrainer(Seq2SeqTrainer):
     ):
         """Push the compressed checkpoint, its model card and figure in one commit — never the teacher, the
         fake-quant training state or the checkpoints. The card's scores come from the last ``evaluate()``."""
-        from .hub import push_compressed
-
         folder = Path(self.args.output_dir) / "compressed"
         # An export of this very step is pushed as it is, with what the user added to it (a CTranslate2 copy, an
         # evaluation report): re-saving would replace the folder. The card describes that export.

@@ -15,13 +15,9 @@ pytest.importorskip("ctranslate2")
 faster_whisper = pytest.importorskip("faster_whisper")
 
 from hf_whisper_kdq import data  # noqa: E402
-from hf_whisper_kdq.export.ctranslate2 import (  # noqa: E402
-    EXPORT_MARKER,
-    QUANTIZATIONS,
-    evaluate_faster_whisper,
-    export_ctranslate2,
-    transcribe_faster_whisper,
-)
+from hf_whisper_kdq.evaluation import evaluate_faster_whisper, transcribe_faster_whisper  # noqa: E402
+from hf_whisper_kdq.export.ctranslate2 import QUANTIZATIONS, export_ctranslate2  # noqa: E402
+from hf_whisper_kdq.files import CT2_EXPORT_MARKER  # noqa: E402
 from hf_whisper_kdq.quant import FakeQuantLinear, QuantSpec, convert_qat, prepare_qat  # noqa: E402
 from hf_whisper_kdq.sources import load_whisper, save_whisper  # noqa: E402
 
@@ -52,9 +48,9 @@ def exported(_tiny_whisper_session, tmp_path_factory):
 def test_export_writes_a_faster_whisper_folder(exported, _tiny_whisper_session):
     folder = exported["int8"]
     names = {path.name for path in folder.iterdir()}
-    assert {"model.bin", "config.json", "tokenizer.json", "preprocessor_config.json", EXPORT_MARKER} <= names
+    assert {"model.bin", "config.json", "tokenizer.json", "preprocessor_config.json", CT2_EXPORT_MARKER} <= names
     assert any(name.startswith("vocabulary.") for name in names)
-    assert json.loads((folder / EXPORT_MARKER).read_text())["quantization"] == "int8"
+    assert json.loads((folder / CT2_EXPORT_MARKER).read_text())["quantization"] == "int8"
     config = json.loads((folder / "config.json").read_text())
     generation_config = _tiny_whisper_session[0].generation_config
     assert config["suppress_ids"] == list(generation_config.suppress_tokens)
@@ -131,7 +127,7 @@ def test_export_from_an_hf_folder(tiny_whisper, tmp_path):
     torch.testing.assert_close(_logits(reloaded), _logits(model), atol=1e-5, rtol=1e-5)
     # A CTranslate2 folder is a source too: re-quantize it.
     requantized = export_ctranslate2(folder, output_dir=tmp_path / "ct2-int16", quantization="int16")
-    assert json.loads((requantized / EXPORT_MARKER).read_text())["source"] == str(folder)
+    assert json.loads((requantized / CT2_EXPORT_MARKER).read_text())["source"] == str(folder)
 
 
 @pytest.mark.parametrize("quantization", ["int4", "fp8", "INT8", ""])
@@ -167,7 +163,7 @@ def test_foreign_folder_is_refused_even_with_overwrite(tiny_whisper, tmp_path):
     assert (target / "model.bin").is_file() and not (target / "model.safetensors").exists()
     # a previous export is replaced without overwrite; an empty folder is simply used
     export_ctranslate2(model, processor, target, quantization="float32")
-    assert json.loads((target / EXPORT_MARKER).read_text())["quantization"] == "float32"
+    assert json.loads((target / CT2_EXPORT_MARKER).read_text())["quantization"] == "float32"
     (tmp_path / "empty").mkdir()
     export_ctranslate2(model, processor, tmp_path / "empty", quantization="int8")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["empty", "foreign", "target"]

@@ -395,7 +395,7 @@ def test_frozen_identical_encoder_is_shared_with_the_teacher(tmp_path, pair):
         cache_encoder_outputs=False,
     )
     trainer = _trainer(student, teacher, args, make_micro_rows(8, seed=7))
-    assert trainer.shares_encoder and trainer.distill_sides == ("decoder",)
+    assert trainer.forwards.shares_encoder and trainer.forwards.distill_sides == ("decoder",)
 
     calls = []
     handle = student.model.encoder.register_forward_hook(lambda *_: calls.append(1))
@@ -410,8 +410,8 @@ def test_frozen_identical_encoder_is_shared_with_the_teacher(tmp_path, pair):
         student.train()
         with torch.no_grad():
             shared = trainer.compute_loss(student, batch)
-            trainer.encoder_matches_teacher = False  # force the student's own encoder pass
-            assert not trainer.shares_encoder
+            trainer.forwards.encoder_matches_teacher = False  # force the student's own encoder pass
+            assert not trainer.forwards.shares_encoder
             unshared = trainer.compute_loss(student, batch)
         assert len(calls) == 1
         assert shared.item() == pytest.approx(unshared.item(), rel=1e-5)
@@ -424,13 +424,13 @@ def test_encoder_is_not_shared_when_it_differs_or_is_quantized(tmp_path, micro_w
     teacher = micro_whisper(decoder_layers=4)
     fewer = build_student(teacher, encoder_layers=1, decoder_layers=2)
     args = _args(tmp_path, max_steps=1, freeze_encoder=True, quant_targets="decoder")
-    assert not _trainer(fewer, teacher, args, make_micro_rows(4)).shares_encoder
+    assert not _trainer(fewer, teacher, args, make_micro_rows(4)).forwards.shares_encoder
     quantized = build_student(teacher, decoder_layers=2)
     args = _args(tmp_path, max_steps=1, freeze_encoder=True, quant_targets="encoder,decoder")
-    assert not _trainer(quantized, teacher, args, make_micro_rows(4)).shares_encoder
+    assert not _trainer(quantized, teacher, args, make_micro_rows(4)).forwards.shares_encoder
     unfrozen = build_student(teacher, decoder_layers=2)
     args = _args(tmp_path, max_steps=1, quant_targets="decoder")
-    assert not _trainer(unfrozen, teacher, args, make_micro_rows(4)).shares_encoder
+    assert not _trainer(unfrozen, teacher, args, make_micro_rows(4)).forwards.shares_encoder
 
 
 # ---- dynamic layer matching --------------------------------------------------------------------------------------
@@ -455,10 +455,10 @@ def test_dynamic_matching_follows_the_measured_errors(tmp_path, micro_whisper, m
     set_quant_specs(student, dict.fromkeys(saved, None))
     student.eval()
     matrix = 0
-    batches = callback.probe_batches()
+    batches = trainer.probe_batches()
     with torch.no_grad():
         for batch in batches:
-            _, _, reps = trainer.forward_student_and_teacher(student, batch, ("decoder",))
+            _, _, reps = trainer.forwards(student, batch, ("decoder",))
             matrix = matrix + relative_hidden_errors(
                 reps["student"]["decoder"], reps["teacher"]["decoder"], batch["labels"].ne(IGNORE_INDEX)
             )
@@ -516,7 +516,7 @@ def test_ffn_intermediate_representation_trains(tmp_path, pair):
     # decoder layer 0 is a copy of teacher layer 0: its FFN activation matches exactly before training
     batch = trainer._prepare_inputs(micro_collate(make_micro_rows(2, seed=11)))
     fresh = build_student(teacher, decoder_layers=2)
-    _, _, reps = trainer.forward_student_and_teacher(fresh, batch, ("decoder",))
+    _, _, reps = trainer.forwards(fresh, batch, ("decoder",))
     assert reps["student"]["decoder"][0].shape == (2, batch["labels"].shape[1], 64)
     assert torch.equal(reps["student"]["decoder"][0], reps["teacher"]["decoder"][0])
 
@@ -669,8 +669,8 @@ def test_shared_encoder_outputs_are_cached_across_epochs(tmp_path, pair):
     finally:
         handle.remove()
     assert sum(teacher_rows) == len(rows)
-    assert trainer.encoder_cache.misses == len(rows) and trainer.encoder_cache.hits > 0
-    entries = sorted(trainer.encoder_cache.folder.glob("*/*.safetensors"))
+    assert trainer.forwards.encoder_cache.misses == len(rows) and trainer.forwards.encoder_cache.hits > 0
+    entries = sorted(trainer.forwards.encoder_cache.folder.glob("*/*.safetensors"))
     assert len(entries) == len(rows)
 
     # A corrupt entry is recomputed, never used.
@@ -679,8 +679,8 @@ def test_shared_encoder_outputs_are_cached_across_epochs(tmp_path, pair):
     encoder = trainer.teacher.get_encoder()
     with torch.no_grad():
         expected = encoder(batch["input_features"]).last_hidden_state
-    torch.testing.assert_close(trainer.encoder_cache.encode(encoder, batch["input_features"]), expected)
-    assert trainer.encoder_cache.misses == len(rows) + 1
+    torch.testing.assert_close(trainer.forwards.encoder_cache.encode(encoder, batch["input_features"]), expected)
+    assert trainer.forwards.encoder_cache.misses == len(rows) + 1
 
 
 def _count_rows(encoder, counts: list[int]):
@@ -692,7 +692,9 @@ def test_teacher_encoder_outputs_are_cached_while_the_student_encoder_trains(tmp
     args = _args(tmp_path, max_steps=6, quant_targets="decoder", encoder_cache_dir=str(tmp_path / "cache"))
     rows = make_micro_rows(8, seed=3)
     trainer = _trainer(student, teacher, args, rows)
-    assert args.cache_encoder_outputs is None and trainer.encoder_cache is not None  # default: on for CPU training
+    assert (
+        args.cache_encoder_outputs is None and trainer.forwards.encoder_cache is not None
+    )  # default: on for CPU training
     teacher_rows, student_rows = [], []
     handles = [_count_rows(teacher.model.encoder, teacher_rows), _count_rows(student.model.encoder, student_rows)]
     try:
@@ -703,7 +705,9 @@ def test_teacher_encoder_outputs_are_cached_while_the_student_encoder_trains(tmp
     assert sum(teacher_rows) == len(rows)  # each row once, though the student's encoder is not the teacher's
     assert sum(student_rows) >= 6 * 4  # it trains: it runs every step
     probe_rows = 2 * 4  # the selection's probe batches
-    assert trainer.encoder_cache.misses == len(rows) and trainer.encoder_cache.hits == 6 * 4 + probe_rows - len(rows)
+    assert trainer.forwards.encoder_cache.misses == len(
+        rows
+    ) and trainer.forwards.encoder_cache.hits == 6 * 4 + probe_rows - len(rows)
 
 
 def test_frozen_quantized_student_encoder_outputs_are_cached_and_exact(tmp_path, pair):
@@ -723,10 +727,10 @@ def test_frozen_quantized_student_encoder_outputs_are_cached_and_exact(tmp_path,
     cached = _trainer(
         student, teacher, _args(tmp_path / "a", encoder_cache_dir=str(tmp_path / "cache"), **common), rows
     )
-    assert cached.plan.quantized("encoder") and not cached.shares_encoder
+    assert cached.plan.quantized("encoder") and not cached.forwards.shares_encoder
     clips = [p for n, p in student.model.encoder.named_parameters() if n.endswith("weight_clip")]
     assert clips and not any(p.requires_grad for p in clips)
-    assert cached.distill_sides == ("decoder",)  # nothing to distil into a frozen encoder
+    assert cached.forwards.distill_sides == ("decoder",)  # nothing to distil into a frozen encoder
     student_rows = []
     handle = _count_rows(student.model.encoder, student_rows)
     try:
@@ -735,11 +739,11 @@ def test_frozen_quantized_student_encoder_outputs_are_cached_and_exact(tmp_path,
         handle.remove()
     probe_rows = 2 * 4  # the selection probes run the encoder itself (they capture its layers' inputs)
     assert sum(student_rows) == probe_rows + len(rows)
-    assert cached._student_encoder_cache.misses == len(rows)
+    assert cached.forwards.student_encoder_cache.misses == len(rows)
 
     uncached = _trainer(twin, teacher, _args(tmp_path / "b", cache_encoder_outputs=False, **common), rows)
     uncached.train()
-    assert uncached.encoder_cache is None and uncached._student_encoder_cache is None
+    assert uncached.forwards.encoder_cache is None and uncached.forwards.student_encoder_cache is None
     assert [e["loss"] for e in _train_logs(cached)] == pytest.approx(
         [e["loss"] for e in _train_logs(uncached)], rel=1e-5
     )
@@ -750,9 +754,9 @@ def test_frozen_quantized_student_encoder_outputs_are_cached_and_exact(tmp_path,
     from hf_whisper_kdq.quant import set_quant_specs
 
     encoder = student.get_encoder()
-    first = cached._frozen_encoder_cache(encoder)
+    first = cached.forwards.frozen_encoder_cache(encoder)
     set_quant_specs(student, {name: "int8" for name in cached.plan.module_specs() if ".encoder." in name})
-    assert cached._frozen_encoder_cache(encoder).fingerprint != first.fingerprint
+    assert cached.forwards.frozen_encoder_cache(encoder).fingerprint != first.fingerprint
 
 
 def test_teacher_outputs_are_cached_per_row_and_training_is_the_same(tmp_path, pair):
@@ -765,7 +769,9 @@ def test_teacher_outputs_are_cached_per_row_and_training_is_the_same(tmp_path, p
     cached = _trainer(
         student, teacher, _args(tmp_path / "a", encoder_cache_dir=str(tmp_path / "cache"), **common), rows
     )
-    assert cached.args.cache_teacher_outputs is None and cached.teacher_cache is not None  # default: on for CPU
+    assert (
+        cached.args.cache_teacher_outputs is None and cached.forwards.teacher_cache is not None
+    )  # default: on for CPU
     decoded = []
     handle = teacher.model.decoder.register_forward_hook(
         lambda m, a, kw, out: decoded.append(kw["input_ids"].shape[0]), with_kwargs=True
@@ -774,14 +780,14 @@ def test_teacher_outputs_are_cached_per_row_and_training_is_the_same(tmp_path, p
         cached.train()  # 6 steps of 4 rows: 3 epochs of 8 rows; selections at steps 0 and 3
     finally:
         handle.remove()
-    assert sum(decoded) == len(rows) and cached.teacher_cache.misses == len(rows)
-    assert cached.teacher_cache.hits == 6 * 4 + 2 * (2 * 4) - len(rows)  # + two selections' probe batches
+    assert sum(decoded) == len(rows) and cached.forwards.teacher_cache.misses == len(rows)
+    assert cached.forwards.teacher_cache.hits == 6 * 4 + 2 * (2 * 4) - len(rows)  # + two selections' probe batches
 
     uncached = _trainer(
         twin, teacher, _args(tmp_path / "b", cache_encoder_outputs=False, cache_teacher_outputs=False, **common), rows
     )
     uncached.train()
-    assert uncached.teacher_cache is None
+    assert uncached.forwards.teacher_cache is None
     assert [e["loss"] for e in _train_logs(cached)] == pytest.approx(
         [e["loss"] for e in _train_logs(uncached)], rel=1e-5
     )
@@ -789,13 +795,15 @@ def test_teacher_outputs_are_cached_per_row_and_training_is_the_same(tmp_path, p
         torch.testing.assert_close(a, b, msg=name)
 
     # A teacher changed in place (a user's edit, a test's poison) is never answered from the old entries.
-    before = cached.teacher_cache
+    before = cached.forwards.teacher_cache
     with torch.no_grad():
         teacher.proj_out.weight.mul_(2)
     batch = cached._prepare_inputs(micro_collate(rows[:2]))
-    cached.forward_student_and_teacher(cached.model, batch, ())
-    assert cached.teacher_cache is not before and cached.teacher_cache.fingerprint != before.fingerprint
-    assert cached.teacher_cache.misses == 2
+    cached.forwards(cached.model, batch, ())
+    assert (
+        cached.forwards.teacher_cache is not before and cached.forwards.teacher_cache.fingerprint != before.fingerprint
+    )
+    assert cached.forwards.teacher_cache.misses == 2
 
 
 def test_teacher_cache_entries_fit_any_padding_and_are_keyed_by_the_labels(tmp_path, micro_whisper):
@@ -922,3 +930,54 @@ def test_budget_accounting_of_the_embedding(tmp_path, micro_whisper, caplog, acc
         assert trainer.plan.size_bytes <= budget * 1e6 and trainer.plan.size_bytes > embedding_fp16
     else:
         assert embedding.bits < 16 and warned
+
+
+# ---- the selection callback passed by the user; the processor of the export -----------------------------------
+
+
+@pytest.mark.parametrize("passed", ["instance", "class"])
+def test_a_selection_callback_passed_in_callbacks_is_bound_and_runs_once(tmp_path, pair, passed):
+    """Hugging Face users pass callbacks to the constructor: the selection callback given there is the one used."""
+    student, teacher = pair
+    given = LayerSelectionCallback() if passed == "instance" else LayerSelectionCallback
+    args = _args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    trainer = _trainer(student, teacher, args, make_micro_rows(4), callbacks=[given])
+    selections = [c for c in trainer.callback_handler.callbacks if isinstance(c, LayerSelectionCallback)]
+    assert len(selections) == 1 and selections[0].trainer is trainer
+    if passed == "instance":
+        assert selections[0] is given
+    trainer.train()
+    assert trainer.plan.step == 0 and all(u.quant_loss for u in trainer.plan.units if u.modules)
+    assert KDQPlan.load(tmp_path / "out" / "checkpoint-2") == trainer.plan
+
+    # Added after construction, it replaces the one the trainer has.
+    later = LayerSelectionCallback()
+    trainer.add_callback(later)
+    assert [c for c in trainer.callback_handler.callbacks if isinstance(c, LayerSelectionCallback)] == [later]
+    assert later.trainer is trainer
+
+
+def test_save_compressed_without_a_processor_writes_nothing_and_names_the_fix(tmp_path, pair):
+    student, teacher = pair
+    trainer = _trainer(student, teacher, _args(tmp_path, max_steps=1), make_micro_rows(4))
+    with pytest.raises(ValueError, match="processing_class=processor"):
+        trainer.save_compressed(tmp_path / "compressed")
+    assert not (tmp_path / "compressed").exists()
+
+
+def test_save_compressed_saves_the_processor_of_a_teacher_given_by_name(tmp_path, tiny_whisper):
+    from transformers import WhisperProcessor
+
+    from hf_whisper_kdq.sources import save_whisper
+
+    teacher, processor = tiny_whisper
+    teacher_folder = save_whisper(teacher, processor, tmp_path / "teacher")
+    args = _args(tmp_path, max_steps=1, quant_targets="decoder")
+    trainer = DistillQuantTrainer(
+        model=build_student(teacher, decoder_layers=1), teacher_model=str(teacher_folder), args=args
+    )
+    assert trainer.processing_class is None
+    folder = trainer.save_compressed(tmp_path / "compressed")
+    saved = WhisperProcessor.from_pretrained(folder)
+    assert saved.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+    assert (folder / "preprocessor_config.json").is_file()

@@ -48,11 +48,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..quant import QuantizedWeight, QuantSpec, convert_qat, prepare_qat, quant_specs
-from ..quant.modules import FAKE_QUANT_TYPES
+from ..adapters import is_training_only, strip_training_only
+from ..files import atomic_folder, check_output_folder
+from ..quant import QuantizedWeight, QuantSpec, prepare_qat, quant_specs
 from ..selection import KDQPlan
-from ..sources import atomic_folder, check_output_folder, save_processor
-from ..trainer import ADAPTERS_ATTRIBUTE
+from ..sources import save_processor
 from .report import (
     EMBEDDING_REASON,
     REPORT_FILE,
@@ -101,15 +101,13 @@ def _same_spec(a: QuantSpec | None, b: QuantSpec | None) -> bool:
 
 
 def _student_copy(model: nn.Module, plan: KDQPlan | None) -> nn.Module:
-    """A CPU copy in eval mode without training-only submodules, prepared and checked against ``plan``."""
+    """A CPU copy in eval mode, prepared and checked against ``plan``."""
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) != "whisper" or not hasattr(model, "generation_config"):
         raise TypeError(
             f"save_compressed expects a WhisperForConditionalGeneration student, got {type(model).__name__}"
         )
     student = copy.deepcopy(model).cpu().eval()
-    if hasattr(student, ADAPTERS_ATTRIBUTE):
-        delattr(student, ADAPTERS_ATTRIBUTE)
     current = quant_specs(student)
     if plan is not None:
         planned = plan.module_specs()
@@ -223,7 +221,7 @@ def _state_dict(student: nn.Module, packed: dict[str, QuantizedWeight], schemes:
                 raise ValueError(f"{key} shares its storage with {seen[identity]} but the model does not tie them")
             continue
         seen[identity] = key
-        if key.endswith(".weight_clip") or key.startswith(f"{ADAPTERS_ATTRIBUTE}."):
+        if is_training_only(key):
             raise RuntimeError(f"training-only tensor {key} survived conversion")
         if tensor.is_floating_point():
             tensor = tensor.to(torch.float16)
@@ -284,9 +282,7 @@ def save_compressed(
     student = _student_copy(model, plan)
     specs = quant_specs(student)
     shared = _shared_weights(student)
-    converted = convert_qat(student)
-    if any(isinstance(m, FAKE_QUANT_TYPES) for m in student.modules()):
-        raise RuntimeError("convert_qat left fake-quant wrappers behind")
+    converted = strip_training_only(student)
     packed = {n: q for n, q in converted.items() if isinstance(student.get_submodule(n), nn.Linear) and n not in shared}
     kept = sorted(set(converted) - set(packed))
     if kept:

@@ -1,9 +1,10 @@
-"""Export a Whisper student to CTranslate2 (the faster-whisper format) and evaluate it with faster-whisper.
+"""Export a Whisper student to CTranslate2 (the faster-whisper format).
 
 The conversion is CTranslate2's own ``TransformersConverter``, run on a standard Hugging Face folder
 (``sources.save_whisper``), so the result is exactly what ``ct2-transformers-converter`` would write::
 
-    from hf_whisper_kdq.export.ctranslate2 import export_ctranslate2, evaluate_faster_whisper
+    from hf_whisper_kdq.evaluation import evaluate_faster_whisper
+    from hf_whisper_kdq.export.ctranslate2 import export_ctranslate2
 
     folder = export_ctranslate2(student, processor, "student-ct2", quantization="int8")
     report = evaluate_faster_whisper(folder, load_manifest("dev.jsonl"))   # an evaluation.EvaluationReport
@@ -20,21 +21,19 @@ its int4-dequantized values, so its accuracy is kept but not its size. Distillat
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
-from ..evaluation import EvaluationReport, ManifestRows, as_audio_array, weight_files
-from ..scoring import language_code
-from ..sources import check_output_folder
+from ..adapters import holds_training_only, strip_training_only
+from ..evaluation import import_optional
+from ..files import CT2_EXPORT_MARKER, check_output_folder
+from ..sources import load_whisper, resolve_source, save_whisper
 
 logger = logging.getLogger(__name__)
 
@@ -42,44 +41,18 @@ logger = logging.getLogger(__name__)
 QUANTIZATIONS = ("int8", "int8_float16", "int8_float32", "int8_bfloat16", "int16", "float16", "float32", "bfloat16")
 # Files faster-whisper reads next to model.bin: the tokenizer, and the feature extractor (128 mels for large-v3).
 COPY_FILES = ("tokenizer.json", "preprocessor_config.json")
-# Written into every export: a folder holding it may be replaced without overwrite=True.
-EXPORT_MARKER = ".hf_whisper_kdq_ct2_export"
-ADAPTERS_ATTRIBUTE = "kdq_adapters"  # = trainer.ADAPTERS_ATTRIBUTE, not imported to keep this module light
-_INSTALL_HINT = 'pip install "hf-whisper-kdq[export]"'
 
-__all__ = [
-    "COPY_FILES",
-    "QUANTIZATIONS",
-    "evaluate_faster_whisper",
-    "export_ctranslate2",
-    "transcribe_faster_whisper",
-]
-
-
-def _import(module: str, package: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError as error:
-        raise ImportError(f"{package} is not installed ({error}). Fix: {_INSTALL_HINT}") from error
+__all__ = ["COPY_FILES", "QUANTIZATIONS", "export_ctranslate2"]
 
 
 # --- Export ---------------------------------------------------------------------------------------------
 def _plain_student(model: nn.Module) -> nn.Module:
     """The model as CTranslate2 can read it: QAT wrappers baked into plain layers, no adapters. The caller's
     model is never modified (a copy is made when anything must change)."""
-    from ..quant.modules import FAKE_QUANT_TYPES
-
-    prepared = any(isinstance(module, FAKE_QUANT_TYPES) for module in model.modules())
-    adapters = ADAPTERS_ATTRIBUTE in model._modules
-    if not (prepared or adapters):
+    if not holds_training_only(model):
         return model
     student = copy.deepcopy(model)
-    if adapters:
-        delattr(student, ADAPTERS_ATTRIBUTE)
-    if prepared:
-        from ..quant import convert_qat
-
-        convert_qat(student)
+    strip_training_only(student)
     return student
 
 
@@ -101,8 +74,6 @@ def _replace(staging: Path, output_dir: Path) -> None:
 
 def _convertible_folder(folder: Path) -> bool:
     """A local HF folder CTranslate2 can convert as it is (it needs the files to copy, too)."""
-    from ..sources import resolve_source
-
     if not (folder.is_dir() and all((folder / name).is_file() for name in COPY_FILES)):
         return False
     try:
@@ -149,10 +120,9 @@ def export_ctranslate2(
     source = str(model) if not is_module else getattr(model, "name_or_path", "") or None
     output_dir = Path(output_dir).expanduser().absolute()
     check_output_folder(
-        output_dir, kind="CTranslate2 export", same_kind=(output_dir / EXPORT_MARKER).is_file(), overwrite=overwrite
+        output_dir, kind="CTranslate2 export", same_kind=(output_dir / CT2_EXPORT_MARKER).is_file(), overwrite=overwrite
     )
-    converters = _import("ctranslate2.converters", "ctranslate2")
-    from ..sources import load_whisper, save_whisper
+    converters = import_optional("ctranslate2.converters", "ctranslate2")
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
@@ -169,126 +139,11 @@ def export_ctranslate2(
             "quantization": quantization,
             "source": source,
             "converter": "ctranslate2.converters."
-            f"TransformersConverter (ctranslate2 {_import('ctranslate2', 'ctranslate2').__version__})",
+            f"TransformersConverter (ctranslate2 {import_optional('ctranslate2', 'ctranslate2').__version__})",
         }
-        (staging / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        (staging / CT2_EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         _replace(staging, output_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     logger.info("CTranslate2 %s export written to %s", quantization, output_dir)
     return output_dir
-
-
-# --- faster-whisper -------------------------------------------------------------------------------------
-def _faster_whisper_model(model, *, device: str, compute_type: str, cpu_threads: int):
-    """A ``faster_whisper.WhisperModel``: ``model`` itself, or one loaded from the folder ``model``."""
-    faster_whisper = _import("faster_whisper", "faster-whisper")
-    if isinstance(model, faster_whisper.WhisperModel):
-        return model
-    folder = Path(model)
-    if not (folder / "model.bin").is_file():
-        raise FileNotFoundError(f"{folder} holds no model.bin: export one with export_ctranslate2")
-    return faster_whisper.WhisperModel(str(folder), device=device, compute_type=compute_type, cpu_threads=cpu_threads)
-
-
-def _language_codes(whisper, languages, n: int) -> list[str | None]:
-    per_item = [languages] * n if languages is None or isinstance(languages, str) else list(languages)
-    if len(per_item) != n:
-        raise ValueError(f"{len(per_item)} languages for {n} audios: pass one per audio, or a single string")
-    codes = [None if lang is None else language_code(lang) for lang in per_item]
-    supported = whisper.supported_languages
-    if unsupported := sorted({c for c in codes if c is not None and c not in supported}):
-        listed = ", ".join(supported[:8]) + (" ..." if len(supported) > 8 else "")
-        raise ValueError(
-            f"this model cannot transcribe language(s) {unsupported} (it supports {listed}): use a "
-            "multilingual checkpoint or drop those rows"
-        )
-    return codes
-
-
-_GREEDY = dict(
-    without_timestamps=True,
-    condition_on_previous_text=False,
-    vad_filter=False,
-    temperature=0.0,
-    compression_ratio_threshold=None,
-    log_prob_threshold=None,
-    no_speech_threshold=None,
-)
-
-
-def transcribe_faster_whisper(
-    model_dir,
-    audios: Sequence[Any],
-    languages: str | Sequence[str | None] | None = None,
-    *,
-    beam_size: int = 1,
-    device: str = "cpu",
-    compute_type: str = "default",
-    cpu_threads: int = 0,
-    task: str = "transcribe",
-    max_new_tokens: int | None = None,
-    **options,
-) -> list[str]:
-    """Transcribe ``audios`` (16 kHz arrays, paths or datasets audio dicts) one by one with faster-whisper.
-
-    ``model_dir`` is a CTranslate2 folder (or a loaded ``faster_whisper.WhisperModel``); ``languages`` one code
-    for all, one per audio, or None to detect. Decoding matches ``evaluation.transcribe``: greedy for
-    ``beam_size=1``, without timestamps, VAD or conditioning on previous text, and without faster-whisper's
-    temperature fallback and no-speech skipping (which would make a weak student's results random, or drop its
-    text); ``options`` go to ``WhisperModel.transcribe`` and override these. Audio over 30 s is decoded in
-    successive windows. ``max_new_tokens`` caps the tokens of each 30 s window (default: up to Whisper's 448
-    positions); ``cpu_threads=0`` is CTranslate2's default (4)."""
-    whisper = _faster_whisper_model(model_dir, device=device, compute_type=compute_type, cpu_threads=cpu_threads)
-    codes = _language_codes(whisper, languages, len(audios))
-    texts = []
-    for audio, code in zip(audios, codes):
-        settings = {**_GREEDY, "beam_size": beam_size, "max_new_tokens": max_new_tokens, **options}
-        segments, _ = whisper.transcribe(as_audio_array(audio), language=code, task=task, **settings)
-        texts.append("".join(segment.text for segment in segments).strip())  # segments is a lazy generator
-    return texts
-
-
-def _n_parameters(folder: Path) -> int:
-    from ..sources.ctranslate2 import read_ct2_model
-
-    variables = read_ct2_model(folder).variables
-    return sum(tensor.numel() for name, tensor in variables.items() if not name.endswith("_scale"))
-
-
-def evaluate_faster_whisper(
-    model_dir: str | os.PathLike,
-    dataset,
-    *,
-    beam_size: int = 1,
-    device: str = "cpu",
-    compute_type: str = "default",
-    cpu_threads: int = 0,
-    max_new_tokens: int | None = None,
-    warmup: bool = True,
-) -> EvaluationReport:
-    """``evaluation.evaluate_model`` for a CTranslate2 folder decoded by faster-whisper: the same manifest
-    dataset, scoring (``scoring.score``: normalized WER, CER for zh/ja/...), per corpus and per language
-    entries and real-time factor (audio read before the clock starts; one warm-up utterance off the clock).
-    ``batch_size`` is 1 (faster-whisper decodes one utterance at a time), ``dtype`` the compute type."""
-    rows = ManifestRows.of(dataset)
-    whisper = _faster_whisper_model(model_dir, device=device, compute_type=compute_type, cpu_threads=cpu_threads)
-    files = weight_files(model_dir)
-    report = EvaluationReport(
-        model=str(model_dir),
-        n_parameters=_n_parameters(Path(model_dir)),
-        model_size_bytes=sum(file.stat().st_size for file in files),
-        model_size_source="disk",
-        batch_size=1,
-        num_beams=beam_size,
-        device=device,
-        dtype=whisper.model.compute_type,
-        n_unlabeled_skipped=rows.unlabeled,
-    )
-
-    def transcriber(arrays, code: str, warmup: bool) -> list[str]:
-        return transcribe_faster_whisper(
-            whisper, arrays, code, beam_size=beam_size, max_new_tokens=8 if warmup else max_new_tokens
-        )
-
-    return rows.transcribe_and_score(report, transcriber, warmup=warmup)

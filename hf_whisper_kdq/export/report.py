@@ -34,10 +34,10 @@ from typing import Any
 
 from torch import nn
 
+from ..files import atomic_write_text
 from ..quant import QuantSpec, quant_specs, weight_bytes
 from ..quant.spec import as_spec
 from ..selection import KDQPlan, fp16_bytes, group_units
-from ..sources import atomic_write_text
 
 REPORT_FILE = "compression_report.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -22,10 +22,11 @@ from .api import (
 )
 from .fake_quant import QuantizedWeight, fake_quantize, quantize_weight
 from .modules import FakeQuantEmbedding, FakeQuantLinear
-from .spec import ALLOWED_BITS, GRANULARITIES, QuantSpec, weight_bytes
+from .spec import ALLOWED_BITS, FLOAT_BITS, GRANULARITIES, QuantSpec, weight_bytes
 
 __all__ = [
     "ALLOWED_BITS",
+    "FLOAT_BITS",
     "GRANULARITIES",
     "FakeQuantEmbedding",
     "FakeQuantLinear",

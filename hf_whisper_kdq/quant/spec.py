@@ -24,7 +24,7 @@ from dataclasses import dataclass
 ALLOWED_BITS: tuple[int, ...] = (2, 3, 4, 8)
 GRANULARITIES: tuple[str, ...] = ("per_tensor", "per_channel", "per_group")
 
-# Storage width of everything kept in float: scales, and layers left unquantized.
+# Storage width of everything kept in float: scales, and layers left unquantized (counted, and stored, as fp16).
 FLOAT_BITS = 16
 SCALE_BYTES = 2
 

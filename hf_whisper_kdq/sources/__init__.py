@@ -13,8 +13,6 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,12 +20,12 @@ from typing import Literal
 import torch
 from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration, WhisperProcessor
 
+from ..files import COMPLETE_MARKER, atomic_folder, written_by_us
 from .ctranslate2 import CT2FormatError, ct2_to_hf_state_dict, model_bin_parts, read_ct2_model
 from .offline import (
     OFFLINE_PACKS,
     OfflinePack,
     PackNotInstalledError,
-    cache_root,
     converted_pack_dir,
     hub_reachable,
 )
@@ -37,8 +35,6 @@ from .processor import align_model_config, build_generation_config, build_proces
 logger = logging.getLogger(__name__)
 
 SourceKind = Literal["hf", "ctranslate2", "openai", "pack"]
-# Written last into a converted folder: its presence means the conversion finished.
-_COMPLETE_MARKER = ".hf_whisper_kdq_complete"
 # What a converted pack was made from and the SHA-256 of every file it holds, checked before each use.
 _PACK_MANIFEST = ".hf_whisper_kdq_pack.json"
 _PACK_CONVERSION = 1  # bump when the conversion writes different files for the same pack
@@ -51,15 +47,10 @@ __all__ = [
     "OpenAICheckpointError",
     "PackNotInstalledError",
     "CheckpointSource",
-    "atomic_file",
-    "atomic_folder",
-    "cache_root",
     "load_whisper",
     "resolve_source",
     "save_processor",
     "save_whisper",
-    "check_output_folder",
-    "written_by_us",
 ]
 
 
@@ -154,111 +145,6 @@ def _from_openai_checkpoint(path: Path) -> tuple[WhisperForConditionalGeneration
     return model, build_processor(processor.tokenizer, config.num_mel_bins)
 
 
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def _apply_umask(folder: Path) -> None:
-    """mkdtemp creates 0700 folders: give the result the permissions an ordinary mkdir would."""
-    umask = _umask()
-    folder.chmod(0o777 & ~umask)
-    for file in folder.iterdir():
-        file.chmod(0o666 & ~umask)
-
-
-@contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Write one file atomically: yields a temporary path beside ``path`` to write; on a clean exit it gets ordinary
-    permissions and replaces ``path`` in one rename. On any exception it is removed and ``path`` is untouched, so a
-    reader (or a run killed mid-write) never sees a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    temporary = Path(name)
-    try:
-        yield temporary
-        temporary.chmod(0o666 & ~_umask())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """``Path(path).write_text(text, encoding="utf-8")``, through :func:`atomic_file`."""
-    with atomic_file(path) as temporary:
-        temporary.write_text(text, encoding="utf-8")
-    return Path(path)
-
-
-# The second is export.ctranslate2.EXPORT_MARKER (CTranslate2 exports are not built by atomic_folder).
-_OUR_MARKERS = (_COMPLETE_MARKER, ".hf_whisper_kdq_ct2_export")
-
-
-def written_by_us(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` was written by this package: built by :func:`atomic_folder`, or a CTranslate2 export."""
-    return any((Path(folder) / marker).is_file() for marker in _OUR_MARKERS)
-
-
-def check_output_folder(
-    output_dir: Path, *, kind: str | None = None, same_kind: bool = False, overwrite: bool = False
-) -> None:
-    """Refuse an output folder whose replacement could cost the user files, before any work.
-
-    Missing or empty: fine. Not written by this package: never replaced, whatever ``overwrite`` says. For an export
-    ``kind`` ("CTranslate2 export" ...): a previous one (``same_kind``) is replaced, another output of this package
-    only with ``overwrite``. Without ``kind``, any output of this package is replaced.
-    """
-    if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"{output_dir} exists and is not a folder: choose another output folder")
-    if not output_dir.is_dir() or not any(output_dir.iterdir()) or same_kind:
-        return
-    if not written_by_us(output_dir):
-        raise FileExistsError(
-            f"{output_dir} is not empty and was not written by hf_whisper_kdq (no {_COMPLETE_MARKER} inside): "
-            "nothing in it is replaced or deleted, even with overwrite=True. Fix: choose a new or empty output "
-            "folder, or move its files away yourself"
-        )
-    if kind is not None and not overwrite:
-        raise FileExistsError(
-            f"{output_dir} holds another hf_whisper_kdq output, not a {kind}: pass overwrite=True to replace it, "
-            "or choose another output folder"
-        )
-
-
-@contextmanager
-def atomic_folder(output_dir: str | os.PathLike) -> Iterator[Path]:
-    """Build a folder atomically: yields an empty staging folder beside ``output_dir``; on a clean exit it gets
-    ordinary permissions and the completion marker and replaces ``output_dir`` (a previous folder there is
-    swapped out, then deleted). On any exception the staging folder is removed and ``output_dir`` is untouched.
-
-    Only an empty folder or one this package built (``written_by_us``) is ever replaced: anything else raises
-    ``FileExistsError`` before any work, so a mistyped output folder never costs the user their files.
-    """
-    output_dir = Path(output_dir)
-    check_output_folder(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
-        yield staging
-        _apply_umask(staging)
-        (staging / _COMPLETE_MARKER).touch()
-        if output_dir.exists():
-            backup = output_dir.with_name(f".{output_dir.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            output_dir.rename(backup)
-            staging.rename(output_dir)
-            shutil.rmtree(backup)
-        else:
-            staging.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 def save_processor(processor: WhisperProcessor, folder: str | os.PathLike) -> None:
     """Tokenizer, processor config and preprocessor config of ``processor`` into ``folder``."""
     processor.save_pretrained(folder)
@@ -299,7 +185,7 @@ def _sha256(path: Path) -> str:
 
 
 def _pack_manifest(pack: OfflinePack, folder: Path) -> dict:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name not in (_PACK_MANIFEST, _COMPLETE_MARKER))
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name not in (_PACK_MANIFEST, COMPLETE_MARKER))
     return {
         "hub_id": pack.hub_id,
         "pack_version": pack.version,

