@@ -977,7 +977,7 @@ def test_save_compressed_saves_the_processor_of_a_teacher_given_by_name(tmp_path
         model=build_student(teacher, decoder_layers=1), teacher_model=str(teacher_folder), args=args
     )
     assert trainer.processing_class is None
-    folder = trainer.save_compressed(tmp_path / "compressed")
+    folder = trainer.save_compressed(tmp_path / "compressed").folder
     saved = WhisperProcessor.from_pretrained(folder)
     assert saved.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
     assert (folder / "preprocessor_config.json").is_file()
