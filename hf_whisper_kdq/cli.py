@@ -3,6 +3,9 @@
 Each subcommand's arguments are a dataclass parsed by ``HfArgumentParser``, so every flag is documented by
 ``--help`` and a whole run can be given as one JSON or YAML file (``hf-whisper-kdq evaluate run.yaml``).
 Leading bare words fill the subcommand's positional fields: ``hf-whisper-kdq convert SRC OUT``.
+
+torch and transformers are imported only once a command runs, so that ``--help`` and ``import hf_whisper_kdq.cli``
+stay fast.
 """
 
 from __future__ import annotations
@@ -14,10 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from transformers import HfArgumentParser
-
-_DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = ("auto", "float32", "float16", "bfloat16")  # names of torch dtypes; auto keeps the source's
 
 
 @dataclass
@@ -54,9 +54,11 @@ class ConvertArguments:
 
 
 def run_convert(args: ConvertArguments) -> Path:
+    import torch
+
     from .sources import load_whisper, save_whisper
 
-    model, processor = load_whisper(args.source, dtype=_DTYPES[args.dtype])
+    model, processor = load_whisper(args.source, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
     output = save_whisper(model, processor, args.output_dir)
     size = sum(f.stat().st_size for f in output.glob("*.safetensors"))
     print(f"Wrote {output} ({size / 1e6:.1f} MB of {model.dtype} weights, {model.num_parameters():,} parameters)")
@@ -151,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"hf-whisper-kdq: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    from transformers import HfArgumentParser
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     arguments_types, runner, positional = COMMANDS[command][1]()
     parser = HfArgumentParser(arguments_types, prog=f"hf-whisper-kdq {command}", description=COMMANDS[command][0])
@@ -188,6 +192,8 @@ def _end_distributed() -> None:
     interpreter's native teardown), so the launcher reported a failed job whose outputs were complete. The process
     therefore ends without that teardown, after flushing what Python still buffers.
     """
+    import torch
+
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     torch.distributed.destroy_process_group()
