@@ -204,11 +204,22 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
             # each process of `torchrun` on a machine without GPUs trained its own model, none of them synchronized.
             self.use_cpu = True
         super().__post_init__()
-        for name in ("ce_weight", "kd_weight", "hidden_weight", "quant_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        for name, minimum in (
+            ("ce_weight", 0),
+            ("kd_weight", 0),
+            ("hidden_weight", 0),
+            ("quant_weight", 0),
+            ("num_distill_layers", 0),
+            ("selection_interval", 0),
+            ("selection_probe_batches", 1),
+        ):
+            if getattr(self, name) < minimum:
+                raise ValueError(f"{name} must be ≥ {minimum}, got {getattr(self, name)}")
         if self.ce_weight + self.kd_weight + self.hidden_weight == 0:
-            raise ValueError("ce_weight, kd_weight and hidden_weight are all 0: nothing would train the student")
+            raise ValueError(
+                "ce_weight, kd_weight and hidden_weight are all 0: nothing would train the student; give one of "
+                "them a weight > 0"
+            )
         if self.kd_temperature <= 0:
             raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
         for name, allowed in (
@@ -256,8 +267,6 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
                 f"selection_until={self.selection_until} must be a fraction of training in (0, 1]: e.g. 0.5 stops "
                 "re-selecting halfway, 1.0 re-selects throughout"
             )
-        if self.num_distill_layers < 0 or self.selection_interval < 0 or self.selection_probe_batches < 1:
-            raise ValueError("num_distill_layers and selection_interval must be ≥ 0 and selection_probe_batches ≥ 1")
 
     @property
     def bit_choices(self) -> tuple[int, ...]:

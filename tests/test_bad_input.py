@@ -25,7 +25,7 @@ from hf_whisper_kdq.data import MAX_LABEL_TOKENS, SAMPLING_RATE, load_manifest, 
 from hf_whisper_kdq.export import save_compressed
 from hf_whisper_kdq.export.ctranslate2 import export_ctranslate2
 from hf_whisper_kdq.hub import MissingTokenError, PushError, push_compressed
-from hf_whisper_kdq.quant import QuantSpec, quant_specs
+from hf_whisper_kdq.quant import quant_specs
 from hf_whisper_kdq.sources import load_whisper, save_whisper
 from hf_whisper_kdq.students import TEACHER_LAYERS_KEY
 
@@ -152,36 +152,7 @@ def test_non_whisper_models_are_refused_by_role(tmp_path, pair):
         _trainer(student, str(folder), _args(tmp_path))
 
 
-# ---- 4. bits outside {2, 3, 4, 8} (and float) --------------------------------------------------------------------
-
-
-def test_unsupported_bit_choices_name_the_flag(tmp_path):
-    for choices in ("2,4,5", "4.5", "int4", "1"):
-        with pytest.raises(
-            ValueError,
-            match=rf"quant_bit_choices='{choices}': bit choice .* is not supported.*"
-            r"2, 3, 4, 8 and optionally 'float'",
-        ):
-            _args(tmp_path, quant_bit_choices=choices)
-    assert _args(tmp_path, quant_bit_choices="8, 2,float").bit_choices == (2, 8, 16)
-    # Only float with a size budget: the budget could never be met (it used to be ignored silently).
-    with pytest.raises(
-        ValueError,
-        match=r"size_budget_mb=5.0 cannot be met: quant_bit_choices='float' keeps every "
-        r"layer in float.*--quant_bit_choices",
-    ):
-        _args(tmp_path, quant_bit_choices="float", size_budget_mb=5.0)
-    with pytest.raises(ValueError, match=r"size_budget_ratio=0.3 cannot be met: quant_targets is empty"):
-        _args(tmp_path, quant_targets="", size_budget_ratio=0.3)
-    with pytest.raises(ValueError, match=r"QuantSpec.bits must be one of \[2, 3, 4, 8\], got 4.0"):
-        QuantSpec(bits=4.0)
-    with pytest.raises(ValueError, match=r"size_budget_accounting='disk': choose one of paper, on_disk"):
-        _args(tmp_path, size_budget_accounting="disk")
-    with pytest.raises(ValueError, match=r"hidden_loss_scale='normalized': choose one of absolute, relative"):
-        _args(tmp_path, hidden_loss_scale="normalized")
-    for fraction in (0, 1.5):
-        with pytest.raises(ValueError, match=rf"selection_until={fraction} must be a fraction of training in \(0, 1\]"):
-            _args(tmp_path, selection_until=fraction)
+# ---- 4. bits outside {2, 3, 4, 8}, and every other argument check: tests/test_config.py --------------------
 
 
 # ---- 5. a size budget below the student's smallest size -------------------------------------------------------

@@ -63,6 +63,8 @@ def _logits(model) -> torch.Tensor:
 def test_spec_rejects_bad_bits_and_granularity():
     with pytest.raises(ValueError, match=r"\[2, 3, 4, 8\]"):
         QuantSpec(bits=5)
+    with pytest.raises(ValueError, match=r"QuantSpec.bits must be one of \[2, 3, 4, 8\], got 4.0"):
+        QuantSpec(bits=4.0)
     with pytest.raises(ValueError, match="bits"):
         QuantSpec.parse("int5")
     with pytest.raises(ValueError, match="granularity"):
