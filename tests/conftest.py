@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import WhisperConfig, WhisperForConditionalGeneration
+from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 from transformers import logging as hf_logging
 
 from hf_whisper_kdq.config import DistillQuantArguments
@@ -50,8 +50,11 @@ def base_pack_folder(tmp_path_factory) -> Path:
     return folder
 
 
-def make_tiny_whisper(tokenizer_folder: Path, *, seed: int = 0, **overrides):
-    """A random Whisper of ~3.5 M parameters (mostly the 51,865-token embedding) with real special tokens."""
+def make_tiny_whisper(tokenizer_folder: Path, *, seed: int = 0, window_seconds: int = 30, **overrides):
+    """A random Whisper of ~3.5 M parameters (mostly the 51,865-token embedding) with real special tokens.
+
+    ``window_seconds``: the audio its encoder sees at once, 30 s as every real Whisper; its processor's feature
+    extractor pads and cuts audio to the same window (100 frames a second, 2 per encoder position)."""
     tokenizer = tokenizer_from_file(tokenizer_folder / "tokenizer.json", vocab_size=51865)
     ct2_config = json.loads((tokenizer_folder / "config.json").read_text())
     sizes = dict(
@@ -64,7 +67,11 @@ def make_tiny_whisper(tokenizer_folder: Path, *, seed: int = 0, **overrides):
         decoder_ffn_dim=128,
     )
     config = WhisperConfig(
-        vocab_size=51865, num_mel_bins=80, max_source_positions=1500, max_target_positions=448, **{**sizes, **overrides}
+        vocab_size=51865,
+        num_mel_bins=80,
+        max_source_positions=window_seconds * 50,
+        max_target_positions=448,
+        **{**sizes, **overrides},
     )
     generation_config = build_generation_config(
         tokenizer,
@@ -77,7 +84,14 @@ def make_tiny_whisper(tokenizer_folder: Path, *, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = WhisperForConditionalGeneration(config).eval()
     model.generation_config = generation_config
-    return model, build_processor(tokenizer, config.num_mel_bins)
+    processor = build_processor(tokenizer, config.num_mel_bins)
+    processor.feature_extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins, chunk_length=window_seconds)
+    return model, processor
+
+
+# Tests of short clips that do not depend on Whisper's 30 s window use a 1 s one: the encoder then runs over 100 frames
+# instead of 3,000.
+SHORT_WINDOW_SECONDS = 1
 
 
 @pytest.fixture(scope="session")
@@ -85,10 +99,22 @@ def _tiny_whisper_session(base_pack_folder):
     return make_tiny_whisper(base_pack_folder)
 
 
+@pytest.fixture(scope="session")
+def _short_window_whisper_session(base_pack_folder):
+    return make_tiny_whisper(base_pack_folder, window_seconds=SHORT_WINDOW_SECONDS)
+
+
 @pytest.fixture
 def tiny_whisper(_tiny_whisper_session):
     """(model, processor): a fresh copy per test, so tests may train or mutate it freely."""
     model, processor = _tiny_whisper_session
+    return copy.deepcopy(model), processor
+
+
+@pytest.fixture
+def short_window_whisper(_short_window_whisper_session):
+    """``tiny_whisper`` with a 1 s window (model and feature extractor); longer audio is cut to it."""
+    model, processor = _short_window_whisper_session
     return copy.deepcopy(model), processor
 
 

@@ -16,8 +16,8 @@ from hf_whisper_kdq.sources import save_whisper
 
 
 @pytest.fixture
-def tiny_folder(tmp_path, tiny_whisper):
-    model, processor = tiny_whisper
+def tiny_folder(tmp_path, short_window_whisper):
+    model, processor = short_window_whisper
     return save_whisper(model, processor, tmp_path / "tiny")
 
 

@@ -54,8 +54,8 @@ def test_paper_levels_quantize_every_part_unless_the_command_line_says_otherwise
     assert value(with_training_defaults([]), "--quant_targets") == TRAINING_DEFAULTS["quant_targets"]  # smoke
 
 
-def test_an_unreachable_level_fails_before_the_data_phase(tmp_path, tiny_whisper):
-    model, processor = tiny_whisper
+def test_an_unreachable_level_fails_before_the_data_phase(tmp_path, short_window_whisper):
+    model, processor = short_window_whisper
     teacher = save_whisper(model, processor, tmp_path / "teacher")
     output = tmp_path / "run"
     with pytest.raises(
@@ -68,7 +68,7 @@ def test_an_unreachable_level_fails_before_the_data_phase(tmp_path, tiny_whisper
     assert not output.exists() or not any(output.iterdir())  # nothing synthesized, labelled or trained
 
 
-def test_compress_end_to_end_on_a_tiny_teacher(tmp_path, tiny_whisper, capsys, monkeypatch):
+def test_compress_end_to_end_on_a_tiny_teacher(tmp_path, short_window_whisper, capsys, monkeypatch):
     pytest.importorskip("piper")
     pytest.importorskip("ctranslate2")
     from hf_whisper_kdq.trainer import DistillQuantTrainer
@@ -85,7 +85,7 @@ def test_compress_end_to_end_on_a_tiny_teacher(tmp_path, tiny_whisper, capsys, m
 
     for method in ("save_compressed", "create_model_card"):
         monkeypatch.setattr(DistillQuantTrainer, method, spy(method, getattr(DistillQuantTrainer, method)))
-    model, processor = tiny_whisper
+    model, processor = short_window_whisper
     teacher = save_whisper(model, processor, tmp_path / "teacher")
     output = tmp_path / "run"
     code = main(

@@ -28,8 +28,6 @@ from hf_whisper_kdq.sources import (
 )
 from hf_whisper_kdq.sources.ctranslate2 import read_ct2_model
 
-ctranslate2 = pytest.importorskip("ctranslate2")
-
 DECODER_PROMPT = [50258, 50259, 50359, 50363, 400, 500, 600]
 
 
@@ -40,15 +38,38 @@ def _logits(model, features, decoder_ids=DECODER_PROMPT):
 
 
 @pytest.fixture(scope="module")
-def tiny_hf_folder(tmp_path_factory, _tiny_whisper_session):
-    model, processor = _tiny_whisper_session
+def tiny_hf_folder(tmp_path_factory, _short_window_whisper_session):
+    model, processor = _short_window_whisper_session
     return save_whisper(model, processor, tmp_path_factory.mktemp("tiny") / "hf")
 
 
 @pytest.fixture(scope="module")
-def features():
+def features(_short_window_whisper_session):
+    """Random log-mel features of the tiny model's (short) window."""
+    config = _short_window_whisper_session[0].config
     torch.manual_seed(1)
-    return torch.randn(2, 80, 3000)
+    return torch.randn(2, config.num_mel_bins, 2 * config.max_source_positions)
+
+
+@pytest.fixture(scope="module")
+def convert_with_ctranslate2():
+    """``convert(hf_folder, output, quantization=None, copy_files=("tokenizer.json",))``: ctranslate2's own converter."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+
+    def convert(hf_folder: Path, output: Path, quantization: str | None = None, copy_files=("tokenizer.json",)):
+        converter = ctranslate2.converters.TransformersConverter(str(hf_folder), copy_files=list(copy_files))
+        converter.convert(str(output), quantization=quantization)
+        return output
+
+    return convert
+
+
+def _pack_files(hub_id: str) -> list[Path]:
+    """The offline pack's files; the test is skipped where the pack is not installed."""
+    try:
+        return OFFLINE_PACKS[hub_id].files()
+    except PackNotInstalledError as error:
+        pytest.skip(str(error))
 
 
 @pytest.mark.parametrize(
@@ -57,13 +78,12 @@ def features():
     [("float32", 1e-5), ("float16", 2e-3), ("bfloat16", 1e-2), ("int8", 3e-2), ("int16", 1e-2)],
 )
 def test_ctranslate2_converter_output_reads_back_to_the_same_model(
-    tiny_hf_folder, tmp_path, features, _tiny_whisper_session, quantization, tolerance
+    tiny_hf_folder, tmp_path, features, _short_window_whisper_session, convert_with_ctranslate2, quantization, tolerance
 ):
-    original, _ = _tiny_whisper_session
-    ct2_dir = tmp_path / f"ct2-{quantization}"
-    ctranslate2.converters.TransformersConverter(
-        str(tiny_hf_folder), copy_files=["tokenizer.json", "preprocessor_config.json"]
-    ).convert(str(ct2_dir), quantization=quantization)
+    original, _ = _short_window_whisper_session
+    ct2_dir = convert_with_ctranslate2(
+        tiny_hf_folder, tmp_path / f"ct2-{quantization}", quantization, ("tokenizer.json", "preprocessor_config.json")
+    )
 
     assert resolve_source(ct2_dir).kind == "ctranslate2"
     converted, processor = load_whisper(ct2_dir)
@@ -76,12 +96,11 @@ def test_ctranslate2_converter_output_reads_back_to_the_same_model(
     assert processor.tokenizer.convert_tokens_to_ids("<|notimestamps|>") == 50363
 
 
-def test_fused_projections_split_into_q_k_v_without_key_bias(tiny_hf_folder, tmp_path, _tiny_whisper_session):
-    original, _ = _tiny_whisper_session
-    ct2_dir = tmp_path / "ct2"
-    ctranslate2.converters.TransformersConverter(str(tiny_hf_folder), copy_files=["tokenizer.json"]).convert(
-        str(ct2_dir)
-    )
+def test_fused_projections_split_into_q_k_v_without_key_bias(
+    tiny_hf_folder, tmp_path, _short_window_whisper_session, convert_with_ctranslate2
+):
+    original, _ = _short_window_whisper_session
+    ct2_dir = convert_with_ctranslate2(tiny_hf_folder, tmp_path / "ct2")
     ct2 = read_ct2_model(ct2_dir)
     assert ct2.spec_name == "WhisperSpec" and ct2.binary_version == 6
     assert ct2.variables["decoder/layer_0/self_attention/linear_0/weight"].shape == (3 * 64, 64)
@@ -112,9 +131,8 @@ def test_bad_ct2_files_are_named(tmp_path, content, message):
         load_whisper(tmp_path)
 
 
-def test_split_model_bin_parts_are_read_in_order(tiny_hf_folder, tmp_path):
-    whole = tmp_path / "whole"
-    ctranslate2.converters.TransformersConverter(str(tiny_hf_folder), copy_files=["tokenizer.json"]).convert(str(whole))
+def test_split_model_bin_parts_are_read_in_order(tiny_hf_folder, tmp_path, convert_with_ctranslate2):
+    whole = convert_with_ctranslate2(tiny_hf_folder, tmp_path / "whole")
     split = tmp_path / "split"
     split.mkdir()
     data = (whole / "model.bin").read_bytes()
@@ -133,7 +151,7 @@ def test_openai_checkpoint_matches_openai_whisper(tmp_path):
     whisper_model = pytest.importorskip("whisper.model")
     dims = whisper_model.ModelDimensions(
         n_mels=80,
-        n_audio_ctx=1500,
+        n_audio_ctx=50,  # a 1 s window: the conversion reads it from the checkpoint like every other size
         n_audio_state=64,
         n_audio_head=4,
         n_audio_layer=2,
@@ -153,7 +171,7 @@ def test_openai_checkpoint_matches_openai_whisper(tmp_path):
 
     assert resolve_source(checkpoint).kind == "openai"
     converted, processor = load_whisper(checkpoint)
-    mel = torch.randn(1, 80, 3000)
+    mel = torch.randn(1, 80, 2 * dims.n_audio_ctx)
     tokens = torch.tensor([DECODER_PROMPT])
     with torch.no_grad():
         expected = reference(mel, tokens)
@@ -187,11 +205,10 @@ def test_missing_pack_names_the_pip_command(monkeypatch):
         OFFLINE_PACKS["openai/whisper-base"].files()
 
 
-def test_convert_cli_writes_a_folder_stock_transformers_loads(tiny_hf_folder, tmp_path, features):
-    ct2_dir = tmp_path / "ct2"
-    ctranslate2.converters.TransformersConverter(str(tiny_hf_folder), copy_files=["tokenizer.json"]).convert(
-        str(ct2_dir), quantization="float16"
-    )
+def test_convert_cli_writes_a_folder_stock_transformers_loads(tmp_path, tiny_whisper, convert_with_ctranslate2):
+    # A 30 s model: a CTranslate2 folder without preprocessor_config.json gets Whisper's standard feature extractor.
+    hf_folder = save_whisper(*tiny_whisper, tmp_path / "hf")
+    ct2_dir = convert_with_ctranslate2(hf_folder, tmp_path / "ct2", "float16")
     out = tmp_path / "converted"
     assert cli_main(["convert", str(ct2_dir), str(out)]) == 0
     names = {p.name for p in out.iterdir()}
@@ -231,6 +248,7 @@ def test_convert_cli_writes_a_folder_stock_transformers_loads(tiny_hf_folder, tm
     ],
 )
 def test_offline_pack_generation_config(monkeypatch, hub_id, expected):
+    pack_config = json.loads(next(f for f in _pack_files(hub_id) if f.name == "config.json").read_text())
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, processor = load_whisper(hub_id)
     config = model.generation_config
@@ -241,7 +259,6 @@ def test_offline_pack_generation_config(monkeypatch, hub_id, expected):
     )
     assert config.is_multilingual is expected["multilingual"]
     assert len(getattr(config, "lang_to_id", {}) or {}) == expected["languages"]
-    pack_config = json.loads(next(f for f in OFFLINE_PACKS[hub_id].files() if f.name == "config.json").read_text())
     assert config.suppress_tokens == pack_config["suppress_ids"]
     assert config.begin_suppress_tokens == pack_config["suppress_ids_begin"]
     assert config.alignment_heads == pack_config["alignment_heads"]
@@ -263,6 +280,7 @@ def test_real_pack_transcribes_real_speech(monkeypatch, shared_speech, hub_id):
     from hf_whisper_kdq.audio import load_audio
     from hf_whisper_kdq.scoring import normalize_text, score
 
+    _pack_files(hub_id)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, processor = load_whisper(hub_id)
     rows = [json.loads(line) for line in (shared_speech / "dev.jsonl").read_text().splitlines()[:3]]
