@@ -119,9 +119,9 @@ def short_window_whisper(_short_window_whisper_session):
 
 
 # ---- A micro Whisper for the DistillQuantTrainer tests (test_trainer.py, test_selection.py) -----------------
-# The real-tokenizer tiny model above has a 51,865-token vocabulary and 3,000-frame inputs, which makes one
-# training step take seconds on a laptop CPU. These models have a 64-token vocabulary and 32-frame inputs: a
-# step takes milliseconds, so the trainer tests can run many of them.
+# The real-tokenizer tiny model above has a 51,865-token vocabulary and 3,000-frame inputs (100 with the short
+# window), which makes one training step take seconds on a laptop CPU. These models have a 64-token vocabulary and
+# 32-frame inputs: a step takes milliseconds, so the trainer tests can run many of them.
 
 MICRO_VOCAB = 64
 MICRO_MELS = 8
