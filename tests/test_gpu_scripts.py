@@ -3,7 +3,6 @@ random Whisper with a 1 s input window; and the pieces of gpu_pack_inputs.py rou
 
 from __future__ import annotations
 
-import copy
 import filecmp
 import json
 import os
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
 from hf_whisper_kdq import save_whisper
 
@@ -73,18 +71,10 @@ def throughput(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def packed(tmp_path_factory, _tiny_whisper_session, throughput):
+def packed(tmp_path_factory, _short_window_whisper_session, throughput):
     """A smoke pack of a tiny teacher whose feature extractor and encoder take 1 s (100 frames) of audio."""
-    model, processor = _tiny_whisper_session
-    config = copy.deepcopy(model.config)
-    config.max_source_positions = 50
-    torch.manual_seed(0)
-    short = WhisperForConditionalGeneration(config).eval()
-    short.generation_config = copy.deepcopy(model.generation_config)
-    processor = copy.deepcopy(processor)
-    processor.feature_extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins, chunk_length=1)
     root = tmp_path_factory.mktemp("gpu_pack")
-    teacher = save_whisper(short, processor, root / "teacher")
+    teacher = save_whisper(*_short_window_whisper_session, root / "teacher")
     run_script(
         GPU_TOOLS / "gpu_pack_inputs.py",
         "--smoke",
