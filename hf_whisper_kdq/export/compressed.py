@@ -316,7 +316,7 @@ def save_compressed(
     # that loads a packed token embedding (its compressed path needs the Embedding's `weight`), re-tying proj_out.
     dense_load = len({_scheme_key(q) for q in converted.values()}) == 1
     packed = {n: q for n, q in converted.items() if _stored_packed(student.get_submodule(n), n, shared, dense_load)}
-    kept = sorted(set(converted) - set(packed))
+    kept = sorted(n for n, q in converted.items() if n not in packed and not any(q is p for p in packed.values()))
     if kept:
         # Their weights hold the dequantized values (convert_qat baked them in); fp16 rounds them slightly.
         logger.warning("%s: quantized in training, stored dequantized in fp16 (%s)", ", ".join(kept), EMBEDDING_REASON)
