@@ -391,20 +391,27 @@ def _size_details(report: Mapping, plan: KDQPlan, sizes: _Sizes, teacher: str) -
     return details
 
 
-def _usage(repo: str, language: str) -> tuple[str, str]:
+def _usage(repo: str, language: str, dense_load: bool) -> tuple[str, str]:
+    if dense_load:  # one-width export: transformers unpacks every layer while loading (see export.compressed)
+        loading = """model = WhisperForConditionalGeneration.from_pretrained(repo)  # needs compressed-tensors; float32
+"""
+        to_model = ""
+    else:
+        loading = """model = WhisperForConditionalGeneration.from_pretrained(repo)  # needs compressed-tensors
+if getattr(model, "hf_quantizer", None) is not None:
+    # Unpack the integer weights now: generate() with a language skips the unpacking on first use.
+    model.hf_quantizer.compressor.decompress_model(model)
+"""
+        to_model = ".to(model.device, model.dtype)  # the checkpoint loads in float16"
     transformers_code = f'''import soundfile as sf
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
 repo = "{repo}"
 processor = WhisperProcessor.from_pretrained(repo)
-model = WhisperForConditionalGeneration.from_pretrained(repo)  # needs compressed-tensors
-if getattr(model, "hf_quantizer", None) is not None:
-    # Unpack the integer weights now: generate() with a language skips the unpacking on first use.
-    model.hf_quantizer.compressor.decompress_model(model)
-
+{loading}
 audio, sampling_rate = sf.read("audio.wav", dtype="float32")  # 16 kHz mono
 inputs = processor(audio, sampling_rate=16000, return_tensors="pt")
-features = inputs.input_features.to(model.device, model.dtype)  # the checkpoint loads in float16
+features = inputs.input_features{to_model}
 ids = model.generate(features, language="{language}", task="transcribe")
 print(processor.batch_decode(ids, skip_special_tokens=True)[0])'''
     ctranslate2_code = f'''import os
@@ -535,7 +542,9 @@ def build_model_card(
     if include_ctranslate2 is None:
         include_ctranslate2 = bool(ct2) or any(k.startswith("ctranslate2/") for k in sizes.files) or not sizes.files
     ct2_quant = public(_get(ct2, "quantization", "compute_type") or "int8") if isinstance(ct2, Mapping) else "int8"
-    transformers_code, ctranslate2_code = _usage(repo or f"<namespace>/{name}", codes[0] if codes else "en")
+    transformers_code, ctranslate2_code = _usage(
+        repo or f"<namespace>/{name}", codes[0] if codes else "en", bool(_get(report, "dense_load"))
+    )
     n_enc, n_dec = len(plan.layers("encoder")), len(plan.layers("decoder"))
     group = f", groups of {plan.group_size}" if plan.granularity == "per_group" and plan.group_size else ""
     plan_description = (

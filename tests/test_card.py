@@ -378,3 +378,23 @@ def test_the_installed_package_ships_and_reads_the_model_cards_template(tmp_path
     module, template = (Path(line) for line in found.stdout.split()[-2:])
     assert module.is_relative_to(site.resolve()) and template.is_relative_to(site.resolve())
     assert template.read_bytes() == TEMPLATE.read_bytes()
+
+
+def test_transformers_snippet_of_a_one_width_export_is_the_usual_call(tiny_whisper, offline_hub, tmp_path, capsys):
+    """A one-width export loads dense (export.compressed): its card's snippet has no unpacking step and no dtype
+    cast, and it runs against the packed folder."""
+    pytest.importorskip("compressed_tensors", minversion="0.20")
+    from hf_whisper_kdq.export import save_compressed
+    from hf_whisper_kdq.quant import default_quant_targets, prepare_qat
+
+    model, processor = tiny_whisper
+    model.generation_config.max_length = 24
+    specs = dict.fromkeys([*default_quant_targets(model), "model.decoder.embed_tokens"], "int4-g32")
+    prepare_qat(model, specs)
+    report = save_compressed(model, processor, tmp_path / "packed")
+    assert report.dense_load
+    fake_hub_repo(offline_hub, REPO, {p.name: p for p in report.folder.iterdir() if p.is_file()})
+    code = snippets(build_model_card(**card_kwargs(compression_report=report)).text)[0]
+    assert "decompress_model" not in code and "model.dtype" not in code
+    exec(compile(code, "<card snippet>", "exec"), {"__name__": "__card__"})
+    assert isinstance(capsys.readouterr().out, str)

@@ -421,3 +421,93 @@ print(json.dumps(processor.batch_decode(ids, skip_special_tokens=True)))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
+
+
+# ---- One integer width: the dense load path, the token embedding packed ------------------------------------
+
+ONE_WIDTH = "int4-g32-clip"
+
+DENSE_LOADER = (
+    WITHOUT_OUR_PACKAGE
+    + r"""
+import numpy as np, torch
+from transformers import WhisperForConditionalGeneration
+
+work, folder = sys.argv[1], sys.argv[2]
+features = torch.from_numpy(np.load(f"{work}/features.npy"))
+ids = torch.from_numpy(np.load(f"{work}/decoder_ids.npy"))
+model = WhisperForConditionalGeneration.from_pretrained(folder).eval()  # no dtype, no unpacking step: the usual call
+assert model.dtype == torch.float32, model.dtype
+assert model.proj_out.weight.data_ptr() == model.model.decoder.embed_tokens.weight.data_ptr(), "proj_out not tied"
+with torch.no_grad():
+    np.save(f"{work}/logits.npy", model(input_features=features, decoder_input_ids=ids).logits.numpy())
+    generated = model.generate(features, language="en", task="transcribe", max_new_tokens=6, do_sample=False)
+np.save(f"{work}/generated.npy", generated.numpy())
+assert "hf_whisper_kdq" not in sys.modules
+"""
+)
+
+
+@pytest.fixture(scope="module")
+def one_width_export(_tiny_whisper_session, tmp_path_factory):
+    base, processor = _tiny_whisper_session
+    model = copy.deepcopy(base)
+    prepare_qat(model, {**dict.fromkeys(default_quant_targets(model), ONE_WIDTH), EMBEDDING: ONE_WIDTH})
+    with torch.no_grad():  # learned clipping that is not 1 everywhere, so the stored codes depend on it
+        for module in model.modules():
+            if isinstance(module, (FakeQuantLinear, FakeQuantEmbedding)) and module.weight_clip is not None:
+                module.weight_clip.uniform_(0.7, 1.0, generator=torch.Generator().manual_seed(5))
+    out = tmp_path_factory.mktemp("one-width") / "student-kdq"
+    report = save_compressed(model, processor, out, teacher_fp16_bytes=TEACHER_FP16_BYTES)
+    reference = copy.deepcopy(model).eval()
+    packed = {n for n, q in convert_qat(reference).items() if n != "proj_out"}
+    # The file holds our codes and fp16 scales exactly, but transformers' dense load multiplies them in fp16 (the
+    # scale's dtype): every loaded weight is the fake-quantized one rounded to fp16, as the float tensors are.
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.copy_(param.half().float())
+    return SimpleNamespace(model=model, out=out, report=report, reference=reference, packed=packed)
+
+
+def test_one_width_export_stores_the_embedding_packed_once_and_declares_a_dense_load(one_width_export):
+    export = one_width_export
+    config = json.loads((export.out / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert qc["dequantize"] is True and list(qc["config_groups"]) == ["w4_group32"]
+    assert EMBEDDING in qc["config_groups"]["w4_group32"]["targets"] and qc["ignore"] == ["proj_out"]
+    assert config["dtype"] == "float32" and config["tie_word_embeddings"] is True
+    with safe_open(str(export.out / "model.safetensors"), framework="pt") as file:
+        keys = set(file.keys())
+    assert {f"{EMBEDDING}.weight_packed", f"{EMBEDDING}.weight_scale"} <= keys
+    assert f"{EMBEDDING}.weight" not in keys and not [k for k in keys if k.startswith("proj_out.")]
+    report = export.report
+    assert report.dense_load and report.embedding_quantized and report.embedding_reason is None
+    assert report.per_layer_bits["embedding"] == 4
+    # The bytes on disk are the planned bytes: the paper's count of this plan, plus each packed layer's 16-byte
+    # weight_shape and the safetensors header, nothing kept in fp16 behind the plan's back.
+    paper = report.paper_accounting
+    assert paper["as_stored_bytes"] == paper["planned_bytes"]
+    overhead = 16 * len(export.packed) + report.safetensors["header_bytes"]
+    assert report.weights_bytes == paper["planned_bytes"] + overhead
+
+
+def test_one_width_export_loads_dense_with_plain_from_pretrained(one_width_export, tmp_path):
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(2, 80, 3000, generator=generator)
+    ids = torch.tensor([[50258, 50259, 50359, 50363, 400, 1200, 7000]] * 2)
+    np.save(tmp_path / "features.npy", features.numpy())
+    np.save(tmp_path / "decoder_ids.npy", ids.numpy())
+    result = subprocess.run(
+        [sys.executable, "-c", DENSE_LOADER, str(tmp_path), str(one_width_export.out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    reference = one_width_export.reference
+    with torch.no_grad():
+        logits = reference(input_features=features, decoder_input_ids=ids).logits
+        generated = reference.generate(features, language="en", task="transcribe", max_new_tokens=6, do_sample=False)
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "logits.npy")), logits, rtol=0, atol=1e-5)
+    assert np.array_equal(np.load(tmp_path / "generated.npy"), generated.numpy())

@@ -5,12 +5,21 @@ compressed-tensors installed and without this package::
 
     model = WhisperForConditionalGeneration.from_pretrained("out/")
 
-Two things to know when loading it (transformers 5, compressed-tensors 0.20): it loads in float16 (the dtype of
-its float tensors), so give ``generate`` features of ``model.dtype``; and compressed-tensors unpacks the integer
-weights in a hook on the model's first *top-level* forward, which ``generate(language=...)`` bypasses (it calls
-the encoder directly) and then fails with "'Linear' object has no attribute 'weight'". Unpack first with
-``model.hf_quantizer.compressor.decompress_model(model)``, as the model card's snippet does. (Loading with
-``CompressedTensorsConfig(dequantize=True)`` is no way around it: that load path unpacks these weights wrongly.)
+How it loads depends on the bit widths (transformers 5, compressed-tensors 0.20):
+
+* **One integer width** (every quantized layer at the same bits, strategy and group size, the usual case of a
+  uniform plan or of post-training quantization): ``config.json`` declares ``"dequantize": true`` and float32, so
+  the plain call above unpacks every layer while loading and gives a dense float32 model on which the usual
+  ``model.generate(processor(audio, return_tensors="pt").input_features, language=...)`` runs. The quantized token
+  embedding is stored packed too, once (``proj_out`` is tied to it again on load). That path multiplies codes
+  and scales in fp16 (the scales' dtype), so loaded weights are the fake-quantized ones rounded to fp16.
+* **Mixed widths** (a guided plan): that dense load path decodes every layer with the first config group's scheme
+  (``get_dense_scheme`` in transformers' compressed-tensors integration), which would be wrong, so the file takes
+  the compressed path: it loads in float16, and compressed-tensors unpacks the integer weights in a hook on the
+  model's first *top-level* forward, which ``generate(language=...)`` bypasses (it calls the encoder directly) and
+  then fails with "'Linear' object has no attribute 'weight'". Unpack first with
+  ``model.hf_quantizer.compressor.decompress_model(model)``, as the model card's snippet does, and give features
+  of ``model.dtype``. That path cannot load a packed ``nn.Embedding``: the embedding is stored dequantized in fp16.
 
 What is written:
 
@@ -31,15 +40,15 @@ Our codes use the restricted range ``[-(2**(b-1) - 1), 2**(b-1) - 1]``, a subset
 
 **What compressed-tensors supports** (0.20): ``pack-quantized`` packs signed ints of 1–8 bits (2, 3, 4, 8
 here), symmetric or not, with ``tensor``, ``channel`` or ``group`` strategies; transformers decompresses
-all of them on load. vLLM's kernels for this format cover 4 and 8 bits only. The token embedding cannot be
-stored packed: transformers 5 fails to load a quantized ``nn.Embedding`` (the tied ``proj_out`` and its
-weight initialisation need a ``weight``), so a quantized embedding is stored as its dequantized table in
-fp16 and the report says so (``embedding_quantized: false``).
+all of them on load. vLLM's kernels for this format cover 4 and 8 bits only. The token embedding is stored
+packed only in one-width files (see above); otherwise as its dequantized table in fp16, and the report says so
+(``embedding_quantized: false``).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 from pathlib import Path
@@ -66,6 +75,7 @@ from .report import (
 logger = logging.getLogger(__name__)
 
 PACK_FORMAT = "pack-quantized"
+DENSE_LOAD_KEY = "dequantize"
 CT_STRATEGIES = {"per_tensor": "tensor", "per_channel": "channel", "per_group": "group"}
 
 
@@ -147,6 +157,24 @@ def _shared_weights(model: nn.Module) -> set[str]:
         if weight is not None:
             owners.setdefault(id(weight), []).append(name)
     return {name for names in owners.values() if len(names) > 1 for name in names}
+
+
+def _stored_packed(module: nn.Module, name: str, shared: set[str], dense_load: bool) -> bool:
+    """Whether a quantized layer is stored packed: every linear that holds its own weight, and with a dense load
+    also the token embedding (its tied ``proj_out`` is then not stored: transformers ties it again on load)."""
+    if isinstance(module, nn.Linear):
+        return name not in shared
+    return dense_load and isinstance(module, nn.Embedding)
+
+
+def _declare_dense_load(folder: Path) -> None:
+    """``"dequantize": true`` in ``config.json``'s ``quantization_config``: transformers then builds
+    ``CompressedTensorsConfig(dequantize=True)`` from the file and unpacks every layer while loading, so plain
+    ``from_pretrained`` gives a dense model. compressed-tensors' own reader ignores the extra key."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["quantization_config"][DENSE_LOAD_KEY] = True
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _scheme_key(q: QuantizedWeight) -> tuple[int, str, int | None]:
@@ -283,8 +311,12 @@ def save_compressed(
     specs = quant_specs(student)
     shared = _shared_weights(student)
     converted = strip_training_only(student)
-    packed = {n: q for n, q in converted.items() if isinstance(student.get_submodule(n), nn.Linear) and n not in shared}
-    kept = sorted(set(converted) - set(packed))
+    # transformers' dense load path (quantization_config "dequantize": true) decodes every packed layer with the
+    # first config group's scheme, so only a file of one integer width can take it. That path is also the only one
+    # that loads a packed token embedding (its compressed path needs the Embedding's `weight`), re-tying proj_out.
+    dense_load = len({_scheme_key(q) for q in converted.values()}) == 1
+    packed = {n: q for n, q in converted.items() if _stored_packed(student.get_submodule(n), n, shared, dense_load)}
+    kept = sorted(n for n, q in converted.items() if n not in packed and not any(q is p for p in packed.values()))
     if kept:
         # Their weights hold the dequantized values (convert_qat baked them in); fp16 rounds them slightly.
         logger.warning("%s: quantized in training, stored dequantized in fp16 (%s)", ", ".join(kept), EMBEDDING_REASON)
@@ -296,11 +328,14 @@ def save_compressed(
     state = _state_dict(student, packed, schemes)
 
     config = copy.deepcopy(student.config)
-    config.dtype = torch.float16  # the dtype of the float tensors on disk
+    # Dense loads unpack to the declared dtype: float32 lets the usual generate(processor(...).input_features) run.
+    config.dtype = torch.float32 if dense_load else torch.float16
     with atomic_folder(output_dir) as staging:
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         config.save_pretrained(staging)
         ModelCompressor(quantization_config=quantization_config).update_config(str(staging))
+        if dense_load:
+            _declare_dense_load(staging)
         student.generation_config.save_pretrained(staging)
         save_processor(processor, staging)
         if plan is not None:

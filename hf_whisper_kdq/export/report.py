@@ -18,6 +18,8 @@ Everything "as stored" is read back from the folder itself (file sizes, the safe
   ``weights_bytes``, a factor > 1 when smaller); ``ratios`` has them against all files and the paper's size.
 * ``per_layer_bits`` per plan unit (``encoder.3``, ``decoder.0``, ``embedding``; 16 = float, a weighted mean
   when a unit mixes widths), ``modules`` per layer, ``embedding_quantized`` + ``embedding_reason``.
+* ``dense_load``: ``config.json`` asks transformers to unpack every layer while loading (one-width exports, see
+  :mod:`.compressed`): plain ``from_pretrained`` then gives a dense float32 model.
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ FORMAT = "compressed-tensors pack-quantized"
 COMPONENTS = ("encoder", "decoder", "embedding", "other")
 EMBEDDING_MODULES = ("model.decoder.embed_tokens", "proj_out")
 EMBEDDING_REASON = (
-    "transformers cannot load a compressed-tensors quantized nn.Embedding (the packed table has no `weight`, which "
-    "the tied proj_out and weight initialisation need), so the dequantized table is stored in fp16"
+    "the file mixes bit widths, which transformers loads only through its compressed path, and that path cannot "
+    "load a quantized nn.Embedding (the tied proj_out and weight initialisation need a `weight`), so the dequantized "
+    "table is stored in fp16; an export of one integer width stores it packed"
 )
 _GRANULARITY = {"tensor": "per_tensor", "channel": "per_channel", "group": "per_group"}
 
@@ -88,6 +91,7 @@ class CompressionReport:
     embedding_reason: str | None
     config_groups: dict[str, dict[str, Any]]
     ignore: list[str]
+    dense_load: bool = False  # reports written before it existed: the compressed load path
 
     def to_dict(self) -> dict:
         """The report as ``compression_report.json`` holds it."""
@@ -207,6 +211,9 @@ def build_compression_report(
     weights_path = folder / WEIGHTS_FILE
     header_bytes, tensors = _safetensors_layout(weights_path)
     packed, group_of, groups, ignore = _stored_specs(folder, tensors)
+    quantization_config = (
+        json.loads((folder / "config.json").read_text(encoding="utf-8")).get("quantization_config") or {}
+    )
     shapes = {}
     if packed:
         from safetensors import safe_open
@@ -328,6 +335,7 @@ def build_compression_report(
             for name, g in groups.items()
         },
         "ignore": ignore,
+        "dense_load": bool(quantization_config.get("dequantize")),
     }
 
 
