@@ -3,11 +3,14 @@
 At train begin, and every ``selection_interval`` optimizer steps within the first ``selection_until`` of training, it
 measures on a few training batches
 
-* the quantization loss ``q_l(b)`` of every unit at every candidate bit width, and
+* the output cost ``c_l(b)`` of every unit at every candidate bit width: the change of teacher-forced
+  KL(teacher ‖ student) with that unit alone quantized (teacher outputs from the trainer's caches; the student's
+  encoder runs once per batch unless an encoder unit is the one quantized),
+* the quantization loss ``q_l(b)`` of every unit's own linears, and
 * the distillation loss ``d_l`` of every student layer against every teacher layer,
 
-then re-matches layers (dynamic modes), allocates bits under the size budget from ``d_l`` and ``q_l``, and
-picks the distilled layers from ``q_l`` (see :mod:`hf_whisper_kdq.selection`). The plan is logged, written
+then re-matches layers (dynamic modes), allocates bits under the size budget and picks the distilled layers (from
+``c_l``, or from ``d_l`` and ``q_l`` with ``selection_cost="local_error"``; see :mod:`hf_whisper_kdq.selection`). The plan is logged, written
 as ``kdq_plan.json`` into each checkpoint, and kept in the TrainerState so that resuming restores it exactly
 (the measurement is deterministic: probe batches are fixed dataset rows, models run in eval mode).
 """
@@ -15,6 +18,8 @@ as ``kdq_plan.json`` into each checkpoint, and kept in the TrainerState so that 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -26,8 +31,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import DistillQuantArguments
 from .forwards import StudentTeacherForwards
-from .losses import IGNORE_INDEX
-from .quant import FLOAT_BITS, set_quant_specs
+from .losses import IGNORE_INDEX, logit_distillation_loss
+from .quant import FLOAT_BITS, QuantSpec, set_quant_specs
 from .selection import (
     KDQPlan,
     allocate_bits,
@@ -36,9 +41,12 @@ from .selection import (
     float_stored_units,
     fp16_bytes,
     match_layers,
+    measure_output_costs,
     measure_quantization_losses,
     plan_shapes,
+    plan_size,
     relative_hidden_errors,
+    uniform_bits,
     unit_bytes,
 )
 
@@ -59,6 +67,67 @@ class SelectionHost(Protocol):
     def probe_batches(self) -> list[dict]: ...
 
     def is_world_process_zero(self) -> bool: ...
+
+
+@dataclass
+class _Probe:
+    """What one probe batch needs to re-run the student's decoder: its inputs, the encoder states the student's
+    decoder saw, the label positions and the teacher's logits there ([N, V])."""
+
+    features: torch.Tensor
+    decoder_input_ids: torch.Tensor
+    encoder_states: torch.Tensor
+    labels: torch.Tensor
+    teacher_logits: torch.Tensor
+
+
+@contextmanager
+def _decoder_inputs(model):
+    """While active, records the keyword inputs of every call of ``model``'s decoder (a list of dicts)."""
+    calls = []
+    handle = model.model.decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs), with_kwargs=True
+    )
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+class ProbeKL:
+    """Teacher-forced KL(teacher ‖ student) in nats per label token over the probe batches, for any quantization
+    specs of the plan's modules (the others float): the measure ``selection.measure_output_costs`` takes."""
+
+    def __init__(self, host: SelectionHost, model: nn.Module, plan: KDQPlan, probes: list[_Probe]):
+        self.host, self.model, self.probes = host, model, probes
+        self.float_specs = dict.fromkeys(plan.module_specs(), None)
+        self.encoder_modules = {m for u in plan.units if u.side == "encoder" for m in u.modules}
+        self.tokens = sum(int(p.labels.ne(IGNORE_INDEX).sum()) for p in probes)
+        self._measured: dict[tuple, float] = {}
+
+    def __call__(self, specs: dict[str, QuantSpec | None]) -> float:
+        key = tuple(sorted((name, spec.bits) for name, spec in specs.items() if spec is not None))
+        if key not in self._measured:
+            self._measured[key] = self._measure(specs)
+        return self._measured[key]
+
+    def _measure(self, specs: dict[str, QuantSpec | None]) -> float:
+        set_quant_specs(self.model, {**self.float_specs, **specs})
+        quantized_encoder = any(specs.get(m) is not None for m in self.encoder_modules)
+        total = 0.0
+        with self.host.forwards.accelerator.autocast():
+            for probe in self.probes:
+                inputs = (
+                    {"input_features": probe.features}
+                    if quantized_encoder
+                    else {"encoder_outputs": (probe.encoder_states,)}
+                )
+                logits = self.model(decoder_input_ids=probe.decoder_input_ids, **inputs).logits
+                labelled = probe.labels.ne(IGNORE_INDEX)
+                total += logit_distillation_loss(
+                    logits[labelled], probe.teacher_logits, probe.labels[labelled], num_items_in_batch=self.tokens
+                ).item()
+        return total
 
 
 class LayerSelectionCallback(TrainerCallback, ExportableState):
@@ -111,10 +180,26 @@ class LayerSelectionCallback(TrainerCallback, ExportableState):
         sides = trainer.forwards.distill_sides if args.num_distill_layers else ()
         errors = {side: 0.0 for side in sides}
         batches = trainer.probe_batches()
-        with measure_quantization_losses(model, plan, args.bit_choices) as quantization:
+        probes = []
+        # The student's encoder runs (rather than coming from a cache) only where q_l hooks its quantized layers.
+        encoder_probed = any(u.modules for u in plan.units if u.side == "encoder")
+        with (
+            measure_quantization_losses(model, plan, args.bit_choices) as quantization,
+            _decoder_inputs(model) as calls,
+        ):
             for batch in batches:
-                _, _, reps = trainer.forwards(model, batch, sides, cached_student_encoder=False)
+                calls.clear()
+                _, teacher_out, reps = trainer.forwards(model, batch, sides, cached_student_encoder=not encoder_probed)
                 mask = batch["labels"].ne(IGNORE_INDEX)
+                probes.append(
+                    _Probe(
+                        batch["input_features"],
+                        calls[-1]["input_ids"],
+                        calls[-1]["encoder_hidden_states"],
+                        batch["labels"],
+                        teacher_out.logits[mask],
+                    )
+                )
                 for side in sides:
                     errors[side] = errors[side] + relative_hidden_errors(
                         reps["student"][side], reps["teacher"][side], mask if side == "decoder" else None
@@ -132,24 +217,53 @@ class LayerSelectionCallback(TrainerCallback, ExportableState):
                     unit.teacher_layer = matched[unit.index]
             for unit in layers:
                 unit.distill_loss = float(matrix[unit.index, unit.teacher_layer])
+        shapes = plan_shapes(model, plan) if plan.module_specs() else {}
+        plan.probe_kl = {}
         if plan.module_specs():
-            shapes = plan_shapes(model, plan)
-            allocate_bits(
-                plan,
-                shapes,
-                args.bit_choices,
-                fixed_bytes=fixed_bytes(model, plan, shapes),
-                budget_bytes=args.budget_bytes(fp16_bytes(trainer.forwards.teacher)),
-                stored_float=float_stored_units(args),
-            )
-        choose_distillation_layers(plan, args.num_distill_layers, sides)
+            probe_kl = ProbeKL(trainer, model, plan, probes)
+            if args.selection_cost == "output_kl":
+                costs = measure_output_costs(plan, args.bit_choices, probe_kl)
+                for unit in plan.units:
+                    unit.output_cost = costs.get(unit.name, {})
+            self._allocate(plan, shapes, probe_kl)
+        choose_distillation_layers(plan, args.num_distill_layers, sides, cost=args.selection_cost)
         plan.step = step
         trainer.apply_plan(plan)
         model.train(was_training)
         if trainer.is_world_process_zero():
             logger.info("\n%s", plan.summary())
-            self._warn_embedding_stored_float(plan, shapes if plan.module_specs() else {})
+            self._warn_embedding_stored_float(plan, shapes)
         return plan
+
+    def _allocate(self, plan: KDQPlan, shapes, probe_kl: ProbeKL) -> None:
+        """Allocate bits under the budget; under ``output_kl``, keep the best uniform allocation that fits instead
+        when its probe KL is lower than the allocation's (the unit costs were measured one unit at a time)."""
+        args, model = self.trainer.args, probe_kl.model
+        budgeting = dict(
+            fixed_bytes=fixed_bytes(model, plan, shapes),
+            budget_bytes=args.budget_bytes(fp16_bytes(self.trainer.forwards.teacher)),
+            stored_float=float_stored_units(args),
+        )
+        allocate_bits(plan, shapes, args.bit_choices, cost=args.selection_cost, **budgeting)
+        if args.selection_cost != "output_kl":
+            return
+        plan.probe_kl = {"float": probe_kl({}), "plan": probe_kl(plan.module_specs())}
+        uniform = uniform_bits(plan, shapes, args.bit_choices, **budgeting)
+        if uniform is None:
+            return
+        allocated = {u.name: u.bits for u in plan.units}
+        for unit in plan.units:
+            if unit.modules:
+                unit.bits = max(args.bit_choices) if unit.name in budgeting["stored_float"] else uniform
+        plan.probe_kl[f"uniform int{uniform}"] = probe_kl(plan.module_specs())
+        if plan.probe_kl[f"uniform int{uniform}"] < plan.probe_kl["plan"]:
+            plan.size_bytes = plan_size(
+                plan, shapes, fixed_bytes=budgeting["fixed_bytes"], stored_float=budgeting["stored_float"]
+            )
+            plan.rule += f" Kept here: uniform int{uniform} (lower joint probe KL than the greedy allocation)."
+        else:
+            for unit in plan.units:
+                unit.bits = allocated[unit.name]
 
     def _warn_embedding_stored_float(self, plan: KDQPlan, shapes) -> None:
         """Say once when the paper's accounting counts the embedding at fewer bits than the packed file holds."""

@@ -20,6 +20,7 @@ HIDDEN_TARGETS = ("decoder", "encoder", "both", "none")
 HIDDEN_REPRESENTATIONS = ("layer_output", "ffn_intermediate")
 HIDDEN_LOSS_SCALES = ("absolute", "relative")
 BUDGET_ACCOUNTINGS = ("paper", "on_disk")
+SELECTION_COSTS = ("output_kl", "local_error")
 QUANT_TARGETS = ("encoder", "decoder", "embedding")
 
 
@@ -138,9 +139,22 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
     )
 
     # ---- guided layer selection ---------------------------------------------------------------------
+    selection_cost: str = field(
+        default="output_kl",
+        metadata={
+            "help": "What the selection minimizes under the size budget, and ranks distillation layers by: "
+            "'output_kl' (for every unit and bit width, the change of teacher-forced KL(teacher ‖ student) on the "
+            "probe batches with that unit alone quantized: its end-to-end damage) or 'local_error' (the previous "
+            "rule: the relative output error of the unit's own linears weighted by its float hidden-state distance "
+            "d_l; it let the tied embedding drop to 2 bits, which destroys the output)."
+        },
+    )
     num_distill_layers: int = field(
         default=2,
-        metadata={"help": "How many student layers get hidden-state distillation (chosen by quantization loss)."},
+        metadata={
+            "help": "How many student layers get hidden-state distillation: those quantization damages most at their "
+            "bits (see selection_cost)."
+        },
     )
     selection_interval: int = field(
         default=0,
@@ -229,6 +243,7 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
             ("layer_matching", MATCHING_MODES),
             ("quant_granularity", GRANULARITIES),
             ("size_budget_accounting", BUDGET_ACCOUNTINGS),
+            ("selection_cost", SELECTION_COSTS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")

@@ -1,19 +1,26 @@
 """Guided layer selection: the plan of which layers are distilled, which are quantized, and to how many bits.
 
-The method's two-way guidance (Whisper-KDQ, Shao et al. 2023):
+The method's two-way guidance (Whisper-KDQ, Shao et al. 2023), with signals that measure what the budget spends
+(``selection_cost="output_kl"``, the default):
 
-* **distillation layers are chosen from quantization loss** — ``q_l(b)``, how much quantizing unit ``l`` to
-  ``b`` bits perturbs the outputs of its linears on probe batches (relative squared error). The layers that
-  quantization hurts most at their assigned bits get the teacher's hidden-state guidance.
-* **quantization bits are chosen from distillation loss** — ``d_l``, the relative hidden-state error of
-  student layer ``l`` against its matched teacher layer. Layers that already match the teacher are
-  quantized first and to fewer bits.
+* **the cost of a unit at b bits** is ``c_l(b)``, the change of teacher-forced KL(teacher ‖ student) (nats per label
+  token) on the probe batches when unit ``l`` alone is quantized to ``b`` bits and the rest of the student stays
+  float. It is what quantizing that unit adds to the output distance that distillation must close: a distillation
+  difficulty measured at the output, so it is not zero for a student equal to its teacher (whose hidden-state
+  distance ``d_l`` is 0 at step 0 by construction), and it ranks a copied layer by its sensitivity rather than by its
+  (near-zero) float distance.
+* **bits follow that cost**: every unit starts at its highest allowed bits; while the model is over budget, the unit
+  whose next lower bit width adds the least cost per byte saved, ``(c_l(b_next) − c_l(b)) / (bytes(b) −
+  bytes(b_next))``, steps down (a greedy descent, near-optimal for this knapsack on convex-ish curves, deterministic
+  so that every rank plans alike). The sum of unit costs assumes they add up; the selection therefore measures the
+  allocation's joint KL and keeps the best uniform allocation that fits instead when that is lower.
+* **distillation layers are those quantization damages most**: the ``num_distill_layers`` layers of highest
+  ``c_l`` at their assigned bits.
 
-Bits are allocated **greedily** under the size budget: every unit starts at its highest allowed bits; while
-the model is over budget, the unit whose next lower bit width adds the least weighted sensitivity per byte
-saved, ``w_l · (q_l(b_next) − q_l(b)) / (bytes(b) − bytes(b_next))`` with ``w_l = d_l / mean(d)``, steps
-down. A greedy descent on convex-ish per-layer curves is near-optimal for this knapsack and runs in
-microseconds; it is deterministic, which keeps the plan identical on every rank.
+``selection_cost="local_error"`` keeps the previous rule: ``q_l(b)``, the relative output error of a unit's own
+linears, weighted by ``w_l = d_l / mean(d)`` and divided by bytes saved. A local error does not see how a unit's
+error reaches the output: it let the tied 51,865-token embedding (six decoder layers' bytes) drop to 2 bits, which
+destroys the output. ``q_l`` and ``d_l`` are measured and recorded in the plan under both rules.
 
 A *unit* is one encoder layer, one decoder layer, or the token embedding (with the tied output projection).
 """
@@ -24,6 +31,7 @@ import json
 import math
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,6 +60,7 @@ class UnitPlan:
     teacher_layer: int | None = None
     quant_loss: dict[int, float] = field(default_factory=dict)
     distill_loss: float | None = None
+    output_cost: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -65,6 +74,8 @@ class KDQPlan:
     budget_bytes: int | None = None
     size_bytes: int | None = None
     step: int = 0
+    rule: str = ""
+    probe_kl: dict[str, float] = field(default_factory=dict)
 
     # ---- views ----------------------------------------------------------------------------------
     def unit(self, name: str) -> UnitPlan:
@@ -96,7 +107,13 @@ class KDQPlan:
     @classmethod
     def from_dict(cls, data: dict) -> KDQPlan:
         units = [
-            UnitPlan(**{**u, "quant_loss": {int(b): float(v) for b, v in u.get("quant_loss", {}).items()}})
+            UnitPlan(
+                **{
+                    **u,
+                    "quant_loss": {int(b): float(v) for b, v in u.get("quant_loss", {}).items()},
+                    "output_cost": {int(b): float(v) for b, v in u.get("output_cost", {}).items()},
+                }
+            )
             for u in data["units"]
         ]
         return cls(**{**data, "units": units})
@@ -119,19 +136,27 @@ class KDQPlan:
 
     def summary(self) -> str:
         """A Markdown table of the plan, one row per unit."""
-        rows = ["| unit | bits | distilled | teacher layer | q_l (assigned bits) | d_l |", "|---|---|---|---|---|---|"]
+        rows = [
+            "| unit | bits | distilled | teacher layer | ΔKL (assigned bits) | q_l (assigned bits) | d_l |",
+            "|---|---|---|---|---|---|---|",
+        ]
+
+        def number(value: float | None) -> str:
+            return "" if value is None else f"{value:.4g}"
+
         for u in self.units:
             bits = "float" if u.bits >= FLOAT_BITS else str(u.bits)
-            q = u.quant_loss.get(u.bits)
-            d = "" if u.distill_loss is None else f"{u.distill_loss:.4g}"
             teacher = "" if u.teacher_layer is None else str(u.teacher_layer)
             rows.append(
                 f"| {u.name} | {bits} | {'yes' if u.distilled else ''} | {teacher} | "
-                f"{'' if q is None else f'{q:.4g}'} | {d} |"
+                f"{number(u.output_cost.get(u.bits))} | {number(u.quant_loss.get(u.bits))} | "
+                f"{number(u.distill_loss)} |"
             )
         size = "" if self.size_bytes is None else f" — size {self.size_bytes / 1e6:.2f} MB"
         budget = "" if self.budget_bytes is None else f" (budget {self.budget_bytes / 1e6:.2f} MB)"
-        return f"KDQ plan at step {self.step}{size}{budget}\n" + "\n".join(rows)
+        kl = "".join(f"\nprobe KL (nats/token), {name}: {value:.4g}" for name, value in self.probe_kl.items())
+        rule = f"\nrule: {self.rule}" if self.rule else ""
+        return f"KDQ plan at step {self.step}{size}{budget}\n" + "\n".join(rows) + kl + rule
 
 
 def group_units(quant_targets: list[str]) -> dict[str, list[str]]:
@@ -262,6 +287,26 @@ class measure_quantization_losses:
         return losses
 
 
+def measure_output_costs(
+    plan: KDQPlan, bit_choices: tuple[int, ...], probe_kl: Callable[[dict[str, QuantSpec | None]], float]
+) -> dict[str, dict[int, float]]:
+    """``c_l(b)`` for every unit of ``plan`` with modules and every integer bit width of ``bit_choices``: the probe KL
+    with that unit alone quantized to ``b`` bits minus the float student's (``c_l(16) = 0``).
+
+    ``probe_kl(specs)`` is the student's teacher-forced KL(teacher ‖ student) in nats per label token on the probe
+    batches with ``specs`` applied to those modules and every other module of the plan in float.
+    """
+    reference = probe_kl({})
+    costs = {}
+    for unit in plan.units:
+        if unit.modules:
+            costs[unit.name] = {
+                bits: 0.0 if bits >= FLOAT_BITS else probe_kl(dict.fromkeys(unit.modules, plan.spec(bits))) - reference
+                for bits in bit_choices
+            }
+    return costs
+
+
 def relative_hidden_errors(student: list[torch.Tensor], teacher: list[torch.Tensor], mask: torch.Tensor | None):
     """Matrix [n_student, n_teacher] of ‖s_i − t_j‖² / ‖t_j‖² over the counted positions.
 
@@ -327,6 +372,15 @@ def fixed_bytes(model: nn.Module, plan: KDQPlan, shapes: dict[str, torch.Size]) 
     return total - sum(unit_bytes(plan, unit, FLOAT_BITS, shapes) for unit in plan.units)
 
 
+def plan_size(
+    plan: KDQPlan, shapes: dict[str, torch.Size], *, fixed_bytes: int, stored_float: frozenset[str] = frozenset()
+) -> int:
+    """The plan's size at its units' bits (``stored_float`` units at fp16)."""
+    return fixed_bytes + sum(
+        unit_bytes(plan, u, FLOAT_BITS if u.name in stored_float else u.bits, shapes) for u in plan.units
+    )
+
+
 def smallest_bytes(
     plan: KDQPlan,
     shapes: dict[str, torch.Size],
@@ -364,6 +418,54 @@ class UnreachableBudgetError(ValueError):
         return math.ceil(self.minimum / 1e5) / 10
 
 
+RULES = {
+    "output_kl": "bits: greedy descent from the highest bits under the size budget, the unit whose next lower bits "
+    "add the least output_cost per byte saved steps down; output_cost[b] = teacher-forced KL(teacher||student) on "
+    "the probe batches (nats/label token) with that unit alone at b bits, minus the float student's; kept only if its "
+    "joint probe KL is no higher than the best uniform allocation that fits (probe_kl). Distilled: the "
+    "num_distill_layers layers of highest output_cost at their bits.",
+    "local_error": "bits: greedy descent from the highest bits under the size budget, the unit whose next lower bits "
+    "add the least w_l * quant_loss per byte saved steps down; quant_loss[b] = relative output error of the unit's "
+    "own linears at b bits, w_l = distill_loss / mean(distill_loss). Distilled: the num_distill_layers layers of "
+    "highest quant_loss at their bits.",
+}
+
+
+def unit_harm(plan: KDQPlan, rule: str) -> Callable[[UnitPlan, int], float]:
+    """The harm of a unit at some bits that ``rule`` (a key of `RULES`) minimizes."""
+    if rule == "output_kl":
+        return lambda u, bits: u.output_cost.get(bits, 0.0)
+    distill = [u.distill_loss for u in plan.units if u.distill_loss is not None]
+    mean_d = sum(distill) / len(distill) if distill else 1.0
+    floor = 0.05 * mean_d if mean_d > 0 else 1.0  # keeps a perfectly matched layer's weight above zero
+
+    def weighted_quant_loss(u: UnitPlan, bits: int) -> float:
+        weight = ((u.distill_loss if u.distill_loss is not None else mean_d) + floor) / (mean_d + floor)
+        return weight * u.quant_loss.get(bits, 0.0)
+
+    return weighted_quant_loss
+
+
+def uniform_bits(
+    plan: KDQPlan,
+    shapes: dict[str, torch.Size],
+    bit_choices: tuple[int, ...],
+    *,
+    fixed_bytes: int,
+    budget_bytes: int | None,
+    stored_float: frozenset[str] = frozenset(),
+) -> int | None:
+    """The highest integer bit width of ``bit_choices`` at which every quantizable unit fits the budget (units
+    stored in float count fp16), or None when none does."""
+    for bits in sorted((b for b in bit_choices if b < FLOAT_BITS), reverse=True):
+        size = fixed_bytes + sum(
+            unit_bytes(plan, u, FLOAT_BITS if u.name in stored_float else bits, shapes) for u in plan.units if u.modules
+        )
+        if budget_bytes is None or size <= budget_bytes:
+            return bits
+    return None
+
+
 def allocate_bits(
     plan: KDQPlan,
     shapes: dict[str, torch.Size],
@@ -372,8 +474,10 @@ def allocate_bits(
     fixed_bytes: int,
     budget_bytes: int | None,
     stored_float: frozenset[str] = frozenset(),
+    cost: str = "output_kl",
 ) -> None:
-    """Assign bits in place (greedy descent, see the module docstring).
+    """Assign bits in place (greedy descent, see the module docstring) from the units' ``output_cost``, or with
+    ``cost="local_error"`` from their ``d_l``-weighted ``quant_loss`` (the previous rule).
 
     Without a budget every unit gets the highest integer bit width among the choices. ``fixed_bytes`` is
     everything the plan does not quantize (fp16 norms, biases, convolutions, positions, float embedding).
@@ -381,7 +485,7 @@ def allocate_bits(
     format): they cost fp16 bytes, so lowering their bits saves nothing and they keep the highest choice.
     """
 
-    def cost(unit: UnitPlan, bits: int) -> int:
+    def billed(unit: UnitPlan, bits: int) -> int:
         return unit_bytes(plan, unit, FLOAT_BITS if unit.name in stored_float else bits, shapes)
 
     choices = sorted(bit_choices, reverse=True)
@@ -391,16 +495,10 @@ def allocate_bits(
         for unit in quantizable:
             unit.bits = integer[0] if integer else FLOAT_BITS
     else:
-        distill = [u.distill_loss for u in plan.units if u.distill_loss is not None]
-        mean_d = sum(distill) / len(distill) if distill else 1.0
-        floor = 0.05 * mean_d if mean_d > 0 else 1.0  # keeps a perfectly matched layer's weight above zero
-
-        def weight(u: UnitPlan) -> float:
-            return ((u.distill_loss if u.distill_loss is not None else mean_d) + floor) / (mean_d + floor)
-
+        harm = unit_harm(plan, cost)
         for unit in quantizable:
             unit.bits = choices[0]
-        size = fixed_bytes + sum(cost(u, u.bits) for u in quantizable)
+        size = fixed_bytes + sum(billed(u, u.bits) for u in quantizable)
         while size > budget_bytes:
             best = None
             for u in quantizable:
@@ -408,9 +506,8 @@ def allocate_bits(
                 if position + 1 == len(choices):
                     continue
                 lower = choices[position + 1]
-                saved = cost(u, u.bits) - cost(u, lower)
-                harm = weight(u) * (u.quant_loss.get(lower, 0.0) - u.quant_loss.get(u.bits, 0.0))
-                ratio = harm / max(saved, 1)
+                saved = billed(u, u.bits) - billed(u, lower)
+                ratio = (harm(u, lower) - harm(u, u.bits)) / max(saved, 1)
                 if saved > 0 and (best is None or ratio < best[0]):
                     best = (ratio, u, lower, saved)
             if best is None:
@@ -420,16 +517,19 @@ def allocate_bits(
             unit.bits = lower
             size -= saved
     plan.budget_bytes = budget_bytes
-    plan.size_bytes = fixed_bytes + sum(cost(u, u.bits) for u in plan.units)
+    plan.size_bytes = plan_size(plan, shapes, fixed_bytes=fixed_bytes, stored_float=stored_float)
+    plan.rule = RULES[cost]
 
 
-def choose_distillation_layers(plan: KDQPlan, count: int, sides: tuple[str, ...]) -> None:
-    """Mark the ``count`` layers (of the given sides) with the highest quantization loss at their assigned
-    bits as distilled; ties broken by depth (deeper first), deterministically."""
+def choose_distillation_layers(plan: KDQPlan, count: int, sides: tuple[str, ...], cost: str = "output_kl") -> None:
+    """Mark the ``count`` layers (of the given sides) that quantization damages most at their assigned bits as
+    distilled (highest ``output_cost``, or ``quant_loss`` with ``cost="local_error"``); ties broken by depth (deeper
+    first), deterministically."""
     candidates = [u for u in plan.units if u.side in sides and u.teacher_layer is not None]
-    ranked = sorted(
-        candidates, key=lambda u: (u.quant_loss.get(u.bits, 0.0), u.side == "decoder", u.index), reverse=True
+    damage = (
+        (lambda u: u.output_cost.get(u.bits, 0.0)) if cost == "output_kl" else (lambda u: u.quant_loss.get(u.bits, 0.0))
     )
+    ranked = sorted(candidates, key=lambda u: (damage(u), u.side == "decoder", u.index), reverse=True)
     chosen = {u.name for u in ranked[:count]}
     for unit in plan.units:
         unit.distilled = unit.name in chosen

@@ -3,6 +3,7 @@ planted-outlier case end to end through ``LayerSelectionCallback.select`` (hf_wh
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -149,7 +150,7 @@ def _plan(q_losses: list[dict[int, float]], distill=None, granularity="per_group
         learnable_clipping=False,
     )
     for unit, q in zip(plan.layers("decoder"), q_losses):
-        unit.quant_loss = dict(q)
+        unit.quant_loss, unit.output_cost = dict(q), dict(q)  # one curve for either rule
     if distill is not None:
         for unit, d in zip(plan.layers("decoder"), distill):
             unit.distill_loss = d
@@ -225,21 +226,22 @@ def test_allocate_bits_unreachable_budget_names_the_fix():
         allocate_bits(plan, shapes, (3, 4, 8), fixed_bytes=fixed, budget_bytes=minimum)
 
 
-def test_allocate_bits_protects_the_unit_that_quantization_hurts_most():
+@pytest.mark.parametrize("cost", ["output_kl", "local_error"])
+def test_allocate_bits_protects_the_unit_that_quantization_hurts_most(cost):
     plan, shapes = _plan([_q(1), _q(20), _q(1)], distill=[0.3, 0.3, 0.3])
     fixed = 0
     four = sum(unit_bytes(plan, u, 4, shapes) for u in plan.layers("decoder"))
-    allocate_bits(plan, shapes, BITS, fixed_bytes=fixed, budget_bytes=four)
+    allocate_bits(plan, shapes, BITS, fixed_bytes=fixed, budget_bytes=four, cost=cost)
     bits = [u.bits for u in plan.layers("decoder")]
     assert bits[1] == max(bits) and bits[1] > min(bits), bits
     assert plan.size_bytes <= four
 
 
-def test_allocate_bits_quantizes_well_distilled_layers_first():
+def test_allocate_bits_quantizes_well_distilled_layers_first_under_the_local_error_rule():
     # same q_l everywhere: the layer that already matches its teacher layer (small d_l) gives up bits first
     plan, shapes = _plan([_q(), _q(), _q()], distill=[0.5, 0.01, 0.5])
     budget = sum(unit_bytes(plan, u, 4, shapes) for u in plan.layers("decoder"))
-    allocate_bits(plan, shapes, BITS, fixed_bytes=0, budget_bytes=budget)
+    allocate_bits(plan, shapes, BITS, fixed_bytes=0, budget_bytes=budget, cost="local_error")
     bits = [u.bits for u in plan.layers("decoder")]
     assert bits[1] == min(bits) and bits[1] < max(bits), bits
 
@@ -247,25 +249,26 @@ def test_allocate_bits_quantizes_well_distilled_layers_first():
 # ---- distillation layers -----------------------------------------------------------------------------------
 
 
-def test_choose_distillation_layers_picks_highest_q_at_assigned_bits():
+@pytest.mark.parametrize("cost", ["output_kl", "local_error"])
+def test_choose_distillation_layers_picks_the_most_damaged_at_assigned_bits(cost):
     plan, _ = _plan([_q(1), _q(1), _q(1), _q(1)])
     for unit, bits in zip(plan.layers("decoder"), (8, 2, 4, 3)):
         unit.bits = bits
-    choose_distillation_layers(plan, 2, ("decoder",))
+    choose_distillation_layers(plan, 2, ("decoder",), cost=cost)
     assert [u.index for u in plan.layers("decoder") if u.distilled] == [1, 3]  # q(2)=0.4, q(3)=0.1
     # a layer with a larger curve overtakes at the same bits
     for unit in plan.layers("decoder"):
         unit.bits = 4
-    plan.layers("decoder")[2].quant_loss = _q(3)
-    choose_distillation_layers(plan, 1, ("decoder",))
+    plan.layers("decoder")[2].quant_loss = plan.layers("decoder")[2].output_cost = _q(3)
+    choose_distillation_layers(plan, 1, ("decoder",), cost=cost)
     assert [u.index for u in plan.layers("decoder") if u.distilled] == [2]
     # ties: deeper first; sides not asked for are never chosen; count 0 clears
-    plan.layers("decoder")[2].quant_loss = _q(1)
-    choose_distillation_layers(plan, 2, ("decoder",))
+    plan.layers("decoder")[2].quant_loss = plan.layers("decoder")[2].output_cost = _q(1)
+    choose_distillation_layers(plan, 2, ("decoder",), cost=cost)
     assert [u.index for u in plan.layers("decoder") if u.distilled] == [2, 3]
-    choose_distillation_layers(plan, 2, ("encoder",))
+    choose_distillation_layers(plan, 2, ("encoder",), cost=cost)
     assert not any(u.distilled for u in plan.layers("decoder"))
-    choose_distillation_layers(plan, 0, ("decoder",))
+    choose_distillation_layers(plan, 0, ("decoder",), cost=cost)
     assert not any(u.distilled for u in plan.units)
     assert plan.distilled_pairs("decoder") == []
 
@@ -418,3 +421,110 @@ def test_units_stored_in_float_cost_fp16_and_keep_the_highest_choice():
             budget_bytes=fixed + kept_float,
             stored_float=frozenset({"decoder.1"}),
         )
+
+
+# ---- issue 15: selection by measured end-to-end cost ---------------------------------------------------------------
+
+
+def _trainer(tmp_path, student, teacher, **arguments) -> tuple[DistillQuantTrainer, LayerSelectionCallback]:
+    args = DistillQuantArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        report_to="none",
+        use_cpu=True,
+        remove_unused_columns=False,
+        num_distill_layers=1,
+        **arguments,
+    )
+    trainer = DistillQuantTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=Dataset.from_list(make_micro_rows(8)),
+        data_collator=micro_collate,
+    )
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, LayerSelectionCallback))
+    return trainer, callback
+
+
+def _size_mb(trainer, bits: int, **unit_bits: int) -> float:
+    """The student's size in MB (+ half a byte against rounding) with every quantized unit at ``bits`` but those
+    named in ``unit_bits`` (``decoder_0=2``)."""
+    plan, model = trainer.plan, trainer.model
+    shapes = plan_shapes(model, plan)
+    chosen = {name.replace("_", "."): b for name, b in unit_bits.items()}
+    quantized = sum(unit_bytes(plan, u, chosen.get(u.name, bits), shapes) for u in plan.units if u.modules)
+    return (fixed_bytes(model, plan, shapes) + quantized + 0.5) / 1e6
+
+
+def _fragile_embedding_whisper(micro_whisper):
+    """A micro Whisper whose tied embedding is large (1,024 tokens: 2.6 decoder layers of bytes) and fragile: scaled
+    so that the embedding dominates the residual stream and makes the output sharp, it decides the output alone."""
+    config = micro_whisper().config
+    config.vocab_size = 1024
+    torch.manual_seed(0)
+    model = type(micro_whisper())(config).eval()
+    with torch.no_grad():
+        model.model.decoder.embed_tokens.weight.mul_(50)
+    return model
+
+
+def test_the_plan_does_not_spend_its_bits_on_a_large_fragile_embedding(tmp_path, micro_whisper):
+    """Finding 1: the local relative error of a unit does not see its effect on the output, and its step down saves
+    the most bytes: the previous rule gave the large embedding the lowest bits. The measured KL keeps it."""
+    teacher = _fragile_embedding_whisper(micro_whisper)
+    plans = {}
+    for cost in ("output_kl", "local_error"):
+        student = copy.deepcopy(teacher)
+        trainer, callback = _trainer(
+            tmp_path, student, teacher, quant_targets="decoder,embedding", quant_bit_choices="2,3,4,8"
+        )
+        trainer.args.size_budget_mb = _size_mb(trainer, 3, decoder_0=2)  # below uniform int3: something drops to 2
+        if cost != "output_kl":
+            trainer.args.selection_cost = cost
+        plans[cost] = plan = copy.deepcopy(callback.select(step=0))
+        assert plan.size_bytes <= plan.budget_bytes
+    new, old = plans["output_kl"], plans["local_error"]
+    embedding = new.unit("embedding")
+    # the embedding's measured cost dwarfs every decoder layer's at the lowest bits ...
+    assert embedding.output_cost[2] > 10 * max(u.output_cost[2] for u in new.layers("decoder"))
+    # ... so the default plan keeps its bits, where the previous rule dropped it to the lowest
+    assert embedding.bits >= 3 and old.unit("embedding").bits == 2
+    assert "output_cost" in new.rule and "quant_loss" in old.rule
+    assert new.probe_kl["plan"] < new.probe_kl["uniform int2"]
+
+
+def test_the_bit_signal_is_not_zero_for_a_student_equal_to_its_teacher(tmp_path, micro_whisper):
+    """Finding 2: every d_l of a teacher-architecture student is 0 at step 0, whereas the measured costs are not."""
+    teacher = micro_whisper(decoder_layers=3)
+    trainer, callback = _trainer(
+        tmp_path, copy.deepcopy(teacher), teacher, quant_targets="decoder", quant_bit_choices="2,4,8"
+    )
+    trainer.args.size_budget_mb = _size_mb(trainer, 4)
+    plan = callback.select(step=0)
+    layers = plan.layers("decoder")
+    assert all(u.distill_loss == 0 for u in layers)
+    assert all(u.output_cost[2] > u.output_cost[4] > 0 for u in layers), [u.output_cost for u in layers]
+    assert plan.probe_kl["float"] == 0 and plan.probe_kl["plan"] > 0
+    assert sum(u.distilled for u in layers) == 1
+
+
+def test_a_spaced_students_copied_sensitive_layer_is_not_quantized_first(tmp_path, micro_whisper):
+    """Finding 2: a spaced student's first layer is a copy of the teacher's (d≈0), so the d_l-weighted rule quantized
+    it first; here that layer writes most of the residual stream, so it is the most quantization-sensitive."""
+    teacher = micro_whisper(decoder_layers=4)
+    with torch.no_grad():
+        teacher.model.decoder.layers[0].fc2.weight.mul_(30)  # the relative error of its linears is unchanged
+    plans = {}
+    for cost in ("output_kl", "local_error"):
+        student = build_student(teacher, decoder_layers=3)  # decoder layers [0, 2, 3] of the teacher
+        trainer, callback = _trainer(tmp_path, student, teacher, quant_targets="decoder", quant_bit_choices="2,8")
+        bytes_2, bytes_8 = (_size_mb(trainer, bits) for bits in (2, 8))
+        trainer.args.size_budget_mb = bytes_2 + (bytes_8 - bytes_2) / 3  # one of the three layers stays at 8 bits
+        trainer.args.selection_cost = cost
+        plans[cost] = copy.deepcopy(callback.select(step=0))
+    new, old = plans["output_kl"].layers("decoder"), plans["local_error"].layers("decoder")
+    assert new[0].distill_loss < 1e-6 < min(u.distill_loss for u in new[1:])
+    assert new[0].output_cost[2] == max(u.output_cost[2] for u in new)
+    assert [u.bits for u in new] == [8, 2, 2]
+    assert old[0].bits == 2  # the previous rule spent the 8 bits elsewhere
