@@ -547,11 +547,16 @@ def build_model_card(
     )
     n_enc, n_dec = len(plan.layers("encoder")), len(plan.layers("decoder"))
     group = f", groups of {plan.group_size}" if plan.granularity == "per_group" and plan.group_size else ""
+    selection_rule = (
+        "were chosen by their measured output cost (the change of teacher-forced KL(teacher ‖ student) with that unit "
+        "alone quantized); bits were allocated from the same costs per byte saved."
+        if any(u.output_cost for u in plan.units)
+        else "were chosen by the quantization loss q_l; bits were allocated from the distillation loss d_l."
+    )
     plan_description = (
         f"{n_enc} encoder and {n_dec} decoder layers; weights quantized {plan.granularity.replace('_', ' ')}{group}, "
         f"{'learned' if plan.learnable_clipping else 'fixed'} clipping; plan of step {plan.step}. Distilled layers "
-        "(hidden-state loss against the matched teacher layer) were chosen by the quantization loss q_l; bits were "
-        "allocated from the distillation loss d_l."
+        f"(hidden-state loss against the matched teacher layer) {selection_rule}"
     )
     evals = eval_results_for_card(scores)
     card_data = ModelCardData(
