@@ -193,11 +193,11 @@ def main() -> None:
         for average in (float(b) for b in options.budgets.split(",")):
             low, high = math.floor(average), math.ceil(average)
             student, size = uniform_student(teacher, options, low)
-            if low == high:
+            if not any(name == f"uniform int{low} (RTN)" for name, *_ in table):
                 record(f"uniform int{low} (RTN)", size, student)
-            else:  # between two uniform sizes: the guided plans against the lower uniform row
-                size += round((average - low) * (uniform_student(teacher, options, high)[1] - size))
             del student
+            if low != high:  # between two uniform sizes: the guided plans against the lower uniform row
+                size += round((average - low) * (uniform_student(teacher, options, high)[1] - size))
             for cost in ("output_kl", "local_error"):
                 trainer = guided_trainer(teacher, train, collate, options, size, folder, selection_cost=cost)
                 plan = selection(trainer).select(step=0)

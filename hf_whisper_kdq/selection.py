@@ -11,8 +11,9 @@ The method's two-way guidance (Whisper-KDQ, Shao et al. 2023), with signals that
   (near-zero) float distance.
 * **bits follow that cost**: every unit starts at its highest allowed bits; while the model is over budget, the unit
   whose next lower bit width adds the least cost per byte saved, ``(c_l(b_next) − c_l(b)) / (bytes(b) −
-  bytes(b_next))``, steps down (a greedy descent, near-optimal for this knapsack on convex-ish curves, deterministic
-  so that every rank plans alike). The sum of unit costs assumes they add up; the selection therefore measures the
+  bytes(b_next))``, steps down; then units step back up while they fit, the most cost removed per byte added first
+  (the descent's last step can overshoot by a large unit's whole step). A greedy knapsack, near-optimal on
+  convex-ish curves and deterministic, so that every rank plans alike. The sum of unit costs assumes they add up; the selection therefore measures the
   allocation's joint KL and keeps the best uniform allocation that fits instead when that is lower.
 * **distillation layers are those quantization damages most**: the ``num_distill_layers`` layers of highest
   ``c_l`` at their assigned bits.
@@ -420,7 +421,8 @@ class UnreachableBudgetError(ValueError):
 
 RULES = {
     "output_kl": "bits: greedy descent from the highest bits under the size budget, the unit whose next lower bits "
-    "add the least output_cost per byte saved steps down; output_cost[b] = teacher-forced KL(teacher||student) on "
+    "add the least output_cost per byte saved steps down, then units step back up while they fit, the most "
+    "output_cost removed per byte added first; output_cost[b] = teacher-forced KL(teacher||student) on "
     "the probe batches (nats/label token) with that unit alone at b bits, minus the float student's; kept only if its "
     "joint probe KL is no higher than the best uniform allocation that fits (probe_kl). Distilled: the "
     "num_distill_layers layers of highest output_cost at their bits.",
@@ -464,6 +466,27 @@ def uniform_bits(
         if budget_bytes is None or size <= budget_bytes:
             return bits
     return None
+
+
+def _fill_up(units: list[UnitPlan], choices: list[int], harm, billed, size: int, budget_bytes: int) -> int:
+    """Raise units back while they fit, the most harm removed per byte added first: the descent's last step can
+    overshoot by a large unit's whole step (the embedding's is six decoder layers' bytes). Returns the new size."""
+    while True:
+        best = None
+        for u in units:
+            position = choices.index(u.bits)
+            if position == 0:
+                continue
+            higher = choices[position - 1]
+            added = billed(u, higher) - billed(u, u.bits)
+            gain = (harm(u, u.bits) - harm(u, higher)) / max(added, 1)
+            if size + added <= budget_bytes and gain > 0 and (best is None or gain > best[0]):
+                best = (gain, u, higher, added)
+        if best is None:
+            return size
+        _, unit, higher, added = best
+        unit.bits = higher
+        size += added
 
 
 def allocate_bits(
@@ -516,6 +539,8 @@ def allocate_bits(
             _, unit, lower, saved = best
             unit.bits = lower
             size -= saved
+        if cost == "output_kl":
+            size = _fill_up(quantizable, choices, harm, billed, size, budget_bytes)
     plan.budget_bytes = budget_bytes
     plan.size_bytes = plan_size(plan, shapes, fixed_bytes=fixed_bytes, stored_float=stored_float)
     plan.rule = RULES[cost]

@@ -528,3 +528,17 @@ def test_a_spaced_students_copied_sensitive_layer_is_not_quantized_first(tmp_pat
     assert new[0].output_cost[2] == max(u.output_cost[2] for u in new)
     assert [u.bits for u in new] == [8, 2, 2]
     assert old[0].bits == 2  # the previous rule spent the 8 bits elsewhere
+
+
+def test_allocate_bits_gives_back_what_a_large_units_last_step_overshot():
+    # decoder.0 is 9x the others: its step down, taken last because it costs most, frees far more than the budget
+    # needs; the small layers then step back up into the room (the previous rule left it unused).
+    plan, shapes = _plan([_q(3), _q(1), _q(1)])
+    shapes["model.decoder.layers.0.fc1"] = torch.Size([1664, 64])
+    bytes_at = {b: {u.name: unit_bytes(plan, u, b, shapes) for u in plan.layers("decoder")} for b in BITS}
+    budget = sum(bytes_at[4].values()) - (bytes_at[4]["decoder.1"] - bytes_at[3]["decoder.1"])
+    allocate_bits(plan, shapes, BITS, fixed_bytes=0, budget_bytes=budget)
+    assert [u.bits for u in plan.layers("decoder")] == [3, 8, 8]
+    assert plan.size_bytes <= budget
+    allocate_bits(plan, shapes, BITS, fixed_bytes=0, budget_bytes=budget, cost="local_error")
+    assert [u.bits for u in plan.layers("decoder")] == [3, 4, 4]  # the previous rule stops as soon as it fits
