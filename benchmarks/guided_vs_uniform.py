@@ -43,9 +43,8 @@ from hf_whisper_kdq import (
     load_whisper,
     prepare_dataset,
 )
-from hf_whisper_kdq.config import FLOAT_BITS
 from hf_whisper_kdq.losses import IGNORE_INDEX
-from hf_whisper_kdq.quant import prepare_qat
+from hf_whisper_kdq.quant import FLOAT_BITS, prepare_qat
 from hf_whisper_kdq.selection import fixed_bytes, plan_shapes, plan_size, starting_plan
 
 SPEECH = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech"

@@ -233,7 +233,11 @@ def test_allocate_bits_protects_the_unit_that_quantization_hurts_most(cost):
     four = sum(unit_bytes(plan, u, 4, shapes) for u in plan.layers("decoder"))
     allocate_bits(plan, shapes, BITS, fixed_bytes=fixed, budget_bytes=four, cost=cost)
     bits = [u.bits for u in plan.layers("decoder")]
-    assert bits[1] == max(bits) and bits[1] > min(bits), bits
+    assert bits[1] == max(bits), bits
+    if cost == "local_error":
+        assert bits[1] > min(bits), bits
+    else:  # stepping back up finds the optimum, all at 4 bits (harm 0.55; [2, 8, 2] would cost 0.80)
+        assert bits == [4, 4, 4]
     assert plan.size_bytes <= four
 
 
