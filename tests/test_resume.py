@@ -74,8 +74,8 @@ def test_run_killed_while_saving_resumes_to_the_uninterrupted_result(tmp_path):
     assert _train_logs(got) == _train_logs(want)
     # The plan, measurements included, after re-selections at steps 2, 4, 6 (before the kill) and 8 (after resume).
     assert got["plan"] == want["plan"] and got["plan"]["step"] == 8
-    bits = [(u["name"], u["bits"], u["distilled"]) for u in got["plan"]["units"]]
-    assert bits != [(u["name"], u["bits"], u["distilled"]) for u in resumed_from["units"]]  # the plan did change
+    # the plan did move on: re-measured on the step-8 weights (its bits may stay those of step 6)
+    assert [u["output_cost"] for u in got["plan"]["units"]] != [u["output_cost"] for u in resumed_from["units"]]
     assert len({u["bits"] for u in got["plan"]["units"]}) > 1
     assert got["weights"].keys() == want["weights"].keys()
     assert any(k.endswith("weight_clip") for k in want["weights"])
