@@ -168,7 +168,8 @@ def test_written_codes_and_scales_are_exactly_ours(exports, variant):
         assert packed.shape == (rows, math.ceil(cols * q.bits / 32))  # dense: bits per code, nothing wasted
         codes = unpack_from_int32(packed, q.bits, q.shape)
         assert torch.equal(codes, q.codes), name
-        assert int(codes.abs().max()) <= 2 ** (q.bits - 1) - 1  # our restricted range
+        # The full signed range, all 2**bits levels: -2**(bits-1) is every group's largest-magnitude weight.
+        assert int(codes.min()) == -(2 ** (q.bits - 1)) and int(codes.max()) <= 2 ** (q.bits - 1) - 1
         scale = tensors[f"{name}.weight_scale"].float()
         assert torch.equal(scale.reshape(q.scales.shape), q.scales), name
 
@@ -288,7 +289,7 @@ def test_smaller_than_the_fp16_save_by_the_expected_factor(exports, tmp_path):
         names = [n for n in export.packed if n.startswith(f"model.{side}.")]
         before = sum(float_tensors[f"{n}.weight"][1] for n in names)
         after = sum(packed_tensors[f"{n}.{leaf}"][1] for n in names for leaf in ("weight_packed", "weight_scale"))
-        assert after == sum(weight_bytes(export.packed[n].shape, specs[n]) for n in names)  # bits/8 per weight + scales
+        assert after == sum(weight_bytes(export.packed[n].shape, specs[n]) for n in names)  # billed = stored
         # int8 per channel: 1 byte per weight + one fp16 scale per row (64 or 128 wide); int4-g32: 0.5 + 2 per 32.
         assert bits / 16 < after / before <= bits / 16 + overhead / 2, side
     saved = sum(
@@ -375,7 +376,7 @@ def test_clear_errors_and_nothing_written(exports, tiny_whisper, tmp_path, monke
     with pytest.raises(ValueError, match="cannot pack 2-bit tensor weights .* 2, 3, 4 or 8 bits"):
         save_compressed(exports["low"].model, processor, target)
     assert not target.exists() and list(tmp_path.iterdir()) == []
-    assert QuantSpec.parse("int4-g32").qmax == 7  # the restricted range the export relies on
+    assert (QuantSpec.parse("int4-g32").qmin, QuantSpec.parse("int4-g32").qmax) == (-8, 7)  # compressed-tensors' range
 
 
 @pytest.mark.slow

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn
@@ -20,6 +18,7 @@ from hf_whisper_kdq.quant import (
     quant_specs,
     quantize_weight,
     quantized_size_bytes,
+    search_clip_ratios,
     set_quant_specs,
     weight_bytes,
 )
@@ -85,7 +84,7 @@ def test_spec_parse_round_trips():
         assert str(QuantSpec.parse(text)) == text
     with pytest.raises(ValueError, match="unknown part"):
         QuantSpec.parse("int4-g32-foo")
-    assert QuantSpec(4).qmax == 7 and QuantSpec(4).qmin == -7 and QuantSpec(2).qmax == 1
+    assert QuantSpec(4).qmax == 7 and QuantSpec(4).qmin == -8 and QuantSpec(2).qmax == 1 and QuantSpec(2).qmin == -2
 
 
 def test_group_size_must_divide_width():
@@ -109,12 +108,15 @@ def test_fake_quant_error_bounded_by_half_scale_and_shrinks_with_bits(granularit
         assert torch.equal(fake, q.dequantize())
         assert q.codes.dtype == torch.int8 and q.codes.shape == weight.shape
         assert q.scales.dtype == torch.float32 and tuple(q.scales.shape) == spec.scale_shape(weight.shape)
-        assert int(q.codes.min()) >= -spec.qmax and int(q.codes.max()) <= spec.qmax
-        assert int(q.codes.abs().max()) == spec.qmax  # the range is used: max|w| maps to ±qmax
+        assert int(q.codes.min()) == spec.qmin and int(q.codes.max()) <= spec.qmax  # max|w| maps to qmin
         # Scales are fp16-exact, so the export's fp16 cast is lossless.
         assert torch.equal(q.scales.half().float(), q.scales)
         error = (fake - weight).abs()
-        assert bool((error <= _element_scale(q, weight.shape) * (0.5 + 1e-6)).all()), (bits, granularity)
+        scale = _element_scale(q, weight.shape)
+        # Half a step inside the code range; the side opposite to max|w| is clipped at qmax steps, one step short.
+        inside = (weight / scale >= spec.qmin - 0.5) & (weight / scale <= spec.qmax + 0.5)
+        assert bool((error[inside] <= scale.abs()[inside] * (0.5 + 1e-6)).all()), (bits, granularity)
+        assert bool((error <= scale.abs() * (1 + 1e-6)).all()), (bits, granularity)
         mean_errors.append(float(error.mean()))
     assert mean_errors == sorted(mean_errors, reverse=True) and len(set(mean_errors)) == len(mean_errors)
 
@@ -125,13 +127,15 @@ def test_ste_gradient_is_identity_inside_clip_range_and_zero_outside():
     clip = torch.full(spec.scale_shape(weight.shape), 0.5)
     fake_quantize(weight, spec, clip).backward(torch.ones_like(weight))
     scale = _element_scale(quantize_weight(weight, spec, clip), weight.shape)
-    inside = weight.detach().abs() <= spec.qmax * scale
+    ratio = weight.detach() / scale
+    inside = (ratio >= spec.qmin) & (ratio <= spec.qmax)
     assert 0 < int(inside.sum()) < weight.numel()
     assert torch.equal(weight.grad[inside], torch.ones_like(weight.grad[inside]))
     assert torch.equal(weight.grad[~inside], torch.zeros_like(weight.grad[~inside]))
-    # The clip range is clip * max|w| of the group (the scale is only rounded up to fp16).
+    # The clip range is clip * max|w| of the group on the side of the largest |w| (the scale is only rounded up to
+    # fp16), and qmax / -qmin of it on the other side.
     group_max = weight.detach().abs().reshape(8, 2, 32).amax(-1, keepdim=True).expand(8, 2, 32).reshape(8, 64)
-    assert bool(inside[weight.detach().abs() <= 0.499 * group_max].all())
+    assert bool(inside[weight.detach().abs() <= 0.499 * group_max * spec.qmax / -spec.qmin].all())
     assert not bool(inside[weight.detach().abs() > 0.501 * group_max].any())
 
 
@@ -219,12 +223,57 @@ def test_weight_bytes_and_nbytes_packed():
     assert weight_bytes((64, 64), int4_g32) == 64 * 64 // 2 + 64 * 2 * 2
     assert quantize_weight(torch.randn(64, 64), int4_g32).nbytes_packed == 64 * 64 // 2 + 64 * 2 * 2
     assert weight_bytes((64, 64), None) == 64 * 64 * 2
-    assert weight_bytes((3, 7), QuantSpec(3)) == math.ceil(21 * 3 / 8) + 3 * 2
+    assert weight_bytes((3, 7), QuantSpec(3)) == 3 * 4 + 3 * 2  # each row's 21 bits take a whole 32-bit word
     assert weight_bytes((64, 64), QuantSpec(8, "per_tensor")) == 64 * 64 + 2
     shapes = {"a": (64, 64), "b": (64, 64)}
     assert quantized_size_bytes(shapes, {"a": int4_g32}) == 2304 + 64 * 64 * 2
     with pytest.raises(KeyError):
         quantized_size_bytes(shapes, {"c": int4_g32})
+
+
+def test_two_bit_codes_have_four_levels():
+    weight = _weight(16, 64)
+    for spec in (QuantSpec(2, "per_group", 16), QuantSpec(2), QuantSpec(2, "per_tensor")):
+        q = quantize_weight(weight, spec)
+        assert sorted(q.codes.unique().tolist()) == [-2, -1, 0, 1], spec
+        # Each scale's fake-quantized values take four levels too (not three with a spare code).
+        values = fake_quantize(weight, spec).reshape(-1, q.group_size if spec.granularity != "per_tensor" else 64)
+        assert max(len(row.unique()) for row in values) == 4, spec
+
+
+@pytest.mark.parametrize("bits", ALLOWED_BITS)
+@pytest.mark.parametrize("shape", [(8, 64), (5, 48), (3, 20)])
+def test_billed_bytes_equal_packed_bytes(bits, shape):
+    """What the budget bills for a layer is what compressed-tensors' pack-quantized format stores for it."""
+    pack = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    spec = QuantSpec(bits, "per_group", 4) if shape[1] % 4 == 0 else QuantSpec(bits)
+    q = quantize_weight(_weight(*shape), spec)
+    packed = pack.pack_to_int32(q.codes, bits)
+    stored = packed.numel() * packed.element_size() + q.scales.numel() * 2  # the scales are stored in fp16
+    assert weight_bytes(shape, spec) == stored == q.nbytes_packed
+
+
+def test_clip_search_lowers_the_error_of_a_weight_with_outliers():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(32, 64, generator=generator)
+    weight[torch.rand(weight.shape, generator=generator) < 0.02] *= 8.0  # a few outliers per row
+    for spec in (QuantSpec(3, "per_group", 32, learnable_clipping=True), QuantSpec(4, learnable_clipping=True)):
+        searched = search_clip_ratios(weight, spec)
+        assert searched.shape == spec.scale_shape(weight.shape) and bool((searched <= 1).all())
+
+        def error(clip, spec=spec):
+            return float((fake_quantize(weight, spec, clip) - weight).pow(2).sum())
+
+        assert error(searched) < error(torch.ones_like(searched)) and float(searched.min()) < 1, spec
+
+
+def test_new_clip_parameter_starts_at_the_searched_ratios():
+    linear = FakeQuantLinear(64, 32, spec=None, name="layer")
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(32, 64) * (1 + 7 * (torch.rand(32, 64) < 0.02)))
+    linear.set_quant_spec("int3-g32-clip")
+    assert torch.equal(linear.weight_clip.detach(), search_clip_ratios(linear.weight.detach(), linear.quant_spec))
+    assert float(linear.weight_clip.min()) < 1.0
 
 
 # ---------------------------------------------------------------------------------------------- wrappers
@@ -345,7 +394,7 @@ def test_prepare_vs_convert_logits_are_equal(tiny_whisper):
     assert codes[EMBED].scales.shape == (model.config.vocab_size, 64 // 16)
     for name, q in codes.items():
         assert torch.equal(model.get_submodule(name).weight, q.dequantize()), name
-        assert q.codes.abs().max() <= 2 ** (q.bits - 1) - 1
+        assert -(2 ** (q.bits - 1)) <= q.codes.min() and q.codes.max() <= 2 ** (q.bits - 1) - 1
     assert not any(isinstance(m, (FakeQuantLinear, FakeQuantEmbedding)) for m in model.modules())
 
 

@@ -35,8 +35,9 @@ What is written:
 **Exactness.** The codes and scales in the file are those of ``convert_qat``: the compressor is fed
 ``codes * scale`` (exact in fp32) with our scale, so its ``round(w / scale)`` gives back our codes, and each
 layer is unpacked again and compared before anything is written (a mismatch is an error, never a file).
-Our codes use the restricted range ``[-(2**(b-1) - 1), 2**(b-1) - 1]``, a subset of compressed-tensors'
-``[-2**(b-1), 2**(b-1) - 1]``, so they pack unchanged; scales are fp16-exact by construction.
+Our codes use compressed-tensors' range ``[-2**(b-1), 2**(b-1) - 1]``, so they pack unchanged; scales are
+signed (a negative one is how a positive extreme reaches the code ``-2**(b-1)``, see ``quant.fake_quant``), which
+compressed-tensors' ``round(w / scale)`` and ``codes * scale`` handle as they are, and fp16-exact by construction.
 
 **What compressed-tensors supports** (0.20): ``pack-quantized`` packs signed ints of 1–8 bits (2, 3, 4, 8
 here), symmetric or not, with ``tensor``, ``channel`` or ``group`` strategies; transformers decompresses
@@ -204,10 +205,10 @@ def _schemes(packed: dict[str, QuantizedWeight]) -> dict[str, object]:
                 "2, 3, 4 or 8 bits"
             )
         low, high = (int(v) for v in calculate_range(args, "cpu"))
-        qmax = 2 ** (bits - 1) - 1
-        if -qmax < low or qmax > high:
+        ours = QuantSpec(bits)
+        if ours.qmin < low or ours.qmax > high:
             raise ValueError(
-                f"our {bits}-bit codes [-{qmax}, {qmax}] do not fit compressed-tensors' range [{low}, {high}]"
+                f"our {bits}-bit codes [{ours.qmin}, {ours.qmax}] do not fit compressed-tensors' range [{low}, {high}]"
             )
         schemes[_group_name(key)] = scheme
     return schemes

@@ -11,7 +11,7 @@ Everything "as stored" is read back from the folder itself (file sizes, the safe
 * ``parameters``: logical parameter counts per component (a packed weight counts its ``weight_shape``
   elements; scales are not parameters), quantized vs float.
 * ``paper_accounting``: the paper's size model, fp16 for everything except quantized weights, which count
-  ``ceil(numel * bits / 8)`` plus 2 bytes per scale (`weight_bytes`): ``planned_bytes`` with the plan's bits
+  their packed codes (whole 32-bit words per row) plus 2 bytes per scale (`weight_bytes`): ``planned_bytes`` with the plan's bits
   (a planned-but-float embedding at its planned bits), ``as_stored_bytes`` with what the file holds,
   ``fp16_bytes`` for the same model entirely in fp16.
 * ``teacher_fp16_bytes`` / ``teacher_fp32_bytes`` and ``ratio_to_teacher_fp16`` / ``_fp32`` (teacher bytes /

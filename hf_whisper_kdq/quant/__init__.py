@@ -20,7 +20,7 @@ from .api import (
     quantized_size_bytes,
     set_quant_specs,
 )
-from .fake_quant import QuantizedWeight, fake_quantize, quantize_weight
+from .fake_quant import QuantizedWeight, fake_quantize, quantize_weight, search_clip_ratios
 from .modules import FakeQuantEmbedding, FakeQuantLinear
 from .spec import ALLOWED_BITS, FLOAT_BITS, GRANULARITIES, QuantSpec, weight_bytes
 
@@ -39,6 +39,7 @@ __all__ = [
     "quant_specs",
     "quantize_weight",
     "quantized_size_bytes",
+    "search_clip_ratios",
     "set_quant_specs",
     "weight_bytes",
 ]

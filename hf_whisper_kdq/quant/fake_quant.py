@@ -1,23 +1,30 @@
-"""Quantizer math: symmetric integer fake quantization with a straight-through estimator and LSQ-style
+"""Quantizer math: signed integer fake quantization with a straight-through estimator and LSQ-style
 learnable clipping, and the real quantization (`quantize_weight`) that convert/export use.
 
 The same two functions (`_grouped_scale`, `_unrounded_codes`) compute the scales and codes for both paths, so
 ``fake_quantize(w, spec, clip)`` and ``quantize_weight(w, spec, clip).dequantize()`` are bit-identical:
 what was trained is exactly what gets exported.
 
-For a weight ``w`` of shape ``[rows, cols]`` viewed as ``[rows, G, cols // G]`` (G scales per row)::
+Codes use the full signed range ``[-2**(b-1), 2**(b-1) - 1]`` (int2: four levels -2..1), the range the packed
+format stores, with a *signed* scale (as llama.cpp's k-quants do): the group's largest-magnitude weight ``e``
+maps to the code ``-2**(b-1)``, whatever its sign, so the extra negative code is used by both signs. For a
+weight ``w`` of shape ``[rows, cols]`` viewed as ``[rows, G, cols // G]`` (G scales per row)::
 
-    amax  = max |w| over each group            (detached: weights get a pure straight-through gradient)
-    scale = fp16_ceil(clip * amax / qmax)      (clip in (0, 1], 1.0 when not learned)
-    codes = round(clamp(w / scale, -qmax, qmax))
+    e     = the entry of largest |w| in each group    (detached: weights get a pure straight-through gradient)
+    scale = -sign(e) * fp16_ceil(clip * |e| / 2**(b-1))     (clip in (0, 1], 1.0 when not learned)
+    codes = round(clamp(w / scale, -2**(b-1), 2**(b-1) - 1))
     w_q   = codes * scale
 
+The side opposite to ``e`` reaches ``(2**(b-1) - 1) * |scale|``; what lies beyond is clipped. Against the
+restricted symmetric range ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` this gives a step of ``|e| / 2**(b-1)`` instead
+of ``|e| / (2**(b-1) - 1)``: 4 levels instead of 3 at int2 (benchmarks/README.md, "Quantization grid").
+
 Gradients:
-    d w_q / d w    = 1 where |w| <= clip * amax, else 0 (STE; clamping first makes the clipped
+    d w_q / d w    = 1 where the clamp left ``w / scale`` alone, else 0 (STE; clamping first makes the clipped
                      elements exactly the ones with zero gradient)
-    d w_q / d clip = (codes - w / scale) * amax / qmax inside, ±amax outside (LSQ, Esser et al. 2020),
-                     times LSQ's gradient scale 1 / sqrt(n_per_scale * qmax) so that the clip's
-                     update size does not grow with the number of weights it governs.
+    d w_q / d clip = (codes - w / scale) * d scale / d clip inside, codes * d scale / d clip outside (LSQ, Esser
+                     et al. 2020), times LSQ's gradient scale 1 / sqrt(n_per_scale * 2**(b-1)) so that the
+                     clip's update size does not grow with the number of weights it governs.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .spec import SCALE_BYTES, QuantSpec
+from .spec import SCALE_BYTES, QuantSpec, packed_row_bytes
 
 # Floor of the clipping ratio: below it a group would collapse to a handful of codes around zero.
 CLIP_MIN = 1e-2
@@ -37,11 +44,11 @@ _FP16_TINY = 2.0**-24  # smallest positive (subnormal) fp16
 
 
 class _ScaleToFP16(torch.autograd.Function):
-    """Round scales *up* to the nearest fp16 value (identity backward).
+    """Round scale magnitudes (> 0) *up* to the nearest fp16 value (identity backward).
 
     The export stores scales as fp16 (that is what the size budget counts). Doing the rounding here
     makes that cast lossless, so the exported model equals the trained one; rounding up rather than to
-    nearest keeps ``clip * amax`` inside the code range, so no extra element gets clipped.
+    nearest keeps ``clip * |e|`` inside the code range, so no extra element gets clipped.
     """
 
     @staticmethod
@@ -87,7 +94,7 @@ def _grouped_scale(weight: Tensor, spec: QuantSpec, clip: Tensor | None, layer: 
 
     Returns:
         grouped: ``weight`` as float32 ``[rows, G, cols // G]`` (a view when it already is float32).
-        scale: ``[rows, G, 1]`` (``[1, 1, 1]`` for per_tensor) float32, fp16-representable values;
+        scale: ``[rows, G, 1]`` (``[1, 1, 1]`` for per_tensor) float32, signed, fp16-representable values;
             differentiable (LSQ) with respect to ``clip``.
     """
     spec.check_shape(weight.shape, layer)
@@ -95,20 +102,24 @@ def _grouped_scale(weight: Tensor, spec: QuantSpec, clip: Tensor | None, layer: 
     groups = spec.num_groups(weight.shape)
     grouped = weight.float().reshape(rows, groups, cols // groups)
     if spec.granularity == "per_tensor":
-        amax = grouped.detach().abs().amax().reshape(1, 1, 1)
+        low, high = torch.aminmax(grouped.detach())
+        low, high = low.reshape(1, 1, 1), high.reshape(1, 1, 1)
         per_scale = grouped.numel()
     else:
         # One pass without a temporary |w|: this runs over the 26 M-entry embedding at every training step.
         low, high = torch.aminmax(grouped.detach(), dim=-1, keepdim=True)
-        amax = torch.maximum(high, -low)
         per_scale = cols // groups
+    # The largest-magnitude entry maps to the code qmin (< 0): a positive one needs a negative scale.
+    positive_extreme = high > -low
+    magnitude = torch.where(positive_extreme, high, -low)
     if clip is not None:
         expected = spec.scale_shape(weight.shape)
         if tuple(clip.shape) != expected:
             raise ValueError(f"{layer}: clip must have shape {list(expected)} for {spec}, got {list(clip.shape)}")
-        ratio = _ClipRatio.apply(clip.float(), 1.0 / math.sqrt(per_scale * spec.qmax))
-        amax = amax * ratio.reshape(amax.shape)
-    return grouped, _ScaleToFP16.apply(amax / spec.qmax)
+        ratio = _ClipRatio.apply(clip.float(), 1.0 / math.sqrt(per_scale * -spec.qmin))
+        magnitude = magnitude * ratio.reshape(magnitude.shape)
+    scale = _ScaleToFP16.apply(magnitude / -spec.qmin)
+    return grouped, torch.where(positive_extreme, -scale, scale)
 
 
 def _unrounded_codes(grouped: Tensor, scale: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
@@ -153,8 +164,8 @@ class _FakeQuantize(torch.autograd.Function):
 def fake_quantize(weight: Tensor, spec: QuantSpec, clip: Tensor | None = None, *, layer: str = "<weight>") -> Tensor:
     """Quantize-dequantize ``weight`` (``[rows, cols]``) → same shape and dtype, differentiable.
 
-    Forward: ``dequant(quant(weight))``. Backward: identity to ``weight`` inside the clipping range
-    (``|w| <= clip * max|w|`` of its group) and zero outside; LSQ gradient to ``clip`` (shape
+    Forward: ``dequant(quant(weight))``. Backward: identity to ``weight`` inside the code range and zero
+    outside (see the module docstring); LSQ gradient to ``clip`` (shape
     ``spec.scale_shape(weight.shape)``, ratios in (0, 1]) when given.
     """
     grouped, scale = _grouped_scale(weight, spec, clip, layer)
@@ -166,9 +177,9 @@ class QuantizedWeight:
     """Integer codes and scales of one weight: what an export step packs.
 
     Attributes:
-        codes: int8 ``[rows, cols]``, values in ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]``.
-        scales: float32 ``[rows, n_groups]`` (``[1, 1]`` for per_tensor); values are exactly
-            representable in fp16, so storing them as fp16 loses nothing.
+        codes: int8 ``[rows, cols]``, values in ``[-2**(bits-1), 2**(bits-1) - 1]``.
+        scales: float32 ``[rows, n_groups]`` (``[1, 1]`` for per_tensor), signed (see the module docstring);
+            values are exactly representable in fp16, so storing them as fp16 loses nothing.
         bits: code width.
         group_size: consecutive columns of a row sharing one scale (``cols`` unless per_group).
         granularity: ``"per_tensor"``, ``"per_channel"`` or ``"per_group"``.
@@ -197,8 +208,9 @@ class QuantizedWeight:
 
     @property
     def nbytes_packed(self) -> int:
-        """``ceil(numel * bits / 8)`` bytes of bit-packed codes plus 2 bytes (fp16) per scale."""
-        return math.ceil(self.codes.numel() * self.bits / 8) + self.scales.numel() * SCALE_BYTES
+        """Bytes of the packed codes (each row in whole 32-bit words) plus 2 bytes (fp16) per scale."""
+        rows, cols = self.codes.shape
+        return rows * packed_row_bytes(cols, self.bits) + self.scales.numel() * SCALE_BYTES
 
 
 @torch.no_grad()
@@ -217,3 +229,35 @@ def quantize_weight(
         granularity=spec.granularity,
         dtype=weight.dtype,
     )
+
+
+# Clipping ratios `search_clip_ratios` tries: 1.0 down to 0.5 in steps of 0.05.
+CLIP_SEARCH_RATIOS: tuple[float, ...] = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))
+
+
+@torch.no_grad()
+def search_clip_ratios(
+    weight: Tensor, spec: QuantSpec, ratios: tuple[float, ...] = CLIP_SEARCH_RATIOS, *, layer: str = "<weight>"
+) -> Tensor:
+    """The clipping ratio of each scale of ``weight`` (``[rows, cols]``) that minimizes its squared quantization
+    error ``Σ (w - q(w))²`` over its group, among ``ratios``: where learnable clipping starts.
+
+    Returns:
+        float32 ``spec.scale_shape(weight.shape)`` ratios (ties go to the larger ratio). Learned from 1.0 alone,
+        the ratios barely move at a model's learning rate (benchmarks/README.md, "Clipping").
+    """
+    shape = spec.scale_shape(weight.shape)
+    best_ratio = torch.ones(shape, dtype=torch.float32, device=weight.device)
+    best_error = torch.full(shape, math.inf, dtype=torch.float32, device=weight.device)
+    rows, cols = weight.shape
+    for ratio in sorted(ratios, reverse=True):
+        clip = torch.full(shape, float(ratio), dtype=torch.float32, device=weight.device)
+        grouped, scale = _grouped_scale(weight, spec, clip, layer)
+        codes, _ = _unrounded_codes(grouped, scale, spec)
+        error = (codes.round_().mul_(scale) - grouped).pow_(2).sum(dim=-1)
+        if spec.granularity == "per_tensor":
+            error = error.sum().reshape(shape)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_ratio = torch.where(better, clip, best_ratio)
+    return best_ratio

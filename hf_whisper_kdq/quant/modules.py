@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fake_quant import fake_quantize
+from .fake_quant import fake_quantize, search_clip_ratios
 from .spec import QuantSpec, as_spec
 
 # Per-instance hook registries carried over when a module is swapped, so hooks registered on the
@@ -96,8 +96,9 @@ class _FakeQuantMixin:
 
         ``None`` runs the layer in float and keeps a learned ``weight_clip`` for later. A spec with
         learnable clipping keeps the existing ``weight_clip`` Parameter when its shape still fits (same
-        object: optimizers keep tracking it) and otherwise starts a new one at 1.0, so after a change of
-        granularity the optimizer must be told about the new Parameter. A spec without learnable
+        object: optimizers keep tracking it) and otherwise starts a new one at the ratios of least weight error
+        (`search_clip_ratios`), so after a change of granularity the optimizer must be told about the new
+        Parameter. A spec without learnable
         clipping removes ``weight_clip``.
         """
         spec = as_spec(spec)
@@ -110,7 +111,7 @@ class _FakeQuantMixin:
             else:
                 shape = spec.scale_shape(self.weight.shape)
                 if clip is None or tuple(clip.shape) != shape:
-                    clip = nn.Parameter(torch.ones(shape, dtype=torch.float32, device=self.weight.device))
+                    clip = nn.Parameter(search_clip_ratios(self.weight.detach(), spec, layer=self.quant_name))
         self._quant_group.spec = spec
         for member in self._quant_group.members:
             member.register_parameter("weight_clip", clip)

@@ -46,12 +46,10 @@ class QuantSpec:
         group_size: columns per group; required for ``per_group``, must be ``None`` otherwise. Whether
             it divides a layer's input width is checked when the spec meets the layer
             (`check_shape`), since the spec itself does not know the layer.
-        symmetric: must be True. Codes are signed integers in the *restricted* range
-            ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]`` (int4: [-7, 7], int2: {-1, 0, 1}) with a zero
-            point of 0. The restricted range drops the lone most-negative code so that the grid is
-            symmetric around 0: ``+max|w|`` and ``-max|w|`` are both exactly representable with
-            ``scale = max|w| / qmax``, negation never overflows, and the rounding error has no sign
-            bias. The price is one level out of ``2**bits``, which is only noticeable at 2 bits.
+        symmetric: must be True: a zero point of 0. Codes are signed integers in the full range
+            ``[-2**(bits-1), 2**(bits-1) - 1]`` (int4: [-8, 7], int2: {-2, -1, 0, 1}, four levels) with a signed
+            scale that maps each group's largest-magnitude weight to ``-2**(bits-1)`` (`fake_quant`), so all
+            ``2**bits`` codes the packed format stores are used.
         learnable_clipping: give the layer a learnable clipping ratio per scale (LSQ/PACT style)
             that shrinks the quantization range below ``max|w|``.
     """
@@ -85,12 +83,13 @@ class QuantSpec:
 
     @property
     def qmax(self) -> int:
-        """Largest code, ``2**(bits-1) - 1``; the smallest is ``-qmax`` (restricted range)."""
+        """Largest code, ``2**(bits-1) - 1``."""
         return 2 ** (self.bits - 1) - 1
 
     @property
     def qmin(self) -> int:
-        return -self.qmax
+        """Smallest code, ``-2**(bits-1)``: the code of each group's largest-magnitude weight."""
+        return -(2 ** (self.bits - 1))
 
     # ------------------------------------------------------------------ geometry
 
@@ -169,15 +168,21 @@ def as_spec(value: QuantSpec | str | None) -> QuantSpec | None:
 
 
 def weight_bytes(shape: Sequence[int], spec: QuantSpec | None, layer: str = "<weight>") -> int:
-    """Stored size of one weight of ``shape`` under ``spec``.
+    """Stored size of one weight of ``shape`` under ``spec``: what the packed checkpoint holds for it.
 
-    Quantized: codes bit-packed, ``ceil(numel * bits / 8)``, plus one fp16 scale per group. Float
-    (``spec is None``): ``numel * 2`` (fp16/bf16). E.g. int4-g32 of ``[64, 64]`` is
-    ``64*64/2 + 64*2*2 = 2304`` bytes.
+    Quantized: each row's codes bit-packed into 32-bit words, ``rows * ceil(cols * bits / 32) * 4`` (the
+    compressed-tensors ``pack-quantized`` layout, so a row whose codes do not fill its last word pays for
+    the whole word), plus one fp16 scale per group. Float (``spec is None``): ``numel * 2`` (fp16/bf16).
+    E.g. int4-g32 of ``[64, 64]`` is ``64*64/2 + 64*2*2 = 2304`` bytes.
     """
-    numel = math.prod(int(s) for s in shape)
     if spec is None:
-        return numel * FLOAT_BITS // 8
+        return math.prod(int(s) for s in shape) * FLOAT_BITS // 8
     spec.check_shape(shape, layer)
+    rows, cols = (int(s) for s in shape)
     n_scales = math.prod(spec.scale_shape(shape))
-    return math.ceil(numel * spec.bits / 8) + n_scales * SCALE_BYTES
+    return rows * packed_row_bytes(cols, spec.bits) + n_scales * SCALE_BYTES
+
+
+def packed_row_bytes(cols: int, bits: int) -> int:
+    """Bytes of one row of ``cols`` codes of ``bits`` bits, packed into whole 32-bit words."""
+    return math.ceil(cols * bits / 32) * 4
