@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 MAX_AUDIO_SECONDS = 30.0  # Whisper's encoder sees exactly 30 s; longer audio would be silently truncated.
 MAX_LABEL_TOKENS = 448  # max_target_positions of every Whisper checkpoint.
+# Written without spaces between words: scored by character error rate (as in the Whisper paper, plus Cantonese),
+# and their transcripts start without a leading space (whisper-base on AISHELL: 0 of 8 greedy transcripts do).
+UNSPACED_LANGUAGES = frozenset({"zh", "yue", "ja", "th", "lo", "my"})
 # English-only Whisper reuses GPT-2's vocabulary, whose last byte-pair token is <|endoftext|> = 50256;
 # multilingual vocabularies have one more byte-pair token, which moves every special token up by one.
 _ENGLISH_ONLY_EOT_ID = 50256
@@ -355,6 +358,18 @@ def tokenizer_is_multilingual(tokenizer: WhisperTokenizer) -> bool:
     return tokenizer.convert_tokens_to_ids("<|endoftext|>") > _ENGLISH_ONLY_EOT_ID
 
 
+def whisper_label_text(text: str, language: str | None = None) -> str:
+    """``text`` as Whisper writes a transcript: trimmed, with one leading space (``" Hello."``), except in
+    `UNSPACED_LANGUAGES`, whose transcripts Whisper starts without one.
+
+    Whisper's byte-level BPE has separate tokens for a word with and without its leading space; a label spaced
+    otherwise than the model writes makes its first target a token the teacher gives almost no probability
+    (benchmarks/README.md, "Label spacing"). Every label path goes through here (`prepare_dataset`).
+    """
+    text = text.strip()
+    return text if language_code(language) in UNSPACED_LANGUAGES else " " + text
+
+
 def _label_prefix(tokenizer: WhisperTokenizer, language: str | None, task: str, multilingual: bool) -> list[int] | None:
     """``<|startoftranscript|>[<|lang|><|task|>]<|notimestamps|>``; None when the language has no token."""
     tokens = ["<|startoftranscript|>"]
@@ -390,8 +405,8 @@ def _prepare_batch(
         elif prefix is None:
             reason = "unknown_language"
         else:
-            # No stripping: leading spaces are significant tokens (Whisper's own outputs start with one).
-            row_labels = prefix + tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            text_ids = tokenizer(whisper_label_text(text, language), add_special_tokens=False).input_ids
+            row_labels = prefix + text_ids + [tokenizer.eos_token_id]
             if len(row_labels) > max_label_tokens:
                 reason, row_labels = "labels_too_long", []
         if not reason:
@@ -431,8 +446,10 @@ def prepare_dataset(
 ) -> tuple[Dataset, PreparationReport]:
     """Training rows from a dataset with the manifest columns: adds ``input_features`` and ``labels``.
 
-    ``labels`` are ``<|startoftranscript|>[<|lang|><|task|>]<|notimestamps|> text <|endoftext|>``, the
-    language and task tokens only for multilingual models: pass the model's
+    ``labels`` are ``<|startoftranscript|>[<|lang|><|task|>]<|notimestamps|> text <|endoftext|>``, the text
+    spaced as Whisper writes it (`whisper_label_text`, whatever the row's own spacing: manifests,
+    ``datasets`` corpora, teacher transcripts and synthetic prompts all come through here), the language and
+    task tokens only for multilingual models: pass the model's
     ``generation_config.is_multilingual`` as ``multilingual``, else it is read from the tokenizer. Rows are
     dropped, and counted and named per reason (``report.dropped``, ``report.dropped_ids`` and the log), for:
     no text, a language the tokenizer lacks (multilingual only), more than ``max_label_tokens`` labels (start

@@ -26,7 +26,7 @@ from transformers.models.whisper.english_normalizer import BasicTextNormalizer, 
 from . import data
 
 # Scored by character error rate, as in the Whisper paper (plus Cantonese, written like Mandarin).
-CER_LANGUAGES = frozenset({"zh", "yue", "ja", "th", "lo", "my"})
+CER_LANGUAGES = data.UNSPACED_LANGUAGES
 # The Mandarin path (traditional -> simplified, Arabic -> Chinese numerals) applies to these.
 CHINESE_LANGUAGES = frozenset({"zh", "yue"})
 

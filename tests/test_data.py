@@ -23,6 +23,7 @@ from hf_whisper_kdq.data import (
     load_speech_dataset,
     prepare_dataset,
     tokenizer_is_multilingual,
+    whisper_label_text,
 )
 
 
@@ -231,6 +232,19 @@ def test_prepare_dataset_labels_match_whisper_prefix(corpus_dir, processor):
     assert tokenizer.decode(zh["labels"], skip_special_tokens=True) == "你好"
 
 
+def test_labels_are_spaced_as_whisper_writes_them(corpus_dir, processor):
+    """Whisper starts an English transcript with a spaced token (" hello") and a Mandarin one without a space; a
+    manifest's (or a teacher's stripped, or a prompt's) text gets the same spacing in its labels."""
+    prepared, _ = prepare_dataset(load_manifest(corpus_dir / "train.jsonl"), processor)
+    en, zh = (row["labels"].tolist() for row in prepared)
+    tokenizer = processor.tokenizer
+    assert en[4:-1] == tokenizer(" hello", add_special_tokens=False).input_ids
+    assert tokenizer.convert_ids_to_tokens(en[4]).startswith("Ġ")  # the byte-level BPE's space
+    assert zh[4:-1] == tokenizer("你好", add_special_tokens=False).input_ids
+    assert whisper_label_text("  Hello. ", "en") == whisper_label_text("Hello.", "English") == " Hello."
+    assert whisper_label_text(" 你好", "zh") == "你好" and whisper_label_text("hi", None) == " hi"
+
+
 def test_prepare_dataset_english_only_has_no_language_tokens(corpus_dir, processor):
     dataset = load_manifest(corpus_dir / "train.jsonl", languages=["en"])
     prepared, _ = prepare_dataset(dataset, processor, multilingual=False)
@@ -386,3 +400,33 @@ def test_real_dev_manifest(shared_speech, processor):
     assert report.rows_kept == 1
     assert prepared[0]["labels"][1] == token_id(processor, "<|zh|>")
     assert processor.tokenizer.decode(prepared[0]["labels"], skip_special_tokens=True) == mandarin[0]["text"]
+
+
+@pytest.mark.slow
+def test_teacher_predicts_its_own_first_token_from_prepared_labels(shared_speech):
+    """whisper-base, teacher-forced on prepared labels of its own greedy transcripts, finds the first text token
+    near certain: the labels start as the model writes (a stripped English transcript made it ~10 nats)."""
+    from hf_whisper_kdq.evaluation import transcribe
+    from hf_whisper_kdq.sources import PackNotInstalledError, load_whisper
+
+    try:
+        model, processor = load_whisper("openai/whisper-base")
+    except PackNotInstalledError as error:
+        pytest.skip(f"whisper-base weights are not installed: {error}")
+    import datasets
+
+    manifest = shared_speech / "dev.jsonl"
+    rows = datasets.concatenate_datasets([load_manifest(manifest, languages=[lang], limit=2) for lang in ("en", "zh")])
+    hypotheses = transcribe(
+        model, processor, [row["audio"] for row in rows], languages=rows["language"], progress=False
+    )
+    rows = rows.remove_columns("text").add_column("text", [text.strip() for text in hypotheses])
+    prepared, _ = prepare_dataset(rows, processor)
+    losses = {}
+    for row in prepared:
+        labels = torch.as_tensor(row["labels"])[None]
+        with torch.no_grad():
+            logits = model(input_features=torch.as_tensor(row["input_features"])[None], decoder_input_ids=labels).logits
+        first_text = 4  # after <|startoftranscript|><|lang|><|transcribe|><|notimestamps|>
+        losses[row["id"]] = float(torch.nn.functional.cross_entropy(logits[0, first_text - 1], labels[0, first_text]))
+    assert len(losses) == 4 and sum(losses.values()) / len(losses) < 1.0 and max(losses.values()) < 3.0, losses
