@@ -76,12 +76,13 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
         metadata={"help": f"Which hidden states are distilled: one of {', '.join(HIDDEN_TARGETS)}."},
     )
     hidden_loss_scale: str = field(
-        default="absolute",
+        default="relative",
         metadata={
-            "help": "How hidden states are compared: 'absolute' (mean squared error, the paper's loss; it grows "
-            "with the size of the states, which is large in Whisper's deeper decoder layers) or 'relative' (the "
-            "squared error of each position divided by the teacher state's mean square: scale-free, about 1 for "
-            "an unrelated student, so the hidden term no longer outweighs CE and KD)."
+            "help": "How hidden states are compared: 'relative' (the squared error of each position divided by the "
+            "teacher state's mean square: scale-free, about 1 for an unrelated student, so the hidden term does not "
+            "outweigh CE and KD) or 'absolute' (mean squared error, the paper's loss; it grows with the size of "
+            "the states, which is large in Whisper's deeper decoder layers). A decoder's last layer is compared "
+            "before the final layer norm, whose output the KD term already matches through the logits."
         },
     )
     hidden_representation: str = field(
@@ -115,7 +116,19 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
         default=True, metadata={"help": "Signed symmetric integers (the only scheme supported for now)."}
     )
     learnable_clipping: bool = field(
-        default=True, metadata={"help": "Learn a clipping ratio per scale (LSQ/PACT style) during training."}
+        default=True,
+        metadata={
+            "help": "Learn a clipping ratio per scale (LSQ/PACT style) during training, starting from the ratio of "
+            "least weight error among 1.0, 0.95, ..., 0.5."
+        },
+    )
+    clip_learning_rate: float = field(
+        default=1e-2,
+        metadata={
+            "help": "Learning rate of the clipping ratios, in their own optimizer parameter group (no weight "
+            "decay, same schedule as learning_rate). Ratios live in (0, 1]: at a model's learning rate such as "
+            "1e-4 they barely move in a short run."
+        },
     )
     quant_targets: str = field(
         default="encoder,decoder",
@@ -130,11 +143,11 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
         metadata={"help": "Alternatively: the budget as a fraction of the teacher's fp16 size, e.g. 0.2."},
     )
     size_budget_accounting: str = field(
-        default="paper",
+        default="on_disk",
         metadata={
-            "help": "How the budget counts the token embedding: 'paper' at its planned bits (the paper's "
-            "accounting, used by compress's --level presets), or 'on_disk' in fp16, as the packed checkpoint "
-            "stores it (transformers cannot load a quantized embedding), so that the budget bounds the file."
+            "help": "How the budget counts the token embedding: 'on_disk' in fp16, as the packed checkpoint stores "
+            "it (transformers cannot load a quantized embedding), so that the budget bounds the file; or 'paper' "
+            "at its planned bits (the paper's accounting, used by compress's --level presets)."
         },
     )
 
@@ -233,6 +246,11 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
             raise ValueError(
                 "ce_weight, kd_weight and hidden_weight are all 0: nothing would train the student; give one of "
                 "them a weight > 0"
+            )
+        if not self.clip_learning_rate > 0:
+            raise ValueError(
+                f"clip_learning_rate must be > 0, got {self.clip_learning_rate}: e.g. 1e-2; to keep the clipping "
+                "ratios fixed, set learnable_clipping=False"
             )
         if self.kd_temperature <= 0:
             raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")

@@ -74,6 +74,9 @@ class CacheFolder:
 class _OutputCache:
     """Per-row entries (a dict of tensors) of one frozen model, in ``folder/<fingerprint[:16]>/``."""
 
+    # What an entry holds, part of its key: entries written with another meaning are never read back.
+    LAYOUT = ""
+
     def __init__(self, folder: str | os.PathLike | CacheFolder, model: torch.nn.Module, max_bytes: int | None = None):
         if not isinstance(folder, CacheFolder) and max_bytes is None:
             raise TypeError("give max_bytes (the folder's size bound) with a folder path, or a shared CacheFolder")
@@ -89,7 +92,7 @@ class _OutputCache:
         return module_state(model) == self.state
 
     def _path(self, *inputs: torch.Tensor) -> Path:
-        digest = hashlib.sha1()
+        digest = hashlib.sha1(self.LAYOUT.encode())
         # The precision the outputs are computed in belongs to the key: bf16 outputs are not an fp32 run's.
         device = inputs[0].device.type
         if torch.is_autocast_enabled(device):
@@ -162,8 +165,12 @@ class TeacherOutputCache(_OutputCache):
 
     A row's entry covers its decoder positions up to its last label that is not ``-100``: with causal
     self-attention they do not depend on the padding after them, so an entry serves the row in any batch. The
-    positions after it (padding, masked out of every loss) are returned as zeros.
+    positions after it (padding, masked out of every loss) are returned as zeros. The decoder states are whatever
+    the teacher returns while it is called: the trainer makes the last one its last layer's output before the
+    final layer norm.
     """
+
+    LAYOUT = "decoder states: the last one before the final layer norm"
 
     @torch.no_grad()
     def forward(

@@ -217,6 +217,28 @@ class DistillQuantTrainer(Seq2SeqTrainer):
                 self.callback_handler.remove_callback(existing)
         super().add_callback(callback)
 
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with the clipping ratios (``*.weight_clip``) in a parameter group of their own:
+        learning rate ``clip_learning_rate``, no weight decay (it would pull the ratios towards 0).
+
+        The Trainer builds its groups first (so its decay rules, optimizer choice and sharded-parameter handling
+        apply unchanged); the ratios are then moved out of them with ``add_param_group``, before any optimizer
+        state exists. DeepSpeed and FSDP call this method too and wrap the optimizer it returns.
+        """
+        opt_model = self.model if model is None else model
+        created = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        clips = [p for n, p in opt_model.named_parameters() if n.endswith(".weight_clip") and p.requires_grad]
+        if not created or not clips:
+            return optimizer
+        inner = getattr(optimizer, "optimizer", optimizer)  # sagemaker / accelerate wrappers hold the torch one
+        moved = {id(p) for p in clips}
+        for group in inner.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in moved]
+        inner.param_groups[:] = [group for group in inner.param_groups if group["params"]]
+        inner.add_param_group({"params": clips, "lr": self.args.clip_learning_rate, "weight_decay": 0.0})
+        return optimizer
+
     def _prepare_teacher(self, teacher: WhisperForConditionalGeneration) -> WhisperForConditionalGeneration:
         student_dtype = next(self.model.parameters()).dtype
         teacher = teacher.to(dtype=student_dtype)

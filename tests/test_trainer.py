@@ -17,7 +17,7 @@ from transformers import Seq2SeqTrainingArguments
 from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
 from hf_whisper_kdq.callbacks import LayerSelectionCallback
-from hf_whisper_kdq.losses import IGNORE_INDEX
+from hf_whisper_kdq.losses import IGNORE_INDEX, hidden_distillation_loss
 from hf_whisper_kdq.selection import PLAN_FILE, KDQPlan, match_layers, relative_hidden_errors
 from hf_whisper_kdq.students import build_student
 from hf_whisper_kdq.trainer import DistillQuantTrainer
@@ -442,7 +442,15 @@ def test_dynamic_matching_follows_the_measured_errors(tmp_path, micro_whisper, m
     student = build_student(teacher, decoder_layers=3)  # recorded origins [0, 2, 3]
     # student layer 1 becomes an exact copy of teacher layer 1: its output equals teacher layer 1's exactly
     student.model.decoder.layers[1].load_state_dict(teacher.model.decoder.layers[1].state_dict())
-    args = _args(tmp_path, max_steps=1, layer_matching=mode, num_distill_layers=3, quant_targets="decoder")
+    # Absolute hidden loss: the quantized copy's relative error is small but not within 1e-6 of zero.
+    args = _args(
+        tmp_path,
+        max_steps=1,
+        layer_matching=mode,
+        num_distill_layers=3,
+        quant_targets="decoder",
+        hidden_loss_scale="absolute",
+    )
     trainer = _trainer(student, teacher, args, make_micro_rows(8, seed=9))
     assert [u.teacher_layer for u in trainer.plan.layers("decoder")] == [0, 2, 3]  # static start
     callback = _selection_callback(trainer)
@@ -981,3 +989,65 @@ def test_save_compressed_saves_the_processor_of_a_teacher_given_by_name(tmp_path
     saved = WhisperProcessor.from_pretrained(folder)
     assert saved.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
     assert (folder / "preprocessor_config.json").is_file()
+
+
+# ---- balanced loss and quantizer parameters -------------------------------------------------------------------
+
+
+def test_final_decoder_layer_is_distilled_before_the_final_layer_norm(tmp_path, micro_whisper):
+    """Hugging Face's last decoder hidden state is the final-LayerNorm output the KD term already matches through the
+    logits; at unit scale among tiny inner states it dominated an absolute hidden term. With the default loss the
+    last layer is compared as every other layer (its own output) and weighs as much as the others at step 0."""
+    teacher = micro_whisper(decoder_layers=4)
+    student = copy.deepcopy(teacher)
+    trainer = DistillQuantTrainer(
+        model=student, teacher_model=teacher, args=_args(tmp_path, quant_bit_choices="4", quant_targets="decoder")
+    )
+    for unit in trainer.plan.layers("decoder"):
+        unit.distilled = True
+    batch = micro_collate(make_micro_rows(4))
+    layer_outputs = {}
+    for who, model in (("teacher", teacher), ("student", student)):
+        last = model.model.decoder.layers[-1]
+        last.register_forward_hook(
+            lambda module, args, output, who=who: layer_outputs.__setitem__(
+                who, output[0] if isinstance(output, tuple) else output
+            )
+        )
+    _, _, reps = trainer.forwards(trainer.model, batch, ("decoder",))
+    mask = batch["labels"].ne(IGNORE_INDEX)
+    for who in ("teacher", "student"):  # at the labelled positions: the teacher cache keeps only those
+        torch.testing.assert_close(reps[who]["decoder"][-1][mask], layer_outputs[who][mask], rtol=0, atol=0)
+    relative = trainer.args.hidden_loss_scale == "relative"
+    terms = [
+        float(
+            hidden_distillation_loss(
+                reps["student"]["decoder"][s], reps["teacher"]["decoder"][t], mask=mask, relative=relative
+            )
+        )
+        for s, t in trainer.plan.distilled_pairs("decoder")
+    ]
+    assert 0 < terms[-1] < 10 * sum(terms[:-1]) / len(terms[:-1]), terms
+
+
+def test_clipping_ratios_have_their_own_parameter_group(tmp_path, pair):
+    student, teacher = pair
+    args = _args(tmp_path, max_steps=1, learnable_clipping=True, clip_learning_rate=0.05, weight_decay=0.1)
+    trainer = _trainer(student, teacher, args, make_micro_rows(8))
+    trainer.create_optimizer()
+    clips = {id(p) for n, p in trainer.model.named_parameters() if n.endswith(".weight_clip")}
+    assert clips
+    groups = [g for g in trainer.optimizer.param_groups if {id(p) for p in g["params"]} & clips]
+    assert len(groups) == 1 and {id(p) for p in groups[0]["params"]} == clips
+    assert groups[0]["lr"] == 0.05 and groups[0]["weight_decay"] == 0.0
+    others = {id(p) for g in trainer.optimizer.param_groups if g is not groups[0] for p in g["params"]}
+    assert {id(p) for p in trainer.model.parameters() if p.requires_grad} == clips | others
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if n.endswith(".weight_clip")}
+    trainer.train()
+    moved = [n for n, p in trainer.model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert moved
+
+
+def test_clip_learning_rate_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="clip_learning_rate"):
+        _args(tmp_path, clip_learning_rate=0.0)
