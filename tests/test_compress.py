@@ -7,6 +7,7 @@ import json
 import pytest
 from conftest import make_micro_whisper
 from huggingface_hub import ModelCard
+from transformers import HfArgumentParser
 
 from hf_whisper_kdq.cli import main
 from hf_whisper_kdq.compress import (
@@ -197,3 +198,17 @@ def test_synthetic_text_file_is_synthesized_in_order(tmp_path, monkeypatch):
     assert all(duration > 0.5 for duration in dataset["duration"])
     with pytest.raises(ValueError, match="--synthetic_text .*no such file"):
         CompressArguments(synthetic_text=str(tmp_path / "missing.tsv"))
+
+
+def test_budgets_count_bytes_on_disk_except_in_the_paper_presets(tmp_path):
+    """A budget of one's own bounds the file; the presets are the paper's ratios, in the paper's accounting."""
+    assert DistillQuantArguments(output_dir=str(tmp_path), report_to="none").size_budget_accounting == "on_disk"
+    for level in ("base", "tiny", "smoke"):
+        argv = with_training_defaults(["--level", level])
+        assert argv[argv.index("--size_budget_accounting") + 1] == "paper", level
+    assert "--size_budget_accounting" not in with_training_defaults(["--level", "none"])
+    parsed = HfArgumentParser(DistillQuantArguments).parse_args_into_dataclasses(
+        with_training_defaults(["--level", "none"]), return_remaining_strings=True
+    )[0]
+    assert parsed.size_budget_accounting == "on_disk" and parsed.hidden_loss_scale == "relative"
+    assert parsed.clip_learning_rate > parsed.learning_rate

@@ -642,6 +642,7 @@ def test_real_tokenizer_tiny_whisper_with_the_data_collator(tmp_path, base_pack_
         selection_probe_batches=1,
         quant_targets="decoder,embedding",
         size_budget_ratio=0.3,
+        size_budget_accounting="paper",  # the embedding at its bits: in fp16 it alone is over 0.3 of this teacher
     )
     collator = WhisperDataCollator(processor, decoder_start_token_id=student.config.decoder_start_token_id)
     trainer = DistillQuantTrainer(
@@ -1000,9 +1001,15 @@ def test_final_decoder_layer_is_distilled_before_the_final_layer_norm(tmp_path, 
     last layer is compared as every other layer (its own output) and weighs as much as the others at step 0."""
     teacher = micro_whisper(decoder_layers=4)
     student = copy.deepcopy(teacher)
-    trainer = DistillQuantTrainer(
-        model=student, teacher_model=teacher, args=_args(tmp_path, quant_bit_choices="4", quant_targets="decoder")
+    # Without the caches, so that the teacher's decoder runs here (a cache of an earlier test may hold its outputs).
+    args = _args(
+        tmp_path,
+        quant_bit_choices="4",
+        quant_targets="decoder",
+        cache_encoder_outputs=False,
+        cache_teacher_outputs=False,
     )
+    trainer = DistillQuantTrainer(model=student, teacher_model=teacher, args=args)
     for unit in trainer.plan.layers("decoder"):
         unit.distilled = True
     batch = micro_collate(make_micro_rows(4))
@@ -1016,8 +1023,8 @@ def test_final_decoder_layer_is_distilled_before_the_final_layer_norm(tmp_path, 
         )
     _, _, reps = trainer.forwards(trainer.model, batch, ("decoder",))
     mask = batch["labels"].ne(IGNORE_INDEX)
-    for who in ("teacher", "student"):  # at the labelled positions: the teacher cache keeps only those
-        torch.testing.assert_close(reps[who]["decoder"][-1][mask], layer_outputs[who][mask], rtol=0, atol=0)
+    for who in ("teacher", "student"):
+        assert torch.equal(reps[who]["decoder"][-1], layer_outputs[who]), who
     relative = trainer.args.hidden_loss_scale == "relative"
     terms = [
         float(
