@@ -318,6 +318,8 @@ def test_prepare_dataset_limits_are_parameters(corpus_dir, processor):
     dataset = load_manifest(corpus_dir / "train.jsonl", corpora=["lj", "aishell"])  # 1.0 s en1, 0.75 s zh1
     prepared, report = prepare_dataset(dataset, processor, max_audio_seconds=0.8)
     assert prepared["id"][:] == ["zh1"] and report.dropped == {"audio_too_long": 1}
+    # " hello" and "你好" are the same number of tokens: a longer English text tells the two rows apart.
+    dataset = dataset.map(lambda row: {"text": row["text"] + (" and more words" if row["id"] == "en1" else "")})
     full, _ = prepare_dataset(dataset, processor)
     lengths = {row_id: len(labels) for row_id, labels in zip(full["id"], full["labels"])}
     short, long = sorted(lengths, key=lengths.get)
