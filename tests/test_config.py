@@ -30,6 +30,7 @@ OUT_OF_RANGE = [
         r"weight > 0",
     ),
     ({"kd_temperature": 0}, r"kd_temperature must be > 0, got 0"),
+    ({"clip_learning_rate": 0}, r"clip_learning_rate must be > 0, got 0: e.g. 1e-2; .*learnable_clipping=False"),
     ({"quant_granularity": "per_group", "quant_group_size": 0}, r"quant_group_size must be > 0 with per_group"),
     ({"quant_symmetric": False}, r"asymmetric quantization is not supported yet: set quant_symmetric=True"),
     ({"encoder_cache_max_gb": 0}, r"encoder_cache_max_gb must be > 0, got 0"),

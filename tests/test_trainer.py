@@ -1053,8 +1053,3 @@ def test_clipping_ratios_have_their_own_parameter_group(tmp_path, pair):
     trainer.train()
     moved = [n for n, p in trainer.model.named_parameters() if n in before and not torch.equal(p, before[n])]
     assert moved
-
-
-def test_clip_learning_rate_must_be_positive(tmp_path):
-    with pytest.raises(ValueError, match="clip_learning_rate"):
-        _args(tmp_path, clip_learning_rate=0.0)
