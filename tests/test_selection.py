@@ -352,7 +352,10 @@ def _budget_mb(trainer, bits_per_unit: dict[int, int]) -> float:
 
 def test_planted_outliers_get_distillation_and_precision(tmp_path, micro_whisper):
     plant = lambda layer: _plant_outliers(layer, per_linear=8, factor=10.0, relative_to_row_max=True)  # noqa: E731
-    trainer, callback = _selection_trainer(tmp_path, micro_whisper, plant, quant_bit_choices="4,8")
+    # The local rule (q_l): on this micro model the planted layer's end-to-end cost is noise (±1e-5 nats), so the
+    # default output_kl rule has nothing to rank; q_l is what this test plants outliers for.
+    local = {"quant_bit_choices": "4,8", "selection_cost": "local_error"}
+    trainer, callback = _selection_trainer(tmp_path, micro_whisper, plant, **local)
 
     # Budget 1: every decoder layer at 4 bits. The planted layer has the highest q_l and is distilled.
     trainer.args.size_budget_mb = _budget_mb(trainer, {0: 4, 1: 4, 2: 4})
@@ -379,7 +382,7 @@ def test_planted_outliers_get_distillation_and_precision(tmp_path, micro_whisper
     assert trainer.model.model.decoder.layers[0].fc1.quant_spec.bits == 4
 
     # Planted in another layer, the same budget follows the outliers there.
-    trainer2, callback2 = _selection_trainer(tmp_path, micro_whisper, plant, planted_layer=2, quant_bit_choices="4,8")
+    trainer2, callback2 = _selection_trainer(tmp_path, micro_whisper, plant, planted_layer=2, **local)
     trainer2.args.size_budget_mb = trainer.args.size_budget_mb
     plan2 = callback2.select(step=0)
     assert [u.bits for u in plan2.layers("decoder")] == [4, 4, 8]
@@ -395,7 +398,9 @@ def test_planted_outliers_get_distillation_and_precision(tmp_path, micro_whisper
 )
 def test_extreme_outliers_are_flagged_at_four_bits(tmp_path, micro_whisper):
     plant = lambda layer: _plant_outliers(layer, per_linear=4, factor=50.0, relative_to_row_max=False)  # noqa: E731
-    trainer, callback = _selection_trainer(tmp_path, micro_whisper, plant, quant_bit_choices="4,8")
+    trainer, callback = _selection_trainer(
+        tmp_path, micro_whisper, plant, quant_bit_choices="4,8", selection_cost="local_error"
+    )
     plan = callback.select(step=0)
     q8 = [u.quant_loss[8] for u in plan.layers("decoder")]
     assert q8.index(max(q8)) == 1  # at 8 bits the outliers do dominate the error ...
