@@ -378,25 +378,34 @@ def export_whisper_cpp(
 
 # --- Running the file ------------------------------------------------------------------------------------
 _WARNING_LEVELS = (3, 4)  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
+# As evaluation.transcribe decodes: greedy, no timestamps, no conditioning on previous text, no temperature fallback.
+_GREEDY = dict(no_context=True, no_timestamps=True, temperature=0.0, temperature_inc=0.0)
 
 
-def load_whisper_cpp(path: str | os.PathLike, **params):
-    """A ``pywhispercpp.model.Model`` of the file at ``path`` (``params`` are its decoding parameters).
-
-    whisper.cpp's load messages are collected instead of printed; a warning or an error among them raises
-    ``ValueError`` with the messages, because pywhispercpp returns a context even then (e.g. an empty model for a
-    truncated file, which later decodes nothing)."""
+def _pywhispercpp():
     try:
         import _pywhispercpp as bindings
         from pywhispercpp.model import Model
     except ImportError as error:
         raise ImportError(f"pywhispercpp is not installed ({error}). Fix: {_INSTALL_HINT}") from error
+    return Model, bindings
+
+
+def load_whisper_cpp(path: str | os.PathLike, *, n_threads: int = 2, **params):
+    """A ``pywhispercpp.model.Model`` of the file at ``path``, decoding as ``evaluation.transcribe`` does (greedy,
+    without timestamps, conditioning on previous text or temperature fallback); ``params`` override that.
+
+    whisper.cpp's load messages are collected instead of printed; a warning or an error among them raises
+    ``ValueError`` with the messages, because pywhispercpp returns a context even then (e.g. an empty model for a
+    truncated file, which later decodes nothing)."""
+    Model, bindings = _pywhispercpp()
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path} is not a file: write one with export_whisper_cpp")
+    settings = {**_GREEDY, "print_progress": False, "print_realtime": False, "n_threads": n_threads, **params}
     messages: list[tuple[int, str]] = []
     bindings.whisper_log_set(lambda level, text: messages.append((level, text)))
     try:
-        model = Model(str(path), **params)
+        model = Model(str(path), **settings)
     finally:
         bindings.whisper_log_set(None)  # a Python callback must not outlive the load (other threads, shutdown)
     if any(level in _WARNING_LEVELS for level, _ in messages):
@@ -405,28 +414,21 @@ def load_whisper_cpp(path: str | os.PathLike, **params):
 
 
 def transcribe_whisper_cpp(
-    path: str | os.PathLike,
+    model: Any,
     audios: Sequence[Any],
     language: str | None = "en",
     *,
     n_threads: int = 2,
 ) -> list[str]:
-    """Transcribe ``audios`` (16 kHz arrays, paths or datasets audio dicts) with whisper.cpp through pywhispercpp:
-    greedy, without timestamps, context from previous text or temperature fallback, as ``evaluation.transcribe``
-    decodes. ``language`` is one code for all, or None to detect it."""
-    model = load_whisper_cpp(
-        path,
-        n_threads=n_threads,
-        language="" if language is None else language_code(language),
-        no_context=True,
-        no_timestamps=True,
-        temperature=0.0,
-        temperature_inc=0.0,
-        print_progress=False,
-        print_realtime=False,
-    )
+    """Transcribe ``audios`` (16 kHz arrays, paths or datasets audio dicts) one by one with whisper.cpp.
+
+    ``model`` is a whisper.cpp file (loaded by :func:`load_whisper_cpp` with ``n_threads``) or a model
+    ``load_whisper_cpp`` returned; ``language`` one code for all, or None to detect it."""
+    if isinstance(model, (str, os.PathLike)):
+        model = load_whisper_cpp(model, n_threads=n_threads)
+    code = "" if language is None else language_code(language)  # "": whisper.cpp detects the language
     texts = []
     for audio in audios:
-        segments = model.transcribe(as_audio_array(audio))
+        segments = model.transcribe(as_audio_array(audio), language=code)
         texts.append("".join(segment.text for segment in segments).strip())
     return texts
