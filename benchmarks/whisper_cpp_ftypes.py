@@ -63,6 +63,15 @@ def _row(name: str, size: int | None, references, texts, cpu: float, wall: float
     }
 
 
+def _print_row(row: dict) -> None:
+    size = "" if row["file_bytes"] is None else f"{row['file_bytes'] / 1e6:.1f}"
+    print(
+        f"{row['format']:<22} {size:>8} {row['wer']:>7.1%} {row['cpu_seconds_per_audio_second']:>16.3f} "
+        f"{row['wall_seconds_per_audio_second']:>17.3f}",
+        flush=True,
+    )
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(args.threads)
     dataset = load_manifest(args.manifest, languages=[args.language], corpora=[args.corpus], limit=args.limit)
@@ -76,6 +85,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         transcribe(model, processor, audios[:1], languages=args.language, progress=False)  # warm-up, off the clock
         texts, cpu, wall = _timed(lambda: transcribe(model, processor, audios, languages=args.language, progress=False))
         rows.append(_row("transformers float32", None, references, texts, cpu, wall, audio_seconds))
+        _print_row(rows[-1])
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(args.keep or scratch)
         for ftype in args.ftypes.split(","):
@@ -84,20 +94,15 @@ def run(args: argparse.Namespace) -> list[dict]:
             transcribe_whisper_cpp(whisper, audios[:1], args.language)  # warm-up, off the clock
             texts, cpu, wall = _timed(lambda whisper=whisper: transcribe_whisper_cpp(whisper, audios, args.language))
             rows.append(_row(f"whisper.cpp {ftype}", path.stat().st_size, references, texts, cpu, wall, audio_seconds))
+            _print_row(rows[-1])
     return rows
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    rows = run(args)
     print(f"{args.model}, {args.limit} {args.corpus} ({args.language}) utterances, {args.threads} threads")
-    print(f"{'format':<22} {'file MB':>8} {'WER':>7} {'CPU s / audio s':>16} {'wall s / audio s':>17}")
-    for row in rows:
-        size = "" if row["file_bytes"] is None else f"{row['file_bytes'] / 1e6:.1f}"
-        print(
-            f"{row['format']:<22} {size:>8} {row['wer']:>7.1%} {row['cpu_seconds_per_audio_second']:>16.3f} "
-            f"{row['wall_seconds_per_audio_second']:>17.3f}"
-        )
+    print(f"{'format':<22} {'file MB':>8} {'WER':>7} {'CPU s / audio s':>16} {'wall s / audio s':>17}", flush=True)
+    rows = run(args)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 
