@@ -214,8 +214,13 @@ def test_compressed_folder_exports_like_the_student_it_holds(ggml_whisper, tmp_p
 
     model, processor = ggml_whisper
     student = copy.deepcopy(model)
-    prepare_qat(student, {name: QuantSpec.parse("int8") for name in default_quant_targets(student)})
-    folder = save_compressed(student, processor, tmp_path / "student-kdq")
+    # Two widths: the folder keeps compressed-tensors' packed layers, which the export unpacks (decompress_model).
+    widths = {
+        name: QuantSpec.parse("int8" if ".encoder." in name else "int4-g32") for name in default_quant_targets(student)
+    }
+    prepare_qat(student, widths)
+    folder = tmp_path / "student-kdq"
+    save_compressed(student, processor, folder)
     from_folder = export_whisper_cpp(folder, None, tmp_path / "folder.bin", ftype="q8_0")
     from_model = export_whisper_cpp(student, processor, tmp_path / "model.bin", ftype="q8_0")
     # The same tensors (the folder's model lists a weight after its bias: another order, which whisper.cpp allows).

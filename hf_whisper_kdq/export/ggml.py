@@ -24,6 +24,7 @@ dropped. ``pywhispercpp`` (optional: ``pip install "hf-whisper-kdq[export]"``) r
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import struct
@@ -34,9 +35,10 @@ from typing import Any, BinaryIO
 import numpy as np
 from torch import nn
 
+from ..adapters import holds_training_only, strip_training_only
 from ..evaluation import as_audio_array
+from ..files import atomic_file
 from ..scoring import language_code
-from ..sources import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -302,9 +304,11 @@ def _float_model(model_or_folder, processor):
     if isinstance(model_or_folder, nn.Module):
         if processor is None:
             raise ValueError("exporting a model object needs its WhisperProcessor (the vocabulary and mel filters)")
-        from .ctranslate2 import _plain_student
-
-        return _plain_student(model_or_folder), processor
+        if not holds_training_only(model_or_folder):
+            return model_or_folder, processor
+        student = copy.deepcopy(model_or_folder)
+        strip_training_only(student)
+        return student, processor
     from ..sources import load_whisper
 
     model, loaded_processor = load_whisper(model_or_folder, dtype=None)
