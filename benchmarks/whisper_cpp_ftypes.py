@@ -1,0 +1,111 @@
+"""File size and accuracy of one Whisper model exported to whisper.cpp in each file type, run by pywhispercpp.
+
+    python benchmarks/whisper_cpp_ftypes.py                                   # whisper-base, 40 LJSpeech (en)
+    python benchmarks/whisper_cpp_ftypes.py openai/whisper-tiny.en --ftypes q8_0,q4_0 --limit 10
+    python benchmarks/whisper_cpp_ftypes.py ./my-student --keep ./ggml --json results.json
+
+The model is loaded once (``sources.load_whisper``) and written with ``export.ggml.export_whisper_cpp`` in each
+``--ftypes``; every file decodes the same utterances greedily with ``--threads`` threads
+(``transcribe_whisper_cpp``), one utterance off the clock first, and is scored by ``scoring.score``. The
+transformers model itself (float32, batched) is the reference row (``--no_transformers`` skips it). Speed is given
+as CPU seconds of this process per audio second (all of whisper.cpp's threads count), which a busy machine changes
+less than wall time; wall time is reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from hf_whisper_kdq.data import load_manifest
+from hf_whisper_kdq.evaluation import audio_values, transcribe
+from hf_whisper_kdq.export.ggml import FTYPES, export_whisper_cpp, load_whisper_cpp, transcribe_whisper_cpp
+from hf_whisper_kdq.scoring import score
+from hf_whisper_kdq.sources import load_whisper
+
+DEFAULT_MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech" / "dev.jsonl"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", default="openai/whisper-base", help="any sources.load_whisper source")
+    parser.add_argument("--manifest", default=str(DEFAULT_MANIFEST), help="JSONL manifest (default: %(default)s)")
+    parser.add_argument("--corpus", default="ljspeech", help="corpus to keep (default: %(default)s)")
+    parser.add_argument("--language", default="en", help="language of the rows to keep (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=40, help="utterances (default: %(default)s)")
+    parser.add_argument("--ftypes", default=",".join(FTYPES), help="comma-separated (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of each engine (default: %(default)s)")
+    parser.add_argument("--keep", default=None, help="keep the ggml files in this folder (default: a temp folder)")
+    parser.add_argument("--no_transformers", action="store_true", help="skip the transformers reference row")
+    parser.add_argument("--json", default=None, help="write the rows to this JSON file")
+    return parser.parse_args(argv)
+
+
+def _timed(decode) -> tuple[list[str], float, float]:
+    cpu, wall = time.process_time(), time.perf_counter()
+    texts = decode()
+    return texts, time.process_time() - cpu, time.perf_counter() - wall
+
+
+def _row(name: str, size: int | None, references, texts, cpu: float, wall: float, audio_seconds: float) -> dict:
+    scores = score(references, texts, "en")
+    return {
+        "format": name,
+        "file_bytes": size,
+        "wer": scores["wer"],
+        "cpu_seconds_per_audio_second": cpu / audio_seconds,
+        "wall_seconds_per_audio_second": wall / audio_seconds,
+    }
+
+
+def _print_row(row: dict) -> None:
+    size = "" if row["file_bytes"] is None else f"{row['file_bytes'] / 1e6:.1f}"
+    print(
+        f"{row['format']:<22} {size:>8} {row['wer']:>7.1%} {row['cpu_seconds_per_audio_second']:>16.3f} "
+        f"{row['wall_seconds_per_audio_second']:>17.3f}",
+        flush=True,
+    )
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    torch.set_num_threads(args.threads)
+    dataset = load_manifest(args.manifest, languages=[args.language], corpora=[args.corpus], limit=args.limit)
+    if len(dataset) == 0:
+        raise SystemExit(f"no rows selected from {args.manifest}: check --corpus / --language")
+    audios, references = audio_values(dataset), list(dataset["text"])
+    audio_seconds = float(sum(dataset["duration"]))
+    model, processor = load_whisper(args.model)
+    rows = []
+    if not args.no_transformers:
+        transcribe(model, processor, audios[:1], languages=args.language, progress=False)  # warm-up, off the clock
+        texts, cpu, wall = _timed(lambda: transcribe(model, processor, audios, languages=args.language, progress=False))
+        rows.append(_row("transformers float32", None, references, texts, cpu, wall, audio_seconds))
+        _print_row(rows[-1])
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(args.keep or scratch)
+        for ftype in args.ftypes.split(","):
+            path = export_whisper_cpp(model, processor, folder / f"ggml-{ftype}.bin", ftype=ftype, overwrite=True)
+            whisper = load_whisper_cpp(path, n_threads=args.threads)
+            transcribe_whisper_cpp(whisper, audios[:1], args.language)  # warm-up, off the clock
+            texts, cpu, wall = _timed(lambda whisper=whisper: transcribe_whisper_cpp(whisper, audios, args.language))
+            rows.append(_row(f"whisper.cpp {ftype}", path.stat().st_size, references, texts, cpu, wall, audio_seconds))
+            _print_row(rows[-1])
+    return rows
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    print(f"{args.model}, {args.limit} {args.corpus} ({args.language}) utterances, {args.threads} threads")
+    print(f"{'format':<22} {'file MB':>8} {'WER':>7} {'CPU s / audio s':>16} {'wall s / audio s':>17}", flush=True)
+    rows = run(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,438 @@
+"""Export Whisper to a whisper.cpp model file (the ggml format), in one weight type::
+
+    from hf_whisper_kdq.export.ggml import export_whisper_cpp
+
+    export_whisper_cpp("openai/whisper-base", None, "ggml-base-q5_0.bin", ftype="q5_0")
+    # anywhere with whisper.cpp: whisper-cli -m ggml-base-q5_0.bin -f audio.wav   (or pywhispercpp.model.Model)
+
+The file is what whisper.cpp's ``models/convert-h5-to-ggml.py`` writes, followed, for a quantized type, by
+whisper.cpp's ``quantize`` tool: the header (hyperparameters and the file type), the model's mel filters, its BPE
+vocabulary as bytes, then every tensor under whisper.cpp's name. As there, every weight passes through float16 first;
+float32 stay the biases, LayerNorms, positional embeddings and the convolution biases; float16 the convolution
+weights; every other 2-D weight, the token embedding included, is stored in the file type. The quantized blocks
+(``q8_0``, ``q5_0``, ``q4_0``) are ggml's reference quantizers written in numpy, byte-identical to
+``ggml_quantize_chunk`` (tested against the library pywhispercpp ships). k-quants are not supported.
+
+whisper.cpp's loader sizes every quantizable weight from the header's one type: a file cannot mix types per tensor.
+It also fixes the architecture: tied output layer, feed-forward width ``4 * d_model``, rows a multiple of 32 for a
+quantized type; a model without these is refused before anything is written.
+
+A model with fake-quant layers (a QAT student) is exported from its dequantized float weights (``convert_qat``), which
+ggml then quantizes again in the file type: the file does not hold the student's own codes. Distillation adapters are
+dropped. ``pywhispercpp`` (optional: ``pip install "hf-whisper-kdq[export]"``) runs the file from Python.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from torch import nn
+
+from ..adapters import holds_training_only, strip_training_only
+from ..evaluation import as_audio_array
+from ..files import atomic_file
+from ..scoring import language_code
+
+logger = logging.getLogger(__name__)
+
+GGML_FILE_MAGIC = 0x67676D6C  # "ggml"
+# The quantize tool writes QNT_VERSION * QNT_VERSION_FACTOR + ftype into the header of a quantized file.
+QNT_VERSION, QNT_VERSION_FACTOR = 2, 1000
+BLOCK_SIZE = 32  # QK8_0 = QK5_0 = QK4_0
+# ggml_type codes (ggml.h) of the tensor types this module writes.
+GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q5_0": 6, "q8_0": 8}
+# File types (ggml_ftype): the header's type, which whisper.cpp gives every quantizable weight.
+FTYPES = {"f16": 1, "q8_0": 7, "q5_0": 8, "q4_0": 2}
+_INSTALL_HINT = 'pip install "hf-whisper-kdq[export]"'
+
+__all__ = [
+    "FTYPES",
+    "export_whisper_cpp",
+    "ggml_tensor_name",
+    "load_whisper_cpp",
+    "quantize_blocks",
+    "transcribe_whisper_cpp",
+]
+
+
+# --- ggml's block quantizers (ggml-quants.c, quantize_row_*_ref) ------------------------------------------
+def _blocks(values: np.ndarray) -> np.ndarray:
+    values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    if values.size % BLOCK_SIZE:
+        raise ValueError(f"{values.size} values do not fill blocks of {BLOCK_SIZE}")
+    return values.reshape(-1, BLOCK_SIZE)
+
+
+def _inverse(scale: np.ndarray) -> np.ndarray:
+    """``d ? 1.0f/d : 0.0f`` in float32."""
+    inverse = np.zeros_like(scale)
+    np.divide(np.float32(1), scale, out=inverse, where=scale != 0)
+    return inverse
+
+
+def _signed_absmax(blocks: np.ndarray) -> np.ndarray:
+    """Per block, the value of largest magnitude with its sign: the first one on ties, and +0 for a block of zeros
+    (a -0 there would flip the sign of the stored scale), as ggml's loop keeps them."""
+    largest = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1)[:, None], axis=1)[:, 0]
+    return np.where(largest == 0, np.float32(0), largest)
+
+
+def _truncate_to_int(values: np.ndarray) -> np.ndarray:
+    """C's float to integer conversion (towards zero)."""
+    return np.trunc(values).astype(np.int32)
+
+
+def _q8_0(blocks: np.ndarray) -> bytes:
+    scale = np.abs(blocks).max(axis=1) / np.float32(127)
+    scaled = blocks * _inverse(scale)[:, None]  # float32 products, as in C
+    wide = scaled.astype(np.float64)  # roundf (half away from zero), exact on the float32 value
+    codes = (np.sign(wide) * np.floor(np.abs(wide) + 0.5)).astype(np.int8)
+    record = np.dtype([("d", "<f2"), ("qs", "i1", BLOCK_SIZE)])
+    out = np.empty(len(blocks), record)
+    out["d"], out["qs"] = scale.astype(np.float16), codes
+    return out.tobytes()
+
+
+def _offset_codes(blocks: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """q4_0 / q5_0: ``d = max / -2**(bits-1)``, codes ``min(2**bits - 1, (int8)(x/d + 2**(bits-1) + 0.5))``."""
+    half = 1 << (bits - 1)
+    scale = _signed_absmax(blocks) / np.float32(-half)
+    shifted = blocks * _inverse(scale)[:, None] + np.float32(half + 0.5)
+    return scale, np.minimum((1 << bits) - 1, _truncate_to_int(shifted)).astype(np.uint8)
+
+
+def _nibbles(codes: np.ndarray) -> np.ndarray:
+    """Element j of the first half of a block in the low nibble of byte j, element j + 16 in the high one."""
+    low, high = codes[:, : BLOCK_SIZE // 2], codes[:, BLOCK_SIZE // 2 :]
+    return (low & 0x0F) | ((high & 0x0F) << 4)
+
+
+def _q4_0(blocks: np.ndarray) -> bytes:
+    scale, codes = _offset_codes(blocks, 4)
+    record = np.dtype([("d", "<f2"), ("qs", "u1", BLOCK_SIZE // 2)])
+    out = np.empty(len(blocks), record)
+    out["d"], out["qs"] = scale.astype(np.float16), _nibbles(codes)
+    return out.tobytes()
+
+
+def _q5_0(blocks: np.ndarray) -> bytes:
+    scale, codes = _offset_codes(blocks, 5)
+    # The fifth bit of element j goes to bit j of a little-endian uint32 (j + 16 for the second half too).
+    fifth_bits = (codes.astype(np.uint32) >> 4) << np.arange(BLOCK_SIZE, dtype=np.uint32)
+    record = np.dtype([("d", "<f2"), ("qh", "<u4"), ("qs", "u1", BLOCK_SIZE // 2)])
+    out = np.empty(len(blocks), record)
+    out["d"], out["qh"], out["qs"] = scale.astype(np.float16), fifth_bits.sum(axis=1), _nibbles(codes)
+    return out.tobytes()
+
+
+_QUANTIZERS = {"q8_0": _q8_0, "q5_0": _q5_0, "q4_0": _q4_0}
+
+
+def quantize_blocks(values: np.ndarray, ftype: str) -> bytes:
+    """``values`` (float32, rows of a multiple of 32 elements, row-major) in ggml's ``ftype`` blocks: the bytes
+    ``ggml_quantize_chunk`` writes for them."""
+    if ftype not in _QUANTIZERS:
+        raise ValueError(f"{ftype!r} is not a block type: use one of {', '.join(_QUANTIZERS)}")
+    return _QUANTIZERS[ftype](_blocks(values))
+
+
+# --- Tensor names and types ------------------------------------------------------------------------------
+# Hugging Face module names inside a layer -> whisper.cpp's (the names of OpenAI's checkpoint).
+_LAYER_PARTS = {
+    "self_attn.q_proj": "attn.query",
+    "self_attn.k_proj": "attn.key",
+    "self_attn.v_proj": "attn.value",
+    "self_attn.out_proj": "attn.out",
+    "self_attn_layer_norm": "attn_ln",
+    "encoder_attn.q_proj": "cross_attn.query",
+    "encoder_attn.k_proj": "cross_attn.key",
+    "encoder_attn.v_proj": "cross_attn.value",
+    "encoder_attn.out_proj": "cross_attn.out",
+    "encoder_attn_layer_norm": "cross_attn_ln",
+    "fc1": "mlp.0",
+    "fc2": "mlp.2",
+    "final_layer_norm": "mlp_ln",
+}
+_TOP_PARTS = {
+    "encoder.layer_norm": "encoder.ln_post",
+    "decoder.embed_tokens": "decoder.token_embedding",
+    "decoder.layer_norm": "decoder.ln",
+}
+# Kept in float32 by both the converter and the quantize tool (besides every 1-D tensor).
+_FLOAT32_2D = {
+    "encoder.conv1.bias",
+    "encoder.conv2.bias",
+    "encoder.positional_embedding",
+    "decoder.positional_embedding",
+}
+
+
+def ggml_tensor_name(hf_name: str) -> str:
+    """whisper.cpp's name of a ``WhisperForConditionalGeneration`` state-dict entry (``model.`` prefix included)."""
+    parts = hf_name.removeprefix("model.").split(".")
+    module, leaf = ".".join(parts[:-1]), parts[-1]
+    if leaf not in ("weight", "bias"):
+        raise KeyError(f"{hf_name} has no whisper.cpp counterpart")
+    if len(parts) > 3 and parts[1] == "layers":
+        inner = ".".join(parts[3:-1])
+        if inner not in _LAYER_PARTS:
+            raise KeyError(f"{hf_name} has no whisper.cpp counterpart")
+        return f"{parts[0]}.blocks.{parts[2]}.{_LAYER_PARTS[inner]}.{leaf}"
+    if module in ("encoder.conv1", "encoder.conv2"):
+        return f"{module}.{leaf}"
+    if module.endswith("embed_positions"):  # a bare tensor in OpenAI's checkpoint: no ".weight"
+        return f"{parts[0]}.positional_embedding"
+    if module not in _TOP_PARTS:
+        raise KeyError(f"{hf_name} has no whisper.cpp counterpart")
+    return f"{_TOP_PARTS[module]}.{leaf}"
+
+
+def _tensor_type(name: str, n_dims: int, ftype: str) -> str:
+    if n_dims < 2 or name in _FLOAT32_2D:
+        return "f32"
+    if n_dims > 2:  # the convolution weights: whisper.cpp reads them as float16 in every non-f32 file
+        return "f16"
+    return ftype
+
+
+# --- The file --------------------------------------------------------------------------------------------
+def _check_architecture(config, ftype: str) -> None:
+    """What whisper.cpp's fixed Whisper graph cannot run, before any work."""
+    problems = []
+    for side in ("encoder", "decoder"):
+        ffn = getattr(config, f"{side}_ffn_dim")
+        if ffn != 4 * config.d_model:
+            problems.append(f"{side}_ffn_dim is {ffn}, whisper.cpp computes 4 * d_model = {4 * config.d_model}")
+    if ftype != "f16":
+        for label, width in (("d_model", config.d_model), ("4 * d_model", 4 * config.d_model)):
+            if width % BLOCK_SIZE:
+                problems.append(f"{ftype} needs rows of a multiple of {BLOCK_SIZE}, {label} is {width}")
+    if getattr(config, "scale_embedding", False):
+        problems.append("scale_embedding=True (whisper.cpp does not scale the token embedding)")
+    if problems:
+        raise ValueError("whisper.cpp cannot run this model: " + "; ".join(problems))
+
+
+def _header(config, ftype: str) -> bytes:
+    file_type = FTYPES[ftype] if ftype == "f16" else QNT_VERSION * QNT_VERSION_FACTOR + FTYPES[ftype]
+    fields = (
+        GGML_FILE_MAGIC,
+        config.vocab_size,
+        config.max_source_positions,
+        config.d_model,
+        config.encoder_attention_heads,
+        config.encoder_layers,
+        config.max_target_positions,
+        config.d_model,
+        config.decoder_attention_heads,
+        config.decoder_layers,
+        config.num_mel_bins,
+        file_type,
+    )
+    return struct.pack("<I11i", *fields)
+
+
+def _mel_filters(feature_extractor, n_mels: int) -> bytes:
+    filters = np.asarray(feature_extractor.mel_filters, dtype=np.float32).T  # (n_mels, n_fft // 2 + 1)
+    if filters.shape[0] != n_mels:
+        raise ValueError(f"the feature extractor has {filters.shape[0]} mel bins, the model {n_mels}")
+    return struct.pack("<2i", *filters.shape) + np.ascontiguousarray(filters).tobytes()
+
+
+def _vocabulary(tokenizer) -> bytes:
+    """The BPE vocabulary (no added tokens, no ``<|endoftext|>``) in id order, each token as its bytes: whisper.cpp
+    numbers the tokens it reads 0, 1, ... and names the special tokens after them itself."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocabulary = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=False)
+    vocabulary.pop("<|endoftext|>", None)
+    tokens = sorted(vocabulary.items(), key=lambda item: item[1])
+    if [index for _, index in tokens] != list(range(len(tokens))):
+        raise ValueError("the tokenizer's BPE vocabulary is not numbered 0, 1, ...: whisper.cpp cannot read it")
+    byte_of = {character: byte for byte, character in bytes_to_unicode().items()}
+    out = [struct.pack("<i", len(tokens))]
+    for token, _ in tokens:
+        text = bytes(byte_of[character] for character in token)
+        out.append(struct.pack("<i", len(text)) + text)
+    return b"".join(out)
+
+
+def _tensors(model: nn.Module) -> Iterator[tuple[str, np.ndarray]]:
+    """whisper.cpp name and float32 values (through float16, as the converter does) of every tensor it reads."""
+    state = model.state_dict()
+    embedding = state["model.decoder.embed_tokens.weight"]
+    projection = state.get("proj_out.weight")
+    if projection is not None and not (projection is embedding or projection.equal(embedding)):
+        raise ValueError("proj_out is not tied to the token embedding: whisper.cpp has no separate output layer")
+    for hf_name, tensor in state.items():
+        # proj_out: tied; weight_scale, weight_shape ...: what compressed-tensors leaves beside an unpacked weight.
+        if hf_name == "proj_out.weight" or hf_name.rpartition(".")[2].startswith("weight_"):
+            continue
+        name = ggml_tensor_name(hf_name)
+        values = tensor.detach().cpu().float().numpy().astype(np.float16).astype(np.float32)
+        if name in ("encoder.conv1.bias", "encoder.conv2.bias"):
+            values = values.reshape(-1, 1)
+        yield name, values
+
+
+def _write_tensor(file: BinaryIO, name: str, values: np.ndarray, ftype: str) -> int:
+    tensor_type = _tensor_type(name, values.ndim, ftype)
+    encoded = name.encode()
+    # ggml lists dimensions fastest-varying first: numpy's shape reversed.
+    file.write(
+        struct.pack(f"<3i{values.ndim}i", values.ndim, len(encoded), GGML_TYPES[tensor_type], *values.shape[::-1])
+    )
+    file.write(encoded)
+    if tensor_type in _QUANTIZERS:
+        data = quantize_blocks(values, tensor_type)
+    else:
+        data = values.astype(np.float32 if tensor_type == "f32" else np.float16).tobytes()
+    file.write(data)
+    return len(data)
+
+
+def _float_model(model_or_folder, processor):
+    """The exported ``(model, processor)``: a plain float Whisper (QAT layers baked, adapters dropped, packed
+    compressed-tensors weights unpacked). The caller's model is never modified."""
+    if isinstance(model_or_folder, nn.Module):
+        if processor is None:
+            raise ValueError("exporting a model object needs its WhisperProcessor (the vocabulary and mel filters)")
+        if not holds_training_only(model_or_folder):
+            return model_or_folder, processor
+        student = copy.deepcopy(model_or_folder)
+        strip_training_only(student)
+        return student, processor
+    from ..sources import load_whisper
+
+    model, loaded_processor = load_whisper(model_or_folder, dtype=None)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # a compressed folder written by save_compressed
+        quantizer.compressor.decompress_model(model)
+    return model, processor or loaded_processor
+
+
+def _check_output(path: Path, overwrite: bool) -> None:
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder: give the path of the model file to write, e.g. {path}/ggml.bin")
+    if not path.exists():
+        return
+    with open(path, "rb") as file:
+        is_ggml = file.read(4) == struct.pack("<I", GGML_FILE_MAGIC)
+    if not is_ggml:
+        raise FileExistsError(f"{path} exists and is not a ggml model file: it is never replaced; choose another path")
+    if not overwrite:
+        raise FileExistsError(f"{path} exists: pass overwrite=True (--overwrite) to replace it, or choose another path")
+
+
+def export_whisper_cpp(
+    model_or_folder: nn.Module | str | os.PathLike,
+    processor=None,
+    path: str | os.PathLike = None,
+    *,
+    ftype: str = "q5_0",
+    overwrite: bool = False,
+) -> Path:
+    """Write a whisper.cpp model file (``ggml-*.bin``) whose quantizable weights are all of type ``ftype``.
+
+    Args:
+        model_or_folder: a ``WhisperForConditionalGeneration`` (plain or QAT-prepared, possibly with
+            ``kdq_adapters``), or anything ``sources.load_whisper`` reads: a Hub id, an offline pack
+            (``openai/whisper-tiny.en``), an HF folder, a compressed folder written by ``save_compressed``, an OpenAI
+            ``.pt``, a CTranslate2 folder.
+        processor: the model's ``WhisperProcessor`` (required with a model object; default: the loaded one).
+        path: the file to write, atomically (an interrupted export leaves nothing). An existing ggml file is replaced
+            only with ``overwrite``; any other file never.
+        ftype: ``f16``, ``q8_0``, ``q5_0`` or ``q4_0`` (``FTYPES``).
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    if path is None:
+        raise TypeError("export_whisper_cpp() needs the path of the file to write")
+    if ftype not in FTYPES:
+        raise ValueError(f"ftype {ftype!r} is not supported: use one of {', '.join(FTYPES)}")
+    path = Path(path).expanduser().absolute()
+    _check_output(path, overwrite)
+    model, processor = _float_model(model_or_folder, processor)
+    config = model.config
+    _check_architecture(config, ftype)
+    sizes = {"f32": 0, "f16": 0, ftype: 0}
+    with atomic_file(path) as temporary, open(temporary, "wb") as file:
+        file.write(_header(config, ftype))
+        file.write(_mel_filters(processor.feature_extractor, config.num_mel_bins))
+        file.write(_vocabulary(processor.tokenizer))
+        for name, values in _tensors(model):
+            sizes[_tensor_type(name, values.ndim, ftype)] += _write_tensor(file, name, values, ftype)
+    logger.info(
+        "whisper.cpp %s file written to %s (%.1f MB; tensor bytes: %s)",
+        ftype,
+        path,
+        path.stat().st_size / 1e6,
+        ", ".join(f"{kind} {size / 1e6:.1f} MB" for kind, size in sizes.items()),
+    )
+    return path
+
+
+# --- Running the file ------------------------------------------------------------------------------------
+_WARNING_LEVELS = (3, 4)  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
+# As evaluation.transcribe decodes: greedy, no timestamps, no conditioning on previous text, no temperature fallback.
+_GREEDY = dict(no_context=True, no_timestamps=True, temperature=0.0, temperature_inc=0.0)
+
+
+def _pywhispercpp():
+    try:
+        import _pywhispercpp as bindings
+        from pywhispercpp.model import Model
+    except ImportError as error:
+        raise ImportError(f"pywhispercpp is not installed ({error}). Fix: {_INSTALL_HINT}") from error
+    return Model, bindings
+
+
+def load_whisper_cpp(path: str | os.PathLike, *, n_threads: int = 2, **params):
+    """A ``pywhispercpp.model.Model`` of the file at ``path``, decoding as ``evaluation.transcribe`` does (greedy,
+    without timestamps, conditioning on previous text or temperature fallback); ``params`` override that.
+
+    whisper.cpp's load messages are collected instead of printed; a warning or an error among them raises
+    ``ValueError`` with the messages, because pywhispercpp returns a context even then (e.g. an empty model for a
+    truncated file, which later decodes nothing)."""
+    Model, bindings = _pywhispercpp()
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} is not a file: write one with export_whisper_cpp")
+    settings = {**_GREEDY, "print_progress": False, "print_realtime": False, "n_threads": n_threads, **params}
+    messages: list[tuple[int, str]] = []
+    bindings.whisper_log_set(lambda level, text: messages.append((level, text)))
+    try:
+        model = Model(str(path), **settings)
+    finally:
+        bindings.whisper_log_set(None)  # a Python callback must not outlive the load (other threads, shutdown)
+    if any(level in _WARNING_LEVELS for level, _ in messages):
+        raise ValueError(f"whisper.cpp did not load {path} cleanly:\n" + "".join(text for _, text in messages[-12:]))
+    return model
+
+
+def transcribe_whisper_cpp(
+    model: Any,
+    audios: Sequence[Any],
+    language: str | None = "en",
+    *,
+    n_threads: int = 2,
+) -> list[str]:
+    """Transcribe ``audios`` (16 kHz arrays, paths or datasets audio dicts) one by one with whisper.cpp.
+
+    ``model`` is a whisper.cpp file (loaded by :func:`load_whisper_cpp` with ``n_threads``) or a model
+    ``load_whisper_cpp`` returned; ``language`` one code for all, or None to detect it."""
+    if isinstance(model, (str, os.PathLike)):
+        model = load_whisper_cpp(model, n_threads=n_threads)
+    code = "" if language is None else language_code(language)  # "": whisper.cpp detects the language
+    texts = []
+    for audio in audios:
+        segments = model.transcribe(as_audio_array(audio), language=code)
+        texts.append("".join(segment.text for segment in segments).strip())
+    return texts

@@ -1,0 +1,293 @@
+"""export.ggml: whisper.cpp model files. The block quantizers are compared byte for byte with ggml's own
+``ggml_quantize_chunk`` (from the libggml-base that pywhispercpp ships), and the files are loaded and run by
+whisper.cpp itself (pywhispercpp)."""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_whisper
+
+from hf_whisper_kdq.export.ggml import (
+    FTYPES,
+    GGML_TYPES,
+    export_whisper_cpp,
+    load_whisper_cpp,
+    quantize_blocks,
+    transcribe_whisper_cpp,
+)
+from hf_whisper_kdq.quant import QuantSpec, convert_qat, default_quant_targets, prepare_qat
+
+BLOCK_TYPES = ("q8_0", "q5_0", "q4_0")
+TYPE_NAMES = {code: name for name, code in GGML_TYPES.items()}
+
+
+def _ggml_base():
+    """ggml's shared library as pywhispercpp bundles it (its file name carries a hash)."""
+    pywhispercpp = pytest.importorskip("pywhispercpp")
+    libraries = sorted((Path(pywhispercpp.__file__).parents[1] / "pywhispercpp.libs").glob("libggml-base*.so*"))
+    if not libraries:
+        pytest.skip("pywhispercpp ships no libggml-base here")
+    library = ctypes.CDLL(str(libraries[0]))
+    library.ggml_quantize_chunk.restype = ctypes.c_size_t
+    library.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3
+    library.ggml_quantize_chunk.argtypes.append(ctypes.c_void_p)
+    library.ggml_row_size.restype = ctypes.c_size_t
+    library.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    return library
+
+
+def _ggml_quantize_chunk(library, values: np.ndarray, ftype: str) -> bytes:
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    rows, width = values.shape
+    out = np.zeros(library.ggml_row_size(GGML_TYPES[ftype], width) * rows, np.uint8)
+    written = library.ggml_quantize_chunk(GGML_TYPES[ftype], values.ctypes.data, out.ctypes.data, 0, rows, width, None)
+    assert written == out.size
+    return out.tobytes()
+
+
+def _hard_rows() -> np.ndarray:
+    """Weights of very different scales, plus blocks where rounding and tie-breaking decide the codes."""
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((48, 256)) * rng.uniform(1e-6, 4.0, (48, 1))
+    rows[0, :32] = 0  # a zero block: scale 0, every code the zero point
+    rows[1, :32] = np.arange(-16, 16) + 0.5  # q8_0 with amax 15.5: ... and exact halves in q4_0/q5_0 units
+    rows[2, :32] = np.tile([127.0, -127.0, 0.5, -0.5, 1.5, -2.5, 63.5, -0.49999997], 4)  # d = 1: roundf's halves
+    rows[3, :32] = np.tile([1.0, -1.0], 16)  # largest magnitude on both signs: the first one wins
+    rows[4, :32] = np.tile([-8.0, 7.5, 3.5, -0.5], 8)  # q4_0 with d = 1 exactly
+    rows[5, :32] = rng.standard_normal(32) * 1e-9  # scales below float16's range; zeros of both signs after fp16
+    rows[6, :32] = rng.standard_normal(32) * 1e-5  # scales in float16's subnormal range
+    rows[7, :32] = -0.0
+    return rows.astype(np.float32)
+
+
+@pytest.mark.parametrize("ftype", BLOCK_TYPES)
+def test_block_quantizers_are_byte_identical_to_ggml(ftype):
+    library = _ggml_base()
+    rows = _hard_rows()
+    for values in (rows, rows.astype(np.float16).astype(np.float32)):  # any float32, and the fp16 the export feeds
+        assert quantize_blocks(values, ftype) == _ggml_quantize_chunk(library, values, ftype)
+
+
+def test_quantize_blocks_refuses_partial_blocks_and_unknown_types():
+    with pytest.raises(ValueError, match="blocks of 32"):
+        quantize_blocks(np.ones(48, np.float32), "q8_0")
+    with pytest.raises(ValueError, match="q8_0, q5_0, q4_0"):
+        quantize_blocks(np.ones(32, np.float32), "q3_K")
+
+
+# --- The file ---------------------------------------------------------------------------------------------
+def _read_ggml(path: Path) -> dict:
+    """Header, mel filters, vocabulary and tensor table of a whisper.cpp file, read as its loader reads them."""
+    data = Path(path).read_bytes()
+    magic, *hparams = struct.unpack_from("<I11i", data, 0)
+    offset = 48
+    n_mel, n_fft = struct.unpack_from("<2i", data, offset)
+    offset += 8
+    filters = np.frombuffer(data, np.float32, n_mel * n_fft, offset).reshape(n_mel, n_fft)
+    offset += filters.nbytes
+    (n_tokens,) = struct.unpack_from("<i", data, offset)
+    offset += 4
+    tokens = []
+    for _ in range(n_tokens):
+        (length,) = struct.unpack_from("<i", data, offset)
+        tokens.append(data[offset + 4 : offset + 4 + length])
+        offset += 4 + length
+    tensors = {}
+    while offset < len(data):
+        n_dims, length, ttype = struct.unpack_from("<3i", data, offset)
+        shape = struct.unpack_from(f"<{n_dims}i", data, offset + 12)
+        name = data[offset + 12 + 4 * n_dims : offset + 12 + 4 * n_dims + length].decode()
+        offset += 12 + 4 * n_dims + length
+        n_values = int(np.prod(shape))
+        kind = TYPE_NAMES[ttype]
+        size = {"f32": 4 * n_values, "f16": 2 * n_values}.get(kind) or len(quantize_blocks(np.zeros(n_values), kind))
+        tensors[name] = (kind, shape, data[offset : offset + size])
+        offset += size
+    return dict(magic=magic, hparams=hparams, filters=filters, tokens=tokens, tensors=tensors)
+
+
+def _ggml_whisper(base_pack_folder, **overrides):
+    """The tiny random Whisper of conftest with whisper.cpp's feed-forward width (4 * d_model)."""
+    return make_tiny_whisper(base_pack_folder, encoder_ffn_dim=256, decoder_ffn_dim=256, **overrides)
+
+
+@pytest.fixture(scope="module")
+def ggml_whisper(base_pack_folder):
+    return _ggml_whisper(base_pack_folder)
+
+
+def test_file_holds_what_whisper_cpp_quantize_writes(ggml_whisper, tmp_path):
+    model, processor = ggml_whisper
+    path = export_whisper_cpp(model, processor, tmp_path / "ggml-q5_0.bin", ftype="q5_0")
+    file = _read_ggml(path)
+    config = model.config
+    assert file["magic"] == 0x67676D6C
+    assert file["hparams"] == [51865, 1500, 64, 4, 2, 448, 64, 4, 2, 80, 2000 + FTYPES["q5_0"]]
+    np.testing.assert_array_equal(file["filters"], np.asarray(processor.feature_extractor.mel_filters, np.float32).T)
+    # Multilingual: 50,257 BPE tokens without <|endoftext|>, the last one empty; whisper.cpp names the rest.
+    assert len(file["tokens"]) == 50257 and file["tokens"][-1] == b""
+    assert file["tokens"][processor.tokenizer.convert_tokens_to_ids("Ġhello")] == b" hello"
+    tensors = file["tensors"]
+    # Encoder: positions, 2 convolutions, final LayerNorm, 15 per layer; decoder: positions, embedding, final
+    # LayerNorm, 24 per layer; no output layer (tied).
+    assert len(tensors) == 7 + 15 * 2 + 4 + 24 * 2 and "decoder.proj.weight" not in tensors
+    kinds = {name: kind for name, (kind, _, _) in tensors.items()}
+    assert kinds["decoder.token_embedding.weight"] == "q5_0"
+    assert kinds["encoder.blocks.0.attn.query.weight"] == kinds["decoder.blocks.1.cross_attn.out.weight"] == "q5_0"
+    assert kinds["encoder.conv1.weight"] == kinds["encoder.conv2.weight"] == "f16"
+    for name in ("encoder.conv1.bias", "encoder.positional_embedding", "decoder.positional_embedding"):
+        assert kinds[name] == "f32"
+    assert {kind for name, kind in kinds.items() if name.endswith(".bias") or "_ln" in name or ".ln" in name} == {"f32"}
+    assert tensors["encoder.conv1.bias"][1] == (1, 64) and tensors["encoder.conv1.weight"][1] == (3, 80, 64)
+    # The weights went through float16 before quantization, as convert-h5-to-ggml.py then quantize do.
+    embedding = model.model.decoder.embed_tokens.weight.detach().numpy().astype(np.float16).astype(np.float32)
+    assert tensors["decoder.token_embedding.weight"][2] == quantize_blocks(embedding, "q5_0")
+    assert tensors["decoder.token_embedding.weight"][1] == (64, config.vocab_size)
+
+
+def test_mel_filters_are_whisper_own(ggml_whisper):
+    """The filters written (the feature extractor's) are OpenAI's mel_filters.npz, which whisper.cpp's converters
+    write, to float32 rounding."""
+    whisper = pytest.importorskip("whisper")
+    _, processor = ggml_whisper
+    reference = np.load(Path(whisper.__file__).parent / "assets" / "mel_filters.npz")["mel_80"]
+    np.testing.assert_allclose(np.asarray(processor.feature_extractor.mel_filters).T, reference, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("ftype", list(FTYPES))
+def test_whisper_cpp_loads_and_runs_a_tiny_random_whisper(ggml_whisper, tmp_path, ftype):
+    pytest.importorskip("pywhispercpp")
+    model, processor = ggml_whisper
+    path = export_whisper_cpp(model, processor, tmp_path / f"ggml-{ftype}.bin", ftype=ftype)
+    noise = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
+    (text,) = transcribe_whisper_cpp(path, [noise], "en", n_threads=1)
+    assert isinstance(text, str)
+
+
+def test_load_refuses_a_file_whisper_cpp_only_half_reads(ggml_whisper, tmp_path):
+    """pywhispercpp returns a context for a truncated file (an empty model): the load check turns it into an error."""
+    pytest.importorskip("pywhispercpp")
+    model, processor = ggml_whisper
+    path = export_whisper_cpp(model, processor, tmp_path / "ggml-f16.bin", ftype="f16")
+    truncated = tmp_path / "truncated.bin"
+    truncated.write_bytes(path.read_bytes()[:100_000])  # header, filters and part of the vocabulary
+    with pytest.raises(ValueError, match="no tensors loaded"):
+        load_whisper_cpp(truncated)
+    wrong = tmp_path / "wrong.bin"
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<i", data, 44, 2000 + FTYPES["q8_0"])  # the header claims q8_0, the tensors are f16
+    wrong.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="wrong size"):
+        load_whisper_cpp(wrong)
+
+
+def test_qat_student_is_exported_from_its_dequantized_weights(ggml_whisper, tmp_path):
+    model, processor = ggml_whisper
+    student = copy.deepcopy(model)
+    specs = {name: QuantSpec.parse("int4-g32") for name in default_quant_targets(student)}
+    prepare_qat(student, specs)
+    student.add_module("kdq_adapters", torch.nn.ModuleDict({"encoder_1": torch.nn.Linear(64, 64)}))
+    before = {name: value.clone() for name, value in student.state_dict().items()}
+    path = export_whisper_cpp(student, processor, tmp_path / "student.bin", ftype="f16")
+    assert all(before[name].equal(value) for name, value in student.state_dict().items())  # caller's model kept
+    baked = copy.deepcopy(student)
+    del baked.kdq_adapters
+    convert_qat(baked)
+    tensors = _read_ggml(path)["tensors"]
+    expected = baked.model.decoder.layers[0].fc1.weight.detach().numpy().astype(np.float16).tobytes()
+    assert tensors["decoder.blocks.0.mlp.0.weight"][2] == expected
+    plain = model.model.decoder.layers[0].fc1.weight.detach().numpy().astype(np.float16).tobytes()
+    assert expected != plain
+
+
+def test_compressed_folder_exports_like_the_student_it_holds(ggml_whisper, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from hf_whisper_kdq.export import save_compressed
+
+    model, processor = ggml_whisper
+    student = copy.deepcopy(model)
+    # Two widths: the folder keeps compressed-tensors' packed layers, which the export unpacks (decompress_model).
+    widths = {
+        name: QuantSpec.parse("int8" if ".encoder." in name else "int4-g32") for name in default_quant_targets(student)
+    }
+    prepare_qat(student, widths)
+    folder = tmp_path / "student-kdq"
+    save_compressed(student, processor, folder)
+    from_folder = export_whisper_cpp(folder, None, tmp_path / "folder.bin", ftype="q8_0")
+    from_model = export_whisper_cpp(student, processor, tmp_path / "model.bin", ftype="q8_0")
+    # The same tensors (the folder's model lists a weight after its bias: another order, which whisper.cpp allows).
+    folder_file, model_file = _read_ggml(from_folder), _read_ggml(from_model)
+    assert folder_file["tensors"] == model_file["tensors"]
+    assert folder_file["hparams"] == model_file["hparams"] and folder_file["tokens"] == model_file["tokens"]
+
+
+def test_refusals_name_the_fix_and_write_nothing(base_pack_folder, ggml_whisper, tmp_path):
+    model, processor = ggml_whisper
+    narrow, _ = make_tiny_whisper(base_pack_folder)  # feed-forward width 2 * d_model
+    target = tmp_path / "out.bin"
+    with pytest.raises(ValueError, match="encoder_ffn_dim is 128, whisper.cpp computes 4 \\* d_model = 256"):
+        export_whisper_cpp(narrow, processor, target)
+    untied = copy.deepcopy(model)
+    untied.config.tie_word_embeddings = False
+    untied.proj_out.weight = torch.nn.Parameter(untied.proj_out.weight.detach() * 2)
+    with pytest.raises(ValueError, match="proj_out is not tied"):
+        export_whisper_cpp(untied, processor, target)
+    with pytest.raises(ValueError, match="f16, q8_0, q5_0, q4_0"):
+        export_whisper_cpp(model, processor, target, ftype="q2_K")
+    with pytest.raises(ValueError, match="WhisperProcessor"):
+        export_whisper_cpp(model, None, target)
+    assert list(tmp_path.iterdir()) == []
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(FileExistsError, match="not a ggml model file"):
+        export_whisper_cpp(model, processor, notes, ftype="f16", overwrite=True)
+    assert notes.read_text() == "mine"
+    export_whisper_cpp(model, processor, target, ftype="f16")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export_whisper_cpp(model, processor, target, ftype="q8_0")
+    export_whisper_cpp(model, processor, target, ftype="q8_0", overwrite=True)
+    assert _read_ggml(target)["hparams"][-1] == 2000 + FTYPES["q8_0"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "out.bin"]  # no temporary file left
+
+
+def test_cli_export_ggml(ggml_whisper, tmp_path, capsys):
+    from hf_whisper_kdq.cli import main
+    from hf_whisper_kdq.sources import save_whisper
+
+    model, processor = ggml_whisper
+    folder = save_whisper(model, processor, tmp_path / "hf")
+    assert main(["export-ggml", str(folder), str(tmp_path / "ggml.bin"), "--ftype", "q4_0"]) == 0
+    assert "q4_0" in capsys.readouterr().out
+    assert _read_ggml(tmp_path / "ggml.bin")["tensors"]["decoder.token_embedding.weight"][0] == "q4_0"
+    with pytest.raises(SystemExit):
+        main(["export-ggml", str(folder), str(tmp_path / "other.bin"), "--ftype", "q3_K"])
+
+
+@pytest.mark.slow
+def test_real_tiny_en_at_q8_0_transcribes_like_transformers(shared_speech, tmp_path):
+    """whisper-tiny.en (offline pack) at q8_0 in whisper.cpp transcribes real LJSpeech clips as the transformers model
+    does: the whisper.cpp transcripts, scored against the transformers ones, are near word-for-word."""
+    pytest.importorskip("pywhispercpp")
+    from hf_whisper_kdq.evaluation import transcribe
+    from hf_whisper_kdq.scoring import score
+    from hf_whisper_kdq.sources import PackNotInstalledError, load_whisper
+
+    try:
+        model, processor = load_whisper("openai/whisper-tiny.en")
+    except PackNotInstalledError as error:
+        pytest.skip(str(error))
+    rows = [json.loads(line) for line in (shared_speech / "dev.jsonl").read_text().splitlines()]
+    audios = [shared_speech / row["audio"] for row in rows if row["language"] == "en"][:4]
+    path = export_whisper_cpp(model, processor, tmp_path / "ggml-tiny.en-q8_0.bin", ftype="q8_0")
+    whisper_cpp = transcribe_whisper_cpp(path, audios, "en", n_threads=2)
+    transformers = transcribe(model, processor, audios, progress=False)
+    assert all(whisper_cpp)
+    assert score(transformers, whisper_cpp, "en")["wer"] <= 0.1, (transformers, whisper_cpp)
