@@ -32,7 +32,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .config import DistillQuantArguments
 from .forwards import StudentTeacherForwards
 from .losses import IGNORE_INDEX, logit_distillation_loss
-from .quant import FLOAT_BITS, QuantSpec, set_quant_specs
+from .quant import FLOAT_BITS, QuantSpec, search_clip_ratios_in_place, set_quant_specs
 from .selection import (
     KDQPlan,
     allocate_bits,
@@ -59,6 +59,7 @@ class SelectionHost(Protocol):
     args: DistillQuantArguments
     plan: KDQPlan
     forwards: StudentTeacherForwards
+    is_fsdp_enabled: bool  # the student's weights are shards outside its forward
 
     def unwrapped_student(self) -> nn.Module: ...
 
@@ -229,6 +230,11 @@ class LayerSelectionCallback(TrainerCallback, ExportableState):
         choose_distillation_layers(plan, args.num_distill_layers, sides, cost=args.selection_cost)
         plan.step = step
         trainer.apply_plan(plan)
+        if step == 0 and not trainer.is_fsdp_enabled:
+            # The wrappers searched their clipping ratios at the bits they were prepared with (the highest choice,
+            # where every ratio is ~1); training starts from the ratios of the bits just planned. Later selections
+            # keep the ratios training has moved. (Under FSDP the weights are shards here: the search is skipped.)
+            search_clip_ratios_in_place(model)
         model.train(was_training)
         if trainer.is_world_process_zero():
             logger.info("\n%s", plan.summary())
@@ -266,16 +272,20 @@ class LayerSelectionCallback(TrainerCallback, ExportableState):
                 unit.bits = allocated[unit.name]
 
     def _warn_embedding_stored_float(self, plan: KDQPlan, shapes) -> None:
-        """Say once when the paper's accounting counts the embedding at fewer bits than the packed file holds."""
+        """Say once when the paper's accounting counts the embedding at fewer bits than the packed file will hold (a
+        plan of mixed widths: see export.compressed)."""
         embedding = next((u for u in plan.units if u.name == "embedding" and u.modules), None)
         paper = self.trainer.args.size_budget_accounting == "paper"
         if self._warned_embedding or not paper or embedding is None or embedding.bits >= FLOAT_BITS:
             return
+        if len({u.bits for u in plan.units if u.modules and u.bits < FLOAT_BITS}) == 1:
+            return  # one integer width: the export stores the embedding packed (see export.compressed)
         self._warned_embedding = True
         extra = unit_bytes(plan, embedding, FLOAT_BITS, shapes) - unit_bytes(plan, embedding, embedding.bits, shapes)
         logger.warning(
-            "The plan counts the token embedding at %d bits (size_budget_accounting='paper'), but the packed "
-            "checkpoint stores it in fp16 (transformers cannot load a quantized embedding): the file will be about "
+            "The plan counts the token embedding at %d bits (size_budget_accounting='paper'), but it mixes bit widths, "
+            "and a packed checkpoint of several widths stores the embedding in fp16 (transformers loads such files "
+            "only through its compressed path, which cannot load a quantized embedding): the file will be about "
             "%.1f MB larger than the plan's %.1f MB (the CTranslate2 copy stores it in int8). To make the budget bound "
             "the file, use size_budget_accounting='on_disk'.",
             embedding.bits,

@@ -915,7 +915,8 @@ def test_encoder_cache_is_keyed_by_model_and_bounded(tmp_path, micro_whisper):
 
 @pytest.mark.parametrize("accounting", ["paper", "on_disk"])
 def test_budget_accounting_of_the_embedding(tmp_path, micro_whisper, caplog, accounting):
-    """'paper' counts the embedding at its planned bits (and warns that the packed file stores it in fp16);
+    """'paper' counts the embedding at its planned bits (and warns that a packed file of several widths stores it in
+    fp16);
     'on_disk' counts it in fp16, so it keeps the highest choice and the budget bounds the file."""
     teacher = micro_whisper(decoder_layers=4)
     student = build_student(teacher, decoder_layers=2)
@@ -932,13 +933,14 @@ def test_budget_accounting_of_the_embedding(tmp_path, micro_whisper, caplog, acc
     with caplog.at_level("WARNING", logger="hf_whisper_kdq.callbacks"):
         trainer.train()
     embedding = trainer.plan.unit("embedding")
-    warned = "stores it in fp16" in caplog.text
+    warned = "stores the embedding in fp16" in caplog.text
     if accounting == "on_disk":
         assert embedding.bits == 8 and not warned
         embedding_fp16 = sum(p.numel() for p in student.get_decoder().embed_tokens.parameters()) * 2
         assert trainer.plan.size_bytes <= budget * 1e6 and trainer.plan.size_bytes > embedding_fp16
-    else:
-        assert embedding.bits < 16 and warned
+    else:  # the warning is for plans of several widths: one width stores the embedding packed (export.compressed)
+        widths = {u.bits for u in trainer.plan.units if u.modules and u.bits < 16}
+        assert embedding.bits < 16 and len(widths) > 1 and warned
 
 
 # ---- the selection callback passed by the user; the processor of the export -----------------------------------
@@ -1053,3 +1055,41 @@ def test_clipping_ratios_have_their_own_parameter_group(tmp_path, pair):
     trainer.train()
     moved = [n for n, p in trainer.model.named_parameters() if n in before and not torch.equal(p, before[n])]
     assert moved
+
+
+def test_no_embedding_size_warning_for_a_plan_of_one_width(tmp_path, micro_whisper, caplog):
+    """A one-width plan's export stores the embedding packed (export.compressed): nothing to warn about."""
+    teacher = micro_whisper(decoder_layers=4)
+    student = build_student(teacher, decoder_layers=2)
+    args = _args(
+        tmp_path,
+        max_steps=1,
+        quant_targets="decoder,embedding",
+        quant_bit_choices="4",
+        size_budget_accounting="paper",
+    )
+    trainer = _trainer(student, teacher, args, make_micro_rows(8))
+    with caplog.at_level("WARNING", logger="hf_whisper_kdq.callbacks"):
+        trainer.train()
+    assert trainer.plan.unit("embedding").bits == 4
+    assert "stores the embedding in fp16" not in caplog.text
+
+
+def test_training_starts_from_the_clipping_ratios_of_the_planned_bits(tmp_path, micro_whisper):
+    """The wrappers are prepared at the highest bit choice (8 here), where the searched ratios are ~1; once the
+    step-0 selection plans 3 bits, the ratios are searched again at 3 bits, in the Parameters the optimizer holds."""
+    from hf_whisper_kdq.quant import FakeQuantLinear, search_clip_ratios
+
+    teacher = micro_whisper(decoder_layers=2)
+    student = build_student(teacher, decoder_layers=2)
+    budget = _student_budget_mb(student, 3.5)  # every linear at 3 bits fits, not many at 8
+    args = _args(tmp_path, max_steps=1, quant_targets="encoder,decoder", quant_bit_choices="3,8", size_budget_mb=budget)
+    trainer = _trainer(student, teacher, args, make_micro_rows(8))
+    layer = trainer.model.model.decoder.layers[0].fc1
+    assert isinstance(layer, FakeQuantLinear) and layer.quant_spec.bits == 8
+    clip = layer.weight_clip
+    _selection_callback(trainer).select(step=0)
+    assert layer.quant_spec.bits == 3 and layer.weight_clip is clip
+    expected = search_clip_ratios(layer.weight.detach(), layer.quant_spec, layer=layer.quant_name)
+    assert torch.equal(clip.detach(), expected)
+    assert (expected < 1).any()  # the 3-bit search clips where the 8-bit one did not
