@@ -512,3 +512,36 @@ def test_one_width_export_loads_dense_with_plain_from_pretrained(one_width_expor
         generated = reference.generate(features, language="en", task="transcribe", max_new_tokens=6, do_sample=False)
     torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "logits.npy")), logits, rtol=0, atol=1e-5)
     assert np.array_equal(np.load(tmp_path / "generated.npy"), generated.numpy())
+
+
+def test_an_embedding_of_another_width_keeps_the_dense_load_and_is_stored_in_fp16(_tiny_whisper_session, tmp_path):
+    """int4 linears and an int8 embedding (the issue's best PTQ row): the linears share one scheme, so the file still
+    loads dense with the plain call; the embedding, of another width, is stored dequantized in fp16."""
+    base, processor = _tiny_whisper_session
+    model = copy.deepcopy(base)
+    prepare_qat(model, {**dict.fromkeys(default_quant_targets(model), "int4-g32"), EMBEDDING: "int8"})
+    report = save_compressed(model, processor, tmp_path / "emb8")
+    assert report.dense_load and not report.embedding_quantized and report.embedding_reason == EMBEDDING_REASON
+    assert list(_quantization_config(report.folder)["config_groups"]) == ["w4_group32"]
+    with safe_open(str(report.folder / "model.safetensors"), framework="pt") as file:
+        assert file.get_tensor(f"{EMBEDDING}.weight").dtype == torch.float16
+    reference = copy.deepcopy(model).eval()
+    convert_qat(reference)
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.copy_(param.half().float())
+    features = torch.randn(1, 80, 3000, generator=torch.Generator().manual_seed(2))
+    ids = torch.tensor([[50258, 50259, 50359, 50363, 400, 1200]])
+    np.save(tmp_path / "features.npy", features.numpy())
+    np.save(tmp_path / "decoder_ids.npy", ids.numpy())
+    result = subprocess.run(
+        [sys.executable, "-c", DENSE_LOADER, str(tmp_path), str(report.folder)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    with torch.no_grad():
+        logits = reference(input_features=features, decoder_input_ids=ids).logits
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "logits.npy")), logits, rtol=0, atol=1e-5)

@@ -7,11 +7,12 @@ compressed-tensors installed and without this package::
 
 How it loads depends on the bit widths (transformers 5, compressed-tensors 0.20):
 
-* **One integer width** (every quantized layer at the same bits, strategy and group size, the usual case of a
+* **One integer width** (every packed linear at the same bits, strategy and group size, the usual case of a
   uniform plan or of post-training quantization): ``config.json`` declares ``"dequantize": true`` and float32, so
   the plain call above unpacks every layer while loading and gives a dense float32 model on which the usual
-  ``model.generate(processor(audio, return_tensors="pt").input_features, language=...)`` runs. The quantized token
-  embedding is stored packed too, once (``proj_out`` is tied to it again on load). That path multiplies codes
+  ``model.generate(processor(audio, return_tensors="pt").input_features, language=...)`` runs. A quantized token
+  embedding of that same width is stored packed too, once (``proj_out`` is tied to it again on load); one of
+  another width (e.g. int8 beside int4 linears) is stored dequantized in fp16. That path multiplies codes
   and scales in fp16 (the scales' dtype), so loaded weights are the fake-quantized ones rounded to fp16.
 * **Mixed widths** (a guided plan): that dense load path decodes every layer with the first config group's scheme
   (``get_dense_scheme`` in transformers' compressed-tensors integration), which would be wrong, so the file takes
@@ -160,14 +161,6 @@ def _shared_weights(model: nn.Module) -> set[str]:
     return {name for names in owners.values() if len(names) > 1 for name in names}
 
 
-def _stored_packed(module: nn.Module, name: str, shared: set[str], dense_load: bool) -> bool:
-    """Whether a quantized layer is stored packed: every linear that holds its own weight, and with a dense load
-    also the token embedding (its tied ``proj_out`` is then not stored: transformers ties it again on load)."""
-    if isinstance(module, nn.Linear):
-        return name not in shared
-    return dense_load and isinstance(module, nn.Embedding)
-
-
 def _declare_dense_load(folder: Path) -> None:
     """``"dequantize": true`` in ``config.json``'s ``quantization_config``: transformers then builds
     ``CompressedTensorsConfig(dequantize=True)`` from the file and unpacks every layer while loading, so plain
@@ -313,10 +306,20 @@ def save_compressed(
     shared = _shared_weights(student)
     converted = strip_training_only(student)
     # transformers' dense load path (quantization_config "dequantize": true) decodes every packed layer with the
-    # first config group's scheme, so only a file of one integer width can take it. That path is also the only one
-    # that loads a packed token embedding (its compressed path needs the Embedding's `weight`), re-tying proj_out.
-    dense_load = len({_scheme_key(q) for q in converted.values()}) == 1
-    packed = {n: q for n, q in converted.items() if _stored_packed(student.get_submodule(n), n, shared, dense_load)}
+    # first config group's scheme, so only a file whose packed linears share one scheme can take it. That path is
+    # also the only one that loads a packed token embedding (its compressed path needs the Embedding's `weight`),
+    # re-tying proj_out (not stored): the embedding is packed when it has that scheme too, else stored in fp16.
+    own_linears = {n for n in converted if isinstance(student.get_submodule(n), nn.Linear) and n not in shared}
+    linear_schemes = {_scheme_key(converted[n]) for n in own_linears}
+    dense_load = len(linear_schemes) <= 1
+
+    def stored_packed(name: str, q: QuantizedWeight) -> bool:
+        if name in own_linears:
+            return True
+        embedding = isinstance(student.get_submodule(name), nn.Embedding)
+        return dense_load and embedding and (not linear_schemes or _scheme_key(q) in linear_schemes)
+
+    packed = {n: q for n, q in converted.items() if stored_packed(n, q)}
     kept = sorted(n for n, q in converted.items() if n not in packed and not any(q is p for p in packed.values()))
     if kept:
         # Their weights hold the dequantized values (convert_qat baked them in); fp16 rounds them slightly.

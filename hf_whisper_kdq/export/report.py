@@ -48,9 +48,9 @@ FORMAT = "compressed-tensors pack-quantized"
 COMPONENTS = ("encoder", "decoder", "embedding", "other")
 EMBEDDING_MODULES = ("model.decoder.embed_tokens", "proj_out")
 EMBEDDING_REASON = (
-    "the file mixes bit widths, which transformers loads only through its compressed path, and that path cannot "
-    "load a quantized nn.Embedding (the tied proj_out and weight initialisation need a `weight`), so the dequantized "
-    "table is stored in fp16; an export of one integer width stores it packed"
+    "transformers loads a packed token embedding only through its dense load path, which decodes every layer with "
+    "one scheme: an embedding of another width than the packed linears, or in a file whose linears mix widths, is "
+    "stored dequantized in fp16 (the tied proj_out and weight initialisation of the compressed path need a `weight`)"
 )
 _GRANULARITY = {"tensor": "per_tensor", "channel": "per_channel", "group": "per_group"}
 
@@ -306,7 +306,8 @@ def build_compression_report(
             "planned_bytes": planned_bytes,
             "as_stored_bytes": as_stored_bytes,
             "fp16_bytes": 2 * total_params,
-            "note": "fp16 for everything except quantized weights: ceil(numel*bits/8) + 2 bytes per scale; "
+            "note": "fp16 for everything except quantized weights: each row's codes in whole 32-bit words "
+            "(rows * ceil(cols * bits / 32) * 4) + 2 bytes per scale; "
             "tied weights once; planned = the plan's bits, as stored = what the file holds",
         },
         "paper_components": {"planned": paper, "as_stored": as_stored},
