@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 # quant_targets and quant_bit_choices too, unless the command line does, and train the encoder they quantize
 # (a frozen encoder at 2-3 bits is round-to-nearest quantization, which collapses whisper-base below 4 bits).
 # The level ratios are the paper's, so they count in the paper's accounting (the embedding at its planned bits):
-# on disk, where the packed file keeps the embedding in fp16 (53 MB of whisper-base's 145 MB), none is reachable.
+# on disk, where a packed file of mixed widths keeps the embedding in fp16 (53 MB of whisper-base's 145 MB), none
+# is reachable (only a one-width file stores it packed: see export.compressed).
 PAPER_ACCOUNTING = {"size_budget_accounting": "paper"}
 PAPER_LEVEL_DEFAULTS = {
     "quant_targets": "encoder,decoder,embedding",

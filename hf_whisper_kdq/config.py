@@ -145,9 +145,9 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
     size_budget_accounting: str = field(
         default="on_disk",
         metadata={
-            "help": "How the budget counts the token embedding: 'on_disk' in fp16, as the packed checkpoint stores "
-            "it (transformers cannot load a quantized embedding), so that the budget bounds the file; or 'paper' "
-            "at its planned bits (the paper's accounting, used by compress's --level presets)."
+            "help": "How the budget counts the token embedding: 'on_disk' in fp16, as a packed checkpoint of mixed "
+            "widths stores it (only a one-width export stores it packed), so that the budget bounds the file; or "
+            "'paper' at its planned bits (the paper's accounting, used by compress's --level presets)."
         },
     )
 
