@@ -14,6 +14,7 @@ Each name is imported from its module on first use (PEP 562), so that ``import h
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what IDEs and type checkers read
@@ -77,7 +78,10 @@ __all__ = [
 
 def __getattr__(name: str):
     if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        # hf_whisper_kdq.quant, .export ... as the eager package gave them (importing one sets it as an attribute).
+        if importlib.util.find_spec(f"{__name__}.{name}") is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        return importlib.import_module(f".{name}", __name__)
     value = getattr(importlib.import_module(_HOMES[name], __name__), name)
     globals()[name] = value  # later look-ups skip this function
     return value

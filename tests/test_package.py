@@ -37,3 +37,13 @@ def test_each_public_name_comes_from_the_module_type_checkers_are_shown():
     assert set(hf_whisper_kdq.__all__) <= set(dir(hf_whisper_kdq))
     with pytest.raises(AttributeError, match="has no attribute 'DistillQuantTrainr'"):
         hf_whisper_kdq.DistillQuantTrainr  # noqa: B018
+
+
+def test_subpackages_are_attributes_of_the_package_as_before_it_was_lazy():
+    script = (
+        "import hf_whisper_kdq as h; print(h.quant.QuantSpec.__name__, h.export.save_compressed.__name__)\n"
+        "try:\n    h.no_such_module\nexcept AttributeError:\n    print('refused')"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["QuantSpec", "save_compressed", "refused"]
