@@ -32,7 +32,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .config import DistillQuantArguments
 from .forwards import StudentTeacherForwards
 from .losses import IGNORE_INDEX, logit_distillation_loss
-from .quant import FLOAT_BITS, QuantSpec, search_clip_ratios_in_place, set_quant_specs
+from .quant import FLOAT_BITS, QuantSpec, set_quant_specs
 from .selection import (
     KDQPlan,
     allocate_bits,
@@ -59,7 +59,6 @@ class SelectionHost(Protocol):
     args: DistillQuantArguments
     plan: KDQPlan
     forwards: StudentTeacherForwards
-    is_fsdp_enabled: bool  # the student's weights are shards outside its forward
 
     def unwrapped_student(self) -> nn.Module: ...
 
@@ -230,11 +229,6 @@ class LayerSelectionCallback(TrainerCallback, ExportableState):
         choose_distillation_layers(plan, args.num_distill_layers, sides, cost=args.selection_cost)
         plan.step = step
         trainer.apply_plan(plan)
-        if step == 0 and not trainer.is_fsdp_enabled:
-            # The wrappers searched their clipping ratios at the bits they were prepared with (the highest choice,
-            # where every ratio is ~1); training starts from the ratios of the bits just planned. Later selections
-            # keep the ratios training has moved. (Under FSDP the weights are shards here: the search is skipped.)
-            search_clip_ratios_in_place(model)
         model.train(was_training)
         if trainer.is_world_process_zero():
             logger.info("\n%s", plan.summary())

@@ -1073,23 +1073,3 @@ def test_no_embedding_size_warning_for_a_plan_of_one_width(tmp_path, micro_whisp
         trainer.train()
     assert trainer.plan.unit("embedding").bits == 4
     assert "stores the embedding in fp16" not in caplog.text
-
-
-def test_training_starts_from_the_clipping_ratios_of_the_planned_bits(tmp_path, micro_whisper):
-    """The wrappers are prepared at the highest bit choice (8 here), where the searched ratios are ~1; once the
-    step-0 selection plans 3 bits, the ratios are searched again at 3 bits, in the Parameters the optimizer holds."""
-    from hf_whisper_kdq.quant import FakeQuantLinear, search_clip_ratios
-
-    teacher = micro_whisper(decoder_layers=2)
-    student = build_student(teacher, decoder_layers=2)
-    budget = _student_budget_mb(student, 3.5)  # every linear at 3 bits fits, not many at 8
-    args = _args(tmp_path, max_steps=1, quant_targets="encoder,decoder", quant_bit_choices="3,8", size_budget_mb=budget)
-    trainer = _trainer(student, teacher, args, make_micro_rows(8))
-    layer = trainer.model.model.decoder.layers[0].fc1
-    assert isinstance(layer, FakeQuantLinear) and layer.quant_spec.bits == 8
-    clip = layer.weight_clip
-    _selection_callback(trainer).select(step=0)
-    assert layer.quant_spec.bits == 3 and layer.weight_clip is clip
-    expected = search_clip_ratios(layer.weight.detach(), layer.quant_spec, layer=layer.quant_name)
-    assert torch.equal(clip.detach(), expected)
-    assert (expected < 1).any()  # the 3-bit search clips where the 8-bit one did not

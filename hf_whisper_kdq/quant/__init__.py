@@ -18,7 +18,6 @@ from .api import (
     prepare_qat,
     quant_specs,
     quantized_size_bytes,
-    search_clip_ratios_in_place,
     set_quant_specs,
 )
 from .fake_quant import QuantizedWeight, fake_quantize, quantize_weight, search_clip_ratios
@@ -41,7 +40,6 @@ __all__ = [
     "quantize_weight",
     "quantized_size_bytes",
     "search_clip_ratios",
-    "search_clip_ratios_in_place",
     "set_quant_specs",
     "weight_bytes",
 ]

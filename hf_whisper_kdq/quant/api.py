@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .fake_quant import QuantizedWeight, quantize_weight, search_clip_ratios
+from .fake_quant import QuantizedWeight, quantize_weight
 from .modules import FAKE_QUANT_TYPES, FakeQuantEmbedding, FakeQuantLinear, _QuantGroup
 from .spec import QuantSpec, as_spec, weight_bytes
 
@@ -186,25 +186,6 @@ def set_quant_specs(model: nn.Module, specs: Mapping[str, SpecLike]) -> None:
     _tie_groups(model, parsed)  # conflicting specs for tied layers → ValueError, before any change
     for name, spec in parsed.items():
         modules[name].set_quant_spec(spec)
-
-
-def search_clip_ratios_in_place(model: nn.Module) -> int:
-    """Set every learnable clipping ratio to `search_clip_ratios` at its layer's *current* spec, in place (optimizers
-    keep tracking the same Parameters). A wrapper searches its ratios when it is created, at the bits it is
-    prepared with; after a selection has changed the bits (e.g. 8 -> 3), this is where training should start.
-
-    Returns the number of layers whose ratios were set (tied layers share theirs: searched once)."""
-    seen = set()
-    with torch.no_grad():
-        for module in model.modules():
-            clip = getattr(module, "weight_clip", None)
-            if not isinstance(module, FAKE_QUANT_TYPES) or module.quant_spec is None or clip is None:
-                continue
-            if id(clip) in seen:
-                continue
-            seen.add(id(clip))
-            clip.copy_(search_clip_ratios(module.weight.detach(), module.quant_spec, layer=module.quant_name))
-    return len(seen)
 
 
 def convert_qat(model: nn.Module) -> dict[str, QuantizedWeight]:
