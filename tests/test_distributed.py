@@ -234,8 +234,9 @@ def test_fsdp_with_bf16_mixed_precision_trains_like_fp32(tmp_path, one_process):
     fp32, bf16 = one_process(), torch.load(tmp_path / "bf16" / "result.pt")
     # bf16 arithmetic did run: fp32 on 2 processes differs from 1 process by ~1e-7 relative, bf16 by ~1e-4.
     assert max(abs(b - f) / f for b, f in zip(bf16["losses"], fp32["losses"])) > 1e-5
-    assert bf16["losses"] == pytest.approx(fp32["losses"], rel=1e-3)
-    assert bf16["test_loss"] == pytest.approx(fp32["test_loss"], rel=1e-3)
+    # Up to 1.2e-3 measured since the signed-scale grid (2026-12-04; 1e-3 held before): bf16 rounding moves codes.
+    assert bf16["losses"] == pytest.approx(fp32["losses"], rel=2e-3)
+    assert bf16["test_loss"] == pytest.approx(fp32["test_loss"], rel=2e-3)
     assert {weight.dtype for weight in bf16["weights"].values()} == {torch.float32}
 
 
