@@ -449,6 +449,21 @@ assert "hf_whisper_kdq" not in sys.modules
 )
 
 
+def _load_dense_in_a_subprocess(folder: Path, work: Path, features: torch.Tensor, ids: torch.Tensor) -> None:
+    """Run DENSE_LOADER on ``folder`` (no import of this package): ``work`` then holds its logits.npy and
+    generated.npy."""
+    np.save(work / "features.npy", features.numpy())
+    np.save(work / "decoder_ids.npy", ids.numpy())
+    result = subprocess.run(
+        [sys.executable, "-c", DENSE_LOADER, str(work), str(folder)],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
 @pytest.fixture(scope="module")
 def one_width_export(_tiny_whisper_session, tmp_path_factory):
     base, processor = _tiny_whisper_session
@@ -496,16 +511,7 @@ def test_one_width_export_loads_dense_with_plain_from_pretrained(one_width_expor
     generator = torch.Generator().manual_seed(1)
     features = torch.randn(2, 80, 3000, generator=generator)
     ids = torch.tensor([[50258, 50259, 50359, 50363, 400, 1200, 7000]] * 2)
-    np.save(tmp_path / "features.npy", features.numpy())
-    np.save(tmp_path / "decoder_ids.npy", ids.numpy())
-    result = subprocess.run(
-        [sys.executable, "-c", DENSE_LOADER, str(tmp_path), str(one_width_export.out)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    _load_dense_in_a_subprocess(one_width_export.out, tmp_path, features, ids)
     reference = one_width_export.reference
     with torch.no_grad():
         logits = reference(input_features=features, decoder_input_ids=ids).logits
@@ -532,16 +538,7 @@ def test_an_embedding_of_another_width_keeps_the_dense_load_and_is_stored_in_fp1
             param.copy_(param.half().float())
     features = torch.randn(1, 80, 3000, generator=torch.Generator().manual_seed(2))
     ids = torch.tensor([[50258, 50259, 50359, 50363, 400, 1200]])
-    np.save(tmp_path / "features.npy", features.numpy())
-    np.save(tmp_path / "decoder_ids.npy", ids.numpy())
-    result = subprocess.run(
-        [sys.executable, "-c", DENSE_LOADER, str(tmp_path), str(report.folder)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    _load_dense_in_a_subprocess(report.folder, tmp_path, features, ids)
     with torch.no_grad():
         logits = reference(input_features=features, decoder_input_ids=ids).logits
     torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "logits.npy")), logits, rtol=0, atol=1e-5)
