@@ -321,25 +321,7 @@ def _selection_trainer(tmp_path, micro_whisper, plant, planted_layer=1, **argume
     teacher = micro_whisper(decoder_layers=4)
     student = build_student(teacher, decoder_layers=3)  # decoder layers [0, 2, 3] of the teacher
     plant(student.model.decoder.layers[planted_layer])
-    args = DistillQuantArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        report_to="none",
-        use_cpu=True,
-        remove_unused_columns=False,
-        quant_targets="decoder",
-        num_distill_layers=1,
-        **arguments,
-    )
-    trainer = DistillQuantTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=args,
-        train_dataset=Dataset.from_list(make_micro_rows(8)),
-        data_collator=micro_collate,
-    )
-    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, LayerSelectionCallback))
-    return trainer, callback
+    return _trainer(tmp_path, student, teacher, quant_targets="decoder", **arguments)
 
 
 def _budget_mb(trainer, bits_per_unit: dict[int, int]) -> float:
