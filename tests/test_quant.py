@@ -479,6 +479,23 @@ def test_deepcopy_of_prepared_model_keeps_ties(tiny_whisper):
     assert model.model.decoder.embed_tokens.quant_spec == QuantSpec.parse("int4-g32-clip")
 
 
+def test_no_grad_cache_never_outlives_a_fused_optimizer_step():
+    # torch's fused AdamW (transformers 5's default optim) updates weights without bumping their version counters.
+    layer = FakeQuantLinear.from_float(torch.nn.Linear(64, 8), name="layer")
+    layer.set_quant_spec("int4-g32-clip")
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
+    x = torch.randn(3, 64)
+    for _ in range(2):
+        with torch.no_grad():
+            layer(x)  # fills the cache
+        layer(x).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            expected = fake_quantize(layer.weight, layer.quant_spec, layer.weight_clip)
+            assert torch.equal(layer.quantized_weight(), expected)
+
+
 def test_no_grad_forwards_reuse_the_quantized_weight_until_it_changes():
     layer = FakeQuantLinear.from_float(torch.nn.Linear(64, 8), name="layer")
     layer.set_quant_spec("int4-g32")

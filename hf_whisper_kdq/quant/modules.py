@@ -122,9 +122,14 @@ class _FakeQuantMixin:
         if spec is None:
             return self.weight
         clip = self.weight_clip if spec.learnable_clipping else None
+        group = self._quant_group
         if torch.is_grad_enabled():
+            # A forward with autograd precedes every optimizer step, and fused optimizers (torch's default AdamW in
+            # transformers 5: adamw_torch_fused) update parameters without bumping their version counters: the
+            # cache must not outlive a training forward.
+            group.cached = None
             return fake_quantize(self.weight, spec, clip, layer=self.quant_name)
-        # Parameters' version counters change on every in-place update (optimizer steps, load_state_dict).
+        # Other in-place updates (load_state_dict, manual edits) bump the version counters.
         key = (
             spec,
             self.weight.data_ptr(),
@@ -132,7 +137,6 @@ class _FakeQuantMixin:
             self.weight.dtype,
             None if clip is None else (clip.data_ptr(), clip._version),
         )
-        group = self._quant_group
         if group.cached is None or group.cached[0] != key:
             group.cached = (key, fake_quantize(self.weight, spec, clip, layer=self.quant_name))
         return group.cached[1]
