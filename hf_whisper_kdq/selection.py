@@ -199,8 +199,13 @@ def initial_plan(
 
 
 def starting_plan(model: nn.Module, teacher_model: nn.Module, args) -> KDQPlan:
-    """The plan a `DistillQuantTrainer` starts from: ``args.quant_targets`` at the highest integer bit choice,
-    each student layer matched to its teacher layer (`teacher_layer_map`); selection rewrites it at train begin."""
+    """The plan a `DistillQuantTrainer` starts from: ``args.quant_targets`` at the widest uniform integer bit choice
+    that fits the size budget (the highest without one), each student layer matched to its teacher layer
+    (`teacher_layer_map`); selection rewrites it at train begin.
+
+    The starting bits matter: learnable clipping ratios are searched when the layers are prepared, before the
+    optimizer exists (an optimizer's master copies, e.g. DeepSpeed's fp32 ones, would undo a later re-search), and
+    ratios searched at 8 bits are ~1, useless at the 3 or 4 bits a budget leads to."""
     targets = args.quant_target_set
     integer_bits = [b for b in args.bit_choices if b < FLOAT_BITS]
     try:
@@ -211,7 +216,7 @@ def starting_plan(model: nn.Module, teacher_model: nn.Module, args) -> KDQPlan:
         names = []
     if "embedding" in targets and names:
         names.append("proj_out")  # tied to the embedding: one unit, quantized together
-    return initial_plan(
+    plan = initial_plan(
         names if integer_bits else [],
         teacher_layer_map(model, teacher_model),
         bits=max(integer_bits) if integer_bits else FLOAT_BITS,
@@ -219,6 +224,21 @@ def starting_plan(model: nn.Module, teacher_model: nn.Module, args) -> KDQPlan:
         group_size=args.quant_group_size,
         learnable_clipping=args.learnable_clipping,
     )
+    budget = args.budget_bytes(fp16_bytes(teacher_model))
+    if budget is not None and plan.module_specs():
+        shapes, stored_float = plan_shapes(model, plan), float_stored_units(args)
+        bits = uniform_bits(
+            plan,
+            shapes,
+            args.bit_choices,
+            fixed_bytes=fixed_bytes(model, plan, shapes),
+            budget_bytes=budget,
+            stored_float=stored_float,
+        )
+        for unit in plan.units:
+            if bits is not None and unit.modules and unit.name not in stored_float:
+                unit.bits = bits
+    return plan
 
 
 # ---- measurements --------------------------------------------------------------------------------------

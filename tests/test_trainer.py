@@ -18,6 +18,7 @@ from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
 from hf_whisper_kdq.callbacks import LayerSelectionCallback
 from hf_whisper_kdq.losses import IGNORE_INDEX, hidden_distillation_loss
+from hf_whisper_kdq.quant import search_clip_ratios
 from hf_whisper_kdq.selection import PLAN_FILE, KDQPlan, match_layers, relative_hidden_errors
 from hf_whisper_kdq.students import build_student
 from hf_whisper_kdq.trainer import DistillQuantTrainer
@@ -1061,6 +1062,24 @@ def test_clipping_ratios_have_their_own_parameter_group(tmp_path, pair):
     trainer.train()
     moved = [n for n, p in trainer.model.named_parameters() if n in before and not torch.equal(p, before[n])]
     assert moved
+
+
+def test_clipping_ratios_start_searched_at_the_widest_uniform_bits_the_budget_allows(tmp_path, pair):
+    # Searched when the layers are prepared (before any optimizer holds copies of them): at 8 bits the search
+    # returns ratios of ~1, which would leave learnable clipping to start from no clipping at 3 bits.
+    student, teacher = pair
+    args = _args(tmp_path, max_steps=1, learnable_clipping=True, size_budget_mb=_student_budget_mb(student, 3.2))
+    trainer = _trainer(student, teacher, args, make_micro_rows(8))
+    assert {u.bits for u in trainer.plan.units if u.modules} == {3}
+    searched_below_one = 0
+    for name, module in trainer.model.named_modules():
+        if getattr(module, "weight_clip", None) is not None:
+            spec = module.quant_spec
+            assert spec.bits == 3
+            expected = search_clip_ratios(module.weight.detach(), spec, layer=name)
+            assert torch.equal(module.weight_clip.detach(), expected), name
+            searched_below_one += int((expected < 1).any())
+    assert searched_below_one > 0
 
 
 def test_no_embedding_size_warning_for_a_plan_of_one_width(tmp_path, micro_whisper, caplog):
