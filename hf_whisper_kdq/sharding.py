@@ -57,6 +57,17 @@ def check_sharding(trainer) -> None:
             f"whole: use ZeRO stage 1 or 2 ({ZERO2_EXAMPLE}), which shard optimizer state and gradients, or FSDP "
             f"version 2 ({FSDP2_EXAMPLE})"
         )
+    if (
+        trainer.is_deepspeed_enabled
+        and trainer.args.learnable_clipping
+        and "optimizer" in trainer.accelerator.state.deepspeed_plugin.deepspeed_config
+    ):
+        raise ValueError(
+            'the DeepSpeed config has an "optimizer" section: DeepSpeed then builds the optimizer itself, and the '
+            "learnable clipping ratios would train at the weights' learning rate instead of clip_learning_rate. "
+            'Remove the "optimizer" section (DeepSpeed then wraps the trainer\'s AdamW, whose clipping ratios have '
+            f"their own parameter group, as with {ZERO2_EXAMPLE}), or set learnable_clipping=False"
+        )
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -224,6 +224,18 @@ def test_zero3_is_refused_with_the_alternative(tmp_path):
     check_sharding(_trainer_sharded_by(tmp_path, **SHARDING["zero2"]))  # the alternative named
 
 
+@mock.patch.dict(os.environ)
+def test_a_deepspeed_optimizer_section_is_refused_with_learnable_clipping(tmp_path):
+    # DeepSpeed would build that optimizer itself: the clipping ratios' own learning rate would be lost.
+    pytest.importorskip("deepspeed")
+    config = json.loads(Path(SHARDING["zero2"]["deepspeed"]).read_text())
+    config["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}}
+    with pytest.raises(ValueError, match=r'"optimizer" section.*clip_learning_rate.*Remove the "optimizer" section'):
+        check_sharding(_trainer_sharded_by(tmp_path, deepspeed=config, learnable_clipping=True))
+    check_sharding(_trainer_sharded_by(tmp_path, deepspeed=config, learnable_clipping=False))
+    check_sharding(_trainer_sharded_by(tmp_path, **SHARDING["zero2"], learnable_clipping=True))
+
+
 def test_fsdp_with_bf16_mixed_precision_trains_like_fp32(tmp_path, one_process):
     # FSDP's mixed-precision policy hands the fake quantization bf16 copies of the weights (fp32 masters are kept).
     _run(
