@@ -339,13 +339,19 @@ class PreparationReport:
         return f"kept {self.rows_kept} of {self.rows_in} rows; dropped {reasons}"
 
 
+# ISO 639-2/3 codes that corpora use for Whisper's languages (AISHELL and Common Voice write Mandarin "cmn").
+_ISO_639_3 = {"cmn": "zh", "zho": "zh", "chi": "zh", "eng": "en"}
+
+
 def language_code(language: str | None) -> str | None:
-    """Whisper's code for ``language`` ("en", "English", "en-US", "mandarin" -> "zh"), None if unknown."""
+    """Whisper's code for ``language`` ("en", "English", "en-US", "mandarin", "cmn" -> "zh"), None if unknown."""
     if not language:
         return None
     name = language.strip().lower()
     if name in LANGUAGES:
         return name
+    if name in _ISO_639_3:
+        return _ISO_639_3[name]
     if name in TO_LANGUAGE_CODE:
         return TO_LANGUAGE_CODE[name]
     base = name.replace("_", "-").split("-")[0]

@@ -35,7 +35,7 @@ CHINESE_LANGUAGES = frozenset({"zh", "yue"})
 def language_code(language: str) -> str:
     """``"en"``, ``"English"``, ``"zh-CN"``, ``"mandarin"``, ``"<|zh|>"`` -> Whisper's code; ValueError if unknown."""
     text = language.strip().removeprefix("<|").removesuffix("|>") if isinstance(language, str) else ""
-    code = data.language_code(text) or ("zh" if text.lower() == "cmn" else None)
+    code = data.language_code(text)
     if code is None:
         raise ValueError(f"unknown language {language!r}: use a Whisper language code such as 'en', 'zh' or 'ja'")
     return code

@@ -202,14 +202,8 @@ def test_load_speech_dataset_dispatches_jsonl(corpus_dir):
 
 
 def test_language_code():
-    assert [language_code(x) for x in ("en", "English", "zh-CN", "mandarin", "klingon", None)] == [
-        "en",
-        "en",
-        "zh",
-        "zh",
-        None,
-        None,
-    ]
+    names = ("en", "English", "zh-CN", "mandarin", "cmn", "klingon", None)
+    assert [language_code(x) for x in names] == ["en", "en", "zh", "zh", "zh", None, None]
 
 
 def test_prepare_dataset_labels_match_whisper_prefix(corpus_dir, processor):
