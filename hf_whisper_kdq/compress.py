@@ -27,6 +27,7 @@ from .evaluation import SMOKE_RUN_BANNER, evaluate_model
 from .files import atomic_folder, atomic_write_text
 from .hub import push_compressed
 from .labelling import pseudo_label
+from .mixture import mix, parse_sources, with_provenance
 from .selection import UnreachableBudgetError, check_size_budget, fp16_bytes, starting_plan
 from .sources import load_whisper
 from .students import build_student
@@ -99,7 +100,37 @@ class CompressArguments:
     )
     encoder_layers: int | None = field(default=None, metadata={"help": "Encoder layers of a spaced-copy student."})
     decoder_layers: int | None = field(default=None, metadata={"help": "Decoder layers of a spaced-copy student."})
-    train_manifest: str | None = field(default=None, metadata={"help": "JSONL manifest of labelled training speech."})
+    train_manifest: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSONL manifest(s) of training speech, comma-separated (a.jsonl,b.jsonl): one source each, "
+            "mixed in the shares of --train_weights (see hf_whisper_kdq.mixture)."
+        },
+    )
+    train_weights: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated weights of the --train_manifest sources, e.g. 3,1,1: rows are drawn from "
+            "each in proportion until every source has given all its rows (a small source with a large weight is "
+            "repeated). Default: the sources are concatenated, each row once."
+        },
+    )
+    train_labels: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where each --train_manifest source's labels come from: 'reference' (its transcripts, the "
+            "default) or 'teacher' (the teacher transcribes its audio; with --label_wer_threshold, rows whose "
+            "transcript disagrees with the reference by more are dropped). One value, or one per manifest."
+        },
+    )
+    spec_augment: bool = field(
+        default=False,
+        metadata={
+            "help": "SpecAugment on the student's encoder input during training (transformers' Whisper masking: "
+            "time masks, mask_time_prob 0.05). No effect on an encoder whose outputs are shared or cached "
+            "(--freeze_encoder)."
+        },
+    )
     train_dataset: str | None = field(
         default=None, metadata={"help": "A `datasets` audio dataset (Hub id or local path) for training."}
     )
@@ -149,6 +180,8 @@ class CompressArguments:
             raise ValueError(f"--level {self.level!r}: choose one of {', '.join(LEVELS)}, none")
         if self.synthetic_prompts < 0:
             raise ValueError("--synthetic_prompts must be ≥ 0")
+        if self.train_manifest or self.train_weights or self.train_labels:
+            parse_sources(self.train_manifest or "", self.train_weights, self.train_labels)  # raises naming the fix
         if self.synthetic_text and not Path(self.synthetic_text).is_file():
             raise ValueError(f"--synthetic_text {self.synthetic_text}: no such file (give id<TAB>text lines)")
 
@@ -220,10 +253,11 @@ def apply_level(compress: CompressArguments, args: DistillQuantArguments) -> tup
     return decoder_layers, args
 
 
-def _teacher_labels(compress: CompressArguments, teacher, processor, timer: PhaseTimer, folder: Path | None):
-    """The teacher's transcripts of ``--unlabeled_manifest``, kept in the output folder and reused while the manifest,
-    the teacher's weights and the threshold are unchanged: by the other processes of a multi-process launch (the
-    main process labels first) and by a rerun. Labelling is the slowest data phase on a CPU."""
+def _teacher_labels(manifest: str, threshold: float | None, teacher, processor, timer: PhaseTimer, folder: Path | None):
+    """The teacher's transcripts of ``manifest``'s audio (rows whose error rate against their reference exceeds
+    ``threshold`` dropped), kept in ``folder`` and reused while the manifest, the teacher's weights and the threshold
+    are unchanged: by the other processes of a multi-process launch (the main process labels first) and by a rerun.
+    Labelling is the slowest data phase on a CPU."""
     import hashlib
 
     from datasets import load_from_disk
@@ -233,17 +267,15 @@ def _teacher_labels(compress: CompressArguments, teacher, processor, timer: Phas
         weights.update(name.encode())
         weights.update(tensor.detach().float().cpu().numpy().tobytes())
     key = {
-        "manifest_sha256": hashlib.sha256(Path(compress.unlabeled_manifest).read_bytes()).hexdigest(),
+        "manifest_sha256": hashlib.sha256(Path(manifest).read_bytes()).hexdigest(),
         "teacher_weights_sha256": weights.hexdigest(),
-        "wer_threshold": compress.label_wer_threshold,
+        "wer_threshold": threshold,
     }
     if folder is not None and (folder / "key.json").is_file() and json.loads((folder / "key.json").read_text()) == key:
-        logger.info("reusing the teacher's labels in %s", folder)
+        logger.info("reusing the teacher's labels of %s in %s", manifest, folder)
         return load_from_disk(str(folder / "dataset"))
-    with timer("label unlabeled audio with the teacher"):
-        labelled, report = pseudo_label(
-            load_manifest(compress.unlabeled_manifest), teacher, processor, wer_threshold=compress.label_wer_threshold
-        )
+    with timer(f"label {Path(manifest).name} with the teacher"):
+        labelled, report = pseudo_label(load_manifest(manifest), teacher, processor, wer_threshold=threshold)
         logger.info("%s", report.summary())
     labelled = labelled.select_columns(["id", "corpus", "language", "audio", "duration", "text"])
     if folder is None:
@@ -255,30 +287,72 @@ def _teacher_labels(compress: CompressArguments, teacher, processor, timer: Phas
     return labelled
 
 
+def _labels_folder(output_dir: str | None, manifest: str) -> Path | None:
+    """Where the teacher's labels of ``manifest`` are kept: one folder per manifest path under the output folder."""
+    if not output_dir:
+        return None
+    import hashlib
+
+    digest = hashlib.sha256(str(Path(manifest).absolute()).encode()).hexdigest()[:8]
+    return Path(output_dir) / "teacher_labels" / f"{Path(manifest).stem}-{digest}"
+
+
 def training_data(
-    compress: CompressArguments, teacher, processor, *, timer: PhaseTimer | None = None, output_dir: str | None = None
+    compress: CompressArguments,
+    teacher,
+    processor,
+    *,
+    timer: PhaseTimer | None = None,
+    output_dir: str | None = None,
+    seed: int = 0,
 ):
-    """The training rows ``compress`` trains on (``id``, ``corpus``, ``language``, ``audio``, ``text``), from the
-    data flags of ``compress``: manifests, a ``datasets`` id, ``--unlabeled_manifest`` transcribed by ``teacher``
-    (its labels kept under ``output_dir/teacher_labels`` and reused) and synthesized speech, concatenated and capped
-    at ``--max_train_samples``. Features and labels come next, from ``data.prepare_dataset``."""
+    """The training rows ``compress`` trains on (the manifest columns ``id``, ``corpus``, ``language``, ``audio``,
+    ``duration``, ``text``, and the provenance columns ``source`` and ``labels``), from its data flags: the
+    ``--train_manifest`` sources mixed in their ``--train_weights`` shares (`mixture.mix`; sources labelled by
+    the teacher are transcribed first, their labels kept under ``output_dir/teacher_labels`` and reused), a
+    ``datasets`` id, ``--unlabeled_manifest`` transcribed by ``teacher`` and synthesized speech, concatenated and
+    capped at ``--max_train_samples``. Features and labels come next, from ``data.prepare_dataset``;
+    ``mixture.describe`` tells what each source gave."""
     from datasets import concatenate_datasets
 
+    timer = timer or PhaseTimer()
+    language = compress.language
     parts = []
     if compress.train_manifest:
-        parts.append(load_manifest(compress.train_manifest))
+        sources = parse_sources(compress.train_manifest, compress.train_weights, compress.train_labels)
+        rows = [
+            _teacher_labels(
+                source.location,
+                compress.label_wer_threshold,
+                teacher,
+                processor,
+                timer,
+                _labels_folder(output_dir, source.location),
+            )
+            if source.labels == "teacher"
+            else load_manifest(source.location)
+            for source in sources
+        ]
+        parts.append(mix(rows, sources, seed=seed, language=language))
     if compress.train_dataset:
-        parts.append(
-            load_speech_dataset(compress.train_dataset, split=compress.train_split, language=compress.language)
-        )
-    timer = timer or PhaseTimer()
+        corpus = load_speech_dataset(compress.train_dataset, split=compress.train_split, language=language)
+        parts.append(with_provenance(corpus, compress.train_dataset, "reference", language))
     if compress.unlabeled_manifest:
-        folder = Path(output_dir) / "teacher_labels" if output_dir else None
-        parts.append(_teacher_labels(compress, teacher, processor, timer, folder))
+        labelled = _teacher_labels(
+            compress.unlabeled_manifest,
+            compress.label_wer_threshold,
+            teacher,
+            processor,
+            timer,
+            _labels_folder(output_dir, compress.unlabeled_manifest),
+        )
+        parts.append(with_provenance(labelled, compress.unlabeled_manifest, "teacher", language))
     if compress.synthetic_prompts:
         with timer("synthesize training speech"):
             prompts = load_prompts(compress.synthetic_text) if compress.synthetic_text else default_prompts("train")
-            parts.append(synthesize_dataset(prompts[: compress.synthetic_prompts]))
+            speech = synthesize_dataset(prompts[: compress.synthetic_prompts])
+        source = compress.synthetic_text or "embedded prompts"
+        parts.append(with_provenance(speech, f"synthesized: {source}", "prompt text", language))
     if not parts:
         raise ValueError(
             "no training data: give --train_manifest, --train_dataset, --unlabeled_manifest or --synthetic_prompts > 0"
@@ -364,11 +438,18 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
         else:
             student = build_student(teacher, encoder_layers=compress.encoder_layers, decoder_layers=decoder_layers)
         check_level_reachable(compress, student, teacher, args)
+    if compress.spec_augment:
+        # transformers masks the student encoder's input in training mode (the frozen teacher is in eval mode).
+        student.config.apply_spec_augment = True
+        if args.freeze_encoder:
+            logger.warning(
+                "--spec_augment has no effect with --freeze_encoder: the encoder outputs are shared or cached"
+            )
     multilingual = bool(teacher.generation_config.is_multilingual)
     # Under torchrun / accelerate launch the main process synthesizes and labels first, filling the on-disk
     # caches that the other processes then read instead of repeating the work.
     with args.main_process_first(desc="training and evaluation data"):
-        train = training_data(compress, teacher, processor, timer=timer, output_dir=args.output_dir)
+        train = training_data(compress, teacher, processor, timer=timer, output_dir=args.output_dir, seed=args.seed)
         evaluation = evaluation_data(compress, timer)
         with timer("features and labels"):
             train_features, report = prepare_dataset(train, processor, multilingual=multilingual)

@@ -170,8 +170,7 @@ def test_teacher_labels_are_kept_and_reused_until_threshold_or_teacher_change(tm
     teacher = make_micro_whisper(seed=0)
 
     def labels(threshold=None, teacher=teacher):
-        compress = CompressArguments(unlabeled_manifest=str(manifest), label_wer_threshold=threshold)
-        return _teacher_labels(compress, teacher, None, PhaseTimer(), folder)
+        return _teacher_labels(str(manifest), threshold, teacher, None, PhaseTimer(), folder)
 
     first = labels()
     assert len(calls) == 1 and (folder / "key.json").is_file() and (folder / "labelling_report.json").is_file()

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hf_whisper_kdq"
 LAYERS = (
     ("files and quantization", {"files", "quant"}),
     ("inputs and settings", {"sources", "audio", "students", "losses", "hub", "config"}),
-    ("data and measures", {"data", "scoring", "synthesis", "adapters", "output_cache"}),
+    ("data and measures", {"data", "mixture", "scoring", "synthesis", "adapters", "output_cache"}),
     ("planning and evaluation", {"selection", "evaluation", "labelling"}),
     ("training parts and exports", {"forwards", "callbacks", "sharding", "figures", "card", "export"}),
     ("trainer", {"trainer"}),
