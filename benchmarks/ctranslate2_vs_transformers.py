@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from hf_whisper_kdq.data import load_manifest
-from hf_whisper_kdq.evaluation import evaluate_faster_whisper, evaluate_model
+from hf_whisper_kdq.evaluation import evaluate_model
+from hf_whisper_kdq.evaluation_ctranslate2 import evaluate_faster_whisper
 from hf_whisper_kdq.export.ctranslate2 import QUANTIZATIONS, export_ctranslate2
 from hf_whisper_kdq.sources import load_whisper
 

@@ -333,7 +333,7 @@ def test_plain_transformers_generates_the_students_ids(run, tmp_path):
 def test_ctranslate2_int8_copy_transcribes(run):
     pytest.importorskip("ctranslate2")
     pytest.importorskip("faster_whisper")
-    from hf_whisper_kdq.evaluation import transcribe_faster_whisper
+    from hf_whisper_kdq.evaluation_ctranslate2 import transcribe_faster_whisper
     from hf_whisper_kdq.export.ctranslate2 import export_ctranslate2
 
     trainer = run["trainer"]

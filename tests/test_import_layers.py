@@ -16,7 +16,7 @@ LAYERS = (
     ("files and quantization", {"files", "quant"}),
     ("inputs and settings", {"sources", "audio", "students", "losses", "hub", "config"}),
     ("data and measures", {"data", "scoring", "synthesis", "adapters", "output_cache"}),
-    ("planning and evaluation", {"selection", "evaluation", "labelling"}),
+    ("planning and evaluation", {"selection", "evaluation", "evaluation_ctranslate2", "labelling"}),
     ("training parts and exports", {"forwards", "callbacks", "sharding", "figures", "card", "export"}),
     ("trainer", {"trainer"}),
     ("pipeline", {"compress"}),

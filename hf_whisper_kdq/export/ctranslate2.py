@@ -3,7 +3,7 @@
 The conversion is CTranslate2's own ``TransformersConverter``, run on a standard Hugging Face folder
 (``sources.save_whisper``), so the result is exactly what ``ct2-transformers-converter`` would write::
 
-    from hf_whisper_kdq.evaluation import evaluate_faster_whisper
+    from hf_whisper_kdq.evaluation_ctranslate2 import evaluate_faster_whisper
     from hf_whisper_kdq.export.ctranslate2 import export_ctranslate2
 
     folder = export_ctranslate2(student, processor, "student-ct2", quantization="int8")
