@@ -41,8 +41,8 @@ from hf_whisper_kdq.adapters import ADAPTERS_ATTRIBUTE  # noqa: E402
 from hf_whisper_kdq.card import build_model_card, write_model_card  # noqa: E402
 from hf_whisper_kdq.config import DistillQuantArguments  # noqa: E402
 from hf_whisper_kdq.data import SAMPLING_RATE, WhisperDataCollator, manifest_dataset, prepare_dataset  # noqa: E402
-from hf_whisper_kdq.evaluation import make_compute_metrics  # noqa: E402
 from hf_whisper_kdq.quant import convert_qat  # noqa: E402
+from hf_whisper_kdq.scoring import make_compute_metrics  # noqa: E402
 from hf_whisper_kdq.students import build_student  # noqa: E402
 from hf_whisper_kdq.trainer import DistillQuantTrainer  # noqa: E402
 
