@@ -7,7 +7,6 @@ re-exported here.
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import logging
@@ -25,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data
-from .audio import SAMPLING_RATE, load_audio
+from .audio import SAMPLING_RATE, as_audio_array, load_audio
 from .files import atomic_write_text
 from .scoring import error_rate, language_code, score
 from .sources import load_whisper
@@ -41,16 +40,6 @@ _NOT_WEIGHTS = ("training_args", "optimizer", "scheduler", "rng_state")
 
 
 # --- Batched decoding ----------------------------------------------------------------------------------
-def as_audio_array(audio: Any) -> np.ndarray:
-    """Arrays and tensors pass through (16 kHz mono); paths and datasets audio dicts go to ``audio.load_audio``."""
-    if isinstance(audio, (np.ndarray, torch.Tensor)):
-        array = np.asarray(audio, dtype=np.float32)
-        if array.ndim != 1:
-            raise ValueError(f"audio arrays must be 1-D mono samples at 16 kHz, got shape {array.shape}")
-        return array
-    return load_audio(audio, sampling_rate=SAMPLING_RATE)
-
-
 def _duration(audio: Any) -> float:
     """Seconds of audio; files are measured from their header, not decoded."""
     if isinstance(audio, (np.ndarray, torch.Tensor)):
@@ -582,15 +571,3 @@ def run_evaluation(args: EvaluationArguments) -> EvaluationReport:
     if args.output_json:
         print(f"report written to {report.save_json(args.output_json, per_utterance=args.per_utterance)}")
     return report
-
-
-# --- Optional dependencies -----------------------------------------------------------------------------
-EXPORT_INSTALL_HINT = 'pip install "hf-whisper-kdq[export]"'
-
-
-def import_optional(module: str, package: str):
-    """``importlib.import_module(module)``, or an ImportError naming the extra that installs ``package``."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as error:
-        raise ImportError(f"{package} is not installed ({error}). Fix: {EXPORT_INSTALL_HINT}") from error

@@ -18,7 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .evaluation import EvaluationReport, ManifestRows, as_audio_array, import_optional, language_codes, weight_files
+from .audio import as_audio_array
+from .evaluation import EvaluationReport, ManifestRows, language_codes, weight_files
+from .optional import import_optional
 from .sources.ctranslate2 import read_ct2_model
 
 __all__ = ["evaluate_faster_whisper", "transcribe_faster_whisper"]

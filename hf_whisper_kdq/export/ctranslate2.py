@@ -31,8 +31,8 @@ from pathlib import Path
 from torch import nn
 
 from ..adapters import holds_training_only, strip_training_only
-from ..evaluation import import_optional
 from ..files import CT2_EXPORT_MARKER, check_output_folder
+from ..optional import import_optional
 from ..sources import load_whisper, resolve_source, save_whisper
 
 logger = logging.getLogger(__name__)
