@@ -17,7 +17,7 @@ LAYERS = (
     ("inputs and settings", {"sources", "audio", "students", "losses", "hub", "config"}),
     ("data and measures", {"data", "scoring", "synthesis", "adapters", "output_cache"}),
     ("planning and evaluation", {"selection", "evaluation", "evaluation_ctranslate2", "labelling"}),
-    ("training parts and exports", {"forwards", "callbacks", "sharding", "figures", "card", "export"}),
+    ("training parts and exports", {"forwards", "callbacks", "sharding", "figures", "card", "card_scores", "export"}),
     ("trainer", {"trainer"}),
     ("pipeline", {"compress"}),
     ("command line", {"cli"}),
