@@ -15,16 +15,19 @@ RTF = decode seconds / audio seconds (lower is faster). Timings depend on the ma
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
+import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import HfArgumentParser
 
 from hf_whisper_kdq.data import load_manifest
-from hf_whisper_kdq.evaluation import evaluate_faster_whisper, evaluate_model
+from hf_whisper_kdq.evaluation import evaluate_model
+from hf_whisper_kdq.evaluation_ctranslate2 import evaluate_faster_whisper
 from hf_whisper_kdq.export.ctranslate2 import QUANTIZATIONS, export_ctranslate2
 from hf_whisper_kdq.sources import load_whisper
 
@@ -36,29 +39,39 @@ def _split(value: str | None) -> list[str] | None:
     return items or None
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", nargs="?", default="openai/whisper-tiny.en", help="any sources.load_whisper source")
-    parser.add_argument("--manifest", default=str(DEFAULT_MANIFEST), help="JSONL manifest (default: %(default)s)")
-    parser.add_argument("--corpora", default="ljspeech", help="comma-separated corpora to keep; '' for all")
-    parser.add_argument("--languages", default=None, help="comma-separated language codes to keep (default: all)")
-    parser.add_argument("--limit", type=int, default=40, help="utterances (default: %(default)s)")
-    parser.add_argument("--batch_size", type=int, default=8, help="transformers batch size (default: %(default)s)")
-    parser.add_argument("--num_beams", type=int, default=1, help="1: greedy (both engines)")
-    parser.add_argument("--quantization", default="int8", choices=QUANTIZATIONS, help="CTranslate2 weight type")
-    parser.add_argument("--compute_type", default="default", help="faster-whisper compute type (default: the weights')")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=torch.get_num_threads(),
-        help="CPU threads for both engines (default: torch's, %(default)s)",
+@dataclass
+class BenchmarkArguments:
+    """What to compare (``HfArgumentParser``: ``--help`` lists every field; a leading bare word is ``--model``)."""
+
+    model: str = field(default="openai/whisper-tiny.en", metadata={"help": "any sources.load_whisper source"})
+    manifest: str = field(default=str(DEFAULT_MANIFEST), metadata={"help": "JSONL manifest"})
+    corpora: str = field(default="ljspeech", metadata={"help": "comma-separated corpora to keep; '' for all"})
+    languages: str | None = field(default=None, metadata={"help": "comma-separated language codes to keep (None: all)"})
+    limit: int = field(default=40, metadata={"help": "utterances"})
+    batch_size: int = field(default=8, metadata={"help": "transformers batch size"})
+    num_beams: int = field(default=1, metadata={"help": "1: greedy (both engines)"})
+    quantization: str = field(default="int8", metadata={"help": "CTranslate2 weight type", "choices": QUANTIZATIONS})
+    compute_type: str = field(
+        default="default", metadata={"help": "faster-whisper compute type ('default': the weights')"}
     )
-    parser.add_argument("--ct2_dir", default=None, help="keep the CTranslate2 export here (default: a temp folder)")
-    parser.add_argument("--json", default=None, help="write both reports and the ratios to this JSON file")
-    return parser.parse_args(argv)
+    threads: int = field(
+        default=torch.get_num_threads(), metadata={"help": "CPU threads for both engines (torch's number)"}
+    )
+    ct2_dir: str | None = field(
+        default=None, metadata={"help": "keep the CTranslate2 export here (None: a temporary folder)"}
+    )
+    json: str | None = field(default=None, metadata={"help": "write both reports and the ratios to this JSON file"})
 
 
-def run(args: argparse.Namespace) -> dict:
+def parse_args(argv=None) -> BenchmarkArguments:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):
+        argv = ["--model", *argv]  # the model may come first, without its flag, as in the examples above
+    (args,) = HfArgumentParser(BenchmarkArguments, description=__doc__).parse_args_into_dataclasses(args=argv)
+    return args
+
+
+def run(args: BenchmarkArguments) -> dict:
     torch.set_num_threads(args.threads)
     dataset = load_manifest(
         args.manifest, languages=_split(args.languages), corpora=_split(args.corpora), limit=args.limit

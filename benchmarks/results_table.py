@@ -605,7 +605,8 @@ def measure(ctx: Context, name: str, model, processor, row_dir: Path, result: di
     }
     result["ct2"] = None
     if ctx.args.ct2:
-        from hf_whisper_kdq.evaluation import evaluate_faster_whisper, weight_files
+        from hf_whisper_kdq.evaluation import weight_files
+        from hf_whisper_kdq.evaluation_ctranslate2 import evaluate_faster_whisper
         from hf_whisper_kdq.export.ctranslate2 import export_ctranslate2
 
         with ctx.timer(f"{name}: CTranslate2 int8 export + evaluate"):

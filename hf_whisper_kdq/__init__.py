@@ -21,10 +21,11 @@ if TYPE_CHECKING:  # what IDEs and type checkers read
     from .callbacks import LayerSelectionCallback
     from .config import DistillQuantArguments
     from .data import WhisperDataCollator, load_manifest, load_speech_dataset, prepare_dataset
-    from .evaluation import evaluate_model, make_compute_metrics, transcribe
+    from .evaluation import evaluate_model, transcribe
     from .export import save_compressed
     from .hub import push_compressed
     from .losses import NonFiniteLossError
+    from .scoring import make_compute_metrics
     from .selection import KDQPlan
     from .sources import load_whisper, save_whisper
     from .students import build_student
@@ -45,7 +46,7 @@ _HOMES = {
     "load_manifest": ".data",
     "load_speech_dataset": ".data",
     "load_whisper": ".sources",
-    "make_compute_metrics": ".evaluation",
+    "make_compute_metrics": ".scoring",
     "prepare_dataset": ".data",
     "push_compressed": ".hub",
     "save_compressed": ".export",

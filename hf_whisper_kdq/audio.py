@@ -1,4 +1,5 @@
-"""Reading audio: any file soundfile decodes, or a `datasets` audio value, to 16 kHz mono float32.
+"""Reading audio: any file soundfile decodes, or a `datasets` audio value, to 16 kHz mono float32 (arrays and
+tensors already in that form pass through :func:`as_audio_array`).
 
 `datasets` is never asked to decode: its decoder (torchcodec) is an optional native dependency that is missing or
 broken on many machines, so audio is decoded with soundfile and resampled with soxr here. Problems raise
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 import soxr
+import torch
 
 SAMPLING_RATE = 16000
 # Peak amplitude under which audio counts as silent: -80 dBFS, about 3 steps of 16-bit PCM.
@@ -120,6 +122,16 @@ def load_audio(source: Any, *, sampling_rate: int = SAMPLING_RATE, row_id: str |
     if rate != sampling_rate:
         audio = soxr.resample(audio, rate, sampling_rate)
     return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def as_audio_array(audio: Any) -> np.ndarray:
+    """Arrays and tensors pass through (16 kHz mono); paths and datasets audio dicts go to :func:`load_audio`."""
+    if isinstance(audio, (np.ndarray, torch.Tensor)):
+        array = np.asarray(audio, dtype=np.float32)
+        if array.ndim != 1:
+            raise ValueError(f"audio arrays must be 1-D mono samples at 16 kHz, got shape {array.shape}")
+        return array
+    return load_audio(audio, sampling_rate=SAMPLING_RATE)
 
 
 def is_silent(audio: np.ndarray, threshold: float = SILENCE_PEAK) -> bool:

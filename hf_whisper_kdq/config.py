@@ -177,9 +177,9 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
         default=1.0,
         metadata={
             "help": "Re-select only during this fraction of max_steps (0 < x ≤ 1); the plan then stays fixed, "
-            "so that the rest of training adapts to one set of bits. A re-plan late in training undoes "
-            "progress (measured: loss 0.57 → 2.38 after one at step 250 of 500) and leaves few steps to "
-            "recover. 1.0: re-select throughout, every selection_interval steps."
+            "so that the rest of training adapts to one set of bits. A re-plan late in training can undo "
+            "progress and leaves few steps to recover. 1.0: re-select throughout, every selection_interval "
+            "steps."
         },
     )
     selection_probe_batches: int = field(

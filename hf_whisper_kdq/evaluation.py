@@ -1,5 +1,5 @@
-"""Evaluate Whisper models: batched decoding, evaluation reports and the ``evaluate`` command, and CTranslate2
-folders decoded by faster-whisper (:func:`evaluate_faster_whisper`).
+"""Evaluate Whisper models: batched decoding, evaluation reports and the ``evaluate`` command. CTranslate2 folders
+decoded by faster-whisper are evaluated into the same report by :mod:`hf_whisper_kdq.evaluation_ctranslate2`.
 
 Scores are computed by :mod:`hf_whisper_kdq.scoring` (text normalization, WER/CER), whose public names are
 re-exported here.
@@ -7,7 +7,6 @@ re-exported here.
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import logging
@@ -25,11 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data
-from .audio import SAMPLING_RATE, load_audio
+from .audio import SAMPLING_RATE, as_audio_array, load_audio
 from .files import atomic_write_text
 from .scoring import error_rate, language_code, score
 from .sources import load_whisper
-from .sources.ctranslate2 import read_ct2_model
 from .synthesis import default_prompts, synthesize_dataset
 
 logger = logging.getLogger(__name__)
@@ -42,16 +40,6 @@ _NOT_WEIGHTS = ("training_args", "optimizer", "scheduler", "rng_state")
 
 
 # --- Batched decoding ----------------------------------------------------------------------------------
-def as_audio_array(audio: Any) -> np.ndarray:
-    """Arrays and tensors pass through (16 kHz mono); paths and datasets audio dicts go to ``audio.load_audio``."""
-    if isinstance(audio, (np.ndarray, torch.Tensor)):
-        array = np.asarray(audio, dtype=np.float32)
-        if array.ndim != 1:
-            raise ValueError(f"audio arrays must be 1-D mono samples at 16 kHz, got shape {array.shape}")
-        return array
-    return load_audio(audio, sampling_rate=SAMPLING_RATE)
-
-
 def _duration(audio: Any) -> float:
     """Seconds of audio; files are measured from their header, not decoded."""
     if isinstance(audio, (np.ndarray, torch.Tensor)):
@@ -73,12 +61,18 @@ def audio_values(dataset, column: str = "audio") -> list[Any]:
     return list(dataset[column])
 
 
-def _language_plan(model, languages, n: int, task: str) -> list[str | None]:
-    """One Whisper language code (or None: detect / English-only) per item, checked against the model."""
+def language_codes(languages: str | Sequence[str | None] | None, n: int) -> list[str | None]:
+    """One Whisper language code (or None: detect) per audio, from the ``languages`` a transcriber takes: one
+    language for all, one per audio, or None."""
     per_item = [languages] * n if languages is None or isinstance(languages, str) else list(languages)
     if len(per_item) != n:
         raise ValueError(f"{len(per_item)} languages for {n} audios: pass one per audio, or a single string")
-    codes = [None if lang is None else language_code(lang) for lang in per_item]
+    return [None if lang is None else language_code(lang) for lang in per_item]
+
+
+def _language_plan(model, languages, n: int, task: str) -> list[str | None]:
+    """One Whisper language code (or None: detect / English-only) per item, checked against the model."""
+    codes = language_codes(languages, n)
     generation_config = model.generation_config
     if not getattr(generation_config, "is_multilingual", True):
         if others := sorted({code for code in codes if code not in (None, "en")}):
@@ -482,48 +476,6 @@ SMOKE_RUN_BANNER = (
 )
 
 
-def make_compute_metrics(processor, language: str | Sequence[str] = "en"):
-    """A ``compute_metrics`` for ``Seq2SeqTrainer(predict_with_generate=True)``: normalized WER (or CER) of the
-    generated transcripts against the labels.
-
-    Args:
-        processor: the model's ``WhisperProcessor`` (its tokenizer decodes predictions and labels).
-        language: the evaluation set's language, or one language per example in evaluation order; the
-            metric is reported per language (``wer_en``, ``cer_zh``) and, for one language, also as
-            ``wer`` / ``cer``.
-    """
-    tokenizer = processor.tokenizer
-
-    def compute_metrics(prediction) -> dict[str, float]:
-        predictions, labels = prediction.predictions, prediction.label_ids
-        if isinstance(predictions, tuple):
-            predictions = predictions[0]
-        if np.ndim(predictions) != 2:
-            raise ValueError(
-                "compute_metrics scores generated transcripts, but received logits: set predict_with_generate=True "
-                "in the training arguments (and generation_max_length)"
-            )
-        pad = tokenizer.pad_token_id
-        predictions = np.where(predictions < 0, pad, predictions)
-        labels = np.where(labels < 0, pad, labels)
-        hypotheses = tokenizer.batch_decode(predictions, skip_special_tokens=True)
-        references = tokenizer.batch_decode(labels, skip_special_tokens=True)
-        languages = [language] * len(references) if isinstance(language, str) else list(language)
-        if len(languages) != len(references):
-            raise ValueError(f"{len(languages)} languages given for {len(references)} evaluation examples")
-        metrics = {}
-        for code in sorted(set(languages)):
-            rows = [i for i, lang in enumerate(languages) if lang == code]
-            result = score([references[i] for i in rows], [hypotheses[i] for i in rows], code)
-            metrics[f"{result['metric']}_{language_code(code)}"] = result[result["metric"]]
-        if len(metrics) == 1:
-            ((name, value),) = metrics.items()
-            metrics[name.split("_")[0]] = value
-        return metrics
-
-    return compute_metrics
-
-
 @dataclass
 class EvaluationArguments:
     """Arguments of ``hf-whisper-kdq evaluate`` (parse them with ``HfArgumentParser(EvaluationArguments)``)."""
@@ -619,127 +571,3 @@ def run_evaluation(args: EvaluationArguments) -> EvaluationReport:
     if args.output_json:
         print(f"report written to {report.save_json(args.output_json, per_utterance=args.per_utterance)}")
     return report
-
-
-# ---- faster-whisper (CTranslate2 folders, e.g. from export.ctranslate2) --------------------------------------
-EXPORT_INSTALL_HINT = 'pip install "hf-whisper-kdq[export]"'
-
-
-def import_optional(module: str, package: str):
-    """``importlib.import_module(module)``, or an ImportError naming the extra that installs ``package``."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as error:
-        raise ImportError(f"{package} is not installed ({error}). Fix: {EXPORT_INSTALL_HINT}") from error
-
-
-def _faster_whisper_model(model, *, device: str, compute_type: str, cpu_threads: int):
-    """A ``faster_whisper.WhisperModel``: ``model`` itself, or one loaded from the folder ``model``."""
-    faster_whisper = import_optional("faster_whisper", "faster-whisper")
-    if isinstance(model, faster_whisper.WhisperModel):
-        return model
-    folder = Path(model)
-    if not (folder / "model.bin").is_file():
-        raise FileNotFoundError(f"{folder} holds no model.bin: export one with export_ctranslate2")
-    return faster_whisper.WhisperModel(str(folder), device=device, compute_type=compute_type, cpu_threads=cpu_threads)
-
-
-def _language_codes(whisper, languages, n: int) -> list[str | None]:
-    per_item = [languages] * n if languages is None or isinstance(languages, str) else list(languages)
-    if len(per_item) != n:
-        raise ValueError(f"{len(per_item)} languages for {n} audios: pass one per audio, or a single string")
-    codes = [None if lang is None else language_code(lang) for lang in per_item]
-    supported = whisper.supported_languages
-    if unsupported := sorted({c for c in codes if c is not None and c not in supported}):
-        listed = ", ".join(supported[:8]) + (" ..." if len(supported) > 8 else "")
-        raise ValueError(
-            f"this model cannot transcribe language(s) {unsupported} (it supports {listed}): use a "
-            "multilingual checkpoint or drop those rows"
-        )
-    return codes
-
-
-_GREEDY = dict(
-    without_timestamps=True,
-    condition_on_previous_text=False,
-    vad_filter=False,
-    temperature=0.0,
-    compression_ratio_threshold=None,
-    log_prob_threshold=None,
-    no_speech_threshold=None,
-)
-
-
-def transcribe_faster_whisper(
-    model_dir,
-    audios: Sequence[Any],
-    languages: str | Sequence[str | None] | None = None,
-    *,
-    beam_size: int = 1,
-    device: str = "cpu",
-    compute_type: str = "default",
-    cpu_threads: int = 0,
-    task: str = "transcribe",
-    max_new_tokens: int | None = None,
-    **options,
-) -> list[str]:
-    """Transcribe ``audios`` (16 kHz arrays, paths or datasets audio dicts) one by one with faster-whisper.
-
-    ``model_dir`` is a CTranslate2 folder (or a loaded ``faster_whisper.WhisperModel``); ``languages`` one code
-    for all, one per audio, or None to detect. Decoding matches ``evaluation.transcribe``: greedy for
-    ``beam_size=1``, without timestamps, VAD or conditioning on previous text, and without faster-whisper's
-    temperature fallback and no-speech skipping (which would make a weak student's results random, or drop its
-    text); ``options`` go to ``WhisperModel.transcribe`` and override these. Audio over 30 s is decoded in
-    successive windows. ``max_new_tokens`` caps the tokens of each 30 s window (default: up to Whisper's 448
-    positions); ``cpu_threads=0`` is CTranslate2's default (4)."""
-    whisper = _faster_whisper_model(model_dir, device=device, compute_type=compute_type, cpu_threads=cpu_threads)
-    codes = _language_codes(whisper, languages, len(audios))
-    texts = []
-    for audio, code in zip(audios, codes):
-        settings = {**_GREEDY, "beam_size": beam_size, "max_new_tokens": max_new_tokens, **options}
-        segments, _ = whisper.transcribe(as_audio_array(audio), language=code, task=task, **settings)
-        texts.append("".join(segment.text for segment in segments).strip())  # segments is a lazy generator
-    return texts
-
-
-def _n_parameters(folder: Path) -> int:
-    variables = read_ct2_model(folder).variables
-    return sum(tensor.numel() for name, tensor in variables.items() if not name.endswith("_scale"))
-
-
-def evaluate_faster_whisper(
-    model_dir: str | os.PathLike,
-    dataset,
-    *,
-    beam_size: int = 1,
-    device: str = "cpu",
-    compute_type: str = "default",
-    cpu_threads: int = 0,
-    max_new_tokens: int | None = None,
-    warmup: bool = True,
-) -> EvaluationReport:
-    """``evaluation.evaluate_model`` for a CTranslate2 folder decoded by faster-whisper: the same manifest
-    dataset, scoring (``scoring.score``: normalized WER, CER for zh/ja/...), per corpus and per language
-    entries and real-time factor (audio read before the clock starts; one warm-up utterance off the clock).
-    ``batch_size`` is 1 (faster-whisper decodes one utterance at a time), ``dtype`` the compute type."""
-    rows = ManifestRows.of(dataset)
-    whisper = _faster_whisper_model(model_dir, device=device, compute_type=compute_type, cpu_threads=cpu_threads)
-    files = weight_files(model_dir)
-    report = EvaluationReport(
-        model=str(model_dir),
-        n_parameters=_n_parameters(Path(model_dir)),
-        model_size_bytes=sum(file.stat().st_size for file in files),
-        model_size_source="disk",
-        batch_size=1,
-        num_beams=beam_size,
-        device=device,
-        dtype=whisper.model.compute_type,
-        n_unlabeled_skipped=rows.unlabeled,
-    )
-
-    def transcriber(arrays, code: str, warmup: bool) -> list[str]:
-        return transcribe_faster_whisper(
-            whisper, arrays, code, beam_size=beam_size, max_new_tokens=8 if warmup else max_new_tokens
-        )
-
-    return rows.transcribe_and_score(report, transcriber, warmup=warmup)

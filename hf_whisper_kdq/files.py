@@ -103,11 +103,29 @@ def check_output_folder(
         )
 
 
+def replace_folder(staging: Path, output_dir: Path) -> None:
+    """Move the finished folder ``staging`` to ``output_dir`` (beside it: renames only). A folder already there is
+    renamed aside and deleted once the new one is in place; if the new one cannot be moved in, the old one is
+    renamed back, so a failed replacement never costs the previous folder."""
+    if not output_dir.exists():
+        staging.rename(output_dir)
+        return
+    backup = output_dir.with_name(f".{output_dir.name}.old")
+    shutil.rmtree(backup, ignore_errors=True)
+    output_dir.rename(backup)
+    try:
+        staging.rename(output_dir)
+    except BaseException:
+        backup.rename(output_dir)
+        raise
+    shutil.rmtree(backup)
+
+
 @contextmanager
 def atomic_folder(output_dir: str | os.PathLike) -> Iterator[Path]:
     """Build a folder atomically: yields an empty staging folder beside ``output_dir``; on a clean exit it gets
-    ordinary permissions and the completion marker and replaces ``output_dir`` (a previous folder there is
-    swapped out, then deleted). On any exception the staging folder is removed and ``output_dir`` is untouched.
+    ordinary permissions and the completion marker and replaces ``output_dir`` (:func:`replace_folder`). On any
+    exception the staging folder is removed and ``output_dir`` is left as it was.
 
     Only an empty folder or one this package built (``written_by_us``) is ever replaced: anything else raises
     ``FileExistsError`` before any work, so a mistyped output folder never costs the user their files.
@@ -120,14 +138,7 @@ def atomic_folder(output_dir: str | os.PathLike) -> Iterator[Path]:
         yield staging
         _apply_umask(staging)
         (staging / COMPLETE_MARKER).touch()
-        if output_dir.exists():
-            backup = output_dir.with_name(f".{output_dir.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            output_dir.rename(backup)
-            staging.rename(output_dir)
-            shutil.rmtree(backup)
-        else:
-            staging.rename(output_dir)
+        replace_folder(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

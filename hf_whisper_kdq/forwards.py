@@ -56,8 +56,8 @@ def _last_decoder_state_before_norm(model: nn.Module):
     is, instead of Hugging Face's final-LayerNorm output.
 
     That normed state is what ``proj_out`` turns into logits, which the KD term already matches; distilled as a
-    hidden state too it was counted twice, and at a mean square of ~136 in whisper-base (0.04-3.3 for the other
-    layers) it made up most of the loss.
+    hidden state too it was counted twice, and being far larger than the other layers' states it made up most of
+    the loss (benchmarks/README.md, "Loss balance at step 0").
     """
     decoder = model.model.decoder
     captured: list[torch.Tensor] = []

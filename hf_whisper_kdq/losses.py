@@ -65,9 +65,8 @@ class _SoftenedKL(torch.autograd.Function):
     logits, with the gradient ``(softmax(s / T) - softmax(t / T)) / T`` computed in the same pass.
 
     Written out rather than composed from log_softmax/kl_div because autograd over the composition keeps four
-    ``[N, V]`` intermediates and copies the selected rows twice: for whisper's 51,865-way vocabulary at batch 8
-    (416 rows) forward + backward took 0.40 s on 2 CPU threads against 0.12 s here, walking the rows in chunks
-    that stay in the CPU's cache.
+    ``[N, V]`` intermediates (V: whisper's 51,865-way vocabulary) and copies the selected rows twice; this walks the
+    rows in chunks that stay in the CPU's cache (timings: benchmarks/README.md, "CPU step time, session 6").
     """
 
     @staticmethod
@@ -125,7 +124,8 @@ def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(starts, ends))
 
 
-# Elements of a CPU chunk of _SoftenedKL: ~40 rows of whisper's vocabulary, 8 MB of float32 (32–64 rows measured best).
+# Elements of a CPU chunk of _SoftenedKL: ~40 rows of whisper's vocabulary, 8 MB of float32, in the range of chunk
+# sizes that ran fastest (benchmarks/README.md, "CPU step time, session 6").
 _KL_CHUNK_ELEMENTS = 2**21
 
 

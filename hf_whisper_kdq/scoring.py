@@ -1,4 +1,5 @@
-"""Text normalization and WER/CER scoring, as in the Whisper paper.
+"""Text normalization and WER/CER scoring, as in the Whisper paper, and the ``compute_metrics`` of a
+``Seq2SeqTrainer`` that scores generated transcripts the same way (:func:`make_compute_metrics`).
 
 Both sides are normalized before scoring: English with Whisper's ``EnglishTextNormalizer``, languages written
 without spaces (zh, ja, th ...) at the character level, others with ``BasicTextNormalizer``. For Mandarin, Whisper
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import jiwer
+import numpy as np
 import regex
 from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
 
@@ -229,3 +231,46 @@ def score(
     if per_utterance:
         result["utterances"] = records
     return result
+
+
+# --- Trainer metrics -----------------------------------------------------------------------------------
+def make_compute_metrics(processor, language: str | Sequence[str] = "en"):
+    """A ``compute_metrics`` for ``Seq2SeqTrainer(predict_with_generate=True)``: normalized WER (or CER) of the
+    generated transcripts against the labels.
+
+    Args:
+        processor: the model's ``WhisperProcessor`` (its tokenizer decodes predictions and labels).
+        language: the evaluation set's language, or one language per example in evaluation order; the
+            metric is reported per language (``wer_en``, ``cer_zh``) and, for one language, also as
+            ``wer`` / ``cer``.
+    """
+    tokenizer = processor.tokenizer
+
+    def compute_metrics(prediction) -> dict[str, float]:
+        predictions, labels = prediction.predictions, prediction.label_ids
+        if isinstance(predictions, tuple):
+            predictions = predictions[0]
+        if np.ndim(predictions) != 2:
+            raise ValueError(
+                "compute_metrics scores generated transcripts, but received logits: set predict_with_generate=True "
+                "in the training arguments (and generation_max_length)"
+            )
+        pad = tokenizer.pad_token_id
+        predictions = np.where(predictions < 0, pad, predictions)
+        labels = np.where(labels < 0, pad, labels)
+        hypotheses = tokenizer.batch_decode(predictions, skip_special_tokens=True)
+        references = tokenizer.batch_decode(labels, skip_special_tokens=True)
+        languages = [language] * len(references) if isinstance(language, str) else list(language)
+        if len(languages) != len(references):
+            raise ValueError(f"{len(languages)} languages given for {len(references)} evaluation examples")
+        metrics = {}
+        for code in sorted(set(languages)):
+            rows = [i for i, lang in enumerate(languages) if lang == code]
+            result = score([references[i] for i in rows], [hypotheses[i] for i in rows], code)
+            metrics[f"{result['metric']}_{language_code(code)}"] = result[result["metric"]]
+        if len(metrics) == 1:
+            ((name, value),) = metrics.items()
+            metrics[name.split("_")[0]] = value
+        return metrics
+
+    return compute_metrics

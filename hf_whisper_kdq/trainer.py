@@ -290,8 +290,8 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         labelled = labels.ne(IGNORE_INDEX)
         # Logits nobody outside the losses reads are computed where a label is: in batches of mixed-length
         # utterances much of [B, T] is padding, and each position costs a 51,865-way output layer forward and
-        # backward (skipping them made a CPU step on the shared data ~15% faster). Evaluation (return_outputs)
-        # gets the full [B, T, V] logits it passes on to metrics.
+        # backward (what skipping them saves: benchmarks/README.md, "CPU step time, session 6"). Evaluation
+        # (return_outputs) gets the full [B, T, V] logits it passes on to metrics.
         student_out, teacher_out, reps = self.forwards(
             model,
             inputs,

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
-from hf_whisper_kdq.audio import SAMPLING_RATE, AudioError, is_silent, load_audio
+from hf_whisper_kdq.audio import SAMPLING_RATE, AudioError, as_audio_array, is_silent, load_audio
 
 
 def sine(seconds: float, rate: int = SAMPLING_RATE, freq: float = 440.0, amplitude: float = 0.5) -> np.ndarray:
@@ -101,3 +102,12 @@ def test_silence_decodes_and_is_detected(tmp_path):
     out = load_audio(write(tmp_path / "silent.wav", np.zeros(1600, np.float32)))
     assert out.size == 1600 and is_silent(out)
     assert not is_silent(sine(0.1, amplitude=0.01))
+
+
+def test_as_audio_array_passes_samples_through_and_decodes_the_rest(tmp_path):
+    audio = sine(0.25)
+    assert as_audio_array(audio) is audio
+    np.testing.assert_array_equal(as_audio_array(torch.from_numpy(audio)), audio)
+    np.testing.assert_allclose(as_audio_array(write(tmp_path / "a.wav", audio)), audio, atol=1e-6)
+    with pytest.raises(ValueError, match="1-D mono"):
+        as_audio_array(np.stack([audio, audio]))

@@ -41,8 +41,8 @@ from hf_whisper_kdq.adapters import ADAPTERS_ATTRIBUTE  # noqa: E402
 from hf_whisper_kdq.card import build_model_card, write_model_card  # noqa: E402
 from hf_whisper_kdq.config import DistillQuantArguments  # noqa: E402
 from hf_whisper_kdq.data import SAMPLING_RATE, WhisperDataCollator, manifest_dataset, prepare_dataset  # noqa: E402
-from hf_whisper_kdq.evaluation import make_compute_metrics  # noqa: E402
 from hf_whisper_kdq.quant import convert_qat  # noqa: E402
+from hf_whisper_kdq.scoring import make_compute_metrics  # noqa: E402
 from hf_whisper_kdq.students import build_student  # noqa: E402
 from hf_whisper_kdq.trainer import DistillQuantTrainer  # noqa: E402
 
@@ -333,7 +333,7 @@ def test_plain_transformers_generates_the_students_ids(run, tmp_path):
 def test_ctranslate2_int8_copy_transcribes(run):
     pytest.importorskip("ctranslate2")
     pytest.importorskip("faster_whisper")
-    from hf_whisper_kdq.evaluation import transcribe_faster_whisper
+    from hf_whisper_kdq.evaluation_ctranslate2 import transcribe_faster_whisper
     from hf_whisper_kdq.export.ctranslate2 import export_ctranslate2
 
     trainer = run["trainer"]

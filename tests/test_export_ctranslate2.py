@@ -15,7 +15,7 @@ pytest.importorskip("ctranslate2")
 faster_whisper = pytest.importorskip("faster_whisper")
 
 from hf_whisper_kdq import data  # noqa: E402
-from hf_whisper_kdq.evaluation import evaluate_faster_whisper, transcribe_faster_whisper  # noqa: E402
+from hf_whisper_kdq.evaluation_ctranslate2 import evaluate_faster_whisper, transcribe_faster_whisper  # noqa: E402
 from hf_whisper_kdq.export.ctranslate2 import QUANTIZATIONS, export_ctranslate2  # noqa: E402
 from hf_whisper_kdq.files import CT2_EXPORT_MARKER  # noqa: E402
 from hf_whisper_kdq.quant import FakeQuantLinear, QuantSpec, convert_qat, prepare_qat  # noqa: E402

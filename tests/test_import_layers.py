@@ -13,11 +13,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hf_whisper_kdq"
 # Lowest first. A module may import from its own layer and the layers below it. Keys are the first name under
 # hf_whisper_kdq ("quant" covers hf_whisper_kdq.quant.*); "" is the package's __init__.
 LAYERS = (
-    ("files and quantization", {"files", "quant"}),
+    ("files, optional imports and quantization", {"files", "optional", "quant"}),
     ("inputs and settings", {"sources", "audio", "students", "losses", "hub", "config"}),
     ("data and measures", {"data", "mixture", "scoring", "synthesis", "adapters", "output_cache"}),
-    ("planning and evaluation", {"selection", "evaluation", "labelling"}),
-    ("training parts and exports", {"forwards", "callbacks", "sharding", "figures", "card", "export"}),
+    ("planning and evaluation", {"selection", "evaluation", "evaluation_ctranslate2", "labelling"}),
+    ("training parts and exports", {"forwards", "callbacks", "sharding", "figures", "card", "card_scores", "export"}),
     ("trainer", {"trainer"}),
     ("pipeline", {"compress"}),
     ("command line", {"cli"}),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from hf_whisper_kdq import scoring
@@ -130,3 +131,36 @@ def test_score_empty_references():
     assert score(["a b"], [""], "en")["deletions"] == 2
     with pytest.raises(ValueError, match="one per reference"):
         score(["a"], [], "en")
+
+
+# --- Trainer metrics ---------------------------------------------------------------------------------
+
+
+def test_make_compute_metrics_decodes_and_scores(tiny_whisper):
+    from transformers import EvalPrediction
+
+    from hf_whisper_kdq.scoring import make_compute_metrics
+
+    _, processor = tiny_whisper
+    tokenizer = processor.tokenizer
+    references = ["the cat sat on the mat", "hello world again"]
+    hypotheses = ["the cat sat on a mat", "hello world again"]
+    width = 16
+
+    def encode(texts, pad):
+        rows = [tokenizer(" " + t).input_ids for t in texts]
+        return np.array([row + [pad] * (width - len(row)) for row in rows])
+
+    prediction = EvalPrediction(
+        predictions=encode(hypotheses, tokenizer.pad_token_id), label_ids=encode(references, -100)
+    )
+    metrics = make_compute_metrics(processor, "en")(prediction)
+    assert metrics == {"wer_en": pytest.approx(1 / 9), "wer": pytest.approx(1 / 9)}
+
+    mixed = make_compute_metrics(processor, ["en", "zh"])(prediction)
+    assert set(mixed) == {"wer_en", "cer_zh"} and mixed["wer_en"] == pytest.approx(1 / 6)
+    with pytest.raises(ValueError, match="languages given"):
+        make_compute_metrics(processor, ["en"])(prediction)
+    logits = EvalPrediction(predictions=np.zeros((2, width, 8)), label_ids=prediction.label_ids)
+    with pytest.raises(ValueError, match="predict_with_generate=True"):
+        make_compute_metrics(processor, "en")(logits)

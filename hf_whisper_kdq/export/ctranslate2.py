@@ -3,7 +3,7 @@
 The conversion is CTranslate2's own ``TransformersConverter``, run on a standard Hugging Face folder
 (``sources.save_whisper``), so the result is exactly what ``ct2-transformers-converter`` would write::
 
-    from hf_whisper_kdq.evaluation import evaluate_faster_whisper
+    from hf_whisper_kdq.evaluation_ctranslate2 import evaluate_faster_whisper
     from hf_whisper_kdq.export.ctranslate2 import export_ctranslate2
 
     folder = export_ctranslate2(student, processor, "student-ct2", quantization="int8")
@@ -31,8 +31,8 @@ from pathlib import Path
 from torch import nn
 
 from ..adapters import holds_training_only, strip_training_only
-from ..evaluation import import_optional
-from ..files import CT2_EXPORT_MARKER, check_output_folder
+from ..files import CT2_EXPORT_MARKER, check_output_folder, replace_folder
+from ..optional import import_optional
 from ..sources import load_whisper, resolve_source, save_whisper
 
 logger = logging.getLogger(__name__)
@@ -54,22 +54,6 @@ def _plain_student(model: nn.Module) -> nn.Module:
     student = copy.deepcopy(model)
     strip_training_only(student)
     return student
-
-
-def _replace(staging: Path, output_dir: Path) -> None:
-    """Move ``staging`` to ``output_dir``; a previous folder is kept aside until the new one is in place."""
-    if not output_dir.exists():
-        staging.rename(output_dir)
-        return
-    backup = output_dir.with_name(f".{output_dir.name}.old")
-    shutil.rmtree(backup, ignore_errors=True)
-    output_dir.rename(backup)
-    try:
-        staging.rename(output_dir)
-    except BaseException:
-        backup.rename(output_dir)
-        raise
-    shutil.rmtree(backup)
 
 
 def _convertible_folder(folder: Path) -> bool:
@@ -142,7 +126,7 @@ def export_ctranslate2(
             f"TransformersConverter (ctranslate2 {import_optional('ctranslate2', 'ctranslate2').__version__})",
         }
         (staging / CT2_EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        _replace(staging, output_dir)
+        replace_folder(staging, output_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     logger.info("CTranslate2 %s export written to %s", quantization, output_dir)

@@ -36,8 +36,9 @@ import numpy as np
 from torch import nn
 
 from ..adapters import holds_training_only, strip_training_only
-from ..evaluation import as_audio_array
+from ..audio import as_audio_array
 from ..files import atomic_file
+from ..optional import import_optional
 from ..scoring import language_code
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,6 @@ BLOCK_SIZE = 32  # QK8_0 = QK5_0 = QK4_0
 GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q5_0": 6, "q8_0": 8}
 # File types (ggml_ftype): the header's type, which whisper.cpp gives every quantizable weight.
 FTYPES = {"f16": 1, "q8_0": 7, "q5_0": 8, "q4_0": 2}
-_INSTALL_HINT = 'pip install "hf-whisper-kdq[export]"'
 
 __all__ = [
     "FTYPES",
@@ -386,15 +386,6 @@ _WARNING_LEVELS = (3, 4)  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
 _GREEDY = dict(no_context=True, no_timestamps=True, temperature=0.0, temperature_inc=0.0)
 
 
-def _pywhispercpp():
-    try:
-        import _pywhispercpp as bindings
-        from pywhispercpp.model import Model
-    except ImportError as error:
-        raise ImportError(f"pywhispercpp is not installed ({error}). Fix: {_INSTALL_HINT}") from error
-    return Model, bindings
-
-
 def load_whisper_cpp(path: str | os.PathLike, *, n_threads: int = 2, **params):
     """A ``pywhispercpp.model.Model`` of the file at ``path``, decoding as ``evaluation.transcribe`` does (greedy,
     without timestamps, conditioning on previous text or temperature fallback); ``params`` override that.
@@ -402,7 +393,8 @@ def load_whisper_cpp(path: str | os.PathLike, *, n_threads: int = 2, **params):
     whisper.cpp's load messages are collected instead of printed; a warning or an error among them raises
     ``ValueError`` with the messages, because pywhispercpp returns a context even then (e.g. an empty model for a
     truncated file, which later decodes nothing)."""
-    Model, bindings = _pywhispercpp()
+    bindings = import_optional("_pywhispercpp", "pywhispercpp")
+    Model = import_optional("pywhispercpp.model", "pywhispercpp").Model
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path} is not a file: write one with export_whisper_cpp")
     settings = {**_GREEDY, "print_progress": False, "print_realtime": False, "n_threads": n_threads, **params}

@@ -134,9 +134,8 @@ class _FakeQuantize(torch.autograd.Function):
     """``round(clamp(w / scale)) * scale`` with the straight-through and LSQ gradients of the module docstring.
 
     One Function instead of autograd over div/clamp/round/mul: it keeps a bool mask instead of every
-    intermediate and computes the scale gradient with two dot products per group; measured on the 26.6 M-entry
-    whisper-base embedding (2 CPU threads, int4 groups of 32, learnable clip), forward + backward took
-    0.25 s instead of 0.46 s.
+    intermediate and computes the scale gradient with two dot products per group, which matters over the token
+    embedding, fake-quantized at every step (timings: benchmarks/README.md, "CPU step time, session 6").
     """
 
     @staticmethod

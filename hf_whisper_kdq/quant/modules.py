@@ -258,7 +258,8 @@ class FakeQuantEmbedding(_FakeQuantMixin, nn.Embedding):
             return self._lookup(input, self.quantized_weight())
         # Scales are per row (or per group within a row), so quantizing only the rows the batch looks up gives the
         # same values and gradients as quantizing the whole table: a few hundred rows instead of whisper's 51,865,
-        # whose fake quantization (forward and backward) took ~0.45 s of a 2.66 s cached CPU training step.
+        # whose fake quantization was a large share of a cached CPU training step (benchmarks/README.md, "CPU step
+        # time, session 6").
         rows = self._lookup(input, self.weight)
         clip = self.weight_clip if spec.learnable_clipping else None
         if clip is not None:
