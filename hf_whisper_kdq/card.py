@@ -358,6 +358,7 @@ def build_model_card(
     synthetic_speech: bool | None = None,
     include_ctranslate2: bool | None = None,
     template_path: str | Path | None = None,
+    training_sources: Sequence[Mapping] = (),
 ) -> ModelCard:
     """The model card of a Whisper-KDQ checkpoint (see the module docstring for the inputs' shapes).
 
@@ -370,6 +371,7 @@ def build_model_card(
         include_ctranslate2: show the faster-whisper snippet (default: when the report lists ``ctranslate2/``
             files or a ``ctranslate2`` entry, or lists no files at all).
         template_path: another Jinja template (default ``model_cards/kdq_model_card.md.jinja``).
+        training_sources: what each training source gave (``mixture.describe(...).to_dicts()``): a table on the card.
     """
     plan = KDQPlan.coerce(plan)
     report = _report_dict(compression_report)
@@ -446,6 +448,7 @@ def build_model_card(
         figure_path=_figure_ref(figure_path).as_posix(),
         teacher_link=f"[{hub_teacher}](https://huggingface.co/{hub_teacher})" if hub_teacher else teacher,
         datasets_text=", ".join(data_names) or "not recorded",
+        source_rows=_source_rows(training_sources),
         languages_text=", ".join(codes) or "not recorded",
         hyperparameters=_hyperparameters(training_args),
         transformers_code=transformers_code,
@@ -457,6 +460,26 @@ def build_model_card(
         citation=CITATION,
     )
     return ModelCard(re.sub(r"\n{3,}", "\n\n", scrub(str(card))))  # no runs of blank lines from the template
+
+
+def _source_rows(sources: Sequence[Mapping]) -> list[list[str]]:
+    """The training-data table's rows; a source given as a local path is shown by its file name."""
+    rows = []
+    for source in sources:
+        hours = source.get("hours_drawn")
+        rows.append(
+            [
+                public(PurePosixPath(str(source["source"]).replace("\\", "/")).name or str(source["source"])),
+                public(", ".join(source.get("corpora") or ())),
+                ", ".join(source.get("languages") or ()),
+                str(source.get("labels") or ""),
+                f"{source.get('rows_distinct', 0):,}",
+                f"{source.get('rows_drawn', 0):,}",
+                "" if hours is None else f"{hours:.2f}",
+                "" if source.get("weight") is None else f"{source['weight']:g}",
+            ]
+        )
+    return rows
 
 
 def _report_dict(report: CompressionReport | Mapping | None) -> dict:

@@ -27,7 +27,7 @@ from .evaluation import SMOKE_RUN_BANNER, evaluate_model
 from .files import atomic_folder, atomic_write_text
 from .hub import push_compressed
 from .labelling import pseudo_label
-from .mixture import mix, parse_sources, with_provenance
+from .mixture import describe, mix, parse_sources, with_provenance
 from .selection import UnreachableBudgetError, check_size_budget, fp16_bytes, starting_plan
 from .sources import load_whisper
 from .students import build_student
@@ -287,6 +287,13 @@ def _teacher_labels(manifest: str, threshold: float | None, teacher, processor, 
     return labelled
 
 
+def source_weights(compress: CompressArguments) -> dict[str, float] | None:
+    """The ``--train_manifest`` sources' weights by source, as the card shows them."""
+    if not compress.train_manifest:
+        return None
+    return {s.location: s.weight for s in parse_sources(compress.train_manifest, compress.train_weights)}
+
+
 def _labels_folder(output_dir: str | None, manifest: str) -> Path | None:
     """Where the teacher's labels of ``manifest`` are kept: one folder per manifest path under the output folder."""
     if not output_dir:
@@ -499,6 +506,7 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
             if compress.smoke
             else {"compressed": eval_json["compressed"], "teacher": eval_json.get("teacher")},
             synthetic_speech=compress.smoke or any("synthetic" in c for c in set(train["corpus"])),
+            training_sources=describe(train, source_weights(compress)).to_dicts(),
         )
     if args.push_to_hub:
         with timer("push"):

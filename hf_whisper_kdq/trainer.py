@@ -466,6 +466,7 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         eval_results=None,
         repo_id: str | None = None,
         synthetic_speech: bool | None = None,
+        training_sources=(),
     ) -> Path | None:
         """Write the compressed export's model card (``README.md``) and plan figure beside it, as TRL's trainers
         write theirs; ``push_to_hub`` and ``hf-whisper-kdq compress`` both call it. Only the main process writes;
@@ -481,6 +482,7 @@ class DistillQuantTrainer(Seq2SeqTrainer):
             eval_results: scores for the card (see :mod:`.card`); default: the last ``evaluate()``'s WER/CER.
             repo_id: the Hub repository the card's snippets load.
             synthetic_speech: whether training used synthesized speech (default: guessed from the dataset names).
+            training_sources: what each training source gave (``mixture.describe(...).to_dicts()``).
         """
         from .export import CompressionReport
 
@@ -512,6 +514,7 @@ class DistillQuantTrainer(Seq2SeqTrainer):
             repo_id=repo_id,
             model_name=model_name,
             synthetic_speech=synthetic_speech,
+            training_sources=training_sources,
         )
 
     def push_to_hub(

@@ -237,6 +237,36 @@ def test_nothing_local_reaches_the_card(tmp_path, monkeypatch):
     assert "| **whisper-small-kdq** (this model) | 46.5 MB | 10.39× | 25.00 | 0.100 |" in text
 
 
+def test_training_sources_table_names_every_source_without_local_paths(tmp_path):
+    sources = [
+        {
+            "source": f"{tmp_path}/data/train_en.jsonl",
+            "corpora": ["speechocean762"],
+            "languages": ["en"],
+            "labels": "reference",
+            "rows_distinct": 5000,
+            "rows_drawn": 5000,
+            "hours_drawn": 5.567,
+            "weight": 2.0,
+        },
+        {
+            "source": f"{tmp_path}/data/train_zh.jsonl",
+            "corpora": ["aishell1-sample"],
+            "languages": ["zh"],
+            "labels": "teacher",
+            "rows_distinct": 220,
+            "rows_drawn": 2500,
+            "hours_drawn": None,
+            "weight": 1.0,
+        },
+    ]
+    text = str(build_model_card(**card_kwargs(training_sources=sources)))
+    assert "| train_en.jsonl | speechocean762 | en | reference | 5,000 | 5,000 | 5.57 | 2 |" in text
+    assert "| train_zh.jsonl | aishell1-sample | zh | teacher | 220 | 2,500 |  | 1 |" in text
+    assert str(tmp_path) not in text
+    assert "| source | corpora |" not in str(build_model_card(**card_kwargs()))  # no table without sources
+
+
 def test_row_lists_with_roles_and_errors():
     rows = [
         {"role": "compressed", "dataset": "dev", "language": "English", "wer": 0.5},
