@@ -14,7 +14,8 @@ Data (``../shared/data/speech``; the script exits cleanly with a message when it
 evaluation set (LJSpeech, English, WER; AISHELL-1, Mandarin, CER), the first ``--eval_limit`` utterances of each
 corpus. Trained rows learn from the first ``--train_rows`` LibriSpeech utterances of ``unlabeled.jsonl``, labelled
 by the teacher (``labelling.pseudo_label``; labels cached in ``OUTPUT/cache``), plus ``--synthetic_rows``
-synthetic utterances (``synthesis``), assembled by ``compress.training_data``.
+synthetic utterances (``synthesis``), assembled by ``compress.training_data``; with ``--train_manifest`` (e.g.
+``train_en.jsonl,train_zh.jsonl,synth_zh.jsonl --train_weights 2,1,1``) they learn from that mixture instead.
 
 Columns:
 
@@ -309,6 +310,20 @@ class TableArguments:
         default=None,
         metadata={"help": "teacher-labelled LibriSpeech utterances for training (default: all of unlabeled.jsonl)"},
     )
+    train_manifest: str | None = field(
+        default=None,
+        metadata={
+            "help": "comma-separated training manifests (names relative to --data, e.g. train_en.jsonl,train_zh.jsonl,"
+            "synth_zh.jsonl), mixed by hf_whisper_kdq.mixture in the shares of --train_weights; replaces the "
+            "teacher-labelled LibriSpeech rows"
+        },
+    )
+    train_weights: str | None = field(
+        default=None, metadata={"help": "weights of the --train_manifest sources, e.g. 2,1,1 (default: concatenated)"}
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "cap on training rows (of the mixture, in its shares)"}
+    )
     synthetic_rows: int = field(default=120, metadata={"help": "synthetic training utterances (0: none)"})
     synthetic_text: str | None = field(
         default=None,
@@ -355,7 +370,15 @@ class TableArguments:
             return
         if not self.merge and not self.rows:
             raise ValueError("give --rows (see --list), or --merge to only rebuild the table")
-        positive = ("eval_limit", "max_new_tokens", "train_steps", "train_rows", "train_batch_size", "batch_size")
+        positive = (
+            "eval_limit",
+            "max_new_tokens",
+            "train_steps",
+            "train_rows",
+            "max_train_samples",
+            "train_batch_size",
+            "batch_size",
+        )
         for name in (*positive, "threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -484,21 +507,28 @@ class Context:
         return known[self.args.teacher]
 
     def training_data(self):
-        """Teacher-labelled LibriSpeech (labels cached) + synthetic speech, via compress.training_data."""
+        """The --train_manifest mixture, else teacher-labelled LibriSpeech (labels cached); + synthetic speech; via
+        compress.training_data."""
         if self._train is None:
             from hf_whisper_kdq import load_manifest
             from hf_whisper_kdq.compress import CompressArguments, training_data
 
-            manifest = self.labelled_manifest()
+            if self.args.train_manifest:
+                names = [name.strip() for name in self.args.train_manifest.split(",") if name.strip()]
+                manifests = ",".join(str(self.data / name) for name in names)
+            else:
+                manifests = str(self.labelled_manifest())
             compress = CompressArguments(
                 teacher=self.args.teacher,
                 level="none",
-                train_manifest=str(manifest),
+                train_manifest=manifests,
+                train_weights=self.args.train_weights,
+                max_train_samples=self.args.max_train_samples,
                 synthetic_prompts=self.args.synthetic_rows,
                 synthetic_text=self.args.synthetic_text,
             )
             model, processor = self.teacher()
-            if len(load_manifest(manifest)) == 0 and not compress.synthetic_prompts:
+            if not self.args.train_manifest and len(load_manifest(manifests)) == 0 and not compress.synthetic_prompts:
                 raise ValueError("no training data: every teacher label was empty and --synthetic_rows is 0")
             self._train = training_data(compress, model, processor, timer=self.timer)
         return self._train
