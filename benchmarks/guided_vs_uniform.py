@@ -23,15 +23,16 @@ export stores it; fp16 for what stays float).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from datasets import concatenate_datasets
+from transformers import HfArgumentParser
 from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
 from hf_whisper_kdq import (
@@ -43,6 +44,7 @@ from hf_whisper_kdq import (
     load_whisper,
     prepare_dataset,
 )
+from hf_whisper_kdq.export import save_compressed
 from hf_whisper_kdq.losses import IGNORE_INDEX
 from hf_whisper_kdq.quant import FLOAT_BITS, prepare_qat
 from hf_whisper_kdq.selection import fixed_bytes, plan_shapes, plan_size, starting_plan
@@ -95,6 +97,36 @@ class DevSet:
         return scores
 
 
+@dataclass
+class BenchmarkArguments:
+    """What to compare (``HfArgumentParser``: ``--help`` lists every field)."""
+
+    teacher: str = field(default="openai/whisper-base", metadata={"help": "any sources.load_whisper source"})
+    per_language: int = field(default=32, metadata={"help": "dev utterances per language"})
+    train_per_language: int = field(default=200, metadata={"help": "training rows per language"})
+    budgets: str = field(
+        default="4,3",
+        metadata={
+            "help": "uniform bit widths whose bytes are the budgets; a fraction (3.5) is that share of the way "
+            "between the two uniform sizes around it"
+        },
+    )
+    quant_targets: str = field(default="decoder,embedding", metadata={"help": "what is quantized"})
+    bit_choices: str = field(default="2,3,4,8", metadata={"help": "as the issue's kdq-base-decemb-u3 row"})
+    batch_size: int = field(default=8, metadata={"help": "training and scoring batch size"})
+    probe_batches: int = field(default=2, metadata={"help": "selection probe batches"})
+    train_steps: int = field(default=0, metadata={"help": "also train uniform and guided at int3 bytes"})
+    learning_rate: float = field(default=1e-5, metadata={"help": "training learning rate"})
+    threads: int = field(default=2, metadata={"help": "CPU threads"})
+    save_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "write every uniform and trained student there as a packed folder, to score it by generation "
+            "with `hf-whisper-kdq evaluate`"
+        },
+    )
+
+
 def arguments(output_dir: str, options, **overrides) -> DistillQuantArguments:
     values = dict(
         output_dir=output_dir,
@@ -118,8 +150,9 @@ def arguments(output_dir: str, options, **overrides) -> DistillQuantArguments:
     return DistillQuantArguments(**{**values, **overrides})
 
 
-def uniform_student(teacher, options, bits: int):
-    """whisper-base with every targeted unit at ``bits`` (round-to-nearest), and its size in bytes."""
+def uniform_student(teacher, options, bits: int, processor=None):
+    """whisper-base with every targeted unit at ``bits`` (round-to-nearest), and its size in bytes; written as a
+    packed folder under ``--save_dir`` when a processor is given."""
     student = copy.deepcopy(teacher)
     plan = starting_plan(student, teacher, arguments(tempfile.mkdtemp(), options, learnable_clipping=False))
     for unit in plan.units:
@@ -127,6 +160,9 @@ def uniform_student(teacher, options, bits: int):
             unit.bits = bits
     prepare_qat(student, plan.module_specs())
     shapes = plan_shapes(student, plan)
+    if options.save_dir and processor is not None:
+        folder = Path(options.save_dir) / f"uniform-int{bits}-RTN"
+        print(f"saved {save_compressed(student, processor, folder, plan=plan, overwrite=True).folder}", flush=True)
     return student, plan_size(plan, shapes, fixed_bytes=fixed_bytes(student, plan, shapes))
 
 
@@ -151,24 +187,7 @@ def bits_text(plan) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", default="openai/whisper-base")
-    parser.add_argument("--per_language", type=int, default=32, help="dev utterances per language")
-    parser.add_argument("--train_per_language", type=int, default=200, help="training rows per language")
-    parser.add_argument(
-        "--budgets",
-        default="4,3",
-        help="uniform bit widths whose bytes are the budgets; a fraction (3.5) is that share of the way between the "
-        "two uniform sizes around it",
-    )
-    parser.add_argument("--quant_targets", default="decoder,embedding")
-    parser.add_argument("--bit_choices", default="2,3,4,8", help="as the issue's kdq-base-decemb-u3 row")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--probe_batches", type=int, default=2)
-    parser.add_argument("--train_steps", type=int, default=0, help="also train uniform and guided at int3 bytes")
-    parser.add_argument("--learning_rate", type=float, default=1e-5)
-    parser.add_argument("--threads", type=int, default=2)
-    options = parser.parse_args()
+    (options,) = HfArgumentParser(BenchmarkArguments, description=__doc__).parse_args_into_dataclasses()
     torch.set_num_threads(options.threads)
     torch.manual_seed(0)
     started = time.time()
@@ -191,7 +210,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for average in (float(b) for b in options.budgets.split(",")):
             low, high = math.floor(average), math.ceil(average)
-            student, size = uniform_student(teacher, options, low)
+            student, size = uniform_student(teacher, options, low, processor)
             if not any(name == f"uniform int{low} (RTN)" for name, *_ in table):
                 record(f"uniform int{low} (RTN)", size, student)
             del student
@@ -219,9 +238,15 @@ def main() -> None:
                     args=arguments(folder, options, **overrides),
                     train_dataset=train,
                     data_collator=collate,
+                    processing_class=processor,
                 )
                 trainer.train()
                 record(name, trainer.plan.size_bytes, trainer.model, bits_text(trainer.plan))
+                if options.save_dir:
+                    saved = trainer.save_compressed(
+                        Path(options.save_dir) / name.split(",")[0].replace(" ", "-"), overwrite=True
+                    )
+                    print(f"saved {saved.folder}", flush=True)
                 del trainer
 
     print(f"\n{options.per_language} dev utterances per language, {time.time() - started:.0f} s\n")

@@ -13,13 +13,15 @@ whisper-base (issue 15, findings 3-6). CPU only; reads the dev manifest at run t
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import HfArgumentParser
 from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
 from hf_whisper_kdq.audio import load_audio
@@ -214,17 +216,35 @@ def check_labels(teacher, processor, rows) -> None:
             print(f"{label:<26} {language}: mean CE of the first text token {float(ce[chosen].mean()):.3f} nats")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("check", choices=("grid", "loss", "clip", "labels"))
-    parser.add_argument("--rows", type=int, default=8, help="utterances per language")
-    parser.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST)
-    parser.add_argument("--scales", default="absolute,relative", help="loss: the hidden_loss_scale values to show")
-    parser.add_argument("--decoder_layers", default="6,2", help="loss: the students' decoder layers (6: the teacher's)")
-    args = parser.parse_args()
+CHECKS = ("grid", "loss", "clip", "labels")
+
+
+@dataclass
+class CheckArguments:
+    """Which check to run (``HfArgumentParser``; a leading bare word is ``--check``)."""
+
+    check: str = field(metadata={"help": "the check to run", "choices": CHECKS})
+    rows: int = field(default=8, metadata={"help": "utterances per language"})
+    manifest: str = field(default=str(DEFAULT_MANIFEST), metadata={"help": "the dev manifest"})
+    scales: str = field(default="absolute,relative", metadata={"help": "loss: the hidden_loss_scale values to show"})
+    decoder_layers: str = field(
+        default="6,2", metadata={"help": "loss: the students' decoder layers (6: the teacher's)"}
+    )
+
+
+def parse_args(argv=None) -> CheckArguments:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):
+        argv = ["--check", *argv]  # the check comes first, without its flag, as in the examples above
+    (args,) = HfArgumentParser(CheckArguments, description=__doc__).parse_args_into_dataclasses(args=argv)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     torch.manual_seed(0)
     teacher, processor = load_whisper("openai/whisper-base")
-    rows = load_rows(args.manifest, args.rows)
+    rows = load_rows(Path(args.manifest), args.rows)
     if args.check == "grid":
         check_grid(teacher, processor, rows)
     elif args.check == "loss":

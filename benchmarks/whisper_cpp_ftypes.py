@@ -14,13 +14,15 @@ less than wall time; wall time is reported too.
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import HfArgumentParser
 
 from hf_whisper_kdq.data import load_manifest
 from hf_whisper_kdq.evaluation import audio_values, transcribe
@@ -31,19 +33,28 @@ from hf_whisper_kdq.sources import load_whisper
 DEFAULT_MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech" / "dev.jsonl"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", nargs="?", default="openai/whisper-base", help="any sources.load_whisper source")
-    parser.add_argument("--manifest", default=str(DEFAULT_MANIFEST), help="JSONL manifest (default: %(default)s)")
-    parser.add_argument("--corpus", default="ljspeech", help="corpus to keep (default: %(default)s)")
-    parser.add_argument("--language", default="en", help="language of the rows to keep (default: %(default)s)")
-    parser.add_argument("--limit", type=int, default=40, help="utterances (default: %(default)s)")
-    parser.add_argument("--ftypes", default=",".join(FTYPES), help="comma-separated (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads of each engine (default: %(default)s)")
-    parser.add_argument("--keep", default=None, help="keep the ggml files in this folder (default: a temp folder)")
-    parser.add_argument("--no_transformers", action="store_true", help="skip the transformers reference row")
-    parser.add_argument("--json", default=None, help="write the rows to this JSON file")
-    return parser.parse_args(argv)
+@dataclass
+class FtypeArguments:
+    """What to export and score (``HfArgumentParser``; a leading bare word is ``--model``)."""
+
+    model: str = field(default="openai/whisper-base", metadata={"help": "any sources.load_whisper source"})
+    manifest: str = field(default=str(DEFAULT_MANIFEST), metadata={"help": "JSONL manifest"})
+    corpus: str = field(default="ljspeech", metadata={"help": "corpus to keep"})
+    language: str = field(default="en", metadata={"help": "language of the rows to keep"})
+    limit: int = field(default=40, metadata={"help": "utterances"})
+    ftypes: str = field(default=",".join(FTYPES), metadata={"help": "comma-separated file types"})
+    threads: int = field(default=2, metadata={"help": "CPU threads of each engine"})
+    keep: str | None = field(default=None, metadata={"help": "keep the ggml files in this folder (None: a temp one)"})
+    no_transformers: bool = field(default=False, metadata={"help": "skip the transformers reference row"})
+    json: str | None = field(default=None, metadata={"help": "write the rows to this JSON file"})
+
+
+def parse_args(argv=None) -> FtypeArguments:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):
+        argv = ["--model", *argv]  # the model may come first, without its flag
+    (args,) = HfArgumentParser(FtypeArguments, description=__doc__).parse_args_into_dataclasses(args=argv)
+    return args
 
 
 def _timed(decode) -> tuple[list[str], float, float]:
@@ -72,7 +83,7 @@ def _print_row(row: dict) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: FtypeArguments) -> list[dict]:
     torch.set_num_threads(args.threads)
     dataset = load_manifest(args.manifest, languages=[args.language], corpora=[args.corpus], limit=args.limit)
     if len(dataset) == 0:
