@@ -55,6 +55,8 @@ LEVELS = {
     "tiny": {"decoder_layers": 2, "size_budget_ratio": 1 / 10.48, "training_defaults": PAPER_LEVEL_DEFAULTS},
     "smoke": {"decoder_layers": 2, "size_budget_ratio": 0.45, "training_defaults": PAPER_ACCOUNTING},
 }
+# Embedded prompts synthesized as training speech when no other training data is given.
+DEFAULT_SYNTHETIC_PROMPTS = 120
 # Training arguments compress uses unless the command line sets them (shown by --help).
 TRAINING_DEFAULTS = {
     "output_dir": "kdq-output",
@@ -141,11 +143,12 @@ class CompressArguments:
     label_wer_threshold: float | None = field(
         default=None, metadata={"help": "Drop teacher labels whose WER against a given reference exceeds this."}
     )
-    synthetic_prompts: int = field(
-        default=120,
+    synthetic_prompts: int | None = field(
+        default=None,
         metadata={
-            "help": "Embedded prompts to synthesize (Piper/espeak-ng) as training speech; 0 for none. Used "
-            "by default, and added to other training data when given explicitly."
+            "help": f"Embedded prompts to synthesize (Piper/espeak-ng) as training speech; 0 for none. Default: "
+            f"{DEFAULT_SYNTHETIC_PROMPTS} when no other training data is given, else none; a number given "
+            "explicitly adds that many to the other training data."
         },
     )
     synthetic_text: str | None = field(
@@ -178,7 +181,7 @@ class CompressArguments:
     def __post_init__(self):
         if self.level not in (*LEVELS, "none"):
             raise ValueError(f"--level {self.level!r}: choose one of {', '.join(LEVELS)}, none")
-        if self.synthetic_prompts < 0:
+        if self.synthetic_prompts is not None and self.synthetic_prompts < 0:
             raise ValueError("--synthetic_prompts must be ≥ 0")
         if self.train_manifest or self.train_weights or self.train_labels:
             parse_sources(self.train_manifest or "", self.train_weights, self.train_labels)  # raises naming the fix
@@ -318,7 +321,8 @@ def training_data(
     ``--train_manifest`` sources mixed in their ``--train_weights`` shares (`mixture.mix`; sources labelled by
     the teacher are transcribed first, their labels kept under ``output_dir/teacher_labels`` and reused), a
     ``datasets`` id, ``--unlabeled_manifest`` transcribed by ``teacher`` and synthesized speech, concatenated and
-    capped at ``--max_train_samples``. Features and labels come next, from ``data.prepare_dataset``;
+    capped at ``--max_train_samples`` (shuffled first when there are several parts, so that the cap keeps every
+    part). Features and labels come next, from ``data.prepare_dataset``;
     ``mixture.describe`` tells what each source gave."""
     from datasets import concatenate_datasets
 
@@ -354,10 +358,13 @@ def training_data(
             _labels_folder(output_dir, compress.unlabeled_manifest),
         )
         parts.append(with_provenance(labelled, compress.unlabeled_manifest, "teacher", language))
-    if compress.synthetic_prompts:
+    synthetic = compress.synthetic_prompts
+    if synthetic is None:  # the embedded default speech only when nothing else was given
+        synthetic = 0 if parts else DEFAULT_SYNTHETIC_PROMPTS
+    if synthetic:
         with timer("synthesize training speech"):
             prompts = load_prompts(compress.synthetic_text) if compress.synthetic_text else default_prompts("train")
-            speech = synthesize_dataset(prompts[: compress.synthetic_prompts])
+            speech = synthesize_dataset(prompts[:synthetic])
         source = compress.synthetic_text or "embedded prompts"
         parts.append(with_provenance(speech, f"synthesized: {source}", "prompt text", language))
     if not parts:
@@ -365,6 +372,8 @@ def training_data(
             "no training data: give --train_manifest, --train_dataset, --unlabeled_manifest or --synthetic_prompts > 0"
         )
     dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if compress.max_train_samples and len(parts) > 1:  # a cap on concatenated parts would keep the first ones only
+        dataset = dataset.shuffle(seed=seed)
     return (
         dataset.select(range(min(len(dataset), compress.max_train_samples))) if compress.max_train_samples else dataset
     )

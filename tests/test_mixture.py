@@ -95,8 +95,7 @@ def test_compress_mixes_its_manifests_and_labels_a_source_with_the_teacher(tmp_p
         train_manifest=f"{english},{mandarin}",
         train_weights="1,1",
         train_labels="reference,teacher",
-        synthetic_prompts=0,
-    )
+    )  # synthetic_prompts left at its default: no synthesized speech beside manifests
     teacher = make_micro_whisper(seed=0)  # its weights key the saved labels; the transcripts are planted
     train = training_data(compress, teacher, None, timer=PhaseTimer(), output_dir=str(tmp_path / "run"))
     assert len(calls) == 1  # the Mandarin source only
