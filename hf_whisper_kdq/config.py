@@ -222,10 +222,12 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
             "help": "0 (default): the KD term uses the teacher's exact logits. k > 0, with the teacher cache: entries "
             "also keep the teacher's k largest logits and its log-normaliser at kd_temperature, and the training KD "
             "term becomes T²·KL over k + 1 buckets (those k tokens and one for all the others), which skips "
-            "recomputing the teacher's output layer. It changes the loss: at T=2 and k=64 on whisper-base its value "
-            "is 50-60% below the exact KL (the tail's mass is compared as one bucket), its gradient points the same "
-            "way (cosine ≥ 0.997; benchmarks/README.md, 'Output caches for six thousand utterances'). Evaluation "
-            "and the layer selection still use the exact logits."
+            "recomputing the teacher's output layer (~0.2 s a step of 92 label tokens on one whisper-base CPU "
+            "thread). It changes the loss: at T=2 whisper-base's softened distribution keeps ~70% of its mass "
+            "outside its top 256 tokens, and on real utterances the KD value drops 21-31% (a 2-decoder-layer "
+            "student) to 64-77% (the teacher at int4) for k = 256…16, its gradient's cosine with the exact one "
+            "0.96-0.99 and 0.84-0.91 (benchmarks/README.md, 'Output caches for six thousand utterances'). "
+            "Evaluation and the layer selection still use the exact logits."
         },
     )
     encoder_cache_dir: str | None = field(

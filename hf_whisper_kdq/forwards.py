@@ -9,6 +9,7 @@ outputs) instead of running them again.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 
@@ -23,6 +24,8 @@ from .config import DistillQuantArguments
 from .files import cache_root
 from .output_cache import CacheFolder, EncoderOutputCache, TeacherOutputCache
 from .selection import KDQPlan
+
+logger = logging.getLogger(__name__)
 
 
 def encoders_equal(student: nn.Module, teacher: nn.Module) -> bool:
@@ -131,6 +134,13 @@ class StudentTeacherForwards:
         self._cache_folder = None  # one size bound for all of them
         if args.cache_teacher_outputs or (args.cache_teacher_outputs is None and on_cpu):
             self.teacher_cache = self._new_cache(TeacherOutputCache, teacher)
+        elif args.teacher_cache_top_k:
+            logger.warning(
+                "teacher_cache_top_k=%d has no effect: the teacher cache is off on %s (the KD loss stays exact). "
+                "Set --cache_teacher_outputs true to use it",
+                args.teacher_cache_top_k,
+                args.device.type,
+            )
 
     @property
     def distill_sides(self) -> tuple[str, ...]:
