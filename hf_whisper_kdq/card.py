@@ -87,7 +87,10 @@ HYPERPARAMETERS = (
     "selection_until",
     "selection_probe_batches",
     "freeze_encoder",
+    "teacher_cache_top_k",
 )
+# Shown only when they differ from these values: at them, the option changes nothing the card should report.
+_SHOWN_UNLESS = {"teacher_cache_top_k": 0}  # 0: the exact KD loss; k > 0 trains on a top-k form of it
 _HIDDEN_KEY = re.compile(r"dir|path|file|token|hub|url|report_to|run_name|logging|push|resume|cache|device|local_rank")
 
 
@@ -140,7 +143,7 @@ def _hyperparameters(training_args: Any) -> list[tuple[str, str]]:
     return [
         (public(k), public(json.dumps(v) if isinstance(v, (list, dict, tuple)) else v))
         for k in keys
-        if (v := values[k]) is not None and v != ""
+        if (v := values[k]) is not None and v != "" and not (k in _SHOWN_UNLESS and v == _SHOWN_UNLESS[k])
     ]
 
 

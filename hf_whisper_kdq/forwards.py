@@ -3,12 +3,13 @@
 :class:`StudentTeacherForwards` runs both models as the losses and the guided selection read them: it taps the
 hidden representations that are distilled (layer outputs or FFN intermediates), maps the student's to the teacher's
 width through its adapters, computes logits only where they are scored, and takes what frozen models computed
-before from the on-disk caches of :mod:`hf_whisper_kdq.output_cache` (the teacher's encoder and decoder outputs, a
-frozen student encoder's outputs) instead of running them again.
+before from the on-disk caches of :mod:`hf_whisper_kdq.output_cache` (the teacher's decoder states, frozen encoders'
+outputs) instead of running them again.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 
@@ -23,6 +24,8 @@ from .config import DistillQuantArguments
 from .files import cache_root
 from .output_cache import CacheFolder, EncoderOutputCache, TeacherOutputCache
 from .selection import KDQPlan
+
+logger = logging.getLogger(__name__)
 
 
 def encoders_equal(student: nn.Module, teacher: nn.Module) -> bool:
@@ -104,6 +107,7 @@ class StudentTeacherForwards:
         encoder_matches_teacher: the student's encoder is frozen and equal to the teacher's, so both can share
             one encoder pass while the plan keeps it in float.
         sharded: FSDP shards the student (its encoder is then never called on its own).
+        expected_rows: rows of the training set, for the caches' progress log and projected size.
     """
 
     def __init__(
@@ -115,20 +119,28 @@ class StudentTeacherForwards:
         plan: Callable[[], KDQPlan],
         encoder_matches_teacher: bool,
         sharded: bool,
+        expected_rows: int | None = None,
     ):
         self.teacher, self.args, self.accelerator = teacher, args, accelerator
         self.plan = plan
         self.encoder_matches_teacher = encoder_matches_teacher
         self.sharded = sharded
+        self.expected_rows = expected_rows
+        on_cpu = args.device.type == "cpu"
+        self.cache_encoders = bool(args.cache_encoder_outputs or (args.cache_encoder_outputs is None and on_cpu))
         self.encoder_cache = None  # the teacher's encoder outputs (also the student's when it shares that encoder)
-        self.teacher_cache = None  # the teacher's logits and decoder hidden states per row
+        self.teacher_cache = None  # the teacher's decoder hidden states (and logits) per row
         self.student_encoder_cache = None  # a frozen student encoder's outputs
         self._cache_folder = None  # one size bound for all of them
-        on_cpu = args.device.type == "cpu"
-        if args.cache_encoder_outputs or (args.cache_encoder_outputs is None and on_cpu):
-            self.encoder_cache = self._new_cache(EncoderOutputCache, teacher.get_encoder())
         if args.cache_teacher_outputs or (args.cache_teacher_outputs is None and on_cpu):
             self.teacher_cache = self._new_cache(TeacherOutputCache, teacher)
+        elif args.teacher_cache_top_k:
+            logger.warning(
+                "teacher_cache_top_k=%d has no effect: the teacher cache is off on %s (the KD loss stays exact). "
+                "Set --cache_teacher_outputs true to use it",
+                args.teacher_cache_top_k,
+                args.device.type,
+            )
 
     @property
     def distill_sides(self) -> tuple[str, ...]:
@@ -151,7 +163,23 @@ class StudentTeacherForwards:
         if self._cache_folder is None:
             folder = self.args.encoder_cache_dir or cache_root() / "encoder_outputs"
             self._cache_folder = CacheFolder(folder, int(self.args.encoder_cache_max_gb * 1e9))
-        return kind(self._cache_folder, model)
+        options = (
+            {"top_k": self.args.teacher_cache_top_k, "temperature": self.args.kd_temperature}
+            if kind is TeacherOutputCache
+            else {}
+        )
+        return kind(self._cache_folder, model, expected_rows=self.expected_rows, **options)
+
+    def _teacher_encoder(self, features: torch.Tensor, distilled: bool) -> BaseModelOutput:
+        """The teacher's encoder outputs, from the encoder cache (``cache_encoder_outputs``) unless its layers are
+        ``distilled`` (it then runs, its hidden states returned or its FFN activations tapped)."""
+        encoder = self.teacher.get_encoder()
+        if distilled or not self.cache_encoders:
+            return encoder(
+                features, output_hidden_states=distilled and self.args.hidden_representation != "ffn_intermediate"
+            )
+        self.encoder_cache = self._new_cache(EncoderOutputCache, encoder, self.encoder_cache)
+        return BaseModelOutput(last_hidden_state=self.encoder_cache.encode(encoder, features))
 
     def frozen_encoder_cache(self, encoder: nn.Module):
         """The cache of a frozen student encoder's outputs (see ``_new_cache``)."""
@@ -170,10 +198,13 @@ class StudentTeacherForwards:
     ):
         """Run teacher (no grad) and student on one batch.
 
-        Frozen encoders' outputs come from the encoder cache (``cache_encoder_outputs``) when no hidden state of
-        theirs is asked for, and the teacher's logits and decoder hidden states from the teacher cache
-        (``cache_teacher_outputs``) unless its encoder states or FFN activations are; ``cached_student_encoder=False``
-        runs the student's encoder whatever (the selection probes capture the inputs of its layers).
+        The teacher's logits and decoder hidden states come from the teacher cache (``cache_teacher_outputs``)
+        unless its encoder states or FFN activations are asked for; its encoder then runs only for the rows that
+        cache misses, unless the student shares it. Other frozen encoders' outputs come from the encoder cache
+        (``cache_encoder_outputs``) when no hidden state of theirs is asked for; ``cached_student_encoder=False``
+        runs the student's encoder whatever (the selection probes capture the inputs of its layers). With
+        ``teacher_cache_top_k``, a training step's teacher outputs (``logits_at`` given, cache in use) hold the
+        top-k form (``output_cache.CachedTeacherOutput``) and no logits.
         ``logits_at`` ([B, T] bool) computes both models' logits at those decoder positions only: ``logits`` are
         then packed ``[N, V]`` rows (N = ``logits_at.sum()``, row-major order).
 
@@ -205,34 +236,42 @@ class StudentTeacherForwards:
             # Not under FSDP: the student's encoder is called on its own there, outside the sharded model's forward.
             cache_student = (
                 cached_student_encoder
-                and self.encoder_cache is not None
+                and self.cache_encoders
                 and not self.shares_encoder
                 and not self.sharded
                 and not want["encoder"]
                 and not any(p.requires_grad for p in student_encoder.parameters())
             )
+            teacher_cached = self.teacher_cache is not None and not want["encoder"] and not ffn
             # The Trainer's autocast lives in accelerate's wrapper of model.forward; the teacher's encoder is
             # called directly, and would otherwise run in fp32 under bf16/fp16 training.
             with torch.no_grad(), self.accelerator.autocast():
-                if self.encoder_cache is not None and not want["encoder"]:
-                    self.encoder_cache = self._new_cache(
-                        EncoderOutputCache, self.teacher.get_encoder(), self.encoder_cache
-                    )
-                    hidden = self.encoder_cache.encode(self.teacher.get_encoder(), features)
-                    teacher_encoder = BaseModelOutput(last_hidden_state=hidden)
+                if teacher_cached and not self.shares_encoder:
+                    # Only the rows the teacher cache misses need the teacher's encoder: its outputs are not cached
+                    # (they would be read once, 1.5 MB a row for whisper-base, next to 14 KB a position).
+                    teacher_encoder = None
+
+                    def encode(rows):
+                        return self.teacher.get_encoder()(features[rows]).last_hidden_state
+
                 else:
-                    teacher_encoder = self.teacher.get_encoder()(
-                        features, output_hidden_states=want["encoder"] and not ffn
-                    )
-                if self.teacher_cache is not None and not want["encoder"] and not ffn:
+                    teacher_encoder = self._teacher_encoder(features, want["encoder"])
+
+                    def encode(rows):
+                        return teacher_encoder.last_hidden_state[rows]
+
+                if teacher_cached:
                     self.teacher_cache = self._new_cache(TeacherOutputCache, self.teacher, self.teacher_cache)
                     teacher_out = self.teacher_cache.forward(
                         self.teacher,
                         features,
-                        teacher_encoder.last_hidden_state,
+                        encode,
                         decoder_input_ids,
                         labels,
                         logits_at=logits_at,
+                        # The training step's packed logits are only read by the KD term, which reads the top-k
+                        # form instead; evaluation and the selection probes get the exact logits.
+                        exact_logits=not (self.teacher_cache.top_k and logits_at is not None),
                     )
                 else:
                     with _output_layer_at(self.teacher, logits_at):

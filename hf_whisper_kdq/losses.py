@@ -170,6 +170,52 @@ def logit_distillation_loss(
     return _normalize(kl * temperature**2, mask.sum(), num_items_in_batch)
 
 
+def top_k_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_top_logits: torch.Tensor,
+    teacher_top_indices: torch.Tensor,
+    teacher_log_normaliser: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    num_items_in_batch: torch.Tensor | int | None = None,
+) -> torch.Tensor:
+    """``T² · KL`` of temperature-softened distributions over k + 1 buckets: the teacher's k most likely tokens and
+    one bucket of all the other tokens, over label positions only.
+
+    What a teacher cache that keeps only the k largest logits and the log-normaliser can compute: the teacher's
+    probabilities of those k tokens are exact, the rest is known only as one total. It is at most the full KL (the
+    data-processing inequality), and equals it when the student's tail is proportional to the teacher's.
+
+    Args:
+        student_logits: [..., V] (e.g. packed [N, V] rows); the gradient flows to them.
+        teacher_top_logits: [..., k] the teacher's k largest logits (at temperature 1).
+        teacher_top_indices: [..., k] their token ids (long).
+        teacher_log_normaliser: [...] ``logsumexp(teacher_logits / T)`` over the whole vocabulary.
+        labels: [...]; positions with ``-100`` contribute nothing.
+        temperature: softening temperature, > 0, the one the log-normaliser was computed at.
+        num_items_in_batch: as in :func:`cross_entropy_loss`.
+
+    Returns:
+        Scalar; 0 when the student's logits are the teacher's.
+    """
+    mask = labels.ne(IGNORE_INDEX)
+    student = _soften(student_logits[mask], temperature)  # [N, V]
+    indices = teacher_top_indices[mask]
+    teacher_top = _soften(teacher_top_logits[mask], temperature) - teacher_log_normaliser[mask].float()[:, None]
+    student_normaliser = torch.logsumexp(student, dim=-1, keepdim=True)
+    student_top = student.gather(-1, indices) - student_normaliser
+    kl = (teacher_top.exp() * (teacher_top - student_top)).sum()
+    if indices.shape[-1] < student.shape[-1]:  # else no token is left for a rest bucket
+        # Its log-probabilities: the teacher's from its top mass, the student's from its other logits (log(1 - Σ
+        # top) would lose the student's small tail to cancellation).
+        teacher_rest_probs = -torch.expm1(torch.logsumexp(teacher_top, dim=-1).clamp_max(0))
+        student_rest = torch.logsumexp(student.scatter(-1, indices, -math.inf), dim=-1) - student_normaliser[:, 0]
+        rest = teacher_rest_probs * (torch.log(teacher_rest_probs) - student_rest)
+        kl = kl + torch.where(teacher_rest_probs > 0, rest, 0.0).sum()
+    return _normalize(kl * temperature**2, mask.sum(), num_items_in_batch)
+
+
 def hidden_distillation_loss(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,

@@ -4,16 +4,21 @@ The teacher is frozen, and so is a student's encoder under ``freeze_encoder`` (i
 quantized, its clipping): on a CPU their passes are most of a training step. Two caches share one folder and one
 size bound:
 
-* :class:`EncoderOutputCache`: a frozen encoder's last hidden state per utterance;
-* :class:`TeacherOutputCache`: the teacher's logits and decoder hidden states per training row (utterance and
-  label tokens), which spares its whole decoder: as much as the student's forward and backward together for a
-  2-decoder-layer student of whisper-base, because every decoder layer projects 1,500 encoder frames.
+* :class:`EncoderOutputCache`: a frozen encoder's last hidden state per utterance, stored in fp16 (1,500 × 512
+  values for whisper-base: 1.5 MB instead of 3.1 MB, so that a 6,220-row training set takes 9.6 GB instead of
+  19.1 GB; what the rounding changes: benchmarks/README.md, "Output caches for six thousand utterances");
+* :class:`TeacherOutputCache`: the teacher's decoder hidden states per training row (utterance and label tokens),
+  which spares its whole decoder: as much as the student's forward and backward together for a 2-decoder-layer
+  student of whisper-base, because every decoder layer projects 1,500 encoder frames. Its logits are not stored
+  (51,865 fp32 values, 207 KB, per position) but recomputed from its last decoder state by its frozen output layer:
+  the same numbers, 14 KB per position for whisper-base.
 
 Entries are keyed by the exact inputs of one row *and* a fingerprint of the model (weights and quantization specs),
-so a different model, checkpoint, bit width, audio or transcript never hits another's entry. Each entry is one
-safetensors file written atomically (temp + rename) that records the fingerprint of the model that computed it; an
-unreadable entry, or one of another model (a copied or colliding folder), is recomputed and rewritten, never used.
-When the folder grows past its bound, the least recently used entries are removed.
+so a different model, checkpoint, bit width, audio or transcript never hits another's entry, and a rerun of the
+same training finds every entry again. Each entry is one safetensors file written atomically (temp + rename) that
+records the fingerprint of the model that computed it; an unreadable entry, or one of another model (a copied or
+colliding folder), is recomputed and rewritten, never used. When the folder grows past its bound, the least
+recently used entries are removed, with a warning that says how to make the training set fit.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,31 +60,64 @@ def module_state(module: torch.nn.Module) -> tuple:
     return (tuple((id(p), p._version) for p in module.parameters()), tuple(map(str, quant_specs(module).values())))
 
 
+def _gb(n_bytes: float) -> str:
+    return f"{n_bytes / 1e9:.2f} GB"
+
+
 class CacheFolder:
     """One cache folder and its size bound, shared by every cache that writes into it (one byte count)."""
 
     def __init__(self, root: str | os.PathLike, max_bytes: int):
         self.root, self.max_bytes = Path(root), max_bytes
         self.bytes = sum(f.stat().st_size for f in self.root.glob("*/*/*.safetensors"))
+        self.evicted = 0  # entries removed by the bound in this run
 
     def added(self, size: int) -> None:
         self.bytes += size
-        if self.bytes > self.max_bytes:
-            for entry in sorted(self.root.glob("*/*/*.safetensors"), key=lambda f: f.stat().st_mtime):
-                if self.bytes <= 0.9 * self.max_bytes:
-                    break
-                size = entry.stat().st_size
-                entry.unlink(missing_ok=True)
-                self.bytes -= size
+        if self.bytes <= self.max_bytes:
+            return
+        if not self.evicted:  # once: every later write evicts too
+            logger.warning(
+                "the output cache %s reached its bound of %s: its least recently used entries are removed, and the "
+                "rows they held are computed again when they come back (every epoch when the training set does not "
+                "fit). Fix: raise --encoder_cache_max_gb (the projected size of each cache is logged when it starts "
+                "filling), point --encoder_cache_dir at a disk with room, or turn a cache off "
+                "(--cache_encoder_outputs false / --cache_teacher_outputs false)",
+                self.root,
+                _gb(self.max_bytes),
+            )
+        for entry in sorted(self.root.glob("*/*/*.safetensors"), key=lambda f: f.stat().st_mtime):
+            if self.bytes <= 0.9 * self.max_bytes:
+                break
+            size = entry.stat().st_size
+            entry.unlink(missing_ok=True)
+            self.bytes -= size
+            self.evicted += 1
 
 
 class _OutputCache:
-    """Per-row entries (a dict of tensors) of one frozen model, in ``folder/<fingerprint[:16]>/``."""
+    """Per-row entries (a dict of tensors) of one frozen model, in ``folder/<fingerprint[:16]>/``.
+
+    Args:
+        folder: cache folder (or a shared :class:`CacheFolder`).
+        model: the frozen model whose outputs are cached.
+        max_bytes: size bound of the whole folder (all models together), when ``folder`` is a path.
+        expected_rows: rows of the training set, for the progress log and the projected size; None: unknown.
+    """
 
     # What an entry holds, part of its key: entries written with another meaning are never read back.
     LAYOUT = ""
+    # What the progress log calls these entries.
+    NAME = ""
 
-    def __init__(self, folder: str | os.PathLike | CacheFolder, model: torch.nn.Module, max_bytes: int | None = None):
+    def __init__(
+        self,
+        folder: str | os.PathLike | CacheFolder,
+        model: torch.nn.Module,
+        max_bytes: int | None = None,
+        *,
+        expected_rows: int | None = None,
+    ):
         if not isinstance(folder, CacheFolder) and max_bytes is None:
             raise TypeError("give max_bytes (the folder's size bound) with a folder path, or a shared CacheFolder")
         self.fingerprint, self.state = module_fingerprint(model), module_state(model)
@@ -86,6 +126,11 @@ class _OutputCache:
         self.folder = self.root / self.fingerprint[:16]
         self.folder.mkdir(parents=True, exist_ok=True)
         self.hits = self.misses = 0
+        self.expected_rows = expected_rows
+        self.entries = sum(1 for _ in self.folder.glob("*/*.safetensors"))  # rows cached, by any run
+        self.written_bytes = 0  # by this run
+        if self.entries:
+            logger.info("%s: reusing the %d rows cached in %s", self.NAME, self.entries, self.folder)
 
     def describes(self, model: torch.nn.Module) -> bool:
         """False once ``model`` changed since this cache was made for it (a new cache, new fingerprint, is due)."""
@@ -120,16 +165,58 @@ class _OutputCache:
 
     def _write(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
         fingerprint = torch.frombuffer(bytearray(bytes.fromhex(self.fingerprint)), dtype=torch.uint8)
+        new = not path.exists()  # else a damaged or foreign entry, rewritten
         with atomic_file(path) as temporary:
             save_file(
                 {**{k: v.detach().cpu().contiguous() for k, v in tensors.items()}, "fingerprint": fingerprint},
                 str(temporary),
             )
-        self.store.added(path.stat().st_size)
+        size = path.stat().st_size
+        self._progress(size, new)
+        self.store.added(size)
 
-    def _lookup(self, paths: list[Path], required: str) -> tuple[list, list[int]]:
+    def _progress(self, size: int, new: bool) -> None:
+        """Log the projected size at the first write of this run, then every tenth of the training set."""
+        first = not self.written_bytes
+        self.written_bytes += size
+        self.entries += new
+        expected = self.expected_rows
+        if first and expected:
+            projected = size * expected
+            logger.info(
+                "%s: caching about %.1f KB per row, %s for the %d training rows (folder bound %s)",
+                self.NAME,
+                size / 1e3,
+                _gb(projected),
+                expected,
+                _gb(self.store.max_bytes),
+            )
+            if projected > self.store.max_bytes:
+                logger.warning(
+                    "%s would need about %s for the %d training rows, more than the cache's bound of %s: rows "
+                    "beyond it are computed again every epoch. Fix: --encoder_cache_max_gb %.0f or more (on a disk "
+                    "with room: --encoder_cache_dir), or fewer training rows",
+                    self.NAME,
+                    _gb(projected),
+                    expected,
+                    _gb(self.store.max_bytes),
+                    projected * 1.15 / 1e9 + 1,
+                )
+        step = max(1, expected // 10) if expected else 500
+        if new and self.entries % step == 0:
+            logger.info(
+                "%s: %d%s rows cached (%s written by this run; folder %s of %s)",
+                self.NAME,
+                self.entries,
+                f" / {expected}" if expected else "",
+                _gb(self.written_bytes),
+                _gb(self.store.bytes + size),
+                _gb(self.store.max_bytes),
+            )
+
+    def _lookup(self, paths: list[Path], required: tuple[str, ...]) -> tuple[list, list[int]]:
         cached = [self._read(path) for path in paths]
-        cached = [entry if entry is not None and required in entry else None for entry in cached]
+        cached = [entry if entry is not None and all(k in entry for k in required) else None for entry in cached]
         missing = [i for i, entry in enumerate(cached) if entry is None]
         self.hits += len(paths) - len(missing)
         self.misses += len(missing)
@@ -139,93 +226,170 @@ class _OutputCache:
 class EncoderOutputCache(_OutputCache):
     """``encode(encoder, features) -> last_hidden_state`` with per-utterance entries on disk.
 
-    Args:
-        folder: cache folder (or a shared :class:`CacheFolder`); entries of one encoder live in
-            ``folder/<fingerprint[:16]>/``.
-        encoder: the frozen encoder whose outputs are cached.
-        max_bytes: size bound of the whole folder (all models together), when ``folder`` is a path.
+    Entries are fp16 (an entry whose outputs overflow fp16 stays fp32), and a row computed now is returned as it is
+    stored, so that the first epoch sees the same encoder outputs as the later ones and as a rerun.
     """
+
+    LAYOUT = "last hidden state, fp16 where finite"
+    NAME = "encoder outputs"
 
     @torch.no_grad()
     def encode(self, encoder: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
         """[B, mels, frames] features -> [B, frames / 2, d_model] encoder output, from disk where cached."""
         paths = [self._path(row) for row in features]
-        cached, missing = self._lookup(paths, "last_hidden_state")
+        cached, missing = self._lookup(paths, ("last_hidden_state",))
         if missing:
             computed = encoder(features[missing]).last_hidden_state
             for i, hidden in zip(missing, computed):
-                cached[i] = {"last_hidden_state": hidden}
+                stored = hidden.half()
+                cached[i] = {"last_hidden_state": stored if bool(stored.isfinite().all()) else hidden}
                 self._write(paths[i], cached[i])
         parameter = next(encoder.parameters())
         return torch.stack([entry["last_hidden_state"].to(parameter.device, parameter.dtype) for entry in cached])
 
 
+@dataclass
+class CachedTeacherOutput(Seq2SeqLMOutput):
+    """The teacher's outputs as :class:`TeacherOutputCache` gives them: ``logits`` (None where only the top-k form
+    is asked for) and ``decoder_hidden_states`` as the teacher's forward returns them, and with
+    ``teacher_cache_top_k`` the stored top-k form: ``top_logits`` and ``top_indices`` [..., k] (the k largest
+    logits and their token ids) and ``log_normaliser`` [...] (logsumexp of all logits / temperature)."""
+
+    top_logits: torch.FloatTensor | None = None
+    top_indices: torch.LongTensor | None = None
+    log_normaliser: torch.FloatTensor | None = None
+
+
+def output_logits(teacher: torch.nn.Module, last_state: torch.Tensor) -> torch.Tensor:
+    """[..., D] last decoder layer's output (before the final layer norm) -> [..., V] logits, as the teacher's
+    forward computes them."""
+    return teacher.proj_out(teacher.model.decoder.layer_norm(last_state))
+
+
 class TeacherOutputCache(_OutputCache):
-    """The teacher's logits and decoder hidden states per row, for the row's labelled positions.
+    """The teacher's decoder hidden states per row, at the row's positions up to its last label; its logits are
+    recomputed from them (:func:`output_logits`).
 
     A row's entry covers its decoder positions up to its last label that is not ``-100``: with causal
     self-attention they do not depend on the padding after them, so an entry serves the row in any batch. The
-    positions after it (padding, masked out of every loss) are returned as zeros. The decoder states are whatever
-    the teacher returns while it is called: the trainer makes the last one its last layer's output before the
-    final layer norm.
+    positions after it (padding, masked out of every loss) are returned as zeros. The decoder states are the
+    teacher's ``decoder_hidden_states`` with the last one its last layer's output *before* the final layer norm
+    (what ``forwards`` distils, and what :func:`output_logits` turns into logits).
+
+    Args:
+        top_k: 0 (exact): the logits are recomputed from the stored states. k > 0: entries also keep the k largest
+            logits, their token ids and the log-normaliser at ``temperature``, which the k + 1-bucket distillation
+            loss (``losses.top_k_distillation_loss``) reads instead of recomputing the output layer.
+        temperature: the distillation temperature of that log-normaliser (part of the key with ``top_k``).
+        (and those of :class:`_OutputCache`)
     """
 
-    LAYOUT = "decoder states: the last one before the final layer norm"
+    NAME = "teacher outputs"
+
+    def __init__(self, *args, top_k: int = 0, temperature: float = 1.0, **kwargs):
+        if top_k < 0:
+            raise ValueError(f"top_k must be ≥ 0 (0: exact logits), got {top_k}")
+        self.top_k, self.temperature = top_k, float(temperature)
+        self.LAYOUT = "decoder states, the last before the final layer norm" + (
+            f"; top {top_k} logits, log-normaliser at T={self.temperature!r}" if top_k else ""
+        )
+        super().__init__(*args, **kwargs)
+
+    def _compute(
+        self, teacher: torch.nn.Module, encoder_hidden: torch.Tensor, decoder_input_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """The teacher decoder's hidden states, the last one taken before the final layer norm (whatever hooks the
+        caller has on the teacher)."""
+        captured = []
+        handle = teacher.model.decoder.layer_norm.register_forward_pre_hook(
+            lambda module, args: captured.append(args[0])
+        )
+        try:
+            states = teacher.model(
+                encoder_outputs=(encoder_hidden,), decoder_input_ids=decoder_input_ids, output_hidden_states=True
+            ).decoder_hidden_states
+        finally:
+            handle.remove()
+        return (*states[:-1], captured[-1])
+
+    def _top(self, teacher: torch.nn.Module, last_state: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = output_logits(teacher, last_state).float()
+        top = logits.topk(self.top_k, dim=-1)
+        return {
+            "top_logits": top.values,
+            "top_indices": top.indices.int(),  # 4 bytes: Whisper's vocabulary fits
+            "log_normaliser": torch.logsumexp(logits / self.temperature, dim=-1),
+        }
 
     @torch.no_grad()
     def forward(
         self,
         teacher: torch.nn.Module,
         features: torch.Tensor,
-        encoder_hidden: torch.Tensor,
+        encode: Callable[[list[int]], torch.Tensor],
         decoder_input_ids: torch.Tensor,
         labels: torch.Tensor,
+        *,
         logits_at: torch.Tensor | None = None,
-    ) -> Seq2SeqLMOutput:
-        """Outputs of ``teacher(encoder_outputs=encoder_hidden, decoder_input_ids=..., output_hidden_states=True)``:
-        ``logits`` [B, T, V] and ``decoder_hidden_states`` (num_layers + 1 tensors [B, T, D]). With ``logits_at``
-        ([B, T] bool, inside the labelled positions), ``logits`` are only those positions' rows, packed ``[N, V]``
-        as ``forwards.StudentTeacherForwards`` packs them."""
+        exact_logits: bool = True,
+    ) -> CachedTeacherOutput:
+        """The teacher's outputs on a batch, from disk where cached.
+
+        Args:
+            teacher: the frozen teacher.
+            features: [B, mels, frames] (part of each row's key).
+            encode: rows (batch indices) -> their [len(rows), S, D] teacher encoder outputs; called for the rows
+                the cache misses only, so that the teacher's encoder need not run (or be cached) for the others.
+            decoder_input_ids: [B, T].
+            labels: [B, T], ``-100`` where nothing is predicted.
+            logits_at: [B, T] bool inside the labelled positions: ``logits`` (and the top-k fields) are then only
+                those positions' rows, packed ``[N, V]`` as ``forwards.StudentTeacherForwards`` packs them.
+            exact_logits: recompute ``logits``; False (with ``top_k``) leaves them None.
+
+        Returns:
+            ``logits`` [B, T, V] (or packed [N, V]), ``decoder_hidden_states`` (num_layers + 1 tensors [B, T, D]),
+            and with ``top_k`` the top-k fields of :class:`CachedTeacherOutput`.
+        """
         labelled = labels.ne(IGNORE_INDEX)
+        if logits_at is not None and bool((logits_at & ~labelled).any()):
+            raise ValueError("logits_at must select labelled positions only: the cache holds no others")
         positions = torch.arange(1, labels.shape[1] + 1, device=labels.device)
         lengths = (labelled * positions).amax(dim=1).tolist()  # 1 + the last labelled position; 0 for none
         paths = [self._path(features[i], decoder_input_ids[i, :n]) for i, n in enumerate(lengths)]
-        cached, missing = self._lookup(paths, "logits")
+        required = ("decoder_hidden_states", "top_logits") if self.top_k else ("decoder_hidden_states",)
+        cached, missing = self._lookup(paths, required)
         if missing:
-            out = teacher(
-                encoder_outputs=(encoder_hidden[missing],),
-                decoder_input_ids=decoder_input_ids[missing],
-                output_hidden_states=True,
-            )
+            states = torch.stack(self._compute(teacher, encode(missing), decoder_input_ids[missing]), dim=2)
             for row, i in enumerate(missing):
-                n = lengths[i]
-                cached[i] = {
-                    "logits": out.logits[row, :n],
-                    "decoder_hidden_states": torch.stack([h[row, :n] for h in out.decoder_hidden_states]),
-                }
-                self._write(paths[i], cached[i])
-        batch, length = decoder_input_ids.shape
-        first = cached[0]
-        hidden = first["decoder_hidden_states"].new_zeros(
-            first["decoder_hidden_states"].shape[0],
-            batch,
-            length,
-            first["decoder_hidden_states"].shape[-1],
-            device=labels.device,
-        )
-        for i, (entry, n) in enumerate(zip(cached, lengths)):
-            hidden[:, i, :n] = entry["decoder_hidden_states"].to(labels.device)
-        if logits_at is not None:
-            if bool((logits_at & ~labelled).any()):
-                raise ValueError("logits_at must select labelled positions only: the cache holds no others")
-            logits = torch.cat(
-                [
-                    entry["logits"].to(labels.device)[logits_at[i, :n]]
-                    for i, (entry, n) in enumerate(zip(cached, lengths))
-                ]
-            )
-        else:
-            logits = first["logits"].new_zeros(batch, length, first["logits"].shape[-1], device=labels.device)
+                entry = {"decoder_hidden_states": states[row, : lengths[i]]}  # [n, num_layers + 1, D]
+                if self.top_k:
+                    entry |= self._top(teacher, entry["decoder_hidden_states"][:, -1])
+                cached[i] = entry
+                self._write(paths[i], entry)
+
+        def batched(key: str) -> torch.Tensor:
+            """[B, T, ...] of one entry field, zeros after each row's positions."""
+            shape = cached[0][key].shape[1:]
+            out = cached[0][key].new_zeros(len(cached), labels.shape[1], *shape, device=labels.device)
             for i, (entry, n) in enumerate(zip(cached, lengths)):
-                logits[i, :n] = entry["logits"].to(labels.device)
-        return Seq2SeqLMOutput(logits=logits, decoder_hidden_states=tuple(hidden))
+                out[i, :n] = entry[key].to(labels.device)
+            return out
+
+        states = batched("decoder_hidden_states")
+        covered = positions.le(torch.tensor(lengths, device=labels.device)[:, None])  # [B, T]: the entries' positions
+        at = covered if logits_at is None else logits_at
+
+        def shaped(packed: torch.Tensor) -> torch.Tensor:
+            """Rows at ``at`` -> as asked: packed [N, ...], or [B, T, ...] with zeros elsewhere."""
+            if logits_at is not None:
+                return packed
+            return packed.new_zeros(*labels.shape, *packed.shape[1:]).index_put_((at,), packed)
+
+        out = CachedTeacherOutput(decoder_hidden_states=tuple(states.unbind(2)))
+        if exact_logits:
+            out.logits = shaped(output_logits(teacher, states[at][:, -1]))
+        if self.top_k:
+            out.top_logits = shaped(batched("top_logits")[at])
+            out.top_indices = shaped(batched("top_indices")[at].long())
+            out.log_normaliser = shaped(batched("log_normaliser")[at])
+        return out

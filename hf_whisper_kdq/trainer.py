@@ -44,6 +44,7 @@ from .losses import (
     hidden_distillation_loss,
     logit_distillation_loss,
     quantization_loss,
+    top_k_distillation_loss,
 )
 from .quant import FakeQuantEmbedding, FakeQuantLinear, prepare_qat, set_quant_specs
 from .selection import KDQPlan, check_size_budget, fp16_bytes, starting_plan
@@ -199,6 +200,7 @@ class DistillQuantTrainer(Seq2SeqTrainer):
             plan=lambda: self.plan,
             encoder_matches_teacher=encoder_matches_teacher,
             sharded=self.is_fsdp_enabled,
+            expected_rows=len(train_dataset) if hasattr(train_dataset, "__len__") else None,
         )
         self._logged_terms: dict[str, dict[str, list[torch.Tensor]]] = {
             "train": defaultdict(list),
@@ -311,13 +313,7 @@ class DistillQuantTrainer(Seq2SeqTrainer):
 
         terms = {
             "ce": cross_entropy_loss(student_out.logits, scored, num_items_in_batch),
-            "kd": logit_distillation_loss(
-                student_out.logits,
-                teacher_out.logits,
-                scored,
-                temperature=args.kd_temperature,
-                num_items_in_batch=num_items_in_batch,
-            ),
+            "kd": self._distillation_loss(student_out.logits, teacher_out, scored, num_items_in_batch),
         }
         hidden = student_out.logits.new_zeros(())
         for side in sides:
@@ -355,6 +351,28 @@ class DistillQuantTrainer(Seq2SeqTrainer):
             self._logged_terms[mode][name].append(value.detach().float() * steps * processes)
         loss = loss * processes
         return (loss, student_out) if return_outputs else loss
+
+    def _distillation_loss(self, student_logits, teacher_out, labels, num_items_in_batch):
+        """The KD term: on the teacher's logits, or on the top-k form its cache gives without them
+        (``teacher_cache_top_k``)."""
+        temperature = self.args.kd_temperature
+        if teacher_out.logits is None:
+            return top_k_distillation_loss(
+                student_logits,
+                teacher_out.top_logits,
+                teacher_out.top_indices,
+                teacher_out.log_normaliser,
+                labels,
+                temperature=temperature,
+                num_items_in_batch=num_items_in_batch,
+            )
+        return logit_distillation_loss(
+            student_logits,
+            teacher_out.logits,
+            labels,
+            temperature=temperature,
+            num_items_in_batch=num_items_in_batch,
+        )
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)

@@ -299,6 +299,9 @@ def test_training_arguments_show_hyperparameters_only(tmp_path):
     assert "| `learning_rate` | 2e-05 |" in text and "| `size_budget_ratio` | 0.2 |" in text
     assert "| `num_distill_layers` | 3 |" in text and "| `quant_granularity` | per_group |" in text
     assert "output_dir" not in text and "hub_token" not in text and FAKE_TOKEN not in text
+    assert "teacher_cache_top_k" not in text  # 0: the exact KD loss, nothing to report
+    top_k = DistillQuantArguments(output_dir=str(tmp_path / "run"), report_to=[], teacher_cache_top_k=64)
+    assert "| `teacher_cache_top_k` | 64 |" in build_model_card(**card_kwargs(training_args=top_k)).text
 
 
 # ---- the usage snippets run, against a local Hub cache (offline) -------------------------------------------------

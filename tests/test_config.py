@@ -34,6 +34,8 @@ OUT_OF_RANGE = [
     ({"quant_granularity": "per_group", "quant_group_size": 0}, r"quant_group_size must be > 0 with per_group"),
     ({"quant_symmetric": False}, r"asymmetric quantization is not supported yet: set quant_symmetric=True"),
     ({"encoder_cache_max_gb": 0}, r"encoder_cache_max_gb must be > 0, got 0"),
+    ({"teacher_cache_top_k": -1}, r"teacher_cache_top_k must be ≥ 0, got -1: 0 for the exact"),
+    ({"teacher_cache_top_k": 64, "cache_teacher_outputs": False}, r"needs the teacher cache.*drop one of them"),
     *[
         ({"selection_until": fraction}, rf"selection_until={fraction} must be a fraction of training in \(0, 1\]")
         for fraction in (0, 1.5)
