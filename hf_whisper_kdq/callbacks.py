@@ -29,6 +29,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .calibration import measure_quantization_losses
 from .config import DistillQuantArguments
 from .forwards import StudentTeacherForwards
 from .losses import IGNORE_INDEX, logit_distillation_loss
@@ -42,7 +43,6 @@ from .selection import (
     fp16_bytes,
     match_layers,
     measure_output_costs,
-    measure_quantization_losses,
     plan_shapes,
     plan_size,
     relative_hidden_errors,

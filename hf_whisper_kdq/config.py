@@ -119,7 +119,8 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
         default=True,
         metadata={
             "help": "Learn a clipping ratio per scale (LSQ/PACT style) during training, starting from the ratio of "
-            "least weight error among 1.0, 0.95, ..., 0.5."
+            "least expected output error among 1.0, 0.95, ..., 0.5: each weight's error weighted by the mean square "
+            "of its inputs on the selection's probe batches (AWQ's clip search), searched when the trainer is built."
         },
     )
     clip_learning_rate: float = field(

@@ -41,7 +41,7 @@ from torch import nn
 
 from .adapters import is_training_only
 from .files import atomic_write_text
-from .quant import FLOAT_BITS, QuantSpec, default_quant_targets, fake_quantize, weight_bytes
+from .quant import FLOAT_BITS, QuantSpec, default_quant_targets, weight_bytes
 from .students import teacher_layer_map
 
 PLAN_FILE = "kdq_plan.json"
@@ -242,70 +242,6 @@ def starting_plan(model: nn.Module, teacher_model: nn.Module, args) -> KDQPlan:
 
 
 # ---- measurements --------------------------------------------------------------------------------------
-
-
-class measure_quantization_losses:
-    """Context manager measuring ``q_l(b)`` for every unit of ``plan`` and every candidate bits while the probe
-    batches run: Σ‖X·q(W)ᵀ − X·Wᵀ‖² / Σ‖X·Wᵀ‖² over the unit's linears, X their inputs.
-
-    Each linear is measured in a forward hook, inside its own forward: a model sharded by FSDP holds a layer's whole
-    weight only then. ``max_rows`` rows of each call's input are used (evenly strided over its positions), which
-    bounds the work on long encoder sequences while covering every utterance of the probe batches. Units without
-    linears (the embedding lookup) are measured through their tied projection.
-
-    Usage::
-
-        with measure_quantization_losses(model, plan, bit_choices) as measure:
-            ...  # run the probe batches
-        q = measure.losses()  # {unit name: {bits: q_l}}
-    """
-
-    def __init__(self, model: nn.Module, plan: KDQPlan, bit_choices: tuple[int, ...], max_rows: int = 4096):
-        self.model, self.plan, self.bit_choices, self.max_rows = model, plan, bit_choices, max_rows
-        self._numerators: dict[str, dict[int, float]] = defaultdict(lambda: dict.fromkeys(bit_choices, 0.0))
-        self._denominators: dict[str, float] = defaultdict(float)
-        self._handles = []
-
-    def __enter__(self) -> measure_quantization_losses:
-        modules = dict(self.model.named_modules())
-        for name in (m for unit in self.plan.units for m in unit.modules):
-            if isinstance(modules[name], nn.Linear):
-                self._handles.append(modules[name].register_forward_hook(self._hook(name)))
-        return self
-
-    def _hook(self, name: str):
-        @torch.no_grad()
-        def measure(module, args, output):
-            x = args[0].detach().flatten(0, -2)
-            x = x[:: max(1, math.ceil(x.shape[0] / self.max_rows))].float()
-            weight = module.weight.float()
-            reference = x @ weight.T
-            self._denominators[name] += reference.pow(2).sum().item()
-            for bits in self.bit_choices:
-                spec = self.plan.spec(bits)
-                if spec is not None:
-                    # Learned clipping is ignored on purpose: sensitivity is a property of the weights.
-                    quantized = fake_quantize(weight, spec, None, layer=name)
-                    self._numerators[name][bits] += (x @ quantized.T - reference).pow(2).sum().item()
-
-        return measure
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def losses(self) -> dict[str, dict[int, float]]:
-        """{unit name: {bits: q_l(bits)}} over what ran inside the context (0 for units that saw no input)."""
-        losses = {}
-        for unit in self.plan.units:
-            denominator = sum(self._denominators.get(name, 0.0) for name in unit.modules)
-            losses[unit.name] = {
-                bits: sum(self._numerators[name][bits] for name in unit.modules if name in self._numerators)
-                / max(denominator, 1e-30)
-                for bits in self.bit_choices
-            }
-        return losses
 
 
 def measure_output_costs(

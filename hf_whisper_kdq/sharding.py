@@ -4,7 +4,7 @@ Under DDP and DeepSpeed ZeRO-1/2 every process holds the whole student. FSDP (ve
 only a shard of each weight on each process and gathers a layer's weight for the duration of that layer's forward
 and backward. The trainer reads whole weights at three places, and each is placed where FSDP provides them:
 
-* the guided selection's quantization losses are measured in forward hooks (`selection.measure_quantization_losses`);
+* the guided selection's quantization losses are measured in forward hooks (`calibration.measure_quantization_losses`);
 * the adapters that map student states to the teacher's width run inside the student's forward;
 * the export gathers the full state dict onto the main process and rebuilds an unsharded student there
   (`whole_student`).

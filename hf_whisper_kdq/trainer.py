@@ -31,6 +31,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .adapters import attach_adapters
+from .calibration import calibrate_clipping
 from .callbacks import LayerSelectionCallback
 from .card import write_model_card
 from .config import DistillQuantArguments
@@ -207,6 +208,11 @@ class DistillQuantTrainer(Seq2SeqTrainer):
             "eval": defaultdict(list),
         }
         self._accumulated_rows = 0  # set by get_batch_samples for each optimizer step
+        if self.plan.module_specs() and train_dataset is not None and hasattr(train_dataset, "__len__"):
+            # Clipping starts searched on the probe batches' inputs, before an optimizer or engine copies the ratios.
+            searched = calibrate_clipping(self.unwrapped_student(), self.plan, self.probe_batches())
+            if searched:
+                logger.info("Clipping ratios of %d layers searched on the probe batches' inputs", len(searched))
         self.add_callback(selection)
 
     def add_callback(self, callback) -> None:

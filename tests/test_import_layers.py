@@ -16,7 +16,7 @@ LAYERS = (
     ("files, optional imports and quantization", {"files", "optional", "quant"}),
     ("inputs and settings", {"sources", "audio", "students", "losses", "hub", "config"}),
     ("data and measures", {"data", "mixture", "scoring", "synthesis", "adapters", "output_cache"}),
-    ("planning and evaluation", {"selection", "evaluation", "evaluation_ctranslate2", "labelling"}),
+    ("planning and evaluation", {"selection", "calibration", "evaluation", "evaluation_ctranslate2", "labelling"}),
     ("training parts and exports", {"forwards", "callbacks", "sharding", "figures", "card", "card_scores", "export"}),
     ("trainer", {"trainer"}),
     ("pipeline", {"compress"}),

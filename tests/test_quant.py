@@ -19,6 +19,7 @@ from hf_whisper_kdq.quant import (
     quantize_weight,
     quantized_size_bytes,
     search_clip_ratios,
+    search_clips_on_inputs,
     set_quant_specs,
     weight_bytes,
 )
@@ -265,6 +266,45 @@ def test_clip_search_lowers_the_error_of_a_weight_with_outliers():
             return float((fake_quantize(weight, spec, clip) - weight).pow(2).sum())
 
         assert error(searched) < error(torch.ones_like(searched)) and float(searched.min()) < 1, spec
+
+
+def test_clip_search_on_inputs_minimizes_the_expected_output_error():
+    """Weighted by E[x_j²], the search keeps the weight that meets large inputs; by weight error it clips it."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(32, 64, generator=generator)
+    weight[:, 5] = 6.0  # the extreme of its group (columns 0-31) in every row
+    spec = QuantSpec(3, "per_group", 32, learnable_clipping=True)
+    loud_input = torch.ones(64)
+    loud_input[5] = 1e4  # column 5 meets inputs 100 times larger (x² 10⁴ times) than the others
+
+    def output_error(clip):
+        return float(((fake_quantize(weight, spec, clip) - weight).pow(2) * loud_input).sum())
+
+    by_weight = search_clip_ratios(weight, spec)
+    by_output = search_clip_ratios(weight, spec, input_mean_square=loud_input)
+    assert float(by_weight[:, 0].min()) < 1.0  # the weight error clips the outlier column...
+    assert bool((by_output[:, 0] == 1.0).all())  # ...whose error, weighted by its inputs, costs most
+    assert output_error(by_output) < output_error(by_weight)
+    # Alike inputs weigh every column alike: the weight-error search again.
+    assert torch.equal(search_clip_ratios(weight, spec, input_mean_square=torch.full((64,), 3.0)), by_weight)
+    with pytest.raises(ValueError, match=r"input_mean_square must have shape \[64\]"):
+        search_clip_ratios(weight, spec, input_mean_square=torch.ones(32))
+
+
+def test_search_clips_on_inputs_rewrites_the_ratios_in_place():
+    model = nn.ModuleDict({"a": nn.Linear(64, 32), "b": nn.Linear(64, 32)})
+    with torch.no_grad():
+        model["a"].weight[:, 5] = 6.0
+    prepare_qat(model, {"a": "int3-g32-clip", "b": "int3-g32-clip"})
+    clip_a, clip_b = model["a"].weight_clip, model["b"].weight_clip.detach().clone()
+    loud_input = torch.ones(64)
+    loud_input[5] = 1e4
+    searched = search_clips_on_inputs(model, quant_specs(model), {"a": loud_input})
+    assert searched == ["a"]
+    assert model["a"].weight_clip is clip_a  # the Parameter an optimizer holds
+    expected = search_clip_ratios(model["a"].weight.detach(), model["a"].quant_spec, input_mean_square=loud_input)
+    assert torch.equal(clip_a.detach(), expected)
+    assert torch.equal(model["b"].weight_clip.detach(), clip_b)  # no inputs measured: kept
 
 
 def test_new_clip_parameter_starts_at_the_searched_ratios():

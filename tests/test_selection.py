@@ -12,6 +12,7 @@ import torch
 from conftest import make_micro_rows, micro_collate
 from datasets import Dataset
 
+from hf_whisper_kdq.calibration import measure_quantization_losses
 from hf_whisper_kdq.callbacks import LayerSelectionCallback
 from hf_whisper_kdq.config import DistillQuantArguments
 from hf_whisper_kdq.quant import fake_quantize
@@ -24,7 +25,6 @@ from hf_whisper_kdq.selection import (
     fixed_bytes,
     initial_plan,
     match_layers,
-    measure_quantization_losses,
     plan_shapes,
     relative_hidden_errors,
     smallest_bytes,

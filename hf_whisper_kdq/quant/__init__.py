@@ -18,6 +18,7 @@ from .api import (
     prepare_qat,
     quant_specs,
     quantized_size_bytes,
+    search_clips_on_inputs,
     set_quant_specs,
 )
 from .fake_quant import QuantizedWeight, fake_quantize, quantize_weight, search_clip_ratios
@@ -40,6 +41,7 @@ __all__ = [
     "quantize_weight",
     "quantized_size_bytes",
     "search_clip_ratios",
+    "search_clips_on_inputs",
     "set_quant_specs",
     "weight_bytes",
 ]

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .fake_quant import QuantizedWeight, quantize_weight
+from .fake_quant import QuantizedWeight, quantize_weight, search_clip_ratios
 from .modules import FAKE_QUANT_TYPES, FakeQuantEmbedding, FakeQuantLinear, _QuantGroup
 from .spec import QuantSpec, as_spec, weight_bytes
 
@@ -186,6 +186,31 @@ def set_quant_specs(model: nn.Module, specs: Mapping[str, SpecLike]) -> None:
     _tie_groups(model, parsed)  # conflicting specs for tied layers → ValueError, before any change
     for name, spec in parsed.items():
         modules[name].set_quant_spec(spec)
+
+
+@torch.no_grad()
+def search_clips_on_inputs(
+    model: nn.Module, specs: Mapping[str, SpecLike], input_mean_squares: Mapping[str, torch.Tensor]
+) -> list[str]:
+    """Search the learnable clipping ratios of prepared layers again, at ``specs[name]``, weighting each weight's
+    error by the mean square of the input it meets (``input_mean_squares[name]``, ``[in_features]``, measured on
+    calibration batches): the expected output error rather than the weight error `prepare_qat` minimizes.
+
+    Layers without a spec with learnable clipping, or without measured inputs, keep their ratios. The ratios are
+    overwritten in place (their Parameter stays the one an optimizer may hold), so call it before training moves
+    them. Returns the names of the layers searched again."""
+    modules = _resolve(model, [n for n in specs if n in input_mean_squares])
+    searched = []
+    for name, module in modules.items():
+        spec = as_spec(specs[name])
+        clip = getattr(module, "weight_clip", None)
+        if spec is None or not spec.learnable_clipping or clip is None:
+            continue
+        if tuple(clip.shape) != spec.scale_shape(module.weight.shape):
+            continue  # a spec of another granularity than the ratios' (set_quant_specs makes new ones)
+        clip.copy_(search_clip_ratios(module.weight, spec, layer=name, input_mean_square=input_mean_squares[name]))
+        searched.append(name)
+    return searched
 
 
 def convert_qat(model: nn.Module) -> dict[str, QuantizedWeight]:

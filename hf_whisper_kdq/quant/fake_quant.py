@@ -236,10 +236,21 @@ CLIP_SEARCH_RATIOS: tuple[float, ...] = tuple(round(1.0 - 0.05 * i, 2) for i in 
 
 @torch.no_grad()
 def search_clip_ratios(
-    weight: Tensor, spec: QuantSpec, ratios: tuple[float, ...] = CLIP_SEARCH_RATIOS, *, layer: str = "<weight>"
+    weight: Tensor,
+    spec: QuantSpec,
+    ratios: tuple[float, ...] = CLIP_SEARCH_RATIOS,
+    *,
+    layer: str = "<weight>",
+    input_mean_square: Tensor | None = None,
 ) -> Tensor:
     """The clipping ratio of each scale of ``weight`` (``[rows, cols]``) that minimizes its squared quantization
-    error ``Σ (w - q(w))²`` over its group, among ``ratios``: where learnable clipping starts.
+    error over its group, among ``ratios``: where learnable clipping starts.
+
+    Without ``input_mean_square`` the error is the weights' ``Σ_j (w_j - q(w_j))²``. With it (``[cols]``, the mean
+    of ``x_j²`` over the layer's inputs) it is the expected output error ``Σ_j E[x_j²] (w_j - q(w_j))²`` (the
+    diagonal of the inputs' second moment, as AWQ's clip search measures it on calibration activations): at 3 bits
+    the weight error clips the few weights that meet large inputs, which costs more than it saves (benchmarks/
+    README.md, "Guided bits against uniform bits").
 
     Returns:
         float32 ``spec.scale_shape(weight.shape)`` ratios (ties go to the larger ratio). Learned from 1.0 alone,
@@ -249,11 +260,20 @@ def search_clip_ratios(
     best_ratio = torch.ones(shape, dtype=torch.float32, device=weight.device)
     best_error = torch.full(shape, math.inf, dtype=torch.float32, device=weight.device)
     rows, cols = weight.shape
+    importance = None
+    if input_mean_square is not None:
+        if tuple(input_mean_square.shape) != (cols,):
+            raise ValueError(
+                f"{layer}: input_mean_square must have shape [{cols}], got {list(input_mean_square.shape)}"
+            )
+        groups = spec.num_groups(weight.shape)
+        importance = input_mean_square.float().to(weight.device).reshape(1, groups, cols // groups)
     for ratio in sorted(ratios, reverse=True):
         clip = torch.full(shape, float(ratio), dtype=torch.float32, device=weight.device)
         grouped, scale = _grouped_scale(weight, spec, clip, layer)
         codes, _ = _unrounded_codes(grouped, scale, spec)
-        error = (codes.round_().mul_(scale) - grouped).pow_(2).sum(dim=-1)
+        error = codes.round_().mul_(scale).sub_(grouped).pow_(2)
+        error = (error if importance is None else error.mul_(importance)).sum(dim=-1)
         if spec.granularity == "per_tensor":
             error = error.sum().reshape(shape)
         better = error < best_error
