@@ -47,6 +47,7 @@ from .losses import (
     top_k_distillation_loss,
 )
 from .quant import FakeQuantEmbedding, FakeQuantLinear, prepare_qat, set_quant_specs
+from .ggml_budget import fit_ggml_budget
 from .selection import KDQPlan, check_size_budget, fp16_bytes, starting_plan
 from .sharding import check_sharding, whole_student
 from .sources import load_whisper
@@ -167,6 +168,9 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         attach_adapters(model, teacher_model.config, args)
         self.plan = plan or starting_plan(model, teacher_model, args)
         check_size_budget(model, self.plan, args, fp16_bytes(teacher_model))
+        if args.quant_format == "ggml" and plan is None:
+            processor = processing_class or self.teacher_processor
+            fit_ggml_budget(self.plan, model, processor, args, fp16_bytes(teacher_model))
         if self.plan.module_specs():
             prepare_qat(model, self.plan.module_specs())
         if args.freeze_encoder:  # after prepare_qat: a quantized encoder's clipping ratios are frozen too
@@ -257,6 +261,12 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         return teacher.to(self.accelerator.device).eval()
 
     # ---- what the guided selection reads and writes (callbacks.SelectionHost) -------------------------
+    @property
+    def processor(self):
+        """The WhisperProcessor exports save and a ggml plan bills: ``processing_class``, else that of a teacher
+        given by name (None with neither)."""
+        return self.processing_class or self.teacher_processor
+
     def unwrapped_student(self) -> nn.Module:
         """The student without its distributed wrapper (under FSDP its weights stay sharded)."""
         return self.accelerator.unwrap_model(self.model)
@@ -446,7 +456,7 @@ class DistillQuantTrainer(Seq2SeqTrainer):
 
         The processor saved beside it is ``processing_class``, else that of a teacher given by name; with neither,
         nothing is written (a folder without tokenizer and feature extractor would not transcribe)."""
-        processor = self.processing_class or self.teacher_processor
+        processor = self.processor
         if processor is None:
             raise ValueError(
                 "save_compressed writes the WhisperProcessor beside the student, and this trainer has none: pass "

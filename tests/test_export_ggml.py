@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ggml_quantize_chunk, make_tiny_whisper
+from conftest import ggml_quantize_chunk, make_tiny_whisper, tiny_speech_rows
 
 from hf_whisper_kdq.export.ggml import (
     FTYPES,
@@ -347,3 +347,53 @@ def test_real_tiny_en_at_q8_0_transcribes_like_transformers(shared_speech, tmp_p
     transformers = transcribe(model, processor, audios, progress=False)
     assert all(whisper_cpp)
     assert score(transformers, whisper_cpp, "en")["wer"] <= 0.1, (transformers, whisper_cpp)
+
+
+def test_a_student_trained_for_ggml_ships_its_own_codes_in_a_file_of_the_planned_bytes(base_pack_folder, tmp_path):
+    """quant_format='ggml': 2 training steps on the real-tokenizer tiny Whisper; the plan takes the widest type whose
+    file fits the budget (q4_0 here: q8_0's file is over it), billed at the file's bytes, still distils a layer; the
+    export writes the trained codes (ftype auto) into a file of exactly those bytes, which whisper.cpp runs."""
+    pytest.importorskip("pywhispercpp")
+    from datasets import Dataset
+
+    from hf_whisper_kdq import DistillQuantArguments, DistillQuantTrainer, build_student
+    from hf_whisper_kdq.data import WhisperDataCollator
+
+    teacher, processor = _ggml_whisper(base_pack_folder, decoder_layers=4)
+    student = build_student(teacher, decoder_layers=2)
+    q4_0, q8_0 = (ggml_file_bytes(student, processor, ftype) for ftype in ("q4_0", "q8_0"))
+    args = DistillQuantArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        selection_probe_batches=1,
+        num_distill_layers=1,
+        report_to="none",
+        use_cpu=True,
+        quant_format="ggml",
+        quant_bit_choices="4,8",
+        quant_targets="encoder,decoder,embedding",
+        size_budget_mb=(q4_0 + q8_0) / 2e6,
+    )
+    rows = tiny_speech_rows(processor, [" hello world", " a longer sentence to transcribe"])
+    trainer = DistillQuantTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        data_collator=WhisperDataCollator(processor, decoder_start_token_id=student.config.decoder_start_token_id),
+        processing_class=processor,
+    )
+    trainer.train()
+    plan = trainer.plan
+    assert {u.bits for u in plan.units if u.modules} == {4} and plan.size_bytes == q4_0
+    assert any(u.distilled for u in plan.units)
+    assert {str(spec) for spec in plan.module_specs().values()} == {"q4_0"}
+    path = export_whisper_cpp(trainer.model, processor, tmp_path / "student.bin", ftype="auto")
+    assert path.stat().st_size == plan.size_bytes
+    fc1 = trainer.model.model.decoder.layers[1].fc1
+    data = _read_ggml(path)["tensors"]["decoder.blocks.1.mlp.0.weight"][2]
+    np.testing.assert_array_equal(unpack(data, "q4_0", tuple(fc1.weight.shape)), fc1.quantized_weight().detach().numpy())
+    noise = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
+    (text,) = transcribe_whisper_cpp(path, [noise], "en", n_threads=1)
+    assert isinstance(text, str)
