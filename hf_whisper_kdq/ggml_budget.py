@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 from .config import GGML_TYPE_OF_BITS
-from .export.ggml import ggml_file_bytes
+from .export.ggml import check_architecture, ggml_file_bytes
 from .quant import FLOAT_BITS
 from .selection import KDQPlan, UnreachableBudgetError, plan_shapes
 
@@ -54,12 +54,14 @@ def fit_ggml_budget(plan: KDQPlan, model: nn.Module, processor, args, teacher_fp
     """Give every quantized unit of ``plan`` the widest ggml type of ``args.bit_choices`` whose whisper.cpp file fits
     ``args``' size budget (the widest without a budget), in place, and record the file's bytes as the plan's size.
 
-    Raises ValueError before any training when a bit choice's type cannot hold a layer (q3_K needs rows of a multiple
-    of 256), when the budget needs a ``processor`` and none is given (the file holds its vocabulary), and
+    Raises ValueError before any training when whisper.cpp cannot run the model (feed-forward width ``4 * d_model``,
+    rows of a multiple of the block: q3_K's 256), when the budget needs a ``processor`` and none is given (the file holds its vocabulary), and
     `GGMLBudgetError` when no type's file fits.
     """
     plan.quant_format = "ggml"
     choices = [bits for bits in sorted(args.bit_choices, reverse=True) if bits < FLOAT_BITS]
+    for bits in choices:  # a model whisper.cpp cannot run is refused before training for it
+        check_architecture(model.config, GGML_TYPE_OF_BITS[bits])
     for name, shape in plan_shapes(model, plan).items():
         for bits in choices:
             plan.spec(bits).check_shape(shape, name)

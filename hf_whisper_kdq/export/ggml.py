@@ -67,11 +67,13 @@ _HEADER_BYTES = 48  # magic and 11 int32 hyperparameters
 
 __all__ = [
     "FTYPES",
+    "check_architecture",
     "export_whisper_cpp",
     "ggml_file_bytes",
     "ggml_tensor_name",
     "load_whisper_cpp",
     "quantize_blocks",
+    "read_file_type",
     "transcribe_whisper_cpp",
 ]
 
@@ -136,7 +138,7 @@ def _tensor_type(name: str, n_dims: int, ftype: str) -> str:
 
 
 # --- The file --------------------------------------------------------------------------------------------
-def _check_architecture(config, ftype: str) -> None:
+def check_architecture(config, ftype: str) -> None:
     """What whisper.cpp's fixed Whisper graph cannot run, before any work."""
     problems = []
     for side in ("encoder", "decoder"):
@@ -268,6 +270,14 @@ def _source(model_or_folder, processor) -> tuple[nn.Module, Any, dict[str, Quant
     return model, processor or loaded_processor, read_packed_codes(model_or_folder)
 
 
+def read_file_type(path: str | os.PathLike) -> str:
+    """The file type (``FTYPES`` key) in the header of a whisper.cpp file."""
+    with open(path, "rb") as file:
+        header = file.read(_HEADER_BYTES)
+    (file_type,) = struct.unpack_from("<i", header, _HEADER_BYTES - 4)
+    return {code: name for name, code in FTYPES.items()}[file_type % QNT_VERSION_FACTOR]
+
+
 def _check_output(path: Path, overwrite: bool) -> None:
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder: give the path of the model file to write, e.g. {path}/ggml.bin")
@@ -319,7 +329,7 @@ def export_whisper_cpp(
     if ftype == "auto":
         ftype = file_type_of(codes)
     config = model.config
-    _check_architecture(config, ftype)
+    check_architecture(config, ftype)
     layout = _layout(model)
     blocks = [key for key, name, shape in layout if _tensor_type(name, len(shape), ftype) in BLOCK_TYPES]
     exact = exact_codes(codes, blocks, ftype, requantize=requantize)
