@@ -22,11 +22,11 @@ from pathlib import Path
 from transformers.training_args import ParallelMode
 
 from .config import DistillQuantArguments
-from .export.ggml import export_whisper_cpp
-from .ggml_budget import fit_ggml_budget
 from .data import WhisperDataCollator, load_manifest, load_speech_dataset, prepare_dataset
 from .evaluation import SMOKE_RUN_BANNER, evaluate_model
+from .export.ggml import export_whisper_cpp
 from .files import atomic_folder, atomic_write_text
+from .ggml_budget import fit_ggml_budget
 from .hub import push_compressed
 from .labelling import pseudo_label
 from .mixture import describe, mix, parse_sources, with_provenance
@@ -217,9 +217,10 @@ def with_training_defaults(argv: list[str]) -> list[str]:
     """Add ``TRAINING_DEFAULTS``, and the ``--level``'s own training defaults over them, for every flag the command
     line does not set."""
     given = {a.split("=", 1)[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
-    defaults = {**TRAINING_DEFAULTS, **LEVELS.get(_flag_in(argv, "level", CompressArguments.level), {}).get(
-        "training_defaults", {}
-    )}
+    defaults = {
+        **TRAINING_DEFAULTS,
+        **LEVELS.get(_flag_in(argv, "level", CompressArguments.level), {}).get("training_defaults", {}),
+    }
     if _flag_in(argv, "quant_format", "int") == "ggml":
         defaults.update(GGML_TRAINING_DEFAULTS)
     extra = []

@@ -47,7 +47,9 @@ class GGMLBudgetError(UnreachableBudgetError):
 
 def ggml_file_sizes(model: nn.Module, processor, bit_choices: tuple[int, ...]) -> dict[int, int]:
     """Bytes of ``model``'s whisper.cpp file in the ggml type of each integer bit choice."""
-    return {bits: ggml_file_bytes(model, processor, GGML_TYPE_OF_BITS[bits]) for bits in bit_choices if bits < FLOAT_BITS}
+    return {
+        bits: ggml_file_bytes(model, processor, GGML_TYPE_OF_BITS[bits]) for bits in bit_choices if bits < FLOAT_BITS
+    }
 
 
 def fit_ggml_budget(plan: KDQPlan, model: nn.Module, processor, args, teacher_fp16_bytes: int) -> None:
@@ -81,4 +83,3 @@ def fit_ggml_budget(plan: KDQPlan, model: nn.Module, processor, args, teacher_fp
     plan.budget_bytes = budget
     plan.size_bytes = sizes.get(fitting[0])
     plan.rule = RULE
-

@@ -40,8 +40,8 @@ import torch
 from torch import nn
 
 from .adapters import is_training_only
-from .files import atomic_write_text
 from .config import GGML_TYPE_OF_BITS
+from .files import atomic_write_text
 from .quant import FLOAT_BITS, GGMLSpec, QuantSpec, default_quant_targets, fake_quantize, weight_bytes
 from .quant.spec import AnySpec
 from .students import teacher_layer_map

@@ -36,6 +36,7 @@ from .card import write_model_card
 from .config import DistillQuantArguments
 from .export import CompressionReport, save_compressed
 from .forwards import StudentTeacherForwards, encoders_equal
+from .ggml_budget import fit_ggml_budget
 from .hub import push_compressed
 from .losses import (
     IGNORE_INDEX,
@@ -47,7 +48,6 @@ from .losses import (
     top_k_distillation_loss,
 )
 from .quant import FakeQuantEmbedding, FakeQuantLinear, prepare_qat, set_quant_specs
-from .ggml_budget import fit_ggml_budget
 from .selection import KDQPlan, check_size_budget, fp16_bytes, starting_plan
 from .sharding import check_sharding, whole_student
 from .sources import load_whisper

@@ -152,7 +152,9 @@ def test_quant_format_ggml_trains_every_weight_at_q4_0_or_q8_0_and_refuses_q3_k(
 
     argv = with_training_defaults(["--quant_format", "ggml"])
     assert value(argv, "--quant_targets") == "encoder,decoder,embedding" and value(argv, "--quant_bit_choices") == "4,8"
-    assert value(with_training_defaults(["--quant_format=ggml", "--quant_bit_choices", "8"]), "--quant_bit_choices") == "8"
+    assert (
+        value(with_training_defaults(["--quant_format=ggml", "--quant_bit_choices", "8"]), "--quant_bit_choices") == "8"
+    )
     with pytest.raises(ValueError, match="cannot hold q3_K.*--quant_bit_choices 4,8"):
         main(["compress", "--quant_format", "ggml", "--quant_bit_choices", "3,4,8", "--output_dir", "unused"])
 

@@ -255,7 +255,9 @@ def test_student_codes_are_written_exactly_from_the_model_and_from_its_packed_fo
         # (|e|/128) is not q8_0's (amax/127): nearly every value moves.
         naive = export_whisper_cpp(student, processor, tmp_path / "naive.bin", ftype=ftype, requantize=True)
         fc1 = student.model.decoder.layers[0].fc1
-        written = unpack(_read_ggml(naive)["tensors"]["decoder.blocks.0.mlp.0.weight"][2], ftype, tuple(fc1.weight.shape))
+        written = unpack(
+            _read_ggml(naive)["tensors"]["decoder.blocks.0.mlp.0.weight"][2], ftype, tuple(fc1.weight.shape)
+        )
         changed = float(np.mean(written != fc1.quantized_weight().detach().numpy()))
         assert changed == 0 if ftype == "q4_0" else changed > 0.9
 
@@ -269,7 +271,9 @@ def test_q3_k_student_is_written_exactly_and_runs(k_quant_whisper, tmp_path):
     fc1 = student.model.encoder.layers[0].fc1
     kind, _, data = tensors["encoder.blocks.0.mlp.0.weight"]
     assert kind == "q3_K"
-    np.testing.assert_array_equal(unpack(data, "q3_K", tuple(fc1.weight.shape)), fc1.quantized_weight().detach().numpy())
+    np.testing.assert_array_equal(
+        unpack(data, "q3_K", tuple(fc1.weight.shape)), fc1.quantized_weight().detach().numpy()
+    )
     # The student's codes are ggml's own q3_K of its float32 weights.
     assert data == ggml_quantize_chunk(fc1.weight.detach().numpy(), "q3_K")
     noise = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
@@ -393,7 +397,9 @@ def test_a_student_trained_for_ggml_ships_its_own_codes_in_a_file_of_the_planned
     assert path.stat().st_size == plan.size_bytes
     fc1 = trainer.model.model.decoder.layers[1].fc1
     data = _read_ggml(path)["tensors"]["decoder.blocks.1.mlp.0.weight"][2]
-    np.testing.assert_array_equal(unpack(data, "q4_0", tuple(fc1.weight.shape)), fc1.quantized_weight().detach().numpy())
+    np.testing.assert_array_equal(
+        unpack(data, "q4_0", tuple(fc1.weight.shape)), fc1.quantized_weight().detach().numpy()
+    )
     noise = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
     (text,) = transcribe_whisper_cpp(path, [noise], "en", n_threads=1)
     assert isinstance(text, str)

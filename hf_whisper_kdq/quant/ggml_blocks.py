@@ -98,9 +98,7 @@ def _q3_sub_blocks(x: Tensor) -> tuple[Tensor, Tensor]:
             new = _nearest_int(xi * sl2 / slx).clamp(-_Q3_NMAX, _Q3_NMAX - 1).float()
             new_slx = slx + weighted[:, i] * new
             new_sl2 = sl2 + w * new * new
-            accept = (
-                (slx > 0) & (new != li) & (new_sl2 > 0) & (new_slx * new_slx * suml2 > sumlx * sumlx * new_sl2)
-            )
+            accept = (slx > 0) & (new != li) & (new_sl2 > 0) & (new_slx * new_slx * suml2 > sumlx * sumlx * new_sl2)
             codes[:, i] = torch.where(accept, new, li)
             sumlx = torch.where(accept, new_slx, sumlx)
             suml2 = torch.where(accept, new_sl2, suml2)
