@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .ggml_blocks import ggml_fake_quantize, ggml_quantize
-from .spec import SCALE_BYTES, AnySpec, GGMLSpec, QuantSpec, packed_row_bytes
+from .spec import GGML_BLOCKS, SCALE_BYTES, AnySpec, GGMLSpec, QuantSpec, packed_row_bytes
 
 # Floor of the clipping ratio: below it a group would collapse to a handful of codes around zero.
 CLIP_MIN = 1e-2
@@ -219,7 +219,11 @@ class QuantizedWeight:
 
     @property
     def nbytes_packed(self) -> int:
-        """Bytes of the packed codes (each row in whole 32-bit words) plus 2 bytes (fp16) per scale."""
+        """Bytes of the packed codes (each row in whole 32-bit words) plus 2 bytes (fp16) per scale; a ggml type's
+        blocks as ggml stores them."""
+        if self.ggml_type is not None:
+            block, block_bytes, _ = GGML_BLOCKS[self.ggml_type]
+            return self.codes.numel() // block * block_bytes
         rows, cols = self.codes.shape
         return rows * packed_row_bytes(cols, self.bits) + self.scales.numel() * SCALE_BYTES
 
