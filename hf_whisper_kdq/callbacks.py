@@ -32,6 +32,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .calibration import measure_quantization_losses
 from .config import DistillQuantArguments
 from .forwards import StudentTeacherForwards
+from .ggml_budget import fit_ggml_budget
 from .losses import IGNORE_INDEX, logit_distillation_loss
 from .quant import FLOAT_BITS, QuantSpec, set_quant_specs
 from .selection import (
@@ -59,6 +60,7 @@ class SelectionHost(Protocol):
     args: DistillQuantArguments
     plan: KDQPlan
     forwards: StudentTeacherForwards
+    processor: object  # the WhisperProcessor: a ggml plan bills the whisper.cpp file, which holds its vocabulary
 
     def unwrapped_student(self) -> nn.Module: ...
 
@@ -239,6 +241,10 @@ class LayerSelectionCallback(TrainerCallback, ExportableState):
         """Allocate bits under the budget; under ``output_kl``, keep the best uniform allocation that fits instead
         when its probe KL is lower than the allocation's (the unit costs were measured one unit at a time)."""
         args, model = self.trainer.args, probe_kl.model
+        if args.quant_format == "ggml":  # one type for the whole file: the widest whose file fits
+            teacher_bytes = fp16_bytes(self.trainer.forwards.teacher)
+            fit_ggml_budget(plan, model, self.trainer.processor, args, teacher_bytes)
+            return
         budgeting = dict(
             fixed_bytes=fixed_bytes(model, plan, shapes),
             budget_bytes=args.budget_bytes(fp16_bytes(self.trainer.forwards.teacher)),

@@ -77,7 +77,19 @@ class ExportGgmlArguments:
     output: str = field(metadata={"help": "The whisper.cpp model file to write, e.g. ggml-base-q5_0.bin."})
     ftype: str = field(
         default="q5_0",
-        metadata={"help": "Type of every quantizable weight (whisper.cpp allows one per file): f16, q8_0, q5_0, q4_0."},
+        metadata={
+            "help": "Type of every quantizable weight (whisper.cpp allows one per file): f16, q8_0, q5_0, q4_0, q3_K, "
+            "or auto: the type that holds a packed folder's (or student's) codes exactly, e.g. q4_0 for a "
+            "quant_format=ggml student trained at 4 bits."
+        },
+    )
+    requantize: bool = field(
+        default=False,
+        metadata={
+            "help": "Quantize every weight's values with ggml's rule even where the source holds codes of another "
+            "grid (e.g. a folder of mixed widths). Without it such a source is refused; codes the type holds (a "
+            "ggml-trained student, int4/int8 with groups of 32 as q4_0/q8_0) are written exactly and checked."
+        },
     )
     overwrite: bool = field(
         default=False, metadata={"help": "Replace output when it is a ggml model file (any other file never is)."}
@@ -86,15 +98,17 @@ class ExportGgmlArguments:
     def __post_init__(self):
         from .export.ggml import FTYPES
 
-        if self.ftype not in FTYPES:
-            raise ValueError(f"--ftype {self.ftype!r} is not one of {', '.join(FTYPES)}")
+        if self.ftype not in FTYPES and self.ftype != "auto":
+            raise ValueError(f"--ftype {self.ftype!r} is not one of {', '.join(FTYPES)}, auto")
 
 
 def run_export_ggml(args: ExportGgmlArguments) -> Path:
-    from .export.ggml import export_whisper_cpp
+    from .export.ggml import export_whisper_cpp, read_file_type
 
-    output = export_whisper_cpp(args.source, None, args.output, ftype=args.ftype, overwrite=args.overwrite)
-    print(f"Wrote {output} ({output.stat().st_size / 1e6:.1f} MB, {args.ftype})")
+    output = export_whisper_cpp(
+        args.source, None, args.output, ftype=args.ftype, requantize=args.requantize, overwrite=args.overwrite
+    )
+    print(f"Wrote {output} ({output.stat().st_size / 1e6:.1f} MB, {read_file_type(output)})")
     return output
 
 

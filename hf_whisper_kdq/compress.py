@@ -24,7 +24,9 @@ from transformers.training_args import ParallelMode
 from .config import DistillQuantArguments
 from .data import WhisperDataCollator, load_manifest, load_speech_dataset, prepare_dataset
 from .evaluation import SMOKE_RUN_BANNER, evaluate_model
+from .export.ggml import export_whisper_cpp
 from .files import atomic_folder, atomic_write_text
+from .ggml_budget import fit_ggml_budget
 from .hub import push_compressed
 from .labelling import pseudo_label
 from .mixture import describe, mix, parse_sources, with_provenance
@@ -73,6 +75,10 @@ TRAINING_DEFAULTS = {
     "quant_bit_choices": "4,8,float",
     "dataloader_num_workers": "0",
 }
+# --quant_format ggml: whisper.cpp's file quantizes every 2-D weight in one type, and compress also writes the packed
+# compressed-tensors folder, which holds q4_0 and q8_0 (int4 / int8 with groups of 32) but not q3_K.
+GGML_TRAINING_DEFAULTS = {"quant_targets": "encoder,decoder,embedding", "quant_bit_choices": "4,8"}
+GGML_MODEL_FILE = "ggml-model.bin"
 
 
 @dataclass
@@ -211,7 +217,12 @@ def with_training_defaults(argv: list[str]) -> list[str]:
     """Add ``TRAINING_DEFAULTS``, and the ``--level``'s own training defaults over them, for every flag the command
     line does not set."""
     given = {a.split("=", 1)[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
-    defaults = {**TRAINING_DEFAULTS, **LEVELS.get(_level_in(argv), {}).get("training_defaults", {})}
+    defaults = {
+        **TRAINING_DEFAULTS,
+        **LEVELS.get(_flag_in(argv, "level", CompressArguments.level), {}).get("training_defaults", {}),
+    }
+    if _flag_in(argv, "quant_format", "int") == "ggml":
+        defaults.update(GGML_TRAINING_DEFAULTS)
     extra = []
     for name, value in defaults.items():
         if name not in given:
@@ -219,20 +230,39 @@ def with_training_defaults(argv: list[str]) -> list[str]:
     return argv + extra
 
 
-def _level_in(argv: list[str]) -> str:
+def _flag_in(argv: list[str], name: str, default: str) -> str:
     for i, arg in enumerate(argv):
-        if arg.startswith("--level="):
+        if arg.startswith(f"--{name}="):
             return arg.split("=", 1)[1]
-        if arg == "--level" and i + 1 < len(argv):
+        if arg == f"--{name}" and i + 1 < len(argv):
             return argv[i + 1]
-    return CompressArguments.level
+    return default
 
 
-def check_level_reachable(compress: CompressArguments, student, teacher, args: DistillQuantArguments) -> None:
-    """Fail in seconds, before the data phase, when the size budget is out of this student's reach."""
+def check_ggml_exportable(args: DistillQuantArguments) -> None:
+    """compress writes the packed compressed-tensors folder of every student: refuse, before any work, a ggml
+    training that could pick q3_K, which that folder cannot hold."""
+    if args.quant_format == "ggml" and 3 in args.bit_choices:
+        raise ValueError(
+            "--quant_format ggml with 3 in --quant_bit_choices can train q3_K, and compress also writes the packed "
+            "compressed-tensors folder, which cannot hold q3_K (its 16-weight sub-block scales are 6-bit multiples "
+            "of an fp16 super-block scale, not fp16 values). Fix: --quant_bit_choices 4,8 (q4_0/q8_0 fit both "
+            "exports), or train q3_K with DistillQuantTrainer and write it with export_whisper_cpp"
+        )
+
+
+def check_level_reachable(
+    compress: CompressArguments, student, teacher, args: DistillQuantArguments, processor=None
+) -> None:
+    """Fail in seconds, before the data phase, when the size budget is out of this student's reach (with
+    ``--quant_format ggml``: when no allowed type's whisper.cpp file fits it, which bills the ``processor``'s
+    vocabulary)."""
 
     try:
-        check_size_budget(student, starting_plan(student, teacher, args), args, fp16_bytes(teacher))
+        plan = starting_plan(student, teacher, args)
+        check_size_budget(student, plan, args, fp16_bytes(teacher))
+        if args.quant_format == "ggml":
+            fit_ggml_budget(plan, student, processor, args, fp16_bytes(teacher))
     except UnreachableBudgetError as error:
         level_ratio = LEVELS.get(compress.level, {}).get("size_budget_ratio")
         if level_ratio is None or args.size_budget_ratio != level_ratio:  # the budget is the user's, not the level's
@@ -445,6 +475,7 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
     """
 
     timer = PhaseTimer()
+    check_ggml_exportable(args)
     decoder_layers, args = apply_level(compress, args)
     output = Path(args.output_dir)
     with timer("load teacher"):
@@ -453,7 +484,7 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
             student, _ = load_whisper(compress.student)
         else:
             student = build_student(teacher, encoder_layers=compress.encoder_layers, decoder_layers=decoder_layers)
-        check_level_reachable(compress, student, teacher, args)
+        check_level_reachable(compress, student, teacher, args, processor)
     if compress.spec_augment:
         # transformers masks the student encoder's input in training mode (the frozen teacher is in eval mode).
         student.config.apply_spec_augment = True
@@ -501,6 +532,10 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
                 quantization=compress.ctranslate2_quantization,
                 overwrite=True,
             )
+    if args.quant_format == "ggml":
+        with timer("export whisper.cpp file"):
+            # The trained codes as they are (ftype auto: the plan's one type), checked against the student.
+            export_whisper_cpp(student, processor, compressed_dir / GGML_MODEL_FILE, ftype="auto", overwrite=True)
     eval_json = {name: r.to_dict(per_utterance=False) for name, r in reports.items()}
     eval_json["smoke_run"] = compress.smoke
     atomic_write_text(compressed_dir / "eval_report.json", json.dumps(eval_json, indent=2, ensure_ascii=False) + "\n")

@@ -22,6 +22,9 @@ HIDDEN_LOSS_SCALES = ("absolute", "relative")
 BUDGET_ACCOUNTINGS = ("paper", "on_disk")
 SELECTION_COSTS = ("output_kl", "local_error")
 QUANT_TARGETS = ("encoder", "decoder", "embedding")
+QUANT_FORMATS = ("int", "ggml")
+# quant_format="ggml": the bit choice -> the ggml block type (and whisper.cpp file type) it trains for.
+GGML_TYPE_OF_BITS = {3: "q3_K", 4: "q4_0", 8: "q8_0"}
 
 
 def _launched_on_several_processes() -> bool:
@@ -105,6 +108,19 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
     quant_bit_choices: str = field(
         default="2,3,4,8,float",
         metadata={"help": "Bits a layer may get, comma-separated from 2,3,4,8 plus 'float' (unquantized)."},
+    )
+    quant_format: str = field(
+        default="int",
+        metadata={
+            "help": "The grid quantized layers train on. 'int': signed integers with one fp16 scale per group "
+            "(quant_granularity, quant_group_size, learnable_clipping), for the packed compressed-tensors folder. "
+            "'ggml': the block format of the whisper.cpp file they ship in, scales and codes by ggml's own rule: "
+            "bits 3, 4, 8 are q3_K, q4_0, q8_0. whisper.cpp holds one type for every 2-D weight of a file, so every "
+            "layer and the embedding are quantized (quant_targets encoder,decoder,embedding), the selection picks "
+            "the widest type whose file fits the size budget (billed as the file's real bytes) and still chooses the "
+            "distilled layers, and export_whisper_cpp writes the student's own codes. quant_granularity, "
+            "quant_group_size, learnable_clipping and size_budget_accounting do not apply."
+        },
     )
     quant_granularity: str = field(
         default="per_group", metadata={"help": f"Scale granularity: one of {', '.join(GRANULARITIES)}."}
@@ -284,6 +300,7 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
             ("quant_granularity", GRANULARITIES),
             ("size_budget_accounting", BUDGET_ACCOUNTINGS),
             ("selection_cost", SELECTION_COSTS),
+            ("quant_format", QUANT_FORMATS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
@@ -315,6 +332,8 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
                     f"{budget}={getattr(self, budget)} cannot be met: quant_targets is empty, so nothing is "
                     f"quantized. Name what to quantize (e.g. --quant_targets encoder,decoder) or drop {budget}"
                 )
+        if self.quant_format == "ggml":
+            self._check_ggml()
         if self.encoder_cache_max_gb <= 0:
             raise ValueError(f"encoder_cache_max_gb must be > 0, got {self.encoder_cache_max_gb}")
         if self.teacher_cache_top_k < 0:
@@ -331,6 +350,24 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
             raise ValueError(
                 f"selection_until={self.selection_until} must be a fraction of training in (0, 1]: e.g. 0.5 stops "
                 "re-selecting halfway, 1.0 re-selects throughout"
+            )
+
+    def _check_ggml(self) -> None:
+        """quant_format='ggml': bits a ggml type trains for, and every weight whisper.cpp's file quantizes."""
+        wrong = [bits for bits in self.bit_choices if bits not in GGML_TYPE_OF_BITS]
+        if wrong:
+            choices = ",".join(str(b) for b in self.bit_choices if b in GGML_TYPE_OF_BITS) or "4,8"
+            raise ValueError(
+                f"quant_format='ggml' trains for ggml's block types, bits {', '.join(map(str, GGML_TYPE_OF_BITS))} "
+                f"(q3_K, q4_0, q8_0); quant_bit_choices={self.quant_bit_choices!r} also has "
+                f"{', '.join('float' if b == FLOAT_BITS else str(b) for b in wrong)} (a whisper.cpp file stores every "
+                f"2-D weight in one quantized type). Fix: --quant_bit_choices {choices}"
+            )
+        if self.quant_target_set != set(QUANT_TARGETS):
+            raise ValueError(
+                f"quant_format='ggml' needs quant_targets={','.join(QUANT_TARGETS)} (got {self.quant_targets!r}): "
+                "whisper.cpp's file quantizes every 2-D weight, the token embedding included, so training for it "
+                f"quantizes them all. Fix: --quant_targets {','.join(QUANT_TARGETS)}"
             )
 
     @property

@@ -40,8 +40,10 @@ import torch
 from torch import nn
 
 from .adapters import is_training_only
+from .config import GGML_TYPE_OF_BITS
 from .files import atomic_write_text
-from .quant import FLOAT_BITS, QuantSpec, default_quant_targets, weight_bytes
+from .quant import FLOAT_BITS, GGMLSpec, QuantSpec, default_quant_targets, weight_bytes
+from .quant.spec import AnySpec
 from .students import teacher_layer_map
 
 PLAN_FILE = "kdq_plan.json"
@@ -77,6 +79,7 @@ class KDQPlan:
     step: int = 0
     rule: str = ""
     probe_kl: dict[str, float] = field(default_factory=dict)
+    quant_format: str = "int"  # "ggml": bits 3/4/8 are ggml's q3_K/q4_0/q8_0 blocks (see ggml_budget)
 
     # ---- views ----------------------------------------------------------------------------------
     def unit(self, name: str) -> UnitPlan:
@@ -89,9 +92,11 @@ class KDQPlan:
         """(student layer, teacher layer) of the distilled layers of one side."""
         return [(u.index, u.teacher_layer) for u in self.layers(side) if u.distilled and u.teacher_layer is not None]
 
-    def spec(self, bits: int) -> QuantSpec | None:
+    def spec(self, bits: int) -> AnySpec | None:
         if bits >= FLOAT_BITS:
             return None
+        if self.quant_format == "ggml":
+            return GGMLSpec(GGML_TYPE_OF_BITS[bits])
         group = self.group_size if self.granularity == "per_group" else None
         return QuantSpec(bits, self.granularity, group, True, self.learnable_clipping)
 
@@ -224,8 +229,9 @@ def starting_plan(model: nn.Module, teacher_model: nn.Module, args) -> KDQPlan:
         group_size=args.quant_group_size,
         learnable_clipping=args.learnable_clipping,
     )
+    plan.quant_format = args.quant_format
     budget = args.budget_bytes(fp16_bytes(teacher_model))
-    if budget is not None and plan.module_specs():
+    if budget is not None and plan.module_specs() and args.quant_format == "int":  # ggml: ggml_budget fits the file
         shapes, stored_float = plan_shapes(model, plan), float_stored_units(args)
         bits = uniform_bits(
             plan,
@@ -528,7 +534,7 @@ def check_size_budget(model, plan: KDQPlan, args, teacher_fp16_bytes: int) -> No
     """Raise before training (and before a long data phase) when no allocation of ``args.bit_choices`` fits the
     size budget, with the smallest size this student reaches."""
     budget = args.budget_bytes(teacher_fp16_bytes)
-    if budget is None:
+    if budget is None or args.quant_format == "ggml":  # ggml_budget.fit_ggml_budget checks the file's bytes
         return
     shapes = plan_shapes(model, plan)
     minimum = smallest_bytes(

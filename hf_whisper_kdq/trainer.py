@@ -37,6 +37,7 @@ from .card import write_model_card
 from .config import DistillQuantArguments
 from .export import CompressionReport, save_compressed
 from .forwards import StudentTeacherForwards, encoders_equal
+from .ggml_budget import fit_ggml_budget
 from .hub import push_compressed
 from .losses import (
     IGNORE_INDEX,
@@ -168,6 +169,9 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         attach_adapters(model, teacher_model.config, args)
         self.plan = plan or starting_plan(model, teacher_model, args)
         check_size_budget(model, self.plan, args, fp16_bytes(teacher_model))
+        if args.quant_format == "ggml" and plan is None:
+            processor = processing_class or self.teacher_processor
+            fit_ggml_budget(self.plan, model, processor, args, fp16_bytes(teacher_model))
         if self.plan.module_specs():
             prepare_qat(model, self.plan.module_specs())
         if args.freeze_encoder:  # after prepare_qat: a quantized encoder's clipping ratios are frozen too
@@ -263,6 +267,12 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         return teacher.to(self.accelerator.device).eval()
 
     # ---- what the guided selection reads and writes (callbacks.SelectionHost) -------------------------
+    @property
+    def processor(self):
+        """The WhisperProcessor exports save and a ggml plan bills: ``processing_class``, else that of a teacher
+        given by name (None with neither)."""
+        return self.processing_class or self.teacher_processor
+
     def unwrapped_student(self) -> nn.Module:
         """The student without its distributed wrapper (under FSDP its weights stay sharded)."""
         return self.accelerator.unwrap_model(self.model)
@@ -452,7 +462,7 @@ class DistillQuantTrainer(Seq2SeqTrainer):
 
         The processor saved beside it is ``processing_class``, else that of a teacher given by name; with neither,
         nothing is written (a folder without tokenizer and feature extractor would not transcribe)."""
-        processor = self.processing_class or self.teacher_processor
+        processor = self.processor
         if processor is None:
             raise ValueError(
                 "save_compressed writes the WhisperProcessor beside the student, and this trainer has none: pass "

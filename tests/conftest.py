@@ -50,6 +50,22 @@ def base_pack_folder(tmp_path_factory) -> Path:
     return folder
 
 
+def ggml_quantize_chunk(values: np.ndarray, ggml_type: str) -> bytes:
+    """ggml's own blocks of ``values`` (float32 ``[rows, cols]``), from the libggml-base pywhispercpp ships; skips the
+    test without it."""
+    from hf_whisper_kdq.export.ggml_codes import GGML_TYPES, ggml_library
+
+    library = ggml_library()
+    if library is None:
+        pytest.skip("pywhispercpp (with its libggml-base) is not installed")
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    rows, width = values.shape
+    code = GGML_TYPES[ggml_type]
+    out = np.zeros(library.ggml_row_size(code, width) * rows, np.uint8)
+    assert library.ggml_quantize_chunk(code, values.ctypes.data, out.ctypes.data, 0, rows, width, None) == out.size
+    return out.tobytes()
+
+
 def make_tiny_whisper(tokenizer_folder: Path, *, seed: int = 0, window_seconds: int = 30, **overrides):
     """A random Whisper of ~3.5 M parameters (mostly the 51,865-token embedding) with real special tokens.
 

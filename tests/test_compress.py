@@ -146,6 +146,44 @@ def test_compress_end_to_end_on_a_tiny_teacher(tmp_path, short_window_whisper, c
     assert "SMOKE RUN" in out and "| compressed |" in out and "| teacher |" in out
 
 
+def test_quant_format_ggml_trains_every_weight_at_q4_0_or_q8_0_and_refuses_q3_k():
+    def value(argv, flag):
+        return argv[argv.index(flag) + 1]
+
+    argv = with_training_defaults(["--quant_format", "ggml"])
+    assert value(argv, "--quant_targets") == "encoder,decoder,embedding" and value(argv, "--quant_bit_choices") == "4,8"
+    assert (
+        value(with_training_defaults(["--quant_format=ggml", "--quant_bit_choices", "8"]), "--quant_bit_choices") == "8"
+    )
+    with pytest.raises(ValueError, match="cannot hold q3_K.*--quant_bit_choices 4,8"):
+        main(["compress", "--quant_format", "ggml", "--quant_bit_choices", "3,4,8", "--output_dir", "unused"])
+
+
+def test_compress_with_quant_format_ggml_writes_the_whisper_cpp_file(tmp_path, base_pack_folder):
+    """The whisper.cpp file beside the packed folder: the plan's one type, of exactly the plan's bytes."""
+    pytest.importorskip("piper")
+    from conftest import SHORT_WINDOW_SECONDS, make_tiny_whisper
+
+    from hf_whisper_kdq.export.ggml import read_file_type
+    from hf_whisper_kdq.selection import KDQPlan
+
+    model, processor = make_tiny_whisper(
+        base_pack_folder, window_seconds=SHORT_WINDOW_SECONDS, encoder_ffn_dim=256, decoder_ffn_dim=256
+    )
+    teacher = save_whisper(model, processor, tmp_path / "teacher")
+    output = tmp_path / "run"
+    arguments = "--synthetic_prompts 4 --max_eval_samples 2 --max_steps 2 --per_device_train_batch_size 2 "
+    arguments += "--per_device_eval_batch_size 2 --decoder_layers 1 --eval_max_new_tokens 4 --disable_tqdm true "
+    arguments += "--ctranslate2_quantization none --evaluate_teacher false --quant_format ggml"
+    assert main(["compress", str(teacher), "--output_dir", str(output), *arguments.split()]) == 0
+    compressed = output / "compressed"
+    plan = KDQPlan.load(compressed)
+    ggml_file = compressed / "ggml-model.bin"
+    assert plan.quant_format == "ggml" and read_file_type(ggml_file) in ("q4_0", "q8_0")
+    assert ggml_file.stat().st_size == plan.size_bytes <= plan.budget_bytes
+    assert (compressed / "model.safetensors").is_file()
+
+
 def test_evaluation_languages_missing_from_training_are_named_with_the_fix(caplog):
     with caplog.at_level("WARNING", logger="hf_whisper_kdq.compress"):
         assert warn_untrained_languages(["en", "en", None], ["en", "zh", "zh", "de"]) == ["de", "zh"]

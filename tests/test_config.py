@@ -130,3 +130,32 @@ def test_accepted_values_are_kept_as_given(arguments):
     assert args.size_budget_mb is None and args.budget_bytes(1_000_000) == 500_000
     # A single process on a machine that may have no accelerator: use_cpu stays what was asked.
     assert arguments().use_cpu is False and arguments(use_cpu=True).use_cpu is True
+
+
+ALL_TARGETS = "encoder,decoder,embedding"
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"quant_format": "gguf"}, r"quant_format='gguf': choose one of int, ggml"),
+        (
+            {"quant_format": "ggml", "quant_bit_choices": "2,4,8,float", "quant_targets": ALL_TARGETS},
+            r"bits 3, 4, 8 \(q3_K, q4_0, q8_0\).* also has 2, float .*Fix: --quant_bit_choices 4,8",
+        ),
+        (
+            {"quant_format": "ggml", "quant_bit_choices": "4,8", "quant_targets": "decoder,embedding"},
+            r"quant_format='ggml' needs quant_targets=encoder,decoder,embedding .*Fix: --quant_targets "
+            r"encoder,decoder,embedding",
+        ),
+    ],
+)
+def test_quant_format_ggml_is_refused_with_what_its_file_cannot_hold(arguments, fields, message):
+    with pytest.raises(ValueError, match=message):
+        arguments(**fields)
+
+
+def test_quant_format_ggml_keeps_its_bits(arguments):
+    args = arguments(quant_format="ggml", quant_bit_choices="3,4,8", quant_targets=ALL_TARGETS)
+    assert args.quant_format == "ggml" and args.bit_choices == (3, 4, 8)
+    assert arguments().quant_format == "int"

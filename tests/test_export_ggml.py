@@ -5,7 +5,6 @@ whisper.cpp itself (pywhispercpp)."""
 from __future__ import annotations
 
 import copy
-import ctypes
 import json
 import struct
 from pathlib import Path
@@ -13,44 +12,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_whisper
+from conftest import ggml_quantize_chunk, make_tiny_whisper, tiny_speech_rows
 
 from hf_whisper_kdq.export.ggml import (
     FTYPES,
     GGML_TYPES,
     export_whisper_cpp,
+    ggml_file_bytes,
+    ggml_tensor_name,
     load_whisper_cpp,
     quantize_blocks,
     transcribe_whisper_cpp,
 )
 from hf_whisper_kdq.quant import QuantSpec, convert_qat, default_quant_targets, prepare_qat
+from hf_whisper_kdq.quant.ggml_blocks import unpack
+from hf_whisper_kdq.quant.spec import as_spec
 
-BLOCK_TYPES = ("q8_0", "q5_0", "q4_0")
+BLOCK_TYPES = ("q8_0", "q5_0", "q4_0", "q3_K")
 TYPE_NAMES = {code: name for name, code in GGML_TYPES.items()}
-
-
-def _ggml_base():
-    """ggml's shared library as pywhispercpp bundles it (its file name carries a hash)."""
-    pywhispercpp = pytest.importorskip("pywhispercpp")
-    libraries = sorted((Path(pywhispercpp.__file__).parents[1] / "pywhispercpp.libs").glob("libggml-base*.so*"))
-    if not libraries:
-        pytest.skip("pywhispercpp ships no libggml-base here")
-    library = ctypes.CDLL(str(libraries[0]))
-    library.ggml_quantize_chunk.restype = ctypes.c_size_t
-    library.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3
-    library.ggml_quantize_chunk.argtypes.append(ctypes.c_void_p)
-    library.ggml_row_size.restype = ctypes.c_size_t
-    library.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
-    return library
-
-
-def _ggml_quantize_chunk(library, values: np.ndarray, ftype: str) -> bytes:
-    values = np.ascontiguousarray(values, dtype=np.float32)
-    rows, width = values.shape
-    out = np.zeros(library.ggml_row_size(GGML_TYPES[ftype], width) * rows, np.uint8)
-    written = library.ggml_quantize_chunk(GGML_TYPES[ftype], values.ctypes.data, out.ctypes.data, 0, rows, width, None)
-    assert written == out.size
-    return out.tobytes()
 
 
 def _hard_rows() -> np.ndarray:
@@ -70,17 +49,19 @@ def _hard_rows() -> np.ndarray:
 
 @pytest.mark.parametrize("ftype", BLOCK_TYPES)
 def test_block_quantizers_are_byte_identical_to_ggml(ftype):
-    library = _ggml_base()
     rows = _hard_rows()
+    rows = np.concatenate([rows, rows * 1e-4, rows * 1e-8])  # q3_K: whole super-blocks of tiny and subnormal scales
     for values in (rows, rows.astype(np.float16).astype(np.float32)):  # any float32, and the fp16 the export feeds
-        assert quantize_blocks(values, ftype) == _ggml_quantize_chunk(library, values, ftype)
+        assert quantize_blocks(values, ftype) == ggml_quantize_chunk(values, ftype)
 
 
 def test_quantize_blocks_refuses_partial_blocks_and_unknown_types():
     with pytest.raises(ValueError, match="blocks of 32"):
         quantize_blocks(np.ones(48, np.float32), "q8_0")
-    with pytest.raises(ValueError, match="q8_0, q5_0, q4_0"):
+    with pytest.raises(ValueError, match="blocks of 256"):
         quantize_blocks(np.ones(32, np.float32), "q3_K")
+    with pytest.raises(ValueError, match="q8_0, q5_0, q4_0, q3_K"):
+        quantize_blocks(np.ones(32, np.float32), "q2_K")
 
 
 # --- The file ---------------------------------------------------------------------------------------------
@@ -116,7 +97,8 @@ def _read_ggml(path: Path) -> dict:
 
 def _ggml_whisper(base_pack_folder, **overrides):
     """The tiny random Whisper of conftest with whisper.cpp's feed-forward width (4 * d_model)."""
-    return make_tiny_whisper(base_pack_folder, encoder_ffn_dim=256, decoder_ffn_dim=256, **overrides)
+    width = 4 * overrides.get("d_model", 64)
+    return make_tiny_whisper(base_pack_folder, encoder_ffn_dim=width, decoder_ffn_dim=width, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -162,10 +144,16 @@ def test_mel_filters_are_whisper_own(ggml_whisper):
     np.testing.assert_allclose(np.asarray(processor.feature_extractor.mel_filters).T, reference, rtol=0, atol=1e-8)
 
 
+@pytest.fixture(scope="module")
+def k_quant_whisper(base_pack_folder):
+    """A tiny random Whisper whose rows fill q3_K's 256-weight super-blocks (d_model 256)."""
+    return _ggml_whisper(base_pack_folder, d_model=256, encoder_layers=1, decoder_layers=1)
+
+
 @pytest.mark.parametrize("ftype", list(FTYPES))
-def test_whisper_cpp_loads_and_runs_a_tiny_random_whisper(ggml_whisper, tmp_path, ftype):
+def test_whisper_cpp_loads_and_runs_a_tiny_random_whisper(request, tmp_path, ftype):
     pytest.importorskip("pywhispercpp")
-    model, processor = ggml_whisper
+    model, processor = request.getfixturevalue("k_quant_whisper" if ftype == "q3_K" else "ggml_whisper")
     path = export_whisper_cpp(model, processor, tmp_path / f"ggml-{ftype}.bin", ftype=ftype)
     noise = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
     (text,) = transcribe_whisper_cpp(path, [noise], "en", n_threads=1)
@@ -208,7 +196,7 @@ def test_qat_student_is_exported_from_its_dequantized_weights(ggml_whisper, tmp_
     assert expected != plain
 
 
-def test_compressed_folder_exports_like_the_student_it_holds(ggml_whisper, tmp_path):
+def test_compressed_folder_requantized_exports_like_the_student_it_holds(ggml_whisper, tmp_path):
     pytest.importorskip("compressed_tensors")
     from hf_whisper_kdq.export import save_compressed
 
@@ -221,12 +209,84 @@ def test_compressed_folder_exports_like_the_student_it_holds(ggml_whisper, tmp_p
     prepare_qat(student, widths)
     folder = tmp_path / "student-kdq"
     save_compressed(student, processor, folder)
-    from_folder = export_whisper_cpp(folder, None, tmp_path / "folder.bin", ftype="q8_0")
-    from_model = export_whisper_cpp(student, processor, tmp_path / "model.bin", ftype="q8_0")
+    # int8 per channel and int4 groups: no file type holds both, so they are re-quantized (refused without it).
+    with pytest.raises(ValueError, match="cannot be written exactly as q8_0.*--requantize"):
+        export_whisper_cpp(folder, None, tmp_path / "folder.bin", ftype="q8_0")
+    from_folder = export_whisper_cpp(folder, None, tmp_path / "folder.bin", ftype="q8_0", requantize=True)
+    from_model = export_whisper_cpp(student, processor, tmp_path / "model.bin", ftype="q8_0", requantize=True)
     # The same tensors (the folder's model lists a weight after its bias: another order, which whisper.cpp allows).
     folder_file, model_file = _read_ggml(from_folder), _read_ggml(from_model)
     assert folder_file["tensors"] == model_file["tensors"]
     assert folder_file["hparams"] == model_file["hparams"] and folder_file["tokens"] == model_file["tokens"]
+
+
+def _all_quantized(model, spec):
+    """A copy of ``model`` with every weight whisper.cpp quantizes (linears and the tied embedding) at ``spec``."""
+    student = copy.deepcopy(model)
+    prepare_qat(student, dict.fromkeys(default_quant_targets(student, embedding=True), as_spec(spec)))
+    return student
+
+
+@pytest.mark.parametrize("spec", ["q4_0", "q8_0", "int4-g32", "int8-g32"])
+def test_student_codes_are_written_exactly_from_the_model_and_from_its_packed_folder(ggml_whisper, tmp_path, spec):
+    """A ggml-trained student (and an int4 / int8 one with groups of 32) goes into the file as its own codes: every
+    quantized tensor dequantizes to the student's fake-quantized weight, from the model object and from the packed
+    folder save_compressed wrote (one width: the embedding is packed there too)."""
+    pytest.importorskip("compressed_tensors")
+    from hf_whisper_kdq.export import save_compressed
+
+    model, processor = ggml_whisper
+    student = _all_quantized(model, spec)
+    ftype = {"int4-g32": "q4_0", "int8-g32": "q8_0"}.get(spec, spec)
+    from_model = export_whisper_cpp(student, processor, tmp_path / "model.bin", ftype="auto")
+    save_compressed(student, processor, tmp_path / "packed")
+    from_folder = export_whisper_cpp(tmp_path / "packed", None, tmp_path / "folder.bin", ftype="auto")
+    model_tensors, folder_tensors = _read_ggml(from_model)["tensors"], _read_ggml(from_folder)["tensors"]
+    assert _read_ggml(from_model)["hparams"][-1] == 2000 + FTYPES[ftype]
+    modules = dict(student.named_modules())
+    for name in default_quant_targets(student, embedding=True):
+        ggml_name = ggml_tensor_name(f"{name}.weight")
+        kind, _, data = model_tensors[ggml_name]
+        assert kind == ftype and folder_tensors[ggml_name][2] == data
+        fake = modules[name].quantized_weight().detach()
+        np.testing.assert_array_equal(unpack(data, ftype, tuple(fake.shape)), fake.numpy())
+    if spec.startswith("int"):
+        # Re-quantized by ggml's rule instead: int4's grid (signed scale |e|/8) is q4_0's, so nothing changes; int8's
+        # (|e|/128) is not q8_0's (amax/127): nearly every value moves.
+        naive = export_whisper_cpp(student, processor, tmp_path / "naive.bin", ftype=ftype, requantize=True)
+        fc1 = student.model.decoder.layers[0].fc1
+        written = unpack(
+            _read_ggml(naive)["tensors"]["decoder.blocks.0.mlp.0.weight"][2], ftype, tuple(fc1.weight.shape)
+        )
+        changed = float(np.mean(written != fc1.quantized_weight().detach().numpy()))
+        assert changed == 0 if ftype == "q4_0" else changed > 0.9
+
+
+def test_q3_k_student_is_written_exactly_and_runs(k_quant_whisper, tmp_path):
+    pytest.importorskip("pywhispercpp")
+    model, processor = k_quant_whisper
+    student = _all_quantized(model, "q3_K")
+    path = export_whisper_cpp(student, processor, tmp_path / "q3_k.bin", ftype="auto")
+    tensors = _read_ggml(path)["tensors"]
+    fc1 = student.model.encoder.layers[0].fc1
+    kind, _, data = tensors["encoder.blocks.0.mlp.0.weight"]
+    assert kind == "q3_K"
+    np.testing.assert_array_equal(
+        unpack(data, "q3_K", tuple(fc1.weight.shape)), fc1.quantized_weight().detach().numpy()
+    )
+    # The student's codes are ggml's own q3_K of its float32 weights.
+    assert data == ggml_quantize_chunk(fc1.weight.detach().numpy(), "q3_K")
+    noise = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
+    (text,) = transcribe_whisper_cpp(path, [noise], "en", n_threads=1)
+    assert isinstance(text, str)
+
+
+@pytest.mark.parametrize("ftype", list(FTYPES))
+def test_file_bytes_are_counted_without_writing(request, tmp_path, ftype):
+    model, processor = request.getfixturevalue("k_quant_whisper" if ftype == "q3_K" else "ggml_whisper")
+    student = _all_quantized(model, "int8")  # clipping ratios and wrappers are not in the file
+    path = export_whisper_cpp(student, processor, tmp_path / "model.bin", ftype=ftype, requantize=True)
+    assert ggml_file_bytes(student, processor, ftype) == path.stat().st_size
 
 
 def test_refusals_name_the_fix_and_write_nothing(base_pack_folder, ggml_whisper, tmp_path):
@@ -268,7 +328,7 @@ def test_cli_export_ggml(ggml_whisper, tmp_path, capsys):
     assert "q4_0" in capsys.readouterr().out
     assert _read_ggml(tmp_path / "ggml.bin")["tensors"]["decoder.token_embedding.weight"][0] == "q4_0"
     with pytest.raises(SystemExit):
-        main(["export-ggml", str(folder), str(tmp_path / "other.bin"), "--ftype", "q3_K"])
+        main(["export-ggml", str(folder), str(tmp_path / "other.bin"), "--ftype", "q2_K"])
 
 
 @pytest.mark.slow
@@ -291,3 +351,55 @@ def test_real_tiny_en_at_q8_0_transcribes_like_transformers(shared_speech, tmp_p
     transformers = transcribe(model, processor, audios, progress=False)
     assert all(whisper_cpp)
     assert score(transformers, whisper_cpp, "en")["wer"] <= 0.1, (transformers, whisper_cpp)
+
+
+def test_a_student_trained_for_ggml_ships_its_own_codes_in_a_file_of_the_planned_bytes(base_pack_folder, tmp_path):
+    """quant_format='ggml': 2 training steps on the real-tokenizer tiny Whisper; the plan takes the widest type whose
+    file fits the budget (q4_0 here: q8_0's file is over it), billed at the file's bytes, still distils a layer; the
+    export writes the trained codes (ftype auto) into a file of exactly those bytes, which whisper.cpp runs."""
+    pytest.importorskip("pywhispercpp")
+    from datasets import Dataset
+
+    from hf_whisper_kdq import DistillQuantArguments, DistillQuantTrainer, build_student
+    from hf_whisper_kdq.data import WhisperDataCollator
+
+    teacher, processor = _ggml_whisper(base_pack_folder, decoder_layers=4)
+    student = build_student(teacher, decoder_layers=2)
+    q4_0, q8_0 = (ggml_file_bytes(student, processor, ftype) for ftype in ("q4_0", "q8_0"))
+    args = DistillQuantArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        selection_probe_batches=1,
+        num_distill_layers=1,
+        report_to="none",
+        use_cpu=True,
+        quant_format="ggml",
+        quant_bit_choices="4,8",
+        quant_targets="encoder,decoder,embedding",
+        size_budget_mb=(q4_0 + q8_0) / 2e6,
+    )
+    rows = tiny_speech_rows(processor, [" hello world", " a longer sentence to transcribe"])
+    trainer = DistillQuantTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        data_collator=WhisperDataCollator(processor, decoder_start_token_id=student.config.decoder_start_token_id),
+        processing_class=processor,
+    )
+    trainer.train()
+    plan = trainer.plan
+    assert {u.bits for u in plan.units if u.modules} == {4} and plan.size_bytes == q4_0
+    assert any(u.distilled for u in plan.units)
+    assert {str(spec) for spec in plan.module_specs().values()} == {"q4_0"}
+    path = export_whisper_cpp(trainer.model, processor, tmp_path / "student.bin", ftype="auto")
+    assert path.stat().st_size == plan.size_bytes
+    fc1 = trainer.model.model.decoder.layers[1].fc1
+    data = _read_ggml(path)["tensors"]["decoder.blocks.1.mlp.0.weight"][2]
+    np.testing.assert_array_equal(
+        unpack(data, "q4_0", tuple(fc1.weight.shape)), fc1.quantized_weight().detach().numpy()
+    )
+    noise = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
+    (text,) = transcribe_whisper_cpp(path, [noise], "en", n_threads=1)
+    assert isinstance(text, str)

@@ -17,7 +17,10 @@ LAYERS = (
     ("inputs and settings", {"sources", "audio", "students", "losses", "hub", "config"}),
     ("data and measures", {"data", "mixture", "scoring", "synthesis", "adapters", "output_cache"}),
     ("planning and evaluation", {"selection", "calibration", "evaluation", "evaluation_ctranslate2", "labelling"}),
-    ("training parts and exports", {"forwards", "callbacks", "sharding", "figures", "card", "card_scores", "export"}),
+    (
+        "training parts and exports",
+        {"forwards", "callbacks", "sharding", "figures", "card", "card_scores", "export", "ggml_budget"},
+    ),
     ("trainer", {"trainer"}),
     ("pipeline", {"compress"}),
     ("command line", {"cli"}),

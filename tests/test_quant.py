@@ -551,3 +551,84 @@ def test_no_grad_forwards_reuse_the_quantized_weight_until_it_changes():
         )
     assert layer.quantized_weight() is not changed  # with autograd: always recomputed, with a graph
     assert layer.quantized_weight().requires_grad
+
+
+# ---- ggml's block formats (GGMLSpec) -----------------------------------------------------------------------
+GGML_SPECS = ("q8_0", "q4_0", "q3_K")
+
+
+def _ggml_weight(seed: int = 0) -> torch.Tensor:
+    """[24, 512]: rows of very different scales, a zero super-block, a tiny one, and blocks with ties and halves."""
+    weight = _weight(24, 512, seed) * 3
+    weight[0, :256] = 0
+    weight[1, :256] *= 1e-7
+    weight[2, :32] = torch.tensor([1.0, -1.0]).repeat(16)  # the largest magnitude on both signs: the first wins
+    weight[3, :32] = torch.arange(-16, 16) + 0.5
+    return weight
+
+
+@pytest.mark.parametrize("name", GGML_SPECS)
+def test_ggml_spec_parses_prints_and_counts_ggml_bytes(name):
+    from hf_whisper_kdq.quant import GGMLSpec
+    from hf_whisper_kdq.quant.spec import as_spec
+
+    spec = as_spec(name)
+    assert spec == GGMLSpec(name) and str(spec) == name and as_spec(name.upper()) == spec
+    assert spec.bits == {"q8_0": 8, "q4_0": 4, "q3_K": 3}[name] and not spec.learnable_clipping
+    per_block = {"q8_0": 34 / 32, "q4_0": 18 / 32, "q3_K": 110 / 256}[name]
+    assert weight_bytes((64, 512), spec) == 64 * 512 * per_block
+    with pytest.raises(ValueError, match="blocks of"):
+        spec.check_shape((4, 48))
+    with pytest.raises(ValueError, match="GGMLSpec.type must be one of q3_K, q4_0, q8_0"):
+        GGMLSpec("q2_K")
+
+
+@pytest.mark.parametrize("name", GGML_SPECS)
+def test_ggml_fake_quantization_equals_the_packed_codes_and_ggml_own_bytes(name):
+    """fake == packed, and the codes and scales are ggml's: packed, they are ggml_quantize_chunk's bytes."""
+    from conftest import ggml_quantize_chunk
+
+    from hf_whisper_kdq.quant import GGMLSpec
+    from hf_whisper_kdq.quant.ggml_blocks import pack, unpack
+
+    spec, weight = GGMLSpec(name), _ggml_weight()
+    fake = fake_quantize(weight, spec)
+    quantized = quantize_weight(weight, spec)
+    assert torch.equal(fake, quantized.dequantize()) and quantized.ggml_type == name
+    assert -(2 ** (spec.bits - 1)) <= int(quantized.codes.min()) <= int(quantized.codes.max()) < 2 ** (spec.bits - 1)
+    data = pack(quantized, name)
+    assert data == ggml_quantize_chunk(weight.numpy(), name)
+    assert torch.equal(torch.from_numpy(unpack(data, name, tuple(weight.shape))), fake)
+
+
+@pytest.mark.parametrize("name", GGML_SPECS)
+def test_ggml_fake_quantization_trains_through_a_straight_through_gradient(name):
+    from hf_whisper_kdq.quant import GGMLSpec
+
+    weight = _ggml_weight().requires_grad_(True)
+    fake_quantize(weight, GGMLSpec(name)).sum().backward()
+    assert set(weight.grad.unique().tolist()) <= {0.0, 1.0} and weight.grad.mean() > 0.9
+    if name == "q8_0":  # amax / 127: nothing is clipped
+        assert torch.equal(weight.grad, torch.ones_like(weight))
+
+
+@pytest.mark.parametrize("name", GGML_SPECS)
+def test_ggml_specs_prepare_train_and_convert_like_int_specs(name):
+    """The tied embedding and a linear at a ggml spec: the embedding's row lookup quantizes as the whole table does
+    (blocks run along rows), and convert_qat bakes the forward's values."""
+    from hf_whisper_kdq.quant import GGMLSpec
+
+    torch.manual_seed(0)
+    embedding, linear = nn.Embedding(40, 256), nn.Linear(256, 16)
+    model = nn.ModuleDict({"embed": embedding, "proj": linear})
+    prepare_qat(model, {"embed": GGMLSpec(name), "proj": name})
+    ids = torch.tensor([[1, 5, 39], [0, 5, 7]])
+    with torch.enable_grad():
+        looked_up = model["embed"](ids)
+    table = fake_quantize(embedding.weight.detach(), GGMLSpec(name))
+    assert torch.equal(looked_up.detach(), table[ids])
+    x = torch.randn(3, 256)
+    before = model["proj"](x).detach()
+    codes = convert_qat(model)
+    assert codes["proj"].ggml_type == name and torch.equal(model["proj"](x), before)
+    assert torch.equal(model["embed"].weight.detach(), table)

@@ -548,3 +548,55 @@ def test_allocate_bits_gives_back_what_a_large_units_last_step_overshot():
     assert plan.size_bytes <= budget
     allocate_bits(plan, shapes, BITS, fixed_bytes=0, budget_bytes=budget, cost="local_error")
     assert [u.bits for u in plan.layers("decoder")] == [3, 4, 4]  # the previous rule stops as soon as it fits
+
+
+# ---- quant_format="ggml": one whisper.cpp type, billed as the file ---------------------------------------------
+@pytest.fixture(scope="module")
+def ggml_pair(base_pack_folder):
+    """A real-tokenizer tiny teacher whisper.cpp can run (feed-forward 4 * d_model), its processor and a student."""
+    from conftest import make_tiny_whisper
+
+    teacher, processor = make_tiny_whisper(base_pack_folder, encoder_ffn_dim=256, decoder_ffn_dim=256, decoder_layers=4)
+    return teacher, processor, build_student(teacher, decoder_layers=2)
+
+
+def _ggml_plan(ggml_pair, tmp_path, **fields):
+    from hf_whisper_kdq.ggml_budget import fit_ggml_budget
+    from hf_whisper_kdq.selection import fp16_bytes, starting_plan
+
+    teacher, processor, student = ggml_pair
+    args = DistillQuantArguments(
+        output_dir=str(tmp_path),
+        report_to="none",
+        quant_format="ggml",
+        quant_targets="encoder,decoder,embedding",
+        **{"quant_bit_choices": "4,8", **fields},
+    )
+    plan = starting_plan(student, teacher, args)
+    fit_ggml_budget(plan, student, processor, args, fp16_bytes(teacher))
+    return plan
+
+
+def test_ggml_plan_takes_the_widest_type_whose_file_fits(ggml_pair, tmp_path):
+    from hf_whisper_kdq.export.ggml import ggml_file_bytes
+    from hf_whisper_kdq.quant import GGMLSpec
+
+    _, processor, student = ggml_pair
+    q4_0, q8_0 = (ggml_file_bytes(student, processor, t) for t in ("q4_0", "q8_0"))
+    for budget, bits, size in ((None, 8, q8_0), (q8_0, 8, q8_0), (q8_0 - 1, 4, q4_0), (q4_0, 4, q4_0)):
+        plan = _ggml_plan(ggml_pair, tmp_path, size_budget_mb=None if budget is None else budget / 1e6)
+        assert {u.bits for u in plan.units if u.modules} == {bits} and plan.size_bytes == size, budget
+        assert set(plan.module_specs().values()) == {GGMLSpec({4: "q4_0", 8: "q8_0"}[bits])}
+        assert plan.quant_format == "ggml" and "one ggml type" in plan.rule
+
+
+def test_ggml_plan_names_the_smallest_file_and_what_cannot_hold_a_layer(ggml_pair, tmp_path):
+    from hf_whisper_kdq.export.ggml import ggml_file_bytes
+    from hf_whisper_kdq.ggml_budget import GGMLBudgetError
+
+    _, processor, student = ggml_pair
+    q4_0 = ggml_file_bytes(student, processor, "q4_0")
+    with pytest.raises(GGMLBudgetError, match=r"smallest whisper.cpp file \([\d.]+ MB as q4_0.*raise size_budget_mb"):
+        _ggml_plan(ggml_pair, tmp_path, size_budget_mb=(q4_0 - 1) / 1e6)
+    with pytest.raises(ValueError, match="q3_K needs rows of a multiple of 256, d_model is 64"):
+        _ggml_plan(ggml_pair, tmp_path, quant_bit_choices="3,4")

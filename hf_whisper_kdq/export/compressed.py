@@ -61,7 +61,7 @@ from torch import nn
 
 from ..adapters import is_training_only, strip_training_only
 from ..files import atomic_folder, check_output_folder
-from ..quant import QuantizedWeight, QuantSpec, prepare_qat, quant_specs
+from ..quant import GGMLSpec, QuantizedWeight, QuantSpec, prepare_qat, quant_specs
 from ..selection import KDQPlan
 from ..sources import save_processor
 from .report import (
@@ -71,6 +71,7 @@ from .report import (
     CompressionReport,
     build_compression_report,
     is_previous_export,
+    stored_specs,
     write_compression_report,
 )
 
@@ -303,6 +304,14 @@ def save_compressed(
 
     student = _student_copy(model, plan)
     specs = quant_specs(student)
+    q3_k = [name for name, spec in specs.items() if isinstance(spec, GGMLSpec) and spec.type == "q3_K"]
+    if q3_k:
+        raise ValueError(
+            f"{q3_k[0]} and {len(q3_k) - 1} more layers are q3_K, which the compressed-tensors pack-quantized format "
+            "cannot hold: its 16-weight sub-block scales are 6-bit multiples of an fp16 super-block scale, and their "
+            "products are not fp16 values (the format stores one fp16 scale per group). Export such a student with "
+            "export_whisper_cpp (hf-whisper-kdq export-ggml), or train with q4_0 / q8_0 (quant_bit_choices 4,8)"
+        )
     shared = _shared_weights(student)
     converted = strip_training_only(student)
     # transformers' dense load path (quantization_config "dequantize": true) decodes every packed layer with the
@@ -358,4 +367,31 @@ def save_compressed(
     return CompressionReport.from_dict(report, output_dir)
 
 
-__all__ = ["CT_STRATEGIES", "PACK_FORMAT", "save_compressed"]
+def read_packed_codes(folder: str | os.PathLike) -> dict[str, QuantizedWeight]:
+    """The codes and scales of every packed layer of a folder `save_compressed` wrote (the student's, checked when
+    they were written), by module name; empty for a folder without packed layers or that is not a local folder.
+    The whisper.cpp export writes them as they are where its file type holds them."""
+    folder = Path(folder)
+    if not (folder / WEIGHTS_FILE).is_file() or not (folder / "config.json").is_file():
+        return {}
+    if "quantization_config" not in json.loads((folder / "config.json").read_text(encoding="utf-8")):
+        return {}
+    _require_compressed_tensors()
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / WEIGHTS_FILE))
+    codes = {}
+    for layer, spec in stored_specs(folder, tensors)[0].items():
+        shape = torch.Size(int(size) for size in tensors[f"{layer}.weight_shape"])
+        scales = tensors[f"{layer}.weight_scale"].float()
+        codes[layer] = QuantizedWeight(
+            codes=unpack_from_int32(tensors[f"{layer}.weight_packed"], spec.bits, shape).to(torch.int8),
+            scales=scales.reshape(1, 1) if spec.granularity == "per_tensor" else scales.reshape(shape[0], -1),
+            bits=spec.bits,
+            group_size=shape[1] // spec.num_groups(shape),
+            granularity=spec.granularity,
+        )
+    return codes
+
+
+__all__ = ["CT_STRATEGIES", "PACK_FORMAT", "read_packed_codes", "save_compressed"]

@@ -9,138 +9,73 @@ The file is what whisper.cpp's ``models/convert-h5-to-ggml.py`` writes, followed
 whisper.cpp's ``quantize`` tool: the header (hyperparameters and the file type), the model's mel filters, its BPE
 vocabulary as bytes, then every tensor under whisper.cpp's name. As there, every weight passes through float16 first;
 float32 stay the biases, LayerNorms, positional embeddings and the convolution biases; float16 the convolution
-weights; every other 2-D weight, the token embedding included, is stored in the file type. The quantized blocks
-(``q8_0``, ``q5_0``, ``q4_0``) are ggml's reference quantizers written in numpy, byte-identical to
-``ggml_quantize_chunk`` (tested against the library pywhispercpp ships). k-quants are not supported.
+weights; every other 2-D weight, the token embedding included, is stored in the file type (``q8_0``, ``q5_0``,
+``q4_0``, ``q3_K``). `ggml_file_bytes` counts that file's bytes without writing it (what a ggml size budget bills).
 
 whisper.cpp's loader sizes every quantizable weight from the header's one type: a file cannot mix types per tensor.
-It also fixes the architecture: tied output layer, feed-forward width ``4 * d_model``, rows a multiple of 32 for a
-quantized type; a model without these is refused before anything is written.
+It also fixes the architecture: tied output layer, feed-forward width ``4 * d_model``, rows a multiple of the block
+(32, q3_K 256) for a quantized type; a model without these is refused before anything is written.
 
-A model with fake-quant layers (a QAT student) is exported from its dequantized float weights (``convert_qat``), which
-ggml then quantizes again in the file type: the file does not hold the student's own codes. Distillation adapters are
-dropped. ``pywhispercpp`` (optional: ``pip install "hf-whisper-kdq[export]"``) runs the file from Python.
+What the quantized tensors hold (`ggml_codes`): a float model is quantized by ggml's reference quantizers
+(byte-identical to ``ggml_quantize_chunk``); a QAT student or a packed folder whose codes the type holds (a
+``quant_format="ggml"`` student, or int4 / int8 with groups of 32 as q4_0 / q8_0) is written from its own codes and
+scales, without re-quantization, and each tensor is read back and compared with the fake-quantized weight; other
+codes are refused unless ``requantize``. Distillation adapters are dropped. ``pywhispercpp`` (optional:
+``pip install "hf-whisper-kdq[export]"``) runs the file from Python, and its libggml-base checks the written blocks.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 from torch import nn
 
-from ..adapters import holds_training_only, strip_training_only
+from ..adapters import holds_training_only, is_training_only, strip_training_only
 from ..audio import as_audio_array
 from ..files import atomic_file
 from ..optional import import_optional
+from ..quant import QuantizedWeight
+from ..quant.spec import GGML_BLOCKS
 from ..scoring import language_code
+from .compressed import read_packed_codes
+from .ggml_codes import (
+    BLOCK_TYPES,
+    GGML_TYPES,
+    exact_codes,
+    file_type_of,
+    ggml_library,
+    quantize_blocks,
+    written_exactly,
+)
 
 logger = logging.getLogger(__name__)
 
 GGML_FILE_MAGIC = 0x67676D6C  # "ggml"
 # The quantize tool writes QNT_VERSION * QNT_VERSION_FACTOR + ftype into the header of a quantized file.
 QNT_VERSION, QNT_VERSION_FACTOR = 2, 1000
-BLOCK_SIZE = 32  # QK8_0 = QK5_0 = QK4_0
-# ggml_type codes (ggml.h) of the tensor types this module writes.
-GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q5_0": 6, "q8_0": 8}
 # File types (ggml_ftype): the header's type, which whisper.cpp gives every quantizable weight.
-FTYPES = {"f16": 1, "q8_0": 7, "q5_0": 8, "q4_0": 2}
+FTYPES = {"f16": 1, "q8_0": 7, "q5_0": 8, "q4_0": 2, "q3_K": 11}
+_HEADER_BYTES = 48  # magic and 11 int32 hyperparameters
 
 __all__ = [
     "FTYPES",
+    "check_architecture",
     "export_whisper_cpp",
+    "ggml_file_bytes",
     "ggml_tensor_name",
     "load_whisper_cpp",
     "quantize_blocks",
+    "read_file_type",
     "transcribe_whisper_cpp",
 ]
-
-
-# --- ggml's block quantizers (ggml-quants.c, quantize_row_*_ref) ------------------------------------------
-def _blocks(values: np.ndarray) -> np.ndarray:
-    values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-    if values.size % BLOCK_SIZE:
-        raise ValueError(f"{values.size} values do not fill blocks of {BLOCK_SIZE}")
-    return values.reshape(-1, BLOCK_SIZE)
-
-
-def _inverse(scale: np.ndarray) -> np.ndarray:
-    """``d ? 1.0f/d : 0.0f`` in float32."""
-    inverse = np.zeros_like(scale)
-    np.divide(np.float32(1), scale, out=inverse, where=scale != 0)
-    return inverse
-
-
-def _signed_absmax(blocks: np.ndarray) -> np.ndarray:
-    """Per block, the value of largest magnitude with its sign: the first one on ties, and +0 for a block of zeros
-    (a -0 there would flip the sign of the stored scale), as ggml's loop keeps them."""
-    largest = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1)[:, None], axis=1)[:, 0]
-    return np.where(largest == 0, np.float32(0), largest)
-
-
-def _truncate_to_int(values: np.ndarray) -> np.ndarray:
-    """C's float to integer conversion (towards zero)."""
-    return np.trunc(values).astype(np.int32)
-
-
-def _q8_0(blocks: np.ndarray) -> bytes:
-    scale = np.abs(blocks).max(axis=1) / np.float32(127)
-    scaled = blocks * _inverse(scale)[:, None]  # float32 products, as in C
-    wide = scaled.astype(np.float64)  # roundf (half away from zero), exact on the float32 value
-    codes = (np.sign(wide) * np.floor(np.abs(wide) + 0.5)).astype(np.int8)
-    record = np.dtype([("d", "<f2"), ("qs", "i1", BLOCK_SIZE)])
-    out = np.empty(len(blocks), record)
-    out["d"], out["qs"] = scale.astype(np.float16), codes
-    return out.tobytes()
-
-
-def _offset_codes(blocks: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """q4_0 / q5_0: ``d = max / -2**(bits-1)``, codes ``min(2**bits - 1, (int8)(x/d + 2**(bits-1) + 0.5))``."""
-    half = 1 << (bits - 1)
-    scale = _signed_absmax(blocks) / np.float32(-half)
-    shifted = blocks * _inverse(scale)[:, None] + np.float32(half + 0.5)
-    return scale, np.minimum((1 << bits) - 1, _truncate_to_int(shifted)).astype(np.uint8)
-
-
-def _nibbles(codes: np.ndarray) -> np.ndarray:
-    """Element j of the first half of a block in the low nibble of byte j, element j + 16 in the high one."""
-    low, high = codes[:, : BLOCK_SIZE // 2], codes[:, BLOCK_SIZE // 2 :]
-    return (low & 0x0F) | ((high & 0x0F) << 4)
-
-
-def _q4_0(blocks: np.ndarray) -> bytes:
-    scale, codes = _offset_codes(blocks, 4)
-    record = np.dtype([("d", "<f2"), ("qs", "u1", BLOCK_SIZE // 2)])
-    out = np.empty(len(blocks), record)
-    out["d"], out["qs"] = scale.astype(np.float16), _nibbles(codes)
-    return out.tobytes()
-
-
-def _q5_0(blocks: np.ndarray) -> bytes:
-    scale, codes = _offset_codes(blocks, 5)
-    # The fifth bit of element j goes to bit j of a little-endian uint32 (j + 16 for the second half too).
-    fifth_bits = (codes.astype(np.uint32) >> 4) << np.arange(BLOCK_SIZE, dtype=np.uint32)
-    record = np.dtype([("d", "<f2"), ("qh", "<u4"), ("qs", "u1", BLOCK_SIZE // 2)])
-    out = np.empty(len(blocks), record)
-    out["d"], out["qh"], out["qs"] = scale.astype(np.float16), fifth_bits.sum(axis=1), _nibbles(codes)
-    return out.tobytes()
-
-
-_QUANTIZERS = {"q8_0": _q8_0, "q5_0": _q5_0, "q4_0": _q4_0}
-
-
-def quantize_blocks(values: np.ndarray, ftype: str) -> bytes:
-    """``values`` (float32, rows of a multiple of 32 elements, row-major) in ggml's ``ftype`` blocks: the bytes
-    ``ggml_quantize_chunk`` writes for them."""
-    if ftype not in _QUANTIZERS:
-        raise ValueError(f"{ftype!r} is not a block type: use one of {', '.join(_QUANTIZERS)}")
-    return _QUANTIZERS[ftype](_blocks(values))
 
 
 # --- Tensor names and types ------------------------------------------------------------------------------
@@ -203,7 +138,7 @@ def _tensor_type(name: str, n_dims: int, ftype: str) -> str:
 
 
 # --- The file --------------------------------------------------------------------------------------------
-def _check_architecture(config, ftype: str) -> None:
+def check_architecture(config, ftype: str) -> None:
     """What whisper.cpp's fixed Whisper graph cannot run, before any work."""
     problems = []
     for side in ("encoder", "decoder"):
@@ -211,9 +146,10 @@ def _check_architecture(config, ftype: str) -> None:
         if ffn != 4 * config.d_model:
             problems.append(f"{side}_ffn_dim is {ffn}, whisper.cpp computes 4 * d_model = {4 * config.d_model}")
     if ftype != "f16":
+        block = GGML_BLOCKS[ftype][0]
         for label, width in (("d_model", config.d_model), ("4 * d_model", 4 * config.d_model)):
-            if width % BLOCK_SIZE:
-                problems.append(f"{ftype} needs rows of a multiple of {BLOCK_SIZE}, {label} is {width}")
+            if width % block:
+                problems.append(f"{ftype} needs rows of a multiple of {block}, {label} is {width}")
     if getattr(config, "scale_embedding", False):
         problems.append("scale_embedding=True (whisper.cpp does not scale the token embedding)")
     if problems:
@@ -264,58 +200,82 @@ def _vocabulary(tokenizer) -> bytes:
     return b"".join(out)
 
 
-def _tensors(model: nn.Module) -> Iterator[tuple[str, np.ndarray]]:
-    """whisper.cpp name and float32 values (through float16, as the converter does) of every tensor it reads."""
+def _layout(model: nn.Module) -> list[tuple[str, str, tuple[int, ...]]]:
+    """``(state-dict key, whisper.cpp name, shape written)`` of every tensor whisper.cpp reads, in file order."""
     state = model.state_dict()
     embedding = state["model.decoder.embed_tokens.weight"]
     projection = state.get("proj_out.weight")
     if projection is not None and not (projection is embedding or projection.equal(embedding)):
         raise ValueError("proj_out is not tied to the token embedding: whisper.cpp has no separate output layer")
-    for hf_name, tensor in state.items():
-        # proj_out: tied; weight_scale, weight_shape ...: what compressed-tensors leaves beside an unpacked weight.
-        if hf_name == "proj_out.weight" or hf_name.rpartition(".")[2].startswith("weight_"):
+    layout = []
+    for key, tensor in state.items():
+        # proj_out: tied; weight_scale, weight_shape ...: what compressed-tensors leaves beside an unpacked weight;
+        # adapters and clipping ratios: training only.
+        if key == "proj_out.weight" or key.rpartition(".")[2].startswith("weight_") or is_training_only(key):
             continue
-        name = ggml_tensor_name(hf_name)
-        values = tensor.detach().cpu().float().numpy().astype(np.float16).astype(np.float32)
-        if name in ("encoder.conv1.bias", "encoder.conv2.bias"):
-            values = values.reshape(-1, 1)
-        yield name, values
+        name = ggml_tensor_name(key)
+        shape = (tensor.shape[0], 1) if name in ("encoder.conv1.bias", "encoder.conv2.bias") else tuple(tensor.shape)
+        layout.append((key, name, tuple(int(size) for size in shape)))
+    return layout
 
 
-def _write_tensor(file: BinaryIO, name: str, values: np.ndarray, ftype: str) -> int:
-    tensor_type = _tensor_type(name, values.ndim, ftype)
+def _data_bytes(name: str, shape: tuple[int, ...], ftype: str) -> int:
+    tensor_type = _tensor_type(name, len(shape), ftype)
+    count = math.prod(shape)
+    if tensor_type in BLOCK_TYPES:
+        block, block_bytes, _ = GGML_BLOCKS[tensor_type]
+        return count // block * block_bytes
+    return count * (4 if tensor_type == "f32" else 2)
+
+
+def _tensor_header(name: str, shape: tuple[int, ...], ftype: str) -> bytes:
     encoded = name.encode()
+    tensor_type = GGML_TYPES[_tensor_type(name, len(shape), ftype)]
     # ggml lists dimensions fastest-varying first: numpy's shape reversed.
-    file.write(
-        struct.pack(f"<3i{values.ndim}i", values.ndim, len(encoded), GGML_TYPES[tensor_type], *values.shape[::-1])
+    return struct.pack(f"<3i{len(shape)}i", len(shape), len(encoded), tensor_type, *shape[::-1]) + encoded
+
+
+def ggml_file_bytes(model: nn.Module, processor, ftype: str) -> int:
+    """Bytes of the whisper.cpp file `export_whisper_cpp` writes for ``model`` in ``ftype``, counted without
+    writing it: the header, mel filters and vocabulary, and every tensor's record (conv weights in fp16, positional
+    embeddings, LayerNorms and biases in float32, every other 2-D weight, the token embedding included, in
+    ``ftype``'s blocks). ``model`` may be a QAT student: adapters and clipping ratios are not counted."""
+    if ftype not in FTYPES:
+        raise ValueError(f"ftype {ftype!r} is not supported: use one of {', '.join(FTYPES)}")
+    config = model.config
+    fixed = _HEADER_BYTES + len(_mel_filters(processor.feature_extractor, config.num_mel_bins))
+    fixed += len(_vocabulary(processor.tokenizer))
+    return fixed + sum(
+        len(_tensor_header(name, shape, ftype)) + _data_bytes(name, shape, ftype) for _, name, shape in _layout(model)
     )
-    file.write(encoded)
-    if tensor_type in _QUANTIZERS:
-        data = quantize_blocks(values, tensor_type)
-    else:
-        data = values.astype(np.float32 if tensor_type == "f32" else np.float16).tobytes()
-    file.write(data)
-    return len(data)
 
 
-def _float_model(model_or_folder, processor):
-    """The exported ``(model, processor)``: a plain float Whisper (QAT layers baked, adapters dropped, packed
-    compressed-tensors weights unpacked). The caller's model is never modified."""
+def _source(model_or_folder, processor) -> tuple[nn.Module, Any, dict[str, QuantizedWeight]]:
+    """The exported ``(model, processor, codes)``: a plain float Whisper (QAT layers baked, adapters dropped, packed
+    compressed-tensors weights unpacked) and the integer codes its quantized layers hold (``convert_qat``'s, or a
+    packed folder's; empty for a float model). The caller's model is never modified."""
     if isinstance(model_or_folder, nn.Module):
         if processor is None:
             raise ValueError("exporting a model object needs its WhisperProcessor (the vocabulary and mel filters)")
         if not holds_training_only(model_or_folder):
-            return model_or_folder, processor
+            return model_or_folder, processor, {}
         student = copy.deepcopy(model_or_folder)
-        strip_training_only(student)
-        return student, processor
+        return student, processor, strip_training_only(student)
     from ..sources import load_whisper
 
     model, loaded_processor = load_whisper(model_or_folder, dtype=None)
     quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:  # a compressed folder written by save_compressed
+    if quantizer is not None:  # a compressed folder of mixed widths (one width loads dense, unpacked already)
         quantizer.compressor.decompress_model(model)
-    return model, processor or loaded_processor
+    return model, processor or loaded_processor, read_packed_codes(model_or_folder)
+
+
+def read_file_type(path: str | os.PathLike) -> str:
+    """The file type (``FTYPES`` key) in the header of a whisper.cpp file."""
+    with open(path, "rb") as file:
+        header = file.read(_HEADER_BYTES)
+    (file_type,) = struct.unpack_from("<i", header, _HEADER_BYTES - 4)
+    return {code: name for name, code in FTYPES.items()}[file_type % QNT_VERSION_FACTOR]
 
 
 def _check_output(path: Path, overwrite: bool) -> None:
@@ -337,6 +297,7 @@ def export_whisper_cpp(
     path: str | os.PathLike = None,
     *,
     ftype: str = "q5_0",
+    requantize: bool = False,
     overwrite: bool = False,
 ) -> Path:
     """Write a whisper.cpp model file (``ggml-*.bin``) whose quantizable weights are all of type ``ftype``.
@@ -349,33 +310,58 @@ def export_whisper_cpp(
         processor: the model's ``WhisperProcessor`` (required with a model object; default: the loaded one).
         path: the file to write, atomically (an interrupted export leaves nothing). An existing ggml file is replaced
             only with ``overwrite``; any other file never.
-        ftype: ``f16``, ``q8_0``, ``q5_0`` or ``q4_0`` (``FTYPES``).
+        ftype: ``f16``, ``q8_0``, ``q5_0``, ``q4_0``, ``q3_K`` (``FTYPES``), or ``auto``: the type that holds the
+            source's codes exactly (a QAT student or a packed folder, see `ggml_codes.file_type_of`).
+        requantize: quantize every weight's (dequantized) float values with ggml's rule, even where the source
+            holds codes of another grid; without it such a source is refused (`ggml_codes.exact_codes`). A source
+            whose codes the type holds is written from them exactly, and checked.
 
     Returns:
         ``path`` as a ``Path``.
     """
     if path is None:
         raise TypeError("export_whisper_cpp() needs the path of the file to write")
-    if ftype not in FTYPES:
-        raise ValueError(f"ftype {ftype!r} is not supported: use one of {', '.join(FTYPES)}")
+    if ftype not in FTYPES and ftype != "auto":
+        raise ValueError(f"ftype {ftype!r} is not supported: use one of {', '.join(FTYPES)} or auto")
     path = Path(path).expanduser().absolute()
     _check_output(path, overwrite)
-    model, processor = _float_model(model_or_folder, processor)
+    model, processor, codes = _source(model_or_folder, processor)
+    if ftype == "auto":
+        ftype = file_type_of(codes)
     config = model.config
-    _check_architecture(config, ftype)
+    check_architecture(config, ftype)
+    layout = _layout(model)
+    blocks = [key for key, name, shape in layout if _tensor_type(name, len(shape), ftype) in BLOCK_TYPES]
+    exact = exact_codes(codes, blocks, ftype, requantize=requantize)
+    library = ggml_library() if exact else None
+    state = model.state_dict()
     sizes = {"f32": 0, "f16": 0, ftype: 0}
     with atomic_file(path) as temporary, open(temporary, "wb") as file:
         file.write(_header(config, ftype))
         file.write(_mel_filters(processor.feature_extractor, config.num_mel_bins))
         file.write(_vocabulary(processor.tokenizer))
-        for name, values in _tensors(model):
-            sizes[_tensor_type(name, values.ndim, ftype)] += _write_tensor(file, name, values, ftype)
+        for key, name, shape in layout:
+            tensor_type = _tensor_type(name, len(shape), ftype)
+            if key in exact:
+                data, checks = written_exactly(name, exact[key], ftype, library)
+            else:
+                # Through float16 first, as whisper.cpp's converter writes every weight before quantize reads it.
+                values = state[key].detach().cpu().float().numpy().astype(np.float16).astype(np.float32)
+                if tensor_type in BLOCK_TYPES:
+                    data = quantize_blocks(values, tensor_type)
+                else:
+                    data = values.astype(np.float32 if tensor_type == "f32" else np.float16).tobytes()
+            file.write(_tensor_header(name, shape, ftype) + data)
+            sizes[tensor_type] += len(data)
     logger.info(
-        "whisper.cpp %s file written to %s (%.1f MB; tensor bytes: %s)",
+        "whisper.cpp %s file written to %s (%.1f MB; tensor bytes: %s)%s",
         ftype,
         path,
         path.stat().st_size / 1e6,
         ", ".join(f"{kind} {size / 1e6:.1f} MB" for kind, size in sizes.items()),
+        f"; {len(exact)} weights written from the student's own codes, checked by {' and '.join(checks)}"
+        if exact
+        else "",
     )
     return path
 

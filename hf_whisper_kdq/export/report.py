@@ -136,7 +136,7 @@ def _safetensors_layout(path: Path) -> tuple[int, dict[str, tuple[list[int], int
     return 8 + length, tensors
 
 
-def _stored_specs(folder: Path, tensors: Mapping) -> tuple[dict[str, QuantSpec], dict[str, str], dict, list[str]]:
+def stored_specs(folder: Path, tensors: Mapping) -> tuple[dict[str, QuantSpec], dict[str, str], dict, list[str]]:
     """Spec and config group of every packed layer, from ``config.json``'s ``quantization_config``."""
     config = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("quantization_config") or {}
     groups = config.get("config_groups") or {}
@@ -210,7 +210,7 @@ def build_compression_report(
     planned = _planned_specs(source)
     weights_path = folder / WEIGHTS_FILE
     header_bytes, tensors = _safetensors_layout(weights_path)
-    packed, group_of, groups, ignore = _stored_specs(folder, tensors)
+    packed, group_of, groups, ignore = stored_specs(folder, tensors)
     quantization_config = (
         json.loads((folder / "config.json").read_text(encoding="utf-8")).get("quantization_config") or {}
     )

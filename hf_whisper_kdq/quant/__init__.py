@@ -2,7 +2,8 @@
 
 Weight-only, symmetric, signed integer quantization (2/3/4/8 bits, per tensor / channel / group) with a
 straight-through estimator and optional LSQ-style learnable clipping, as used by Whisper-KDQ
-(Shao et al. 2023). No dependency on torchao; the shape of the API follows it.
+(Shao et al. 2023), or ggml's block formats (``GGMLSpec``: q3_K, q4_0, q8_0, whose codes a whisper.cpp file holds
+exactly). No dependency on torchao; the shape of the API follows it.
 
     from hf_whisper_kdq.quant import QuantSpec, default_quant_targets, prepare_qat, convert_qat
 
@@ -23,13 +24,15 @@ from .api import (
 )
 from .fake_quant import QuantizedWeight, fake_quantize, quantize_weight, search_clip_ratios
 from .modules import FakeQuantEmbedding, FakeQuantLinear
-from .spec import ALLOWED_BITS, FLOAT_BITS, GRANULARITIES, QuantSpec, weight_bytes
+from .spec import ALLOWED_BITS, FLOAT_BITS, GGML_SPEC_TYPES, GRANULARITIES, GGMLSpec, QuantSpec, weight_bytes
 
 __all__ = [
     "ALLOWED_BITS",
     "FLOAT_BITS",
     "GRANULARITIES",
     "FakeQuantEmbedding",
+    "GGML_SPEC_TYPES",
+    "GGMLSpec",
     "FakeQuantLinear",
     "QuantSpec",
     "QuantizedWeight",

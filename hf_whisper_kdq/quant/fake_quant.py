@@ -7,7 +7,9 @@ what was trained is exactly what gets exported.
 
 Codes use the full signed range ``[-2**(b-1), 2**(b-1) - 1]`` (int2: four levels -2..1), the range the packed
 format stores, with a *signed* scale (as llama.cpp's k-quants do): the group's largest-magnitude weight ``e``
-maps to the code ``-2**(b-1)``, whatever its sign, so the extra negative code is used by both signs. For a
+maps to the code ``-2**(b-1)``, whatever its sign, so the extra negative code is used by both signs.
+A `GGMLSpec` (ggml's block formats) takes ggml's own rule instead (`ggml_blocks`), with the same
+straight-through gradient and the same guarantee: its `quantize_weight` dequantizes to its `fake_quantize`. For a
 weight ``w`` of shape ``[rows, cols]`` viewed as ``[rows, G, cols // G]`` (G scales per row)::
 
     e     = the entry of largest |w| in each group    (detached: weights get a pure straight-through gradient)
@@ -35,7 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .spec import SCALE_BYTES, QuantSpec, packed_row_bytes
+from .ggml_blocks import ggml_fake_quantize, ggml_quantize
+from .spec import GGML_BLOCKS, SCALE_BYTES, AnySpec, GGMLSpec, QuantSpec, packed_row_bytes
 
 # Floor of the clipping ratio: below it a group would collapse to a handful of codes around zero.
 CLIP_MIN = 1e-2
@@ -160,13 +163,16 @@ class _FakeQuantize(torch.autograd.Function):
         return grad_weight, grad_scale, None
 
 
-def fake_quantize(weight: Tensor, spec: QuantSpec, clip: Tensor | None = None, *, layer: str = "<weight>") -> Tensor:
+def fake_quantize(weight: Tensor, spec: AnySpec, clip: Tensor | None = None, *, layer: str = "<weight>") -> Tensor:
     """Quantize-dequantize ``weight`` (``[rows, cols]``) → same shape and dtype, differentiable.
 
     Forward: ``dequant(quant(weight))``. Backward: identity to ``weight`` inside the code range and zero
     outside (see the module docstring); LSQ gradient to ``clip`` (shape
-    ``spec.scale_shape(weight.shape)``, ratios in (0, 1]) when given.
+    ``spec.scale_shape(weight.shape)``, ratios in (0, 1]) when given (never for a `GGMLSpec`).
     """
+    if isinstance(spec, GGMLSpec):
+        spec.check_shape(weight.shape, layer)
+        return ggml_fake_quantize(weight, spec.type)
     grouped, scale = _grouped_scale(weight, spec, clip, layer)
     return _FakeQuantize.apply(grouped, scale, spec).reshape(weight.shape).to(weight.dtype)
 
@@ -183,6 +189,9 @@ class QuantizedWeight:
         group_size: consecutive columns of a row sharing one scale (``cols`` unless per_group).
         granularity: ``"per_tensor"``, ``"per_channel"`` or ``"per_group"``.
         dtype: dtype of the float weight it came from; `dequantize` returns it by default.
+        ggml_type: the ggml block type of a `GGMLSpec` layer (its codes and scales are ggml's), else None.
+        super_scales, sub_scales: q3_K's fp16 super-block scales and 6-bit sub-block scales (``scales`` is their
+            float32 product, which fp16 cannot hold: the compressed-tensors export refuses q3_K).
     """
 
     codes: Tensor
@@ -191,6 +200,9 @@ class QuantizedWeight:
     group_size: int
     granularity: str
     dtype: torch.dtype = torch.float32
+    ggml_type: str | None = None
+    super_scales: Tensor | None = None
+    sub_scales: Tensor | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -207,16 +219,34 @@ class QuantizedWeight:
 
     @property
     def nbytes_packed(self) -> int:
-        """Bytes of the packed codes (each row in whole 32-bit words) plus 2 bytes (fp16) per scale."""
+        """Bytes of the packed codes (each row in whole 32-bit words) plus 2 bytes (fp16) per scale; a ggml type's
+        blocks as ggml stores them."""
+        if self.ggml_type is not None:
+            block, block_bytes, _ = GGML_BLOCKS[self.ggml_type]
+            return self.codes.numel() // block * block_bytes
         rows, cols = self.codes.shape
         return rows * packed_row_bytes(cols, self.bits) + self.scales.numel() * SCALE_BYTES
 
 
 @torch.no_grad()
 def quantize_weight(
-    weight: Tensor, spec: QuantSpec, clip: Tensor | None = None, *, layer: str = "<weight>"
+    weight: Tensor, spec: AnySpec, clip: Tensor | None = None, *, layer: str = "<weight>"
 ) -> QuantizedWeight:
     """Real quantization of ``weight`` (``[rows, cols]``); ``.dequantize()`` equals `fake_quantize`."""
+    if isinstance(spec, GGMLSpec):
+        spec.check_shape(weight.shape, layer)
+        blocks = ggml_quantize(weight, spec.type)
+        return QuantizedWeight(
+            codes=blocks.codes,
+            scales=blocks.scales,
+            bits=spec.bits,
+            group_size=blocks.group_size,
+            granularity="per_group",
+            dtype=weight.dtype,
+            ggml_type=spec.type,
+            super_scales=blocks.super_scales,
+            sub_scales=blocks.sub_scales,
+        )
     grouped, scale = _grouped_scale(weight, spec, clip, layer)
     codes, _ = _unrounded_codes(grouped, scale, spec)
     rows, cols = weight.shape

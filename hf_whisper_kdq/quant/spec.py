@@ -12,6 +12,9 @@ String form (``QuantSpec.parse`` / ``str(spec)``)::
     int4-tensor     4 bits, one scale for the whole tensor
     int3-channel    3 bits, per_channel, spelled out
     int2-g64-clip   ... with a learnable clipping ratio per scale
+
+`GGMLSpec` is the other kind: one of ggml's block formats (``q8_0``, ``q4_0``, ``q3_K``), whose scales and codes
+follow ggml's own rule (`ggml_blocks`), so that a student trained with it is written to a whisper.cpp file exactly.
 """
 
 from __future__ import annotations
@@ -156,28 +159,102 @@ class QuantSpec:
         return text + ("-clip" if self.learnable_clipping else "")
 
 
-def as_spec(value: QuantSpec | str | None) -> QuantSpec | None:
-    """Accept a spec, its string form, or None (float); everything else is a TypeError."""
-    if value is None or isinstance(value, QuantSpec):
+# ggml's block types: (weights per block, bytes per block, code bits). q5_0 is written by the whisper.cpp export only
+# (post-training); the others are also trainable specs (`GGMLSpec`).
+GGML_BLOCKS: dict[str, tuple[int, int, int]] = {
+    "q8_0": (32, 34, 8),  # fp16 d + 32 int8 codes
+    "q5_0": (32, 22, 5),  # fp16 d + 32 fifth bits + 16 bytes of nibbles
+    "q4_0": (32, 18, 4),  # fp16 d + 16 bytes of nibbles
+    "q3_K": (256, 110, 3),  # 32 bytes of high bits + 64 of 2-bit codes + 12 of 6-bit scales + fp16 d
+}
+GGML_SPEC_TYPES: tuple[str, ...] = ("q3_K", "q4_0", "q8_0")
+# ggml's sub-block of one scale: q3_K's 16 weights share a 6-bit scale (a multiple of the super-block's fp16 d).
+_GGML_SCALE_GROUP = {"q8_0": 32, "q5_0": 32, "q4_0": 32, "q3_K": 16}
+
+
+@dataclass(frozen=True)
+class GGMLSpec:
+    """Weight quantization in one of ggml's block formats (``q3_K``, ``q4_0``, ``q8_0``): what a whisper.cpp file of
+    that type stores for every 2-D weight.
+
+    Blocks run along a row (``[rows, cols]``, ``cols`` a multiple of the block): q8_0 and q4_0 blocks of 32 weights
+    with one fp16 scale, q3_K super-blocks of 256 weights, 16 sub-blocks of 16 with 6-bit scales of an fp16
+    super-block scale. The scales follow ggml's reference quantizers (`ggml_blocks`), not a learned clip; as a
+    `QuantSpec` it reads as per_group quantization with one scale per ``group_size`` columns.
+    """
+
+    type: str
+
+    symmetric = True
+    learnable_clipping = False
+    granularity = "per_group"
+
+    def __post_init__(self) -> None:
+        if self.type not in GGML_SPEC_TYPES:
+            raise ValueError(f"GGMLSpec.type must be one of {', '.join(GGML_SPEC_TYPES)}, got {self.type!r}")
+
+    @property
+    def bits(self) -> int:
+        return GGML_BLOCKS[self.type][2]
+
+    @property
+    def block_size(self) -> int:
+        return GGML_BLOCKS[self.type][0]
+
+    @property
+    def group_size(self) -> int:
+        """Columns sharing one (effective) scale: 32, or q3_K's 16-weight sub-block."""
+        return _GGML_SCALE_GROUP[self.type]
+
+    def check_shape(self, shape: Sequence[int], layer: str = "<weight>") -> None:
+        if len(shape) != 2:
+            raise ValueError(f"{layer}: only 2-D weights can be quantized, got shape {tuple(shape)}")
+        if int(shape[1]) % self.block_size:
+            raise ValueError(
+                f"{layer}: {self.type} stores rows in blocks of {self.block_size} weights and its input width is "
+                f"{int(shape[1])}; use {'q4_0 or q8_0 (blocks of 32)' if self.type == 'q3_K' else 'a model'} whose "
+                f"widths are multiples of {self.block_size}"
+            )
+
+    def num_groups(self, shape: Sequence[int]) -> int:
+        return int(shape[1]) // self.group_size
+
+    def scale_shape(self, shape: Sequence[int]) -> tuple[int, int]:
+        return (int(shape[0]), self.num_groups(shape))
+
+    def __str__(self) -> str:
+        return self.type
+
+
+AnySpec = QuantSpec | GGMLSpec
+
+
+def as_spec(value: AnySpec | str | None) -> AnySpec | None:
+    """Accept a spec, its string form (``int4-g32``, ``q4_0``), or None (float); everything else is a TypeError."""
+    if value is None or isinstance(value, (QuantSpec, GGMLSpec)):
         return value
     if isinstance(value, str):
         if value.strip().lower() in ("none", "float", "fp16", "bf16", "fp32"):
             return None
-        return QuantSpec.parse(value)
-    raise TypeError(f"expected a QuantSpec, its string form or None, got {type(value).__name__}")
+        ggml_type = {name.lower(): name for name in GGML_SPEC_TYPES}.get(value.strip().lower())
+        return GGMLSpec(ggml_type) if ggml_type else QuantSpec.parse(value)
+    raise TypeError(f"expected a QuantSpec, a GGMLSpec, their string form or None, got {type(value).__name__}")
 
 
-def weight_bytes(shape: Sequence[int], spec: QuantSpec | None, layer: str = "<weight>") -> int:
+def weight_bytes(shape: Sequence[int], spec: AnySpec | None, layer: str = "<weight>") -> int:
     """Stored size of one weight of ``shape`` under ``spec``: what the packed checkpoint holds for it.
 
     Quantized: each row's codes bit-packed into 32-bit words, ``rows * ceil(cols * bits / 32) * 4`` (the
     compressed-tensors ``pack-quantized`` layout, so a row whose codes do not fill its last word pays for
     the whole word), plus one fp16 scale per group. Float (``spec is None``): ``numel * 2`` (fp16/bf16).
-    E.g. int4-g32 of ``[64, 64]`` is ``64*64/2 + 64*2*2 = 2304`` bytes.
+    E.g. int4-g32 of ``[64, 64]`` is ``64*64/2 + 64*2*2 = 2304`` bytes. A `GGMLSpec` counts its blocks as ggml
+    stores them (q4_0 of ``[64, 64]``: 128 blocks of 18 bytes).
     """
     if spec is None:
         return math.prod(int(s) for s in shape) * FLOAT_BITS // 8
     spec.check_shape(shape, layer)
+    if isinstance(spec, GGMLSpec):
+        return math.prod(int(s) for s in shape) // spec.block_size * GGML_BLOCKS[spec.type][1]
     rows, cols = (int(s) for s in shape)
     n_scales = math.prod(spec.scale_shape(shape))
     return rows * packed_row_bytes(cols, spec.bits) + n_scales * SCALE_BYTES

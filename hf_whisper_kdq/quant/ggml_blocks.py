@@ -1,0 +1,279 @@
+"""ggml's block formats: the codes and scales of ``q8_0``, ``q5_0``, ``q4_0`` and ``q3_K`` as ggml's reference
+quantizers compute them (ggml-quants.c, ``quantize_row_*_ref``: what ``ggml_quantize_chunk`` and whisper.cpp's
+``quantize`` tool run without an importance matrix), the values ggml dequantizes them to, and their bytes.
+
+Why written here rather than called from ggml: training needs the quantizer inside the forward pass, in torch and on the
+model's device (ggml's library quantizes float32 arrays on the CPU), and "fake == packed" needs ggml's exact float32
+arithmetic, which this module reproduces step by step: ``q8_0`` rounds ``x * (1/d)`` half away from zero
+(``roundf``) with ``d = amax / 127``; ``q4_0``/``q5_0`` truncate ``x * (1/d) + 8.5`` (``+ 16.5``) with
+``d = max / -8`` (``/ -16``), ``max`` the signed weight of largest magnitude; ``q3_K`` runs ``make_q3_quants``'
+weighted least-squares search per 16-weight sub-block (five passes of coordinate descent over the codes, sums
+accumulated in ggml's order), quantizes the 16 sub-block scales to 6 bits against an fp16 super-block scale, then
+re-rounds every weight to the quantized scale with ``nearest_int`` (round half to even through ggml's float trick,
+emulated bit for bit). Scales are rounded to fp16 as the file stores them, so ``codes * scales`` is what ggml's
+``dequantize_row_*`` returns (tested against pywhispercpp's libggml-base, byte for byte).
+
+`ggml_quantize` gives the `GGMLCodes` of a weight (signed codes; ``scales`` the multiplier of each group as ggml applies
+it: ``d``, or q3_K's ``d * sc`` per sub-block; the mask of weights the clamp left alone, where the straight-through
+gradient passes), which ``quant.quantize_weight`` turns into a `QuantizedWeight`; `pack` writes a weight's blocks;
+`unpack` dequantizes blocks read back from a file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .spec import GGML_BLOCKS
+
+_GROUP_MAX_EPS = 1e-15  # make_q3_quants: a sub-block below this magnitude is all zeros
+_MAGIC = 12582912.0  # 1.5 * 2**23: nearest_int's float trick
+_Q3_NMAX = 4  # q3_K codes l in [-4, 3]
+_Q3_SUB = 16  # weights per q3_K sub-block
+_Q3_PASSES = 5  # make_q3_quants' coordinate-descent passes
+
+
+def _nearest_int(values: Tensor) -> Tensor:
+    """ggml's ``nearest_int``: add 1.5 * 2**23 in float32 and read the low mantissa bits (round half to even, and
+    ggml's own answer beyond its ±4194303 range)."""
+    shifted = (values.float() + _MAGIC).contiguous().view(torch.int32)
+    return (shifted & 0x007FFFFF) - 0x00400000
+
+
+def _fp16(values: Tensor) -> Tensor:
+    """float32 → fp16 (round to nearest even, as ``GGML_FP32_TO_FP16``) → float32."""
+    return values.half().float()
+
+
+def _signed_absmax(blocks: Tensor) -> Tensor:
+    """Per row of ``blocks`` the value of largest magnitude with its sign, the first on ties, +0 for zeros (ggml's
+    loops start from ``max = 0`` and keep the first strictly larger magnitude)."""
+    largest = blocks.gather(-1, blocks.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+    return torch.where(largest == 0, torch.zeros_like(largest), largest)
+
+
+def _inverse(scale: Tensor) -> Tensor:
+    """``d ? 1.0f/d : 0.0f``."""
+    return torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
+
+
+def _q8_0(blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    scale = blocks.abs().amax(dim=-1) / 127
+    scaled = (blocks * _inverse(scale)[:, None]).double()  # roundf of the float32 product, exact in float64
+    codes = torch.sign(scaled) * torch.floor(scaled.abs() + 0.5)
+    return codes, scale, torch.ones_like(blocks, dtype=torch.bool)
+
+
+def _offset(blocks: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q4_0 / q5_0: ``d = max / -2**(bits-1)``, codes ``min(2**bits - 1, (int8)(x/d + 2**(bits-1) + 0.5))``."""
+    half = 1 << (bits - 1)
+    scale = _signed_absmax(blocks) / -half
+    shifted = blocks * _inverse(scale)[:, None] + (half + 0.5)
+    top = (1 << bits) - 1
+    return torch.trunc(shifted).clamp(max=top) - half, scale, shifted < top + 1
+
+
+def _q3_sub_blocks(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``make_q3_quants(16, 4, x, L, true)`` on every row of ``x`` ``[n, 16]``: codes ``L`` (in [0, 7], 0 for an
+    all-zero sub-block) and the least-squares scale."""
+    largest = _signed_absmax(x)
+    zero = x.abs().amax(dim=-1) < _GROUP_MAX_EPS
+    iscale = -float(_Q3_NMAX) / torch.where(zero, torch.ones_like(largest), largest)
+    codes = _nearest_int(iscale[:, None] * x).clamp(-_Q3_NMAX, _Q3_NMAX - 1).float()
+    weighted = x * x * x  # w * x[i] with w = x[i]^2, evaluated left to right as in C
+    weights = x * x
+    sumlx = torch.zeros_like(largest)
+    suml2 = torch.zeros_like(largest)
+    for i in range(_Q3_SUB):  # float32 sums in ggml's order
+        sumlx = sumlx + weighted[:, i] * codes[:, i]
+        suml2 = suml2 + weights[:, i] * codes[:, i] * codes[:, i]
+    for _ in range(_Q3_PASSES):  # a pass that changes nothing leaves the state as it was: no early exit needed
+        for i in range(_Q3_SUB):
+            w, xi, li = weights[:, i], x[:, i], codes[:, i]
+            slx = sumlx - weighted[:, i] * li
+            sl2 = suml2 - w * li * li
+            new = _nearest_int(xi * sl2 / slx).clamp(-_Q3_NMAX, _Q3_NMAX - 1).float()
+            new_slx = slx + weighted[:, i] * new
+            new_sl2 = sl2 + w * new * new
+            accept = (slx > 0) & (new != li) & (new_sl2 > 0) & (new_slx * new_slx * suml2 > sumlx * sumlx * new_sl2)
+            codes[:, i] = torch.where(accept, new, li)
+            sumlx = torch.where(accept, new_slx, sumlx)
+            suml2 = torch.where(accept, new_sl2, suml2)
+    scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
+    codes = torch.where(zero[:, None], torch.zeros_like(codes), codes + _Q3_NMAX)
+    return codes, torch.where(zero, torch.zeros_like(scale), scale)
+
+
+def _q3_k(weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``quantize_row_q3_K_ref`` on ``weight`` ``[rows, cols]``: signed codes ``[rows, cols]``, sub-block multipliers
+    ``d * sc`` ``[rows, cols/16]``, fp16 super-block scales ``d`` ``[rows, cols/256]``, 6-bit ``sc`` in [-32, 31]
+    (int8 ``[rows, cols/16]``) and the unclamped mask."""
+    rows, cols = weight.shape
+    x = weight.reshape(-1, _Q3_SUB)
+    codes, sub_scale = _q3_sub_blocks(x)
+    per_super = sub_scale.reshape(-1, 16)
+    max_scale = _signed_absmax(per_super)
+    has_scale = max_scale != 0
+    iscale = -32.0 / torch.where(has_scale, max_scale, torch.ones_like(max_scale))
+    levels = _nearest_int(iscale[:, None] * per_super).clamp(-32, 31)
+    # max_scale == 0: ggml leaves the scale bytes at 0 (sc = -32) and stores d = 0.
+    levels = torch.where(has_scale[:, None], levels, torch.full_like(levels, -32))
+    super_scale = torch.where(has_scale, _fp16(1.0 / iscale), torch.zeros_like(iscale))
+    multiplier = (super_scale[:, None] * levels.float()).reshape(-1)
+    ratio = x / multiplier[:, None]
+    requantized = _nearest_int(ratio).clamp(-_Q3_NMAX, _Q3_NMAX - 1).float() + _Q3_NMAX
+    active = (multiplier != 0)[:, None]
+    codes = torch.where(active, requantized, codes) - _Q3_NMAX
+    inside = ~active | ((ratio >= -_Q3_NMAX - 0.5) & (ratio <= _Q3_NMAX - 0.5))
+    return (
+        codes.reshape(rows, cols),
+        multiplier.reshape(rows, cols // _Q3_SUB),
+        super_scale.reshape(rows, cols // 256),
+        levels.to(torch.int8).reshape(rows, cols // _Q3_SUB),
+        inside.reshape(rows, cols),
+    )
+
+
+@dataclass
+class GGMLCodes:
+    """One weight ``[rows, cols]`` in a ggml type.
+
+    Attributes:
+        codes: int8 ``[rows, cols]``, signed (q8_0 [-127, 127], q4_0 [-8, 7], q5_0 [-16, 15], q3_K [-4, 3]).
+        scales: float32 ``[rows, cols // group_size]``, what each group's codes are multiplied by.
+        group_size: 32, or q3_K's 16.
+        inside: bool ``[rows, cols]``, the weights the clamp left alone.
+        super_scales: q3_K's fp16 ``d`` per 256 weights (float32 ``[rows, cols // 256]``).
+        sub_scales: q3_K's 6-bit ``sc`` in [-32, 31] per 16 weights (int8 ``[rows, cols // 16]``); ``scales`` is
+            ``super_scales * sub_scales`` in float32, as ggml multiplies them.
+    """
+
+    codes: Tensor
+    scales: Tensor
+    group_size: int
+    inside: Tensor
+    super_scales: Tensor | None = None
+    sub_scales: Tensor | None = None
+
+    def dequantize(self) -> Tensor:
+        """float32 ``codes * scales``: ggml's ``dequantize_row_*`` of these blocks."""
+        rows, cols = self.codes.shape
+        groups = cols // self.group_size
+        values = self.codes.float().reshape(rows, groups, self.group_size) * self.scales.reshape(rows, groups, 1)
+        return values.reshape(rows, cols)
+
+
+@torch.no_grad()
+def ggml_quantize(weight: Tensor, ggml_type: str) -> GGMLCodes:
+    """``weight`` ``[rows, cols]`` (``cols`` a multiple of the block) quantized as ggml's ``ggml_type`` does it."""
+    block, _, bits = GGML_BLOCKS[ggml_type]
+    rows, cols = weight.shape
+    if cols % block:
+        raise ValueError(f"{ggml_type} needs rows of a multiple of {block} weights, got {cols}")
+    values = weight.detach().float()
+    if ggml_type == "q3_K":
+        codes, scales, super_scales, sub_scales, inside = _q3_k(values)
+        return GGMLCodes(codes.to(torch.int8), scales.contiguous(), _Q3_SUB, inside, super_scales, sub_scales)
+    blocks = values.reshape(-1, block)
+    codes, scales, inside = _q8_0(blocks) if ggml_type == "q8_0" else _offset(blocks, bits)
+    return GGMLCodes(
+        codes.to(torch.int8).reshape(rows, cols),
+        _fp16(scales).reshape(rows, cols // block),
+        block,
+        inside.reshape(rows, cols),
+    )
+
+
+class _StraightThrough(torch.autograd.Function):
+    """The quantized values forward; the gradient of the weights inside the code range backward."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, values: Tensor, inside: Tensor) -> Tensor:
+        ctx.save_for_backward(inside)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None
+
+
+def ggml_fake_quantize(weight: Tensor, ggml_type: str) -> Tensor:
+    """``weight`` quantized and dequantized as ggml does (same shape and dtype), with a straight-through gradient."""
+    quantized = ggml_quantize(weight, ggml_type)
+    return _StraightThrough.apply(weight, quantized.dequantize(), quantized.inside).to(weight.dtype)
+
+
+# --- Bytes --------------------------------------------------------------------------------------------------------
+def _record(ggml_type: str) -> np.dtype:
+    return {
+        "q8_0": np.dtype([("d", "<f2"), ("qs", "i1", 32)]),
+        "q5_0": np.dtype([("d", "<f2"), ("qh", "<u4"), ("qs", "u1", 16)]),
+        "q4_0": np.dtype([("d", "<f2"), ("qs", "u1", 16)]),
+        "q3_K": np.dtype([("hmask", "u1", 32), ("qs", "u1", 64), ("scales", "u1", 12), ("d", "<f2")]),
+    }[ggml_type]
+
+
+def _nibbles(codes: np.ndarray) -> np.ndarray:
+    """Element j of a 32-block's first half in the low nibble of byte j, element j + 16 in the high one."""
+    return (codes[:, :16] & 0x0F) | ((codes[:, 16:] & 0x0F) << 4)
+
+
+def pack(quantized, ggml_type: str) -> bytes:
+    """The blocks of ``quantized`` (`GGMLCodes`, or a ``QuantizedWeight`` of the same fields) in ``ggml_type``, as
+    ggml stores them row after row: for `ggml_quantize`'s codes, the bytes ``ggml_quantize_chunk`` writes."""
+    block = GGML_BLOCKS[ggml_type][0]
+    codes = quantized.codes.numpy().astype(np.int16).reshape(-1, block)
+    out = np.zeros(len(codes), _record(ggml_type))
+    if ggml_type == "q3_K":
+        offset = (codes + _Q3_NMAX).astype(np.uint8)  # L in [0, 7]
+        high = (offset >> 2).reshape(-1, 8, 32)  # bit j // 32 of hmask[j % 32]
+        out["hmask"] = (high << np.arange(8, dtype=np.uint8)[:, None]).sum(axis=1, dtype=np.uint8)
+        low = (offset & 3).reshape(-1, 2, 4, 32)  # qs[32 h + l] holds L[128 h + 32 k + l] in bits 2k, 2k + 1
+        out["qs"] = (low << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(axis=2, dtype=np.uint8).reshape(-1, 64)
+        levels = (quantized.sub_scales.numpy().astype(np.int16) + 32).astype(np.uint8).reshape(-1, 16)
+        scales = np.zeros((len(codes), 12), np.uint8)
+        scales[:, :8] = (levels[:, :8] & 0x0F) | ((levels[:, 8:] & 0x0F) << 4)
+        tops = (levels >> 4).reshape(-1, 4, 4)  # scales[8 + j % 4] holds bits 4-5 of sc_j at 2 * (j // 4)
+        scales[:, 8:] = (tops << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(axis=1, dtype=np.uint8)
+        out["scales"] = scales
+        out["d"] = quantized.super_scales.numpy().reshape(-1).astype(np.float16)
+        return out.tobytes()
+    out["d"] = quantized.scales.numpy().reshape(-1).astype(np.float16)
+    if ggml_type == "q8_0":
+        out["qs"] = codes
+    else:
+        half = 1 << (GGML_BLOCKS[ggml_type][2] - 1)
+        offset = (codes + half).astype(np.uint32)
+        out["qs"] = _nibbles(offset)
+        if ggml_type == "q5_0":  # the fifth bit of element j goes to bit j of a little-endian uint32
+            out["qh"] = ((offset >> 4) << np.arange(32, dtype=np.uint32)).sum(axis=1)
+    return out.tobytes()
+
+
+def unpack(data: bytes, ggml_type: str, shape: tuple[int, int]) -> np.ndarray:
+    """float32 values ``[rows, cols]`` of ggml blocks as ``dequantize_row_*`` computes them (q8_0, q4_0, q3_K)."""
+    blocks = np.frombuffer(data, _record(ggml_type))
+    d = blocks["d"].astype(np.float32)
+    if ggml_type == "q8_0":
+        values = blocks["qs"].astype(np.float32) * d[:, None]
+    elif ggml_type == "q4_0":
+        qs = blocks["qs"].astype(np.int16)
+        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=1) - 8
+        values = codes.astype(np.float32) * d[:, None]
+    elif ggml_type == "q3_K":
+        high = (blocks["hmask"][:, None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # [n, 8, 32]
+        low = (blocks["qs"].reshape(-1, 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3  # [n, 2, 4, 32]
+        codes = low.reshape(-1, 256).astype(np.int16) + 4 * high.reshape(-1, 256) - 4
+        scales = blocks["scales"].astype(np.int16)
+        low_bits = np.concatenate([scales[:, :8] & 0x0F, scales[:, :8] >> 4], axis=1)
+        top_bits = (scales[:, 8:][:, None, :] >> (2 * np.arange(4))[:, None]) & 3  # [n, 4 (j // 4), 4 (j % 4)]
+        levels = (low_bits | (top_bits.reshape(-1, 16) << 4)) - 32
+        multiplier = d[:, None] * levels.astype(np.float32)  # dl = d_all * (sc - 32), float32
+        values = multiplier.repeat(_Q3_SUB, axis=1) * codes.astype(np.float32)
+    else:
+        raise ValueError(f"unpacking {ggml_type} is not supported: q8_0, q4_0 and q3_K are")
+    return values.reshape(shape)
