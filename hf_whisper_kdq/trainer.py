@@ -214,7 +214,9 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         self._accumulated_rows = 0  # set by get_batch_samples for each optimizer step
         if self.plan.module_specs() and train_dataset is not None and hasattr(train_dataset, "__len__"):
             # Clipping starts searched on the probe batches' inputs, before an optimizer or engine copies the ratios.
-            searched = calibrate_clipping(self.unwrapped_student(), self.plan, self.probe_batches())
+            searched = calibrate_clipping(
+                self.unwrapped_student(), self.plan, self.probe_batches(per_optimizer_step=True)
+            )
             if searched:
                 logger.info("Clipping ratios of %d layers searched on the probe batches' inputs", len(searched))
         self.add_callback(selection)
@@ -283,14 +285,18 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         if plan.module_specs():
             set_quant_specs(self.unwrapped_student(), plan.module_specs())
 
-    def probe_batches(self) -> list[dict]:
+    def probe_batches(self, per_optimizer_step: bool = False) -> list[dict]:
         """``selection_probe_batches`` batches of fixed, evenly spaced training rows (no RNG consumed), collated and
-        placed as training batches are."""
+        placed as training batches are. With ``per_optimizer_step``, as many rows as that many optimizer steps
+        take over all processes (the same rows however a launch splits its global batch: clipping calibration)."""
         dataset = self.train_dataset
         if dataset is None or len(dataset) == 0:
             raise ValueError("layer selection needs a non-empty train_dataset")
         batch_size = self.args.per_device_train_batch_size
-        count = min(len(dataset), batch_size * self.args.selection_probe_batches)
+        rows_per_batch = batch_size
+        if per_optimizer_step:
+            rows_per_batch *= self.args.world_size * self.args.gradient_accumulation_steps
+        count = min(len(dataset), rows_per_batch * self.args.selection_probe_batches)
         rows = [round(i * (len(dataset) - 1) / max(count - 1, 1)) for i in range(count)]
         collate = self._get_collator_with_removed_columns(self.data_collator, description="probe")
         if hasattr(dataset, "column_names"):

@@ -1050,7 +1050,7 @@ def test_clipping_ratios_start_searched_on_the_probe_inputs(pair, tmp_path):
     changed = {n for n, ratios in by_weight.items() if not torch.equal(clips[n].detach(), ratios)}
     assert changed and "model.decoder.embed_tokens" in changed, changed
     again = copy.deepcopy(trainer.model)  # the inputs are the float student's: measured again, the same ratios
-    calibrate_clipping(again, trainer.plan, trainer.probe_batches())
+    calibrate_clipping(again, trainer.plan, trainer.probe_batches(per_optimizer_step=True))
     assert all(torch.equal(m.weight_clip, clips[n]) for n, m in again.named_modules() if n in clips)
     before = {n: c.detach().clone() for n, c in clips.items()}
     _selection_callback(trainer).select(step=0)
