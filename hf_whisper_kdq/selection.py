@@ -525,9 +525,11 @@ def choose_distillation_layers(plan: KDQPlan, count: int, sides: tuple[str, ...]
 
 
 def float_stored_units(args) -> frozenset[str]:
-    """Units that count at fp16 in the budget: the embedding under on-disk accounting (the packed file keeps it
-    in fp16)."""
-    return frozenset({"embedding"} if args.size_budget_accounting == "on_disk" else ())
+    """Units that count at fp16 in the budget: the embedding under on-disk accounting when the bit choices allow
+    several integer widths (a packed file of mixed widths keeps it in fp16; one of a single width stores it packed,
+    see export.compressed)."""
+    one_width = len({bits for bits in args.bit_choices if bits < FLOAT_BITS}) <= 1
+    return frozenset({"embedding"} if args.size_budget_accounting == "on_disk" and not one_width else ())
 
 
 def check_size_budget(model, plan: KDQPlan, args, teacher_fp16_bytes: int) -> None:

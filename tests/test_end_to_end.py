@@ -138,6 +138,9 @@ def run(base_pack_folder, tmp_path_factory):
         save_steps=2,
         quant_targets="encoder,decoder",
         size_budget_mb=_budget_mb(student, 3.5),
+        # the local rule always mixes widths under this budget (the default may keep a uniform plan of lower probe
+        # KL): the mixed-width export path is what this module tests
+        selection_cost="local_error",
         quant_weight=0.1,
         selection_probe_batches=1,
         predict_with_generate=True,

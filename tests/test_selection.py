@@ -23,6 +23,7 @@ from hf_whisper_kdq.selection import (
     allocate_bits,
     choose_distillation_layers,
     fixed_bytes,
+    float_stored_units,
     initial_plan,
     match_layers,
     plan_shapes,
@@ -600,3 +601,14 @@ def test_ggml_plan_names_the_smallest_file_and_what_cannot_hold_a_layer(ggml_pai
         _ggml_plan(ggml_pair, tmp_path, size_budget_mb=(q4_0 - 1) / 1e6)
     with pytest.raises(ValueError, match="q3_K needs rows of a multiple of 256, d_model is 64"):
         _ggml_plan(ggml_pair, tmp_path, quant_bit_choices="3,4")
+
+
+def test_on_disk_budget_bills_the_embedding_packed_when_one_width_is_allowed(tmp_path):
+    """One integer width: the export stores the embedding packed (export.compressed), and the budget counts it so;
+    several widths: in fp16, as a mixed-width file holds it."""
+
+    def stored_float(choices: str) -> frozenset[str]:
+        return float_stored_units(DistillQuantArguments(output_dir=str(tmp_path), quant_bit_choices=choices))
+
+    assert stored_float("3") == stored_float("4,float") == frozenset()
+    assert stored_float("3,4") == stored_float("2,3,4,8") == frozenset({"embedding"})
