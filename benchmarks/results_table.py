@@ -21,8 +21,11 @@ Columns:
 
 * bytes on disk: the weights file(s) of the row's checkpoint: an fp16 ``model.safetensors`` for the references and
   the float (distillation-only) student, the packed compressed-tensors ``model.safetensors`` written by
-  ``export.save_compressed`` for quantized rows. That format cannot hold a quantized token embedding (transformers
-  cannot load it), so the embedding is stored as its dequantized fp16 table there, whatever its planned bits.
+  ``export.save_compressed`` for quantized rows. The token embedding is packed there when every quantized layer has
+  one width (PTQ rows, uniform plans), else stored as its dequantized fp16 table, whatever its planned bits.
+  GPTQ rows (kind ``gptq``) store GPTQ's codes in the layout of the round-to-nearest row with the same specs
+  (``save_compressed(codes=...)``), so their bytes equal that row's; they are evaluated from that folder, loaded
+  as a user loads it.
 * ratio to teacher fp16: the teacher's fp16 weights file / this row's bytes on disk (> 1: smaller).
 * paper accounting ratio: teacher fp16 bytes (2 per parameter) / the paper's size model of the row
   (``compression_report.json``'s ``paper_accounting.planned_bytes``: quantized weights at their planned bits incl.
@@ -76,7 +79,8 @@ logger = logging.getLogger("results_table")
 
 # ---- the rows --------------------------------------------------------------------------------------------------------
 # kind "reference": a pretrained Whisper as it is (fp16 on disk). kind "ptq": round-to-nearest quantization of the
-# teacher, no training (prepare_qat with one spec per component, then save_compressed). kind "train": a student
+# teacher, no training (prepare_qat with one spec per component, then save_compressed). kind "gptq": GPTQ's codes of
+# the teacher (llm-compressor) in the packed layout of the "ptq" row with the same specs. kind "train": a student
 # trained by DistillQuantTrainer. Budgets "uniform:B" are the paper-accounting size of the same student with every
 # targeted layer at B bits (per group of 32), so the guided rows, QAT-only and unguided KDQ have equal planned bytes.
 ALL_TARGETS = "encoder,decoder,embedding"
@@ -284,12 +288,44 @@ ROWS: dict[str, dict] = {
         description="ablation: as kdq-base-decemb-u3 without distillation",
     ),
 }
+# Post-training baselines, three methods at each layout, stored alike (benchmarks/README.md, "Post-training baselines:
+# GPTQ and searched-clip RTN"): round-to-nearest; round-to-nearest with each group's clipping ratio of least weight
+# error (quant.search_clip_ratios, the start of learnable clipping; no training); GPTQ by llm-compressor (kind "gptq":
+# gptq_baseline.py, calibrated on training audio, the tied embedding through proj_out). Existing rows keep their names.
+BASELINE_LAYOUTS = {
+    "int4g32": (ALL_TARGETS, "int4-g32", "int4 group-32 everywhere"),
+    "int3g32": (ALL_TARGETS, "int3-g32", "int3 group-32 everywhere"),
+    "int4g128": (ALL_TARGETS, "int4-g128", "int4 group-128 everywhere"),
+    "int3g128": (ALL_TARGETS, "int3-g128", "int3 group-128 everywhere"),
+    "decemb-int3g32": ("decoder,embedding", "int3-g32", "int3 group-32 decoder+embedding, encoder fp16"),
+}
+for _layout, (_components, _spec, _what) in BASELINE_LAYOUTS.items():
+    _specs = dict.fromkeys(_components.split(","), _spec)
+    ROWS.setdefault(
+        f"ptq-{_layout}", dict(kind="ptq", method="naive PTQ", specs=_specs, description=f"teacher, {_what}")
+    )
+    ROWS[f"ptq-clip-{_layout}"] = dict(
+        kind="ptq",
+        method="searched-clip RTN",
+        specs={component: f"{spec}-clip" for component, spec in _specs.items()},
+        description=f"teacher, {_what}, each group's clipping ratio searched for least weight error (no training)",
+    )
+    ROWS[f"gptq-{_layout}"] = dict(
+        kind="gptq",
+        method="GPTQ (llm-compressor)",
+        specs=_specs,
+        description=f"teacher, GPTQ {_what} (the tied embedding as proj_out), calibrated on training audio",
+    )
 PRESETS = {
     "all": list(ROWS),
     "cheap": ["teacher", "tiny.en", "ptq-int8", "ptq-int4g32-emb8", "ptq-int4g32", "ptq-int3g32"],
     "ablations": ["kdq-d2-u4", "distill-d2", "qat-d2-u4", "kdq-unguided-d2-4"],
     "ablations-decemb": ["kdq-d2-decemb-u4", "qat-d2-decemb-u4", "kdq-unguided-d2-decemb-4", "distill-d2"],
     "base-decemb": ["ptq-decemb-int3g32", "kdq-base-decemb-u3", "kdq-unguided-base-decemb-3", "qat-base-decemb-u3"],
+    **{
+        f"baselines-{layout}": [f"{method}-{layout}" for method in ("ptq", "ptq-clip", "gptq")]
+        for layout in BASELINE_LAYOUTS
+    },
 }
 
 
@@ -363,6 +399,15 @@ class TableArguments:
             "help": "train in bf16 CPU autocast (only worth it where the CPU has native bf16: AVX512-BF16 or AMX)"
         },
     )
+    llmcompressor_python: str = field(
+        default=str(ROOT.parent / "venv-llmc" / "bin" / "python"),
+        metadata={"help": "python of the llm-compressor venv that runs the GPTQ rows (see gptq_baseline.py)"},
+    )
+    calibration_manifests: str = field(
+        default="train_en.jsonl,train_zh.jsonl",
+        metadata={"help": "comma-separated manifests under --data whose audio and transcripts calibrate GPTQ"},
+    )
+    calibration_rows: int = field(default=128, metadata={"help": "GPTQ calibration utterances from each manifest"})
     row_names: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self):
@@ -378,6 +423,7 @@ class TableArguments:
             "max_train_samples",
             "train_batch_size",
             "batch_size",
+            "calibration_rows",
         )
         for name in (*positive, "threads"):
             value = getattr(self, name)
@@ -718,12 +764,19 @@ def ptq_model(teacher, component_specs: dict[str, str]):
     return model
 
 
-def packed_sizes(model, processor, teacher_sizes: dict, folder: Path, plan=None) -> dict:
-    """The table's sizes of a quantized row (PTQ, or trained with its ``plan``), from its packed checkpoint."""
+def packed_sizes(model, processor, teacher_sizes: dict, folder: Path, plan=None, codes=None) -> dict:
+    """The table's sizes of a quantized row (PTQ, GPTQ's ``codes``, or trained with its ``plan``), from its packed
+    checkpoint."""
     from hf_whisper_kdq import save_compressed
 
     report = save_compressed(
-        model, processor, folder, plan=plan, teacher_fp16_bytes=teacher_sizes["fp16_parameter_bytes"], overwrite=True
+        model,
+        processor,
+        folder,
+        plan=plan,
+        teacher_fp16_bytes=teacher_sizes["fp16_parameter_bytes"],
+        overwrite=True,
+        codes=codes,
     )
     return sizes_from_report(report, teacher_sizes)
 
@@ -735,6 +788,39 @@ def run_ptq(ctx: Context, name: str, row: dict, row_dir: Path, result: dict) -> 
     with ctx.timer(f"{name}: save_compressed"):
         result["sizes"] = packed_sizes(model, processor, ctx.teacher_sizes(), row_dir / "compressed")
     measure(ctx, name, model, processor, row_dir, result)
+
+
+def run_gptq(ctx: Context, name: str, row: dict, row_dir: Path, result: dict) -> None:
+    """GPTQ's codes (llm-compressor in its venv, gptq_baseline.py) in the packed layout of the RTN row with the same
+    specs, evaluated from the folder as a user loads it (plain from_pretrained: weights unpacked to fp32)."""
+    from gptq_baseline import gptq_codes
+
+    from hf_whisper_kdq import load_whisper
+    from hf_whisper_kdq.quant import QuantSpec
+
+    teacher, processor = ctx.teacher()
+    (spec,) = {QuantSpec.parse(text) for text in row["specs"].values()}  # one layout: one GPTQ run
+    manifests = [ctx.data / part.strip() for part in ctx.args.calibration_manifests.split(",") if part.strip()]
+    with ctx.timer(f"{name}: GPTQ (llm-compressor)"):
+        codes, result["gptq"] = gptq_codes(
+            ctx.args.llmcompressor_python,
+            teacher,
+            processor,
+            list(row["specs"]),
+            bits=spec.bits,
+            group_size=spec.group_size,
+            manifests=manifests,
+            calibration_rows=ctx.args.calibration_rows,
+            cache=ctx.cache,
+            threads=ctx.args.threads,
+        )
+    result["model"] = f"{ctx.args.teacher} + GPTQ (llm-compressor) {row['specs']}"
+    folder = row_dir / "compressed"
+    with ctx.timer(f"{name}: save_compressed"):
+        model = ptq_model(teacher, row["specs"])  # the layout; its round-to-nearest codes give way to GPTQ's
+        result["sizes"] = packed_sizes(model, processor, ctx.teacher_sizes(), folder, codes=codes)
+    loaded, _ = load_whisper(folder)
+    measure(ctx, name, loaded, processor, row_dir, result)
 
 
 def uniform_budget_mb(student, targets: str, bits: int) -> float:
@@ -889,7 +975,7 @@ TRAINING_KEYS = {
 }
 
 
-RUNNERS = {"reference": run_reference, "ptq": run_ptq, "train": run_training}
+RUNNERS = {"reference": run_reference, "ptq": run_ptq, "gptq": run_gptq, "train": run_training}
 
 
 def run_row(ctx: Context, name: str, command: str, machine: dict) -> Path:
@@ -1113,11 +1199,13 @@ def main(argv=None) -> int:
         merge(output)
         return 0
     data = Path(args.data)
-    needed = ["dev.jsonl"] + (["unlabeled.jsonl"] if any(ROWS[n]["kind"] == "train" for n in args.row_names) else [])
+    kinds = {ROWS[n]["kind"] for n in args.row_names}
+    needed = ["dev.jsonl"] + (["unlabeled.jsonl"] if "train" in kinds else [])
+    needed += args.calibration_manifests.split(",") if "gptq" in kinds else []
     if missing := [name for name in needed if not (data / name).is_file()]:
         print(
             f"skipping: the shared speech data is absent ({', '.join(str(data / m) for m in missing)} not found); "
-            "pass --data to point at a folder with dev.jsonl and unlabeled.jsonl"
+            "pass --data to point at a folder with dev.jsonl, unlabeled.jsonl and the calibration manifests"
         )
         return 0
     torch.set_num_threads(args.threads)

@@ -53,6 +53,7 @@ import copy
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -232,6 +233,36 @@ def _pack(name: str, q: QuantizedWeight, scheme) -> dict[str, torch.Tensor]:
     }
 
 
+def _replace_codes(student: nn.Module, converted: dict[str, QuantizedWeight], codes: Mapping[str, QuantizedWeight]) -> None:
+    """Put codes computed elsewhere (e.g. by GPTQ) in place of round-to-nearest's, in ``converted`` and in the
+    student's weights (what a layer stored in fp16 holds). Each must have its layer's shape and stored scheme, so that
+    the file's layout, hence its bytes, is the one the student's specs describe; a tied layer's codes replace those of
+    every layer tied to it."""
+    unknown = sorted(set(codes) - set(converted))
+    if unknown:
+        raise ValueError(
+            f"codes given for layers that are not quantized: {unknown}; prepare them (prepare_qat) with the spec "
+            "the codes have"
+        )
+    for name, q in codes.items():
+        old = converted[name]
+        if q.codes.shape != old.codes.shape or _scheme_key(q) != _scheme_key(old) or q.scales.shape != old.scales.shape:
+            raise ValueError(
+                f"{name}: the given codes ({q.bits} bits, {q.granularity}, groups of {q.group_size}, "
+                f"{list(q.codes.shape)}) do not have the layer's spec ({old.bits} bits, {old.granularity}, groups of "
+                f"{old.group_size}, {list(old.codes.shape)})"
+            )
+        spec = QuantSpec(q.bits)
+        if int(q.codes.min()) < spec.qmin or int(q.codes.max()) > spec.qmax:
+            raise ValueError(f"{name}: codes outside the {q.bits}-bit range [{spec.qmin}, {spec.qmax}]")
+        for other, value in converted.items():
+            if value is old:
+                converted[other] = q
+        weight = student.get_submodule(name).weight
+        with torch.no_grad():
+            weight.copy_(q.dequantize(weight.dtype))
+
+
 def _state_dict(student: nn.Module, packed: dict[str, QuantizedWeight], schemes: dict) -> dict[str, torch.Tensor]:
     """fp16 state dict with the packed layers' tensors instead of their weights, each tied tensor once."""
     tied = dict(getattr(student, "all_tied_weights_keys", None) or getattr(student, "_tied_weights_keys", None) or {})
@@ -267,6 +298,7 @@ def save_compressed(
     plan: KDQPlan | None = None,
     teacher_fp16_bytes: int | None = None,
     overwrite: bool = False,
+    codes: Mapping[str, QuantizedWeight] | None = None,
 ) -> CompressionReport:
     """Write ``model`` (a QAT-prepared Whisper student) as a packed compressed-tensors checkpoint.
 
@@ -282,6 +314,10 @@ def save_compressed(
         teacher_fp16_bytes: the teacher's fp16 weight bytes, for the report's compression ratios.
         overwrite: replace another folder this package wrote (e.g. by ``save_whisper``). A previous packed export
             is always replaced; a non-empty folder of anything else never is, whatever ``overwrite`` says.
+        codes: layer name → `QuantizedWeight` computed by another quantizer (GPTQ: ``benchmarks/ptq_baselines.py``),
+            stored instead of the round-to-nearest codes of the model's specs; each needs its layer's shape, bits and
+            groups (ValueError otherwise), so the file is laid out, and weighs, as without them. A tied layer's codes
+            (``proj_out``) are the tied embedding's too.
 
     Returns:
         The `CompressionReport` written as ``compression_report.json`` (``report.folder`` is ``output_dir``). The
@@ -314,6 +350,8 @@ def save_compressed(
         )
     shared = _shared_weights(student)
     converted = strip_training_only(student)
+    if codes:
+        _replace_codes(student, converted, codes)
     # transformers' dense load path (quantization_config "dequantize": true) decodes every packed layer with the
     # first config group's scheme, so only a file whose packed linears share one scheme can take it. That path is
     # also the only one that loads a packed token embedding (its compressed path needs the Embedding's `weight`),
