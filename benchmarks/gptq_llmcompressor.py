@@ -64,7 +64,6 @@ def main(argv=None) -> int:
     (args,) = HfArgumentParser(GPTQArguments).parse_args_into_dataclasses(args=argv)
     torch.set_num_threads(args.threads)
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
 

@@ -233,7 +233,9 @@ def _pack(name: str, q: QuantizedWeight, scheme) -> dict[str, torch.Tensor]:
     }
 
 
-def _replace_codes(student: nn.Module, converted: dict[str, QuantizedWeight], codes: Mapping[str, QuantizedWeight]) -> None:
+def _replace_codes(
+    student: nn.Module, converted: dict[str, QuantizedWeight], codes: Mapping[str, QuantizedWeight]
+) -> None:
     """Put codes computed elsewhere (e.g. by GPTQ) in place of round-to-nearest's, in ``converted`` and in the
     student's weights (what a layer stored in fp16 holds). Each must have its layer's shape and stored scheme, so that
     the file's layout, hence its bytes, is the one the student's specs describe; a tied layer's codes replace those of

@@ -1,0 +1,150 @@
+"""The post-training baselines of the results table: codes from another quantizer stored in the package's packed
+layout (``save_compressed(codes=...)``), read back from any pack-quantized folder (``benchmarks/gptq_baseline.py``),
+and GPTQ by llm-compressor in its own venv, run when that venv exists (``../venv-llmc``, or
+``HF_WHISPER_KDQ_LLMC_PYTHON``) and skipped otherwise."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("compressed_tensors", minversion="0.20")
+
+from hf_whisper_kdq.export import save_compressed  # noqa: E402
+from hf_whisper_kdq.quant import QuantSpec, convert_qat, default_quant_targets, prepare_qat, quantize_weight  # noqa: E402
+from hf_whisper_kdq.sources import load_whisper, save_whisper  # noqa: E402
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path[:0] = [str(BENCHMARKS)]
+
+import gptq_baseline  # noqa: E402
+import results_table  # noqa: E402
+
+EMBEDDING = "model.decoder.embed_tokens"
+LLMC_PYTHON = Path(
+    os.environ.get("HF_WHISPER_KDQ_LLMC_PYTHON", Path(__file__).resolve().parents[2] / "venv-llmc" / "bin" / "python")
+)
+
+
+def _layout(model, spec: str = "int4-g32") -> None:
+    prepare_qat(model, {**dict.fromkeys(default_quant_targets(model), spec), EMBEDDING: spec})
+
+
+def _other_codes(model, names: list[str], spec: str = "int4-g32") -> dict:
+    """Codes that round-to-nearest would not give: each group clipped to 70% of its range."""
+    parsed = QuantSpec.parse(spec)
+    codes = {}
+    for name in names:
+        weight = model.get_submodule(name).weight.detach()
+        clip = torch.full(parsed.scale_shape(weight.shape), 0.7)
+        codes[name] = quantize_weight(weight, parsed, clip, layer=name)
+    return codes
+
+
+def test_given_codes_are_stored_in_the_same_layout_and_bytes(tiny_whisper, tmp_path):
+    model, processor = tiny_whisper
+    _layout(model)
+    first = default_quant_targets(model)[0]
+    given = _other_codes(model, [first, "proj_out"])
+    rtn = save_compressed(model, processor, tmp_path / "rtn")
+    ours = save_compressed(model, processor, tmp_path / "given", codes=given)
+    assert ours.weights_bytes == rtn.weights_bytes and ours.embedding_quantized and ours.dense_load
+    stored = gptq_baseline.read_packed_codes(tmp_path / "given")
+    baked = convert_qat(copy.deepcopy(model))
+    # The given codes replace round-to-nearest's, the tied table's through proj_out; every other layer keeps RTN.
+    for name, q in given.items():
+        key = EMBEDDING if name == "proj_out" else name
+        assert torch.equal(stored[key].codes, q.codes) and torch.equal(stored[key].scales, q.scales)
+        assert not torch.equal(stored[key].codes, baked[name].codes)
+    second = default_quant_targets(model)[1]
+    assert torch.equal(stored[second].codes, baked[second].codes)
+    loaded, _ = load_whisper(tmp_path / "given")  # dense load: codes × fp16 scales, rounded to fp16
+    expected = given[first].dequantize(torch.float32).half().float()
+    torch.testing.assert_close(loaded.get_submodule(first).weight, expected, rtol=0, atol=0)
+    assert loaded.proj_out.weight is loaded.get_submodule(EMBEDDING).weight
+
+
+def test_given_codes_of_another_layout_or_layer_are_refused(tiny_whisper, tmp_path):
+    model, processor = tiny_whisper
+    _layout(model)
+    first = default_quant_targets(model)[0]
+    with pytest.raises(ValueError, match="do not have the layer's spec"):
+        save_compressed(model, processor, tmp_path / "a", codes=_other_codes(model, [first], "int4-g64"))
+    with pytest.raises(ValueError, match="not quantized"):
+        save_compressed(model, processor, tmp_path / "b", codes={"model.encoder.conv1": None})
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_gptq_targets_follow_the_row_components(tiny_whisper):
+    model, _ = tiny_whisper
+    decoder = default_quant_targets(model, encoder=False)
+    assert gptq_baseline.gptq_targets(model, ["decoder", "embedding"]) == [*decoder, "proj_out"]
+    assert gptq_baseline.gptq_targets(model, ["encoder", "decoder"]) == default_quant_targets(model)
+
+
+def test_a_missing_venv_or_library_says_how_to_make_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m venv ../venv-llmc"):
+        gptq_baseline.check_llmcompressor(tmp_path / "nowhere" / "python")
+    if importlib.util.find_spec("llmcompressor") is None:  # the main environment, as it should stay
+        with pytest.raises(RuntimeError, match="cannot import llmcompressor"):
+            gptq_baseline.check_llmcompressor(sys.executable)
+
+
+def test_every_gptq_row_has_rtn_and_searched_clip_rows_of_its_layout():
+    rows = results_table.ROWS
+    for layout in results_table.BASELINE_LAYOUTS:
+        rtn, clip, gptq = rows[f"ptq-{layout}"], rows[f"ptq-clip-{layout}"], rows[f"gptq-{layout}"]
+        assert gptq["kind"] == "gptq" and rtn["kind"] == clip["kind"] == "ptq"
+        assert gptq["specs"] == rtn["specs"]
+        assert {c: QuantSpec.parse(s) for c, s in clip["specs"].items()} == {
+            c: QuantSpec.parse(s + "-clip") for c, s in rtn["specs"].items()
+        }
+        assert results_table.expand_rows(f"baselines-{layout}") == [
+            f"ptq-{layout}",
+            f"ptq-clip-{layout}",
+            f"gptq-{layout}",
+        ]
+
+
+@pytest.mark.skipif(not LLMC_PYTHON.is_file(), reason=f"no llm-compressor venv at {LLMC_PYTHON}")
+def test_llmcompressor_gptq_codes_land_unchanged_in_the_rtn_layout(tiny_whisper, tmp_path):
+    gptq_baseline.check_llmcompressor(LLMC_PYTHON)
+    model, processor = tiny_whisper
+    save_whisper(model, processor, tmp_path / "teacher")
+    generator = torch.Generator().manual_seed(0)
+    calibration = tmp_path / "calibration.pt"
+    torch.save(
+        {
+            "input_features": torch.randn(3, 80, 3000, generator=generator).half(),
+            "decoder_input_ids": [[50258, 50259, 50359, 50363, 400, 1200], [50258, 50260, 50359, 50363, 7], [50258]],
+        },
+        calibration,
+    )
+    targets = gptq_baseline.gptq_targets(model, ["encoder", "decoder", "embedding"])
+    run = gptq_baseline.run_llmcompressor(
+        LLMC_PYTHON, tmp_path / "teacher", calibration, targets, tmp_path / "gptq", bits=3, group_size=32
+    )
+    assert run["calibration_rows"] == 3 and run["pipeline"] == "basic"
+    codes = gptq_baseline.read_packed_codes(tmp_path / "gptq")
+    assert sorted(codes) == sorted(targets)
+    layout = copy.deepcopy(model)
+    _layout(layout, "int3-g32")
+    rtn = save_compressed(layout, processor, tmp_path / "rtn")
+    ours = save_compressed(layout, processor, tmp_path / "ours", codes=codes)
+    assert ours.weights_bytes == rtn.weights_bytes
+    stored = gptq_baseline.read_packed_codes(tmp_path / "ours")
+    for name, q in codes.items():
+        key = EMBEDDING if name == "proj_out" else name
+        assert torch.equal(stored[key].codes, q.codes) and torch.equal(stored[key].scales, q.scales), name
+    # GPTQ is not round-to-nearest: its error feedback moves codes.
+    baked = convert_qat(copy.deepcopy(layout))
+    assert any(not torch.equal(codes[n].codes, baked[n].codes) for n in targets)
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert config["quantization_config"]["dequantize"] is True
