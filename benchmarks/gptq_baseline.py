@@ -53,7 +53,7 @@ def check_llmcompressor(python: str | Path) -> str:
             f"{python} cannot import llmcompressor ({probe.stderr.strip().splitlines()[-1:]}): install it there "
             f"with `{Path(python).parent / 'pip'} install llmcompressor==0.14.0`"
         )
-    return probe.stdout.strip()
+    return probe.stdout.strip().splitlines()[-1]  # llm-compressor logs a warning line on import without a GPU
 
 
 def gptq_targets(model, components: list[str]) -> list[str]:
@@ -83,7 +83,7 @@ def write_calibration(manifests: list[Path], rows: int, processor, path: Path) -
     torch.save({"input_features": features, "decoder_input_ids": [row["labels"][:-1].tolist() for row in items]}, path)
     return {
         "manifests": [manifest.name for manifest in manifests],
-        "itemsper_manifest": rows,
+        "rows_per_manifest": rows,
         "rows": len(prepared),
         "languages": dict(Counter(prepared["language"])),
         "audio_seconds": round(sum(prepared["duration"]), 1),
