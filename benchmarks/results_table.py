@@ -316,6 +316,15 @@ for _layout, (_components, _spec, _what) in BASELINE_LAYOUTS.items():
         specs=_specs,
         description=f"teacher, GPTQ {_what} (the tied embedding as proj_out), calibrated on training audio",
     )
+    # The tied table by GPTQ is calibrated for proj_out alone (the decoder's final states); here it keeps the
+    # round-to-nearest codes of the layout, GPTQ doing the linears (the same GPTQ run: layers are independent).
+    ROWS[f"gptq-rtnemb-{_layout}"] = dict(
+        kind="gptq",
+        method="GPTQ (llm-compressor)",
+        specs=_specs,
+        tied_embedding="rtn",
+        description=f"teacher, GPTQ {_what} but the tied embedding round-to-nearest",
+    )
 PRESETS = {
     "all": list(ROWS),
     "cheap": ["teacher", "tiny.en", "ptq-int8", "ptq-int4g32-emb8", "ptq-int4g32", "ptq-int3g32"],
@@ -793,7 +802,7 @@ def run_ptq(ctx: Context, name: str, row: dict, row_dir: Path, result: dict) -> 
 def run_gptq(ctx: Context, name: str, row: dict, row_dir: Path, result: dict) -> None:
     """GPTQ's codes (llm-compressor in its venv, gptq_baseline.py) in the packed layout of the RTN row with the same
     specs, evaluated from the folder as a user loads it (plain from_pretrained: weights unpacked to fp32)."""
-    from gptq_baseline import gptq_codes
+    from gptq_baseline import TIED_HEAD, gptq_codes
 
     from hf_whisper_kdq import load_whisper
     from hf_whisper_kdq.quant import QuantSpec
@@ -814,6 +823,8 @@ def run_gptq(ctx: Context, name: str, row: dict, row_dir: Path, result: dict) ->
             cache=ctx.cache,
             threads=ctx.args.threads,
         )
+    if row.get("tied_embedding") == "rtn":
+        codes.pop(TIED_HEAD, None)
     result["model"] = f"{ctx.args.teacher} + GPTQ (llm-compressor) {row['specs']}"
     folder = row_dir / "compressed"
     with ctx.timer(f"{name}: save_compressed"):
