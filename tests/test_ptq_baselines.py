@@ -101,8 +101,9 @@ def test_every_gptq_row_has_rtn_and_searched_clip_rows_of_its_layout():
     rows = results_table.ROWS
     for layout in results_table.BASELINE_LAYOUTS:
         rtn, clip, gptq = rows[f"ptq-{layout}"], rows[f"ptq-clip-{layout}"], rows[f"gptq-{layout}"]
-        assert gptq["kind"] == "gptq" and rtn["kind"] == clip["kind"] == "ptq"
-        assert gptq["specs"] == rtn["specs"]
+        rtn_table = rows[f"gptq-rtnemb-{layout}"]
+        assert gptq["kind"] == rtn_table["kind"] == "gptq" and rtn["kind"] == clip["kind"] == "ptq"
+        assert gptq["specs"] == rtn_table["specs"] == rtn["specs"] and rtn_table["tied_embedding"] == "rtn"
         assert {c: QuantSpec.parse(s) for c, s in clip["specs"].items()} == {
             c: QuantSpec.parse(s + "-clip") for c, s in rtn["specs"].items()
         }
