@@ -310,6 +310,14 @@ for _layout, (_components, _spec, _what) in BASELINE_LAYOUTS.items():
         specs={component: f"{spec}-clip" for component, spec in _specs.items()},
         description=f"teacher, {_what}, each group's clipping ratio searched for least weight error (no training)",
     )
+    ROWS[f"ptq-oclip-{_layout}"] = dict(
+        kind="ptq",
+        method="output-error-clip RTN",
+        specs={component: f"{spec}-clip" for component, spec in _specs.items()},
+        clip_search="inputs",
+        description=f"teacher, {_what}, each group's clipping ratio searched for least expected output error on the "
+        "GPTQ calibration audio (calibration.calibrate_clipping; no training)",
+    )
     ROWS[f"gptq-{_layout}"] = dict(
         kind="gptq",
         method="GPTQ (llm-compressor)",
@@ -790,9 +798,52 @@ def packed_sizes(model, processor, teacher_sizes: dict, folder: Path, plan=None,
     return sizes_from_report(report, teacher_sizes)
 
 
+def calibration_batches(ctx: Context, batch_size: int = 8) -> list[dict]:
+    """The GPTQ calibration utterances (``--calibration_manifests``, ``--calibration_rows`` each) as training
+    batches: what the output-error clip search weighs the weights' errors with."""
+    from datasets import concatenate_datasets
+
+    from hf_whisper_kdq import WhisperDataCollator, load_manifest, prepare_dataset
+
+    teacher, processor = ctx.teacher()
+    names = [part.strip() for part in ctx.args.calibration_manifests.split(",") if part.strip()]
+    rows = concatenate_datasets([load_manifest(ctx.data / n, limit=ctx.args.calibration_rows) for n in names])
+    prepared, _ = prepare_dataset(rows, processor, multilingual=True)
+    collate = WhisperDataCollator(processor, teacher.config.decoder_start_token_id)
+    return [
+        collate(list(prepared.select(range(i, min(i + batch_size, len(prepared))))))
+        for i in range(0, len(prepared), batch_size)
+    ]
+
+
+def clip_on_inputs(ctx: Context, model) -> None:
+    """Search ``model``'s clipping ratios for least expected output error on the calibration audio, as training
+    does before its first step (``calibration.calibrate_clipping`` on a one-width plan of the prepared layers)."""
+    from hf_whisper_kdq.calibration import calibrate_clipping
+    from hf_whisper_kdq.quant import quant_specs
+    from hf_whisper_kdq.selection import initial_plan
+
+    specs = {name: spec for name, spec in quant_specs(model).items() if spec is not None and name != "proj_out"}
+    (spec,) = set(specs.values())
+    config = model.config
+    layers = {"encoder": list(range(config.encoder_layers)), "decoder": list(range(config.decoder_layers))}
+    plan = initial_plan(
+        list(specs),
+        layers,
+        bits=spec.bits,
+        granularity=spec.granularity,
+        group_size=spec.group_size,
+        learnable_clipping=True,
+    )
+    calibrate_clipping(model, plan, calibration_batches(ctx))
+
+
 def run_ptq(ctx: Context, name: str, row: dict, row_dir: Path, result: dict) -> None:
     teacher, processor = ctx.teacher()
     model = ptq_model(teacher, row["specs"])
+    if row.get("clip_search") == "inputs":
+        with ctx.timer(f"{name}: clip search on the calibration audio"):
+            clip_on_inputs(ctx, model)
     result["model"] = f"{ctx.args.teacher} + round-to-nearest {row['specs']}"
     with ctx.timer(f"{name}: save_compressed"):
         result["sizes"] = packed_sizes(model, processor, ctx.teacher_sizes(), row_dir / "compressed")
