@@ -288,10 +288,12 @@ ROWS: dict[str, dict] = {
         description="ablation: as kdq-base-decemb-u3 without distillation",
     ),
 }
-# Post-training baselines, three methods at each layout, stored alike (benchmarks/README.md, "Post-training baselines:
-# GPTQ and searched-clip RTN"): round-to-nearest; round-to-nearest with each group's clipping ratio of least weight
-# error (quant.search_clip_ratios, the start of learnable clipping; no training); GPTQ by llm-compressor (kind "gptq":
-# gptq_baseline.py, calibrated on training audio, the tied embedding through proj_out). Existing rows keep their names.
+# Post-training baselines at each layout, stored alike (benchmarks/README.md, "Post-training baselines: GPTQ and
+# searched-clip RTN"): round-to-nearest; round-to-nearest with each group's clipping ratio of least weight error
+# (ptq-clip: quant.search_clip_ratios, what prepare_qat does for a -clip spec) or of least expected output error on
+# the calibration audio (ptq-oclip: calibration.calibrate_clipping); GPTQ by llm-compressor (kind "gptq":
+# gptq_baseline.py, calibrated on training audio), the tied embedding as GPTQ's proj_out or round-to-nearest
+# (gptq-rtnemb). No training anywhere. Existing rows keep their names.
 BASELINE_LAYOUTS = {
     "int4g32": (ALL_TARGETS, "int4-g32", "int4 group-32 everywhere"),
     "int3g32": (ALL_TARGETS, "int3-g32", "int3 group-32 everywhere"),
@@ -340,7 +342,9 @@ PRESETS = {
     "ablations-decemb": ["kdq-d2-decemb-u4", "qat-d2-decemb-u4", "kdq-unguided-d2-decemb-4", "distill-d2"],
     "base-decemb": ["ptq-decemb-int3g32", "kdq-base-decemb-u3", "kdq-unguided-base-decemb-3", "qat-base-decemb-u3"],
     **{
-        f"baselines-{layout}": [f"{method}-{layout}" for method in ("ptq", "ptq-clip", "gptq")]
+        f"baselines-{layout}": [
+            f"{method}-{layout}" for method in ("ptq", "ptq-clip", "ptq-oclip", "gptq", "gptq-rtnemb")
+        ]
         for layout in BASELINE_LAYOUTS
     },
 }

@@ -107,10 +107,9 @@ def test_every_gptq_row_has_rtn_and_searched_clip_rows_of_its_layout():
         assert {c: QuantSpec.parse(s) for c, s in clip["specs"].items()} == {
             c: QuantSpec.parse(s + "-clip") for c, s in rtn["specs"].items()
         }
+        assert rows[f"ptq-oclip-{layout}"]["specs"] == clip["specs"]
         assert results_table.expand_rows(f"baselines-{layout}") == [
-            f"ptq-{layout}",
-            f"ptq-clip-{layout}",
-            f"gptq-{layout}",
+            f"{method}-{layout}" for method in ("ptq", "ptq-clip", "ptq-oclip", "gptq", "gptq-rtnemb")
         ]
 
 
