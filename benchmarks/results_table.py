@@ -308,7 +308,7 @@ for _layout, (_components, _spec, _what) in BASELINE_LAYOUTS.items():
     )
     ROWS[f"ptq-clip-{_layout}"] = dict(
         kind="ptq",
-        method="searched-clip RTN",
+        method="weight-error-clip RTN",
         specs={component: f"{spec}-clip" for component, spec in _specs.items()},
         description=f"teacher, {_what}, each group's clipping ratio searched for least weight error (no training)",
     )
