@@ -56,6 +56,12 @@ def is_training_only(name: str) -> bool:
     return name.endswith("weight_clip") or name.startswith(f"{ADAPTERS_ATTRIBUTE}.") or LORA_PARAMETER in name
 
 
+def merged_key(key: str) -> str:
+    """The state-dict key ``key`` of a LoRA student has once its LoRA layers are merged (peft's ``.base_layer``
+    dropped): what an export names the weight."""
+    return key.replace(".base_layer.", ".")
+
+
 def _is_lora_layer(module: nn.Module) -> bool:
     # peft's tuner layers hold the layer they adapt as ``base_layer`` and can merge into it.
     return "base_layer" in module._modules and hasattr(module, "lora_A") and callable(getattr(module, "merge", None))
