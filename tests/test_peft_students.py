@@ -18,6 +18,7 @@ from conftest import (
     tiny_speech_rows,
 )
 from datasets import Dataset
+from safetensors.torch import load_file
 
 peft = pytest.importorskip("peft")
 
@@ -63,7 +64,9 @@ def test_lora_student_trains_only_adapters_and_clipping_while_the_selection_runs
     # Every attention (decoders: self and cross) and feed-forward linear is a LoRA layer over its fake-quant wrapper,
     # under its own name.
     linears = [n for n in quant_layers(student) if "embed_tokens" not in n and "proj_out" not in n]
-    assert len(linears) == 2 * 6 + 2 * 10 and all(isinstance(student.get_submodule(n), QuantLoraLinear) for n in linears)
+    assert len(linears) == 2 * 6 + 2 * 10 and all(
+        isinstance(student.get_submodule(n), QuantLoraLinear) for n in linears
+    )
     trainable = {n for n, p in student.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n or n.endswith("weight_clip") for n in trainable)
     frozen = {n: p.detach().clone() for n, p in student.named_parameters() if n not in trainable}
@@ -79,6 +82,10 @@ def test_lora_student_trains_only_adapters_and_clipping_while_the_selection_runs
     torch.testing.assert_close(base.effective_weight(), base.weight + fc1.get_delta_weight("default"))
     logged = trainer.state.log_history[0]
     assert {"loss_ce", "loss_kd", "loss_hidden", "loss_quant"} <= set(logged)
+    # peft saves the adapters alone, under peft's own names.
+    trainer.peft_model.save_pretrained(tmp_path / "adapters")
+    saved = load_file(str(tmp_path / "adapters" / "adapter_model.safetensors"))
+    assert saved and all(".lora_A." in key or ".lora_B." in key for key in saved)
 
 
 def test_a_peft_model_student_keeps_its_adapters_and_config(tmp_path):
@@ -158,7 +165,6 @@ def test_merging_changes_no_quantized_weight_and_no_output(lora_student):
 def test_packed_folder_holds_the_lora_students_codes(lora_student, tmp_path):
     pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-    from safetensors.torch import load_file
 
     from hf_whisper_kdq.export import save_compressed
 
@@ -198,7 +204,6 @@ def test_whisper_cpp_and_ctranslate2_exports_hold_the_lora_students_weights(lora
 def test_trained_lora_student_saves_exact_codes_through_the_trainer(tmp_path, base_pack_folder):
     pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-    from safetensors.torch import load_file
 
     teacher, processor = make_tiny_whisper(base_pack_folder, window_seconds=SHORT_WINDOW_SECONDS)
     student, _ = make_tiny_whisper(base_pack_folder, seed=1, window_seconds=SHORT_WINDOW_SECONDS, decoder_layers=1)
