@@ -32,6 +32,7 @@ peft is imported with this module: the trainer imports it only for a LoRA studen
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,8 @@ from peft.tuners.lora import LoraConfig  # noqa: E402
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 
 ADAPTER_NAME = "default"
+
+logger = logging.getLogger(__name__)
 
 
 def is_peft_model(model: Any) -> bool:
@@ -188,10 +191,7 @@ def attach_lora(model: nn.Module, setup: LoraSetup, args) -> peft.PeftModel:
                 f"freeze_encoder and LoRA adapters in the encoder ({encoder[0]} ...): its cached outputs would go "
                 "stale as they train. Target the decoder's linears only, or set freeze_encoder=False"
             )
-    return adapted
-
-
-def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, all)`` parameter counts of ``model``, each shared Parameter once."""
     unique = {id(p): p for p in model.parameters()}.values()
-    return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
+    trainable, total = sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
+    logger.info("LoRA student: %d of %d parameters train (%.2f%%)", trainable, total, 100 * trainable / total)
+    return adapted

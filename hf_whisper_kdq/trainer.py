@@ -188,9 +188,6 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         # LoRA goes on the fake-quant wrappers (inside the quantizer: see peft_students), so after prepare_qat. The
         # trainer trains the Whisper model peft adapted in place; peft_model is the PeftModel around it.
         self.peft_model = None if lora is None else peft_students.attach_lora(model, lora, args)
-        if self.peft_model is not None:
-            trainable, total = peft_students.trainable_parameters(model)
-            logger.info("LoRA student: %d of %d parameters train (%.2f%%)", trainable, total, 100 * trainable / total)
         # Computed once: a frozen student encoder equal to the teacher's lets both share one encoder pass.
         encoder_matches_teacher = args.freeze_encoder and encoders_equal(model, teacher_model)
         # One selection callback, bound to this trainer: the one passed, else a new one. It joins after the
