@@ -120,6 +120,7 @@ def run(options: LoraBenchmarkArguments) -> dict:
         "mode": options.mode,
         "lora_r": args.lora_r,
         "steps": options.steps,
+        "learning_rate": options.learning_rate,
         "trainable_parameters": sum(p.numel() for p in unique if p.requires_grad),
         "parameters": sum(p.numel() for p in unique),
         "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
@@ -141,7 +142,7 @@ def compare(files: list[str]) -> None:
     )
     print("|---|---:|---:|---|---:|---|---|---|")
     for r in runs:
-        name = "full KDQ" if r["mode"] == "full" else f"LoRA r={r['lora_r']}"
+        name = ("full KDQ" if r["mode"] == "full" else f"LoRA r={r['lora_r']}") + f", lr {r['learning_rate']:g}"
         b, a = r["dev_before"], r["dev_after"]
         print(
             f"| {name} | {r['trainable_parameters'] / 1e6:.2f} M of {r['parameters'] / 1e6:.2f} M "
