@@ -19,11 +19,14 @@ def test_lora_student_without_peft_names_the_install_command(tmp_path, monkeypat
 
     from conftest import make_micro_rows, make_micro_whisper, micro_collate, micro_training_args
 
+    import hf_whisper_kdq
     from hf_whisper_kdq import DistillQuantTrainer
     from hf_whisper_kdq.optional import PEFT_INSTALL_HINT
 
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft raises ImportError, as when it is not installed
+    # Imported afresh even after other tests imported it (``from . import`` reads the package's attribute first).
     monkeypatch.delitem(sys.modules, "hf_whisper_kdq.peft_students", raising=False)
+    monkeypatch.delattr(hf_whisper_kdq, "peft_students", raising=False)
     with pytest.raises(ImportError, match="peft is not installed") as caught:
         DistillQuantTrainer(
             model=make_micro_whisper(seed=1),
