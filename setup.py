@@ -15,6 +15,8 @@ OFFLINE = [
 # pywhispercpp: a prebuilt whisper.cpp that runs (and, in the tests, checks) the files export.ggml writes; its
 # libggml-base holds the reference quantizers the numpy blocks are compared with.
 EXPORT = ["compressed-tensors>=0.20", "ctranslate2>=4.5", "pywhispercpp>=1.5.1"]
+# peft: LoRA students (DistillQuantArguments.lora_r, or a PeftModel student), hf_whisper_kdq.peft_students.
+PEFT = ["peft>=0.21"]
 # openai-whisper: its own model is the reference the .pt converter is tested against. deepspeed: ZeRO-2 training is
 # tested on 2 CPU processes (DeepSpeed's CPU accelerator with gloo).
 TEST = [
@@ -24,6 +26,7 @@ TEST = [
     "openai-whisper>=20240930",
     "deepspeed>=0.15",
     *EXPORT,
+    *PEFT,
     *OFFLINE,
 ]
 
@@ -64,7 +67,13 @@ setup(
         "matplotlib>=3.7",
         "pyyaml>=6",
     ],
-    extras_require={"offline": OFFLINE, "export": EXPORT, "test": TEST, "all": sorted({*OFFLINE, *EXPORT, *TEST})},
+    extras_require={
+        "offline": OFFLINE,
+        "export": EXPORT,
+        "peft": PEFT,
+        "test": TEST,
+        "all": sorted({*OFFLINE, *EXPORT, *PEFT, *TEST}),
+    },
     entry_points={"console_scripts": ["hf-whisper-kdq=hf_whisper_kdq.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",

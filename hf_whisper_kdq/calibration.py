@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .losses import IGNORE_INDEX
-from .quant import fake_quantize, search_clips_on_inputs, set_quant_specs
+from .quant import fake_quantize, quant_layers, search_clips_on_inputs, set_quant_specs
 from .selection import KDQPlan
 
 
@@ -43,7 +43,7 @@ class measure_quantization_losses:
         self._handles = []
 
     def __enter__(self) -> measure_quantization_losses:
-        modules = dict(self.model.named_modules())
+        modules = {**dict(self.model.named_modules()), **quant_layers(self.model)}  # under a LoRA layer: its wrapper
         for name in (m for unit in self.plan.units for m in unit.modules):
             module = modules[name]
             if isinstance(module, nn.Linear):
@@ -76,7 +76,8 @@ class measure_quantization_losses:
         def measure(module, args, output):
             x = self._rows(args)
             self._record_inputs(name, x)
-            weight = module.weight.float()
+            # A LoRA student's quantizer sees W + B @ A.
+            weight = (module.effective_weight() if hasattr(module, "effective_weight") else module.weight).float()
             reference = x @ weight.T
             self._denominators[name] += reference.pow(2).sum().item()
             for bits in self.bit_choices:

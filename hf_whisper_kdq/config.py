@@ -210,6 +210,21 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
             "once per step for both; otherwise its outputs are cached like the teacher's."
         },
     )
+    lora_r: int = field(
+        default=0,
+        metadata={
+            "help": "0 (default): train every weight of the student. r > 0: train rank-r LoRA adapters (peft; pip "
+            "install 'hf-whisper-kdq[peft]') on the attention and feed-forward linears of the sides that train (the "
+            "decoder, and the encoder unless freeze_encoder), with the clipping ratios and width adapters; every "
+            "other weight is frozen. The update sits inside the quantizer (it sees W + B·A), so the merged weights "
+            "are the ones trained on the grid and the exports stay exact. The token embedding stays frozen (its "
+            "clipping still learns). A PeftModel student given to the trainer is trained the same way."
+        },
+    )
+    lora_alpha: float | None = field(
+        default=None,
+        metadata={"help": "LoRA's scaling numerator (the update is B·A·lora_alpha/lora_r); default: lora_r (scale 1)."},
+    )
 
     cache_encoder_outputs: bool | None = field(
         default=None,
@@ -346,10 +361,26 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
                 f"teacher_cache_top_k={self.teacher_cache_top_k} needs the teacher cache, which "
                 "cache_teacher_outputs=False turns off: drop one of them"
             )
+        self._check_lora()
         if not 0 < self.selection_until <= 1:
             raise ValueError(
                 f"selection_until={self.selection_until} must be a fraction of training in (0, 1]: e.g. 0.5 stops "
                 "re-selecting halfway, 1.0 re-selects throughout"
+            )
+
+    def _check_lora(self) -> None:
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r must be ≥ 0, got {self.lora_r}: 0 trains every weight, e.g. 16 trains LoRA")
+        if self.lora_alpha is not None and not self.lora_r:
+            raise ValueError(
+                f"lora_alpha={self.lora_alpha} scales LoRA adapters, and lora_r is 0: set lora_r (e.g. 16)"
+            )
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}: e.g. {self.lora_r} (a scale of 1)")
+        if self.lora_r and (self.fsdp or self.deepspeed):
+            raise ValueError(
+                "lora_r with FSDP or DeepSpeed is not supported (untested: frozen weights in sharded or offloaded "
+                "groups): train LoRA on one process or several with DDP, or set lora_r=0"
             )
 
     def _check_ggml(self) -> None:

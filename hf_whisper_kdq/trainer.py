@@ -132,6 +132,10 @@ class DistillQuantTrainer(Seq2SeqTrainer):
             added; one passed here is used instead (bound to this trainer), never twice.
         plan: a previous :class:`~hf_whisper_kdq.selection.KDQPlan` to start from (default: fresh).
 
+    A ``peft.PeftModel`` student (one LoRA adapter), or ``args.lora_r > 0``, trains LoRA adapters inside the
+    quantizer (:mod:`~hf_whisper_kdq.peft_students`); ``trainer.peft_model`` is then the PeftModel (None otherwise),
+    and ``trainer.model`` the Whisper model peft adapted in place.
+
     ``Seq2SeqTrainer``'s ``model_init`` and ``compute_loss_func`` are not taken: the student is prepared once,
     here, and the loss is the distillation loss.
     """
@@ -163,6 +167,11 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         self.teacher_processor = None
         if isinstance(teacher_model, (str, os.PathLike)):
             teacher_model, self.teacher_processor = load_whisper(teacher_model)
+        lora = None
+        if args.lora_r or type(model).__module__.partition(".")[0] == "peft":
+            from . import peft_students  # imports peft: only for a LoRA student
+
+            model, lora = peft_students.take_apart(model, args)
         check_whisper(model, "student")
         check_whisper(teacher_model, "teacher")
         check_same_tokenizer(model, teacher_model)
@@ -176,6 +185,9 @@ class DistillQuantTrainer(Seq2SeqTrainer):
             prepare_qat(model, self.plan.module_specs())
         if args.freeze_encoder:  # after prepare_qat: a quantized encoder's clipping ratios are frozen too
             model.freeze_encoder()
+        # LoRA goes on the fake-quant wrappers (inside the quantizer: see peft_students), so after prepare_qat. The
+        # trainer trains the Whisper model peft adapted in place; peft_model is the PeftModel around it.
+        self.peft_model = None if lora is None else peft_students.attach_lora(model, lora, args)
         # Computed once: a frozen student encoder equal to the teacher's lets both share one encoder pass.
         encoder_matches_teacher = args.freeze_encoder and encoders_equal(model, teacher_model)
         # One selection callback, bound to this trainer: the one passed, else a new one. It joins after the
@@ -413,7 +425,7 @@ class DistillQuantTrainer(Seq2SeqTrainer):
                 if id(module.weight) in seen:  # tied weights count once
                     continue
                 seen.add(id(module.weight))
-                total = total + quantization_loss(module.weight, module.quantized_weight())
+                total = total + quantization_loss(module.effective_weight(), module.quantized_weight())
         return total
 
     # ---- evaluation and logging ---------------------------------------------------------------------

@@ -93,7 +93,14 @@ SIZE_BUDGETS = [
 ]
 
 
-REFUSED = OUT_OF_RANGE + NOT_A_CHOICE + SIZE_BUDGETS
+LORA = [
+    ({"lora_r": -1}, r"lora_r must be ≥ 0, got -1: 0 trains every weight, e.g. 16 trains LoRA"),
+    ({"lora_alpha": 32}, r"lora_alpha=32 scales LoRA adapters, and lora_r is 0: set lora_r \(e.g. 16\)"),
+    ({"lora_r": 16, "lora_alpha": 0}, r"lora_alpha must be > 0, got 0: e.g. 16"),
+    ({"lora_r": 16, "deepspeed": {"zero_optimization": {"stage": 2}}}, r"train LoRA on one process .* or set lora_r=0"),
+]
+
+REFUSED = OUT_OF_RANGE + NOT_A_CHOICE + SIZE_BUDGETS + LORA
 
 
 @pytest.mark.parametrize(

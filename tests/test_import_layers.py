@@ -19,7 +19,17 @@ LAYERS = (
     ("planning and evaluation", {"selection", "calibration", "evaluation", "evaluation_ctranslate2", "labelling"}),
     (
         "training parts and exports",
-        {"forwards", "callbacks", "sharding", "figures", "card", "card_scores", "export", "ggml_budget"},
+        {
+            "forwards",
+            "callbacks",
+            "sharding",
+            "figures",
+            "card",
+            "card_scores",
+            "export",
+            "ggml_budget",
+            "peft_students",
+        },
     ),
     ("trainer", {"trainer"}),
     ("pipeline", {"compress"}),

@@ -51,9 +51,14 @@ def _train_logs(result: dict) -> dict[int, dict]:
     return {entry["step"]: entry for entry in result["log_history"] if "loss" in entry}
 
 
-def test_run_killed_while_saving_resumes_to_the_uninterrupted_result(tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_run_killed_while_saving_resumes_to_the_uninterrupted_result(tmp_path, lora):
+    if lora:
+        pytest.importorskip("peft")
+    flags = ("--lora",) if lora else ()
     # Both at once (one thread each): the reference, and a run that SIGKILLs itself while checkpoint-9 is half written.
-    reference, killed = _start(tmp_path / "reference", "run"), _start(tmp_path / "killed", "kill-in-save", "9")
+    reference = _start(tmp_path / "reference", "run", *flags)
+    killed = _start(tmp_path / "killed", "kill-in-save", "9", *flags)
     assert _finish(reference) == 0
     assert _finish(killed) == -signal.SIGKILL
     partial = tmp_path / "killed" / "checkpoint-9"
@@ -62,7 +67,7 @@ def test_run_killed_while_saving_resumes_to_the_uninterrupted_result(tmp_path):
     # The plan at the checkpoint resume starts from (re-selected at step 6), for the check below that it moves on.
     resumed_from = json.loads((tmp_path / "killed" / "checkpoint-6" / "kdq_plan.json").read_text())
 
-    resumed = _start(tmp_path / "killed", "resume")  # train(resume_from_checkpoint=True): checkpoint-6, not -9
+    resumed = _start(tmp_path / "killed", "resume", *flags)  # train(resume_from_checkpoint=True): checkpoint-6, not -9
     assert _finish(resumed) == 0
     want, got = (torch.load(tmp_path / name / "result.pt", weights_only=True) for name in ("reference", "killed"))
 
@@ -80,6 +85,7 @@ def test_run_killed_while_saving_resumes_to_the_uninterrupted_result(tmp_path):
     assert got["weights"].keys() == want["weights"].keys()
     assert any(k.endswith("weight_clip") for k in want["weights"])
     assert any(k.startswith("kdq_adapters.") for k in want["weights"])
+    assert any(".lora_A." in k for k in want["weights"]) == lora
     different = [k for k in want["weights"] if not torch.equal(got["weights"][k], want["weights"][k])]
     assert different == []
 

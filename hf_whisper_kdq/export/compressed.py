@@ -60,7 +60,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..adapters import is_training_only, strip_training_only
+from ..adapters import is_training_only, merge_lora_layers, strip_training_only
 from ..files import atomic_folder, check_output_folder
 from ..quant import GGMLSpec, QuantizedWeight, QuantSpec, prepare_qat, quant_specs
 from ..selection import KDQPlan
@@ -115,13 +115,14 @@ def _same_spec(a: QuantSpec | None, b: QuantSpec | None) -> bool:
 
 
 def _student_copy(model: nn.Module, plan: KDQPlan | None) -> nn.Module:
-    """A CPU copy in eval mode, prepared and checked against ``plan``."""
+    """A CPU copy in eval mode, LoRA layers merged, prepared and checked against ``plan``."""
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) != "whisper" or not hasattr(model, "generation_config"):
         raise TypeError(
             f"save_compressed expects a WhisperForConditionalGeneration student, got {type(model).__name__}"
         )
     student = copy.deepcopy(model).cpu().eval()
+    merge_lora_layers(student)  # a LoRA student's weights are W + B @ A, the weights its quantizer saw
     current = quant_specs(student)
     if plan is not None:
         planned = plan.module_specs()

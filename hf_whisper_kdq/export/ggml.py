@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from ..adapters import holds_training_only, is_training_only, strip_training_only
+from ..adapters import holds_training_only, is_training_only, merged_key, strip_training_only
 from ..audio import as_audio_array
 from ..files import atomic_file
 from ..optional import import_optional
@@ -213,7 +213,7 @@ def _layout(model: nn.Module) -> list[tuple[str, str, tuple[int, ...]]]:
         # adapters and clipping ratios: training only.
         if key == "proj_out.weight" or key.rpartition(".")[2].startswith("weight_") or is_training_only(key):
             continue
-        name = ggml_tensor_name(key)
+        name = ggml_tensor_name(merged_key(key))  # the selection bills a LoRA student before any merge
         shape = (tensor.shape[0], 1) if name in ("encoder.conv1.bias", "encoder.conv2.bias") else tuple(tensor.shape)
         layout.append((key, name, tuple(int(size) for size in shape)))
     return layout

@@ -28,6 +28,10 @@ SpecLike = QuantSpec | str | None
 # Leaf names of the linears inside Whisper's attention and feed-forward blocks.
 WHISPER_LINEAR_LEAVES = frozenset({"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"})
 
+# peft puts its LoRA layer where a linear was and the linear under it, as ``base_layer``. A quantized layer keeps its
+# own name (the LoRA layer's) for plans, selection and exports, so that they do not depend on whether it is adapted.
+ADAPTED_LAYER = "base_layer"
+
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
@@ -46,10 +50,17 @@ def _swappable(module: nn.Module) -> bool:
     return False
 
 
+def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every fake-quant wrapper of ``model`` in model order, by its layer name (that of the LoRA layer over it, when
+    peft adapted it)."""
+    suffix = f".{ADAPTED_LAYER}"
+    return {name.removesuffix(suffix): m for name, m in model.named_modules() if isinstance(m, FAKE_QUANT_TYPES)}
+
+
 def _resolve(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
-    """Look ``names`` up; KeyError lists the missing ones, TypeError the ones that are not plain
-    Linear/Embedding layers."""
-    modules = dict(model.named_modules())
+    """Look ``names`` up (an adapted layer's name gives its wrapper); KeyError lists the missing ones, TypeError the
+    ones that are not plain Linear/Embedding layers."""
+    modules = {**dict(model.named_modules()), **quant_layers(model)}
     names = list(names)
     missing = [n for n in names if n not in modules]
     if missing:
@@ -169,7 +180,7 @@ def default_quant_targets(
 
 def quant_specs(model: nn.Module) -> dict[str, QuantSpec | None]:
     """Current spec of every fake-quant wrapper (None = float), in model order."""
-    return {name: m.quant_spec for name, m in model.named_modules() if isinstance(m, FAKE_QUANT_TYPES)}
+    return {name: m.quant_spec for name, m in quant_layers(model).items()}
 
 
 def set_quant_specs(model: nn.Module, specs: Mapping[str, SpecLike]) -> None:
@@ -208,7 +219,8 @@ def search_clips_on_inputs(
             continue
         if tuple(clip.shape) != spec.scale_shape(module.weight.shape):
             continue  # a spec of another granularity than the ratios' (set_quant_specs makes new ones)
-        clip.copy_(search_clip_ratios(module.weight, spec, layer=name, input_mean_square=input_mean_squares[name]))
+        weight = module.effective_weight()
+        clip.copy_(search_clip_ratios(weight, spec, layer=name, input_mean_square=input_mean_squares[name]))
         searched.append(name)
     return searched
 
@@ -226,6 +238,12 @@ def convert_qat(model: nn.Module) -> dict[str, QuantizedWeight]:
         step can pack it once (check with ``is``).
     """
     wrappers = [(name, m) for name, m in model.named_modules() if isinstance(m, FAKE_QUANT_TYPES)]
+    adapted = [name for name, m in wrappers if m.effective_weight() is not m.weight]
+    if adapted:
+        raise RuntimeError(
+            f"{adapted[0]} and {len(adapted) - 1} more layers quantize their weight plus a LoRA update: merge the "
+            "adapters first (adapters.merge_lora_layers, which every export calls)"
+        )
     by_group: dict[int, QuantizedWeight] = {}
     result: dict[str, QuantizedWeight] = {}
     for name, module in wrappers:

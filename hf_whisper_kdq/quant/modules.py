@@ -9,6 +9,10 @@ Wrappers that hold the same ``weight`` Parameter (Whisper's ``proj_out`` and
 ``model.decoder.embed_tokens``) share one `_QuantGroup`: one spec and one ``weight_clip`` Parameter,
 so the tied weight is quantized identically wherever it is used, and changing the spec of either
 module changes both.
+
+A linear wrapper may also get a *weight offset* (`attach_weight_offset`): a low-rank adapter's update ``B @ A``
+(:mod:`hf_whisper_kdq.peft_students`), added to the float weight before it is quantized, so that what is quantized
+is the merged weight ``W + B @ A`` and merging the adapter changes nothing the quantizer sees.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ class _FakeQuantMixin:
         self.quant_name = name
         self._quant_group = group if group is not None else _QuantGroup()
         self._quant_group.members.append(self)
+        self._weight_offset = None
         if group is not None and group.members[0] is not self:
             self.register_parameter("weight_clip", group.members[0].weight_clip)
         else:
@@ -90,6 +95,30 @@ class _FakeQuantMixin:
     def tied_modules(self) -> list[nn.Module]:
         """All wrappers (this one included) that share this weight, hence its spec and clip."""
         return list(self._quant_group.members)
+
+    def attach_weight_offset(self, offset) -> None:
+        """Quantize ``weight + offset()[1]`` from now on (``offset=None`` detaches it).
+
+        ``offset()`` returns None (no offset at the moment, e.g. the adapter is merged or disabled) or ``(key,
+        tensor)``: a tensor of the weight's shape and a hashable key of the state it was computed from, which keys
+        the no-grad cache of the quantized weight. A tied weight (the embedding) cannot take one: its members would
+        disagree on the weight they quantize.
+        """
+        if offset is not None and (not isinstance(self, nn.Linear) or len(self._quant_group.members) > 1):
+            raise TypeError(
+                f"{self.quant_name}: only a linear with a weight of its own takes an offset (an embedding looks its "
+                "rows up without it, and the members of a tied weight would disagree on the weight they quantize)"
+            )
+        self._weight_offset = offset
+
+    def _offset_weight(self) -> tuple[Tensor, object]:
+        """``(effective weight, key of its offset's state or None)``."""
+        offset = self._weight_offset() if self._weight_offset is not None else None
+        return (self.weight, None) if offset is None else (self.weight + offset[1], offset[0])
+
+    def effective_weight(self) -> Tensor:
+        """The float weight the quantizer sees: ``weight``, plus the attached offset when there is one."""
+        return self._offset_weight()[0]
 
     def set_quant_spec(self, spec: QuantSpec | str | None) -> None:
         """Switch bits/granularity at runtime, for this module and every module tied to its weight.
@@ -111,16 +140,20 @@ class _FakeQuantMixin:
             else:
                 shape = spec.scale_shape(self.weight.shape)
                 if clip is None or tuple(clip.shape) != shape:
-                    clip = nn.Parameter(search_clip_ratios(self.weight.detach(), spec, layer=self.quant_name))
+                    clip = nn.Parameter(
+                        search_clip_ratios(self.effective_weight().detach(), spec, layer=self.quant_name)
+                    )
         self._quant_group.spec = spec
         for member in self._quant_group.members:
             member.register_parameter("weight_clip", clip)
 
     def quantized_weight(self) -> Tensor:
-        """The weight as the forward pass uses it: fake-quantized, or the float weight when spec is None."""
+        """The weight as the forward pass uses it: `effective_weight` fake-quantized, or as it is when spec is
+        None."""
         spec = self.quant_spec
+        weight, offset_key = self._offset_weight()
         if spec is None:
-            return self.weight
+            return weight
         clip = self.weight_clip if spec.learnable_clipping else None
         group = self._quant_group
         if torch.is_grad_enabled():
@@ -128,9 +161,10 @@ class _FakeQuantMixin:
             # transformers 5: adamw_torch_fused) update parameters without bumping their version counters: the
             # cache must not outlive a training forward.
             group.cached = None
-            return fake_quantize(self.weight, spec, clip, layer=self.quant_name)
+            return fake_quantize(weight, spec, clip, layer=self.quant_name)
         # Other in-place updates (load_state_dict, manual edits) bump the version counters.
         key = (
+            offset_key,
             spec,
             self.weight.data_ptr(),
             self.weight._version,
@@ -138,7 +172,7 @@ class _FakeQuantMixin:
             None if clip is None else (clip.data_ptr(), clip._version),
         )
         if group.cached is None or group.cached[0] != key:
-            group.cached = (key, fake_quantize(self.weight, spec, clip, layer=self.quant_name))
+            group.cached = (key, fake_quantize(weight, spec, clip, layer=self.quant_name))
         return group.cached[1]
 
     def _quant_repr(self) -> str:

@@ -4,6 +4,7 @@ steps) for 10 steps with a checkpoint every 3; optionally die by SIGKILL, or res
     python tests/scripts/resume_train.py OUT run                # uninterrupted
     python tests/scripts/resume_train.py OUT kill-in-save 9     # SIGKILL while checkpoint-9 is half written
     python tests/scripts/resume_train.py OUT resume             # train(resume_from_checkpoint=True)
+    python tests/scripts/resume_train.py OUT run --lora         # any of them with a LoRA student (lora_r=4)
 
 Writes OUT/result.pt when training ends: the log history, the plan and every state_dict tensor.
 """
@@ -26,7 +27,7 @@ MAX_STEPS = 10
 SAVE_STEPS = 3
 
 
-def main(output: str, mode: str, kill_step: int | None) -> None:
+def main(output: str, mode: str, kill_step: int | None, lora: bool) -> None:
     torch.set_num_threads(1)  # one summation order in every run, so that resumed and uninterrupted runs agree bitwise
     teacher = make_micro_whisper(seed=0, decoder_layers=4)
     # A narrower student gets adapters to the teacher's width; dropout makes every step consume the torch RNG.
@@ -61,6 +62,7 @@ def main(output: str, mode: str, kill_step: int | None) -> None:
         quant_group_size=16,
         size_budget_mb=budget,
         selection_cost="local_error",  # the micro model's output_kl costs are noise: they keep a uniform plan
+        lora_r=4 if lora else 0,
     )
     # 16 rows in batches of 4: checkpoint-6 lies in the middle of the second (shuffled) epoch.
     trainer = DistillQuantTrainer(
@@ -87,4 +89,5 @@ def main(output: str, mode: str, kill_step: int | None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)
+    arguments = [a for a in sys.argv[1:] if a != "--lora"]
+    main(arguments[0], arguments[1], int(arguments[2]) if len(arguments) > 2 else None, "--lora" in sys.argv)
