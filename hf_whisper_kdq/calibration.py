@@ -24,8 +24,9 @@ class measure_quantization_losses:
 
     Each linear is measured in a forward hook, inside its own forward: a model sharded by FSDP holds a layer's whole
     weight only then. ``max_rows`` rows of each call's input are used (evenly strided over its positions), which
-    bounds the work on long encoder sequences while covering every utterance of the probe batches. Units without
-    linears (the embedding lookup) are measured through their tied projection.
+    bounds the work on long encoder sequences while covering every utterance of the probe batches. A unit without
+    linears (the embedding lookup) has no ``q_l`` (0); only its tied projection's inputs are recorded, for the
+    clipping search.
 
     Usage::
 
@@ -115,9 +116,9 @@ class measure_quantization_losses:
 def calibrate_clipping(model: nn.Module, plan: KDQPlan, batches: list[dict]) -> list[str]:
     """Search the learnable clipping ratios of ``model``'s quantized layers again at ``plan``'s specs, weighting each
     weight's error by the mean square of its inputs in the float student's forward over the rows of ``batches``
-    (training batches with ``input_features`` and ``labels``), one row at a time. In place, before any optimizer, DeepSpeed engine or FSDP
-    wrapper holds copies of the ratios: every process of a launch computes the same ones from the same batches.
-    Returns the names of the layers searched again."""
+    (training batches with ``input_features`` and ``labels``), one row at a time. In place, before any optimizer,
+    DeepSpeed engine or FSDP wrapper holds copies of the ratios: every process of a launch computes the same ones
+    from the same batches. Returns the names of the layers searched again."""
     specs = plan.module_specs()
     if not any(spec is not None and spec.learnable_clipping for spec in specs.values()):
         return []
