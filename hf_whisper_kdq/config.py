@@ -254,12 +254,8 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
             "help": "0 (default): the KD term uses the teacher's exact logits. k > 0, with the teacher cache: entries "
             "also keep the teacher's k largest logits and its log-normaliser at kd_temperature, and the training KD "
             "term becomes T²·KL over k + 1 buckets (those k tokens and one for all the others), which skips "
-            "recomputing the teacher's output layer (0.16-0.36 s a step of 92 label tokens on one whisper-base CPU "
-            "thread). It changes the loss: at T=2 whisper-base's softened distribution keeps 70-78% of its mass "
-            "outside its top 256-16 tokens, and on real utterances the KD value drops 21-31% (a 2-decoder-layer "
-            "student) to 64-77% (the teacher at int4), its gradient's cosine with the exact one 0.96-0.99 and "
-            "0.84-0.90; at T=1 the cosine is ≥ 0.998 and the value drops 0.5-12% (benchmarks/README.md, 'Output "
-            "caches for six thousand utterances'). Use it at T=1 if at all. "
+            "recomputing the teacher's output layer. It changes the loss, much at T=2 and little at T=1 "
+            "(benchmarks/README.md, 'Output caches for six thousand utterances'): use it at T=1 if at all. "
             "Evaluation and the layer selection still use the exact logits."
         },
     )

@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from hf_whisper_kdq.cli import main
+from hf_whisper_kdq.cli import COMMANDS, main
 from hf_whisper_kdq.sources import save_whisper
 
 
@@ -58,6 +58,15 @@ def test_console_script_help_documents_every_flag():
     assert result.returncode == 0, result.stderr
     for flag in ("--model_name_or_path", "--manifest", "--batch_size", "--num_beams", "--languages", "--output_json"):
         assert flag in result.stdout
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_prints_its_help(command, capsys):
+    # argparse %-formats help strings: one stray "%" in a field's help crashed `compress --help`.
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"hf-whisper-kdq {command}" in capsys.readouterr().out
 
 
 def test_evaluate_positional_model_and_json_report(tiny_folder, tone_manifest, tmp_path, capsys):
