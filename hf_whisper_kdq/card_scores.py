@@ -158,3 +158,21 @@ def eval_results_for_card(scores: list[Score]) -> list[EvalResult]:
         for s in scores
         if s.role == "compressed"
     ]
+
+
+def rows_of_last_evaluation(log_history: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """The last evaluation's wer/cer metrics of a Trainer's log (``eval_wer_en`` ...) as rows of the compressed model."""
+    for entry in reversed(log_history):
+        rows = [
+            {
+                "dataset": "evaluation set",
+                "language": key.rsplit("_", 1)[1],
+                "metric": key.split("_")[1],
+                "error_rate": value,
+            }
+            for key, value in entry.items()
+            if key.startswith(("eval_wer_", "eval_cer_"))
+        ]
+        if rows:
+            return rows
+    return []

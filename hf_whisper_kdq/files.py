@@ -1,4 +1,4 @@
-"""Files and folders this package writes: atomic writes, the guard on output folders, and the cache root.
+"""Files and folders this package writes: atomic writes, the guard on output folders, the cache root, checkpoints.
 
 Every file a run writes goes through :func:`atomic_file` (or :func:`atomic_folder` for a whole folder), so a reader,
 or a run killed mid-write, never sees a partial one; an output folder is only ever replaced when it is empty or
@@ -7,12 +7,17 @@ this package wrote it (:func:`check_output_folder`).
 
 from __future__ import annotations
 
+import copyreg
+import json
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 CACHE_ENV = "HF_WHISPER_KDQ_CACHE"
 # Written last into a folder built by atomic_folder: its presence means the folder is complete and ours.
@@ -142,3 +147,55 @@ def atomic_folder(output_dir: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The newest ``checkpoint-N`` of ``folder`` whose trainer state is whole, or None.
+
+    The Trainer writes a checkpoint in place, its ``trainer_state.json`` last (after weights, optimizer, scheduler
+    and RNG states): a run killed while saving leaves a newer, partial folder that resuming must skip.
+    """
+    # transformers.trainer is heavy to import: only when a run resumes, so that importing files stays light.
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    steps = {}
+    for path in Path(folder).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = path.name[len(PREFIX_CHECKPOINT_DIR) + 1 :]
+        if step.isdigit() and path.is_dir():
+            steps[int(step)] = path
+    for step in sorted(steps, reverse=True):
+        try:
+            json.loads((steps[step] / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            logger.warning(
+                "%s was not completely written (the run stopped while saving it): not resuming from it", steps[step]
+            )
+            continue
+        return str(steps[step])
+    return None
+
+
+@contextmanager
+def tokens_left_out_of_pickles(args):
+    """While active, pickling ``args`` stores its ``*_token`` fields as None.
+
+    The Trainer pickles its arguments into ``training_args.bin`` (every checkpoint and save, and the folder that its
+    checkpoint pushes upload). ``to_dict`` redacts tokens, the pickle does not. Scoped to those writes so that deep
+    copies of the arguments (which use the same reduction) keep their token.
+    """
+    kind = type(args)
+
+    def reduce(instance):
+        rebuild, arguments, state, *rest = object.__reduce_ex__(instance, 2)
+        return (rebuild, arguments, {k: None if k.endswith("_token") else v for k, v in state.items()}, *rest)
+
+    previous = copyreg.dispatch_table.get(kind)
+    copyreg.dispatch_table[kind] = reduce
+    try:
+        yield
+    finally:
+        if previous is None:
+            del copyreg.dispatch_table[kind]
+        else:
+            copyreg.dispatch_table[kind] = previous

@@ -14,28 +14,25 @@ decides which layers are distilled and how many bits each layer gets.
 
 from __future__ import annotations
 
-import copyreg
-import json
 import logging
 import os
 from collections import defaultdict
 from collections.abc import Callable
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import Seq2SeqTrainer, TrainerCallback, WhisperForConditionalGeneration, WhisperProcessor
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .adapters import attach_adapters
 from .calibration import calibrate_clipping
 from .callbacks import LayerSelectionCallback
 from .card import write_model_card
+from .card_scores import rows_of_last_evaluation
 from .config import DistillQuantArguments
 from .export import CompressionReport, save_compressed
+from .files import last_complete_checkpoint, tokens_left_out_of_pickles
 from .forwards import StudentTeacherForwards, encoders_equal
 from .ggml_budget import fit_ggml_budget
 from .hub import push_compressed
@@ -57,54 +54,6 @@ from .students import check_same_tokenizer, check_whisper
 logger = logging.getLogger(__name__)
 
 LOSS_TERMS = ("ce", "kd", "hidden", "quant")
-
-
-def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
-    """The newest ``checkpoint-N`` of ``folder`` whose trainer state is whole, or None.
-
-    The Trainer writes a checkpoint in place, its ``trainer_state.json`` last (after weights, optimizer, scheduler
-    and RNG states): a run killed while saving leaves a newer, partial folder that resuming must skip.
-    """
-    steps = {}
-    for path in Path(folder).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        step = path.name[len(PREFIX_CHECKPOINT_DIR) + 1 :]
-        if step.isdigit() and path.is_dir():
-            steps[int(step)] = path
-    for step in sorted(steps, reverse=True):
-        try:
-            json.loads((steps[step] / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            logger.warning(
-                "%s was not completely written (the run stopped while saving it): not resuming from it", steps[step]
-            )
-            continue
-        return str(steps[step])
-    return None
-
-
-@contextmanager
-def _tokens_left_out_of_pickles(args):
-    """While active, pickling ``args`` stores its ``*_token`` fields as None.
-
-    The Trainer pickles its arguments into ``training_args.bin`` (every checkpoint and save, and the folder that its
-    checkpoint pushes upload). ``to_dict`` redacts tokens, the pickle does not. Scoped to those writes so that deep
-    copies of the arguments (which use the same reduction) keep their token.
-    """
-    kind = type(args)
-
-    def reduce(instance):
-        rebuild, arguments, state, *rest = object.__reduce_ex__(instance, 2)
-        return (rebuild, arguments, {k: None if k.endswith("_token") else v for k, v in state.items()}, *rest)
-
-    previous = copyreg.dispatch_table.get(kind)
-    copyreg.dispatch_table[kind] = reduce
-    try:
-        yield
-    finally:
-        if previous is None:
-            del copyreg.dispatch_table[kind]
-        else:
-            copyreg.dispatch_table[kind] = previous
 
 
 def _is_selection_callback(callback) -> bool:
@@ -558,7 +507,9 @@ class DistillQuantTrainer(Seq2SeqTrainer):
             report.folder,
             plan=self.plan,
             compression_report=report,
-            eval_results={"compressed": self._last_eval_rows()} if eval_results is None else eval_results,
+            eval_results={"compressed": rows_of_last_evaluation(self.state.log_history)}
+            if eval_results is None
+            else eval_results,
             teacher_id=teacher_id,
             training_args=self.args.to_dict(),
             datasets=as_list(dataset_tags),
@@ -605,23 +556,6 @@ class DistillQuantTrainer(Seq2SeqTrainer):
             revision=revision,
         )
 
-    def _last_eval_rows(self) -> list[dict]:
-        """The last evaluation's wer/cer metrics (``eval_wer_en`` ...) as model-card rows of the compressed model."""
-        for entry in reversed(self.state.log_history):
-            rows = [
-                {
-                    "dataset": "evaluation set",
-                    "language": key.rsplit("_", 1)[1],
-                    "metric": key.split("_")[1],
-                    "error_rate": value,
-                }
-                for key, value in entry.items()
-                if key.startswith(("eval_wer_", "eval_cer_"))
-            ]
-            if rows:
-                return rows
-        return []
-
     def _load_callback_state(self) -> None:
         super()._load_callback_state()
         callbacks = [c for c in self.callback_handler.callbacks if isinstance(c, LayerSelectionCallback)]
@@ -645,9 +579,9 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     def _save(self, output_dir=None, state_dict=None):
-        with _tokens_left_out_of_pickles(self.args):
+        with tokens_left_out_of_pickles(self.args):
             super()._save(output_dir, state_dict)
 
     def _push_from_checkpoint(self, checkpoint_folder):
-        with _tokens_left_out_of_pickles(self.args):
+        with tokens_left_out_of_pickles(self.args):
             super()._push_from_checkpoint(checkpoint_folder)

@@ -14,6 +14,7 @@ import soundfile as sf
 from huggingface_hub import ModelCard
 
 from hf_whisper_kdq.card import build_model_card, write_model_card
+from hf_whisper_kdq.card_scores import rows_of_last_evaluation
 from hf_whisper_kdq.evaluation import EvaluationReport
 from hf_whisper_kdq.selection import KDQPlan, UnitPlan
 
@@ -431,3 +432,17 @@ def test_transformers_snippet_of_a_one_width_export_is_the_usual_call(tiny_whisp
     assert "decompress_model" not in code and "model.dtype" not in code
     exec(compile(code, "<card snippet>", "exec"), {"__name__": "__card__"})
     assert isinstance(capsys.readouterr().out, str)
+
+
+def test_card_rows_come_from_the_last_evaluation_of_the_log():
+    log_history = [
+        {"eval_wer_en": 0.5, "eval_loss": 1.0, "step": 10},
+        {"eval_wer_en": 0.2, "eval_cer_zh": 0.3, "step": 20},
+        {"loss": 0.7, "step": 21},  # a training log after the evaluation is not an evaluation
+    ]
+    rows = rows_of_last_evaluation(log_history)
+    assert sorted((row["language"], row["metric"], row["error_rate"]) for row in rows) == [
+        ("en", "wer", 0.2),
+        ("zh", "cer", 0.3),
+    ]
+    assert rows_of_last_evaluation([{"loss": 1.0}]) == []

@@ -20,11 +20,12 @@ from conftest import make_micro_rows, make_micro_whisper, micro_collate
 
 from hf_whisper_kdq import sources, synthesis
 from hf_whisper_kdq.config import DistillQuantArguments
+from hf_whisper_kdq.files import last_complete_checkpoint
 from hf_whisper_kdq.output_cache import EncoderOutputCache
 from hf_whisper_kdq.sources import OFFLINE_PACKS, load_whisper
 from hf_whisper_kdq.sources.offline import OfflinePack, converted_pack_dir
 from hf_whisper_kdq.students import build_student
-from hf_whisper_kdq.trainer import DistillQuantTrainer, last_complete_checkpoint
+from hf_whisper_kdq.trainer import DistillQuantTrainer
 
 SCRIPT = Path(__file__).parent / "scripts" / "resume_train.py"
 
