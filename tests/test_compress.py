@@ -23,9 +23,9 @@ from hf_whisper_kdq.sources import save_whisper
 
 
 def test_training_defaults_fill_only_missing_flags():
-    argv = with_training_defaults(["--max_steps", "3", "--output_dir=x"])
+    argv = with_training_defaults(["--level", "none", "--max_steps", "3", "--output_dir=x"])
     assert argv.count("--max_steps") == 1 and "--output_dir" not in argv
-    assert argv[argv.index("--learning_rate") + 1] == "1e-4"
+    assert argv[argv.index("--learning_rate") + 1] == TRAINING_DEFAULTS["learning_rate"]
 
 
 def test_levels_set_budget_and_layers_without_mutating_arguments(tmp_path):
@@ -52,7 +52,23 @@ def test_paper_levels_quantize_every_part_unless_the_command_line_says_otherwise
     argv = with_training_defaults(["--level", "base", "--quant_bit_choices", "3,4,8", "--freeze_encoder", "true"])
     assert argv.count("--quant_bit_choices") == argv.count("--freeze_encoder") == 1
     assert value(argv, "--quant_bit_choices") == "3,4,8" and value(argv, "--freeze_encoder") == "true"
-    assert value(with_training_defaults([]), "--quant_targets") == TRAINING_DEFAULTS["quant_targets"]  # smoke
+    assert value(with_training_defaults(["--level", "smoke"]), "--quant_targets") == TRAINING_DEFAULTS["quant_targets"]
+
+
+def test_the_default_level_is_the_cpu_recipe_at_int4(tmp_path):
+    """The teacher's architecture, one width everywhere (the packed embedding's layout), encoder frozen."""
+
+    def value(argv, flag):
+        return argv[argv.index(flag) + 1]
+
+    argv = with_training_defaults([])
+    assert value(argv, "--quant_targets") == "encoder,decoder,embedding"
+    assert value(argv, "--quant_bit_choices") == "4" and value(argv, "--freeze_encoder") == "true"
+    assert (value(argv, "--max_steps"), value(argv, "--learning_rate")) == ("30", "5e-5")
+    assert value(with_training_defaults(["--level", "int3"]), "--quant_bit_choices") == "3"
+    args = DistillQuantArguments(output_dir=str(tmp_path), report_to="none")
+    layers, resolved = apply_level(CompressArguments(), args)
+    assert layers is None and resolved.size_budget_ratio is None and resolved.size_budget_mb is None
 
 
 def test_an_unreachable_level_fails_before_the_data_phase(tmp_path, short_window_whisper):
@@ -93,6 +109,8 @@ def test_compress_end_to_end_on_a_tiny_teacher(tmp_path, short_window_whisper, c
         [
             "compress",
             str(teacher),
+            "--level",
+            "smoke",
             "--output_dir",
             str(output),
             "--synthetic_prompts",
@@ -172,7 +190,9 @@ def test_compress_with_quant_format_ggml_writes_the_whisper_cpp_file(tmp_path, b
     )
     teacher = save_whisper(model, processor, tmp_path / "teacher")
     output = tmp_path / "run"
-    arguments = "--synthetic_prompts 4 --max_eval_samples 2 --max_steps 2 --per_device_train_batch_size 2 "
+    arguments = (
+        "--level smoke --synthetic_prompts 4 --max_eval_samples 2 --max_steps 2 --per_device_train_batch_size 2 "
+    )
     arguments += "--per_device_eval_batch_size 2 --decoder_layers 1 --eval_max_new_tokens 4 --disable_tqdm true "
     arguments += "--ctranslate2_quantization none --evaluate_teacher false --quant_format ggml"
     assert main(["compress", str(teacher), "--output_dir", str(output), *arguments.split()]) == 0

@@ -152,6 +152,8 @@ def test_compress_on_two_processes_writes_and_pushes_once(tmp_path, short_window
         str(Path(sys.executable).parent / "hf-whisper-kdq"),
         "compress",
         str(teacher),
+        "--level",
+        "smoke",
         "--output_dir",
         str(output),
         "--synthetic_prompts",
