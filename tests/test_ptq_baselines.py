@@ -25,6 +25,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path[:0] = [str(BENCHMARKS)]
 
 import gptq_baseline  # noqa: E402
+import results_rows  # noqa: E402
 import results_table  # noqa: E402
 
 EMBEDDING = "model.decoder.embed_tokens"
@@ -99,7 +100,7 @@ def test_a_missing_venv_or_library_says_how_to_make_it(tmp_path):
 
 def test_every_gptq_row_has_rtn_and_searched_clip_rows_of_its_layout():
     rows = results_table.ROWS
-    for layout in results_table.BASELINE_LAYOUTS:
+    for layout in results_rows.BASELINE_LAYOUTS:
         rtn, clip, gptq = rows[f"ptq-{layout}"], rows[f"ptq-clip-{layout}"], rows[f"gptq-{layout}"]
         rtn_table = rows[f"gptq-rtnemb-{layout}"]
         assert gptq["kind"] == rtn_table["kind"] == "gptq" and rtn["kind"] == clip["kind"] == "ptq"
