@@ -128,7 +128,7 @@ class _OutputCache:
         self.hits = self.misses = 0
         self.expected_rows = expected_rows
         self.entries = sum(1 for _ in self.folder.glob("*/*.safetensors"))  # rows cached, by any run
-        self.written_bytes = 0  # by this run
+        self.written_bytes = self.written_rows = 0  # by this run
         if self.entries:
             logger.info("%s: reusing the %d rows cached in %s", self.NAME, self.entries, self.folder)
 
@@ -180,6 +180,7 @@ class _OutputCache:
         first = not self.written_bytes
         self.written_bytes += size
         self.entries += new
+        self.written_rows += new
         expected = self.expected_rows
         if first and expected:
             projected = size * expected
@@ -203,13 +204,15 @@ class _OutputCache:
                     projected * 1.15 / 1e9 + 1,
                 )
         step = max(1, expected // 10) if expected else 500
-        if new and self.entries % step == 0:
+        if new and self.written_rows % step == 0:
+            # Progress counts this run's rows: the folder also holds rows of earlier runs on other data.
             logger.info(
-                "%s: %d%s rows cached (%s written by this run; folder %s of %s)",
+                "%s: %d%s rows cached by this run (%s; the folder: %d rows, %s of %s)",
                 self.NAME,
-                self.entries,
-                f" / {expected}" if expected else "",
+                self.written_rows,
+                f" of {expected}" if expected else "",
                 _gb(self.written_bytes),
+                self.entries,
                 _gb(self.store.bytes + size),
                 _gb(self.store.max_bytes),
             )

@@ -203,10 +203,25 @@ def test_progress_the_projected_size_and_the_bound_are_logged(tmp_path, micro_wh
     messages = [record.getMessage() for record in caplog.records]
     assert any("teacher outputs: caching about" in m and "for the 10 training rows" in m for m in messages)
     assert any("more than the cache's bound" in m and "--encoder_cache_max_gb" in m for m in messages)
-    assert any("teacher outputs: 10 / 10 rows cached" in m for m in messages)
+    assert any("teacher outputs: 10 of 10 rows cached by this run" in m for m in messages)
     reached = [m for m in messages if "reached its bound" in m]
     assert len(reached) == 1 and "raise --encoder_cache_max_gb" in reached[0]  # once, though later writes evict
     assert cache.store.bytes <= bound and len(list(cache.folder.glob("*/*.safetensors"))) < 10
+
+
+def test_progress_counts_this_runs_rows_not_the_rows_of_earlier_runs(tmp_path, micro_whisper, caplog):
+    teacher = micro_whisper(seed=1).eval()
+    earlier = make_micro_rows(6, seed=10, min_tokens=4, max_tokens=4)
+    _forward(
+        TeacherOutputCache(tmp_path, teacher, max_bytes=10**9, expected_rows=6), teacher, *_inputs(teacher, earlier)
+    )
+    rows = make_micro_rows(4, seed=11, min_tokens=4, max_tokens=4)
+    with caplog.at_level(logging.INFO, logger="hf_whisper_kdq.output_cache"):
+        _forward(
+            TeacherOutputCache(tmp_path, teacher, max_bytes=10**9, expected_rows=4), teacher, *_inputs(teacher, rows)
+        )
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("4 of 4 rows cached by this run" in m and "the folder: 10 rows" in m for m in messages), messages
 
 
 class _LoudEncoder(torch.nn.Module):
