@@ -141,17 +141,17 @@ def figure(rows: list[dict], path: Path) -> Path | None:
             "method": t["method"] + (" (GPU, full dev set)" if t["row"].endswith("-gpu") else ""),
             "label": t["row"].removesuffix("-gpu"),
             "size_bytes": t["bytes_on_disk"],
-            "error_rate": t["wer_ljspeech"],
-            "metric": "wer",
+            "error_rate": t[column],
+            "metric": metric,
+            "panel": panel,
         }
+        for column, metric, panel in (("wer_ljspeech", "wer", "LJSpeech WER"), ("cer_aishell", "cer", "AISHELL CER"))
         for t in table_rows(rows)
-        if t["wer_ljspeech"] is not None
+        if t[column] is not None
     ]
     if not points:
         return None
-    return plot_size_vs_error(
-        points, path, title="LJSpeech WER vs bytes on disk (whisper-base teacher)", log_error=True
-    )
+    return plot_size_vs_error(points, path, title="error rate vs bytes on disk (whisper-base teacher)", log_error=True)
 
 
 def merge(output: Path) -> str | None:

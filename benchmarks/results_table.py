@@ -7,8 +7,8 @@
 
 Each row is computed, written to ``OUTPUT/rows/<row>.json`` (with the command, machine and date), and then every
 row JSON under OUTPUT is merged into ``OUTPUT/results.md``, ``OUTPUT/results.json`` and the figure
-``OUTPUT/wer_vs_bytes.png`` (LJSpeech WER against bytes on disk, via ``figures.plot_size_vs_error``); the table is
-printed at the end. ``--merge`` only merges.
+``OUTPUT/wer_vs_bytes.png`` (LJSpeech WER and AISHELL CER against bytes on disk, one panel each, via
+``figures.plot_size_vs_error``); the table is printed at the end. ``--merge`` only merges.
 
 Data (``../shared/data/speech``; the script exits cleanly with a message when it is absent): ``dev.jsonl`` is the
 evaluation set (LJSpeech, English, WER; AISHELL-1, Mandarin, CER), the first ``--eval_limit`` utterances of each

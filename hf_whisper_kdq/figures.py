@@ -84,10 +84,29 @@ def plot_size_vs_error(
     write-ups.
 
     ``rows``: dicts with ``method``, ``size_mb`` or ``size_bytes``, and ``error_rate`` (fraction; or ``wer``/``cer``;
-    ``"percent": True`` for percentages), optional ``metric`` and ``label`` (written beside the point).
+    ``"percent": True`` for percentages), optional ``metric``, ``label`` (written beside the point) and ``panel``
+    (rows of each panel, e.g. each language, get their own plot, side by side, one method one colour in all).
     ``log_error``: a logarithmic error axis, for rows from near the teacher to collapsed models."""
-    figure = _figure(8.5, 4.2)
-    ax = figure.add_subplot()
+    panels: dict[str, list[Mapping]] = {}
+    for row in rows:
+        panels.setdefault(str(row.get("panel") or ""), []).append(row)
+    figure = _figure(8.5 if len(panels) == 1 else 4.6 * len(panels) + 2.4, 4.2)
+    colours: dict[str, int] = {}
+    for index, (panel, panel_rows) in enumerate(panels.items()):
+        ax = figure.add_subplot(1, len(panels), index + 1)
+        _size_error_curves(ax, panel_rows, colours, log_error)
+        if panel:
+            ax.set_title(public(panel), fontsize=9)
+    handles = {label: handle for ax in figure.axes for handle, label in zip(*ax.get_legend_handles_labels())}
+    figure.axes[-1].legend(
+        handles.values(), handles.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False
+    )  # beside: no point hidden
+    if title:
+        figure.suptitle(public(title), fontsize=10)
+    return _save(figure, path, top=0.93 if title else 1.0)
+
+
+def _size_error_curves(ax, rows: Sequence[Mapping], colours: dict[str, int], log_error: bool) -> None:
     metrics, curves = set(), {}
     for i, row in enumerate(rows):
         size = float(row["size_mb"]) if row.get("size_mb") is not None else float(row["size_bytes"]) / 1e6
@@ -96,7 +115,8 @@ def plot_size_vs_error(
         metrics.add(metric.upper())
         curves.setdefault(public(row.get("method", f"model {i}")), []).append((size, value, row.get("label")))
     markers = "osD^vP*X"
-    for i, (method, points) in enumerate(curves.items()):
+    for method, points in curves.items():
+        i = colours.setdefault(method, len(colours))
         points.sort(key=lambda point: point[0])
         ax.plot(
             [p[0] for p in points],
@@ -117,12 +137,13 @@ def plot_size_vs_error(
                     color=f"C{i % 10}",
                 )
     if log_error:
+        from matplotlib.ticker import FuncFormatter
+
         ax.set_yscale("log")
+        plain = FuncFormatter(lambda value, _: f"{value:g}")  # 20 and 60, not 2×10¹ and 6×10¹
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel("size on disk (MB)")
     ax.set_ylabel(f"{'/'.join(sorted(metrics)) or 'WER'} (%)")
     ax.grid(True, alpha=0.3, which="both")
     ax.margins(0.12)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside: no point hidden
-    if title:
-        ax.set_title(public(title), fontsize=10)
-    return _save(figure, path)

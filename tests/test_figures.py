@@ -33,3 +33,14 @@ def test_figures_are_small_pngs(tmp_path):
         for b, s, e in ((8, 101.3, 0.178), (4, 81.9, 0.203), (3, 76.4, 2.541))
     ]
     png_size(plot_size_vs_error(rows + curve, tmp_path / "curves.png", log_error=True))
+
+
+def test_size_vs_error_draws_one_panel_per_language_with_one_colour_per_method(tmp_path):
+    rows = [
+        {"method": method, "panel": panel, "size_mb": size, "error_rate": error, "metric": metric}
+        for panel, metric in (("LJSpeech WER", "wer"), ("AISHELL CER", "cer"))
+        for method, size, error in (("teacher", 145.2, 0.13), ("KDQ", 34.9, 0.2), ("RTN", 34.9, 0.9))
+    ]
+    one = png_size(plot_size_vs_error(rows[:3], tmp_path / "one.png"))
+    two = png_size(plot_size_vs_error(rows, tmp_path / "two.png", title="both languages", log_error=True))
+    assert two[0] > one[0] and two[1] == one[1]  # side by side
