@@ -91,6 +91,14 @@ class TableArguments:
     )
     list_rows: bool = field(default=False, metadata={"help": "list the rows and exit", "aliases": ["--list"]})
     merge: bool = field(default=False, metadata={"help": "compute nothing: merge the row JSONs into the table"})
+    compress_runs: str | None = field(
+        default=None,
+        metadata={
+            "help": "compute nothing: add rows from `hf-whisper-kdq compress` output folders, NAME=FOLDER or "
+            "NAME=FOLDER:EVAL.json (a report of `hf-whisper-kdq evaluate --output_json` on the compressed folder; "
+            "default: the run's own compressed/eval_report.json), comma-separated; then merge"
+        },
+    )
     eval_limit: int | None = field(default=None, metadata={"help": "utterances per corpus (default: all)"})
     train_steps: int = field(default=300, metadata={"help": "optimizer steps of trained rows"})
     train_rows: int | None = field(
@@ -164,8 +172,8 @@ class TableArguments:
     def __post_init__(self):
         if self.list_rows:
             return
-        if not self.merge and not self.rows:
-            raise ValueError("give --rows (see --list), or --merge to only rebuild the table")
+        if not self.merge and not self.rows and not self.compress_runs:
+            raise ValueError("give --rows (see --list), --compress_runs, or --merge to only rebuild the table")
         positive = (
             "eval_limit",
             "max_new_tokens",
@@ -183,6 +191,9 @@ class TableArguments:
         if self.synthetic_rows < 0:
             raise ValueError("--synthetic_rows must be >= 0 (0: no synthetic speech)")
         self.row_names = expand_rows(self.rows) if self.rows and not self.merge else []
+        for entry in (self.compress_runs or "").split(","):
+            if entry and "=" not in entry:
+                raise ValueError(f"--compress_runs {entry!r}: give NAME=FOLDER or NAME=FOLDER:EVAL.json")
 
 
 def parse_args(argv=None) -> TableArguments:
@@ -813,6 +824,75 @@ def run_row(ctx: Context, name: str, command: str, machine: dict) -> Path:
     return path
 
 
+def compress_run_row(ctx: Context, name: str, folder: Path, eval_json: Path | None, machine: dict) -> dict:
+    """A row of the table from an `hf-whisper-kdq compress` output folder: the sizes of its packed folder, the
+    evaluation of its compressed model (``eval_json``, else the run's own), its training as compress recorded it."""
+    from hf_whisper_kdq.evaluation import EvaluationReport
+    from hf_whisper_kdq.export import CompressionReport
+
+    summary = json.loads((folder / "compress_summary.json").read_text(encoding="utf-8"))
+    arguments = summary["arguments"]
+    compress, training = arguments.get("compress", {}), arguments.get("training", {})
+    if compress.get("teacher") != ctx.args.teacher:
+        raise ValueError(
+            f"{folder} was compressed from {compress.get('teacher')}, the table's ratios are against --teacher "
+            f"{ctx.args.teacher}: pass --teacher {compress.get('teacher')}"
+        )
+    if eval_json is None:
+        evaluations = json.loads((folder / "compressed" / "eval_report.json").read_text(encoding="utf-8"))
+        report = EvaluationReport.from_dict(evaluations["compressed"])
+    else:
+        report = EvaluationReport.load_json(eval_json)
+    training_log = summary.get("training_log") or []
+    return {
+        "row": name,
+        "method": f"KDQ (compress --level {compress.get('level', '?')})",
+        "description": f"`hf-whisper-kdq compress` output {folder}",
+        "kind": "compress-run",
+        "teacher": compress.get("teacher"),
+        "sizes": sizes_from_report(CompressionReport.load(folder / "compressed"), ctx.teacher_sizes()),
+        "evaluation": {
+            "english_only": False,
+            "scores": scores(report),
+            "rtf": report.rtf,
+            "n_utterances": report.n_utterances,
+            "audio_seconds": report.audio_seconds,
+            "batch_size": report.batch_size,
+            "num_beams": report.num_beams,
+            "dtype": report.dtype,
+        },
+        "ct2": None,
+        "training": {
+            "train_steps": training.get("max_steps"),
+            "batch_size": training.get("per_device_train_batch_size"),
+            "learning_rate": training.get("learning_rate"),
+            "seed": training.get("seed"),
+            "rows": compress.get("max_train_samples"),
+            "corpora": compress.get("train_manifest"),
+            "train_runtime_s": next((e["train_runtime"] for e in training_log if "train_runtime" in e), None),
+        },
+        "plan": summary.get("plan"),
+        "phase_seconds": summary.get("phase_seconds"),
+        "eval_limit_per_corpus": None,
+        "smoke": False,
+        "machine": {**machine, "torch_threads": None, "load_average_before": None},
+        "date": dt.datetime.fromtimestamp((folder / "compress_summary.json").stat().st_mtime, dt.UTC).isoformat(
+            timespec="seconds"
+        ),
+    }
+
+
+def add_compress_runs(ctx: Context, text: str, machine: dict) -> None:
+    for entry in filter(None, text.split(",")):
+        name, _, location = entry.partition("=")
+        folder, _, eval_json = location.partition(":")
+        row = compress_run_row(ctx, name, Path(folder), Path(eval_json) if eval_json else None, machine)
+        path = ctx.output / "rows" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(row, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+        logger.info("row %s from %s: %s", name, folder, path)
+
+
 # ---- main ------------------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -828,6 +908,11 @@ def main(argv=None) -> int:
     if args.merge:
         merge(output)
         return 0
+    if args.compress_runs:
+        add_compress_runs(Context(args), args.compress_runs, machine_info(args.threads))
+        if not args.row_names:
+            merge(output)
+            return 0
     data = Path(args.data)
     kinds = {ROWS[n]["kind"] for n in args.row_names}
     needed = ["dev.jsonl"] + (["unlabeled.jsonl"] if "train" in kinds else [])

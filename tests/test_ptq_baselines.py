@@ -17,6 +17,7 @@ import torch
 
 pytest.importorskip("compressed_tensors", minversion="0.20")
 
+from hf_whisper_kdq.evaluation import EvaluationReport  # noqa: E402
 from hf_whisper_kdq.export import save_compressed  # noqa: E402
 from hf_whisper_kdq.quant import QuantSpec, convert_qat, default_quant_targets, prepare_qat, quantize_weight  # noqa: E402
 from hf_whisper_kdq.sources import load_whisper, save_whisper  # noqa: E402
@@ -70,6 +71,63 @@ def test_given_codes_are_stored_in_the_same_layout_and_bytes(tiny_whisper, tmp_p
     expected = given[first].dequantize(torch.float32).half().float()
     torch.testing.assert_close(loaded.get_submodule(first).weight, expected, rtol=0, atol=0)
     assert loaded.proj_out.weight is loaded.get_submodule(EMBEDDING).weight
+
+
+def test_a_compress_run_becomes_a_row_of_the_table(tiny_whisper, tmp_path):
+    """`--compress_runs NAME=FOLDER[:EVAL.json]`: the packed folder's bytes, the given evaluation, the training."""
+    model, processor = tiny_whisper
+    teacher = save_whisper(model, processor, tmp_path / "teacher")
+    _layout(model, "int3-g32")
+    run = tmp_path / "run"
+    packed = save_compressed(model, processor, run / "compressed")
+    corpora = [
+        {
+            "corpus": corpus,
+            "language": language,
+            "metric": metric,
+            "error_rate": rate,
+            "errors": 1,
+            size: 4,
+            "n_utterances": 2,
+            "audio_seconds": 4.0,
+            "decode_seconds": 1.0,
+            "rtf": 0.25,
+        }
+        for corpus, language, metric, size, rate in (
+            ("ljspeech", "en", "wer", "n_reference_words", 0.25),
+            ("aishell1-sample", "zh", "cer", "n_reference_chars", 0.5),
+        )
+    ]
+    report = EvaluationReport(None, 1, 1, "disk", 8, 1, "cpu", "float32", corpora=corpora)
+    report.summarize()
+    report.save_json(tmp_path / "dev.json")
+    arguments = {
+        "compress": {"teacher": str(teacher), "level": "int3", "max_train_samples": 240, "train_manifest": "a.jsonl"},
+        "training": {"max_steps": 30, "per_device_train_batch_size": 8, "learning_rate": 5e-5, "seed": 1},
+    }
+    summary = {"arguments": arguments, "training_log": [{"train_runtime": 12.5}], "phase_seconds": {"train": 13.0}}
+    (run / "compress_summary.json").write_text(json.dumps(summary))
+    output = tmp_path / "table"
+    argv = [
+        "--teacher",
+        str(teacher),
+        "--output",
+        str(output),
+        "--compress_runs",
+        f"int3-s1={run}:{tmp_path / 'dev.json'}",
+    ]
+    assert results_table.main(argv) == 0
+    row = json.loads((output / "rows" / "int3-s1.json").read_text())
+    assert (
+        row["sizes"]["bytes_on_disk"]
+        == packed.weights_bytes
+        == (run / "compressed" / "model.safetensors").stat().st_size
+    )
+    assert row["training"]["seed"] == 1 and row["training"]["train_runtime_s"] == 12.5
+    table = (output / "results.md").read_text()
+    assert "| int3-s1 |" in table and "25.0%" in table and "50.0%" in table and "compress --level int3" in table
+    with pytest.raises(ValueError, match="pass --teacher"):
+        results_table.main(["--output", str(output), "--compress_runs", f"other={run}"])
 
 
 def test_given_codes_of_another_layout_or_layer_are_refused(tiny_whisper, tmp_path):
