@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from transformers import HfArgumentParser
 
+from hf_whisper_kdq import output_cache
 from hf_whisper_kdq.audio import load_audio
 from hf_whisper_kdq.data import language_code, whisper_label_text
 from hf_whisper_kdq.losses import logit_distillation_loss, top_k_distillation_loss
@@ -103,10 +104,16 @@ def sizes(teacher, batch, encoder_hidden, positions_all: list[int], top_ks: list
                 "mean_bytes_per_row": projected / len(positions_all),
                 "projected_gb": projected / 1e9,
             }
-        encoder = EncoderOutputCache(Path(folder) / "encoder", teacher.get_encoder(), max_bytes=10**12)
-        encoder.encode(teacher.get_encoder(), batch["input_features"][:1])
-        (row_bytes,) = entry_bytes(encoder)
-    report["encoder_fp16"] = {"bytes_per_row": row_bytes, "projected_gb": row_bytes * len(positions_all) / 1e9}
+        for precision in ("fp16", "int8"):
+            encoder = EncoderOutputCache(
+                Path(folder) / f"encoder-{precision}", teacher.get_encoder(), max_bytes=10**12, precision=precision
+            )
+            encoder.encode(teacher.get_encoder(), batch["input_features"][:1])
+            (row_bytes,) = entry_bytes(encoder)
+            report[f"encoder_{precision}"] = {
+                "bytes_per_row": row_bytes,
+                "projected_gb": row_bytes * len(positions_all) / 1e9,
+            }
     frames, width = encoder_hidden.shape[1:]
     report["encoder_fp32_projected_gb"] = frames * width * 4 * len(positions_all) / 1e9
     vocabulary, layers = teacher.config.vocab_size, teacher.config.decoder_layers + 1
@@ -163,9 +170,9 @@ def top_k_comparison(teacher, student, batch, encoder_hidden, top_ks, temperatur
 
 
 def encoder_precision(teacher, student, batch, encoder_hidden, temperature) -> dict:
-    def int8_per_frame(x):
-        scale = x.abs().amax(-1, keepdim=True) / 127
-        return (x / scale).round().clamp(-127, 127) * scale
+    def int8_per_frame(x):  # as the encoder cache stores int8 entries
+        codes, scale = output_cache.int8_per_frame(x)
+        return codes.float() * scale
 
     mask = batch["labels"].ne(-100)
 

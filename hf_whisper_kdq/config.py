@@ -15,6 +15,9 @@ from transformers import Seq2SeqTrainingArguments
 
 from .quant import ALLOWED_BITS, FLOAT_BITS, GRANULARITIES
 
+# How the encoder-output cache may store a row (output_cache.EncoderOutputCache).
+ENCODER_CACHE_PRECISIONS = ("auto", "fp16", "int8")
+
 MATCHING_MODES = ("static", "dynamic", "dynamic_monotone")
 HIDDEN_TARGETS = ("decoder", "encoder", "both", "none")
 HIDDEN_REPRESENTATIONS = ("layer_output", "ffn_intermediate")
@@ -273,6 +276,15 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
             "warning, and a training set that does not fit is partly recomputed every epoch."
         },
     )
+    encoder_cache_precision: str = field(
+        default="auto",
+        metadata={
+            "help": "How the encoder-output cache stores a row: fp16 (exact to ~2e-4), int8 with one scale per "
+            "frame (half the bytes; changes the losses by ~1e-4 relative, benchmarks/README.md 'Output caches for "
+            "six thousand utterances'), or auto (default): fp16 unless the training set would exceed "
+            "encoder_cache_max_gb in fp16, int8 then."
+        },
+    )
 
     def __post_init__(self):
         if not self.use_cpu and _launched_on_several_processes() and not torch.accelerator.is_available():
@@ -345,6 +357,11 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
                 )
         if self.quant_format == "ggml":
             self._check_ggml()
+        if self.encoder_cache_precision not in ENCODER_CACHE_PRECISIONS:
+            raise ValueError(
+                f"encoder_cache_precision={self.encoder_cache_precision!r}: choose one of "
+                f"{', '.join(ENCODER_CACHE_PRECISIONS)}"
+            )
         if self.encoder_cache_max_gb <= 0:
             raise ValueError(f"encoder_cache_max_gb must be > 0, got {self.encoder_cache_max_gb}")
         if self.teacher_cache_top_k < 0:

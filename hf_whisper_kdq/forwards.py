@@ -166,7 +166,7 @@ class StudentTeacherForwards:
         options = (
             {"top_k": self.args.teacher_cache_top_k, "temperature": self.args.kd_temperature}
             if kind is TeacherOutputCache
-            else {}
+            else {"precision": self.args.encoder_cache_precision}
         )
         return kind(self._cache_folder, model, expected_rows=self.expected_rows, **options)
 

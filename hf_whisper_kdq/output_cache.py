@@ -5,8 +5,9 @@ quantized, its clipping): on a CPU their passes are most of a training step. Two
 size bound:
 
 * :class:`EncoderOutputCache`: a frozen encoder's last hidden state per utterance, stored in fp16 (1,500 × 512
-  values for whisper-base: 1.5 MB instead of 3.1 MB, so that a 6,220-row training set takes 9.6 GB instead of
-  19.1 GB; what the rounding changes: benchmarks/README.md, "Output caches for six thousand utterances");
+  values for whisper-base: 1.5 MB instead of 3.1 MB), or in int8 with a scale per frame (0.8 MB) when the training
+  set would not fit the bound in fp16 (a 6,220-row set: 9.6 GB in fp16, 4.8 GB in int8; what the rounding changes:
+  benchmarks/README.md, "Output caches for six thousand utterances");
 * :class:`TeacherOutputCache`: the teacher's decoder hidden states per training row (utterance and label tokens),
   which spares its whole decoder: as much as the student's forward and backward together for a 2-decoder-layer
   student of whisper-base, because every decoder layer projects 1,500 encoder frames. Its logits are not stored
@@ -34,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers.modeling_outputs import Seq2SeqLMOutput
 
+from .config import ENCODER_CACHE_PRECISIONS
 from .files import atomic_file
 from .losses import IGNORE_INDEX
 from .quant import quant_specs
@@ -226,29 +228,83 @@ class _OutputCache:
         return cached, missing
 
 
+def int8_per_frame(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., frames, width] -> (int8 codes, fp32 scale per frame): symmetric, the frame's largest value at 127."""
+    scale = hidden.float().abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127
+    return (hidden.float() / scale).round().clamp(-127, 127).to(torch.int8), scale
+
+
 class EncoderOutputCache(_OutputCache):
     """``encode(encoder, features) -> last_hidden_state`` with per-utterance entries on disk.
 
-    Entries are fp16 (an entry whose outputs overflow fp16 stays fp32), and a row computed now is returned as it is
-    stored, so that the first epoch sees the same encoder outputs as the later ones and as a rerun.
+    ``precision`` "fp16" stores fp16 (an entry whose outputs overflow fp16 stays fp32); "int8" stores int8 codes with
+    one scale per frame, half those bytes; "auto" (the default) takes fp16 unless the training set's projected fp16
+    entries exceed the folder's bound, and int8 then (what each changes in the losses: benchmarks/README.md, "Output
+    caches for six thousand utterances"). A row computed now is returned as it is stored, so that the first epoch
+    sees the same encoder outputs as the later ones and as a rerun.
     """
 
-    LAYOUT = "last hidden state, fp16 where finite"
     NAME = "encoder outputs"
+
+    def __init__(self, *args, precision: str = "auto", **kwargs):
+        if precision not in ENCODER_CACHE_PRECISIONS:
+            raise ValueError(f"precision {precision!r}: choose one of {', '.join(ENCODER_CACHE_PRECISIONS)}")
+        super().__init__(*args, **kwargs)
+        self.precision = precision
+
+    @property
+    def LAYOUT(self) -> str:  # noqa: N802 (the base class's name for an entry's meaning, part of its key)
+        return "last hidden state, fp16 where finite" if self.precision == "fp16" else "last hidden state, int8/frame"
+
+    def _choose_precision(self, encoder: torch.nn.Module, features: torch.Tensor) -> None:
+        """Resolve "auto" from the first batch's shape: fp16 while the projected training set fits the bound."""
+        if self.precision != "auto":
+            return
+        if not self.expected_rows:  # a training set of unknown size: nothing to project
+            self.precision = "fp16"
+            return
+        frames, width = features.shape[-1] // 2, encoder.config.d_model  # Whisper's second conv has stride 2
+        projected = self.expected_rows * frames * width * 2
+        self.precision = "int8" if projected > self.store.max_bytes else "fp16"
+        if self.precision == "int8":
+            logger.info(
+                "%s: %d rows in fp16 would take about %s, over the cache's bound of %s: storing int8 with a scale "
+                "per frame (half the bytes; --encoder_cache_precision fp16 to keep fp16, with a larger "
+                "--encoder_cache_max_gb)",
+                self.NAME,
+                self.expected_rows,
+                _gb(projected),
+                _gb(self.store.max_bytes),
+            )
+
+    def _stored(self, hidden: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The entry of one row and the values it gives back."""
+        if self.precision == "int8":
+            codes, scale = int8_per_frame(hidden)
+            return {"codes": codes, "scale": scale}, codes.float() * scale
+        stored = hidden.half()
+        stored = stored if bool(stored.isfinite().all()) else hidden
+        return {"last_hidden_state": stored}, stored
+
+    @staticmethod
+    def _values(entry: dict[str, torch.Tensor]) -> torch.Tensor:
+        return entry["codes"].float() * entry["scale"] if "codes" in entry else entry["last_hidden_state"]
 
     @torch.no_grad()
     def encode(self, encoder: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
         """[B, mels, frames] features -> [B, frames / 2, d_model] encoder output, from disk where cached."""
+        self._choose_precision(encoder, features)
         paths = [self._path(row) for row in features]
-        cached, missing = self._lookup(paths, ("last_hidden_state",))
+        required = ("codes", "scale") if self.precision == "int8" else ("last_hidden_state",)
+        cached, missing = self._lookup(paths, required)
+        values = [None if entry is None else self._values(entry) for entry in cached]
         if missing:
             computed = encoder(features[missing]).last_hidden_state
             for i, hidden in zip(missing, computed):
-                stored = hidden.half()
-                cached[i] = {"last_hidden_state": stored if bool(stored.isfinite().all()) else hidden}
-                self._write(paths[i], cached[i])
+                entry, values[i] = self._stored(hidden)
+                self._write(paths[i], entry)
         parameter = next(encoder.parameters())
-        return torch.stack([entry["last_hidden_state"].to(parameter.device, parameter.dtype) for entry in cached])
+        return torch.stack([value.to(parameter.device, parameter.dtype) for value in values])
 
 
 @dataclass

@@ -261,6 +261,49 @@ def test_encoder_entries_are_fp16_keyed_by_model_and_bounded(tmp_path, micro_whi
     assert len(list((tmp_path / "small").glob("*/*/*.safetensors"))) <= 3
 
 
+def test_int8_entries_hold_half_the_bytes_and_give_back_what_they_store(tmp_path, micro_whisper):
+    encoder = micro_whisper(seed=1).get_encoder()
+    features = micro_collate(make_micro_rows(3, seed=5))["input_features"]
+    with torch.no_grad():
+        exact = encoder(features).last_hidden_state
+    fp16 = EncoderOutputCache(tmp_path / "fp16", encoder, max_bytes=10**9, precision="fp16")
+    int8 = EncoderOutputCache(tmp_path / "int8", encoder, max_bytes=10**9, precision="int8")
+    fp16.encode(encoder, features)
+    first = int8.encode(encoder, features)
+    again = EncoderOutputCache(tmp_path / "int8", encoder, max_bytes=10**9, precision="int8")
+    torch.testing.assert_close(again.encode(encoder, features), first, rtol=0, atol=0)  # epochs and reruns agree
+    assert (again.hits, again.misses) == (3, 0)
+    error = (first - exact).norm() / exact.norm()
+    assert 0 < error < 0.02  # 127 levels per frame
+    sizes = [sum(p.stat().st_size for p in cache.folder.glob("*/*.safetensors")) for cache in (fp16, int8)]
+    assert sizes[1] < sizes[0]  # one byte a value instead of two, plus 4 a frame (micro widths: headers weigh)
+    with safe_open(next(int8.folder.glob("*/*.safetensors")), "pt") as tensors:
+        assert tensors.get_tensor("codes").dtype == torch.int8
+    # fp16 and int8 entries of the same rows are different entries: a run never reads the other precision's
+    assert (
+        EncoderOutputCache(tmp_path / "int8", encoder, max_bytes=10**9, precision="fp16")
+        .encode(encoder, features)
+        .dtype
+        == first.dtype
+    )
+    with pytest.raises(ValueError, match="choose one of auto, fp16, int8"):
+        EncoderOutputCache(tmp_path, encoder, max_bytes=10**9, precision="int4")
+
+
+def test_auto_precision_keeps_fp16_while_the_training_set_fits_the_bound(tmp_path, micro_whisper, caplog):
+    encoder = micro_whisper(seed=1).get_encoder()
+    features = micro_collate(make_micro_rows(2, seed=5))["input_features"]
+    fp16_row = features.shape[-1] // 2 * encoder.config.d_model * 2
+    fits = EncoderOutputCache(tmp_path, encoder, max_bytes=100 * fp16_row, expected_rows=50)
+    fits.encode(encoder, features)
+    with caplog.at_level(logging.INFO, logger="hf_whisper_kdq.output_cache"):
+        over = EncoderOutputCache(tmp_path, encoder, max_bytes=100 * fp16_row, expected_rows=500)
+        over.encode(encoder, features)
+    assert (fits.precision, over.precision) == ("fp16", "int8")
+    assert "storing int8 with a scale per frame" in caplog.text and "--encoder_cache_precision fp16" in caplog.text
+    assert over.misses == 2  # int8 entries are not the fp16 run's
+
+
 def _entry_dtype(cache) -> torch.dtype:
     path = next(cache.folder.glob("*/*.safetensors"))
     with safe_open(path, "pt") as tensors:
