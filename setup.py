@@ -17,6 +17,9 @@ OFFLINE = [
 EXPORT = ["compressed-tensors>=0.20", "ctranslate2>=4.5", "pywhispercpp>=1.5.1"]
 # peft: LoRA students (DistillQuantArguments.lora_r, or a PeftModel student), hf_whisper_kdq.peft_students.
 PEFT = ["peft>=0.21"]
+# bitsandbytes: a teacher loaded in 8-bit / 4-bit (DistillQuantArguments.teacher_quantization) and 8-bit optimizers
+# (optim="adamw_bnb_8bit"); 0.46+ runs them on CPUs too.
+BNB = ["bitsandbytes>=0.46"]
 # openai-whisper: its own model is the reference the .pt converter is tested against. deepspeed: ZeRO-2 training is
 # tested on 2 CPU processes (DeepSpeed's CPU accelerator with gloo).
 TEST = [
@@ -27,6 +30,7 @@ TEST = [
     "deepspeed>=0.15",
     *EXPORT,
     *PEFT,
+    *BNB,
     *OFFLINE,
 ]
 
@@ -71,8 +75,9 @@ setup(
         "offline": OFFLINE,
         "export": EXPORT,
         "peft": PEFT,
+        "bnb": BNB,
         "test": TEST,
-        "all": sorted({*OFFLINE, *EXPORT, *PEFT, *TEST}),
+        "all": sorted({*OFFLINE, *EXPORT, *PEFT, *BNB, *TEST}),
     },
     entry_points={"console_scripts": ["hf-whisper-kdq=hf_whisper_kdq.cli:main"]},
     classifiers=[

