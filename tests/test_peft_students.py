@@ -243,7 +243,9 @@ def test_compress_trains_a_lora_student(tmp_path, base_pack_folder):
         base_pack_folder, window_seconds=SHORT_WINDOW_SECONDS, encoder_ffn_dim=256, decoder_ffn_dim=256
     )
     teacher = save_whisper(model, processor, tmp_path / "teacher")
-    arguments = "--level smoke --synthetic_prompts 4 --max_eval_samples 2 --max_steps 2 --per_device_train_batch_size 2 "
+    arguments = (
+        "--level smoke --synthetic_prompts 4 --max_eval_samples 2 --max_steps 2 --per_device_train_batch_size 2 "
+    )
     arguments += "--per_device_eval_batch_size 2 --decoder_layers 1 --eval_max_new_tokens 4 --disable_tqdm true "
     arguments += "--ctranslate2_quantization none --evaluate_teacher false --quant_format ggml --lora_r 4"
     output = tmp_path / "run"
