@@ -132,6 +132,17 @@ def _factor(report: Mapping, size: int | None, teacher: int | None, key: str) ->
     return None if not ratio else float(ratio) if float(ratio) > 1 else 1 / float(ratio)
 
 
+def _freezes_encoder(training_args: Any) -> bool:
+    if training_args is None:
+        return False
+    value = (
+        training_args.get("freeze_encoder")
+        if isinstance(training_args, Mapping)
+        else getattr(training_args, "freeze_encoder", False)
+    )
+    return str(value).lower() == "true"
+
+
 def _hyperparameters(training_args: Any) -> list[tuple[str, str]]:
     if training_args is None:
         return []
@@ -249,6 +260,10 @@ def _size_details(report: Mapping, plan: KDQPlan, sizes: _Sizes, teacher: str) -
         details.append(f"Paper accounting: {public(paper)}")
     if fmt := _get(report, "format", "quantization_format"):
         details.append(f"Weight format: {public(fmt)}.")
+    if formats := _get(report, "shipped_formats"):
+        details.append(
+            "Weights on disk per format: " + "; ".join(f"{public(k)} {_mb(v)}" for k, v in formats.items()) + "."
+        )
     return details
 
 
@@ -326,14 +341,17 @@ def _limitations(report, plan, scores, codes, ct2_quant: str | None, synthetic: 
     return items
 
 
-def _summary(name, teacher, plan: KDQPlan, sizes: _Sizes, scores: list[Score]) -> str:
+def _summary(name, teacher, plan: KDQPlan, sizes: _Sizes, scores: list[Score], frozen_encoder: bool) -> str:
     bits = "/".join(_bits_text(b) for b in sorted({u.bits for u in plan.units if u.modules})) or "float"
     n_enc, n_dec = len(plan.layers("encoder")), len(plan.layers("decoder"))
+    trained = "its weights were quantization-aware trained"
+    if frozen_encoder and plan.quantized("encoder"):
+        # a frozen encoder keeps the clipping searched before training: post-training quantization
+        trained = "its decoder was quantization-aware trained and its frozen encoder quantized post-training"
     text = (
         f"**{name}** is a [Whisper-KDQ](https://arxiv.org/abs/2305.10788) compression of {teacher}: a "
         f"{n_enc}+{n_dec}-layer student distilled from the teacher (logits, and the hidden states of "
-        f"{sum(u.distilled for u in plan.units)} guided layer(s)) while its weights were quantization-aware "
-        f"trained to {bits} bits per layer."
+        f"{sum(u.distilled for u in plan.units)} guided layer(s)) while {trained} to {bits} bits per layer."
     )
     if sizes.size:
         smaller = f", {sizes.factor16:.2f}× smaller than the teacher in fp16" if sizes.factor16 else ""
@@ -439,7 +457,7 @@ def build_model_card(
         card_data,
         template_path=str(find_template(template_path)),
         model_name=name,
-        summary=_summary(name, teacher, plan, sizes, scores),
+        summary=_summary(name, teacher, plan, sizes, scores, _freezes_encoder(training_args)),
         score_columns=columns,
         comparison_rows=rows,
         comparison_note=note,
@@ -506,13 +524,29 @@ def write_model_card(output_dir: str | Path, **kwargs) -> Path:
     report = _report_dict(kwargs.get("compression_report"))
     if kwargs.get("include_ctranslate2") is None and _get(report, "ctranslate2") is None:
         if (ct2 := _ctranslate2_copy(output_dir)) is not None:
-            kwargs = {**kwargs, "compression_report": {**report, "ctranslate2": ct2}}
+            report = {**report, "ctranslate2": ct2}
+    if formats := _shipped_formats(output_dir):
+        report = {**report, "shipped_formats": formats}
+    kwargs = {**kwargs, "compression_report": report}
     text = str(build_model_card(**kwargs))
     output_dir.mkdir(parents=True, exist_ok=True)
     plot_plan(kwargs["plan"], output_dir / _figure_ref(kwargs.get("figure_path", "kdq_plan.png")))
     for local in sorted({str(output_dir.resolve()), str(output_dir.absolute())}, key=len, reverse=True):
         text = text.replace(local, output_dir.name)
     return atomic_write_text(output_dir / "README.md", scrub(text))
+
+
+def _shipped_formats(folder: Path) -> dict[str, int]:
+    """Bytes of the weights of each runtime's copy in ``folder``: the packed folder's safetensors, the CTranslate2
+    copy's model.bin, whisper.cpp files (``ggml*.bin``); the exports write them after the compression report."""
+    formats = {}
+    if (packed := folder / "model.safetensors").is_file():
+        formats["transformers (model.safetensors)"] = packed.stat().st_size
+    if (ct2 := folder / "ctranslate2" / "model.bin").is_file():
+        formats["CTranslate2 (ctranslate2/model.bin)"] = ct2.stat().st_size
+    for ggml in sorted(folder.glob("ggml*.bin")):
+        formats[f"whisper.cpp ({ggml.name})"] = ggml.stat().st_size
+    return formats
 
 
 def _ctranslate2_copy(folder: Path) -> dict | bool | None:

@@ -446,3 +446,25 @@ def test_card_rows_come_from_the_last_evaluation_of_the_log():
         ("zh", "cer", 0.3),
     ]
     assert rows_of_last_evaluation([{"loss": 1.0}]) == []
+
+
+def test_the_summary_says_a_frozen_quantized_encoder_was_quantized_post_training():
+    trained = str(build_model_card(**card_kwargs()))
+    assert "its weights were quantization-aware trained" in trained
+    frozen = str(build_model_card(**card_kwargs(training_args={"freeze_encoder": True, "learning_rate": 5e-5})))
+    assert "its decoder was quantization-aware trained and its frozen encoder quantized post-training" in frozen
+
+
+def test_the_card_lists_the_weights_of_every_runtime_copy_in_its_folder(tmp_path):
+    folder = tmp_path / "compressed"
+    (folder / "ctranslate2").mkdir(parents=True)
+    for name, size in (
+        ("model.safetensors", 3_000_000),
+        ("ctranslate2/model.bin", 5_000_000),
+        ("ggml-model.bin", 2_500_000),
+    ):
+        (folder / name).write_bytes(b"\0" * size)
+    text = write_model_card(folder, **card_kwargs()).read_text()
+    line = next(line for line in text.splitlines() if "Weights on disk per format" in line)
+    assert "transformers (model.safetensors) 3.0 MB" in line and "CTranslate2 (ctranslate2/model.bin) 5.0 MB" in line
+    assert "whisper.cpp (ggml-model.bin) 2.5 MB" in line
