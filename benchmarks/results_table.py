@@ -846,8 +846,9 @@ def compress_run_row(ctx: Context, name: str, folder: Path, eval_json: Path | No
     training_log = summary.get("training_log") or []
     return {
         "row": name,
-        "method": f"KDQ (compress --level {compress.get('level', '?')})",
-        "description": f"`hf-whisper-kdq compress` output {folder}",
+        "method": "KDQ (hf-whisper-kdq compress)",
+        "description": f"`hf-whisper-kdq compress --level {compress.get('level', '?')}` output {folder.name}, "
+        f"{training.get('max_steps')} steps, seed {training.get('seed')}",
         "kind": "compress-run",
         "teacher": compress.get("teacher"),
         "sizes": sizes_from_report(CompressionReport.load(folder / "compressed"), ctx.teacher_sizes()),
