@@ -214,6 +214,26 @@ ROWS: dict[str, dict] = {
         hidden_weight=0.0,
         description="ablation: as kdq-base-decemb-u3 without distillation",
     ),
+    # The CPU recipe of `hf-whisper-kdq compress --level int3 / int4` (compress.RECIPE_DEFAULTS), as rows that
+    # results_table and the GPU script train: the teacher's architecture at one width, the encoder quantized
+    # post-training (the trainer's output-error clip search) and frozen, decoder and embedding trained at lr 5e-5,
+    # compress's selection (once, at the start) and static matching.
+    **{
+        f"kdq-recipe-int{bits}": dict(
+            kind="train",
+            method="KDQ (CPU recipe)",
+            decoder_layers=None,
+            quant_targets=ALL_TARGETS,
+            bits=str(bits),
+            budget=None,
+            guided=False,
+            freeze_encoder=True,
+            learning_rate=5e-5,
+            warmup_steps=3,
+            description=f"the recipe of compress --level int{bits}: int{bits} g32 everywhere, encoder frozen",
+        )
+        for bits in (3, 4)
+    },
 }
 # Post-training baselines at each layout, stored alike (benchmarks/README.md, "Post-training baselines: GPTQ and
 # searched-clip RTN"): round-to-nearest; round-to-nearest with each group's clipping ratio of least weight error
@@ -268,6 +288,7 @@ PRESETS = {
     "ablations": ["kdq-d2-u4", "distill-d2", "qat-d2-u4", "kdq-unguided-d2-4"],
     "ablations-decemb": ["kdq-d2-decemb-u4", "qat-d2-decemb-u4", "kdq-unguided-d2-decemb-4", "distill-d2"],
     "base-decemb": ["ptq-decemb-int3g32", "kdq-base-decemb-u3", "kdq-unguided-base-decemb-3", "qat-base-decemb-u3"],
+    "recipe": ["ptq-oclip-int3g32", "kdq-recipe-int3", "ptq-oclip-int4g32", "kdq-recipe-int4"],
     **{
         f"baselines-{layout}": [
             f"{method}-{layout}" for method in ("ptq", "ptq-clip", "ptq-oclip", "gptq", "gptq-rtnemb")

@@ -674,8 +674,8 @@ def training_arguments(
         output_dir=str(output_dir),
         max_steps=steps,
         per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate,
-        warmup_steps=min(10, steps // 10),
+        learning_rate=row.get("learning_rate", learning_rate),
+        warmup_steps=row.get("warmup_steps", min(10, steps // 10)),
         seed=seed,
         logging_steps=max(1, min(10, steps // 5)),
         disable_tqdm=True,
@@ -688,7 +688,7 @@ def training_arguments(
         hidden_loss_scale=row.get("hidden_loss_scale", "absolute"),
         # compress freezes the encoder by default, which means round-to-nearest for a quantized one (its clipping
         # frozen too): a row that quantizes the encoder trains it, as the method does.
-        freeze_encoder=not quantizes_encoder(row),
+        freeze_encoder=row.get("freeze_encoder", not quantizes_encoder(row)),
     )
     if row["guided"]:
         # Re-planning late undid training on the GPU (loss 0.57 → 2.38 after the re-plan at step 250 of 500):

@@ -264,10 +264,38 @@ def test_rows_that_quantize_the_encoder_train_it(tmp_path, micro_whisper):
         args = results_table.training_arguments(
             row, student, tmp_path, steps=4, batch_size=2, learning_rate=1e-4, seed=0
         )
-        assert args.freeze_encoder == (not results_table.quantizes_encoder(row)), name
+        expected = row.get("freeze_encoder", not results_table.quantizes_encoder(row))  # the recipe's: frozen
+        assert args.freeze_encoder == expected, name
     assert results_table.training_arguments(
         results_table.ROWS["distill-d2"], student, tmp_path, steps=4, batch_size=2, learning_rate=1e-4, seed=0
     ).freeze_encoder  # float: encoder frozen, shared
     assert not results_table.training_arguments(
         results_table.ROWS["kdq-d2-u4"], student, tmp_path, steps=4, batch_size=2, learning_rate=1e-4, seed=0
     ).freeze_encoder
+
+
+def test_the_recipe_rows_train_as_compress_levels_do(tmp_path, micro_whisper):
+    """One training path: kdq-recipe-intB trains with the arguments `compress --level intB` resolves to."""
+    from transformers import HfArgumentParser
+
+    from hf_whisper_kdq.compress import with_training_defaults
+    from hf_whisper_kdq.config import DistillQuantArguments
+
+    student = micro_whisper()
+    keys = ("quant_targets", "quant_bit_choices", "freeze_encoder", "learning_rate", "warmup_steps", "layer_matching")
+    keys += (
+        "selection_interval",
+        "quant_group_size",
+        "size_budget_mb",
+        "size_budget_ratio",
+        "kd_weight",
+        "hidden_weight",
+    )
+    for bits in (3, 4):
+        row = results_table.ROWS[f"kdq-recipe-int{bits}"]
+        ours = results_table.training_arguments(
+            row, student, tmp_path, steps=30, batch_size=8, learning_rate=1e-4, seed=0
+        )
+        argv = with_training_defaults(["--level", f"int{bits}", "--output_dir", str(tmp_path)])[2:]
+        (compress,) = HfArgumentParser(DistillQuantArguments).parse_args_into_dataclasses(args=argv)
+        assert {k: getattr(ours, k) for k in keys} == {k: getattr(compress, k) for k in keys}, bits
