@@ -3,6 +3,7 @@
     python benchmarks/whisper_cpp_ftypes.py                                   # whisper-base, 40 LJSpeech (en)
     python benchmarks/whisper_cpp_ftypes.py openai/whisper-tiny.en --ftypes q8_0,q4_0 --limit 10
     python benchmarks/whisper_cpp_ftypes.py ./my-student --keep ./ggml --json results.json
+    python benchmarks/whisper_cpp_ftypes.py --corpus aishell1-sample --language zh --ftypes q4_0   # Mandarin, CER
 
 The model is loaded once (``sources.load_whisper``) and written with ``export.ggml.export_whisper_cpp`` in each
 ``--ftypes``; every file decodes the same utterances greedily with ``--threads`` threads
@@ -27,7 +28,7 @@ from transformers import HfArgumentParser
 from hf_whisper_kdq.data import load_manifest
 from hf_whisper_kdq.evaluation import audio_values, transcribe
 from hf_whisper_kdq.export.ggml import FTYPES, export_whisper_cpp, load_whisper_cpp, transcribe_whisper_cpp
-from hf_whisper_kdq.scoring import score
+from hf_whisper_kdq.scoring import CER_LANGUAGES, score
 from hf_whisper_kdq.sources import load_whisper
 
 DEFAULT_MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech" / "dev.jsonl"
@@ -63,12 +64,13 @@ def _timed(decode) -> tuple[list[str], float, float]:
     return texts, time.process_time() - cpu, time.perf_counter() - wall
 
 
-def _row(name: str, size: int | None, references, texts, cpu: float, wall: float, audio_seconds: float) -> dict:
-    scores = score(references, texts, "en")
+def _row(name: str, size: int | None, references, texts, cpu: float, wall: float, audio_seconds: float, language: str):
+    scores = score(references, texts, language)
     return {
         "format": name,
         "file_bytes": size,
-        "wer": scores["wer"],
+        "metric": scores["metric"],
+        "error_rate": scores[scores["metric"]],
         "cpu_seconds_per_audio_second": cpu / audio_seconds,
         "wall_seconds_per_audio_second": wall / audio_seconds,
     }
@@ -77,7 +79,7 @@ def _row(name: str, size: int | None, references, texts, cpu: float, wall: float
 def _print_row(row: dict) -> None:
     size = "" if row["file_bytes"] is None else f"{row['file_bytes'] / 1e6:.1f}"
     print(
-        f"{row['format']:<22} {size:>8} {row['wer']:>7.1%} {row['cpu_seconds_per_audio_second']:>16.3f} "
+        f"{row['format']:<22} {size:>8} {row['error_rate']:>7.1%} {row['cpu_seconds_per_audio_second']:>16.3f} "
         f"{row['wall_seconds_per_audio_second']:>17.3f}",
         flush=True,
     )
@@ -95,7 +97,7 @@ def run(args: FtypeArguments) -> list[dict]:
     if not args.no_transformers:
         transcribe(model, processor, audios[:1], languages=args.language, progress=False)  # warm-up, off the clock
         texts, cpu, wall = _timed(lambda: transcribe(model, processor, audios, languages=args.language, progress=False))
-        rows.append(_row("transformers float32", None, references, texts, cpu, wall, audio_seconds))
+        rows.append(_row("transformers float32", None, references, texts, cpu, wall, audio_seconds, args.language))
         _print_row(rows[-1])
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(args.keep or scratch)
@@ -104,7 +106,8 @@ def run(args: FtypeArguments) -> list[dict]:
             whisper = load_whisper_cpp(path, n_threads=args.threads)
             transcribe_whisper_cpp(whisper, audios[:1], args.language)  # warm-up, off the clock
             texts, cpu, wall = _timed(lambda whisper=whisper: transcribe_whisper_cpp(whisper, audios, args.language))
-            rows.append(_row(f"whisper.cpp {ftype}", path.stat().st_size, references, texts, cpu, wall, audio_seconds))
+            size = path.stat().st_size
+            rows.append(_row(f"whisper.cpp {ftype}", size, references, texts, cpu, wall, audio_seconds, args.language))
             _print_row(rows[-1])
     return rows
 
@@ -112,7 +115,8 @@ def run(args: FtypeArguments) -> list[dict]:
 def main(argv=None) -> None:
     args = parse_args(argv)
     print(f"{args.model}, {args.limit} {args.corpus} ({args.language}) utterances, {args.threads} threads")
-    print(f"{'format':<22} {'file MB':>8} {'WER':>7} {'CPU s / audio s':>16} {'wall s / audio s':>17}", flush=True)
+    metric = "CER" if args.language in CER_LANGUAGES else "WER"
+    print(f"{'format':<22} {'file MB':>8} {metric:>7} {'CPU s / audio s':>16} {'wall s / audio s':>17}", flush=True)
     rows = run(args)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
