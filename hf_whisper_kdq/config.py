@@ -17,6 +17,8 @@ from .quant import ALLOWED_BITS, FLOAT_BITS, GRANULARITIES
 
 # How the encoder-output cache may store a row (output_cache.EncoderOutputCache).
 ENCODER_CACHE_PRECISIONS = ("auto", "fp16", "int8")
+# How bitsandbytes may load a teacher (sources.bitsandbytes_config).
+BITSANDBYTES_LOADS = ("8bit", "4bit")
 
 MATCHING_MODES = ("static", "dynamic", "dynamic_monotone")
 HIDDEN_TARGETS = ("decoder", "encoder", "both", "none")
@@ -366,8 +368,10 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
                 )
         if self.quant_format == "ggml":
             self._check_ggml()
-        if self.teacher_load_in not in (None, "8bit", "4bit"):
-            raise ValueError(f"teacher_load_in={self.teacher_load_in!r}: choose 8bit or 4bit (or leave it unset)")
+        if self.teacher_load_in is not None and self.teacher_load_in not in BITSANDBYTES_LOADS:
+            raise ValueError(
+                f"teacher_load_in={self.teacher_load_in!r}: choose one of {', '.join(BITSANDBYTES_LOADS)} (or leave it unset)"
+            )
         if self.encoder_cache_precision not in ENCODER_CACHE_PRECISIONS:
             raise ValueError(
                 f"encoder_cache_precision={self.encoder_cache_precision!r}: choose one of "

@@ -35,6 +35,7 @@ OUT_OF_RANGE = [
     ({"quant_symmetric": False}, r"asymmetric quantization is not supported yet: set quant_symmetric=True"),
     ({"encoder_cache_max_gb": 0}, r"encoder_cache_max_gb must be > 0, got 0"),
     ({"encoder_cache_precision": "int4"}, r"encoder_cache_precision=.int4.: choose one of auto, fp16, int8"),
+    ({"teacher_load_in": "2bit"}, r"teacher_load_in=.2bit.: choose one of 8bit, 4bit"),
     ({"teacher_cache_top_k": -1}, r"teacher_cache_top_k must be ≥ 0, got -1: 0 for the exact"),
     ({"teacher_cache_top_k": 64, "cache_teacher_outputs": False}, r"needs the teacher cache.*drop one of them"),
     *[

@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration, WhisperProcessor
 
+from ..config import BITSANDBYTES_LOADS
 from ..files import COMPLETE_MARKER, atomic_folder, written_by_us
 from .ctranslate2 import CT2FormatError, ct2_to_hf_state_dict, model_bin_parts, read_ct2_model
 from .offline import (
@@ -242,9 +243,6 @@ def _pack_folder(pack: OfflinePack) -> Path:
 
 def _hf_location(source: CheckpointSource) -> str:
     return str(_pack_folder(source.pack)) if source.kind == "pack" else source.location
-
-
-BITSANDBYTES_LOADS = ("8bit", "4bit")
 
 
 def bitsandbytes_config(load_in: str, compute_dtype: torch.dtype = torch.float32):
