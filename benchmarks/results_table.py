@@ -411,6 +411,20 @@ def scores(report) -> dict:
     return {entry["corpus"]: {key: entry[key] for key in keys} for entry in report.corpora}
 
 
+def evaluation_entry(report, english_only: bool) -> dict:
+    """A row JSON's ``evaluation``: an ``EvaluationReport``'s scores per corpus and its costs."""
+    return {
+        "english_only": english_only,
+        "scores": scores(report),
+        "rtf": report.rtf,
+        "n_utterances": report.n_utterances,
+        "audio_seconds": report.audio_seconds,
+        "batch_size": report.batch_size,
+        "num_beams": report.num_beams,
+        "dtype": report.dtype,
+    }
+
+
 def measure(ctx: Context, name: str, model, processor, row_dir: Path, result: dict) -> None:
     """Transformers evaluation of ``model`` (QAT wrappers baked in), then the optional CTranslate2 int8 run."""
     from hf_whisper_kdq import evaluate_model
@@ -430,17 +444,7 @@ def measure(ctx: Context, name: str, model, processor, row_dir: Path, result: di
     del plain
     gc.collect()
     report.save_json(row_dir / "eval_transformers.json", per_utterance=True)
-    result["evaluation"] = {
-        "english_only": english_only,
-        "scores": scores(report),
-        "rtf": report.rtf,
-        "n_utterances": report.n_utterances,
-        "audio_seconds": report.audio_seconds,
-        "batch_size": report.batch_size,
-        "num_beams": report.num_beams,
-        "dtype": report.dtype,
-        "max_new_tokens": ctx.args.max_new_tokens,
-    }
+    result["evaluation"] = {**evaluation_entry(report, english_only), "max_new_tokens": ctx.args.max_new_tokens}
     result["ct2"] = None
     if ctx.args.ct2:
         from hf_whisper_kdq.evaluation import weight_files
@@ -852,16 +856,7 @@ def compress_run_row(ctx: Context, name: str, folder: Path, eval_json: Path | No
         "kind": "compress-run",
         "teacher": compress.get("teacher"),
         "sizes": sizes_from_report(CompressionReport.load(folder / "compressed"), ctx.teacher_sizes()),
-        "evaluation": {
-            "english_only": False,
-            "scores": scores(report),
-            "rtf": report.rtf,
-            "n_utterances": report.n_utterances,
-            "audio_seconds": report.audio_seconds,
-            "batch_size": report.batch_size,
-            "num_beams": report.num_beams,
-            "dtype": report.dtype,
-        },
+        "evaluation": evaluation_entry(report, english_only=False),
         "ct2": None,
         "training": {
             "train_steps": training.get("max_steps"),

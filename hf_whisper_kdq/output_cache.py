@@ -281,10 +281,11 @@ class EncoderOutputCache(_OutputCache):
         """The entry of one row and the values it gives back."""
         if self.precision == "int8":
             codes, scale = int8_per_frame(hidden)
-            return {"codes": codes, "scale": scale}, codes.float() * scale
-        stored = hidden.half()
-        stored = stored if bool(stored.isfinite().all()) else hidden
-        return {"last_hidden_state": stored}, stored
+            entry = {"codes": codes, "scale": scale}
+        else:
+            stored = hidden.half()
+            entry = {"last_hidden_state": stored if bool(stored.isfinite().all()) else hidden}
+        return entry, self._values(entry)
 
     @staticmethod
     def _values(entry: dict[str, torch.Tensor]) -> torch.Tensor:
