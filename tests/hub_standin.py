@@ -5,8 +5,10 @@
 (README metadata), POST /api/models/{repo}/preupload/{rev} (answers ``uploadMode: regular`` for every file, so the
 client sends each file inline, base64, in the commit: no LFS / Xet upload path is taken), POST
 /api/models/{repo}/commit/{rev} (NDJSON, decoded into the committed files), POST /api/models/{repo}/branch/{rev}
-GET /api/models/{repo} (create_repo's existence check after a 403) and GET /api/agent-harnesses. Anything else is answered 404 and
-recorded as unexpected. It serves at most ``max_requests`` requests and shuts itself down after ``lifetime`` s.
+GET /api/models/{repo} (create_repo's existence check after a 403) and GET /api/agent-harnesses. Probes for
+``kernels-community`` are answered 404 and kept apart in ``kernel_probes``: bitsandbytes, imported by peft when
+transformers' Trainer is imported, asks the Hub for a CPU kernel on CPUs with AVX512-BF16 (not a request of this
+package; bitsandbytes falls back to its own kernel). Anything else is answered 404 and recorded as unexpected. It serves at most ``max_requests`` requests and shuts itself down after ``lifetime`` s.
 
 Not a test module: test files import it with ``from hub_standin import HubStandIn``. tests/ has no __init__.py,
 so pytest's default ("prepend") import mode puts tests/ on sys.path, as it does for ``from conftest import ...``.
@@ -31,6 +33,7 @@ class HubStandIn:
         self.forbid, self.max_requests = forbid, max_requests
         self.requests: list[dict] = []
         self.unexpected: list[str] = []
+        self.kernel_probes: list[str] = []
         self.commits: list[dict] = []
         self.created: list[dict] = []
         self.branches: list[str] = []
@@ -66,6 +69,9 @@ class HubStandIn:
             return 200, {"url": f"{self.endpoint}/{name}", "name": name}
         if method == "POST" and path == "/api/validate-yaml":
             return 200, {"errors": [], "warnings": []}
+        if method == "GET" and "kernels-community" in parts:
+            self.kernel_probes.append(f"{method} {path}")
+            return 404, {"error": "Repository not found"}
         if method == "GET" and path == "/api/agent-harnesses":
             # huggingface_hub (≥ 2.4) fetches this registry, best effort, for its user agent in a fresh process.
             return 200, {"standardEnvVars": [], "harnesses": {}}

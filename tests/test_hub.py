@@ -6,7 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -213,3 +216,17 @@ def test_unreachable_hub_and_local_path_warning(checkpoint, online, caplog):
     with pytest.raises(PushError, match=rf"{REPO} failed while trying to create the repo: Hub unreachable"):
         push_compressed(folder, REPO, endpoint=closed)
     assert "config.json mentions a local path" in caplog.text
+
+
+def test_bitsandbytes_kernel_probe_is_kept_apart_from_unexpected_requests(tmp_path):
+    """bitsandbytes' import (via peft, via transformers' Trainer) asks the Hub for a CPU kernel on AVX512-BF16 CPUs;
+    the stand-in must file that probe apart, or every push test fails on such a CI machine. The probe is the real
+    call bitsandbytes makes (kernels.get_kernel), in a fresh process so that HF_ENDPOINT is read at import."""
+    pytest.importorskip("kernels")
+    probe = "from kernels import get_kernel; get_kernel('kernels-community/quantization-bitsandbytes', version=1)"
+    environment = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path)}
+    with HubStandIn() as hub:
+        environment["HF_ENDPOINT"] = hub.endpoint
+        finished = subprocess.run([sys.executable, "-c", probe], env=environment, capture_output=True, timeout=120)
+    assert finished.returncode != 0  # no such kernel on the stand-in: bitsandbytes falls back to its own
+    assert hub.kernel_probes and hub.unexpected == []
