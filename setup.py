@@ -20,6 +20,9 @@ PEFT = ["peft>=0.21"]
 # bitsandbytes: a teacher loaded in 8-bit / 4-bit (DistillQuantArguments.teacher_quantization) and 8-bit optimizers
 # (optim="adamw_bnb_8bit"); 0.46+ runs them on CPUs too.
 BNB = ["bitsandbytes>=0.46"]
+# onnx + onnxruntime: the ONNX Runtime export (export.onnx) and its runtime (evaluation_onnx). GatherBlockQuantized
+# on uint8-packed data gained 8 bits in mid-2025 and 2 bits in May 2026 (onnxruntime PRs 25214, 28530): 1.26+.
+ONNX = ["onnx>=1.17", "onnxruntime>=1.26"]
 # openai-whisper: its own model is the reference the .pt converter is tested against. deepspeed: ZeRO-2 training is
 # tested on 2 CPU processes (DeepSpeed's CPU accelerator with gloo).
 TEST = [
@@ -31,6 +34,7 @@ TEST = [
     *EXPORT,
     *PEFT,
     *BNB,
+    *ONNX,
     *OFFLINE,
 ]
 
@@ -76,8 +80,9 @@ setup(
         "export": EXPORT,
         "peft": PEFT,
         "bnb": BNB,
+        "onnx": ONNX,
         "test": TEST,
-        "all": sorted({*OFFLINE, *EXPORT, *PEFT, *BNB, *TEST}),
+        "all": sorted({*OFFLINE, *EXPORT, *PEFT, *BNB, *ONNX, *TEST}),
     },
     entry_points={"console_scripts": ["hf-whisper-kdq=hf_whisper_kdq.cli:main"]},
     classifiers=[

@@ -1,16 +1,21 @@
-"""File size and accuracy of one Whisper model exported to whisper.cpp in each file type, run by pywhispercpp.
+"""File size, accuracy and CPU speed of one Whisper model exported to whisper.cpp in each file type (run by
+pywhispercpp) and, with ``--onnx``, to ONNX Runtime, beside the transformers model itself.
 
     python benchmarks/whisper_cpp_ftypes.py                                   # whisper-base, 40 LJSpeech (en)
     python benchmarks/whisper_cpp_ftypes.py openai/whisper-tiny.en --ftypes q8_0,q4_0 --limit 10
     python benchmarks/whisper_cpp_ftypes.py ./my-student --keep ./ggml --json results.json
     python benchmarks/whisper_cpp_ftypes.py --corpus aishell1-sample --language zh --ftypes q4_0   # Mandarin, CER
+    python benchmarks/whisper_cpp_ftypes.py kdq-output --ftypes q4_0 --onnx         # + the ONNX export's own codes
+    python benchmarks/whisper_cpp_ftypes.py --ftypes q4_0 --onnx --onnx_quantize int4-g32   # + naive int4 ONNX
 
 The model is loaded once (``sources.load_whisper``) and written with ``export.ggml.export_whisper_cpp`` in each
 ``--ftypes``; every file decodes the same utterances greedily with ``--threads`` threads
 (``transcribe_whisper_cpp``), one utterance off the clock first, and is scored by ``scoring.score``. The
 transformers model itself (float32, batched) is the reference row (``--no_transformers`` skips it). Speed is given
 as CPU seconds of this process per audio second (all of whisper.cpp's threads count), which a busy machine changes
-less than wall time; wall time is reported too.
+less than wall time; wall time is reported too. The ONNX row is ``export.onnx.export_onnx`` of ``--model`` itself (so
+a compressed folder's packed codes are exported exactly, a float model at ``--onnx_quantize`` or in float16), decoded
+by ``evaluation_onnx.OnnxWhisper`` with ``--threads`` intra-op threads; its size is the two graphs' bytes.
 """
 
 from __future__ import annotations
@@ -47,6 +52,10 @@ class FtypeArguments:
     threads: int = field(default=2, metadata={"help": "CPU threads of each engine"})
     keep: str | None = field(default=None, metadata={"help": "keep the ggml files in this folder (None: a temp one)"})
     no_transformers: bool = field(default=False, metadata={"help": "skip the transformers reference row"})
+    onnx: bool = field(default=False, metadata={"help": "add the ONNX Runtime export's row"})
+    onnx_quantize: str | None = field(
+        default=None, metadata={"help": "quantize a float model on ONNX export to this spec, e.g. int4-g32"}
+    )
     json: str | None = field(default=None, metadata={"help": "write the rows to this JSON file"})
 
 
@@ -101,7 +110,7 @@ def run(args: FtypeArguments) -> list[dict]:
         _print_row(rows[-1])
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(args.keep or scratch)
-        for ftype in args.ftypes.split(","):
+        for ftype in filter(None, args.ftypes.split(",")):
             path = export_whisper_cpp(model, processor, folder / f"ggml-{ftype}.bin", ftype=ftype, overwrite=True)
             whisper = load_whisper_cpp(path, n_threads=args.threads)
             transcribe_whisper_cpp(whisper, audios[:1], args.language)  # warm-up, off the clock
@@ -109,7 +118,22 @@ def run(args: FtypeArguments) -> list[dict]:
             size = path.stat().st_size
             rows.append(_row(f"whisper.cpp {ftype}", size, references, texts, cpu, wall, audio_seconds, args.language))
             _print_row(rows[-1])
+        if args.onnx:
+            rows.append(_onnx_row(args, folder / "onnx", audios, references, audio_seconds))
+            _print_row(rows[-1])
     return rows
+
+
+def _onnx_row(args: FtypeArguments, folder: Path, audios, references, audio_seconds: float) -> dict:
+    from hf_whisper_kdq.evaluation_onnx import OnnxWhisper
+    from hf_whisper_kdq.export.onnx import export_onnx, onnx_file_bytes
+
+    export_onnx(args.model, None, folder, quantize=args.onnx_quantize, overwrite=True)
+    whisper = OnnxWhisper(folder, threads=args.threads)
+    whisper.transcribe(audios[:1], args.language)  # warm-up, off the clock
+    texts, cpu, wall = _timed(lambda: whisper.transcribe(audios, args.language))
+    name = f"onnxruntime {args.onnx_quantize or 'codes/fp16'}"
+    return _row(name, onnx_file_bytes(folder), references, texts, cpu, wall, audio_seconds, args.language)
 
 
 def main(argv=None) -> None:

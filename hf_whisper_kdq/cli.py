@@ -1,4 +1,5 @@
-"""The ``hf-whisper-kdq`` command: ``compress``, ``convert``, ``evaluate``, ``export-ggml`` and ``push``.
+"""The ``hf-whisper-kdq`` command: ``compress``, ``convert``, ``evaluate``, ``export-ggml``, ``export-onnx`` and
+``push``.
 
 Each subcommand's arguments are a dataclass parsed by ``HfArgumentParser``, so every flag is documented by
 ``--help`` and a whole run can be given as one JSON or YAML file (``hf-whisper-kdq evaluate run.yaml``).
@@ -112,6 +113,45 @@ def run_export_ggml(args: ExportGgmlArguments) -> Path:
     return output
 
 
+@dataclass
+class ExportOnnxArguments:
+    source: str = field(
+        metadata={
+            "help": "Model to export: a compressed folder written by `compress` (its packed codes are exported "
+            "exactly), a Hub id, an HF folder, an OpenAI .pt checkpoint or a CTranslate2 folder."
+        }
+    )
+    output_dir: str = field(metadata={"help": "Folder to write encoder.onnx, decoder.onnx and the processor to."})
+    quantize: str | None = field(
+        default=None,
+        metadata={
+            "help": "For a float source: quantize every linear and the token embedding round-to-nearest to this "
+            "spec (int4-g32, int8-g32, int4-g128 ...) on the way; left out, float weights (stored in float16)."
+        },
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace output_dir when it holds another output of hf-whisper-kdq (a previous ONNX export "
+            "is always replaced; a folder of other files never)."
+        },
+    )
+
+    def __post_init__(self):
+        if self.quantize is not None:
+            from .quant import QuantSpec
+
+            QuantSpec.parse(self.quantize)  # a bad spec fails here, before the model is loaded
+
+
+def run_export_onnx(args: ExportOnnxArguments) -> Path:
+    from .export.onnx import export_onnx, onnx_file_bytes
+
+    output = export_onnx(args.source, None, args.output_dir, quantize=args.quantize, overwrite=args.overwrite)
+    print(f"Wrote {output} ({onnx_file_bytes(output) / 1e6:.1f} MB of ONNX graphs)")
+    return output
+
+
 def _evaluation_command():
     from .evaluation import EvaluationArguments, run_evaluation
 
@@ -169,6 +209,10 @@ COMMANDS: dict[str, tuple[str, Callable]] = {
     "export-ggml": (
         "Export any Whisper checkpoint to a whisper.cpp model file (f16, q8_0, q5_0 or q4_0).",
         lambda: (ExportGgmlArguments, run_export_ggml, ("source", "output")),
+    ),
+    "export-onnx": (
+        "Export any Whisper checkpoint or compressed folder to ONNX Runtime (quantized weights as MatMulNBits).",
+        lambda: (ExportOnnxArguments, run_export_onnx, ("source", "output_dir")),
     ),
     "push": (
         "Upload a compressed folder (checkpoint, card, figure) to the Hub in one commit.",

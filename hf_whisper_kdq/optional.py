@@ -1,5 +1,5 @@
 """Optional dependencies (the ``export`` extra: ctranslate2, faster-whisper, pywhispercpp; the ``peft`` extra: peft;
-the ``bnb`` extra: bitsandbytes),
+the ``bnb`` extra: bitsandbytes; the ``onnx`` extra: onnx, onnxruntime),
 imported where they are used, so that the package imports without them and a missing one is reported with the
 command that installs it.
 """
@@ -11,6 +11,7 @@ from types import ModuleType
 
 EXPORT_INSTALL_HINT = 'pip install "hf-whisper-kdq[export]"'
 PEFT_INSTALL_HINT = 'pip install "hf-whisper-kdq[peft]"'
+ONNX_INSTALL_HINT = 'pip install "hf-whisper-kdq[onnx]"'
 BNB_INSTALL_HINT = 'pip install "hf-whisper-kdq[bnb]"'
 
 

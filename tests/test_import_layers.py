@@ -27,6 +27,7 @@ LAYERS = (
             "card",
             "card_scores",
             "export",
+            "evaluation_onnx",
             "ggml_budget",
             "peft_students",
         },

@@ -10,7 +10,8 @@
 The checkpoint uses compressed-tensors' ``pack-quantized`` format (see :mod:`.compressed`); the folder also
 holds ``compression_report.json`` (see :mod:`.report`). The CTranslate2 / faster-whisper export lives in
 :mod:`hf_whisper_kdq.export.ctranslate2` (imported on its own: it needs ctranslate2), the whisper.cpp (ggml) export
-in :mod:`hf_whisper_kdq.export.ggml`. No torchao variant.
+in :mod:`hf_whisper_kdq.export.ggml`, the ONNX Runtime export in :mod:`hf_whisper_kdq.export.onnx` (it needs onnx).
+No torchao variant.
 """
 
 from .compressed import CT_STRATEGIES, PACK_FORMAT, save_compressed

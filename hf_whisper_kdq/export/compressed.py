@@ -55,12 +55,13 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..adapters import is_training_only, merge_lora_layers, strip_training_only
+from ..adapters import holds_training_only, is_training_only, merge_lora_layers, strip_training_only
 from ..files import atomic_folder, check_output_folder
 from ..quant import GGMLSpec, QuantizedWeight, QuantSpec, prepare_qat, quant_specs
 from ..selection import KDQPlan
@@ -408,6 +409,26 @@ def save_compressed(
     return CompressionReport.from_dict(report, output_dir)
 
 
+def float_model_and_codes(model_or_folder, processor) -> tuple[nn.Module, Any, dict[str, QuantizedWeight]]:
+    """What an export reads from ``model_or_folder``, as ``(model, processor, codes)``: a plain float Whisper (QAT layers baked, adapters dropped, packed
+    compressed-tensors weights unpacked) and the integer codes its quantized layers hold (``convert_qat``'s, or a
+    packed folder's; empty for a float model). The caller's model is never modified."""
+    if isinstance(model_or_folder, nn.Module):
+        if processor is None:
+            raise ValueError("exporting a model object needs its WhisperProcessor (the vocabulary and mel filters)")
+        if not holds_training_only(model_or_folder):
+            return model_or_folder, processor, {}
+        student = copy.deepcopy(model_or_folder)
+        return student, processor, strip_training_only(student)
+    from ..sources import load_whisper
+
+    model, loaded_processor = load_whisper(model_or_folder, dtype=None)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # a compressed folder of mixed widths (one width loads dense, unpacked already)
+        quantizer.compressor.decompress_model(model)
+    return model, processor or loaded_processor, read_packed_codes(model_or_folder)
+
+
 def read_packed_codes(folder: str | os.PathLike) -> dict[str, QuantizedWeight]:
     """The codes and scales of every packed layer of a folder `save_compressed` wrote (the student's, checked when
     they were written), by module name; empty for a folder without packed layers or that is not a local folder.
@@ -435,4 +456,4 @@ def read_packed_codes(folder: str | os.PathLike) -> dict[str, QuantizedWeight]:
     return codes
 
 
-__all__ = ["CT_STRATEGIES", "PACK_FORMAT", "read_packed_codes", "save_compressed"]
+__all__ = ["CT_STRATEGIES", "PACK_FORMAT", "float_model_and_codes", "read_packed_codes", "save_compressed"]

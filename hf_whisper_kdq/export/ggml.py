@@ -26,7 +26,6 @@ codes are refused unless ``requantize``. Distillation adapters are dropped. ``py
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -38,14 +37,13 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from ..adapters import holds_training_only, is_training_only, merged_key, strip_training_only
+from ..adapters import is_training_only, merged_key
 from ..audio import as_audio_array
 from ..files import atomic_file
 from ..optional import import_optional
-from ..quant import QuantizedWeight
 from ..quant.spec import GGML_BLOCKS
 from ..scoring import language_code
-from .compressed import read_packed_codes
+from .compressed import float_model_and_codes
 from .ggml_codes import (
     BLOCK_TYPES,
     GGML_TYPES,
@@ -250,26 +248,6 @@ def ggml_file_bytes(model: nn.Module, processor, ftype: str) -> int:
     )
 
 
-def _source(model_or_folder, processor) -> tuple[nn.Module, Any, dict[str, QuantizedWeight]]:
-    """The exported ``(model, processor, codes)``: a plain float Whisper (QAT layers baked, adapters dropped, packed
-    compressed-tensors weights unpacked) and the integer codes its quantized layers hold (``convert_qat``'s, or a
-    packed folder's; empty for a float model). The caller's model is never modified."""
-    if isinstance(model_or_folder, nn.Module):
-        if processor is None:
-            raise ValueError("exporting a model object needs its WhisperProcessor (the vocabulary and mel filters)")
-        if not holds_training_only(model_or_folder):
-            return model_or_folder, processor, {}
-        student = copy.deepcopy(model_or_folder)
-        return student, processor, strip_training_only(student)
-    from ..sources import load_whisper
-
-    model, loaded_processor = load_whisper(model_or_folder, dtype=None)
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:  # a compressed folder of mixed widths (one width loads dense, unpacked already)
-        quantizer.compressor.decompress_model(model)
-    return model, processor or loaded_processor, read_packed_codes(model_or_folder)
-
-
 def read_file_type(path: str | os.PathLike) -> str:
     """The file type (``FTYPES`` key) in the header of a whisper.cpp file."""
     with open(path, "rb") as file:
@@ -325,7 +303,7 @@ def export_whisper_cpp(
         raise ValueError(f"ftype {ftype!r} is not supported: use one of {', '.join(FTYPES)} or auto")
     path = Path(path).expanduser().absolute()
     _check_output(path, overwrite)
-    model, processor, codes = _source(model_or_folder, processor)
+    model, processor, codes = float_model_and_codes(model_or_folder, processor)
     if ftype == "auto":
         ftype = file_type_of(codes)
     config = model.config

@@ -1,0 +1,98 @@
+"""evaluation_onnx: greedy decoding of an ONNX export in onnxruntime, against transformers' generate of the same
+model, and its evaluation report."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_export_onnx import _student
+
+from hf_whisper_kdq.evaluation import transcribe
+from hf_whisper_kdq.export.onnx import export_onnx, onnx_file_bytes
+
+pytest.importorskip("onnxruntime")
+from hf_whisper_kdq.evaluation_onnx import OnnxWhisper, evaluate_onnx, transcribe_onnx  # noqa: E402
+
+
+def _audios(n: int, seed: int = 0) -> list[np.ndarray]:
+    generator = np.random.default_rng(seed)
+    return [(0.1 * generator.standard_normal(16000)).astype(np.float32) for _ in range(n)]
+
+
+@pytest.fixture
+def exported(short_window_whisper, tmp_path):
+    model, processor = short_window_whisper
+    student = _student(model, "int4-g32")
+    return student, processor, export_onnx(student, processor, tmp_path / "onnx")
+
+
+def test_greedy_transcripts_equal_transformers_generate(exported):
+    """The prompt (start, language, task, no timestamps), suppressed tokens and the stop give generate()'s tokens."""
+    student, processor, folder = exported
+    audios = _audios(3)
+    for language in ("en", "zh", None):  # None: the language is detected, by both, from the same logits
+        expected = transcribe(student, processor, audios, languages=language, max_new_tokens=12, progress=False)
+        assert transcribe_onnx(folder, audios, language, threads=1, max_new_tokens=12) == expected
+
+
+def test_an_english_only_model_gets_its_prompt_and_refuses_other_languages(exported):
+    student, processor, folder = exported
+    whisper = OnnxWhisper(folder, threads=1)
+    for config in (whisper.generation_config, student.generation_config):  # as openai/whisper-tiny.en's
+        config.is_multilingual = False
+        del config.lang_to_id
+    audios = _audios(2, seed=1)
+    expected = transcribe(student, processor, audios, max_new_tokens=6, progress=False)
+    assert whisper.transcribe(audios, "en", max_new_tokens=6) == expected
+    with pytest.raises(ValueError, match="English-only"):
+        whisper.transcribe(audios[:1], "zh")
+
+
+def test_evaluate_onnx_reports_scores_speed_and_graph_bytes(exported):
+    from datasets import Dataset
+
+    _, _, folder = exported
+    dataset = Dataset.from_list(
+        [
+            {
+                "id": f"u{i}",
+                "corpus": "noise",
+                "language": "en",
+                "audio": {"array": audio, "sampling_rate": 16000},
+                "duration": 1.0,
+                "text": "hello world",
+            }
+            for i, audio in enumerate(_audios(2))
+        ]
+    )
+    report = evaluate_onnx(folder, dataset, threads=1, max_new_tokens=4)
+    assert report.model_size_bytes == onnx_file_bytes(folder) and report.model_size_source == "disk"
+    assert report.n_utterances == 2 and report.corpora[0]["rtf"] > 0
+    assert 0 <= report.corpora[0]["error_rate"]
+
+
+def test_a_folder_without_graphs_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="export_onnx"):
+        OnnxWhisper(tmp_path)
+
+
+@pytest.mark.slow
+def test_real_tiny_en_at_int8_transcribes_like_transformers(shared_speech, tmp_path):
+    """whisper-tiny.en (offline pack), quantized to int8 blocks on export, transcribes real LJSpeech clips in
+    onnxruntime as the float transformers model does: near word-for-word."""
+    import json
+
+    from hf_whisper_kdq.scoring import score
+    from hf_whisper_kdq.sources import PackNotInstalledError, load_whisper
+
+    try:
+        model, processor = load_whisper("openai/whisper-tiny.en")
+    except PackNotInstalledError as error:
+        pytest.skip(str(error))
+    rows = [json.loads(line) for line in (shared_speech / "dev.jsonl").read_text().splitlines()]
+    audios = [shared_speech / row["audio"] for row in rows if row["language"] == "en"][:4]
+    folder = export_onnx(model, processor, tmp_path / "onnx", quantize="int8-g32")
+    texts = transcribe_onnx(folder, audios, "en", threads=2)
+    reference = transcribe(model, processor, audios, progress=False)
+    assert all(texts)
+    assert score(reference, texts, "en")["wer"] <= 0.1, (reference, texts)
