@@ -125,7 +125,12 @@ def test_a_compress_run_becomes_a_row_of_the_table(tiny_whisper, tmp_path):
     )
     assert row["training"]["seed"] == 1 and row["training"]["train_runtime_s"] == 12.5
     table = (output / "results.md").read_text()
-    assert "| int3-s1 |" in table and "25.0%" in table and "50.0%" in table and "compress --level int3` output run, 30 steps, seed 1" in table
+    assert (
+        "| int3-s1 |" in table
+        and "25.0%" in table
+        and "50.0%" in table
+        and "compress --level int3` output run, 30 steps, seed 1" in table
+    )
     with pytest.raises(ValueError, match="pass --teacher"):
         results_table.main(["--output", str(output), "--compress_runs", f"other={run}"])
 
