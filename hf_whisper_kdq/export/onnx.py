@@ -113,6 +113,13 @@ def _unpack(packed: torch.Tensor, scales: torch.Tensor, bits: int, block: int) -
     return (codes.reshape(codes.shape[0], -1, block) * scales.unsqueeze(-1)).reshape(codes.shape[0], -1)
 
 
+def _typed(value, like, sizes):
+    """``value`` (a contrib op's output) given ``like``'s float type and ``sizes``: the exporter cannot infer the
+    shapes of onnxruntime's own operators, and would warn at every one."""
+    value.setType(like.type().with_dtype(torch.float32).with_sizes(sizes))
+    return value
+
+
 class _MatMulNBits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, packed, scales, bits: int, block: int):
@@ -123,7 +130,7 @@ class _MatMulNBits(torch.autograd.Function):
         rows, blob = packed.type().sizes()
         blocks = blob * 8 // (bits * block)
         shape = g.op("Constant", value_t=torch.tensor([rows, blocks, block * bits // 8]))
-        return g.op(
+        y = g.op(
             "com.microsoft::MatMulNBits",
             x,
             g.op("Reshape", packed, shape),
@@ -133,6 +140,7 @@ class _MatMulNBits(torch.autograd.Function):
             bits_i=bits,
             block_size_i=block,
         )
+        return _typed(y, x, [*x.type().varyingSizes()[:-1], rows])
 
 
 class _GatherBlockQuantized(torch.autograd.Function):
@@ -142,7 +150,7 @@ class _GatherBlockQuantized(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, ids, packed, scales, bits: int, block: int):
-        return g.op(
+        y = g.op(
             "com.microsoft::GatherBlockQuantized",
             packed,
             ids,
@@ -152,6 +160,8 @@ class _GatherBlockQuantized(torch.autograd.Function):
             block_size_i=block,
             bits_i=bits,
         )
+        width = packed.type().sizes()[1] * 8 // bits
+        return _typed(y, scales, [*ids.type().varyingSizes(), width])
 
 
 class _PackedWeight(nn.Module):
