@@ -66,6 +66,19 @@ def ggml_quantize_chunk(values: np.ndarray, ggml_type: str) -> bytes:
     return out.tobytes()
 
 
+def real_whisper_and_english_audios(name: str, speech: Path, n: int):
+    """``(model, processor, audios)``: the offline pack ``name`` and the first ``n`` English dev clips of ``speech``
+    (paths); skips the test when the pack is not installed."""
+    from hf_whisper_kdq.sources import PackNotInstalledError, load_whisper
+
+    try:
+        model, processor = load_whisper(name)
+    except PackNotInstalledError as error:
+        pytest.skip(str(error))
+    rows = [json.loads(line) for line in (speech / "dev.jsonl").read_text().splitlines()]
+    return model, processor, [speech / row["audio"] for row in rows if row["language"] == "en"][:n]
+
+
 def make_tiny_whisper(tokenizer_folder: Path, *, seed: int = 0, window_seconds: int = 30, **overrides):
     """A random Whisper of ~3.5 M parameters (mostly the 51,865-token embedding) with real special tokens.
 

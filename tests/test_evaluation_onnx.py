@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import real_whisper_and_english_audios
 from test_export_onnx import _student
 
 from hf_whisper_kdq.evaluation import transcribe
@@ -80,17 +81,9 @@ def test_a_folder_without_graphs_is_refused_with_the_fix(tmp_path):
 def test_real_tiny_en_at_int8_transcribes_like_transformers(shared_speech, tmp_path):
     """whisper-tiny.en (offline pack), quantized to int8 blocks on export, transcribes real LJSpeech clips in
     onnxruntime as the float transformers model does: near word-for-word."""
-    import json
-
     from hf_whisper_kdq.scoring import score
-    from hf_whisper_kdq.sources import PackNotInstalledError, load_whisper
 
-    try:
-        model, processor = load_whisper("openai/whisper-tiny.en")
-    except PackNotInstalledError as error:
-        pytest.skip(str(error))
-    rows = [json.loads(line) for line in (shared_speech / "dev.jsonl").read_text().splitlines()]
-    audios = [shared_speech / row["audio"] for row in rows if row["language"] == "en"][:4]
+    model, processor, audios = real_whisper_and_english_audios("openai/whisper-tiny.en", shared_speech, 4)
     folder = export_onnx(model, processor, tmp_path / "onnx", quantize="int8-g32")
     texts = transcribe_onnx(folder, audios, "en", threads=2)
     reference = transcribe(model, processor, audios, progress=False)

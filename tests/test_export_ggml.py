@@ -5,14 +5,13 @@ whisper.cpp itself (pywhispercpp)."""
 from __future__ import annotations
 
 import copy
-import json
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ggml_quantize_chunk, make_tiny_whisper, tiny_speech_rows
+from conftest import ggml_quantize_chunk, make_tiny_whisper, real_whisper_and_english_audios, tiny_speech_rows
 
 from hf_whisper_kdq.export.ggml import (
     FTYPES,
@@ -338,14 +337,8 @@ def test_real_tiny_en_at_q8_0_transcribes_like_transformers(shared_speech, tmp_p
     pytest.importorskip("pywhispercpp")
     from hf_whisper_kdq.evaluation import transcribe
     from hf_whisper_kdq.scoring import score
-    from hf_whisper_kdq.sources import PackNotInstalledError, load_whisper
 
-    try:
-        model, processor = load_whisper("openai/whisper-tiny.en")
-    except PackNotInstalledError as error:
-        pytest.skip(str(error))
-    rows = [json.loads(line) for line in (shared_speech / "dev.jsonl").read_text().splitlines()]
-    audios = [shared_speech / row["audio"] for row in rows if row["language"] == "en"][:4]
+    model, processor, audios = real_whisper_and_english_audios("openai/whisper-tiny.en", shared_speech, 4)
     path = export_whisper_cpp(model, processor, tmp_path / "ggml-tiny.en-q8_0.bin", ftype="q8_0")
     whisper_cpp = transcribe_whisper_cpp(path, audios, "en", n_threads=2)
     transformers = transcribe(model, processor, audios, progress=False)
