@@ -78,7 +78,12 @@ def plot_plan(plan: KDQPlan | Mapping | str | Path, path: str | Path) -> Path:
 
 
 def plot_size_vs_error(
-    rows: Sequence[Mapping], path: str | Path, *, title: str | None = None, log_error: bool = False
+    rows: Sequence[Mapping],
+    path: str | Path,
+    *,
+    title: str | None = None,
+    log_error: bool = False,
+    references: Mapping[str, tuple[str, float]] | None = None,
 ) -> Path:
     """Size (MB) against error rate (%): one curve per method (its points joined in size order), for benchmark
     write-ups.
@@ -86,7 +91,9 @@ def plot_size_vs_error(
     ``rows``: dicts with ``method``, ``size_mb`` or ``size_bytes``, and ``error_rate`` (fraction; or ``wer``/``cer``;
     ``"percent": True`` for percentages), optional ``metric``, ``label`` (written beside the point) and ``panel``
     (rows of each panel, e.g. each language, get their own plot, side by side, one method one colour in all).
-    ``log_error``: a logarithmic error axis, for rows from near the teacher to collapsed models."""
+    ``log_error``: a logarithmic error axis, for rows from near the teacher to collapsed models. ``references``:
+    panel → ``(label, error rate)`` drawn as a dashed line across it (e.g. the teacher, whose size would otherwise
+    stretch the size axis far from the compressed rows)."""
     panels: dict[str, list[Mapping]] = {}
     for row in rows:
         panels.setdefault(str(row.get("panel") or ""), []).append(row)
@@ -95,6 +102,9 @@ def plot_size_vs_error(
     for index, (panel, panel_rows) in enumerate(panels.items()):
         ax = figure.add_subplot(1, len(panels), index + 1)
         _size_error_curves(ax, panel_rows, colours, log_error)
+        if references and panel in references:
+            label, rate = references[panel]
+            ax.axhline(100 * rate, color="0.4", linestyle="--", linewidth=1, label=public(label), zorder=1)
         if panel:
             ax.set_title(public(panel), fontsize=9)
     handles = {label: handle for ax in figure.axes for handle, label in zip(*ax.get_legend_handles_labels())}

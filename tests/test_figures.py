@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+import pytest
 from test_card import make_plan
 
 from hf_whisper_kdq.figures import plot_plan, plot_size_vs_error
@@ -44,3 +45,17 @@ def test_size_vs_error_draws_one_panel_per_language_with_one_colour_per_method(t
     one = png_size(plot_size_vs_error(rows[:3], tmp_path / "one.png"))
     two = png_size(plot_size_vs_error(rows, tmp_path / "two.png", title="both languages", log_error=True))
     assert two[0] > one[0] and two[1] == one[1]  # side by side
+
+
+def test_size_vs_error_draws_a_reference_line_per_panel(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    lines = []
+    draw = matplotlib.axes.Axes.axhline
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "axhline", lambda ax, y, **kw: lines.append((y, kw["label"])) or draw(ax, y, **kw)
+    )
+    rows = [{"method": "KDQ", "panel": p, "size_mb": 34.9, "error_rate": 0.2} for p in ("LJSpeech WER", "AISHELL CER")]
+    references = {"LJSpeech WER": ("teacher", 0.132), "AISHELL CER": ("teacher", 0.158)}
+    png_size(plot_size_vs_error(rows, tmp_path / "ref.png", references=references))
+    assert sorted(lines) == [(pytest.approx(13.2), "teacher"), (pytest.approx(15.8), "teacher")]
