@@ -152,10 +152,31 @@ def run_export_onnx(args: ExportOnnxArguments) -> Path:
     return output
 
 
-def _evaluation_command():
-    from .evaluation import EvaluationArguments, run_evaluation
+def run_evaluate(args) -> object:
+    """``evaluation.run_evaluation``; a folder written by ``export-onnx`` is decoded by ONNX Runtime (greedy, one
+    utterance at a time, as many intra-op threads as torch uses, so OMP_NUM_THREADS=1 holds for both engines)."""
+    from .evaluation import run_evaluation
+    from .export.onnx import EXPORT_FILE
 
-    return EvaluationArguments, run_evaluation, ("model_name_or_path",)
+    if not (Path(args.model_name_or_path) / EXPORT_FILE).is_file():
+        return run_evaluation(args)
+    if args.num_beams != 1:
+        raise ValueError(f"{args.model_name_or_path} is an ONNX export, decoded greedily: pass --num_beams 1")
+    import torch
+
+    from .evaluation_onnx import evaluate_onnx
+
+    def decode_with_onnxruntime(dataset):
+        threads = torch.get_num_threads()
+        return evaluate_onnx(args.model_name_or_path, dataset, threads=threads, max_new_tokens=args.max_new_tokens)
+
+    return run_evaluation(args, evaluate=decode_with_onnxruntime)
+
+
+def _evaluation_command():
+    from .evaluation import EvaluationArguments
+
+    return EvaluationArguments, run_evaluate, ("model_name_or_path",)
 
 
 def _compress_command():

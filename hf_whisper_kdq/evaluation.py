@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -482,7 +482,7 @@ class EvaluationArguments:
 
     model_name_or_path: str = _arg(
         "Model to evaluate: a Hub id (openai/whisper-base), a local HF folder, an OpenAI "
-        ".pt file or a CTranslate2 folder.",
+        ".pt file, a CTranslate2 folder, or a folder written by `export-onnx` (decoded by ONNX Runtime).",
         default="openai/whisper-base",
     )
     manifest: str | None = _arg(
@@ -541,11 +541,12 @@ class EvaluationArguments:
         self.corpora = ",".join(_split_list(self.corpora) or []) or None
 
 
-def run_evaluation(args: EvaluationArguments) -> EvaluationReport:
+def run_evaluation(
+    args: EvaluationArguments, evaluate: Callable[[Any], EvaluationReport] | None = None
+) -> EvaluationReport:
     """Load the model (``sources.load_whisper``) and the manifest (``data.load_manifest``), evaluate, print the
-    summary table and write the JSON report."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor = load_whisper(args.model_name_or_path, dtype=_DTYPES[args.dtype], device=device)
+    summary table and write the JSON report. ``evaluate`` (dataset → report) decodes with another engine instead,
+    e.g. an ONNX export's (the command line passes it for such a folder); the model is then not loaded."""
     if args.manifest is None:
         print(SMOKE_RUN_BANNER)
         dataset = synthesize_dataset(default_prompts("eval")[: args.limit])
@@ -555,16 +556,21 @@ def run_evaluation(args: EvaluationArguments) -> EvaluationReport:
         )
     if len(dataset) == 0:
         raise ValueError(f"no rows selected from {args.manifest}: check --languages / --corpora against it")
-    report = evaluate_model(
-        model,
-        processor,
-        dataset,
-        batch_size=args.batch_size,
-        num_beams=args.num_beams,
-        max_new_tokens=args.max_new_tokens,
-        model_path=args.model_name_or_path,
-        progress=args.progress,
-    )
+    if evaluate is None:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, processor = load_whisper(args.model_name_or_path, dtype=_DTYPES[args.dtype], device=device)
+        report = evaluate_model(
+            model,
+            processor,
+            dataset,
+            batch_size=args.batch_size,
+            num_beams=args.num_beams,
+            max_new_tokens=args.max_new_tokens,
+            model_path=args.model_name_or_path,
+            progress=args.progress,
+        )
+    else:
+        report = evaluate(dataset)
     print(report.summary_table())
     if args.manifest is None:
         print(SMOKE_RUN_BANNER)

@@ -3,6 +3,8 @@ model, and its evaluation report."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from conftest import real_whisper_and_english_audios
@@ -70,6 +72,26 @@ def test_evaluate_onnx_reports_scores_speed_and_graph_bytes(exported):
     assert report.model_size_bytes == onnx_file_bytes(folder) and report.model_size_source == "disk"
     assert report.n_utterances == 2 and report.corpora[0]["rtf"] > 0
     assert 0 <= report.corpora[0]["error_rate"]
+
+
+def test_the_evaluate_command_decodes_an_export_folder_with_onnxruntime(exported, tmp_path, capsys):
+    import soundfile
+
+    from hf_whisper_kdq.cli import main
+
+    _, _, folder = exported
+    soundfile.write(tmp_path / "noise.wav", _audios(1)[0], 16000)
+    row = {"id": "n0", "corpus": "noise", "language": "en", "audio": "noise.wav", "duration": 1.0, "text": "hi"}
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text(json.dumps(row) + "\n")
+    report_path = tmp_path / "report.json"
+    command = ["evaluate", str(folder), "--manifest", str(manifest), "--max_new_tokens", "4", "--progress", "false"]
+    assert main([*command, "--output_json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["dtype"] == "onnxruntime" and report["model_size_bytes"] == onnx_file_bytes(folder)
+    assert report["n_utterances"] == 1 and "| noise | en | WER |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--num_beams 1"):
+        main([*command, "--num_beams", "2"])
 
 
 def test_a_folder_without_graphs_is_refused_with_the_fix(tmp_path):
