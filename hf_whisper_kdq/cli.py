@@ -153,24 +153,35 @@ def run_export_onnx(args: ExportOnnxArguments) -> Path:
 
 
 def run_evaluate(args) -> object:
-    """``evaluation.run_evaluation``; a folder written by ``export-onnx`` is decoded by ONNX Runtime (greedy, one
-    utterance at a time, as many intra-op threads as torch uses, so OMP_NUM_THREADS=1 holds for both engines)."""
-    from .evaluation import run_evaluation
-    from .export.onnx import EXPORT_FILE
-
-    if not (Path(args.model_name_or_path) / EXPORT_FILE).is_file():
-        return run_evaluation(args)
-    if args.num_beams != 1:
-        raise ValueError(f"{args.model_name_or_path} is an ONNX export, decoded greedily: pass --num_beams 1")
+    """``evaluation.run_evaluation``; a folder written by ``export-onnx`` is decoded by ONNX Runtime and a whisper.cpp
+    file by whisper.cpp (greedy, one utterance at a time, with as many threads as torch uses, so that
+    OMP_NUM_THREADS=1 holds for every engine)."""
     import torch
 
+    from .evaluation import run_evaluation
+    from .export.ggml import evaluate_whisper_cpp, is_whisper_cpp_file
+    from .export.onnx import EXPORT_FILE
+
+    source = args.model_name_or_path
+    if (Path(source) / EXPORT_FILE).is_file():
+        engine = "an ONNX export"
+    elif is_whisper_cpp_file(source):
+        engine = "a whisper.cpp file"
+    else:
+        return run_evaluation(args)
+    if args.num_beams != 1:
+        raise ValueError(f"{source} is {engine}, decoded greedily: pass --num_beams 1")
+    threads = torch.get_num_threads()
+    if engine == "a whisper.cpp file":
+        if args.max_new_tokens is not None:
+            raise ValueError(f"{source} is {engine}, decoded to its end: leave out --max_new_tokens")
+        return run_evaluation(args, evaluate=lambda dataset: evaluate_whisper_cpp(source, dataset, n_threads=threads))
     from .evaluation_onnx import evaluate_onnx
 
-    def decode_with_onnxruntime(dataset):
-        threads = torch.get_num_threads()
-        return evaluate_onnx(args.model_name_or_path, dataset, threads=threads, max_new_tokens=args.max_new_tokens)
-
-    return run_evaluation(args, evaluate=decode_with_onnxruntime)
+    return run_evaluation(
+        args,
+        evaluate=lambda dataset: evaluate_onnx(source, dataset, threads=threads, max_new_tokens=args.max_new_tokens),
+    )
 
 
 def _evaluation_command():

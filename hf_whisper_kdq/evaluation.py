@@ -482,7 +482,8 @@ class EvaluationArguments:
 
     model_name_or_path: str = _arg(
         "Model to evaluate: a Hub id (openai/whisper-base), a local HF folder, an OpenAI "
-        ".pt file, a CTranslate2 folder, or a folder written by `export-onnx` (decoded by ONNX Runtime).",
+        ".pt file, a CTranslate2 folder, a folder written by `export-onnx` (decoded by ONNX Runtime) or a "
+        "whisper.cpp file (decoded by whisper.cpp).",
         default="openai/whisper-base",
     )
     manifest: str | None = _arg(

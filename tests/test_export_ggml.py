@@ -19,6 +19,7 @@ from hf_whisper_kdq.export.ggml import (
     export_whisper_cpp,
     ggml_file_bytes,
     ggml_tensor_name,
+    is_whisper_cpp_file,
     load_whisper_cpp,
     quantize_blocks,
     transcribe_whisper_cpp,
@@ -157,6 +158,34 @@ def test_whisper_cpp_loads_and_runs_a_tiny_random_whisper(request, tmp_path, fty
     noise = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
     (text,) = transcribe_whisper_cpp(path, [noise], "en", n_threads=1)
     assert isinstance(text, str)
+
+
+def test_the_evaluate_command_scores_a_whisper_cpp_file(ggml_whisper, tmp_path, capsys):
+    pytest.importorskip("pywhispercpp")
+    import json
+
+    import soundfile
+
+    from hf_whisper_kdq.cli import main
+
+    model, processor = ggml_whisper
+    path = export_whisper_cpp(model, processor, tmp_path / "ggml-q4_0.bin", ftype="q4_0")
+    assert is_whisper_cpp_file(path) and not is_whisper_cpp_file(tmp_path)
+    soundfile.write(tmp_path / "noise.wav", np.random.default_rng(0).normal(0, 0.1, 16000), 16000)
+    row = {"id": "n0", "corpus": "noise", "language": "en", "audio": "noise.wav", "duration": 1.0, "text": "hi"}
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text(json.dumps(row) + "\n")
+    command = ["evaluate", str(path), "--manifest", str(manifest), "--progress", "false"]
+    assert main([*command, "--output_json", str(tmp_path / "report.json")]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["dtype"] == "whisper.cpp q4_0" and report["model_size_bytes"] == path.stat().st_size
+    # Every tensor once (proj_out is the tied embedding; conv biases written as (n, 1)): the model's parameters.
+    assert report["n_parameters"] == model.num_parameters()
+    assert report["n_utterances"] == 1 and "| noise | en | WER |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--num_beams 1"):
+        main([*command, "--num_beams", "2"])
+    with pytest.raises(ValueError, match="--max_new_tokens"):
+        main([*command, "--max_new_tokens", "4"])
 
 
 def test_load_refuses_a_file_whisper_cpp_only_half_reads(ggml_whisper, tmp_path):

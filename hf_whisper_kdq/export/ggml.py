@@ -39,6 +39,7 @@ from torch import nn
 
 from ..adapters import is_training_only, merged_key
 from ..audio import as_audio_array
+from ..evaluation import EvaluationReport, ManifestRows
 from ..files import atomic_file
 from ..optional import import_optional
 from ..quant.spec import GGML_BLOCKS
@@ -66,9 +67,11 @@ _HEADER_BYTES = 48  # magic and 11 int32 hyperparameters
 __all__ = [
     "FTYPES",
     "check_architecture",
+    "evaluate_whisper_cpp",
     "export_whisper_cpp",
     "ggml_file_bytes",
     "ggml_tensor_name",
+    "is_whisper_cpp_file",
     "load_whisper_cpp",
     "quantize_blocks",
     "read_file_type",
@@ -256,6 +259,41 @@ def read_file_type(path: str | os.PathLike) -> str:
     return {code: name for name, code in FTYPES.items()}[file_type % QNT_VERSION_FACTOR]
 
 
+def is_whisper_cpp_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a file that starts with the ggml magic (a whisper.cpp model file)."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size < _HEADER_BYTES:
+        return False
+    with open(path, "rb") as file:
+        return struct.unpack("<I", file.read(4))[0] == GGML_FILE_MAGIC
+
+
+def ggml_parameter_count(path: str | os.PathLike) -> int:
+    """The values of every tensor of a whisper.cpp file (the tied token embedding once), read from its tensor
+    table as whisper.cpp's loader walks it: header, mel filters, vocabulary, then each tensor's record."""
+    type_names = {code: name for name, code in GGML_TYPES.items()}
+    data = Path(path).read_bytes()
+    n_mel, n_fft = struct.unpack_from("<2i", data, _HEADER_BYTES)
+    offset = _HEADER_BYTES + 8 + 4 * n_mel * n_fft
+    (n_tokens,) = struct.unpack_from("<i", data, offset)
+    offset += 4
+    for _ in range(n_tokens):
+        offset += 4 + struct.unpack_from("<i", data, offset)[0]
+    total = 0
+    while offset < len(data):
+        n_dims, name_length, tensor_type = struct.unpack_from("<3i", data, offset)
+        count = math.prod(struct.unpack_from(f"<{n_dims}i", data, offset + 12))
+        offset += 12 + 4 * n_dims + name_length
+        kind = type_names[tensor_type]
+        if kind in BLOCK_TYPES:
+            block, block_bytes, _ = GGML_BLOCKS[kind]
+            offset += count // block * block_bytes
+        else:
+            offset += count * (4 if kind == "f32" else 2)
+        total += count
+    return total
+
+
 def _check_output(path: Path, overwrite: bool) -> None:
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder: give the path of the model file to write, e.g. {path}/ggml.bin")
@@ -392,3 +430,29 @@ def transcribe_whisper_cpp(
         segments = model.transcribe(as_audio_array(audio), language=code)
         texts.append("".join(segment.text for segment in segments).strip())
     return texts
+
+
+def evaluate_whisper_cpp(
+    path: str | os.PathLike, dataset, *, n_threads: int = 1, warmup: bool = True
+) -> EvaluationReport:
+    """``evaluation.evaluate_model`` for a whisper.cpp file: the same manifest dataset, scoring, per corpus and per
+    language entries and real-time factor (audio read before the clock starts; one warm-up utterance off the
+    clock), decoded as :func:`transcribe_whisper_cpp` does. Size: the file's bytes; ``batch_size`` 1."""
+    rows = ManifestRows.of(dataset)
+    model = load_whisper_cpp(path, n_threads=n_threads)
+    report = EvaluationReport(
+        model=str(path),
+        n_parameters=ggml_parameter_count(path),
+        model_size_bytes=Path(path).stat().st_size,
+        model_size_source="disk",
+        batch_size=1,
+        num_beams=1,
+        device="cpu",
+        dtype=f"whisper.cpp {read_file_type(path)}",
+        n_unlabeled_skipped=rows.unlabeled,
+    )
+
+    def transcriber(arrays, code: str, warmup: bool) -> list[str]:
+        return transcribe_whisper_cpp(model, arrays, code)
+
+    return rows.transcribe_and_score(report, transcriber, warmup=warmup)
