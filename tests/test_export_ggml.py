@@ -22,6 +22,7 @@ from hf_whisper_kdq.export.ggml import (
     is_whisper_cpp_file,
     load_whisper_cpp,
     quantize_blocks,
+    read_file_type,
     transcribe_whisper_cpp,
 )
 from hf_whisper_kdq.quant import QuantSpec, convert_qat, default_quant_targets, prepare_qat
@@ -425,3 +426,40 @@ def test_a_student_trained_for_ggml_ships_its_own_codes_in_a_file_of_the_planned
     noise = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
     (text,) = transcribe_whisper_cpp(path, [noise], "en", n_threads=1)
     assert isinstance(text, str)
+
+
+def test_benchmark_trains_a_student_into_a_whisper_cpp_file_and_scores_it(ggml_whisper, tmp_path):
+    """benchmarks/ggml_student.py: compress's arguments and training path into a whisper.cpp file, for the type
+    compress refuses (q3_K; here q4_0, whose fake quantization of the tiny model's embedding is 5× cheaper)."""
+    pytest.importorskip("pywhispercpp")
+    import json
+    import sys
+
+    import soundfile
+
+    from hf_whisper_kdq.sources import save_whisper
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import ggml_student
+
+    model, processor = ggml_whisper
+    teacher = save_whisper(model, processor, tmp_path / "teacher")
+    rows = []
+    for i in range(2):
+        tone = 0.1 * np.sin(2 * np.pi * 220 * (i + 1) * np.arange(16000) / 16000)
+        soundfile.write(tmp_path / f"tone{i}.wav", tone, 16000)
+        rows.append({"id": f"t{i}", "corpus": "tones", "language": "en", "audio": f"tone{i}.wav", "duration": 1.0,
+                     "text": "hello world"})  # fmt: skip
+    manifest = tmp_path / "tones.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = ["--teacher", str(teacher), "--train_manifest", str(manifest), "--eval_manifest", str(manifest)]
+    argv += ["--quant_bit_choices", "4", "--max_steps", "1", "--per_device_train_batch_size", "2"]
+    argv += ["--output_dir", str(tmp_path / "run")]
+    with pytest.raises(ValueError, match="--quant_format ggml"):
+        ggml_student.main(argv)
+    summary = ggml_student.main([*argv, "--quant_format", "ggml"])
+    path = tmp_path / "run" / "ggml-model.bin"
+    assert summary["file_type"] == read_file_type(path) == "q4_0"
+    assert summary["file_bytes"] == path.stat().st_size == ggml_file_bytes(model, processor, "q4_0")
+    assert summary["evaluation"]["n_utterances"] == 2 and summary["plan"]["quant_format"] == "ggml"
+    assert json.loads((tmp_path / "run" / "ggml_student.json").read_text())["file_type"] == "q4_0"

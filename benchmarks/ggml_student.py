@@ -1,0 +1,84 @@
+"""A KDQ student trained on whisper.cpp's own blocks, written as a whisper.cpp file and scored by whisper.cpp.
+
+    OMP_NUM_THREADS=1 python benchmarks/ggml_student.py --level int3 --quant_format ggml --quant_bit_choices 3 \
+        --train_manifest $D/train_en.jsonl,$D/train_zh.jsonl,$D/synth_zh.jsonl --train_weights 2,1,1 \
+        --max_train_samples 240 --eval_manifest $D/dev.jsonl --seed 42 --output_dir kdq-q3k-s42
+
+For the file types the packed Hugging Face folder cannot hold (q3_K: its sub-block scales are 6-bit multiples of a
+super-block scale), which ``compress`` therefore refuses. The arguments are ``compress``'s (``--level`` and the
+training defaults included) and so is the training path (``compress.training_data`` / ``train_student``); the
+student is written with ``export_whisper_cpp(..., ftype="auto")`` (its own codes, checked) to
+``OUTPUT_DIR/ggml-model.bin`` and, with ``--eval_manifest``, scored by ``export.ggml.evaluate_whisper_cpp`` with as
+many threads as torch uses. ``OUTPUT_DIR/ggml_student.json`` holds the report, the phase times and the arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser
+
+from hf_whisper_kdq.compress import (
+    CompressArguments,
+    PhaseTimer,
+    apply_level,
+    evaluation_data,
+    train_student,
+    training_data,
+    with_training_defaults,
+)
+from hf_whisper_kdq.config import DistillQuantArguments
+from hf_whisper_kdq.data import prepare_dataset
+from hf_whisper_kdq.export.ggml import evaluate_whisper_cpp, export_whisper_cpp, read_file_type
+from hf_whisper_kdq.files import atomic_write_text
+from hf_whisper_kdq.sources import load_whisper
+from hf_whisper_kdq.students import build_student
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = with_training_defaults(list(sys.argv[1:] if argv is None else argv))
+    parser = HfArgumentParser((CompressArguments, DistillQuantArguments), description=__doc__)
+    compress, args = parser.parse_args_into_dataclasses(args=argv)
+    if args.quant_format != "ggml":
+        raise ValueError("this script trains for a whisper.cpp file: pass --quant_format ggml")
+    decoder_layers, args = apply_level(compress, args)
+    output = Path(args.output_dir)
+    timer = PhaseTimer()
+    with timer("load teacher"):
+        teacher, processor = load_whisper(compress.teacher)
+        student = build_student(teacher, encoder_layers=compress.encoder_layers, decoder_layers=decoder_layers)
+    train = training_data(compress, teacher, processor, timer=timer, output_dir=args.output_dir, seed=args.seed)
+    with timer("features and labels"):
+        train_features, _ = prepare_dataset(
+            train, processor, multilingual=bool(teacher.generation_config.is_multilingual)
+        )
+    trainer = train_student(student, teacher, processor, train_features, args, timer=timer)
+    with timer("export whisper.cpp file"):
+        path = export_whisper_cpp(
+            trainer.whole_student(), processor, output / "ggml-model.bin", ftype="auto", overwrite=True
+        )
+    summary = {"file": str(path), "file_type": read_file_type(path), "file_bytes": path.stat().st_size}
+    if compress.eval_manifest:
+        with timer("evaluate"):
+            report = evaluate_whisper_cpp(path, evaluation_data(compress), n_threads=torch.get_num_threads())
+        print(report.summary_table())
+        summary["evaluation"] = report.to_dict(per_utterance=False)
+    summary |= {
+        "phase_seconds": timer.seconds,
+        "training_log": trainer.state.log_history,
+        "plan": trainer.plan.to_dict(),
+        "arguments": {"compress": asdict(compress), "training": args.to_dict()},
+    }
+    atomic_write_text(
+        output / "ggml_student.json", json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n"
+    )
+    print(f"{path}: {summary['file_type']}, {summary['file_bytes'] / 1e6:.2f} MB; phases {timer.seconds}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
