@@ -23,6 +23,7 @@ sys.path[:0] = [str(GPU_TOOLS), str(BENCHMARKS)]
 
 import gpu_pack_inputs  # noqa: E402
 import gpu_train  # noqa: E402
+import results_runners  # noqa: E402
 import results_table  # noqa: E402
 from step_time import KINDS  # noqa: E402
 
@@ -261,15 +262,15 @@ def test_rows_that_quantize_the_encoder_train_it(tmp_path, micro_whisper):
     for name, row in results_table.ROWS.items():
         if row["kind"] != "train":
             continue
-        args = results_table.training_arguments(
+        args = results_runners.training_arguments(
             row, student, tmp_path, steps=4, batch_size=2, learning_rate=1e-4, seed=0
         )
-        expected = row.get("freeze_encoder", not results_table.quantizes_encoder(row))  # the recipe's: frozen
+        expected = row.get("freeze_encoder", not results_runners.quantizes_encoder(row))  # the recipe's: frozen
         assert args.freeze_encoder == expected, name
-    assert results_table.training_arguments(
+    assert results_runners.training_arguments(
         results_table.ROWS["distill-d2"], student, tmp_path, steps=4, batch_size=2, learning_rate=1e-4, seed=0
     ).freeze_encoder  # float: encoder frozen, shared
-    assert not results_table.training_arguments(
+    assert not results_runners.training_arguments(
         results_table.ROWS["kdq-d2-u4"], student, tmp_path, steps=4, batch_size=2, learning_rate=1e-4, seed=0
     ).freeze_encoder
 
@@ -293,7 +294,7 @@ def test_the_recipe_rows_train_as_compress_levels_do(tmp_path, micro_whisper):
     )
     for bits in (3, 4):
         row = results_table.ROWS[f"kdq-recipe-int{bits}"]
-        ours = results_table.training_arguments(
+        ours = results_runners.training_arguments(
             row, student, tmp_path, steps=30, batch_size=8, learning_rate=1e-4, seed=0
         )
         argv = with_training_defaults(["--level", f"int{bits}", "--output_dir", str(tmp_path)])[2:]

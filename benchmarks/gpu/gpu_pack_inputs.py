@@ -253,6 +253,7 @@ def read_speech(folder: str | Path) -> dict[str, PackedSplit]:
 # ---- the speech: shared data (as results_table.py) or smoke noise ----------------------------------------------------
 def shared_sources(args):
     """(teacher, processor, training manifest, evaluation manifest, notes) through results_table's Context."""
+    import results_runners
     import results_table
 
     # Context reads only the data, teacher and labelling options; its arguments want a row to be named.
@@ -267,7 +268,7 @@ def shared_sources(args):
         synthetic_text=args.synthetic_text or None,
         eval_limit=args.eval_limit or None,
     )
-    ctx = results_table.Context(table)
+    ctx = results_runners.Context(table)
     teacher, processor = ctx.teacher()
     train, evaluation = ctx.training_data(), ctx.eval_set(english_only=False)
     return teacher, processor, train, evaluation, {"phase_seconds": ctx.timer.seconds}
@@ -330,7 +331,7 @@ def pack_speech(teacher, processor, train, evaluation, folder: Path) -> dict:
     from hf_whisper_kdq import prepare_dataset
     from hf_whisper_kdq.audio import load_audio
 
-    # As results_table.run_training prepares its rows: the same labels, the same dropped rows.
+    # As results_runners.run_training prepares its rows: the same labels, the same dropped rows.
     prepared, report = prepare_dataset(train, processor, multilingual=bool(teacher.generation_config.is_multilingual))
     writers = {name: SplitWriter(name) for name in SPLITS}
     for row in prepared:

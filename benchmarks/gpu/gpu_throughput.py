@@ -42,6 +42,7 @@ from pathlib import Path  # noqa: E402
 # The CPU benchmarks this GPU tooling builds on (results_table, step_time) live one folder up.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import results_runners  # noqa: E402
 import results_table  # noqa: E402
 import torch  # noqa: E402
 from step_time import (
@@ -166,7 +167,7 @@ def resume_check(shape: str, decoder_layers: int, work: Workload, steps: int, sa
             remove_unused_columns=False,
             quant_targets="encoder,decoder",
             quant_bit_choices="2,4,8",
-            size_budget_mb=results_table.uniform_budget_mb(student, "encoder,decoder", 3),
+            size_budget_mb=results_runners.uniform_budget_mb(student, "encoder,decoder", 3),
             layer_matching="dynamic",
             selection_interval=2,
             num_distill_layers=min(2, decoder_layers),

@@ -14,7 +14,7 @@ of training wall time equally; a row stops at its step count or its share of the
 ``teacher`` and ``tiny.en`` are reference rows: the packed model evaluated the same way.
 
 Evaluation: ``evaluate_model`` on the packed ``dev.jsonl`` features (greedy, at most ``--max_new_tokens`` tokens)
-of the student with its quantization baked in (``results_table.inference_copy``), in fp32 on the GPU. Those
+of the student with its quantization baked in (``results_runners.inference_copy``), in fp32 on the GPU. Those
 features are fp16 (see gpu_pack_inputs.py), the CPU rows' are fp32: the ``teacher`` row measures what that changes.
 Each row is written in results_table's row format to ``OUTPUT/rows/<row>-gpu.json`` with its evaluation report
 (transcripts included), steps/s, median step time and peak GPU memory; its RTF is left out of the table's CPU-RTF
@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gpu_pack_inputs  # puts the CPU benchmarks (results_table, step_time) on the path
+import results_runners
 import results_table
 import torch
 from step_time import StepTimer
@@ -49,7 +50,7 @@ from transformers import HfArgumentParser, TrainerCallback
 
 logger = logging.getLogger("gpu_train")
 REFERENCE_MODELS = {"teacher": "teacher", "tiny.en": "tiny"}  # reference row -> its folder in the inputs
-TRAINING_KEYS = results_table.TRAINING_KEYS | {"bf16", "dataloader_num_workers"}
+TRAINING_KEYS = results_runners.TRAINING_KEYS | {"bf16", "dataloader_num_workers"}
 
 
 @dataclass
@@ -156,7 +157,7 @@ class Inputs:
         self.teacher, self.processor = load_whisper(folder / "teacher")
         self.teacher_sizes = {
             "fp16_bytes_on_disk": sum(path.stat().st_size for path in weight_files(folder / "teacher")),
-            "fp16_parameter_bytes": 2 * results_table.n_parameters(self.teacher),
+            "fp16_parameter_bytes": 2 * results_runners.n_parameters(self.teacher),
         }
 
     def reference(self, name: str):
@@ -171,7 +172,7 @@ class Inputs:
 
 # ---- training --------------------------------------------------------------------------------------------------------
 def training_arguments(row: dict, cli: GpuTrainArguments, student, output_dir: Path):
-    """The arguments results_table.run_training gives ``row``, with this script's steps, batch, bf16 and loaders."""
+    """The arguments results_runners.run_training gives ``row``, with this script's steps, batch, bf16 and loaders."""
     extra = dict(
         bf16=cli.bf16,
         dataloader_num_workers=cli.workers,
@@ -179,7 +180,7 @@ def training_arguments(row: dict, cli: GpuTrainArguments, student, output_dir: P
         cache_encoder_outputs=cli.encoder_cache,
         encoder_cache_dir=str(output_dir / "encoder_cache"),
     )
-    return results_table.training_arguments(
+    return results_runners.training_arguments(
         row,
         student,
         output_dir,
@@ -194,12 +195,12 @@ def training_arguments(row: dict, cli: GpuTrainArguments, student, output_dir: P
 def row_sizes(student, processor, plan, teacher_sizes: dict, folder: Path) -> dict:
     """results_table's sizes of a trained row: its packed checkpoint, or fp16 for a float student."""
     if plan.module_specs():
-        return results_table.packed_sizes(student, processor, teacher_sizes, folder, plan=plan)
-    return results_table.float_sizes(results_table.inference_copy(student), processor, teacher_sizes)
+        return results_runners.packed_sizes(student, processor, teacher_sizes, folder, plan=plan)
+    return results_runners.float_sizes(results_runners.inference_copy(student), processor, teacher_sizes)
 
 
 def train_row(name: str, cli, inputs: Inputs, scratch: Path, budget_seconds: float, result: dict, timer):
-    """Train one row as results_table.run_training does; fills result's training, plan, model and sizes entries
+    """Train one row as results_runners.run_training does; fills result's training, plan, model and sizes entries
     and returns (the student with its quantization baked in, for decoding, its processor)."""
     from hf_whisper_kdq import build_student
     from hf_whisper_kdq.compress import train_student
@@ -219,7 +220,7 @@ def train_row(name: str, cli, inputs: Inputs, scratch: Path, budget_seconds: flo
     state, output = trainer.state, trainer.state.log_history[-1]  # the Trainer logs its run's totals last
     runtime = output.get("train_runtime")
     train_split = inputs.manifest["splits"]["train"]
-    result["model"] = results_table.student_description(result["teacher"], student)
+    result["model"] = results_runners.student_description(result["teacher"], student)
     result["training"] = {
         "train_steps": state.global_step,
         "planned_steps": cli.train_steps,
@@ -256,22 +257,22 @@ def train_row(name: str, cli, inputs: Inputs, scratch: Path, budget_seconds: flo
             result["sizes"] = row_sizes(student, processor, plan, inputs.teacher_sizes, scratch / "compressed")
     except ImportError as error:  # compressed-tensors absent: --score rebuilds the sizes from the plan
         result["pending"]["sizes"] = str(error)
-    return results_table.inference_copy(student), processor
+    return results_runners.inference_copy(student), processor
 
 
 def ptq_row(name: str, row: dict, inputs: Inputs, scratch: Path, result: dict, timer):
-    """A naive-PTQ row as results_table.run_ptq builds it; fills result's model and sizes entries and returns (the
+    """A naive-PTQ row as results_runners.run_ptq builds it; fills result's model and sizes entries and returns (the
     model with its quantization baked in, for decoding, its processor)."""
-    model = results_table.ptq_model(inputs.teacher, row["specs"])
+    model = results_runners.ptq_model(inputs.teacher, row["specs"])
     result["model"] = f"{result['teacher']} + round-to-nearest {row['specs']}"
     try:
         with timer(f"{name}: sizes (save_compressed)"):
-            result["sizes"] = results_table.packed_sizes(
+            result["sizes"] = results_runners.packed_sizes(
                 model, inputs.processor, inputs.teacher_sizes, scratch / "compressed"
             )
     except ImportError as error:  # compressed-tensors absent: --score rebuilds the sizes
         result["pending"]["sizes"] = str(error)
-    return results_table.inference_copy(model), inputs.processor
+    return results_runners.inference_copy(model), inputs.processor
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------------------
@@ -338,7 +339,7 @@ def score_evaluation(evaluation: dict) -> None:
     from hf_whisper_kdq.evaluation import EvaluationReport
 
     report = EvaluationReport.from_dict(evaluation["report"]).score_transcripts()
-    evaluation["report"], evaluation["scores"] = report.to_dict(per_utterance=True), results_table.scores(report)
+    evaluation["report"], evaluation["scores"] = report.to_dict(per_utterance=True), results_runners.scores(report)
 
 
 # ---- rows ------------------------------------------------------------------------------------------------------------
@@ -382,7 +383,7 @@ def run_row(name: str, cli, inputs: Inputs, budget_seconds: float, machine: dict
         if reference:
             model, processor = inputs.reference(name)
             result["model"] = manifest[REFERENCE_MODELS[name]]["source"]
-            result["sizes"] = results_table.float_sizes(model, processor, inputs.teacher_sizes)
+            result["sizes"] = results_runners.float_sizes(model, processor, inputs.teacher_sizes)
             model = copy.deepcopy(model).float()
         elif row["kind"] == "ptq":
             model, processor = ptq_row(name, row, inputs, Path(scratch), result, timer)
@@ -445,8 +446,8 @@ def complete(path: Path, cli) -> Path:
         teacher, processor = load_whisper(cli.teacher or result["teacher"])
         with tempfile.TemporaryDirectory() as scratch:
             if result["kind"] == "ptq":
-                model = results_table.ptq_model(teacher, result["config"]["specs"])
-                result["sizes"] = results_table.packed_sizes(
+                model = results_runners.ptq_model(teacher, result["config"]["specs"])
+                result["sizes"] = results_runners.packed_sizes(
                     model, processor, result["teacher_sizes"], Path(scratch) / "packed"
                 )
             else:
