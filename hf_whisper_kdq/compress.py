@@ -25,10 +25,10 @@ from .config import DistillQuantArguments
 from .data import WhisperDataCollator, load_manifest, load_speech_dataset, prepare_dataset
 from .evaluation import SMOKE_RUN_BANNER, evaluate_model
 from .export.ggml import export_whisper_cpp
-from .files import atomic_folder, atomic_write_text
+from .files import atomic_write_text
 from .ggml_budget import fit_ggml_budget
 from .hub import push_compressed
-from .labelling import pseudo_label
+from .labelling import cached_pseudo_labels
 from .mixture import describe, mix, parse_sources, with_provenance
 from .selection import UnreachableBudgetError, check_size_budget, fp16_bytes, starting_plan
 from .sources import load_whisper
@@ -303,55 +303,11 @@ def apply_level(compress: CompressArguments, args: DistillQuantArguments) -> tup
     return decoder_layers, args
 
 
-def _teacher_labels(manifest: str, threshold: float | None, teacher, processor, timer: PhaseTimer, folder: Path | None):
-    """The teacher's transcripts of ``manifest``'s audio (rows whose error rate against their reference exceeds
-    ``threshold`` dropped), kept in ``folder`` and reused while the manifest, the teacher's weights and the threshold
-    are unchanged: by the other processes of a multi-process launch (the main process labels first) and by a rerun.
-    Labelling is the slowest data phase on a CPU."""
-    import hashlib
-
-    from datasets import load_from_disk
-
-    weights = hashlib.sha256()
-    for name, tensor in sorted(teacher.state_dict().items()):
-        weights.update(name.encode())
-        weights.update(tensor.detach().float().cpu().numpy().tobytes())
-    key = {
-        "manifest_sha256": hashlib.sha256(Path(manifest).read_bytes()).hexdigest(),
-        "teacher_weights_sha256": weights.hexdigest(),
-        "wer_threshold": threshold,
-    }
-    if folder is not None and (folder / "key.json").is_file() and json.loads((folder / "key.json").read_text()) == key:
-        logger.info("reusing the teacher's labels of %s in %s", manifest, folder)
-        return load_from_disk(str(folder / "dataset"))
-    with timer(f"label {Path(manifest).name} with the teacher"):
-        labelled, report = pseudo_label(load_manifest(manifest), teacher, processor, wer_threshold=threshold)
-        logger.info("%s", report.summary())
-    labelled = labelled.select_columns(["id", "corpus", "language", "audio", "duration", "text"])
-    if folder is None:
-        return labelled
-    with atomic_folder(folder) as staging:
-        labelled.save_to_disk(str(staging / "dataset"))
-        report.save_json(staging / "labelling_report.json")
-        (staging / "key.json").write_text(json.dumps(key, indent=2) + "\n")
-    return labelled
-
-
 def source_weights(compress: CompressArguments) -> dict[str, float] | None:
     """The ``--train_manifest`` sources' weights by source, as the card shows them."""
     if not compress.train_manifest:
         return None
     return {s.location: s.weight for s in parse_sources(compress.train_manifest, compress.train_weights)}
-
-
-def _labels_folder(output_dir: str | None, manifest: str) -> Path | None:
-    """Where the teacher's labels of ``manifest`` are kept: one folder per manifest path under the output folder."""
-    if not output_dir:
-        return None
-    import hashlib
-
-    digest = hashlib.sha256(str(Path(manifest).absolute()).encode()).hexdigest()[:8]
-    return Path(output_dir) / "teacher_labels" / f"{Path(manifest).stem}-{digest}"
 
 
 def training_data(
@@ -379,13 +335,13 @@ def training_data(
     if compress.train_manifest:
         sources = parse_sources(compress.train_manifest, compress.train_weights, compress.train_labels)
         rows = [
-            _teacher_labels(
+            cached_pseudo_labels(
                 source.location,
-                compress.label_wer_threshold,
                 teacher,
                 processor,
-                timer,
-                _labels_folder(output_dir, source.location),
+                wer_threshold=compress.label_wer_threshold,
+                output_dir=output_dir,
+                timer=timer,
             )
             if source.labels == "teacher"
             else load_manifest(source.location)
@@ -396,13 +352,13 @@ def training_data(
         corpus = load_speech_dataset(compress.train_dataset, split=compress.train_split, language=language)
         parts.append(with_provenance(corpus, compress.train_dataset, "reference", language))
     if compress.unlabeled_manifest:
-        labelled = _teacher_labels(
+        labelled = cached_pseudo_labels(
             compress.unlabeled_manifest,
-            compress.label_wer_threshold,
             teacher,
             processor,
-            timer,
-            _labels_folder(output_dir, compress.unlabeled_manifest),
+            wer_threshold=compress.label_wer_threshold,
+            output_dir=output_dir,
+            timer=timer,
         )
         parts.append(with_provenance(labelled, compress.unlabeled_manifest, "teacher", language))
     synthetic = compress.synthetic_prompts

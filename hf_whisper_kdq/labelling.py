@@ -15,11 +15,14 @@ Decoding goes through :func:`hf_whisper_kdq.evaluation.transcribe` and agreement
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,8 @@ from typing import Any
 import datasets
 
 from . import evaluation, scoring
-from .files import atomic_write_text
+from .data import load_manifest
+from .files import atomic_folder, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -189,3 +193,50 @@ def pseudo_label(
     out = out.select_columns(columns + [name for name in new_columns if name not in columns]).select(kept)
     logger.info(report.summary())
     return out, report
+
+
+def labels_folder(output_dir: str | os.PathLike, manifest: str | os.PathLike) -> Path:
+    """Where :func:`cached_pseudo_labels` keeps the teacher's labels of ``manifest``: one folder per manifest path
+    under ``output_dir/teacher_labels``."""
+    digest = hashlib.sha256(str(Path(manifest).absolute()).encode()).hexdigest()[:8]
+    return Path(output_dir) / "teacher_labels" / f"{Path(manifest).stem}-{digest}"
+
+
+def cached_pseudo_labels(
+    manifest: str | os.PathLike,
+    teacher,
+    processor,
+    *,
+    wer_threshold: float | None = None,
+    output_dir: str | os.PathLike | None = None,
+    timer: Callable[[str], AbstractContextManager] | None = None,
+) -> datasets.Dataset:
+    """:func:`pseudo_label` of ``manifest``'s rows (columns ``id``, ``corpus``, ``language``, ``audio``, ``duration``,
+    ``text``), kept under :func:`labels_folder` of ``output_dir`` and reused while the manifest, the teacher's
+    weights and the threshold are unchanged: by the other processes of a multi-process launch (the main process
+    labels first) and by a rerun. Labelling is the slowest data phase on a CPU. ``timer(name)`` (e.g.
+    ``compress.PhaseTimer``) times the labelling."""
+    weights = hashlib.sha256()
+    for name, tensor in sorted(teacher.state_dict().items()):
+        weights.update(name.encode())
+        weights.update(tensor.detach().float().cpu().numpy().tobytes())
+    key = {
+        "manifest_sha256": hashlib.sha256(Path(manifest).read_bytes()).hexdigest(),
+        "teacher_weights_sha256": weights.hexdigest(),
+        "wer_threshold": wer_threshold,
+    }
+    folder = None if output_dir is None else labels_folder(output_dir, manifest)
+    if folder is not None and (folder / "key.json").is_file() and json.loads((folder / "key.json").read_text()) == key:
+        logger.info("reusing the teacher's labels of %s in %s", manifest, folder)
+        return datasets.load_from_disk(str(folder / "dataset"))
+    with (timer or (lambda name: nullcontext()))(f"label {Path(manifest).name} with the teacher"):
+        labelled, report = pseudo_label(load_manifest(manifest), teacher, processor, wer_threshold=wer_threshold)
+        logger.info("%s", report.summary())
+    labelled = labelled.select_columns(["id", "corpus", "language", "audio", "duration", "text"])
+    if folder is None:
+        return labelled
+    with atomic_folder(folder) as staging:
+        labelled.save_to_disk(str(staging / "dataset"))
+        report.save_json(staging / "labelling_report.json")
+        (staging / "key.json").write_text(json.dumps(key, indent=2) + "\n")
+    return labelled

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_micro_whisper
 from huggingface_hub import ModelCard
 from transformers import HfArgumentParser
 
@@ -213,32 +212,6 @@ def test_evaluation_languages_missing_from_training_are_named_with_the_fix(caplo
     with caplog.at_level("WARNING", logger="hf_whisper_kdq.compress"):
         assert warn_untrained_languages(["zh", "en"], ["en", "zh"]) == []
     assert not caplog.records
-
-
-def test_teacher_labels_are_kept_and_reused_until_threshold_or_teacher_change(tmp_path, monkeypatch):
-    """Labelling is the slowest data phase: a rerun (or the other processes of a launch) reads the saved labels."""
-    from test_labelling import ROWS, TEACHER, plant_transcripts, write_manifest
-
-    from hf_whisper_kdq.compress import PhaseTimer, _teacher_labels
-
-    manifest = write_manifest(tmp_path, ROWS)
-    calls = plant_transcripts(monkeypatch, TEACHER)
-    folder = tmp_path / "run" / "teacher_labels"
-
-    teacher = make_micro_whisper(seed=0)
-
-    def labels(threshold=None, teacher=teacher):
-        return _teacher_labels(str(manifest), threshold, teacher, None, PhaseTimer(), folder)
-
-    first = labels()
-    assert len(calls) == 1 and (folder / "key.json").is_file() and (folder / "labelling_report.json").is_file()
-    again = labels()
-    assert len(calls) == 1 and again["text"] == first["text"] and again["id"] == first["id"]
-    labels(threshold=0.1)
-    assert len(calls) == 2
-    changed = make_micro_whisper(seed=1)
-    labels(threshold=0.1, teacher=changed)
-    assert len(calls) == 3
 
 
 def test_synthetic_text_file_is_synthesized_in_order(tmp_path, monkeypatch):

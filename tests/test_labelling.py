@@ -154,3 +154,30 @@ def test_report_round_trip(tmp_path):
     path = report.save_json(tmp_path / "nested" / "labelling.json")
     assert LabellingReport.from_dict(json.loads(path.read_text())) == report
     assert "en WER 20.00% over 3" in report.summary()
+
+
+def test_teacher_labels_are_kept_and_reused_until_threshold_or_teacher_change(tmp_path, monkeypatch):
+    """Labelling is the slowest data phase: a rerun (or the other processes of a launch) reads the saved labels."""
+    from conftest import make_micro_whisper
+
+    from hf_whisper_kdq.labelling import cached_pseudo_labels, labels_folder
+
+    manifest = write_manifest(tmp_path, ROWS)
+    calls = plant_transcripts(monkeypatch, TEACHER)
+    output = tmp_path / "run"
+    folder = labels_folder(output, manifest)
+    teacher = make_micro_whisper(seed=0)
+
+    def labels(threshold=None, teacher=teacher):
+        return cached_pseudo_labels(str(manifest), teacher, None, wer_threshold=threshold, output_dir=output)
+
+    first = labels()
+    assert len(calls) == 1 and (folder / "key.json").is_file() and (folder / "labelling_report.json").is_file()
+    again = labels()
+    assert len(calls) == 1 and again["text"] == first["text"] and again["id"] == first["id"]
+    labels(threshold=0.1)
+    assert len(calls) == 2
+    changed = make_micro_whisper(seed=1)
+    labels(threshold=0.1, teacher=changed)
+    assert len(calls) == 3
+    assert labels_folder(output, tmp_path / "other" / manifest.name) != folder  # one folder per manifest path
