@@ -10,6 +10,9 @@ training defaults included) and so is the training path (``compress.training_dat
 student is written with ``export_whisper_cpp(..., ftype="auto")`` (its own codes, checked) to
 ``OUTPUT_DIR/ggml-model.bin`` and, with ``--eval_manifest``, scored by ``export.ggml.evaluate_whisper_cpp`` with as
 many threads as torch uses. ``OUTPUT_DIR/ggml_student.json`` holds the report, the phase times and the arguments.
+Pass ``--quant_bit_choices`` (3 for q3_K): with ``--quant_format ggml`` compress's defaults are 4,8 whatever the
+level. compress's evaluation, export and push flags (``--evaluate_teacher``, ``--ctranslate2_quantization``,
+``--push_to_hub``, ``--spec_augment``) do not apply here.
 """
 
 from __future__ import annotations
@@ -50,7 +53,10 @@ def main(argv: list[str] | None = None) -> dict:
     timer = PhaseTimer()
     with timer("load teacher"):
         teacher, processor = load_whisper(compress.teacher)
-        student = build_student(teacher, encoder_layers=compress.encoder_layers, decoder_layers=decoder_layers)
+        if compress.student:
+            student, _ = load_whisper(compress.student)
+        else:
+            student = build_student(teacher, encoder_layers=compress.encoder_layers, decoder_layers=decoder_layers)
     train = training_data(compress, teacher, processor, timer=timer, output_dir=args.output_dir, seed=args.seed)
     with timer("features and labels"):
         train_features, _ = prepare_dataset(

@@ -187,6 +187,12 @@ def test_the_evaluate_command_scores_a_whisper_cpp_file(ggml_whisper, tmp_path, 
         main([*command, "--num_beams", "2"])
     with pytest.raises(ValueError, match="--max_new_tokens"):
         main([*command, "--max_new_tokens", "4"])
+    other = tmp_path / "ggml-q5_1.bin"  # a whisper.cpp type this package does not size: refused with the fix
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<i", data, 44, 2000 + 9)
+    other.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"file type 9 is not one this package reads .*export-ggml --ftype"):
+        main(["evaluate", str(other), "--manifest", str(manifest), "--progress", "false"])
 
 
 def test_load_refuses_a_file_whisper_cpp_only_half_reads(ggml_whisper, tmp_path):

@@ -70,6 +70,7 @@ __all__ = [
     "evaluate_whisper_cpp",
     "export_whisper_cpp",
     "ggml_file_bytes",
+    "ggml_parameter_count",
     "ggml_tensor_name",
     "is_whisper_cpp_file",
     "load_whisper_cpp",
@@ -256,7 +257,13 @@ def read_file_type(path: str | os.PathLike) -> str:
     with open(path, "rb") as file:
         header = file.read(_HEADER_BYTES)
     (file_type,) = struct.unpack_from("<i", header, _HEADER_BYTES - 4)
-    return {code: name for name, code in FTYPES.items()}[file_type % QNT_VERSION_FACTOR]
+    names = {code: name for name, code in FTYPES.items()}
+    if file_type % QNT_VERSION_FACTOR not in names:
+        raise ValueError(
+            f"{path}: whisper.cpp file type {file_type % QNT_VERSION_FACTOR} is not one this package reads or writes "
+            f"({', '.join(FTYPES)}); run it with whisper.cpp directly, or export one with export-ggml --ftype"
+        )
+    return names[file_type % QNT_VERSION_FACTOR]
 
 
 def is_whisper_cpp_file(path: str | os.PathLike) -> bool:
@@ -270,27 +277,33 @@ def is_whisper_cpp_file(path: str | os.PathLike) -> bool:
 
 def ggml_parameter_count(path: str | os.PathLike) -> int:
     """The values of every tensor of a whisper.cpp file (the tied token embedding once), read from its tensor
-    table as whisper.cpp's loader walks it: header, mel filters, vocabulary, then each tensor's record."""
+    table as whisper.cpp's loader walks it: header, mel filters, vocabulary, then each tensor's record (the tensor
+    data is skipped, not read). Files of the types :data:`FTYPES` lists."""
+    read_file_type(path)  # refuses the types whose tensor sizes are not known here
     type_names = {code: name for name, code in GGML_TYPES.items()}
-    data = Path(path).read_bytes()
-    n_mel, n_fft = struct.unpack_from("<2i", data, _HEADER_BYTES)
-    offset = _HEADER_BYTES + 8 + 4 * n_mel * n_fft
-    (n_tokens,) = struct.unpack_from("<i", data, offset)
-    offset += 4
-    for _ in range(n_tokens):
-        offset += 4 + struct.unpack_from("<i", data, offset)[0]
-    total = 0
-    while offset < len(data):
-        n_dims, name_length, tensor_type = struct.unpack_from("<3i", data, offset)
-        count = math.prod(struct.unpack_from(f"<{n_dims}i", data, offset + 12))
-        offset += 12 + 4 * n_dims + name_length
-        kind = type_names[tensor_type]
-        if kind in BLOCK_TYPES:
-            block, block_bytes, _ = GGML_BLOCKS[kind]
-            offset += count // block * block_bytes
-        else:
-            offset += count * (4 if kind == "f32" else 2)
-        total += count
+    with open(path, "rb") as file:
+
+        def unpack(form: str) -> tuple:
+            return struct.unpack(form, file.read(struct.calcsize(form)))
+
+        file.seek(_HEADER_BYTES)
+        n_mel, n_fft = unpack("<2i")
+        file.seek(4 * n_mel * n_fft, os.SEEK_CUR)
+        (n_tokens,) = unpack("<i")
+        for _ in range(n_tokens):
+            file.seek(unpack("<i")[0], os.SEEK_CUR)
+        total, end = 0, os.fstat(file.fileno()).st_size
+        while file.tell() < end:
+            n_dims, name_length, tensor_type = unpack("<3i")
+            count = math.prod(unpack(f"<{n_dims}i"))
+            kind = type_names[tensor_type]
+            if kind in BLOCK_TYPES:
+                block, block_bytes, _ = GGML_BLOCKS[kind]
+                data_bytes = count // block * block_bytes
+            else:
+                data_bytes = count * (4 if kind == "f32" else 2)
+            file.seek(name_length + data_bytes, os.SEEK_CUR)
+            total += count
     return total
 
 
@@ -439,10 +452,11 @@ def evaluate_whisper_cpp(
     language entries and real-time factor (audio read before the clock starts; one warm-up utterance off the
     clock), decoded as :func:`transcribe_whisper_cpp` does. Size: the file's bytes; ``batch_size`` 1."""
     rows = ManifestRows.of(dataset)
+    n_parameters = ggml_parameter_count(path)  # first: it refuses the file types it cannot size, with the fix
     model = load_whisper_cpp(path, n_threads=n_threads)
     report = EvaluationReport(
         model=str(path),
-        n_parameters=ggml_parameter_count(path),
+        n_parameters=n_parameters,
         model_size_bytes=Path(path).stat().st_size,
         model_size_source="disk",
         batch_size=1,
