@@ -30,6 +30,7 @@ from hf_whisper_kdq.compress import (
     PhaseTimer,
     apply_level,
     evaluation_data,
+    teacher_and_student,
     train_student,
     training_data,
     with_training_defaults,
@@ -38,8 +39,6 @@ from hf_whisper_kdq.config import DistillQuantArguments
 from hf_whisper_kdq.data import prepare_dataset
 from hf_whisper_kdq.export.ggml import evaluate_whisper_cpp, export_whisper_cpp, read_file_type
 from hf_whisper_kdq.files import atomic_write_text
-from hf_whisper_kdq.sources import load_whisper
-from hf_whisper_kdq.students import build_student
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -52,11 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     output = Path(args.output_dir)
     timer = PhaseTimer()
     with timer("load teacher"):
-        teacher, processor = load_whisper(compress.teacher)
-        if compress.student:
-            student, _ = load_whisper(compress.student)
-        else:
-            student = build_student(teacher, encoder_layers=compress.encoder_layers, decoder_layers=decoder_layers)
+        teacher, processor, student = teacher_and_student(compress, decoder_layers)
     train = training_data(compress, teacher, processor, timer=timer, output_dir=args.output_dir, seed=args.seed)
     with timer("features and labels"):
         train_features, _ = prepare_dataset(

@@ -439,6 +439,17 @@ def warn_untrained_languages(train_languages, eval_languages) -> list[str]:
     return missing
 
 
+def teacher_and_student(compress: CompressArguments, decoder_layers: int | None):
+    """``(teacher, processor, student)``: the student is ``--student`` when given, else a spaced copy of the
+    teacher with ``decoder_layers`` (`apply_level`'s)."""
+    teacher, processor = load_whisper(compress.teacher)
+    if compress.student:
+        student, _ = load_whisper(compress.student)
+    else:
+        student = build_student(teacher, encoder_layers=compress.encoder_layers, decoder_layers=decoder_layers)
+    return teacher, processor, student
+
+
 def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> dict:
     """Run the whole job; returns the summary written to ``output_dir/compress_summary.json``.
 
@@ -452,11 +463,7 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
     decoder_layers, args = apply_level(compress, args)
     output = Path(args.output_dir)
     with timer("load teacher"):
-        teacher, processor = load_whisper(compress.teacher)
-        if compress.student:
-            student, _ = load_whisper(compress.student)
-        else:
-            student = build_student(teacher, encoder_layers=compress.encoder_layers, decoder_layers=decoder_layers)
+        teacher, processor, student = teacher_and_student(compress, decoder_layers)
         check_level_reachable(compress, student, teacher, args, processor)
     if compress.spec_augment:
         # transformers masks the student encoder's input in training mode (the frozen teacher is in eval mode).
