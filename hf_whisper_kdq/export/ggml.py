@@ -221,13 +221,16 @@ def _layout(model: nn.Module) -> list[tuple[str, str, tuple[int, ...]]]:
     return layout
 
 
-def _data_bytes(name: str, shape: tuple[int, ...], ftype: str) -> int:
-    tensor_type = _tensor_type(name, len(shape), ftype)
-    count = math.prod(shape)
+def _stored_bytes(tensor_type: str, count: int) -> int:
+    """Bytes of ``count`` values stored as ``tensor_type`` (a block type, f32 or f16)."""
     if tensor_type in BLOCK_TYPES:
         block, block_bytes, _ = GGML_BLOCKS[tensor_type]
         return count // block * block_bytes
     return count * (4 if tensor_type == "f32" else 2)
+
+
+def _data_bytes(name: str, shape: tuple[int, ...], ftype: str) -> int:
+    return _stored_bytes(_tensor_type(name, len(shape), ftype), math.prod(shape))
 
 
 def _tensor_header(name: str, shape: tuple[int, ...], ftype: str) -> bytes:
@@ -296,13 +299,7 @@ def ggml_parameter_count(path: str | os.PathLike) -> int:
         while file.tell() < end:
             n_dims, name_length, tensor_type = unpack("<3i")
             count = math.prod(unpack(f"<{n_dims}i"))
-            kind = type_names[tensor_type]
-            if kind in BLOCK_TYPES:
-                block, block_bytes, _ = GGML_BLOCKS[kind]
-                data_bytes = count // block * block_bytes
-            else:
-                data_bytes = count * (4 if kind == "f32" else 2)
-            file.seek(name_length + data_bytes, os.SEEK_CUR)
+            file.seek(name_length + _stored_bytes(type_names[tensor_type], count), os.SEEK_CUR)
             total += count
     return total
 
