@@ -225,7 +225,7 @@ def cached_pseudo_labels(
         "teacher_weights_sha256": weights.hexdigest(),
         "wer_threshold": wer_threshold,
     }
-    folder = None if output_dir is None else labels_folder(output_dir, manifest)
+    folder = labels_folder(output_dir, manifest) if output_dir else None  # "" as None: no cache, as compress had it
     if folder is not None and (folder / "key.json").is_file() and json.loads((folder / "key.json").read_text()) == key:
         logger.info("reusing the teacher's labels of %s in %s", manifest, folder)
         return datasets.load_from_disk(str(folder / "dataset"))
