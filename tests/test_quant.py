@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from torch import nn
@@ -599,6 +601,28 @@ def test_ggml_fake_quantization_equals_the_packed_codes_and_ggml_own_bytes(name)
     data = pack(quantized, name)
     assert data == ggml_quantize_chunk(weight.numpy(), name)
     assert torch.equal(torch.from_numpy(unpack(data, name, tuple(weight.shape))), fake)
+
+
+def test_q3_k_search_is_ggml_own_on_sub_blocks_that_need_every_pass():
+    """q3_K's coordinate descent visits only the sub-blocks the previous pass changed: on heavy-tailed weights, where
+    some sub-blocks change in every one of the five passes, the bytes are still ggml's."""
+    from conftest import ggml_quantize_chunk
+
+    from hf_whisper_kdq.quant.ggml_blocks import _q3_pass, ggml_quantize, pack
+
+    torch.manual_seed(0)
+    weight = torch.distributions.StudentT(2.0).sample((64, 1024)) * 0.02
+    changed = []
+
+    def counting_pass(*args):
+        result = _q3_pass(*args)
+        changed.append(int(result[2].sum()))
+        return result
+
+    with mock.patch("hf_whisper_kdq.quant.ggml_blocks._q3_pass", counting_pass):
+        quantized = ggml_quantize(weight, "q3_K")
+    assert len(changed) == 5 and changed[0] > changed[3] > 0  # the fifth pass visits the few the fourth changed
+    assert pack(quantized, "q3_K") == ggml_quantize_chunk(weight.numpy(), "q3_K")
 
 
 @pytest.mark.parametrize("name", GGML_SPECS)

@@ -76,34 +76,55 @@ def _offset(blocks: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
     return torch.trunc(shifted).clamp(max=top) - half, scale, shifted < top + 1
 
 
+def _q3_pass(x: Tensor, weights: Tensor, weighted: Tensor, codes: Tensor, sumlx: Tensor, suml2: Tensor):
+    """One of ``make_q3_quants``' coordinate-descent passes over position-major sub-blocks (``[16, n]``; ``codes``
+    updated in place): the new ``sumlx`` and ``suml2``, and which sub-blocks the pass changed."""
+    changed = torch.zeros_like(sumlx, dtype=torch.bool)
+    for i in range(_Q3_SUB):
+        w, xi, li = weights[i], x[i], codes[i]
+        slx = sumlx - weighted[i] * li
+        sl2 = suml2 - w * li * li
+        new = _nearest_int(xi * sl2 / slx).clamp(-_Q3_NMAX, _Q3_NMAX - 1).float()
+        new_slx = slx + weighted[i] * new
+        new_sl2 = sl2 + w * new * new
+        accept = (slx > 0) & (new != li) & (new_sl2 > 0) & (new_slx * new_slx * suml2 > sumlx * sumlx * new_sl2)
+        codes[i] = torch.where(accept, new, li)
+        sumlx = torch.where(accept, new_slx, sumlx)
+        suml2 = torch.where(accept, new_sl2, suml2)
+        changed |= accept
+    return sumlx, suml2, changed
+
+
 def _q3_sub_blocks(x: Tensor) -> tuple[Tensor, Tensor]:
     """``make_q3_quants(16, 4, x, L, true)`` on every row of ``x`` ``[n, 16]``: codes ``L`` (in [0, 7], 0 for an
-    all-zero sub-block) and the least-squares scale."""
+    all-zero sub-block) and the least-squares scale.
+
+    Why not row by row: the search runs position-major (``[16, n]``, each coordinate step reads contiguous memory), and
+    a pass only visits the sub-blocks the previous pass changed (one that changes nothing would leave the state as it
+    was; ggml stops there): the same bits ~5x faster, which training on q3_K pays every forward."""
     largest = _signed_absmax(x)
     zero = x.abs().amax(dim=-1) < _GROUP_MAX_EPS
     iscale = -float(_Q3_NMAX) / torch.where(zero, torch.ones_like(largest), largest)
-    codes = _nearest_int(iscale[:, None] * x).clamp(-_Q3_NMAX, _Q3_NMAX - 1).float()
-    weighted = x * x * x  # w * x[i] with w = x[i]^2, evaluated left to right as in C
+    x = x.t().contiguous()
+    codes = _nearest_int(iscale * x).clamp(-_Q3_NMAX, _Q3_NMAX - 1).float()
     weights = x * x
+    weighted = weights * x  # w * x[i] with w = x[i]^2, evaluated left to right as in C
     sumlx = torch.zeros_like(largest)
     suml2 = torch.zeros_like(largest)
     for i in range(_Q3_SUB):  # float32 sums in ggml's order
-        sumlx = sumlx + weighted[:, i] * codes[:, i]
-        suml2 = suml2 + weights[:, i] * codes[:, i] * codes[:, i]
-    for _ in range(_Q3_PASSES):  # a pass that changes nothing leaves the state as it was: no early exit needed
-        for i in range(_Q3_SUB):
-            w, xi, li = weights[:, i], x[:, i], codes[:, i]
-            slx = sumlx - weighted[:, i] * li
-            sl2 = suml2 - w * li * li
-            new = _nearest_int(xi * sl2 / slx).clamp(-_Q3_NMAX, _Q3_NMAX - 1).float()
-            new_slx = slx + weighted[:, i] * new
-            new_sl2 = sl2 + w * new * new
-            accept = (slx > 0) & (new != li) & (new_sl2 > 0) & (new_slx * new_slx * suml2 > sumlx * sumlx * new_sl2)
-            codes[:, i] = torch.where(accept, new, li)
-            sumlx = torch.where(accept, new_slx, sumlx)
-            suml2 = torch.where(accept, new_sl2, suml2)
+        sumlx = sumlx + weighted[i] * codes[i]
+        suml2 = suml2 + weights[i] * codes[i] * codes[i]
+    sumlx, suml2, changed = _q3_pass(x, weights, weighted, codes, sumlx, suml2)
+    active = changed.nonzero().squeeze(1)
+    for _ in range(_Q3_PASSES - 1):
+        if not len(active):
+            break
+        subset = codes[:, active]
+        sums = _q3_pass(x[:, active], weights[:, active], weighted[:, active], subset, sumlx[active], suml2[active])
+        codes[:, active], sumlx[active], suml2[active] = subset, sums[0], sums[1]
+        active = active[sums[2]]
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
-    codes = torch.where(zero[:, None], torch.zeros_like(codes), codes + _Q3_NMAX)
+    codes = torch.where(zero[:, None], torch.zeros_like(codes.t()), codes.t() + _Q3_NMAX)
     return codes, torch.where(zero, torch.zeros_like(scale), scale)
 
 
