@@ -1,5 +1,6 @@
 """File size, accuracy and CPU speed of one Whisper model exported to whisper.cpp in each file type (run by
-pywhispercpp) and, with ``--onnx``, to ONNX Runtime, beside the transformers model itself.
+pywhispercpp), to faster-whisper (CTranslate2 int8) and, with ``--onnx``, to ONNX Runtime, beside the transformers model
+itself.
 
     python benchmarks/whisper_cpp_ftypes.py                                   # whisper-base, 40 LJSpeech (en)
     python benchmarks/whisper_cpp_ftypes.py openai/whisper-tiny.en --ftypes q8_0,q4_0 --limit 10
@@ -52,6 +53,7 @@ class FtypeArguments:
     threads: int = field(default=2, metadata={"help": "CPU threads of each engine"})
     keep: str | None = field(default=None, metadata={"help": "keep the ggml files in this folder (None: a temp one)"})
     no_transformers: bool = field(default=False, metadata={"help": "skip the transformers reference row"})
+    no_faster_whisper: bool = field(default=False, metadata={"help": "skip the faster-whisper (CTranslate2) int8 row"})
     onnx: bool = field(default=False, metadata={"help": "add the ONNX Runtime export's row"})
     onnx_quantize: str | None = field(
         default=None, metadata={"help": "quantize a float model on ONNX export to this spec, e.g. int4-g32"}
@@ -118,10 +120,30 @@ def run(args: FtypeArguments) -> list[dict]:
             size = path.stat().st_size
             rows.append(_row(f"whisper.cpp {ftype}", size, references, texts, cpu, wall, audio_seconds, args.language))
             _print_row(rows[-1])
+        if not args.no_faster_whisper:
+            ct2_folder = folder / "ctranslate2"
+            rows.append(_faster_whisper_row(model, processor, args, ct2_folder, audios, references, audio_seconds))
+            _print_row(rows[-1])
         if args.onnx:
             rows.append(_onnx_row(args, folder / "onnx", audios, references, audio_seconds))
             _print_row(rows[-1])
     return rows
+
+
+def _faster_whisper_row(
+    model, processor, args: FtypeArguments, folder: Path, audios, references, audio_seconds: float
+) -> dict:
+    from faster_whisper import WhisperModel
+
+    from hf_whisper_kdq.evaluation_ctranslate2 import transcribe_faster_whisper
+    from hf_whisper_kdq.export.ctranslate2 import export_ctranslate2
+
+    export_ctranslate2(model, processor, folder, quantization="int8", overwrite=True)
+    whisper = WhisperModel(str(folder), device="cpu", compute_type="int8", cpu_threads=args.threads)
+    transcribe_faster_whisper(whisper, audios[:1], args.language)  # warm-up, off the clock
+    texts, cpu, wall = _timed(lambda: transcribe_faster_whisper(whisper, audios, args.language))
+    size = (folder / "model.bin").stat().st_size
+    return _row("faster-whisper int8", size, references, texts, cpu, wall, audio_seconds, args.language)
 
 
 def _onnx_row(args: FtypeArguments, folder: Path, audios, references, audio_seconds: float) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,15 @@ from hf_whisper_kdq.sources.processor import (
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_SPEECH = REPO_ROOT.parent / "shared" / "data" / "speech"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread_per_worker():
+    """Under pytest-xdist (setup.cfg runs one worker per core) each worker takes one intra-op thread: two workers of
+    two threads each on two cores spend the tiny models' ops in OpenMP barriers (see ``single_thread``)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+    yield
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -434,14 +434,29 @@ def test_a_student_trained_for_ggml_ships_its_own_codes_in_a_file_of_the_planned
     assert isinstance(text, str)
 
 
+def _tones_manifest(folder: Path) -> Path:
+    """Two 1 s tones labelled "hello world", as an English manifest in ``folder``."""
+    import json
+
+    import soundfile
+
+    rows = []
+    for i in range(2):
+        tone = 0.1 * np.sin(2 * np.pi * 220 * (i + 1) * np.arange(16000) / 16000)
+        soundfile.write(folder / f"tone{i}.wav", tone, 16000)
+        rows.append({"id": f"t{i}", "corpus": "tones", "language": "en", "audio": f"tone{i}.wav", "duration": 1.0,
+                     "text": "hello world"})  # fmt: skip
+    manifest = folder / "tones.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return manifest
+
+
 def test_benchmark_trains_a_student_into_a_whisper_cpp_file_and_scores_it(ggml_whisper, tmp_path):
     """benchmarks/ggml_student.py: compress's arguments and training path into a whisper.cpp file, for the type
     compress refuses (q3_K; here q4_0, whose fake quantization of the tiny model's embedding is 5× cheaper)."""
     pytest.importorskip("pywhispercpp")
     import json
     import sys
-
-    import soundfile
 
     from hf_whisper_kdq.sources import save_whisper
 
@@ -450,14 +465,7 @@ def test_benchmark_trains_a_student_into_a_whisper_cpp_file_and_scores_it(ggml_w
 
     model, processor = ggml_whisper
     teacher = save_whisper(model, processor, tmp_path / "teacher")
-    rows = []
-    for i in range(2):
-        tone = 0.1 * np.sin(2 * np.pi * 220 * (i + 1) * np.arange(16000) / 16000)
-        soundfile.write(tmp_path / f"tone{i}.wav", tone, 16000)
-        rows.append({"id": f"t{i}", "corpus": "tones", "language": "en", "audio": f"tone{i}.wav", "duration": 1.0,
-                     "text": "hello world"})  # fmt: skip
-    manifest = tmp_path / "tones.jsonl"
-    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    manifest = _tones_manifest(tmp_path)
     argv = ["--teacher", str(teacher), "--train_manifest", str(manifest), "--eval_manifest", str(manifest)]
     argv += ["--quant_bit_choices", "4", "--max_steps", "1", "--per_device_train_batch_size", "2"]
     argv += ["--output_dir", str(tmp_path / "run")]
@@ -469,3 +477,30 @@ def test_benchmark_trains_a_student_into_a_whisper_cpp_file_and_scores_it(ggml_w
     assert summary["file_bytes"] == path.stat().st_size == ggml_file_bytes(model, processor, "q4_0")
     assert summary["evaluation"]["n_utterances"] == 2 and summary["plan"]["quant_format"] == "ggml"
     assert json.loads((tmp_path / "run" / "ggml_student.json").read_text())["file_type"] == "q4_0"
+
+
+def test_ftypes_benchmark_puts_whisper_cpp_beside_faster_whisper_and_transformers(ggml_whisper, tmp_path):
+    """benchmarks/whisper_cpp_ftypes.py: the same utterances through transformers, a whisper.cpp file and
+    faster-whisper int8, each row with its file's bytes, error rate and CPU and wall seconds per audio second."""
+    pytest.importorskip("pywhispercpp")
+    pytest.importorskip("faster_whisper")
+    import sys
+
+    from hf_whisper_kdq.sources import save_whisper
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import whisper_cpp_ftypes
+
+    model, processor = ggml_whisper
+    folder = save_whisper(model, processor, tmp_path / "model")
+    args = whisper_cpp_ftypes.parse_args(
+        [str(folder), "--manifest", str(_tones_manifest(tmp_path)), "--corpus", "tones", "--limit", "2"]
+        + ["--ftypes", "q8_0", "--threads", "1", "--keep", str(tmp_path / "files")]
+    )
+    rows = {row["format"]: row for row in whisper_cpp_ftypes.run(args)}
+    assert list(rows) == ["transformers float32", "whisper.cpp q8_0", "faster-whisper int8"]
+    assert rows["whisper.cpp q8_0"]["file_bytes"] == (tmp_path / "files" / "ggml-q8_0.bin").stat().st_size
+    assert (
+        rows["faster-whisper int8"]["file_bytes"] == (tmp_path / "files" / "ctranslate2" / "model.bin").stat().st_size
+    )
+    assert all(row["metric"] == "wer" and row["cpu_seconds_per_audio_second"] > 0 for row in rows.values())
