@@ -28,6 +28,7 @@ ONNX = ["onnx>=1.17", "onnxruntime>=1.26"]
 TEST = [
     "pytest>=8",
     "pytest-timeout>=2.3",
+    "pytest-xdist>=3.5",
     "faster-whisper>=1.1",
     "openai-whisper>=20240930",
     "deepspeed>=0.15",

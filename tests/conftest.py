@@ -26,6 +26,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_SPEECH = REPO_ROOT.parent / "shared" / "data" / "speech"
 
 
+# Files whose tests take most of the suite's time, scheduled first so that pytest-xdist's workers end together.
+SLOWEST_FILES = ("test_distributed.py",)
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in SLOWEST_FILES)  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_thread_per_worker():
     """Under pytest-xdist (setup.cfg runs one worker per core) each worker takes one intra-op thread: two workers of
