@@ -12,7 +12,8 @@ itself.
 The model is loaded once (``sources.load_whisper``) and written with ``export.ggml.export_whisper_cpp`` in each
 ``--ftypes``; every file decodes the same utterances greedily with ``--threads`` threads
 (``transcribe_whisper_cpp``), one utterance off the clock first, and is scored by ``scoring.score``. The
-transformers model itself (float32, batched) is the reference row (``--no_transformers`` skips it). Speed is given
+transformers model itself (float32, batched) is the reference row (``--no_transformers`` skips it), and the model's
+own CTranslate2 int8 export, decoded by faster-whisper with ``compute_type="int8"``, another (``--no_faster_whisper``). Speed is given
 as CPU seconds of this process per audio second (all of whisper.cpp's threads count), which a busy machine changes
 less than wall time; wall time is reported too. The ONNX row is ``export.onnx.export_onnx`` of ``--model`` itself (so
 a compressed folder's packed codes are exported exactly, a float model at ``--onnx_quantize`` or in float16), decoded

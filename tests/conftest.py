@@ -38,9 +38,13 @@ def pytest_collection_modifyitems(items):
 def _one_thread_per_worker():
     """Under pytest-xdist (setup.cfg runs one worker per core) each worker takes one intra-op thread: two workers of
     two threads each on two cores spend the tiny models' ops in OpenMP barriers (see ``single_thread``)."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        torch.set_num_threads(1)
-    yield
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:  # and the processes tests start, which some compare with this one
+        patch.setenv("OMP_NUM_THREADS", "1")
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)

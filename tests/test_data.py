@@ -323,7 +323,7 @@ def test_prepare_dataset_limits_are_parameters(corpus_dir, processor):
     assert prepared["id"][:] == [short] and report.dropped == {"labels_too_long": 1}
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)  # a hang, not a slow machine: the run takes seconds
 def test_prepare_dataset_in_worker_processes(corpus_dir, tiny_whisper):
     # The fixture has run torch ops in this process: forked workers used to hang in the feature extractor's STFT.
     model, processor = tiny_whisper

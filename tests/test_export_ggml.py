@@ -479,9 +479,12 @@ def test_benchmark_trains_a_student_into_a_whisper_cpp_file_and_scores_it(ggml_w
     assert json.loads((tmp_path / "run" / "ggml_student.json").read_text())["file_type"] == "q4_0"
 
 
-def test_ftypes_benchmark_puts_whisper_cpp_beside_faster_whisper_and_transformers(ggml_whisper, tmp_path):
+def test_ftypes_benchmark_puts_whisper_cpp_beside_faster_whisper_and_transformers(
+    ggml_whisper, tmp_path, single_thread
+):
     """benchmarks/whisper_cpp_ftypes.py: the same utterances through transformers, a whisper.cpp file and
-    faster-whisper int8, each row with its file's bytes, error rate and CPU and wall seconds per audio second."""
+    faster-whisper int8, each row with its file's bytes, error rate and CPU and wall seconds per audio second
+    (``single_thread``: the benchmark sets torch's threads, which the fixture restores)."""
     pytest.importorskip("pywhispercpp")
     pytest.importorskip("faster_whisper")
     import sys

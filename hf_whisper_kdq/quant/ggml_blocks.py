@@ -101,7 +101,7 @@ def _q3_sub_blocks(x: Tensor) -> tuple[Tensor, Tensor]:
 
     Why not row by row: the search runs position-major (``[16, n]``, each coordinate step reads contiguous memory), and
     a pass only visits the sub-blocks the previous pass changed (one that changes nothing would leave the state as it
-    was; ggml stops there): the same bits ~5x faster, which training on q3_K pays every forward."""
+    was; ggml stops there): the same bits ~4x faster, which training on q3_K pays every forward."""
     largest = _signed_absmax(x)
     zero = x.abs().amax(dim=-1) < _GROUP_MAX_EPS
     iscale = -float(_Q3_NMAX) / torch.where(zero, torch.ones_like(largest), largest)
