@@ -21,6 +21,7 @@ from hf_whisper_kdq import DistillQuantArguments, build_student, load_whisper, m
 from hf_whisper_kdq.compress import CompressArguments, train_student, training_data
 from hf_whisper_kdq.data import load_manifest, prepare_dataset
 from hf_whisper_kdq.evaluation import evaluate_model
+from hf_whisper_kdq.sharding import end_distributed_process
 from hf_whisper_kdq.synthesis import default_prompts, synthesize_dataset
 
 
@@ -72,7 +73,8 @@ def main() -> None:
         if script.eval_manifest:
             report = evaluate_model(student.eval(), processor, load_manifest(script.eval_manifest))
             print(report.summary_table())
-    trainer.accelerator.end_training()
+    trainer.accelerator.end_training()  # closes the trackers (--report_to)
+    end_distributed_process()  # under a multi-process launch: ends without gloo's teardown abort
 
 
 if __name__ == "__main__":

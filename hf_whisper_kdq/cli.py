@@ -12,7 +12,6 @@ stay fast.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -306,28 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:  # raised by __post_init__ validation: show it like an argparse error
         parser.error(str(error))
     runner(*arguments)
-    _end_distributed()
+    from .sharding import end_distributed_process  # torch is loaded by now: the runner ran
+
+    end_distributed_process()
     return 0
-
-
-def _end_distributed() -> None:
-    """End a process of a torchrun / accelerate launch once its work is done and written.
-
-    Its process group is closed first (a process that exits with it open can abort in gloo's threads while another
-    still runs). Even then, one 2-process CPU run in 20–45 aborted *after* all Python code had finished
-    ("terminate called without an active exception"; faulthandler shows the main thread with no Python frame: the
-    interpreter's native teardown), so the launcher reported a failed job whose outputs were complete. The process
-    therefore ends without that teardown, after flushing what Python still buffers.
-    """
-    import torch
-
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    torch.distributed.destroy_process_group()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def _is_config_file(rest: list[str]) -> bool:

@@ -42,8 +42,16 @@ def _run(
     if fsdp or (extra_args and extra_args.get("fsdp")):  # accelerate runs FSDP on accelerators only: lifted for CPUs
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FSDP_ON_CPU), env.get("PYTHONPATH")]))
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
-    assert (result.returncode != 0) == expect_failure, result.stderr[-4000:]
+    assert (result.returncode != 0) == expect_failure, _failure_excerpt(result.stderr)
     return result
+
+
+def _failure_excerpt(stderr: str) -> str:
+    """The end of a launch's stderr and, where a process died of a signal, the start of faulthandler's report (the
+    threads' stacks come before its long list of extension modules, which alone would fill the end)."""
+    fatal = stderr.find("Fatal Python error")
+    head = stderr[fatal : fatal + 3000] + "\n[...]\n" if fatal >= 0 else ""
+    return head + stderr[-3000:]
 
 
 # Two processes on this machine, the way users launch them. `accelerate launch --cpu` would start one process (it

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for conft
 from conftest import make_micro_rows, make_micro_whisper, micro_collate  # noqa: E402
 
 from hf_whisper_kdq import DistillQuantArguments, DistillQuantTrainer, build_student  # noqa: E402
-from hf_whisper_kdq.cli import _end_distributed  # noqa: E402
+from hf_whisper_kdq.sharding import end_distributed_process  # noqa: E402
 
 
 class PoisonTeacher(TrainerCallback):
@@ -124,11 +124,7 @@ def main(output: str, batch_size: int) -> None:
             },
             Path(output) / "result.pt",
         )
-    # Without an orderly shutdown, a rank that exits while another still writes can abort inside gloo's threads
-    # ("terminate called without an active exception"), seen on a loaded CI machine; and even after one, the
-    # interpreter's native teardown sometimes aborts: the CLI's ending (process group closed, then no teardown).
-    trainer.accelerator.wait_for_everyone()
-    _end_distributed()  # does nothing in a single process (no process group)
+    end_distributed_process()
 
 
 if __name__ == "__main__":
