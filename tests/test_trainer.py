@@ -954,6 +954,42 @@ def test_save_compressed_saves_the_processor_of_a_teacher_given_by_name(tmp_path
     assert (folder / "preprocessor_config.json").is_file()
 
 
+def test_distillation_only_saves_a_float_student_that_plain_transformers_loads(tmp_path, tiny_whisper):
+    """quant_bit_choices="float" (the distillation-only ablation): nothing is quantized, and save_compressed writes
+    the trained student as an fp16 folder with its plan and report instead of refusing after training."""
+    from safetensors import safe_open
+    from transformers import WhisperForConditionalGeneration
+
+    from hf_whisper_kdq.data import WhisperDataCollator
+
+    teacher, processor = tiny_whisper
+    student = build_student(teacher, decoder_layers=1)
+    args = _args(tmp_path, max_steps=1, quant_targets="decoder,embedding", quant_bit_choices="float")
+    trainer = DistillQuantTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=Dataset.from_list(tiny_speech_rows(processor, [" hello world", " a sentence"])),
+        data_collator=WhisperDataCollator(processor, decoder_start_token_id=student.config.decoder_start_token_id),
+        processing_class=processor,
+    )
+    trainer.train()
+    report = trainer.save_compressed(tmp_path / "compressed")
+    folder = report.folder
+    assert set(report.per_layer_bits.values()) <= {16} and report.embedding_quantized is False
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as file:
+        assert {file.get_tensor(key).dtype for key in file.keys()} == {torch.float16}
+    assert (folder / "kdq_plan.json").is_file() and (folder / "preprocessor_config.json").is_file()
+    reloaded = WhisperForConditionalGeneration.from_pretrained(folder).eval()
+    student = trainer.whole_student().eval()
+    features = torch.randn(1, teacher.config.num_mel_bins, 2 * teacher.config.max_source_positions)
+    labels = torch.tensor([[teacher.config.decoder_start_token_id, 5, 6]])
+    with torch.no_grad():
+        expected = student(input_features=features, decoder_input_ids=labels).logits
+        got = reloaded(input_features=features, decoder_input_ids=labels).logits
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)  # fp16 storage
+
+
 # ---- bitsandbytes: a teacher in 8 or 4 bits, 8-bit optimizers --------------------------------------------------
 
 

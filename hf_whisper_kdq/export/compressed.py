@@ -65,7 +65,7 @@ from ..adapters import holds_training_only, is_training_only, merge_lora_layers,
 from ..files import atomic_folder, check_output_folder
 from ..quant import GGMLSpec, QuantizedWeight, QuantSpec, prepare_qat, quant_specs
 from ..selection import KDQPlan
-from ..sources import save_processor
+from ..sources import save_processor, write_whisper_files
 from .report import (
     EMBEDDING_REASON,
     REPORT_FILE,
@@ -147,7 +147,8 @@ def _student_copy(model: nn.Module, plan: KDQPlan | None) -> nn.Module:
                     "pass the plan the model was trained with, or apply it first with "
                     "set_quant_specs(model, plan.module_specs())"
                 )
-    if not any(spec is not None for spec in quant_specs(student).values()):
+    nothing_planned = plan is not None and all(spec is None for spec in plan.module_specs().values())
+    if not nothing_planned and not any(spec is not None for spec in quant_specs(student).values()):
         raise ValueError(
             "nothing to export as packed integers: the model has no quantized layers. Pass a QAT-prepared student "
             "(prepare_qat) or plan= (a float student is then quantized at export), or use save_whisper for a float copy"
@@ -344,6 +345,18 @@ def save_compressed(
 
     student = _student_copy(model, plan)
     specs = quant_specs(student)
+    if not any(spec is not None for spec in specs.values()):
+        # A plan that quantizes nothing (quant_bit_choices "float": distillation only) ships a float folder, in
+        # fp16 like the teacher, so that any post-training quantizer can take it from there.
+        strip_training_only(student)
+        student.half()
+        with atomic_folder(output_dir) as staging:
+            write_whisper_files(student, processor, staging)
+            plan.save(staging)
+            report = build_compression_report(staging, plan, teacher_fp16_bytes=teacher_fp16_bytes)
+            write_compression_report(staging, report)
+        logger.info("The plan quantizes nothing: exported the float student to %s", output_dir)
+        return CompressionReport.from_dict(report, output_dir)
     q3_k = [name for name, spec in specs.items() if isinstance(spec, GGMLSpec) and spec.type == "q3_K"]
     if q3_k:
         raise ValueError(

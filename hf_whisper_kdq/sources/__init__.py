@@ -169,12 +169,17 @@ def save_whisper(
     (``FileExistsError``) and left untouched.
     """
     with atomic_folder(output_dir) as staging:
-        model.save_pretrained(staging)
-        config = WhisperConfig.from_pretrained(staging)
-        config.dtype = torch.float32
-        config.save_pretrained(staging)
-        save_processor(processor, staging)
+        write_whisper_files(model, processor, staging)
     return Path(output_dir)
+
+
+def write_whisper_files(model: WhisperForConditionalGeneration, processor: WhisperProcessor, folder: Path) -> None:
+    """`save_whisper`'s files, written into ``folder`` as it is (for callers that build a folder atomically)."""
+    model.save_pretrained(folder)
+    config = WhisperConfig.from_pretrained(folder)
+    config.dtype = torch.float32
+    config.save_pretrained(folder)
+    save_processor(processor, folder)
 
 
 def _sha256(path: Path) -> str:
