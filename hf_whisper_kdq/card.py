@@ -341,17 +341,25 @@ def _limitations(report, plan, scores, codes, ct2_quant: str | None, synthetic: 
     return items
 
 
+def _quantizes(plan: KDQPlan) -> bool:
+    return any(plan.quantized(side) for side in ("encoder", "decoder", "embedding"))
+
+
 def _summary(name, teacher, plan: KDQPlan, sizes: _Sizes, scores: list[Score], frozen_encoder: bool) -> str:
     bits = "/".join(_bits_text(b) for b in sorted({u.bits for u in plan.units if u.modules})) or "float"
     n_enc, n_dec = len(plan.layers("encoder")), len(plan.layers("decoder"))
+    quantized = _quantizes(plan)
     trained = "its weights were quantization-aware trained"
-    if frozen_encoder and plan.quantized("encoder"):
+    if not quantized:  # quant_bit_choices "float": the distillation-only ablation
+        trained = "its weights stayed in floating point (distillation only)"
+    elif frozen_encoder and plan.quantized("encoder"):
         # a frozen encoder keeps the clipping searched before training: post-training quantization
         trained = "its decoder was quantization-aware trained and its frozen encoder quantized post-training"
     text = (
         f"**{name}** is a [Whisper-KDQ](https://arxiv.org/abs/2305.10788) compression of {teacher}: a "
         f"{n_enc}+{n_dec}-layer student distilled from the teacher (logits, and the hidden states of "
-        f"{sum(u.distilled for u in plan.units)} guided layer(s)) while {trained} to {bits} bits per layer."
+        f"{sum(u.distilled for u in plan.units)} guided layer(s)) while {trained}"
+        + (f" to {bits} bits per layer." if quantized else ".")
     )
     if sizes.size:
         smaller = f", {sizes.factor16:.2f}× smaller than the teacher in fp16" if sizes.factor16 else ""
@@ -451,7 +459,7 @@ def build_model_card(
         model_name=name if evals else None,
         metrics=sorted({s.metric for s in scores}) or ["wer"],
         eval_results=evals or None,
-        **({"base_model_relation": "quantized"} if hub_teacher else {}),
+        **({"base_model_relation": "quantized" if _quantizes(plan) else "finetune"} if hub_teacher else {}),
     )
     card = ModelCard.from_template(
         card_data,

@@ -988,6 +988,9 @@ def test_distillation_only_saves_a_float_student_that_plain_transformers_loads(t
         expected = student(input_features=features, decoder_input_ids=labels).logits
         got = reloaded(input_features=features, decoder_input_ids=labels).logits
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)  # fp16 storage
+    card = trainer.create_model_card(report=report).read_text()
+    assert "stayed in floating point (distillation only)" in card and "quantization-aware" not in card
+    assert "pack-quantized" not in card and "Weight format: safetensors float16" in card
 
 
 # ---- bitsandbytes: a teacher in 8 or 4 bits, 8-bit optimizers --------------------------------------------------

@@ -45,6 +45,7 @@ REPORT_FILE = "compression_report.json"
 WEIGHTS_FILE = "model.safetensors"
 WRITER = "hf_whisper_kdq.export"
 FORMAT = "compressed-tensors pack-quantized"
+FLOAT_FORMAT = "safetensors float16 (nothing quantized)"
 COMPONENTS = ("encoder", "decoder", "embedding", "other")
 EMBEDDING_MODULES = ("model.decoder.embed_tokens", "proj_out")
 EMBEDDING_REASON = (
@@ -289,7 +290,7 @@ def build_compression_report(
     return {
         "writer": WRITER,
         "report_version": 1,
-        "format": FORMAT,
+        "format": FORMAT if packed else FLOAT_FORMAT,
         "total_bytes": total_bytes,
         "weights_bytes": weights_bytes,
         "files": files,
