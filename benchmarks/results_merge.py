@@ -37,6 +37,10 @@ def _num(value, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def _mb(value: int | None) -> str:
+    return "—" if value is None else f"{value / 1e6:.2f} MB"
+
+
 def load_rows(output: Path) -> list[dict]:
     rows = [json.loads(path.read_text(encoding="utf-8")) for path in sorted((output / "rows").glob("*.json"))]
     order = {name: i for i, name in enumerate(ROWS)}
@@ -46,8 +50,8 @@ def load_rows(output: Path) -> list[dict]:
 def table_rows(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
-        sizes, evaluation, ct2 = r["sizes"], r["evaluation"], r.get("ct2") or {}
-        ct2_scores = ct2.get("scores") or {}
+        sizes, evaluation, ct2, ggml = r["sizes"], r["evaluation"], r.get("ct2") or {}, r.get("ggml") or {}
+        ct2_scores, ggml_scores = ct2.get("scores") or {}, ggml.get("scores") or {}
         out.append(
             {
                 "row": r["row"],
@@ -63,6 +67,11 @@ def table_rows(rows: list[dict]) -> list[dict]:
                 "ct2_bytes_on_disk": ct2.get("bytes_on_disk"),
                 "ct2_wer_ljspeech": _corpus(ct2_scores, "ljspeech"),
                 "ct2_cer_aishell": _corpus(ct2_scores, "aishell"),
+                "ggml_ftype": ggml.get("ftype"),
+                "ggml_bytes_on_disk": ggml.get("bytes_on_disk"),
+                "rtf_whisper_cpp": ggml.get("rtf"),
+                "ggml_wer_ljspeech": _corpus(ggml_scores, "ljspeech"),
+                "ggml_cer_aishell": _corpus(ggml_scores, "aishell"),
                 "n_utterances": {c: e["n_utterances"] for c, e in evaluation["scores"].items()},
                 "english_only": evaluation["english_only"],
                 "smoke": r.get("smoke"),
@@ -120,6 +129,24 @@ def markdown(rows: list[dict]) -> str:
             f"{_pct(t['ct2_cer_aishell'])} |"
             for t in summary
             if t["ct2_bytes_on_disk"]
+        ]
+    if any(t["ggml_bytes_on_disk"] for t in summary):
+        lines += [
+            "",
+            "Bytes on disk per format, and CPU real-time factor of each runtime on the same utterances and threads "
+            "(whisper.cpp and faster-whisper one utterance at a time):",
+            "",
+            "| model | HF folder | whisper.cpp file | CT2 int8 | WER LJSpeech (whisper.cpp) | CER AISHELL (whisper.cpp) "
+            "| RTF transformers | RTF whisper.cpp | RTF CT2 int8 |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {t['row']} | {t['bytes_on_disk'] / 1e6:.2f} MB | {t['ggml_bytes_on_disk'] / 1e6:.2f} MB "
+            f"({t['ggml_ftype']}) | {_mb(t['ct2_bytes_on_disk'])} | {_pct(t['ggml_wer_ljspeech'])} | "
+            f"{_pct(t['ggml_cer_aishell'])} | {_num(t['rtf_transformers'])} | {_num(t['rtf_whisper_cpp'])} | "
+            f"{_num(t['rtf_ct2_int8'])} |"
+            for t in summary
+            if t["ggml_bytes_on_disk"]
         ]
     lines += ["", "Rows:", ""] + [_row_note(r, t) for r, t in zip(rows, summary)]
     limits = {r.get("eval_limit_per_corpus") for r in rows}

@@ -39,6 +39,9 @@ Columns:
   included in int8; 2/3/4-bit layers become int8 codes of their dequantized values) and decoded by
   ``evaluate_faster_whisper``, one utterance at a time (``--no-ct2`` skips it). Its size and error rates are in a
   second table.
+* ``--ggml TYPE``: the row also written as a whisper.cpp file (``export.ggml.export_whisper_cpp``) and decoded by
+  whisper.cpp (``evaluate_whisper_cpp``) on the same utterances and threads: a third table gives the bytes on disk of
+  each format (HF folder, whisper.cpp file, CT2 int8) and the real-time factor of each runtime.
 
 Timings depend on the machine and on what else runs on it: the row JSON records CPU count, torch threads and the
 load average before and after.
@@ -139,6 +142,16 @@ class TableArguments:
     ct2: bool = field(
         default=True, metadata={"help": "also export to CTranslate2 int8 and time faster-whisper (--no-ct2: not)"}
     )
+    ggml: str | None = field(
+        default=None,
+        metadata={
+            "help": "also write each row as a whisper.cpp file of this type (f16, q8_0, q5_0, q4_0, q3_K, or auto: "
+            "the type of a ggml-trained student's own codes; codes of another grid are re-quantized with ggml's "
+            "rule) and score and time it with "
+            "whisper.cpp, one utterance at a time on --threads threads (default: not; a full dev set takes whisper.cpp "
+            "~100 min on one core)"
+        },
+    )
     keep_exports: bool = field(
         default=False,
         metadata={"help": "keep each row's exported checkpoints under OUTPUT/<row>/ (default: deleted once measured)"},
@@ -182,6 +195,11 @@ class TableArguments:
                 raise ValueError(f"--{name} must be >= 1")
         if self.synthetic_rows < 0:
             raise ValueError("--synthetic_rows must be >= 0 (0: no synthetic speech)")
+        if self.ggml is not None:
+            from hf_whisper_kdq.export.ggml import FTYPES
+
+            if self.ggml not in (*FTYPES, "auto"):
+                raise ValueError(f"--ggml {self.ggml!r}: give one of {', '.join(FTYPES)} or auto")
         self.row_names = expand_rows(self.rows) if self.rows and not self.merge else []
         for entry in (self.compress_runs or "").split(","):
             if entry and "=" not in entry:
@@ -312,6 +330,7 @@ def compress_run_row(ctx: Context, name: str, folder: Path, eval_json: Path | No
         "sizes": sizes_from_report(CompressionReport.load(folder / "compressed"), ctx.teacher_sizes()),
         "evaluation": evaluation_entry(report, english_only=False),
         "ct2": None,
+        "ggml": None,
         "training": {
             "train_steps": training.get("max_steps"),
             "batch_size": training.get("per_device_train_batch_size"),

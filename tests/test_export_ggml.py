@@ -507,3 +507,37 @@ def test_ftypes_benchmark_puts_whisper_cpp_beside_faster_whisper_and_transformer
         rows["faster-whisper int8"]["file_bytes"] == (tmp_path / "files" / "ctranslate2" / "model.bin").stat().st_size
     )
     assert all(row["metric"] == "wer" and row["cpu_seconds_per_audio_second"] > 0 for row in rows.values())
+
+
+def test_results_table_puts_the_whisper_cpp_file_beside_the_other_formats(ggml_whisper, tmp_path, single_thread):
+    """benchmarks/results_table.py --ggml: each row also written as a whisper.cpp file, scored and timed by
+    whisper.cpp; the row JSON holds the file's bytes, and results.md a table of bytes per format and RTF per runtime."""
+    pytest.importorskip("pywhispercpp")
+    import json
+    import sys
+
+    from hf_whisper_kdq.sources import save_whisper
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import results_table
+
+    model, processor = ggml_whisper
+    teacher = save_whisper(model, processor, tmp_path / "teacher")
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [json.loads(line) for line in _tones_manifest(data).read_text().splitlines()]
+    (data / "dev.jsonl").write_text("".join(json.dumps({**row, "corpus": "ljspeech"}) + "\n" for row in rows))
+    output = tmp_path / "table"
+    argv = ["--teacher", str(teacher), "--data", str(data), "--output", str(output), "--rows", "ptq-int4g32"]
+    assert results_table.main([*argv, "--no_ct2", "--ggml", "q4_0", "--threads", "1", "--keep_exports"]) == 0
+    row = json.loads((output / "rows" / "ptq-int4g32.json").read_text())
+    written = output / "ptq-int4g32" / "ggml-q4_0.bin"
+    assert row["ggml"]["ftype"] == "q4_0" and row["ggml"]["bytes_on_disk"] == written.stat().st_size
+    assert row["ggml"]["rtf"] > 0 and set(row["ggml"]["scores"]) == {"ljspeech"}
+    table = (output / "results.md").read_text()
+    assert (
+        f"| ptq-int4g32 | {row['sizes']['bytes_on_disk'] / 1e6:.2f} MB | {written.stat().st_size / 1e6:.2f} MB (q4_0)"
+        in table
+    )
+    with pytest.raises(ValueError, match="--ggml 'q2_K': give one of"):
+        results_table.main([*argv, "--ggml", "q2_K"])
