@@ -264,6 +264,21 @@ def micro_training_args(tmp_path: Path, **overrides) -> DistillQuantArguments:
     return DistillQuantArguments(**{**defaults, **overrides})
 
 
+def write_tones_manifest(folder: Path) -> Path:
+    """Two 1 s tones labelled "hello world", as an English manifest in ``folder``."""
+    import soundfile
+
+    rows = []
+    for i in range(2):
+        tone = 0.1 * np.sin(2 * np.pi * 220 * (i + 1) * np.arange(16000) / 16000)
+        soundfile.write(folder / f"tone{i}.wav", tone, 16000)
+        rows.append({"id": f"t{i}", "corpus": "tones", "language": "en", "audio": f"tone{i}.wav", "duration": 1.0,
+                     "text": "hello world"})  # fmt: skip
+    manifest = folder / "tones.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return manifest
+
+
 def tiny_speech_rows(processor, texts: list[str], *, seed: int = 0) -> list[dict]:
     """Rows for the real-tokenizer tiny Whisper: log-mel features of 0.5 s of noise and each text's label ids."""
     generator = np.random.default_rng(seed)

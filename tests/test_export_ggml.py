@@ -11,7 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ggml_quantize_chunk, make_tiny_whisper, real_whisper_and_english_audios, tiny_speech_rows
+from conftest import (
+    ggml_quantize_chunk,
+    make_tiny_whisper,
+    real_whisper_and_english_audios,
+    tiny_speech_rows,
+    write_tones_manifest,
+)
 
 from hf_whisper_kdq.export.ggml import (
     FTYPES,
@@ -434,23 +440,6 @@ def test_a_student_trained_for_ggml_ships_its_own_codes_in_a_file_of_the_planned
     assert isinstance(text, str)
 
 
-def _tones_manifest(folder: Path) -> Path:
-    """Two 1 s tones labelled "hello world", as an English manifest in ``folder``."""
-    import json
-
-    import soundfile
-
-    rows = []
-    for i in range(2):
-        tone = 0.1 * np.sin(2 * np.pi * 220 * (i + 1) * np.arange(16000) / 16000)
-        soundfile.write(folder / f"tone{i}.wav", tone, 16000)
-        rows.append({"id": f"t{i}", "corpus": "tones", "language": "en", "audio": f"tone{i}.wav", "duration": 1.0,
-                     "text": "hello world"})  # fmt: skip
-    manifest = folder / "tones.jsonl"
-    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return manifest
-
-
 def test_benchmark_trains_a_student_into_a_whisper_cpp_file_and_scores_it(ggml_whisper, tmp_path):
     """benchmarks/ggml_student.py: compress's arguments and training path into a whisper.cpp file, for the type
     compress refuses (q3_K; here q4_0, whose fake quantization of the tiny model's embedding is 5× cheaper)."""
@@ -465,7 +454,7 @@ def test_benchmark_trains_a_student_into_a_whisper_cpp_file_and_scores_it(ggml_w
 
     model, processor = ggml_whisper
     teacher = save_whisper(model, processor, tmp_path / "teacher")
-    manifest = _tones_manifest(tmp_path)
+    manifest = write_tones_manifest(tmp_path)
     argv = ["--teacher", str(teacher), "--train_manifest", str(manifest), "--eval_manifest", str(manifest)]
     argv += ["--quant_bit_choices", "4", "--max_steps", "1", "--per_device_train_batch_size", "2"]
     argv += ["--output_dir", str(tmp_path / "run")]
@@ -497,7 +486,7 @@ def test_ftypes_benchmark_puts_whisper_cpp_beside_faster_whisper_and_transformer
     model, processor = ggml_whisper
     folder = save_whisper(model, processor, tmp_path / "model")
     args = whisper_cpp_ftypes.parse_args(
-        [str(folder), "--manifest", str(_tones_manifest(tmp_path)), "--corpus", "tones", "--limit", "2"]
+        [str(folder), "--manifest", str(write_tones_manifest(tmp_path)), "--corpus", "tones", "--limit", "2"]
         + ["--ftypes", "q8_0", "--threads", "1", "--keep", str(tmp_path / "files")]
     )
     rows = {row["format"]: row for row in whisper_cpp_ftypes.run(args)}
@@ -525,7 +514,7 @@ def test_results_table_puts_the_whisper_cpp_file_beside_the_other_formats(ggml_w
     teacher = save_whisper(model, processor, tmp_path / "teacher")
     data = tmp_path / "data"
     data.mkdir()
-    rows = [json.loads(line) for line in _tones_manifest(data).read_text().splitlines()]
+    rows = [json.loads(line) for line in write_tones_manifest(data).read_text().splitlines()]
     (data / "dev.jsonl").write_text("".join(json.dumps({**row, "corpus": "ljspeech"}) + "\n" for row in rows))
     output = tmp_path / "table"
     argv = ["--teacher", str(teacher), "--data", str(data), "--output", str(output), "--rows", "ptq-int4g32"]

@@ -212,3 +212,49 @@ def test_llmcompressor_gptq_codes_land_unchanged_in_the_rtn_layout(tiny_whisper,
     assert any(not torch.equal(codes[n].codes, baked[n].codes) for n in targets)
     config = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert config["quantization_config"]["dequantize"] is True
+
+
+def test_kdq_on_a_gptq_encoder_ships_the_given_encoder_codes(tiny_whisper, tmp_path, monkeypatch):
+    """benchmarks/gptq_init_kdq.py with GPTQ's codes stood in for by other codes (llm-compressor is not in this
+    environment): the frozen encoder trains on their values, the folder stores them exactly and loads them, the
+    decoder and the embedding are packed at the recipe's width."""
+    import gptq_init_kdq
+    from conftest import write_tones_manifest
+    from safetensors import safe_open
+
+    model, processor = tiny_whisper
+    teacher_folder = save_whisper(model, processor, tmp_path / "teacher")
+    encoder = default_quant_targets(model, decoder=False)
+    given = _other_codes(model, encoder)
+    calls = []
+
+    def fake_gptq(python, teacher, processor_, components, **kwargs):
+        calls.append((components, kwargs["bits"], kwargs["group_size"]))
+        return dict(given), {"stand_in": True}
+
+    monkeypatch.setattr(gptq_init_kdq, "gptq_codes", fake_gptq)
+    manifest = write_tones_manifest(tmp_path)
+    argv = ["--teacher", str(teacher_folder), "--train_manifest", str(manifest), "--level", "int4"]
+    argv += ["--max_steps", "2", "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "run")]
+    summary = gptq_init_kdq.main(argv)
+    assert calls == [(["encoder", "decoder", "embedding"], 4, 32)]
+    folder = Path(summary["folder"])
+    stored = gptq_baseline.read_packed_codes(folder)
+    for name in encoder:
+        assert torch.equal(stored[name].codes, given[name].codes) and torch.equal(
+            stored[name].scales, given[name].scales
+        )
+    decoder = default_quant_targets(model, encoder=False)
+    assert all(stored[name].bits == 4 for name in decoder)
+    with safe_open(str(folder / "model.safetensors"), "pt") as tensors:  # the embedding packed once
+        assert "model.decoder.embed_tokens.weight_packed" in tensors.keys()
+    from transformers import WhisperForConditionalGeneration
+
+    loaded = WhisperForConditionalGeneration.from_pretrained(folder).eval()
+    for name in encoder:  # the dense load multiplies codes by scales in fp16
+        expected = given[name].dequantize(torch.float16).float()
+        torch.testing.assert_close(loaded.get_submodule(name).weight, expected, rtol=0, atol=0)
+    trained = json.loads((tmp_path / "run" / "gptq_init_kdq.json").read_text())
+    assert trained["plan"]["units"] and trained["gptq"] == {"stand_in": True}
+    with pytest.raises(ValueError, match="--freeze_encoder true"):
+        gptq_init_kdq.main([*argv, "--freeze_encoder", "false"])
