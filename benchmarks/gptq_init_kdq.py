@@ -60,6 +60,13 @@ class GPTQArguments:
         metadata={"help": "comma-separated manifests whose audio and transcripts calibrate GPTQ"},
     )
     calibration_rows: int = field(default=32, metadata={"help": "GPTQ calibration utterances from each manifest"})
+    decoder_from_gptq: bool = field(
+        default=False,
+        metadata={
+            "help": "also start the decoder's linears from GPTQ's dequantized values (they still train and are "
+            "re-rounded by the recipe's fake quantization; default: the teacher's weights)"
+        },
+    )
     gptq_cache: str = field(
         default=str(ROOT / "benchmarks" / "results" / "cache"),
         metadata={"help": "folder of GPTQ runs (results_table.py's OUTPUT/cache: runs of the same setting are reused)"},
@@ -102,8 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
         )
     encoder = default_quant_targets(student, decoder=False)
     encoder_codes = {name: codes[name] for name in encoder}
-    for name, quantized in encoder_codes.items():
-        student.get_submodule(name).weight.data.copy_(quantized.dequantize(torch.float32))
+    starts = encoder + (default_quant_targets(student, encoder=False) if gptq.decoder_from_gptq else [])
+    for name in starts:
+        student.get_submodule(name).weight.data.copy_(codes[name].dequantize(torch.float32))
     # The encoder trains in float: its weights are GPTQ's values, frozen; only decoder and embedding fake-quantize.
     args = replace(args, quant_targets=",".join(sorted(targets - {"encoder"})))
     train = training_data(compress, teacher, processor, timer=timer, output_dir=args.output_dir, seed=args.seed)

@@ -225,7 +225,8 @@ def test_kdq_on_a_gptq_encoder_ships_the_given_encoder_codes(tiny_whisper, tmp_p
     model, processor = tiny_whisper
     teacher_folder = save_whisper(model, processor, tmp_path / "teacher")
     encoder = default_quant_targets(model, decoder=False)
-    given = _other_codes(model, encoder)
+    decoder = default_quant_targets(model, encoder=False)
+    given = _other_codes(model, encoder + decoder)
     calls = []
 
     def fake_gptq(python, teacher, processor_, components, **kwargs):
@@ -244,7 +245,6 @@ def test_kdq_on_a_gptq_encoder_ships_the_given_encoder_codes(tiny_whisper, tmp_p
         assert torch.equal(stored[name].codes, given[name].codes) and torch.equal(
             stored[name].scales, given[name].scales
         )
-    decoder = default_quant_targets(model, encoder=False)
     assert all(stored[name].bits == 4 for name in decoder)
     with safe_open(str(folder / "model.safetensors"), "pt") as tensors:  # the embedding packed once
         assert "model.decoder.embed_tokens.weight_packed" in tensors.keys()
@@ -258,3 +258,19 @@ def test_kdq_on_a_gptq_encoder_ships_the_given_encoder_codes(tiny_whisper, tmp_p
     assert trained["plan"]["units"] and trained["gptq"] == {"stand_in": True}
     with pytest.raises(ValueError, match="--freeze_encoder true"):
         gptq_init_kdq.main([*argv, "--freeze_encoder", "false"])
+
+    class Started(Exception):
+        pass
+
+    def record_start(student, *args, **kwargs):
+        starts.update({name: student.get_submodule(name).weight.detach().clone() for name in decoder})
+        raise Started
+
+    for flags, expected in (([], "teacher"), (["--decoder_from_gptq"], "gptq")):
+        starts = {}
+        monkeypatch.setattr(gptq_init_kdq, "train_student", record_start)
+        with pytest.raises(Started):
+            gptq_init_kdq.main([*argv, *flags])
+        for name in decoder:
+            start = given[name].dequantize(torch.float32) if expected == "gptq" else model.get_submodule(name).weight
+            assert torch.equal(starts[name], start), (flags, name)
