@@ -240,7 +240,7 @@ def measure(ctx: Context, name: str, model, processor, row_dir: Path, result: di
 
 def measure_whisper_cpp(ctx: Context, name: str, model, processor, dataset, row_dir: Path) -> dict:
     """``model`` written as a whisper.cpp file of type ``--ggml`` and scored and timed by whisper.cpp itself."""
-    from hf_whisper_kdq.export.ggml import evaluate_whisper_cpp, export_whisper_cpp
+    from hf_whisper_kdq.export.ggml import evaluate_whisper_cpp, export_whisper_cpp, read_file_type
 
     ftype = ctx.args.ggml
     with ctx.timer(f"{name}: whisper.cpp {ftype} export + evaluate"):
@@ -249,8 +249,12 @@ def measure_whisper_cpp(ctx: Context, name: str, model, processor, dataset, row_
         )
         report = evaluate_whisper_cpp(path, dataset, n_threads=ctx.args.threads)
     report.save_json(row_dir / "eval_whisper_cpp.json", per_utterance=True)
-    written = report.dtype.removeprefix("whisper.cpp ")  # what "auto" chose
-    return {"ftype": written, "rtf": report.rtf, "scores": scores(report), "bytes_on_disk": path.stat().st_size}
+    return {
+        "ftype": read_file_type(path),  # what "auto" chose
+        "rtf": report.rtf,
+        "scores": scores(report),
+        "bytes_on_disk": path.stat().st_size,
+    }
 
 
 def sizes_from_report(report: CompressionReport, teacher: dict) -> dict:

@@ -147,12 +147,6 @@ def _student_copy(model: nn.Module, plan: KDQPlan | None) -> nn.Module:
                     "pass the plan the model was trained with, or apply it first with "
                     "set_quant_specs(model, plan.module_specs())"
                 )
-    nothing_planned = plan is not None and all(spec is None for spec in plan.module_specs().values())
-    if not nothing_planned and not any(spec is not None for spec in quant_specs(student).values()):
-        raise ValueError(
-            "nothing to export as packed integers: the model has no quantized layers. Pass a QAT-prepared student "
-            "(prepare_qat) or plan= (a float student is then quantized at export), or use save_whisper for a float copy"
-        )
     return student
 
 
@@ -346,8 +340,14 @@ def save_compressed(
     student = _student_copy(model, plan)
     specs = quant_specs(student)
     if not any(spec is not None for spec in specs.values()):
-        # A plan that quantizes nothing (quant_bit_choices "float": distillation only) ships a float folder, in
-        # fp16 like the teacher, so that any post-training quantizer can take it from there.
+        if plan is None:
+            raise ValueError(
+                "nothing to export as packed integers: the model has no quantized layers. Pass a QAT-prepared "
+                "student (prepare_qat) or plan= (a float student is then quantized at export), or use save_whisper "
+                "for a float copy"
+            )
+        # The plan (applied by _student_copy) quantizes nothing: quant_bit_choices "float", distillation only. Such
+        # a student ships as a float folder, in fp16 like the teacher, for any post-training quantizer to take.
         strip_training_only(student)
         student.half()
         with atomic_folder(output_dir) as staging:
