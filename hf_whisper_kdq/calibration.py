@@ -2,19 +2,30 @@
 output error of a unit's linears at each bit width, `measure_quantization_losses`, the guided selection's local
 signal) and the mean square of each linear's inputs, on which `calibrate_clipping` searches the learnable clipping
 ratios by expected output error before training (AWQ's clip search; the weight error alone clips the weights that
-meet the largest inputs: benchmarks/README.md, "Guided bits against uniform bits").
+meet the largest inputs: benchmarks/README.md, "Guided bits against uniform bits"); and the input Hessians from which
+`gptq_frozen_layers` gives frozen layers GPTQ's codes, one block after another.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 
 import torch
 from torch import nn
 
 from .losses import IGNORE_INDEX
-from .quant import fake_quantize, quant_layers, search_clips_on_inputs, set_quant_specs
+from .quant import (
+    QuantizedWeight,
+    fake_quantize,
+    quant_layers,
+    quant_specs,
+    search_clip_ratios,
+    search_clips_on_inputs,
+    set_quant_specs,
+)
+from .quant.gptq import InputHessian, gptq_quantize
 from .selection import KDQPlan
 
 
@@ -124,19 +135,105 @@ def calibrate_clipping(model: nn.Module, plan: KDQPlan, batches: list[dict]) -> 
         return []
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     set_quant_specs(model, dict.fromkeys(specs, None))
     try:
         with measure_quantization_losses(model, plan, ()) as inputs:
-            # One row at a time, trimmed to its labels: padded positions would make the statistics (and the ratios)
-            # depend on how the rows were batched, which differs between launches of one training.
-            for batch in batches:
-                for features, labels in zip(batch["input_features"], batch["labels"], strict=True):
-                    labelled = labels.ne(IGNORE_INDEX).nonzero()
-                    if len(labelled):
-                        length = int(labelled.max()) + 1
-                        model(input_features=features[None].to(device), labels=labels[None, :length].to(device))
+            _run_rows(model, batches)
     finally:
         set_quant_specs(model, specs)
         model.train(was_training)
     return search_clips_on_inputs(model, specs, inputs.input_mean_squares())
+
+
+class _BlockDone(Exception):
+    """Raised by a block's forward hook once its inputs are recorded: the rest of the forward is not needed."""
+
+
+def _blocks(names: list[str]) -> dict[str, list[str]]:
+    """{block: its layers} in forward order, a block being the transformer layer (``...layers.N``) a linear is in,
+    or the linear itself outside one."""
+    blocks: dict[str, list[str]] = {}
+    for name in names:
+        found = re.match(r"(.*\.layers\.\d+)\.", name)
+        blocks.setdefault(found.group(1) if found else name, []).append(name)
+    return blocks
+
+
+def _run_rows(model: nn.Module, batches: list[dict]) -> None:
+    """The model's forward on each labelled row of ``batches``, one row at a time and trimmed to its labels: padded
+    positions would make the statistics depend on how the rows were batched, which differs between launches of one
+    training."""
+    device = next(model.parameters()).device
+    for batch in batches:
+        for features, labels in zip(batch["input_features"], batch["labels"], strict=True):
+            labelled = labels.ne(IGNORE_INDEX).nonzero()
+            if len(labelled):
+                length = int(labelled.max()) + 1
+                try:
+                    model(input_features=features[None].to(device), labels=labels[None, :length].to(device))
+                except _BlockDone:
+                    pass
+
+
+@torch.no_grad()
+def gptq_frozen_layers(
+    model: nn.Module, names: list[str], batches: list[dict], *, clipping: str = "none"
+) -> dict[str, QuantizedWeight]:
+    """Give the prepared linears ``names`` (frozen: they keep these codes) GPTQ's codes at their specs, from the
+    inputs they meet on the rows of ``batches`` (training batches with ``input_features`` and ``labels``). Block
+    after block (transformer layers, in the order of ``names``): a block's inputs come from the earlier blocks
+    already holding their codes, everything else in float, as llm-compressor's sequential pipeline does. Each
+    layer is left holding its codes (``fix_codes``). Returns {name: codes}.
+
+    Every position of the 30 s window counts, the padding after short utterances included (the decoder attends to
+    it): fitted to the speech positions alone, the codes of 16 utterances broke the padding's outputs and were still
+    not better on speech than llm-compressor's on 64 (benchmarks/README.md, "GPTQ inside the package").
+
+    ``clipping``: ``"none"`` sets each layer's clipping ratios to 1 (every group's scale from its largest weight, as
+    llm-compressor's min-max observer; GPTQ's error feedback does what clipping did for round-to-nearest),
+    ``"searched"`` searches them on the inputs here first (the Hessian's diagonal is their mean square).
+    """
+    if clipping not in ("none", "searched"):
+        raise ValueError(f"clipping={clipping!r}: choose 'none' or 'searched'")
+    specs = quant_specs(model)
+    missing = [name for name in names if specs.get(name) is None]
+    if missing:
+        raise ValueError(f"GPTQ needs a quantization spec on {missing[:3]} (prepare_qat with the plan first)")
+    modules = {**dict(model.named_modules()), **quant_layers(model)}
+    was_training = model.training
+    model.eval()
+    set_quant_specs(model, dict.fromkeys(specs, None))
+    codes: dict[str, QuantizedWeight] = {}
+    try:
+        for block, layers in _blocks(names).items():
+            hessians = {name: InputHessian(modules[name].in_features, modules[name].weight.device) for name in layers}
+            handles = [
+                modules[name].register_forward_hook(lambda m, args, out, h=hessians[name]: h.add(args[0]))
+                for name in layers
+            ]
+
+            def done(module, args, output):
+                raise _BlockDone
+
+            handles.append(modules[block].register_forward_hook(done))
+            try:
+                _run_rows(model, batches)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for name in layers:
+                module, spec, hessian = modules[name], specs[name], hessians[name].matrix()
+                clip = module.weight_clip if spec.learnable_clipping else None
+                if clip is not None and clipping == "none":
+                    clip.fill_(1.0)
+                elif clip is not None:
+                    ratios = search_clip_ratios(module.weight, spec, layer=name, input_mean_square=hessian.diagonal())
+                    clip.copy_(ratios)
+                codes[name] = gptq_quantize(module.weight, hessian, spec, clip, layer=name)
+                module.set_quant_spec(spec)
+                module.fix_codes(codes[name])
+                module.set_quant_spec(None)  # float until every block is done: fixed codes stay (its weight)
+    finally:
+        set_quant_specs(model, specs)
+        model.train(was_training)
+    return codes

@@ -28,6 +28,7 @@ BUDGET_ACCOUNTINGS = ("paper", "on_disk")
 SELECTION_COSTS = ("output_kl", "local_error")
 QUANT_TARGETS = ("encoder", "decoder", "embedding")
 QUANT_FORMATS = ("int", "ggml")
+FROZEN_ENCODER_QUANTIZERS = ("round_to_nearest", "gptq")
 # quant_format="ggml": the bit choice -> the ggml block type (and whisper.cpp file type) it trains for.
 GGML_TYPE_OF_BITS = {3: "q3_K", 4: "q4_0", 8: "q8_0"}
 
@@ -211,8 +212,27 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
         default=False,
         metadata={
             "help": "Freeze the student's encoder: its weights and, when it is quantized, its clipping ratios (it is "
-            "then quantized by round-to-nearest and never distilled). When it equals the teacher's, the encoder runs "
-            "once per step for both; otherwise its outputs are cached like the teacher's."
+            "then quantized post-training, by frozen_encoder_quantizer, and never distilled). When it equals the "
+            "teacher's, the encoder runs once per step for both; otherwise its outputs are cached like the teacher's."
+        },
+    )
+    frozen_encoder_quantizer: str = field(
+        default="round_to_nearest",
+        metadata={
+            "help": "How a frozen, quantized encoder (freeze_encoder, 'encoder' in quant_targets) gets its codes: "
+            "'round_to_nearest' (its clipping ratios searched for least expected output error on the probe "
+            "batches) or 'gptq' (GPTQ's column-by-column rounding with second-order error feedback from the inputs "
+            "each layer meets on gptq_calibration_rows training rows, layer after layer, without clipping; the "
+            "codes then stay as GPTQ made them and are the ones exported). 'gptq' needs quant_format 'int' and one "
+            "integer width in quant_bit_choices."
+        },
+    )
+    gptq_calibration_rows: int = field(
+        default=64,
+        metadata={
+            "help": "Training rows (evenly spaced, the same on every process) whose inputs calibrate "
+            "frozen_encoder_quantizer='gptq' (16 gave codes fitted to too few frames of speech: benchmarks/README.md, "
+            "'GPTQ inside the package')."
         },
     )
     lora_r: int = field(
@@ -311,6 +331,7 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
             ("num_distill_layers", 0),
             ("selection_interval", 0),
             ("selection_probe_batches", 1),
+            ("gptq_calibration_rows", 1),
         ):
             if getattr(self, name) < minimum:
                 raise ValueError(f"{name} must be ≥ {minimum}, got {getattr(self, name)}")
@@ -390,6 +411,7 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
                 "cache_teacher_outputs=False turns off: drop one of them"
             )
         self._check_lora()
+        self._check_frozen_encoder_quantizer()
         if not 0 < self.selection_until <= 1:
             raise ValueError(
                 f"selection_until={self.selection_until} must be a fraction of training in (0, 1]: e.g. 0.5 stops "
@@ -409,6 +431,27 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
             raise ValueError(
                 "lora_r with FSDP or DeepSpeed is not supported (untested: frozen weights in sharded or offloaded "
                 "groups): train LoRA on one process or several with DDP, or set lora_r=0"
+            )
+
+    def _check_frozen_encoder_quantizer(self) -> None:
+        if self.frozen_encoder_quantizer not in FROZEN_ENCODER_QUANTIZERS:
+            raise ValueError(
+                f"frozen_encoder_quantizer={self.frozen_encoder_quantizer!r}: choose one of "
+                f"{', '.join(FROZEN_ENCODER_QUANTIZERS)}"
+            )
+        if self.frozen_encoder_quantizer != "gptq":
+            return
+        if not self.freeze_encoder or "encoder" not in self.quant_target_set:
+            raise ValueError(
+                "frozen_encoder_quantizer='gptq' quantizes a frozen encoder: set freeze_encoder=True and put encoder "
+                f"in quant_targets (got freeze_encoder={self.freeze_encoder}, quant_targets={self.quant_targets!r}); "
+                "a trained encoder learns its codes (quantization-aware training)"
+            )
+        if self.quant_format != "int" or len(self.bit_choices) != 1 or self.bit_choices[0] == FLOAT_BITS:
+            raise ValueError(
+                f"frozen_encoder_quantizer='gptq' needs quant_format 'int' and one integer width (got quant_format="
+                f"{self.quant_format!r}, quant_bit_choices={self.quant_bit_choices!r}): GPTQ's codes are computed "
+                "once, for one width that the layer selection must not change. Fix: e.g. --quant_bit_choices 4"
             )
 
     def _check_ggml(self) -> None:

@@ -26,7 +26,7 @@ from torch import nn
 from transformers import Seq2SeqTrainer, TrainerCallback, WhisperForConditionalGeneration, WhisperProcessor
 
 from .adapters import attach_adapters
-from .calibration import calibrate_clipping
+from .calibration import calibrate_clipping, gptq_frozen_layers
 from .callbacks import LayerSelectionCallback
 from .card import write_model_card
 from .card_scores import rows_of_last_evaluation
@@ -181,13 +181,29 @@ class DistillQuantTrainer(Seq2SeqTrainer):
             "eval": defaultdict(list),
         }
         self._accumulated_rows = 0  # set by get_batch_samples for each optimizer step
-        if self.plan.module_specs() and train_dataset is not None and hasattr(train_dataset, "__len__"):
-            # Clipping starts searched on the probe batches' inputs, before an optimizer or engine copies the ratios.
-            searched = calibrate_clipping(
-                self.unwrapped_student(), self.plan, self.probe_batches(per_optimizer_step=True)
+        sized = train_dataset is not None and hasattr(train_dataset, "__len__")
+        if args.frozen_encoder_quantizer == "gptq" and not sized:
+            raise ValueError(
+                "frozen_encoder_quantizer='gptq' calibrates on training rows: pass a train_dataset with a length"
             )
+        if self.plan.module_specs() and sized:
+            # Clipping starts searched on the probe batches' inputs, before an optimizer or engine copies the ratios.
+            calibration = self.probe_batches(per_optimizer_step=True)
+            searched = calibrate_clipping(self.unwrapped_student(), self.plan, calibration)
             if searched:
                 logger.info("Clipping ratios of %d layers searched on the probe batches' inputs", len(searched))
+            if args.frozen_encoder_quantizer == "gptq":
+                encoder = [name for name, spec in self.plan.module_specs().items() if spec and ".encoder." in name]
+                gptq_rows = self.probe_batches(rows=args.gptq_calibration_rows)
+                gptq_frozen_layers(self.unwrapped_student(), encoder, gptq_rows)
+                # The decoder's inputs now come from the quantized encoder: its ratios are searched again on those
+                # (the encoder's fixed codes ignore theirs).
+                calibrate_clipping(self.unwrapped_student(), self.plan, calibration)
+                logger.info(
+                    "GPTQ codes for the %d frozen encoder layers, on %d training rows",
+                    len(encoder),
+                    sum(len(b["labels"]) for b in gptq_rows),
+                )
         self.add_callback(selection)
 
     def add_callback(self, callback) -> None:
@@ -254,10 +270,11 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         if plan.module_specs():
             set_quant_specs(self.unwrapped_student(), plan.module_specs())
 
-    def probe_batches(self, per_optimizer_step: bool = False) -> list[dict]:
+    def probe_batches(self, per_optimizer_step: bool = False, rows: int | None = None) -> list[dict]:
         """``selection_probe_batches`` batches of fixed, evenly spaced training rows (no RNG consumed), collated and
         placed as training batches are. With ``per_optimizer_step``, as many rows as that many optimizer steps
-        take over all processes (the same rows however a launch splits its global batch: clipping calibration)."""
+        take over all processes (the same rows however a launch splits its global batch: clipping calibration);
+        with ``rows``, that many (GPTQ's calibration)."""
         dataset = self.train_dataset
         if dataset is None or len(dataset) == 0:
             raise ValueError("layer selection needs a non-empty train_dataset")
@@ -265,7 +282,7 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         rows_per_batch = batch_size
         if per_optimizer_step:
             rows_per_batch *= self.args.world_size * self.args.gradient_accumulation_steps
-        count = min(len(dataset), rows_per_batch * self.args.selection_probe_batches)
+        count = min(len(dataset), rows or rows_per_batch * self.args.selection_probe_batches)
         rows = [round(i * (len(dataset) - 1) / max(count - 1, 1)) for i in range(count)]
         collate = self._get_collator_with_removed_columns(self.data_collator, description="probe")
         if hasattr(dataset, "column_names"):

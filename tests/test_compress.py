@@ -65,6 +65,13 @@ def test_the_default_level_is_the_cpu_recipe_at_int4(tmp_path):
     assert value(argv, "--quant_bit_choices") == "4" and value(argv, "--freeze_encoder") == "true"
     assert (value(argv, "--max_steps"), value(argv, "--learning_rate")) == ("30", "5e-5")
     assert value(with_training_defaults(["--level", "int3"]), "--quant_bit_choices") == "3"
+    # int4's encoder codes come from GPTQ, unless the command line trains the encoder or widens the choices (then
+    # round-to-nearest as before, not an error about a flag it never gave); int3 keeps the clip search.
+    assert value(argv, "--frozen_encoder_quantizer") == "gptq"
+    for other in (["--freeze_encoder", "false"], ["--quant_bit_choices", "4,8"], ["--level", "int3"]):
+        assert "--frozen_encoder_quantizer" not in with_training_defaults(other), other
+    given = with_training_defaults(["--frozen_encoder_quantizer", "round_to_nearest"])
+    assert value(given, "--frozen_encoder_quantizer") == "round_to_nearest"
     args = DistillQuantArguments(output_dir=str(tmp_path), report_to="none")
     layers, resolved = apply_level(CompressArguments(), args)
     assert layers is None and resolved.size_budget_ratio is None and resolved.size_budget_mb is None

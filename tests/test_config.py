@@ -38,6 +38,19 @@ OUT_OF_RANGE = [
     ({"teacher_load_in": "2bit"}, r"teacher_load_in=.2bit.: choose one of 8bit, 4bit"),
     ({"teacher_cache_top_k": -1}, r"teacher_cache_top_k must be ≥ 0, got -1: 0 for the exact"),
     ({"teacher_cache_top_k": 64, "cache_teacher_outputs": False}, r"needs the teacher cache.*drop one of them"),
+    ({"frozen_encoder_quantizer": "awq"}, r"frozen_encoder_quantizer=.awq.: choose one of round_to_nearest, gptq"),
+    (
+        {"frozen_encoder_quantizer": "gptq", "quant_targets": "encoder,decoder", "quant_bit_choices": "4"},
+        r"quantizes a frozen encoder: set freeze_encoder=True",
+    ),
+    (
+        {"frozen_encoder_quantizer": "gptq", "freeze_encoder": True, "quant_targets": "decoder"},
+        r"put encoder in quant_targets",
+    ),
+    (
+        {"frozen_encoder_quantizer": "gptq", "freeze_encoder": True, "quant_targets": "encoder,decoder"},
+        r"needs quant_format 'int' and one integer width.*Fix: e.g. --quant_bit_choices 4",
+    ),
     *[
         ({"selection_until": fraction}, rf"selection_until={fraction} must be a fraction of training in \(0, 1\]")
         for fraction in (0, 1.5)

@@ -993,6 +993,74 @@ def test_distillation_only_saves_a_float_student_that_plain_transformers_loads(t
     assert "pack-quantized" not in card and "Weight format: safetensors float16" in card
 
 
+def test_a_frozen_encoder_quantized_by_gptq_keeps_its_codes_through_training_and_export(
+    tmp_path, tiny_whisper, monkeypatch
+):
+    """frozen_encoder_quantizer="gptq": the encoder's codes are GPTQ's (not round-to-nearest's at the same clipping
+    ratios), calibrated on gptq_calibration_rows training rows; training leaves them as they are, and the packed
+    file stores exactly them."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from transformers import WhisperForConditionalGeneration
+
+    from hf_whisper_kdq import trainer as trainer_module
+    from hf_whisper_kdq.data import WhisperDataCollator
+    from hf_whisper_kdq.quant import quant_layers, quantize_weight
+
+    calibrated_rows, gptq_frozen_layers = [], trainer_module.gptq_frozen_layers
+
+    def counting(model, names, batches, **kwargs):
+        calibrated_rows.append(sum(len(batch["labels"]) for batch in batches))
+        return gptq_frozen_layers(model, names, batches, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "gptq_frozen_layers", counting)
+
+    teacher, processor = tiny_whisper
+    student = build_student(teacher)
+    args = _args(
+        tmp_path,
+        max_steps=2,
+        quant_targets="encoder,decoder,embedding",
+        quant_bit_choices="4",
+        freeze_encoder=True,
+        frozen_encoder_quantizer="gptq",
+        gptq_calibration_rows=3,
+        learnable_clipping=True,
+    )
+    texts = [" hello world", " a sentence", " another one", " the fourth row"]
+    trainer = DistillQuantTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=Dataset.from_list(tiny_speech_rows(processor, texts)),
+        data_collator=WhisperDataCollator(processor, decoder_start_token_id=student.config.decoder_start_token_id),
+        processing_class=processor,
+    )
+    assert calibrated_rows == [3]
+    layers = quant_layers(trainer.model)
+    encoder = [name for name in layers if ".encoder." in name]
+    codes = {name: layers[name].fixed_codes() for name in encoder}
+    assert encoder and all(q is not None for q in codes.values())
+    assert all(layers[name].fixed_codes() is None for name in layers if name not in encoder)
+    rounded = {
+        name: quantize_weight(teacher.get_submodule(name).weight, layers[name].quant_spec, layers[name].weight_clip)
+        for name in encoder
+    }
+    assert any(not torch.equal(codes[name].codes, rounded[name].codes) for name in encoder)
+    trainer.train()
+    assert all(layers[name].fixed_codes() is codes[name] for name in encoder)
+    folder = trainer.save_compressed(tmp_path / "compressed").folder
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as file:
+        for name in encoder:
+            stored = unpack_from_int32(file.get_tensor(f"{name}.weight_packed"), 4, codes[name].codes.shape)
+            assert torch.equal(stored.to(torch.int8), codes[name].codes), name
+    reloaded = WhisperForConditionalGeneration.from_pretrained(folder).eval()
+    features = torch.tensor(tiny_speech_rows(processor, [" x"])[0]["input_features"])[None]
+    with torch.no_grad():
+        expected = trainer.whole_student().eval().model.encoder(features).last_hidden_state
+        got = reloaded.model.encoder(features).last_hidden_state
+    torch.testing.assert_close(got, expected, atol=5e-3, rtol=5e-3)  # biases and norms stored in fp16
+
+
 # ---- bitsandbytes: a teacher in 8 or 4 bits, 8-bit optimizers --------------------------------------------------
 
 

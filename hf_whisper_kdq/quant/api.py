@@ -253,7 +253,7 @@ def convert_qat(model: nn.Module) -> dict[str, QuantizedWeight]:
         key = id(module._quant_group)
         if key not in by_group:
             clip = module.weight_clip if spec.learnable_clipping else None
-            by_group[key] = quantize_weight(module.weight, spec, clip, layer=name)
+            by_group[key] = module.fixed_codes() or quantize_weight(module.weight, spec, clip, layer=name)
         result[name] = by_group[key]
 
     # Quantize everything first, then write: a tied weight must not be re-quantized after being baked.

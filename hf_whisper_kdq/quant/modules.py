@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fake_quant import fake_quantize, search_clip_ratios
+from .fake_quant import QuantizedWeight, fake_quantize, search_clip_ratios
 from .spec import QuantSpec, as_spec
 
 # Per-instance hook registries carried over when a module is swapped, so hooks registered on the
@@ -67,6 +67,18 @@ class _QuantGroup:
         # (key, tensor) of the last fake-quantized weight computed without autograd: generation runs the
         # forward once per token, and re-quantizing a 26 M-entry embedding each time dominated decoding.
         self.cached: tuple[tuple, Tensor] | None = None
+        # Codes computed by another quantizer (GPTQ) that the weight holds as they are (`fix_codes`).
+        self.fixed: QuantizedWeight | None = None
+
+
+def _codes_fit(quantized: QuantizedWeight, spec, shape) -> bool:
+    """Whether ``quantized`` has the layout ``spec`` gives a weight of ``shape`` (an integer spec only)."""
+    if not isinstance(spec, QuantSpec) or quantized.ggml_type is not None:
+        return False
+    layout = (quantized.bits, quantized.granularity, tuple(quantized.codes.shape), tuple(quantized.scales.shape))
+    group_size = int(shape[1]) // spec.num_groups(shape)
+    expected = (spec.bits, spec.granularity, tuple(shape), spec.scale_shape(shape))
+    return layout == expected and quantized.group_size == group_size
 
 
 class _FakeQuantMixin:
@@ -104,6 +116,8 @@ class _FakeQuantMixin:
         the no-grad cache of the quantized weight. A tied weight (the embedding) cannot take one: its members would
         disagree on the weight they quantize.
         """
+        if offset is not None and self._quant_group.fixed is not None:
+            raise TypeError(f"{self.quant_name} holds fixed codes (fix_codes): its weight takes no offset")
         if offset is not None and (not isinstance(self, nn.Linear) or len(self._quant_group.members) > 1):
             raise TypeError(
                 f"{self.quant_name}: only a linear with a weight of its own takes an offset (an embedding looks its "
@@ -143,16 +157,55 @@ class _FakeQuantMixin:
                     clip = nn.Parameter(
                         search_clip_ratios(self.effective_weight().detach(), spec, layer=self.quant_name)
                     )
+        fixed = self._quant_group.fixed
+        if spec is not None and fixed is not None and not _codes_fit(fixed, spec, self.weight.shape):
+            self._quant_group.fixed = None  # codes of another spec: the layer quantizes its weight from now on
         self._quant_group.spec = spec
         for member in self._quant_group.members:
             member.register_parameter("weight_clip", clip)
+
+    @torch.no_grad()
+    def fix_codes(self, quantized: QuantizedWeight) -> None:
+        """Hold ``quantized`` (codes of this layer's spec from another quantizer, e.g. `gptq.gptq_quantize`) as
+        the quantized weight: ``weight`` becomes its dequantized values, the forward uses them as they are (no
+        re-rounding, which would move codes whose group lost its extreme to GPTQ's error feedback), and
+        `convert_qat` returns these codes. For a frozen layer: training the weight would leave the codes behind
+        (`fixed_codes` raises then). A spec of another layout releases them; ``None`` (float, e.g. while other
+        layers are probed) keeps them for when the spec comes back."""
+        spec = self.quant_spec
+        if not _codes_fit(quantized, spec, self.weight.shape):
+            raise ValueError(
+                f"{self.quant_name}: codes of {quantized.bits} bits, {quantized.granularity}, groups of "
+                f"{quantized.group_size}, {list(quantized.codes.shape)} do not have the layer's spec ({spec}, "
+                f"{list(self.weight.shape)}): set the spec first (prepare_qat)"
+            )
+        values = quantized.dequantize(torch.float32)
+        if self.weight.dtype != torch.float32 and not torch.equal(values.to(self.weight.dtype).float(), values):
+            raise ValueError(
+                f"{self.quant_name}: a {self.weight.dtype} weight cannot hold these codes exactly: use float32"
+            )
+        self.weight.copy_(values)
+        self._quant_group.fixed = quantized
+        self._quant_group.cached = None
+
+    def fixed_codes(self) -> QuantizedWeight | None:
+        """The codes `fix_codes` gave this layer, or None; RuntimeError if its weight changed since."""
+        fixed = self._quant_group.fixed
+        if fixed is not None and not torch.equal(
+            self.weight.detach().float(), fixed.dequantize(torch.float32).to(self.weight.device)
+        ):
+            raise RuntimeError(
+                f"{self.quant_name}: its weight changed after fix_codes, so it no longer holds its fixed codes: "
+                "freeze the layer (freeze_encoder) or give it a spec again to quantize it by rounding"
+            )
+        return fixed
 
     def quantized_weight(self) -> Tensor:
         """The weight as the forward pass uses it: `effective_weight` fake-quantized, or as it is when spec is
         None."""
         spec = self.quant_spec
         weight, offset_key = self._offset_weight()
-        if spec is None:
+        if spec is None or self._quant_group.fixed is not None:
             return weight
         clip = self.weight_clip if spec.learnable_clipping else None
         group = self._quant_group
@@ -288,7 +341,8 @@ class FakeQuantEmbedding(_FakeQuantMixin, nn.Embedding):
 
     def forward(self, input: Tensor) -> Tensor:
         spec = self.quant_spec
-        if spec is None or spec.granularity == "per_tensor" or not torch.is_grad_enabled():
+        fixed = self._quant_group.fixed is not None
+        if spec is None or fixed or spec.granularity == "per_tensor" or not torch.is_grad_enabled():
             return self._lookup(input, self.quantized_weight())
         # Scales are per row (or per group within a row), so quantizing only the rows the batch looks up gives the
         # same values and gradients as quantizing the whole table: a few hundred rows instead of whisper's 51,865,

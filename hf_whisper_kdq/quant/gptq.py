@@ -1,0 +1,140 @@
+"""GPTQ (Frantar et al. 2023) on this package's grid: rounding with second-order error feedback, column by column,
+from the inputs a layer meets on calibration data.
+
+Written here rather than taken from llm-compressor (which runs it on compressed-tensors' grid) for two reasons:
+llm-compressor 0.14 pins another transformers than this package's (it runs in a venv of its own:
+``benchmarks/gptq_baseline.py``), and the codes must be those of `fake_quantize`'s grid (signed scale, the full
+signed range, fp16-exact scales, the learned clipping ratios) so that a layer holding them trains and exports
+exactly (`FakeQuantLinear.fix_codes`). The algorithm is the reference one (and llm-compressor's): Hessian
+``H = 2/n Σ x xᵀ`` over the layer's input rows, dampened by 1% of its mean diagonal, the upper Cholesky factor
+of ``H⁻¹``, blocks of 128 columns with lazy updates, each group's scale taken from the error-updated weights when the
+loop reaches the group (static groups off, no activation ordering).
+
+    hessian = InputHessian(in_features)
+    ...  # hessian.add(x) for each input batch x [..., in_features]
+    q = gptq_quantize(linear.weight, hessian.matrix(), QuantSpec(4, "per_group", 32))  # a QuantizedWeight
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .fake_quant import QuantizedWeight, _grouped_scale, _unrounded_codes
+from .spec import QuantSpec
+
+# Columns updated together before the error is carried to the rest (the reference implementation's block size).
+BLOCK_COLUMNS = 128
+# Added to the Hessian's diagonal, as a fraction of its mean: GPTQ's (and llm-compressor's) dampening default.
+DAMPENING = 0.01
+
+
+class InputHessian:
+    """Running ``2/n Σ x xᵀ`` (``[in_features, in_features]``, float64 sums) of the input rows a linear meets."""
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None):
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self.rows = 0
+
+    @torch.no_grad()
+    def add(self, inputs: Tensor) -> None:
+        """Add the rows of ``inputs`` (``[..., in_features]``)."""
+        x = inputs.detach().reshape(-1, inputs.shape[-1]).to(self.sum.device, torch.float64)
+        self.sum.addmm_(x.T, x)
+        self.rows += x.shape[0]
+
+    def matrix(self) -> Tensor:
+        """float32 ``[in_features, in_features]``; ValueError before any row was added."""
+        if self.rows == 0:
+            raise ValueError("no input rows were added: run calibration data through the layer first")
+        return (self.sum * (2.0 / self.rows)).float()
+
+
+def _inverse_cholesky(hessian: Tensor, dampening: float) -> Tensor:
+    """The upper Cholesky factor of the dampened ``H⁻¹``, the factor GPTQ's updates read rows of."""
+    diagonal = torch.arange(hessian.shape[0], device=hessian.device)
+    damped = hessian.clone()
+    damped[diagonal, diagonal] += dampening * damped.diagonal().mean()
+    for attempt in range(5):
+        factor, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+        # Not positive definite in float32 (few, collinear input rows): dampen more, as llm-compressor's retry does.
+        damped[diagonal, diagonal] += dampening * 10**attempt * hessian.diagonal().mean()
+    raise ValueError("the input Hessian is not positive definite even dampened: calibrate on more input rows")
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: Tensor,
+    hessian: Tensor,
+    spec: QuantSpec,
+    clip: Tensor | None = None,
+    *,
+    dampening: float = DAMPENING,
+    layer: str = "<weight>",
+) -> QuantizedWeight:
+    """Quantize ``weight`` (``[rows, cols]``) at ``spec`` by GPTQ, given the Hessian of its inputs (`InputHessian`).
+
+    Args:
+        hessian: ``[cols, cols]``. Columns whose inputs were always zero (zero diagonal) get code 0.
+        clip: ``spec.scale_shape(weight.shape)`` clipping ratios applied to each scale (as `fake_quantize` does),
+            or None for 1.
+
+    Returns:
+        A `QuantizedWeight` on ``spec``'s grid: the same layout, scale rule and fp16-exact scales as
+        `quantize_weight`'s, so ``fix_codes`` can hold it and every export can pack it.
+    """
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"{layer}: GPTQ quantizes on the integer grid (QuantSpec), not {spec}")
+    spec.check_shape(weight.shape, layer)
+    rows, cols = weight.shape
+    if tuple(hessian.shape) != (cols, cols):
+        raise ValueError(f"{layer}: the Hessian must be [{cols}, {cols}], got {list(hessian.shape)}")
+    group_size = cols // spec.num_groups(weight.shape)
+    work = weight.detach().float().clone()
+    hessian = hessian.to(work.device, torch.float32)
+    dead = hessian.diagonal() == 0
+    if dead.any():
+        hessian = hessian.clone()
+        hessian[dead, dead] = 1.0
+        work[:, dead] = 0.0
+    inverse = _inverse_cholesky(hessian, dampening)
+    if spec.granularity == "per_group":
+        scales = torch.empty(rows, cols // group_size, dtype=torch.float32, device=work.device)
+    else:  # one scale per row or per tensor, from the weight before any update (the reference implementation's)
+        _, scale = _grouped_scale(work, spec, clip, layer)
+        scales = scale.reshape(scale.shape[0], 1).expand(rows, 1).contiguous()
+    codes = torch.empty(rows, cols, dtype=torch.int8, device=work.device)
+    block = group_size * math.ceil(BLOCK_COLUMNS / group_size) if spec.granularity == "per_group" else BLOCK_COLUMNS
+    group_spec = QuantSpec(spec.bits, "per_channel", learnable_clipping=spec.learnable_clipping)
+    for start in range(0, cols, block):
+        end = min(start + block, cols)
+        columns = work[:, start:end].clone()
+        errors = torch.zeros_like(columns)
+        block_inverse = inverse[start:end, start:end]
+        for i in range(end - start):
+            column = start + i
+            if spec.granularity == "per_group" and column % group_size == 0:
+                group = column // group_size
+                group_clip = None if clip is None else clip[:, group : group + 1]
+                _, scale = _grouped_scale(columns[:, i : i + group_size], group_spec, group_clip, layer)
+                scales[:, group] = scale.reshape(rows)
+            scale = scales[:, column // group_size if spec.granularity == "per_group" else 0]
+            unrounded, _ = _unrounded_codes(columns[:, i].reshape(rows, 1, 1), scale.reshape(rows, 1, 1), spec)
+            code = unrounded.round_().reshape(rows)
+            codes[:, column] = code.to(torch.int8)
+            error = (columns[:, i] - code * scale) / block_inverse[i, i]
+            columns[:, i:] -= error[:, None] * block_inverse[i, i:][None, :]
+            errors[:, i] = error
+        work[:, end:] -= errors @ inverse[start:end, end:]
+    return QuantizedWeight(
+        codes=codes,
+        scales=scales if spec.granularity != "per_tensor" else scales[:1],
+        bits=spec.bits,
+        group_size=group_size,
+        granularity=spec.granularity,
+        dtype=weight.dtype,
+    )
