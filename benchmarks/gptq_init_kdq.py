@@ -112,8 +112,11 @@ def main(argv: list[str] | None = None) -> dict:
     starts = encoder + (default_quant_targets(student, encoder=False) if gptq.decoder_from_gptq else [])
     for name in starts:
         student.get_submodule(name).weight.data.copy_(codes[name].dequantize(torch.float32))
-    # The encoder trains in float: its weights are GPTQ's values, frozen; only decoder and embedding fake-quantize.
-    args = replace(args, quant_targets=",".join(sorted(targets - {"encoder"})))
+    # The encoder trains in float: its weights are GPTQ's values, frozen; only decoder and embedding fake-quantize
+    # (so the package's own GPTQ, --level int4's default, has no encoder to quantize here).
+    args = replace(
+        args, quant_targets=",".join(sorted(targets - {"encoder"})), frozen_encoder_quantizer="round_to_nearest"
+    )
     train = training_data(compress, teacher, processor, timer=timer, output_dir=args.output_dir, seed=args.seed)
     with timer("features and labels"):
         train_features, _ = prepare_dataset(
