@@ -187,23 +187,23 @@ class DistillQuantTrainer(Seq2SeqTrainer):
                 "frozen_encoder_quantizer='gptq' calibrates on training rows: pass a train_dataset with a length"
             )
         if self.plan.module_specs() and sized:
-            # Clipping starts searched on the probe batches' inputs, before an optimizer or engine copies the ratios.
-            calibration = self.probe_batches(per_optimizer_step=True)
-            searched = calibrate_clipping(self.unwrapped_student(), self.plan, calibration)
-            if searched:
-                logger.info("Clipping ratios of %d layers searched on the probe batches' inputs", len(searched))
             if args.frozen_encoder_quantizer == "gptq":
+                # GPTQ first (without clipping): the clip search below then measures the decoder's inputs through
+                # the quantized encoder, and one search serves (a search before it was overwritten by this one).
                 encoder = [name for name, spec in self.plan.module_specs().items() if spec and ".encoder." in name]
                 gptq_rows = self.probe_batches(rows=args.gptq_calibration_rows)
                 gptq_frozen_layers(self.unwrapped_student(), encoder, gptq_rows)
-                # The decoder's inputs now come from the quantized encoder: its ratios are searched again on those
-                # (the encoder's fixed codes ignore theirs).
-                calibrate_clipping(self.unwrapped_student(), self.plan, calibration)
                 logger.info(
                     "GPTQ codes for the %d frozen encoder layers, on %d training rows",
                     len(encoder),
                     sum(len(b["labels"]) for b in gptq_rows),
                 )
+            # Clipping starts searched on the probe batches' inputs, before an optimizer or engine copies the ratios.
+            searched = calibrate_clipping(
+                self.unwrapped_student(), self.plan, self.probe_batches(per_optimizer_step=True)
+            )
+            if searched:
+                logger.info("Clipping ratios of %d layers searched on the probe batches' inputs", len(searched))
         self.add_callback(selection)
 
     def add_callback(self, callback) -> None:
