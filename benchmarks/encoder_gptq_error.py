@@ -11,6 +11,10 @@ Calibration is what the trainer does, on the first rows of each ``--calibration`
 spaced rows of the 2 : 1 : 1 mixture are about the line above): the clip search (``calibration.calibrate_clipping``)
 for the round-to-nearest row, then GPTQ block after block (``calibration.gptq_frozen_layers``). Held out:
 ``--held_out_rows`` later rows of train_en and train_zh.
+
+``--score_manifest dev.jsonl``: also transcribe that manifest with the trainer's GPTQ encoder (the ``gptq_clip_1``
+row) under the teacher's float decoder and embedding, and score it (``--score_languages zh`` for one language): how
+much of a KDQ student's error the frozen encoder alone costs, which decoder training cannot take back.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from hf_whisper_kdq import load_whisper
 from hf_whisper_kdq.calibration import calibrate_clipping, gptq_frozen_layers
 from hf_whisper_kdq.data import WhisperDataCollator, load_manifest, prepare_dataset
+from hf_whisper_kdq.evaluation import evaluate_model
 from hf_whisper_kdq.quant import default_quant_targets, prepare_qat
 from hf_whisper_kdq.selection import initial_plan
 from hf_whisper_kdq.students import teacher_layer_map
@@ -81,6 +86,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--held_out_rows", type=int, default=16, help="per language, after the calibration rows")
     parser.add_argument("--speech", type=Path, default=SPEECH, help="folder of train_en.jsonl and train_zh.jsonl")
     parser.add_argument("--llmcompressor_folder", type=Path, help="a pack-quantized folder of llm-compressor's GPTQ")
+    parser.add_argument("--score_manifest", type=Path, help="transcribe and score it with the GPTQ encoder")
+    parser.add_argument("--score_languages", help="comma-separated: score only these languages of it")
+    parser.add_argument("--score_max_new_tokens", type=int, default=444)
     parser.add_argument("--output_json", type=Path)
     args = parser.parse_args(argv)
 
@@ -119,6 +127,18 @@ def main(argv: list[str] | None = None) -> dict:
         gptq_frozen_layers(model, names, calibration, clipping=clipping)
         seconds[label] = round(time.perf_counter() - start, 1)
         results[label] = encoder_error(model, held_out, reference)
+        if args.score_manifest and label == "gptq_clip_1":
+            rows = load_manifest(args.score_manifest)
+            if args.score_languages:
+                rows = rows.filter(lambda row: row["language"] in args.score_languages.split(","))
+            report = evaluate_model(model.eval(), processor, rows, max_new_tokens=args.score_max_new_tokens)
+            results["gptq_clip_1_float_decoder_scores"] = [
+                {
+                    key: corpus[key]
+                    for key in ("corpus", "metric", "error_rate", "substitutions", "deletions", "insertions")
+                }
+                for corpus in report.corpora
+            ]
     if args.llmcompressor_folder:
         from gptq_baseline import read_packed_codes
 

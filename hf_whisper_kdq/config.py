@@ -223,8 +223,8 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
             "'round_to_nearest' (its clipping ratios searched for least expected output error on the probe "
             "batches) or 'gptq' (GPTQ's column-by-column rounding with second-order error feedback from the inputs "
             "each layer meets on gptq_calibration_rows training rows, layer after layer, without clipping; the "
-            "codes then stay as GPTQ made them and are the ones exported). 'gptq' needs quant_format 'int' and one "
-            "integer width in quant_bit_choices."
+            "codes then stay as GPTQ made them and are the ones exported). 'gptq' needs one integer width in "
+            "quant_bit_choices; with quant_format 'ggml' it rounds on that ggml type's own block scales."
         },
     )
     gptq_calibration_rows: int = field(
@@ -447,10 +447,10 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
                 f"in quant_targets (got freeze_encoder={self.freeze_encoder}, quant_targets={self.quant_targets!r}); "
                 "a trained encoder learns its codes (quantization-aware training)"
             )
-        if self.quant_format != "int" or len(self.bit_choices) != 1 or self.bit_choices[0] == FLOAT_BITS:
+        if len(self.bit_choices) != 1 or self.bit_choices[0] == FLOAT_BITS:
             raise ValueError(
-                f"frozen_encoder_quantizer='gptq' needs quant_format 'int' and one integer width (got quant_format="
-                f"{self.quant_format!r}, quant_bit_choices={self.quant_bit_choices!r}): GPTQ's codes are computed "
+                f"frozen_encoder_quantizer='gptq' needs one integer width (got quant_bit_choices="
+                f"{self.quant_bit_choices!r}): GPTQ's codes are computed "
                 "once, for one width that the layer selection must not change. Fix: e.g. --quant_bit_choices 4"
             )
 

@@ -68,10 +68,31 @@ def test_the_default_level_is_the_cpu_recipe_at_int4(tmp_path):
     # int4's encoder codes come from GPTQ, unless the command line trains the encoder or widens the choices (then
     # round-to-nearest as before, not an error about a flag it never gave); int3 keeps the clip search.
     assert value(argv, "--frozen_encoder_quantizer") == "gptq"
-    for other in (["--freeze_encoder", "false"], ["--quant_bit_choices", "4,8"], ["--level", "int3"]):
+    others = (
+        ["--freeze_encoder", "false"],
+        ["--quant_bit_choices", "4,8"],
+        ["--level", "int3"],
+        ["--quant_format", "ggml"],
+    )
+    for other in others:
         assert "--frozen_encoder_quantizer" not in with_training_defaults(other), other
     given = with_training_defaults(["--frozen_encoder_quantizer", "round_to_nearest"])
     assert value(given, "--frozen_encoder_quantizer") == "round_to_nearest"
+    # GPTQ on ggml's blocks when asked for (one type: q3_K here)
+    ggml = [
+        "--level",
+        "int3",
+        "--quant_format",
+        "ggml",
+        "--quant_bit_choices",
+        "3",
+        "--frozen_encoder_quantizer",
+        "gptq",
+    ]
+    parsed = HfArgumentParser(DistillQuantArguments).parse_args_into_dataclasses(
+        [a for a in with_training_defaults(ggml) if a not in ("--level", "int3")] + ["--output_dir", str(tmp_path)]
+    )[0]
+    assert (parsed.frozen_encoder_quantizer, parsed.quant_format, parsed.bit_choices) == ("gptq", "ggml", (3,))
     args = DistillQuantArguments(output_dir=str(tmp_path), report_to="none")
     layers, resolved = apply_level(CompressArguments(), args)
     assert layers is None and resolved.size_budget_ratio is None and resolved.size_budget_mb is None

@@ -49,7 +49,7 @@ OUT_OF_RANGE = [
     ),
     (
         {"frozen_encoder_quantizer": "gptq", "freeze_encoder": True, "quant_targets": "encoder,decoder"},
-        r"needs quant_format 'int' and one integer width.*Fix: e.g. --quant_bit_choices 4",
+        r"needs one integer width.*Fix: e.g. --quant_bit_choices 4",
     ),
     *[
         ({"selection_until": fraction}, rf"selection_until={fraction} must be a fraction of training in \(0, 1\]")

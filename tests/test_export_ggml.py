@@ -440,6 +440,57 @@ def test_a_student_trained_for_ggml_ships_its_own_codes_in_a_file_of_the_planned
     assert isinstance(text, str)
 
 
+def test_a_frozen_encoder_quantized_by_gptq_for_ggml_ships_gptqs_codes_in_the_file(base_pack_folder, tmp_path):
+    """quant_format='ggml' with frozen_encoder_quantizer='gptq': the frozen encoder gets GPTQ's codes on q4_0's own
+    block scales (not ggml's rounding of them), training leaves them, and the whisper.cpp file holds exactly them."""
+    pytest.importorskip("pywhispercpp")
+    from datasets import Dataset
+
+    from hf_whisper_kdq import DistillQuantArguments, DistillQuantTrainer, build_student
+    from hf_whisper_kdq.data import WhisperDataCollator
+    from hf_whisper_kdq.quant import quant_layers, quantize_weight
+
+    teacher, processor = _ggml_whisper(base_pack_folder)
+    args = DistillQuantArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        selection_probe_batches=1,
+        report_to="none",
+        use_cpu=True,
+        quant_format="ggml",
+        quant_bit_choices="4",
+        quant_targets="encoder,decoder,embedding",
+        freeze_encoder=True,
+        frozen_encoder_quantizer="gptq",
+        gptq_calibration_rows=2,
+    )
+    rows = tiny_speech_rows(processor, [" hello world", " a longer sentence to transcribe"])
+    trainer = DistillQuantTrainer(
+        model=build_student(teacher),
+        teacher_model=teacher,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        data_collator=WhisperDataCollator(processor, decoder_start_token_id=teacher.config.decoder_start_token_id),
+        processing_class=processor,
+    )
+    layers = quant_layers(trainer.model)
+    fc1 = "model.encoder.layers.1.fc1"
+    codes = layers[fc1].fixed_codes()
+    assert codes is not None and codes.ggml_type == "q4_0"
+    assert not torch.equal(
+        codes.codes, quantize_weight(teacher.get_submodule(fc1).weight, layers[fc1].quant_spec).codes
+    )
+    trainer.train()
+    assert layers[fc1].fixed_codes() is codes
+    path = export_whisper_cpp(trainer.model, processor, tmp_path / "student.bin", ftype="auto")
+    data = _read_ggml(path)["tensors"]["encoder.blocks.1.mlp.0.weight"][2]
+    np.testing.assert_array_equal(unpack(data, "q4_0", tuple(codes.codes.shape)), codes.dequantize().numpy())
+    noise = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
+    (text,) = transcribe_whisper_cpp(path, [noise], "en", n_threads=1)
+    assert isinstance(text, str)
+
+
 def test_benchmark_trains_a_student_into_a_whisper_cpp_file_and_scores_it(ggml_whisper, tmp_path):
     """benchmarks/ggml_student.py: compress's arguments and training path into a whisper.cpp file, for the type
     compress refuses (q3_K; here q4_0, whose fake quantization of the tiny model's embedding is 5× cheaper)."""

@@ -60,20 +60,35 @@ def _inverse(scale: Tensor) -> Tensor:
     return torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
 
 
+def round_to_scales(values: Tensor, scales: Tensor, ggml_type: str) -> Tensor:
+    """Signed codes (float) of ``values`` on given ``scales`` (broadcast against them), rounded and clamped as
+    ggml's reference quantizer of ``ggml_type`` rounds a weight once its block's scale is known: q8_0 ``x * (1/d)``
+    half away from zero, q4_0/q5_0 ``trunc(x * (1/d) + half + 0.5)``, q3_K ``nearest_int(x / (d * sc))``; a zero
+    scale gives code 0. Also what GPTQ rounds each column with (`quant.gptq`), whose error feedback moves weights
+    past their block's extreme: hence the clamp at both ends."""
+    if ggml_type == "q8_0":
+        scaled = (values * _inverse(scales)).double()  # roundf of the float32 product, exact in float64
+        return (torch.sign(scaled) * torch.floor(scaled.abs() + 0.5)).clamp(-127, 127).float()
+    if ggml_type == "q3_K":
+        ratio = values / torch.where(scales != 0, scales, torch.ones_like(scales))
+        codes = _nearest_int(ratio).clamp(-_Q3_NMAX, _Q3_NMAX - 1).float()
+        return torch.where(scales != 0, codes, torch.zeros_like(codes))
+    half = 1 << (GGML_BLOCKS[ggml_type][2] - 1)
+    shifted = values * _inverse(scales) + (half + 0.5)
+    return torch.trunc(shifted).clamp(0, 2 * half - 1) - half
+
+
 def _q8_0(blocks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     scale = blocks.abs().amax(dim=-1) / 127
-    scaled = (blocks * _inverse(scale)[:, None]).double()  # roundf of the float32 product, exact in float64
-    codes = torch.sign(scaled) * torch.floor(scaled.abs() + 0.5)
-    return codes, scale, torch.ones_like(blocks, dtype=torch.bool)
+    return round_to_scales(blocks, scale[:, None], "q8_0"), scale, torch.ones_like(blocks, dtype=torch.bool)
 
 
-def _offset(blocks: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+def _offset(blocks: Tensor, ggml_type: str) -> tuple[Tensor, Tensor, Tensor]:
     """q4_0 / q5_0: ``d = max / -2**(bits-1)``, codes ``min(2**bits - 1, (int8)(x/d + 2**(bits-1) + 0.5))``."""
-    half = 1 << (bits - 1)
+    half = 1 << (GGML_BLOCKS[ggml_type][2] - 1)
     scale = _signed_absmax(blocks) / -half
-    shifted = blocks * _inverse(scale)[:, None] + (half + 0.5)
-    top = (1 << bits) - 1
-    return torch.trunc(shifted).clamp(max=top) - half, scale, shifted < top + 1
+    inside = blocks * _inverse(scale)[:, None] + (half + 0.5) < 2 * half  # ggml's min(15, ...) left it alone
+    return round_to_scales(blocks, scale[:, None], ggml_type), scale, inside
 
 
 def _q3_pass(x: Tensor, weights: Tensor, weighted: Tensor, codes: Tensor, sumlx: Tensor, suml2: Tensor):
@@ -145,7 +160,7 @@ def _q3_k(weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     super_scale = torch.where(has_scale, _fp16(1.0 / iscale), torch.zeros_like(iscale))
     multiplier = (super_scale[:, None] * levels.float()).reshape(-1)
     ratio = x / multiplier[:, None]
-    requantized = _nearest_int(ratio).clamp(-_Q3_NMAX, _Q3_NMAX - 1).float() + _Q3_NMAX
+    requantized = round_to_scales(x, multiplier[:, None], "q3_K") + _Q3_NMAX
     active = (multiplier != 0)[:, None]
     codes = torch.where(active, requantized, codes) - _Q3_NMAX
     inside = ~active | ((ratio >= -_Q3_NMAX - 0.5) & (ratio <= _Q3_NMAX - 0.5))
@@ -190,7 +205,7 @@ class GGMLCodes:
 @torch.no_grad()
 def ggml_quantize(weight: Tensor, ggml_type: str) -> GGMLCodes:
     """``weight`` ``[rows, cols]`` (``cols`` a multiple of the block) quantized as ggml's ``ggml_type`` does it."""
-    block, _, bits = GGML_BLOCKS[ggml_type]
+    block = GGML_BLOCKS[ggml_type][0]
     rows, cols = weight.shape
     if cols % block:
         raise ValueError(f"{ggml_type} needs rows of a multiple of {block} weights, got {cols}")
@@ -199,7 +214,7 @@ def ggml_quantize(weight: Tensor, ggml_type: str) -> GGMLCodes:
         codes, scales, super_scales, sub_scales, inside = _q3_k(values)
         return GGMLCodes(codes.to(torch.int8), scales.contiguous(), _Q3_SUB, inside, super_scales, sub_scales)
     blocks = values.reshape(-1, block)
-    codes, scales, inside = _q8_0(blocks) if ggml_type == "q8_0" else _offset(blocks, bits)
+    codes, scales, inside = _q8_0(blocks) if ggml_type == "q8_0" else _offset(blocks, ggml_type)
     return GGMLCodes(
         codes.to(torch.int8).reshape(rows, cols),
         _fp16(scales).reshape(rows, cols // block),

@@ -10,6 +10,13 @@ exactly (`FakeQuantLinear.fix_codes`). The algorithm is the reference one (and l
 of ``H⁻¹``, blocks of 128 columns with lazy updates, each group's scale taken from the error-updated weights when the
 loop reaches the group (static groups off, no activation ordering).
 
+On a ggml block type (`GGMLSpec`: whisper.cpp's q8_0, q4_0, q3_K) the same loop runs with ggml's scales: when it
+reaches a block (32 weights; q3_K's super-block of 256), ggml's reference quantizer (`ggml_blocks.ggml_quantize`)
+gives the block's scales from the error-updated weights (q3_K: the fp16 super-block scale and the 6-bit sub-block
+scales of its 16 sub-blocks), and each column is then rounded to the nearest code of that type's range with error
+feedback. The codes differ from ggml's own rounding, the scales are ggml's, so the blocks are valid for whisper.cpp
+and `export_whisper_cpp` writes them as they are.
+
     hessian = InputHessian(in_features)
     ...  # hessian.add(x) for each input batch x [..., in_features]
     q = gptq_quantize(linear.weight, hessian.matrix(), QuantSpec(4, "per_group", 32))  # a QuantizedWeight
@@ -23,7 +30,8 @@ import torch
 from torch import Tensor
 
 from .fake_quant import QuantizedWeight, _grouped_scale, _unrounded_codes
-from .spec import QuantSpec
+from .ggml_blocks import ggml_quantize, round_to_scales
+from .spec import AnySpec, GGMLSpec, QuantSpec
 
 # Columns updated together before the error is carried to the rest (the reference implementation's block size).
 BLOCK_COLUMNS = 128
@@ -70,7 +78,7 @@ def _inverse_cholesky(hessian: Tensor, dampening: float) -> Tensor:
 def gptq_quantize(
     weight: Tensor,
     hessian: Tensor,
-    spec: QuantSpec,
+    spec: AnySpec,
     clip: Tensor | None = None,
     *,
     dampening: float = DAMPENING,
@@ -80,20 +88,28 @@ def gptq_quantize(
 
     Args:
         hessian: ``[cols, cols]``. Columns whose inputs were always zero (zero diagonal) get code 0.
+        spec: an integer `QuantSpec`, or a `GGMLSpec` (ggml's block scales, see the module docstring).
         clip: ``spec.scale_shape(weight.shape)`` clipping ratios applied to each scale (as `fake_quantize` does),
-            or None for 1.
+            or None for 1. Not for a `GGMLSpec` (ggml's scales are its own).
 
     Returns:
         A `QuantizedWeight` on ``spec``'s grid: the same layout, scale rule and fp16-exact scales as
-        `quantize_weight`'s, so ``fix_codes`` can hold it and every export can pack it.
+        `quantize_weight`'s (ggml's blocks for a `GGMLSpec`), so ``fix_codes`` can hold it and every export can pack
+        it.
     """
-    if not isinstance(spec, QuantSpec):
-        raise TypeError(f"{layer}: GPTQ quantizes on the integer grid (QuantSpec), not {spec}")
+    ggml = isinstance(spec, GGMLSpec)
+    if not ggml and not isinstance(spec, QuantSpec):
+        raise TypeError(f"{layer}: GPTQ quantizes on an integer grid (QuantSpec) or a ggml type (GGMLSpec), not {spec}")
+    if ggml and clip is not None:
+        raise ValueError(f"{layer}: {spec.type}'s scales are ggml's own: GPTQ takes no clipping ratios for it")
     spec.check_shape(weight.shape, layer)
     rows, cols = weight.shape
     if tuple(hessian.shape) != (cols, cols):
         raise ValueError(f"{layer}: the Hessian must be [{cols}, {cols}], got {list(hessian.shape)}")
     group_size = cols // spec.num_groups(weight.shape)
+    # Columns whose scales are set together: a group, or a ggml block (q3_K: a super-block of 16 sub-block scales).
+    scale_block = spec.block_size if ggml else group_size
+    per_group = ggml or spec.granularity == "per_group"
     work = weight.detach().float().clone()
     hessian = hessian.to(work.device, torch.float32)
     dead = hessian.diagonal() == 0
@@ -102,14 +118,16 @@ def gptq_quantize(
         hessian[dead, dead] = 1.0
         work[:, dead] = 0.0
     inverse = _inverse_cholesky(hessian, dampening)
-    if spec.granularity == "per_group":
+    if per_group:
         scales = torch.empty(rows, cols // group_size, dtype=torch.float32, device=work.device)
     else:  # one scale per row or per tensor, from the weight before any update (the reference implementation's)
         _, scale = _grouped_scale(work, spec, clip, layer)
         scales = scale.reshape(scale.shape[0], 1).expand(rows, 1).contiguous()
+    super_blocks = []  # q3_K's (super-block scales, 6-bit sub-block scales) per super-block, in column order
     codes = torch.empty(rows, cols, dtype=torch.int8, device=work.device)
-    block = group_size * math.ceil(BLOCK_COLUMNS / group_size) if spec.granularity == "per_group" else BLOCK_COLUMNS
-    group_spec = QuantSpec(spec.bits, "per_channel", learnable_clipping=spec.learnable_clipping)
+    block = scale_block * math.ceil(BLOCK_COLUMNS / scale_block) if per_group else BLOCK_COLUMNS
+    if not ggml:
+        group_spec = QuantSpec(spec.bits, "per_channel", learnable_clipping=spec.learnable_clipping)
     for start in range(0, cols, block):
         end = min(start + block, cols)
         columns = work[:, start:end].clone()
@@ -117,19 +135,39 @@ def gptq_quantize(
         block_inverse = inverse[start:end, start:end]
         for i in range(end - start):
             column = start + i
-            if spec.granularity == "per_group" and column % group_size == 0:
-                group = column // group_size
+            group = column // group_size
+            if ggml and column % scale_block == 0:
+                blocks = ggml_quantize(columns[:, i : i + scale_block], spec.type)
+                scales[:, group : group + scale_block // group_size] = blocks.scales
+                if blocks.super_scales is not None:
+                    super_blocks.append((blocks.super_scales, blocks.sub_scales))
+            elif per_group and not ggml and column % group_size == 0:
                 group_clip = None if clip is None else clip[:, group : group + 1]
                 _, scale = _grouped_scale(columns[:, i : i + group_size], group_spec, group_clip, layer)
                 scales[:, group] = scale.reshape(rows)
-            scale = scales[:, column // group_size if spec.granularity == "per_group" else 0]
-            unrounded, _ = _unrounded_codes(columns[:, i].reshape(rows, 1, 1), scale.reshape(rows, 1, 1), spec)
-            code = unrounded.round_().reshape(rows)
+            scale = scales[:, group if per_group else 0]
+            if ggml:
+                code = round_to_scales(columns[:, i], scale, spec.type)
+            else:
+                unrounded, _ = _unrounded_codes(columns[:, i].reshape(rows, 1, 1), scale.reshape(rows, 1, 1), spec)
+                code = unrounded.round_().reshape(rows)
             codes[:, column] = code.to(torch.int8)
             error = (columns[:, i] - code * scale) / block_inverse[i, i]
             columns[:, i:] -= error[:, None] * block_inverse[i, i:][None, :]
             errors[:, i] = error
         work[:, end:] -= errors @ inverse[start:end, end:]
+    if ggml:
+        return QuantizedWeight(
+            codes=codes,
+            scales=scales,
+            bits=spec.bits,
+            group_size=group_size,
+            granularity="per_group",
+            dtype=weight.dtype,
+            ggml_type=spec.type,
+            super_scales=torch.cat([s for s, _ in super_blocks], dim=1) if super_blocks else None,
+            sub_scales=torch.cat([s for _, s in super_blocks], dim=1) if super_blocks else None,
+        )
     return QuantizedWeight(
         codes=codes,
         scales=scales if spec.granularity != "per_tensor" else scales[:1],

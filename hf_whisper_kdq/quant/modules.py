@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .fake_quant import QuantizedWeight, fake_quantize, search_clip_ratios
-from .spec import QuantSpec, as_spec
+from .spec import GGMLSpec, QuantSpec, as_spec
 
 # Per-instance hook registries carried over when a module is swapped, so hooks registered on the
 # float module (e.g. by a distillation callback) keep firing on its wrapper and back.
@@ -72,7 +72,9 @@ class _QuantGroup:
 
 
 def _codes_fit(quantized: QuantizedWeight, spec, shape) -> bool:
-    """Whether ``quantized`` has the layout ``spec`` gives a weight of ``shape`` (an integer spec only)."""
+    """Whether ``quantized`` has the layout ``spec`` gives a weight of ``shape`` (an integer spec, or a ggml type)."""
+    if isinstance(spec, GGMLSpec):
+        return quantized.ggml_type == spec.type and tuple(quantized.codes.shape) == tuple(shape)
     if not isinstance(spec, QuantSpec) or quantized.ggml_type is not None:
         return False
     layout = (quantized.bits, quantized.granularity, tuple(quantized.codes.shape), tuple(quantized.scales.shape))
