@@ -425,15 +425,17 @@ def train_student(
     switched off (it would upload checkpoints): push the compressed folder with ``trainer.push_to_hub()``.
     """
 
-    trainer = DistillQuantTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=replace(args, push_to_hub=False),
-        train_dataset=train_features,
-        data_collator=WhisperDataCollator(processor, decoder_start_token_id=student.config.decoder_start_token_id),
-        processing_class=processor,
-        **kwargs,
-    )
+    # Building the trainer quantizes the student: GPTQ of a frozen encoder and the clip search take minutes on a CPU.
+    with timer("prepare the quantized student") if timer else nullcontext():
+        trainer = DistillQuantTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=replace(args, push_to_hub=False),
+            train_dataset=train_features,
+            data_collator=WhisperDataCollator(processor, decoder_start_token_id=student.config.decoder_start_token_id),
+            processing_class=processor,
+            **kwargs,
+        )
     with timer("train") if timer else nullcontext():
         trainer.train()
     return trainer
