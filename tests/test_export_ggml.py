@@ -388,40 +388,54 @@ def test_real_tiny_en_at_q8_0_transcribes_like_transformers(shared_speech, tmp_p
     assert score(transformers, whisper_cpp, "en")["wer"] <= 0.1, (transformers, whisper_cpp)
 
 
-def test_a_student_trained_for_ggml_ships_its_own_codes_in_a_file_of_the_planned_bytes(base_pack_folder, tmp_path):
-    """quant_format='ggml': 2 training steps on the real-tokenizer tiny Whisper; the plan takes the widest type whose
-    file fits the budget (q4_0 here: q8_0's file is over it), billed at the file's bytes, still distils a layer; the
-    export writes the trained codes (ftype auto) into a file of exactly those bytes, which whisper.cpp runs."""
-    pytest.importorskip("pywhispercpp")
+def _ggml_trainer(student, teacher, processor, tmp_path, **overrides):
+    """A DistillQuantTrainer of ``student`` for whisper.cpp (quant_format='ggml', every part quantized) on two tiny
+    speech rows, batch 2, one probe batch; ``overrides`` are further DistillQuantArguments."""
     from datasets import Dataset
 
-    from hf_whisper_kdq import DistillQuantArguments, DistillQuantTrainer, build_student
+    from hf_whisper_kdq import DistillQuantArguments, DistillQuantTrainer
     from hf_whisper_kdq.data import WhisperDataCollator
 
-    teacher, processor = _ggml_whisper(base_pack_folder, decoder_layers=4)
-    student = build_student(teacher, decoder_layers=2)
-    q4_0, q8_0 = (ggml_file_bytes(student, processor, ftype) for ftype in ("q4_0", "q8_0"))
     args = DistillQuantArguments(
         output_dir=str(tmp_path / "run"),
-        max_steps=2,
         per_device_train_batch_size=2,
         selection_probe_batches=1,
-        num_distill_layers=1,
         report_to="none",
         use_cpu=True,
         quant_format="ggml",
-        quant_bit_choices="4,8",
         quant_targets="encoder,decoder,embedding",
-        size_budget_mb=(q4_0 + q8_0) / 2e6,
+        **overrides,
     )
     rows = tiny_speech_rows(processor, [" hello world", " a longer sentence to transcribe"])
-    trainer = DistillQuantTrainer(
+    return DistillQuantTrainer(
         model=student,
         teacher_model=teacher,
         args=args,
         train_dataset=Dataset.from_list(rows),
         data_collator=WhisperDataCollator(processor, decoder_start_token_id=student.config.decoder_start_token_id),
         processing_class=processor,
+    )
+
+
+def test_a_student_trained_for_ggml_ships_its_own_codes_in_a_file_of_the_planned_bytes(base_pack_folder, tmp_path):
+    """quant_format='ggml': 2 training steps on the real-tokenizer tiny Whisper; the plan takes the widest type whose
+    file fits the budget (q4_0 here: q8_0's file is over it), billed at the file's bytes, still distils a layer; the
+    export writes the trained codes (ftype auto) into a file of exactly those bytes, which whisper.cpp runs."""
+    pytest.importorskip("pywhispercpp")
+    from hf_whisper_kdq import build_student
+
+    teacher, processor = _ggml_whisper(base_pack_folder, decoder_layers=4)
+    student = build_student(teacher, decoder_layers=2)
+    q4_0, q8_0 = (ggml_file_bytes(student, processor, ftype) for ftype in ("q4_0", "q8_0"))
+    trainer = _ggml_trainer(
+        student,
+        teacher,
+        processor,
+        tmp_path,
+        max_steps=2,
+        num_distill_layers=1,
+        quant_bit_choices="4,8",
+        size_budget_mb=(q4_0 + q8_0) / 2e6,
     )
     trainer.train()
     plan = trainer.plan
@@ -444,35 +458,20 @@ def test_a_frozen_encoder_quantized_by_gptq_for_ggml_ships_gptqs_codes_in_the_fi
     """quant_format='ggml' with frozen_encoder_quantizer='gptq': the frozen encoder gets GPTQ's codes on q4_0's own
     block scales (not ggml's rounding of them), training leaves them, and the whisper.cpp file holds exactly them."""
     pytest.importorskip("pywhispercpp")
-    from datasets import Dataset
-
-    from hf_whisper_kdq import DistillQuantArguments, DistillQuantTrainer, build_student
-    from hf_whisper_kdq.data import WhisperDataCollator
+    from hf_whisper_kdq import build_student
     from hf_whisper_kdq.quant import quant_layers, quantize_weight
 
     teacher, processor = _ggml_whisper(base_pack_folder)
-    args = DistillQuantArguments(
-        output_dir=str(tmp_path / "run"),
+    trainer = _ggml_trainer(
+        build_student(teacher),
+        teacher,
+        processor,
+        tmp_path,
         max_steps=1,
-        per_device_train_batch_size=2,
-        selection_probe_batches=1,
-        report_to="none",
-        use_cpu=True,
-        quant_format="ggml",
         quant_bit_choices="4",
-        quant_targets="encoder,decoder,embedding",
         freeze_encoder=True,
         frozen_encoder_quantizer="gptq",
         gptq_calibration_rows=2,
-    )
-    rows = tiny_speech_rows(processor, [" hello world", " a longer sentence to transcribe"])
-    trainer = DistillQuantTrainer(
-        model=build_student(teacher),
-        teacher_model=teacher,
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        data_collator=WhisperDataCollator(processor, decoder_start_token_id=teacher.config.decoder_start_token_id),
-        processing_class=processor,
     )
     layers = quant_layers(trainer.model)
     fc1 = "model.encoder.layers.1.fc1"
