@@ -9,7 +9,7 @@ positions of speech alone (the manifest's duration), per language: what the deco
 
 Calibration is what the trainer does, on the first rows of each ``--calibration`` manifest (the trainer's 64 evenly
 spaced rows of the 2 : 1 : 1 mixture are about the line above): the clip search (``calibration.calibrate_clipping``)
-for the round-to-nearest row, then GPTQ block after block (``calibration.gptq_frozen_layers``). Held out:
+for the round-to-nearest row, then GPTQ block after block (``calibration.gptq_layers``). Held out:
 ``--held_out_rows`` later rows of train_en and train_zh.
 
 ``--score_manifest dev.jsonl``: also transcribe that manifest with the trainer's GPTQ encoder (the ``gptq_clip_1``
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from hf_whisper_kdq import load_whisper
-from hf_whisper_kdq.calibration import calibrate_clipping, gptq_frozen_layers
+from hf_whisper_kdq.calibration import calibrate_clipping, gptq_layers
 from hf_whisper_kdq.data import WhisperDataCollator, load_manifest, prepare_dataset
 from hf_whisper_kdq.evaluation import evaluate_model
 from hf_whisper_kdq.quant import default_quant_targets, prepare_qat
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     for label, clipping in (("gptq_clip_1", "none"), ("gptq_searched_clip", "searched")):  # the first: the trainer's
         model = copy.deepcopy(rounded)
         start = time.perf_counter()
-        gptq_frozen_layers(model, names, calibration, clipping=clipping)
+        gptq_layers(model, names, calibration, clipping=clipping)
         seconds[label] = round(time.perf_counter() - start, 1)
         results[label] = encoder_error(model, held_out, reference)
         if args.score_manifest and label == "gptq_clip_1":

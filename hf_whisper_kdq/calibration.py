@@ -3,7 +3,8 @@ output error of a unit's linears at each bit width, `measure_quantization_losses
 signal) and the mean square of each linear's inputs, on which `calibrate_clipping` searches the learnable clipping
 ratios by expected output error before training (AWQ's clip search; the weight error alone clips the weights that
 meet the largest inputs: benchmarks/README.md, "Guided bits against uniform bits"); and the input Hessians from which
-`gptq_frozen_layers` gives frozen layers GPTQ's codes, one block after another.
+`gptq_layers` gives layers GPTQ's codes, one block after another (a frozen layer keeps them, a trained one starts
+from them).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
+from collections.abc import Collection
 
 import torch
 from torch import nn
@@ -124,12 +126,15 @@ class measure_quantization_losses:
 
 
 @torch.no_grad()
-def calibrate_clipping(model: nn.Module, plan: KDQPlan, batches: list[dict]) -> list[str]:
+def calibrate_clipping(
+    model: nn.Module, plan: KDQPlan, batches: list[dict], *, skip: Collection[str] = ()
+) -> list[str]:
     """Search the learnable clipping ratios of ``model``'s quantized layers again at ``plan``'s specs, weighting each
     weight's error by the mean square of its inputs in the float student's forward over the rows of ``batches``
     (training batches with ``input_features`` and ``labels``), one row at a time. In place, before any optimizer,
     DeepSpeed engine or FSDP wrapper holds copies of the ratios: every process of a launch computes the same ones
-    from the same batches. Returns the names of the layers searched again."""
+    from the same batches. The layers in ``skip`` keep their ratios (e.g. those GPTQ started at 1). Returns the names
+    of the layers searched again."""
     specs = plan.module_specs()
     if not any(spec is not None and spec.learnable_clipping for spec in specs.values()):
         return []
@@ -142,7 +147,8 @@ def calibrate_clipping(model: nn.Module, plan: KDQPlan, batches: list[dict]) -> 
     finally:
         set_quant_specs(model, specs)
         model.train(was_training)
-    return search_clips_on_inputs(model, specs, inputs.input_mean_squares())
+    searched = {name: spec for name, spec in specs.items() if name not in skip}
+    return search_clips_on_inputs(model, searched, inputs.input_mean_squares())
 
 
 class _BlockDone(Exception):
@@ -159,31 +165,55 @@ def _blocks(names: list[str]) -> dict[str, list[str]]:
     return blocks
 
 
-def _run_rows(model: nn.Module, batches: list[dict]) -> None:
-    """The model's forward on each labelled row of ``batches``, one row at a time and trimmed to its labels: padded
-    positions would make the statistics depend on how the rows were batched, which differs between launches of one
-    training."""
-    device = next(model.parameters()).device
+def _labelled_rows(batches: list[dict]):
+    """(features ``[1, mels, frames]``, labels ``[1, length]``) of each labelled row of ``batches``, trimmed to its
+    labels: padded positions would make the statistics depend on how the rows were batched, which differs between
+    launches of one training."""
     for batch in batches:
         for features, labels in zip(batch["input_features"], batch["labels"], strict=True):
             labelled = labels.ne(IGNORE_INDEX).nonzero()
             if len(labelled):
-                length = int(labelled.max()) + 1
-                try:
-                    model(input_features=features[None].to(device), labels=labels[None, :length].to(device))
-                except _BlockDone:
-                    pass
+                yield features[None], labels[None, : int(labelled.max()) + 1]
+
+
+def _run_rows(model: nn.Module, batches: list[dict], encoder_states: list[torch.Tensor] | None = None) -> None:
+    """The model's forward on each labelled row of ``batches``, one row at a time; with ``encoder_states`` (one per
+    row, `_encoder_states`), the decoder's alone on them."""
+    device = next(model.parameters()).device
+    for i, (features, labels) in enumerate(_labelled_rows(batches)):
+        inputs = (
+            {"input_features": features.to(device)}
+            if encoder_states is None
+            else {"encoder_outputs": (encoder_states[i],)}
+        )
+        try:
+            model(**inputs, labels=labels.to(device))
+        except _BlockDone:
+            pass
+
+
+def _encoder_states(model: nn.Module, batches: list[dict]) -> list[torch.Tensor]:
+    """The encoder's last hidden state on each labelled row of ``batches``: what every decoder block's calibration
+    pass would otherwise compute again (the encoder is most of a row's forward)."""
+    device = next(model.parameters()).device
+    encoder = model.get_encoder()
+    return [encoder(features.to(device)).last_hidden_state for features, _ in _labelled_rows(batches)]
 
 
 @torch.no_grad()
-def gptq_frozen_layers(
-    model: nn.Module, names: list[str], batches: list[dict], *, clipping: str = "none"
+def gptq_layers(
+    model: nn.Module, names: list[str], batches: list[dict], *, clipping: str = "none", keep_codes: bool = True
 ) -> dict[str, QuantizedWeight]:
-    """Give the prepared linears ``names`` (frozen: they keep these codes) GPTQ's codes at their specs, from the
-    inputs they meet on the rows of ``batches`` (training batches with ``input_features`` and ``labels``). Block
-    after block (transformer layers, in the order of ``names``): a block's inputs come from the earlier blocks
-    already holding their codes, everything else in float, as llm-compressor's sequential pipeline does. Each
-    layer is left holding its codes (``fix_codes``). Returns {name: codes}.
+    """Give the prepared linears ``names`` GPTQ's codes at their specs, from the inputs they meet on the rows of
+    ``batches`` (training batches with ``input_features`` and ``labels``). Block after block (transformer layers, in
+    the order of ``names``): a block's inputs come from the earlier blocks already holding their codes, everything
+    else in float, as llm-compressor's sequential pipeline does. Returns {name: codes}.
+
+    ``keep_codes=True`` (a frozen layer): each layer holds its codes (``fix_codes``: the forward uses them as they
+    are). ``keep_codes=False`` (a layer that trains from there): its weight becomes the codes' values and its
+    quantizer rounds it again at every step, which gives back GPTQ's codes except where error feedback moved a
+    group's extreme (0.05% of whisper-base's decoder codes at int4 g32: benchmarks/README.md, "GPTQ start of the
+    decoder").
 
     Every position of the 30 s window counts, the padding after short utterances included (the decoder attends to
     it): fitted to the speech positions alone, the codes of 16 utterances broke the padding's outputs and were still
@@ -205,6 +235,8 @@ def gptq_frozen_layers(
     set_quant_specs(model, dict.fromkeys(specs, None))
     codes: dict[str, QuantizedWeight] = {}
     try:
+        decoder_side = not any(".encoder." in name for name in names)
+        encoder_states = _encoder_states(model, batches) if decoder_side else None
         for block, layers in _blocks(names).items():
             hessians = {name: InputHessian(modules[name].in_features, modules[name].weight.device) for name in layers}
             handles = [
@@ -217,7 +249,7 @@ def gptq_frozen_layers(
 
             handles.append(modules[block].register_forward_hook(done))
             try:
-                _run_rows(model, batches)
+                _run_rows(model, batches, encoder_states)
             finally:
                 for handle in handles:
                     handle.remove()
@@ -230,9 +262,12 @@ def gptq_frozen_layers(
                     ratios = search_clip_ratios(module.weight, spec, layer=name, input_mean_square=hessian.diagonal())
                     clip.copy_(ratios)
                 codes[name] = gptq_quantize(module.weight, hessian, spec, clip, layer=name)
-                module.set_quant_spec(spec)
-                module.fix_codes(codes[name])
-                module.set_quant_spec(None)  # float until every block is done: fixed codes stay (its weight)
+                if keep_codes:
+                    module.set_quant_spec(spec)
+                    module.fix_codes(codes[name])
+                    module.set_quant_spec(None)  # float until every block is done: fixed codes stay (its weight)
+                else:  # the codes' values, which later blocks meet as they are while every spec is None
+                    module.weight.copy_(codes[name].dequantize(module.weight.dtype))
     finally:
         set_quant_specs(model, specs)
         model.train(was_training)

@@ -29,6 +29,7 @@ SELECTION_COSTS = ("output_kl", "local_error")
 QUANT_TARGETS = ("encoder", "decoder", "embedding")
 QUANT_FORMATS = ("int", "ggml")
 FROZEN_ENCODER_QUANTIZERS = ("round_to_nearest", "gptq")
+DECODER_START_QUANTIZERS = ("round_to_nearest", "gptq")
 # quant_format="ggml": the bit choice -> the ggml block type (and whisper.cpp file type) it trains for.
 GGML_TYPE_OF_BITS = {3: "q3_K", 4: "q4_0", 8: "q8_0"}
 
@@ -227,6 +228,17 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
             "quant_bit_choices; with quant_format 'ggml' it rounds on that ggml type's own block scales."
         },
     )
+    decoder_start_quantizer: str = field(
+        default="round_to_nearest",
+        metadata={
+            "help": "Where the trained decoder's quantized linears start: 'round_to_nearest' (their clipping ratios "
+            "searched for least expected output error on the probe batches) or 'gptq' (GPTQ's codes from the inputs "
+            "they meet on gptq_calibration_rows training rows, through the encoder as it will train; clipping ratios at "
+            "1). Training then moves them as any weight; the token embedding keeps the clip search. Needs one integer "
+            "width in quant_bit_choices (benchmarks/README.md, 'GPTQ start of the decoder')."
+        },
+    )
+
     gptq_calibration_rows: int = field(
         default=64,
         metadata={
@@ -412,6 +424,7 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
             )
         self._check_lora()
         self._check_frozen_encoder_quantizer()
+        self._check_decoder_start_quantizer()
         if not 0 < self.selection_until <= 1:
             raise ValueError(
                 f"selection_until={self.selection_until} must be a fraction of training in (0, 1]: e.g. 0.5 stops "
@@ -447,11 +460,34 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
                 f"in quant_targets (got freeze_encoder={self.freeze_encoder}, quant_targets={self.quant_targets!r}); "
                 "a trained encoder learns its codes (quantization-aware training)"
             )
+        self._check_one_gptq_width("frozen_encoder_quantizer")
+
+    def _check_decoder_start_quantizer(self) -> None:
+        if self.decoder_start_quantizer not in DECODER_START_QUANTIZERS:
+            raise ValueError(
+                f"decoder_start_quantizer={self.decoder_start_quantizer!r}: choose one of "
+                f"{', '.join(DECODER_START_QUANTIZERS)}"
+            )
+        if self.decoder_start_quantizer != "gptq":
+            return
+        if "decoder" not in self.quant_target_set:
+            raise ValueError(
+                "decoder_start_quantizer='gptq' starts the quantized decoder's linears: put decoder in quant_targets "
+                f"(got {self.quant_targets!r})"
+            )
+        if self.lora_r:
+            raise ValueError(
+                f"decoder_start_quantizer='gptq' rewrites the decoder's weights, which lora_r={self.lora_r} freezes: "
+                "drop one of them"
+            )
+        self._check_one_gptq_width("decoder_start_quantizer")
+
+    def _check_one_gptq_width(self, option: str) -> None:
         if len(self.bit_choices) != 1 or self.bit_choices[0] == FLOAT_BITS:
             raise ValueError(
-                f"frozen_encoder_quantizer='gptq' needs one integer width (got quant_bit_choices="
-                f"{self.quant_bit_choices!r}): GPTQ's codes are computed "
-                "once, for one width that the layer selection must not change. Fix: e.g. --quant_bit_choices 4"
+                f"{option}='gptq' needs one integer width (got quant_bit_choices={self.quant_bit_choices!r}): GPTQ's "
+                "codes are computed once, for one width that the layer selection must not change. Fix: e.g. "
+                "--quant_bit_choices 4"
             )
 
     def _check_ggml(self) -> None:

@@ -26,7 +26,7 @@ from torch import nn
 from transformers import Seq2SeqTrainer, TrainerCallback, WhisperForConditionalGeneration, WhisperProcessor
 
 from .adapters import attach_adapters
-from .calibration import calibrate_clipping, gptq_frozen_layers
+from .calibration import calibrate_clipping, gptq_layers
 from .callbacks import LayerSelectionCallback
 from .card import write_model_card
 from .card_scores import rows_of_last_evaluation
@@ -182,29 +182,52 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         }
         self._accumulated_rows = 0  # set by get_batch_samples for each optimizer step
         sized = train_dataset is not None and hasattr(train_dataset, "__len__")
-        if args.frozen_encoder_quantizer == "gptq" and not sized:
+        gptq_sides = [
+            side
+            for side, on in (
+                ("encoder", args.frozen_encoder_quantizer == "gptq"),
+                ("decoder", args.decoder_start_quantizer == "gptq"),
+            )
+            if on
+        ]
+        if gptq_sides and not sized:
             raise ValueError(
-                "frozen_encoder_quantizer='gptq' calibrates on training rows: pass a train_dataset with a length"
+                f"GPTQ ({' and '.join(gptq_sides)}) calibrates on training rows: pass a train_dataset with a length"
             )
         if self.plan.module_specs() and sized:
-            if args.frozen_encoder_quantizer == "gptq":
-                # GPTQ first (without clipping): the clip search below then measures the decoder's inputs through
-                # the quantized encoder, and one search serves (a search before it was overwritten by this one).
-                encoder = [name for name, spec in self.plan.module_specs().items() if spec and ".encoder." in name]
-                gptq_rows = self.probe_batches(rows=args.gptq_calibration_rows)
-                gptq_frozen_layers(self.unwrapped_student(), encoder, gptq_rows)
-                logger.info(
-                    "GPTQ codes for the %d frozen encoder layers, on %d training rows",
-                    len(encoder),
-                    sum(len(b["labels"]) for b in gptq_rows),
-                )
-            # Clipping starts searched on the probe batches' inputs, before an optimizer or engine copies the ratios.
+            started = self._gptq(gptq_sides)
+            # Clipping starts searched on the probe batches' inputs, before an optimizer or engine copies the ratios;
+            # after GPTQ, so that it measures the decoder's inputs through the quantized encoder (one search serves),
+            # and leaving the ratios GPTQ started at 1 alone.
             searched = calibrate_clipping(
-                self.unwrapped_student(), self.plan, self.probe_batches(per_optimizer_step=True)
+                self.unwrapped_student(), self.plan, self.probe_batches(per_optimizer_step=True), skip=started
             )
             if searched:
                 logger.info("Clipping ratios of %d layers searched on the probe batches' inputs", len(searched))
         self.add_callback(selection)
+
+    def _gptq(self, sides: list[str]) -> list[str]:
+        """GPTQ's codes for the frozen encoder (kept: frozen_encoder_quantizer) and then the decoder's linears (a start
+        that training moves: decoder_start_quantizer), on gptq_calibration_rows training rows; returns the names of
+        the layers GPTQ started (their clipping stays at 1)."""
+        if not sides:
+            return []
+        specs = self.plan.module_specs()
+        student = self.unwrapped_student()
+        rows = self.probe_batches(rows=self.args.gptq_calibration_rows)
+        n_rows = sum(len(b["labels"]) for b in rows)
+        started: list[str] = []
+        if "encoder" in sides:
+            encoder = [name for name, spec in specs.items() if spec and ".encoder." in name]
+            gptq_layers(student, encoder, rows)
+            logger.info("GPTQ codes for the %d frozen encoder layers, on %d training rows", len(encoder), n_rows)
+        if "decoder" in sides:
+            # The decoder's linears only: a token embedding started by GPTQ as the tied output layer made the trained
+            # students loop (benchmarks/README.md, "GPTQ start of the decoder"); it keeps the clip search.
+            started = [n for n, spec in specs.items() if spec and ".decoder.layers." in n]
+            gptq_layers(student, started, rows, keep_codes=False)
+            logger.info("GPTQ start for the %d trained decoder linears, on %d training rows", len(started), n_rows)
+        return started
 
     def add_callback(self, callback) -> None:
         """As ``Trainer.add_callback``; a :class:`LayerSelectionCallback` (class or instance) is bound to this

@@ -51,6 +51,19 @@ OUT_OF_RANGE = [
         {"frozen_encoder_quantizer": "gptq", "freeze_encoder": True, "quant_targets": "encoder,decoder"},
         r"needs one integer width.*Fix: e.g. --quant_bit_choices 4",
     ),
+    ({"decoder_start_quantizer": "awq"}, r"decoder_start_quantizer=.awq.: choose one of round_to_nearest, gptq"),
+    (
+        {"decoder_start_quantizer": "gptq", "quant_targets": "encoder,embedding", "quant_bit_choices": "4"},
+        r"starts the quantized decoder's linears: put decoder in quant_targets",
+    ),
+    (
+        {"decoder_start_quantizer": "gptq", "quant_targets": "decoder", "quant_bit_choices": "4", "lora_r": 8},
+        r"rewrites the decoder's weights, which lora_r=8 freezes",
+    ),
+    (
+        {"decoder_start_quantizer": "gptq", "quant_targets": "decoder,embedding", "quant_bit_choices": "4,8"},
+        r"decoder_start_quantizer='gptq' needs one integer width.*Fix: e.g. --quant_bit_choices 4",
+    ),
     *[
         ({"selection_until": fraction}, rf"selection_until={fraction} must be a fraction of training in \(0, 1\]")
         for fraction in (0, 1.5)

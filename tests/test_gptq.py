@@ -1,5 +1,5 @@
 """GPTQ on the package's grid (quant.gptq), the layers that hold its codes (``fix_codes``) and the block-by-block
-calibration that gives a frozen encoder its codes (calibration.gptq_frozen_layers)."""
+calibration that gives a frozen encoder its codes (calibration.gptq_layers)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import make_micro_rows, micro_collate
 
-from hf_whisper_kdq.calibration import gptq_frozen_layers
+from hf_whisper_kdq.calibration import gptq_layers
 from hf_whisper_kdq.quant import (
     QuantSpec,
     convert_qat,
@@ -133,7 +133,7 @@ def test_frozen_layers_get_gptq_codes_block_after_block(micro_whisper):
 
     layers["model.encoder.layers.1.self_attn.q_proj"].register_forward_pre_hook(record)
     batches = [micro_collate(make_micro_rows(4, seed=seed)) for seed in (1, 2)]
-    codes = gptq_frozen_layers(student, names, batches)
+    codes = gptq_layers(student, names, batches)
     assert seen and set(seen) == {(True, True, True)}
     assert set(codes) == set(names)
     assert all(layers[name].fixed_codes() is codes[name] for name in names)
@@ -146,6 +146,40 @@ def test_frozen_layers_get_gptq_codes_block_after_block(micro_whisper):
             return float((model.model.encoder(held_out).last_hidden_state - reference).pow(2).mean())
 
         assert error(student) < error(rtn)
+
+
+def test_decoder_layers_start_from_gptq_on_encoder_states_computed_once(micro_whisper, monkeypatch):
+    """keep_codes=False (a decoder that trains from GPTQ's start): each layer's weight becomes its codes' values and
+    no codes are fixed; the decoder's blocks are calibrated on encoder states computed once per row, which gives
+    the codes of the plain path that runs the whole model for every block."""
+    from hf_whisper_kdq import calibration
+
+    teacher = micro_whisper()
+    spec = QuantSpec(4, "per_group", 32, learnable_clipping=True)
+    names = default_quant_targets(teacher, encoder=False, embedding=False)
+    batches = [micro_collate(make_micro_rows(4, seed=seed)) for seed in (1, 2)]
+
+    def started(model):
+        student = copy.deepcopy(model)
+        prepare_qat(student, dict.fromkeys(names, spec))
+        return student, gptq_layers(student, names, batches, keep_codes=False)
+
+    encoder_runs = []
+    real_encoder_forward = type(teacher.model.encoder).forward
+    monkeypatch.setattr(
+        type(teacher.model.encoder),
+        "forward",
+        lambda self, *a, **k: encoder_runs.append(1) or real_encoder_forward(self, *a, **k),
+    )
+    student, codes = started(teacher)
+    rows = sum(int(batch["labels"].ne(-100).any(1).sum()) for batch in batches)
+    assert len(encoder_runs) == rows  # once per row, not once per block
+    layers = quant_layers(student)
+    assert set(codes) == set(names) and all(layers[name].fixed_codes() is None for name in names)
+    assert all(torch.equal(layers[name].weight, codes[name].dequantize()) for name in names)
+    monkeypatch.setattr(calibration, "_encoder_states", lambda model, batches: None)
+    _, plain = started(teacher)
+    assert all(torch.equal(plain[name].codes, codes[name].codes) for name in names)
 
 
 GGML_TYPES = ["q4_0", "q8_0", "q3_K"]

@@ -1006,13 +1006,13 @@ def test_a_frozen_encoder_quantized_by_gptq_keeps_its_codes_through_training_and
     from hf_whisper_kdq.data import WhisperDataCollator
     from hf_whisper_kdq.quant import quant_layers, quantize_weight
 
-    calibrated_rows, gptq_frozen_layers = [], trainer_module.gptq_frozen_layers
+    calibrated_rows, gptq_layers = [], trainer_module.gptq_layers
 
     def counting(model, names, batches, **kwargs):
         calibrated_rows.append(sum(len(batch["labels"]) for batch in batches))
-        return gptq_frozen_layers(model, names, batches, **kwargs)
+        return gptq_layers(model, names, batches, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "gptq_frozen_layers", counting)
+    monkeypatch.setattr(trainer_module, "gptq_layers", counting)
 
     teacher, processor = tiny_whisper
     student = build_student(teacher)
@@ -1059,6 +1059,70 @@ def test_a_frozen_encoder_quantized_by_gptq_keeps_its_codes_through_training_and
         expected = trainer.whole_student().eval().model.encoder(features).last_hidden_state
         got = reloaded.model.encoder(features).last_hidden_state
     torch.testing.assert_close(got, expected, atol=5e-3, rtol=5e-3)  # biases and norms stored in fp16
+
+
+def test_gptq_starts_the_trained_decoder_and_training_moves_it(tmp_path, tiny_whisper, monkeypatch):
+    """decoder_start_quantizer="gptq": after the frozen encoder's GPTQ (kept codes), the decoder's linears get GPTQ's
+    codes as their start (their weights on those codes' grid, clipping ratios at 1, not searched again, no fixed
+    codes), the token embedding keeps its searched clipping, and training moves them from there."""
+    from hf_whisper_kdq import trainer as trainer_module
+    from hf_whisper_kdq.data import WhisperDataCollator
+    from hf_whisper_kdq.quant import quant_layers, quantize_weight
+
+    calls, gptq_layers = [], trainer_module.gptq_layers
+
+    def recording(model, names, batches, **kwargs):
+        codes = gptq_layers(model, names, batches, **kwargs)
+        calls.append((list(names), kwargs.get("keep_codes", True), codes))
+        return codes
+
+    monkeypatch.setattr(trainer_module, "gptq_layers", recording)
+    teacher, processor = tiny_whisper
+    args = _args(
+        tmp_path,
+        max_steps=2,
+        learning_rate=1e-2,
+        quant_targets="encoder,decoder,embedding",
+        quant_bit_choices="4",
+        freeze_encoder=True,
+        frozen_encoder_quantizer="gptq",
+        decoder_start_quantizer="gptq",
+        gptq_calibration_rows=3,
+        learnable_clipping=True,
+    )
+    texts = [" hello world", " a sentence", " another one", " the fourth row"]
+    trainer = DistillQuantTrainer(
+        model=build_student(teacher),
+        teacher_model=teacher,
+        args=args,
+        train_dataset=Dataset.from_list(tiny_speech_rows(processor, texts)),
+        data_collator=WhisperDataCollator(processor, decoder_start_token_id=teacher.config.decoder_start_token_id),
+        processing_class=processor,
+    )
+    (encoder, encoder_kept, _), (decoder, decoder_kept, codes) = calls
+    assert encoder_kept and not decoder_kept and all(".encoder." in name for name in encoder)
+    assert decoder and [name for name in decoder if ".decoder.layers." not in name] == []
+    layers = quant_layers(trainer.model)
+    assert all(layers[name].fixed_codes() is None for name in decoder)
+    for name in decoder:
+        layer = layers[name]
+        assert torch.equal(layer.weight_clip, torch.ones_like(layer.weight_clip)), name
+        assert torch.equal(layer.weight.detach(), codes[name].dequantize(layer.weight.dtype)), name
+        # Rounding the start again (each training step) gives back GPTQ's codes in every group that kept its extreme
+        # code: only groups whose extreme GPTQ's error feedback moved change (0.05% of whisper-base's decoder codes).
+        again = quantize_weight(layer.weight.detach(), layer.quant_spec, layer.weight_clip.detach()).codes
+        groups = codes[name].codes.unflatten(1, (-1, 32))
+        kept_extreme = groups.eq(-8).any(-1)
+        assert kept_extreme.float().mean() > 0.5, name
+        assert torch.equal(again.unflatten(1, (-1, 32))[kept_extreme], groups[kept_extreme]), name
+    rounded = {name: quantize_weight(teacher.get_submodule(name).weight, layers[name].quant_spec) for name in decoder}
+    assert any(not torch.equal(codes[name].codes, rounded[name].codes) for name in decoder)
+    embedding = trainer.model.model.decoder.embed_tokens
+    assert torch.equal(embedding.weight, teacher.model.decoder.embed_tokens.weight)
+    assert not torch.equal(embedding.weight_clip, torch.ones_like(embedding.weight_clip))  # searched
+    start = {name: layers[name].weight.detach().clone() for name in decoder}
+    trainer.train()
+    assert all(not torch.equal(layers[name].weight.detach(), start[name]) for name in decoder)
 
 
 # ---- bitsandbytes: a teacher in 8 or 4 bits, 8-bit optimizers --------------------------------------------------
