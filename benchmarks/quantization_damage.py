@@ -35,11 +35,14 @@ PARTS = {
 }
 
 
-def with_teacher_part(student, teacher, part: str):
-    """A copy of ``student`` holding the teacher's float weights wherever ``PARTS[part]`` says."""
+def with_teacher_part(student, teacher, *parts: str):
+    """A copy of ``student`` holding the teacher's float weights wherever one of ``PARTS[part]`` says."""
     model = copy.deepcopy(student)
     state, teacher_state = model.state_dict(), teacher.state_dict()
-    model.load_state_dict({key: teacher_state[key] if PARTS[part](key) else value for key, value in state.items()})
+    taken = [PARTS[part] for part in parts]
+    model.load_state_dict(
+        {key: teacher_state[key] if any(part(key) for part in taken) else value for key, value in state.items()}
+    )
     model.tie_weights()
     return model
 
@@ -47,9 +50,7 @@ def with_teacher_part(student, teacher, part: str):
 def post_training_decoder(student, teacher, spec: QuantSpec, calibration, *, gptq: bool, embedding: bool):
     """The student with the teacher's decoder (and embedding) quantized post-training at ``spec``: GPTQ's codes on
     ``calibration``, or round-to-nearest with every group's scale from its largest weight."""
-    model = with_teacher_part(student, teacher, "decoder_layers")
-    if embedding:
-        model = with_teacher_part(model, teacher, "embedding")
+    model = with_teacher_part(student, teacher, "decoder_layers", *(["embedding"] if embedding else []))
     names = default_quant_targets(model, encoder=False, embedding=embedding)
     prepare_qat(model, dict.fromkeys(names, spec))
     if gptq:

@@ -28,8 +28,8 @@ BUDGET_ACCOUNTINGS = ("paper", "on_disk")
 SELECTION_COSTS = ("output_kl", "local_error")
 QUANT_TARGETS = ("encoder", "decoder", "embedding")
 QUANT_FORMATS = ("int", "ggml")
-FROZEN_ENCODER_QUANTIZERS = ("round_to_nearest", "gptq")
-DECODER_START_QUANTIZERS = ("round_to_nearest", "gptq")
+# How post-training codes are made: frozen_encoder_quantizer, decoder_start_quantizer.
+PTQ_QUANTIZERS = ("round_to_nearest", "gptq")
 # quant_format="ggml": the bit choice -> the ggml block type (and whisper.cpp file type) it trains for.
 GGML_TYPE_OF_BITS = {3: "q3_K", 4: "q4_0", 8: "q8_0"}
 
@@ -368,6 +368,8 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
             ("size_budget_accounting", BUDGET_ACCOUNTINGS),
             ("selection_cost", SELECTION_COSTS),
             ("quant_format", QUANT_FORMATS),
+            ("frozen_encoder_quantizer", PTQ_QUANTIZERS),
+            ("decoder_start_quantizer", PTQ_QUANTIZERS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
@@ -447,11 +449,6 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
             )
 
     def _check_frozen_encoder_quantizer(self) -> None:
-        if self.frozen_encoder_quantizer not in FROZEN_ENCODER_QUANTIZERS:
-            raise ValueError(
-                f"frozen_encoder_quantizer={self.frozen_encoder_quantizer!r}: choose one of "
-                f"{', '.join(FROZEN_ENCODER_QUANTIZERS)}"
-            )
         if self.frozen_encoder_quantizer != "gptq":
             return
         if not self.freeze_encoder or "encoder" not in self.quant_target_set:
@@ -463,11 +460,6 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
         self._check_one_gptq_width("frozen_encoder_quantizer")
 
     def _check_decoder_start_quantizer(self) -> None:
-        if self.decoder_start_quantizer not in DECODER_START_QUANTIZERS:
-            raise ValueError(
-                f"decoder_start_quantizer={self.decoder_start_quantizer!r}: choose one of "
-                f"{', '.join(DECODER_START_QUANTIZERS)}"
-            )
         if self.decoder_start_quantizer != "gptq":
             return
         if "decoder" not in self.quant_target_set:
