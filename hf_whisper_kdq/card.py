@@ -268,6 +268,9 @@ def _size_details(report: Mapping, plan: KDQPlan, sizes: _Sizes, teacher: str) -
 
 
 def _usage(repo: str, language: str, dense_load: bool) -> tuple[str, str]:
+    from .evaluation import TEMPERATURE_FALLBACK  # the decoding the card's scores used: one home for its values
+
+    fallback = ", ".join(f"{key}={value}" for key, value in TEMPERATURE_FALLBACK.items())
     if dense_load:  # one-width export: transformers unpacks every layer while loading (see export.compressed)
         loading = """model = WhisperForConditionalGeneration.from_pretrained(repo)  # needs compressed-tensors; float32
 """
@@ -288,7 +291,13 @@ processor = WhisperProcessor.from_pretrained(repo)
 audio, sampling_rate = sf.read("audio.wav", dtype="float32")  # 16 kHz mono
 inputs = processor(audio, sampling_rate=16000, return_tensors="pt")
 features = inputs.input_features{to_model}
-ids = model.generate(features, language="{language}", task="transcribe")
+ids = model.generate(
+    features,
+    language="{language}",
+    task="transcribe",
+    # decode again by sampling where a transcript loops or is unlikely (openai-whisper's fallback)
+    {fallback},
+)
 print(processor.batch_decode(ids, skip_special_tokens=True)[0])'''
     ctranslate2_code = f'''import os
 from faster_whisper import WhisperModel

@@ -127,6 +127,7 @@ def collect_results(eval_results: Any) -> tuple[list[Score], dict[str, ModelStat
                     entry.setup = (
                         f"{public(item['device'])} {public(item.get('dtype', ''))}, batch size "
                         f"{item.get('batch_size', '?')}, {item.get('num_beams', 1)} beam(s)"
+                        + (", temperature fallback" if item.get("temperature_fallback") else "")
                     )
             for row in rows:
                 scores.append(_row_score(role, row))

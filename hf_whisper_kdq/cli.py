@@ -170,6 +170,11 @@ def run_evaluate(args) -> object:
         return run_evaluation(args)
     if args.num_beams != 1:
         raise ValueError(f"{source} is {engine}, decoded greedily: pass --num_beams 1")
+    if args.temperature_fallback:
+        raise ValueError(
+            f"{source} is {engine}: --temperature_fallback is transformers' (whisper.cpp falls back on its own, "
+            "by default; the ONNX decoder is greedy): leave the flag out"
+        )
     threads = torch.get_num_threads()
     if engine == "a whisper.cpp file":
         if args.max_new_tokens is not None:

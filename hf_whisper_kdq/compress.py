@@ -207,6 +207,15 @@ class CompressArguments:
             "so that a student that has not learnt to stop yet cannot stall the run."
         },
     )
+    eval_temperature_fallback: bool = field(
+        default=True,
+        metadata={
+            "help": "Evaluate student and teacher with temperature fallback (`hf-whisper-kdq evaluate "
+            "--temperature_fallback`, the decoding of the model card's snippet): an utterance whose transcript loops "
+            "or is unlikely is decoded again by sampling, as openai-whisper, faster-whisper and whisper.cpp do by "
+            "default. false: greedy only, as the results table's rows before session 20."
+        },
+    )
 
     def __post_init__(self):
         if self.level not in (*LEVELS, "none"):
@@ -515,7 +524,11 @@ def run_compress(compress: CompressArguments, args: DistillQuantArguments) -> di
         print(SMOKE_RUN_BANNER)
     reports = {}
     with timer("evaluate"):
-        options = dict(batch_size=args.per_device_eval_batch_size, max_new_tokens=compress.eval_max_new_tokens)
+        options = dict(
+            batch_size=args.per_device_eval_batch_size,
+            max_new_tokens=compress.eval_max_new_tokens,
+            temperature_fallback=compress.eval_temperature_fallback,
+        )
         reports["compressed"] = evaluate_model(student.eval(), processor, evaluation, **options)
         if compress.evaluate_teacher:
             reports["teacher"] = evaluate_model(teacher.eval(), processor, evaluation, **options)

@@ -37,6 +37,18 @@ CHUNK_SECONDS = 30.0
 # Weight files counted as the model's size on disk (CTranslate2 folders keep theirs in model.bin[.partN]).
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.bin.part*")
 _NOT_WEIGHTS = ("training_args", "optimizer", "scheduler", "rng_state")
+# Temperature fallback, the guard openai-whisper's transcribe(), faster-whisper and whisper.cpp decode with by default:
+# an utterance whose greedy transcript compresses too well (a loop) or is too unlikely is decoded again by sampling at
+# the next temperature. openai-whisper's values (temperatures 0, 0.2, ..., 1.0; mean log-probability -1.0), except the
+# compression ratio, which transformers measures on token bytes rather than text, where its docs recommend 1.35.
+TEMPERATURE_FALLBACK = {
+    "temperature": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+    "compression_ratio_threshold": 1.35,
+    "logprob_threshold": -1.0,
+}
+# Sampling draws from torch's global generator: seeded per batch, so a fallback transcript does not depend on what
+# ran before it, and the caller's generator is left as it was.
+FALLBACK_SEED = 0
 
 
 # --- Batched decoding ----------------------------------------------------------------------------------
@@ -99,6 +111,7 @@ def transcribe(
     batch_size: int = 8,
     num_beams: int = 1,
     max_new_tokens: int | None = None,
+    temperature_fallback: bool = False,
     progress: bool = True,
 ) -> list[str]:
     """Transcribe ``audios`` (16 kHz arrays, file paths or datasets audio dicts) in batches, in input order; or
@@ -106,7 +119,9 @@ def transcribe(
 
     Batches hold one language (multilingual models get ``language`` and ``task``; ``None`` is detected; English-only
     models get neither and refuse other languages), longest first. Audio over 30 s is decoded long-form. Runs on
-    the model's device and dtype under ``torch.inference_mode``; greedy for ``num_beams=1``, else beam search."""
+    the model's device and dtype under ``torch.inference_mode``; greedy for ``num_beams=1``, else beam search.
+    ``temperature_fallback``: utterances whose transcript loops or is unlikely are decoded again by sampling at
+    rising temperatures (``TEMPERATURE_FALLBACK``, transformers' own fallback, seeded per batch)."""
     if task not in ("transcribe", "translate") or batch_size < 1 or num_beams < 1:
         raise ValueError(
             f"need task 'transcribe' or 'translate' and batch_size, num_beams >= 1; got {task!r}, "
@@ -138,6 +153,7 @@ def transcribe(
                     task=task if multilingual else None,
                     num_beams=num_beams,
                     max_new_tokens=max_new_tokens,
+                    temperature_fallback=temperature_fallback,
                 )
                 for i, text in zip(batch, texts):
                     results[i] = text
@@ -149,8 +165,11 @@ def _is_features(item: Any) -> bool:
     return isinstance(item, torch.Tensor) and item.ndim == 2
 
 
-def _generate(model, processor, arrays, *, device, dtype, language, task, num_beams, max_new_tokens) -> list[str]:
-    kwargs: dict[str, Any] = {"num_beams": num_beams, "do_sample": False}
+def _generate(
+    model, processor, arrays, *, device, dtype, language, task, num_beams, max_new_tokens, temperature_fallback
+) -> list[str]:
+    kwargs: dict[str, Any] = {"num_beams": num_beams}
+    kwargs.update(TEMPERATURE_FALLBACK if temperature_fallback else {"do_sample": False})
     long_form = False
     if all(_is_features(item) for item in arrays):
         kwargs["input_features"] = torch.stack(arrays).to(device=device, dtype=dtype)
@@ -166,7 +185,9 @@ def _generate(model, processor, arrays, *, device, dtype, language, task, num_be
     kwargs.update({key: value for key, value in optional.items() if value is not None})
     if long_form:
         kwargs.update(return_timestamps=True, condition_on_prev_tokens=False)
-    output = model.generate(**kwargs)
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(FALLBACK_SEED)
+        output = model.generate(**kwargs)
     sequences = output if torch.is_tensor(output) else output["sequences"]
     return [text.strip() for text in processor.batch_decode(sequences, skip_special_tokens=True)]
 
@@ -219,6 +240,7 @@ class EvaluationReport:
     num_beams: int
     device: str
     dtype: str
+    temperature_fallback: bool = False
     corpora: list[dict[str, Any]] = field(default_factory=list)
     languages: dict[str, dict[str, Any]] = field(default_factory=dict)
     n_utterances: int = 0
@@ -325,6 +347,7 @@ def evaluate_model(
     batch_size: int = 8,
     num_beams: int = 1,
     max_new_tokens: int | None = None,
+    temperature_fallback: bool = False,
     model_path: str | os.PathLike | None = None,
     progress: bool = True,
     warmup: bool = True,
@@ -351,6 +374,7 @@ def evaluate_model(
         num_beams=num_beams,
         device=str(parameter.device),
         dtype=str(parameter.dtype).removeprefix("torch."),
+        temperature_fallback=temperature_fallback,
         n_unlabeled_skipped=rows.unlabeled,
     )
 
@@ -365,6 +389,7 @@ def evaluate_model(
             batch_size=batch_size,
             num_beams=num_beams,
             max_new_tokens=max_new_tokens,
+            temperature_fallback=temperature_fallback,
             progress=progress,
         )
 
@@ -498,6 +523,11 @@ class EvaluationArguments:
     corpora: str | None = _arg("Comma-separated corpus names to keep (default: all).", default=None)
     limit: int | None = _arg("Read at most this many manifest rows.", default=None)
     max_new_tokens: int | None = _arg("Cap on generated tokens per utterance (default: the model's).", default=None)
+    temperature_fallback: bool = _arg(
+        "Decode again, sampling at rising temperatures, an utterance whose transcript loops (compresses too well) or "
+        "is unlikely: the guard openai-whisper, faster-whisper and whisper.cpp use by default (transformers decoding).",
+        default=False,
+    )
     output_json: str | None = _arg("Write the report as JSON to this path.", default=None)
     per_utterance: bool = _arg("Include per-utterance references, hypotheses and errors in the JSON.", default=False)
     device: str | None = _arg("cpu, cuda, cuda:1 ... (default: cuda when available, else cpu).", default=None)
@@ -567,6 +597,7 @@ def run_evaluation(
             batch_size=args.batch_size,
             num_beams=args.num_beams,
             max_new_tokens=args.max_new_tokens,
+            temperature_fallback=args.temperature_fallback,
             model_path=args.model_name_or_path,
             progress=args.progress,
         )

@@ -210,6 +210,7 @@ def test_nothing_local_reaches_the_card(tmp_path, monkeypatch):
         num_beams=1,
         device="cpu",
         dtype="float32",
+        temperature_fallback=True,
         corpora=[{"corpus": "dev", "language": "en", "metric": "wer", "error_rate": 0.25, "n_utterances": 4}],
         rtf=0.1,
     )
@@ -236,6 +237,7 @@ def test_nothing_local_reaches_the_card(tmp_path, monkeypatch):
     assert card.data.base_model is None and "base_model_relation" not in card.data.to_dict()  # local teacher
     assert card.data.datasets == ["train.jsonl"] and card.data.eval_results[0].metric_value == 25.0
     assert "| **whisper-small-kdq** (this model) | 46.5 MB | 10.39× | 25.00 | 0.100 |" in text
+    assert "measured with cpu float32, batch size 8, 1 beam(s), temperature fallback" in text
 
 
 def test_training_sources_table_names_every_source_without_local_paths(tmp_path):
@@ -343,7 +345,7 @@ def test_transformers_snippet_runs(tiny_whisper, offline_hub, tmp_path, capsys, 
     folder = save_whisper(model, processor, tmp_path / "saved")
     fake_hub_repo(offline_hub, REPO, {p.name: p for p in folder.iterdir() if p.is_file()})
     code = snippets(build_model_card(**card_kwargs()).text)[0]
-    assert "WhisperForConditionalGeneration" in code
+    assert "WhisperForConditionalGeneration" in code and "compression_ratio_threshold=1.35" in code
     exec(compile(code, "<card snippet>", "exec"), {"__name__": "__card__"})
     assert isinstance(capsys.readouterr().out, str)
 

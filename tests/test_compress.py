@@ -181,6 +181,8 @@ def test_compress_end_to_end_on_a_tiny_teacher(tmp_path, short_window_whisper, c
     phases = {"load teacher", "prepare the quantized student", "train", "evaluate", "export packed checkpoint"}
     assert phases | {"model card"} <= set(summary["phase_seconds"])
     assert summary["evaluation"]["smoke_run"] is True
+    evaluated = json.loads((compressed / "eval_report.json").read_text())
+    assert evaluated["compressed"]["temperature_fallback"] and evaluated["teacher"]["temperature_fallback"]
     card = ModelCard.load(compressed / "README.md")
     assert not card.data.eval_results  # synthetic-speech scores are never published as results
     (report,) = calls["save_compressed"]

@@ -102,6 +102,25 @@ def test_transcribe_real_decoding_matches_across_batch_sizes(tiny_whisper):
     assert transcribe(model, processor, [], progress=False) == []
 
 
+def test_temperature_fallback_decodes_loops_again_reproducibly(tiny_whisper):
+    model, processor = tiny_whisper
+    audios = [tone(s, f) for s, f in [(1.0, 200), (2.0, 900), (0.5, 3000)]]
+    options = dict(languages="en", batch_size=3, max_new_tokens=24, progress=False)
+    greedy = transcribe(model, processor, audios, **options)
+    ids = [processor.tokenizer(text, add_special_tokens=False).input_ids for text in greedy]
+    ratio = model._retrieve_compression_ratio  # transformers' own measure, the one the fallback thresholds
+    assert all(ratio(torch.tensor(row), model.config.vocab_size) > 1.35 for row in ids)  # a random model loops
+    spy = GenerateSpy(model, processor)
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    guarded = transcribe(model, processor, audios, temperature_fallback=True, **options)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's generator is left as it was
+    assert {k: spy.calls[0][k] for k in evaluation.TEMPERATURE_FALLBACK} == evaluation.TEMPERATURE_FALLBACK
+    assert "do_sample" not in spy.calls[0]
+    assert guarded != greedy  # the loops were sampled again
+    assert transcribe(model, processor, audios, temperature_fallback=True, **options) == guarded  # seeded
+
+
 def test_transcribe_dtype_follows_model(tiny_whisper):
     model, processor = tiny_whisper
     model.to(torch.bfloat16)
@@ -333,12 +352,14 @@ def test_run_evaluation(tiny_whisper, manifest, tmp_path, capsys):
         languages="en",
         limit=2,
         max_new_tokens=3,
+        temperature_fallback=True,
         output_json=str(tmp_path / "report.json"),
         per_utterance=True,
         progress=False,
     )
     report = run_evaluation(args)
     written = json.loads((tmp_path / "report.json").read_text())
+    assert report.temperature_fallback and written["temperature_fallback"]  # the report says how it decoded
     assert report.n_utterances == 2 and len(written["utterances"]) == 2 and list(written["languages"]) == ["en"]
     assert report.model_size_source == "disk"
     assert report.model_size_bytes == (folder / "model.safetensors").stat().st_size

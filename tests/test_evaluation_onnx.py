@@ -92,6 +92,8 @@ def test_the_evaluate_command_decodes_an_export_folder_with_onnxruntime(exported
     assert report["n_utterances"] == 1 and "| noise | en | WER |" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--num_beams 1"):
         main([*command, "--num_beams", "2"])
+    with pytest.raises(ValueError, match="leave the flag out"):
+        main([*command, "--temperature_fallback"])
 
 
 def test_a_folder_without_graphs_is_refused_with_the_fix(tmp_path):

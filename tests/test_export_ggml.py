@@ -191,6 +191,8 @@ def test_the_evaluate_command_scores_a_whisper_cpp_file(ggml_whisper, tmp_path, 
     assert report["n_utterances"] == 1 and "| noise | en | WER |" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--num_beams 1"):
         main([*command, "--num_beams", "2"])
+    with pytest.raises(ValueError, match="leave the flag out"):
+        main([*command, "--temperature_fallback"])
     with pytest.raises(ValueError, match="--max_new_tokens"):
         main([*command, "--max_new_tokens", "4"])
     other = tmp_path / "ggml-q5_1.bin"  # a whisper.cpp type this package does not size: refused with the fix
