@@ -67,7 +67,7 @@ def test_the_default_level_is_the_cpu_recipe_at_int4(tmp_path):
     assert value(with_training_defaults(["--level", "int3"]), "--quant_bit_choices") == "3"
     # int4's encoder codes come from GPTQ, unless the command line trains the encoder or widens the choices (then
     # round-to-nearest as before, not an error about a flag it never gave); int3 keeps the clip search.
-    assert value(argv, "--frozen_encoder_quantizer") == "gptq"
+    assert value(argv, "--frozen_encoder_quantizer") == "gptq" and value(argv, "--decoder_start_quantizer") == "gptq"
     others = (
         ["--freeze_encoder", "false"],
         ["--quant_bit_choices", "4,8"],
@@ -75,7 +75,12 @@ def test_the_default_level_is_the_cpu_recipe_at_int4(tmp_path):
         ["--quant_format", "ggml"],
     )
     for other in others:
-        assert "--frozen_encoder_quantizer" not in with_training_defaults(other), other
+        resolved = with_training_defaults(other)
+        assert "--frozen_encoder_quantizer" not in resolved and "--decoder_start_quantizer" not in resolved, other
+    # the decoder's start rewrites weights LoRA freezes, and needs the decoder quantized: the encoder's GPTQ stays
+    for other in (["--lora_r", "16"], ["--quant_targets", "encoder,embedding"]):
+        resolved = with_training_defaults(other)
+        assert "--decoder_start_quantizer" not in resolved and value(resolved, "--frozen_encoder_quantizer") == "gptq"
     given = with_training_defaults(["--frozen_encoder_quantizer", "round_to_nearest"])
     assert value(given, "--frozen_encoder_quantizer") == "round_to_nearest"
     # GPTQ on ggml's blocks when asked for (one type: q3_K here)
