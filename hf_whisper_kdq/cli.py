@@ -172,8 +172,8 @@ def run_evaluate(args) -> object:
         raise ValueError(f"{source} is {engine}, decoded greedily: pass --num_beams 1")
     if args.temperature_fallback:
         raise ValueError(
-            f"{source} is {engine}: --temperature_fallback is transformers' (whisper.cpp falls back on its own, "
-            "by default; the ONNX decoder is greedy): leave the flag out"
+            f"{source} is {engine}, decoded greedily without fallback (--temperature_fallback is transformers' "
+            "decoding): leave the flag out"
         )
     threads = torch.get_num_threads()
     if engine == "a whisper.cpp file":

@@ -255,9 +255,9 @@ def _card_snippet(run, folder: Path) -> str:
         repo_id=REPO,
     )
     code = re.findall(r"```python\n(.*?)```", card.text, re.S)[0]
-    assert f'repo = "{REPO}"' in code and 'task="transcribe")' in code
+    assert f'repo = "{REPO}"' in code and 'task="transcribe",' in code
     return code.replace(f'repo = "{REPO}"', f"repo = {str(folder)!r}").replace(
-        'task="transcribe")', 'task="transcribe", max_new_tokens=8)'
+        'task="transcribe",', 'task="transcribe", max_new_tokens=8,'
     )
 
 
