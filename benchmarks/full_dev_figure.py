@@ -37,7 +37,7 @@ def points(entries: list[dict]) -> list[dict]:
         }
         for column, metric, panel in PANELS
         for entry in entries
-        if entry.get(column) is not None and entry["method"] != "teacher"
+        if entry.get(column) is not None and not entry["method"].startswith("teacher")
     ]
 
 
