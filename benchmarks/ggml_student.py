@@ -9,7 +9,8 @@ super-block scale), which ``compress`` therefore refuses. The arguments are ``co
 training defaults included) and so is the training path (``compress.training_data`` / ``train_student``); the
 student is written with ``export_whisper_cpp(..., ftype="auto")`` (its own codes, checked) to
 ``OUTPUT_DIR/ggml-model.bin`` and, with ``--eval_manifest``, scored by ``export.ggml.evaluate_whisper_cpp`` with as
-many threads as torch uses. ``OUTPUT_DIR/ggml_student.json`` holds the report, the phase times and the arguments.
+many threads as torch uses (with whisper.cpp's own temperature fallback unless ``--eval_temperature_fallback
+false``). ``OUTPUT_DIR/ggml_student.json`` holds the report, the phase times and the arguments.
 Pass ``--quant_bit_choices`` (3 for q3_K): with ``--quant_format ggml`` compress's defaults are 4,8 whatever the
 level. compress's evaluation, export and push flags (``--evaluate_teacher``, ``--ctranslate2_quantization``,
 ``--push_to_hub``, ``--spec_augment``) do not apply here.
@@ -65,7 +66,12 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"file": str(path), "file_type": read_file_type(path), "file_bytes": path.stat().st_size}
     if compress.eval_manifest:
         with timer("evaluate"):
-            report = evaluate_whisper_cpp(path, evaluation_data(compress), n_threads=torch.get_num_threads())
+            report = evaluate_whisper_cpp(
+                path,
+                evaluation_data(compress),
+                n_threads=torch.get_num_threads(),
+                temperature_fallback=compress.eval_temperature_fallback,
+            )
         print(report.summary_table())
         summary["evaluation"] = report.to_dict(per_utterance=False)
     summary |= {

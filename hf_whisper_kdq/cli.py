@@ -152,9 +152,9 @@ def run_export_onnx(args: ExportOnnxArguments) -> Path:
 
 
 def run_evaluate(args) -> object:
-    """``evaluation.run_evaluation``; a folder written by ``export-onnx`` is decoded by ONNX Runtime and a whisper.cpp
-    file by whisper.cpp (greedy, one utterance at a time, with as many threads as torch uses, so that
-    OMP_NUM_THREADS=1 holds for every engine)."""
+    """``evaluation.run_evaluation``; a folder written by ``export-onnx`` is decoded by ONNX Runtime (greedy) and a
+    whisper.cpp file by whisper.cpp (greedy, or with ``--temperature_fallback`` whisper.cpp's own fallback), one
+    utterance at a time, with as many threads as torch uses, so that OMP_NUM_THREADS=1 holds for every engine."""
     import torch
 
     from .evaluation import run_evaluation
@@ -170,16 +170,21 @@ def run_evaluate(args) -> object:
         return run_evaluation(args)
     if args.num_beams != 1:
         raise ValueError(f"{source} is {engine}, decoded greedily: pass --num_beams 1")
-    if args.temperature_fallback:
-        raise ValueError(
-            f"{source} is {engine}, decoded greedily without fallback (--temperature_fallback is transformers' "
-            "decoding): leave the flag out"
-        )
     threads = torch.get_num_threads()
     if engine == "a whisper.cpp file":
         if args.max_new_tokens is not None:
             raise ValueError(f"{source} is {engine}, decoded to its end: leave out --max_new_tokens")
-        return run_evaluation(args, evaluate=lambda dataset: evaluate_whisper_cpp(source, dataset, n_threads=threads))
+        return run_evaluation(
+            args,
+            evaluate=lambda dataset: evaluate_whisper_cpp(
+                source, dataset, n_threads=threads, temperature_fallback=args.temperature_fallback
+            ),
+        )
+    if args.temperature_fallback:
+        raise ValueError(
+            f"{source} is {engine}, decoded greedily without fallback (--temperature_fallback is transformers' "
+            "and whisper.cpp's decoding): leave the flag out"
+        )
     from .evaluation_onnx import evaluate_onnx
 
     return run_evaluation(

@@ -525,7 +525,8 @@ class EvaluationArguments:
     max_new_tokens: int | None = _arg("Cap on generated tokens per utterance (default: the model's).", default=None)
     temperature_fallback: bool = _arg(
         "Decode again, sampling at rising temperatures, an utterance whose transcript loops (compresses too well) or "
-        "is unlikely: the guard openai-whisper, faster-whisper and whisper.cpp use by default (transformers decoding).",
+        "is unlikely: the guard openai-whisper, faster-whisper and whisper.cpp use by default (transformers' "
+        "implementation; a whisper.cpp file: whisper.cpp's own; refused for ONNX folders).",
         default=False,
     )
     output_json: str | None = _arg("Write the report as JSON to this path.", default=None)

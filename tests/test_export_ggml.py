@@ -191,8 +191,15 @@ def test_the_evaluate_command_scores_a_whisper_cpp_file(ggml_whisper, tmp_path, 
     assert report["n_utterances"] == 1 and "| noise | en | WER |" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--num_beams 1"):
         main([*command, "--num_beams", "2"])
-    with pytest.raises(ValueError, match="leave the flag out"):
-        main([*command, "--temperature_fallback"])
+    # whisper.cpp's own fallback: this random model's greedy transcript of noise loops, so it is sampled again.
+    utterances = {}
+    for fallback in ([], ["--temperature_fallback"]):
+        out = tmp_path / f"report{len(fallback)}.json"
+        assert main([*command, *fallback, "--per_utterance", "--output_json", str(out)]) == 0
+        report = json.loads(out.read_text())
+        assert report["temperature_fallback"] == bool(fallback)
+        utterances[bool(fallback)] = report["utterances"][0]["hypothesis"]
+    assert utterances[True] != utterances[False]
     with pytest.raises(ValueError, match="--max_new_tokens"):
         main([*command, "--max_new_tokens", "4"])
     other = tmp_path / "ggml-q5_1.bin"  # a whisper.cpp type this package does not size: refused with the fix
@@ -517,6 +524,7 @@ def test_benchmark_trains_a_student_into_a_whisper_cpp_file_and_scores_it(ggml_w
     assert summary["file_type"] == read_file_type(path) == "q4_0"
     assert summary["file_bytes"] == path.stat().st_size == ggml_file_bytes(model, processor, "q4_0")
     assert summary["evaluation"]["n_utterances"] == 2 and summary["plan"]["quant_format"] == "ggml"
+    assert summary["evaluation"]["temperature_fallback"]  # compress's evaluation default, in whisper.cpp's terms
     assert json.loads((tmp_path / "run" / "ggml_student.json").read_text())["file_type"] == "q4_0"
 
 

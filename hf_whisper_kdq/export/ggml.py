@@ -396,6 +396,11 @@ def export_whisper_cpp(
 _WARNING_LEVELS = (3, 4)  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
 # As evaluation.transcribe decodes: greedy, no timestamps, no conditioning on previous text, no temperature fallback.
 _GREEDY = dict(no_context=True, no_timestamps=True, temperature=0.0, temperature_inc=0.0)
+# whisper.cpp's own temperature fallback, its defaults (whisper_full_default_params): a segment whose tokens' entropy
+# is under 2.4 (a loop) or whose mean log-probability is under -1 is decoded again at 0.2, 0.4, ... 1.0. The
+# counterpart of evaluation.TEMPERATURE_FALLBACK, in whisper.cpp's terms (its entropy stands for the compression
+# ratio), with whisper.cpp's own seeded sampler.
+TEMPERATURE_FALLBACK = dict(temperature_inc=0.2, entropy_thold=2.4, logprob_thold=-1.0)
 
 
 def load_whisper_cpp(path: str | os.PathLike, *, n_threads: int = 2, **params):
@@ -443,14 +448,20 @@ def transcribe_whisper_cpp(
 
 
 def evaluate_whisper_cpp(
-    path: str | os.PathLike, dataset, *, n_threads: int = 1, warmup: bool = True
+    path: str | os.PathLike,
+    dataset,
+    *,
+    n_threads: int = 1,
+    warmup: bool = True,
+    temperature_fallback: bool = False,
 ) -> EvaluationReport:
     """``evaluation.evaluate_model`` for a whisper.cpp file: the same manifest dataset, scoring, per corpus and per
     language entries and real-time factor (audio read before the clock starts; one warm-up utterance off the
-    clock), decoded as :func:`transcribe_whisper_cpp` does. Size: the file's bytes; ``batch_size`` 1."""
+    clock), decoded as :func:`transcribe_whisper_cpp` does: greedily, or with ``temperature_fallback`` by
+    whisper.cpp's own fallback (``TEMPERATURE_FALLBACK``). Size: the file's bytes; ``batch_size`` 1."""
     rows = ManifestRows.of(dataset)
     n_parameters = ggml_parameter_count(path)  # first: it refuses the file types it cannot size, with the fix
-    model = load_whisper_cpp(path, n_threads=n_threads)
+    model = load_whisper_cpp(path, n_threads=n_threads, **(TEMPERATURE_FALLBACK if temperature_fallback else {}))
     report = EvaluationReport(
         model=str(path),
         n_parameters=n_parameters,
@@ -460,6 +471,7 @@ def evaluate_whisper_cpp(
         num_beams=1,
         device="cpu",
         dtype=f"whisper.cpp {read_file_type(path)}",
+        temperature_fallback=temperature_fallback,
         n_unlabeled_skipped=rows.unlabeled,
     )
 
