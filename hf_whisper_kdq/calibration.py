@@ -165,6 +165,29 @@ def _blocks(names: list[str]) -> dict[str, list[str]]:
     return blocks
 
 
+def _follows(block: str, previous: str | None) -> bool:
+    """Whether transformer layer ``block`` (``...layers.N``) is the one right after ``previous`` in its stack, so that
+    ``previous``'s outputs are its hidden states."""
+    found = re.fullmatch(r"(.*\.layers\.)(\d+)", block)
+    return previous is not None and found is not None and previous == f"{found.group(1)}{int(found.group(2)) - 1}"
+
+
+def _block_inputs(model: nn.Module, block: nn.Module, batches: list[dict], encoder_states) -> list[tuple]:
+    """Each labelled row's inputs to ``block`` (positional and keyword arguments), from a forward that stops there."""
+    captured = []
+
+    def capture(module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _BlockDone
+
+    handle = block.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        _run_rows(model, batches, encoder_states)
+    finally:
+        handle.remove()
+    return captured
+
+
 def _labelled_rows(batches: list[dict]):
     """(features ``[1, mels, frames]``, labels ``[1, length]``) of each labelled row of ``batches``, trimmed to its
     labels: padded positions would make the statistics depend on how the rows were batched, which differs between
@@ -187,7 +210,8 @@ def _run_rows(model: nn.Module, batches: list[dict], encoder_states: list[torch.
             else {"encoder_outputs": (encoder_states[i],)}
         )
         try:
-            model(**inputs, labels=labels.to(device))
+            # No key-value cache: a block's captured inputs are run again (`gptq_layers`), and a cache would grow.
+            model(**inputs, labels=labels.to(device), use_cache=False)
         except _BlockDone:
             pass
 
@@ -215,6 +239,10 @@ def gptq_layers(
     group's extreme (0.05% of whisper-base's decoder codes at int4 g32: benchmarks/README.md, "GPTQ start of the
     decoder").
 
+    A block's inputs are the previous block's outputs, kept for every row (llm-compressor's sequential pipeline;
+    about 3 MB a row in the encoder): each block runs once to collect its Hessians and once, holding its codes, to
+    give the next its inputs, instead of the model running from its input up to every block.
+
     Every position of the 30 s window counts, the padding after short utterances included (the decoder attends to
     it): fitted to the speech positions alone, the codes of 16 utterances broke the padding's outputs and were still
     not better on speech than llm-compressor's on 64 (benchmarks/README.md, "GPTQ inside the package").
@@ -237,19 +265,19 @@ def gptq_layers(
     try:
         decoder_side = not any(".encoder." in name for name in names)
         encoder_states = _encoder_states(model, batches) if decoder_side else None
-        for block, layers in _blocks(names).items():
+        blocks = list(_blocks(names).items())
+        inputs: list[tuple] = []
+        for position, (block, layers) in enumerate(blocks):
+            if not (position and _follows(block, blocks[position - 1][0])):
+                inputs = _block_inputs(model, modules[block], batches, encoder_states)
             hessians = {name: InputHessian(modules[name].in_features, modules[name].weight.device) for name in layers}
             handles = [
                 modules[name].register_forward_hook(lambda m, args, out, h=hessians[name]: h.add(args[0]))
                 for name in layers
             ]
-
-            def done(module, args, output):
-                raise _BlockDone
-
-            handles.append(modules[block].register_forward_hook(done))
             try:
-                _run_rows(model, batches, encoder_states)
+                for args, kwargs in inputs:
+                    modules[block](*args, **kwargs)
             finally:
                 for handle in handles:
                     handle.remove()
@@ -268,6 +296,8 @@ def gptq_layers(
                     module.set_quant_spec(None)  # float until every block is done: fixed codes stay (its weight)
                 else:  # the codes' values, which later blocks meet as they are while every spec is None
                     module.weight.copy_(codes[name].dequantize(module.weight.dtype))
+            if position + 1 < len(blocks) and _follows(blocks[position + 1][0], block):
+                inputs = [((modules[block](*args, **kwargs), *args[1:]), kwargs) for args, kwargs in inputs]
     finally:
         set_quant_specs(model, specs)
         model.train(was_training)

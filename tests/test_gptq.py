@@ -182,6 +182,37 @@ def test_decoder_layers_start_from_gptq_on_encoder_states_computed_once(micro_wh
     assert all(torch.equal(plain[name].codes, codes[name].codes) for name in names)
 
 
+@pytest.mark.parametrize("side", ["encoder", "decoder"])
+def test_blocks_calibrated_on_kept_outputs_get_the_codes_of_whole_model_passes(micro_whisper, side):
+    """Each block runs on the previous block's kept outputs (with its codes) instead of the model running from its
+    input up to every block: the same codes as calibrating one block per call, where each block's inputs come from
+    a forward of the whole model with the earlier blocks' codes."""
+    from hf_whisper_kdq.calibration import _blocks
+
+    teacher = micro_whisper()
+    spec = QuantSpec(4, "per_group", 32, learnable_clipping=True)
+    names = default_quant_targets(teacher, encoder=side == "encoder", decoder=side == "decoder")
+    batches = [micro_collate(make_micro_rows(4, seed=seed)) for seed in (1, 2)]
+    keep_codes = side == "encoder"  # as the trainer calibrates each side
+
+    def prepared():
+        student = copy.deepcopy(teacher)
+        prepare_qat(student, dict.fromkeys(names, spec))
+        return student
+
+    student = prepared()
+    runs = []
+    student.model.register_forward_pre_hook(lambda module, args: runs.append(1))
+    codes = gptq_layers(student, names, batches, keep_codes=keep_codes)
+    rows = sum(int(batch["labels"].ne(-100).any(1).sum()) for batch in batches)
+    assert len(_blocks(names)) > 1 and len(runs) == rows  # one forward per row, not one per block
+    per_block, expected = prepared(), {}
+    for block_names in _blocks(names).values():
+        expected |= gptq_layers(per_block, block_names, batches, keep_codes=keep_codes)
+    assert all(torch.equal(expected[name].codes, codes[name].codes) for name in names)
+    assert all(torch.equal(expected[name].scales, codes[name].scales) for name in names)
+
+
 GGML_TYPES = ["q4_0", "q8_0", "q3_K"]
 
 
