@@ -231,7 +231,7 @@ def gptq_layers(
     """Give the prepared linears ``names`` GPTQ's codes at their specs, from the inputs they meet on the rows of
     ``batches`` (training batches with ``input_features`` and ``labels``). Block after block (transformer layers, in
     the order of ``names``): a block's inputs come from the earlier blocks already holding their codes, everything
-    else in float, as llm-compressor's sequential pipeline does. Returns {name: codes}.
+    else in float. Returns {name: codes}.
 
     ``keep_codes=True`` (a frozen layer): each layer holds its codes (``fix_codes``: the forward uses them as they
     are). ``keep_codes=False`` (a layer that trains from there): its weight becomes the codes' values and its
