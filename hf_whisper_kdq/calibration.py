@@ -165,11 +165,11 @@ def _blocks(names: list[str]) -> dict[str, list[str]]:
     return blocks
 
 
-def _follows(block: str, previous: str | None) -> bool:
+def _follows(block: str, previous: str) -> bool:
     """Whether transformer layer ``block`` (``...layers.N``) is the one right after ``previous`` in its stack, so that
     ``previous``'s outputs are its hidden states."""
     found = re.fullmatch(r"(.*\.layers\.)(\d+)", block)
-    return previous is not None and found is not None and previous == f"{found.group(1)}{int(found.group(2)) - 1}"
+    return found is not None and previous == f"{found.group(1)}{int(found.group(2)) - 1}"
 
 
 def _block_inputs(model: nn.Module, block: nn.Module, batches: list[dict], encoder_states) -> list[tuple]:
@@ -217,8 +217,8 @@ def _run_rows(model: nn.Module, batches: list[dict], encoder_states: list[torch.
 
 
 def _encoder_states(model: nn.Module, batches: list[dict]) -> list[torch.Tensor]:
-    """The encoder's last hidden state on each labelled row of ``batches``: what every decoder block's calibration
-    pass would otherwise compute again (the encoder is most of a row's forward)."""
+    """The encoder's last hidden state on each labelled row of ``batches``: what every forward that captures a
+    decoder-side block's inputs would otherwise compute again (the encoder is most of a row's forward)."""
     device = next(model.parameters()).device
     encoder = model.get_encoder()
     return [encoder(features.to(device)).last_hidden_state for features, _ in _labelled_rows(batches)]
@@ -266,9 +266,11 @@ def gptq_layers(
         decoder_side = not any(".encoder." in name for name in names)
         encoder_states = _encoder_states(model, batches) if decoder_side else None
         blocks = list(_blocks(names).items())
+        # Whether each block's inputs are the previous block's outputs; otherwise a forward captures them.
+        chained = [i > 0 and _follows(block, blocks[i - 1][0]) for i, (block, _) in enumerate(blocks)]
         inputs: list[tuple] = []
         for position, (block, layers) in enumerate(blocks):
-            if not (position and _follows(block, blocks[position - 1][0])):
+            if not chained[position]:
                 inputs = _block_inputs(model, modules[block], batches, encoder_states)
             hessians = {name: InputHessian(modules[name].in_features, modules[name].weight.device) for name in layers}
             handles = [
@@ -296,7 +298,7 @@ def gptq_layers(
                     module.set_quant_spec(None)  # float until every block is done: fixed codes stay (its weight)
                 else:  # the codes' values, which later blocks meet as they are while every spec is None
                     module.weight.copy_(codes[name].dequantize(module.weight.dtype))
-            if position + 1 < len(blocks) and _follows(blocks[position + 1][0], block):
+            if position + 1 < len(blocks) and chained[position + 1]:
                 inputs = [((modules[block](*args, **kwargs), *args[1:]), kwargs) for args, kwargs in inputs]
     finally:
         set_quant_specs(model, specs)
