@@ -15,6 +15,10 @@ from .hub import public
 from .quant import FLOAT_BITS
 from .selection import KDQPlan
 
+# Methods a size-vs-error legend lists beside its panels; more go below them, two to a row of this height.
+LEGEND_BESIDE_AT_MOST = 10
+LEGEND_ROW_INCHES = 0.16
+
 
 def _figure(width: float, height: float):
     # An Agg canvas of our own: no pyplot, so the caller's backend and global state stay untouched.
@@ -24,8 +28,8 @@ def _figure(width: float, height: float):
     return FigureCanvasAgg(Figure(figsize=(width, height), dpi=100)).figure
 
 
-def _save(figure, path: str | Path, top: float = 1.0) -> Path:
-    figure.tight_layout(rect=(0, 0, 1, top))
+def _save(figure, path: str | Path, top: float = 1.0, bottom: float = 0.0) -> Path:
+    figure.tight_layout(rect=(0, bottom, 1, top))
     with atomic_file(path) as temporary:
         figure.savefig(temporary, format="png", dpi=100, metadata={"Software": None})
     return Path(path)
@@ -108,12 +112,22 @@ def plot_size_vs_error(
         if panel:
             ax.set_title(public(panel), fontsize=9)
     handles = {label: handle for ax in figure.axes for handle, label in zip(*ax.get_legend_handles_labels())}
-    figure.axes[-1].legend(
-        handles.values(), handles.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False
-    )  # beside: no point hidden
+    bottom = 0.0
+    if len(handles) <= LEGEND_BESIDE_AT_MOST:
+        figure.axes[-1].legend(
+            handles.values(), handles.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False
+        )  # beside: no point hidden
+    else:
+        # A long legend beside the panels would squeeze them into a corner: below them, in two columns, on
+        # height added for it.
+        width, height = figure.get_size_inches()
+        legend_height = LEGEND_ROW_INCHES * math.ceil(len(handles) / 2) + 0.1
+        figure.set_size_inches(width, height + legend_height)
+        bottom = legend_height / (height + legend_height)
+        figure.legend(handles.values(), handles.keys(), fontsize=7, loc="lower left", ncol=2, frameon=False)
     if title:
         figure.suptitle(public(title), fontsize=10)
-    return _save(figure, path, top=0.93 if title else 1.0)
+    return _save(figure, path, top=1 - 0.3 / figure.get_size_inches()[1] if title else 1.0, bottom=bottom)
 
 
 def _size_error_curves(ax, rows: Sequence[Mapping], colours: dict[str, int], log_error: bool) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from test_card import make_plan
 
-from hf_whisper_kdq.figures import plot_plan, plot_size_vs_error
+from hf_whisper_kdq.figures import LEGEND_BESIDE_AT_MOST, plot_plan, plot_size_vs_error
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -59,3 +59,14 @@ def test_size_vs_error_draws_a_reference_line_per_panel(tmp_path, monkeypatch):
     references = {"LJSpeech WER": ("teacher", 0.132), "AISHELL CER": ("teacher", 0.158)}
     png_size(plot_size_vs_error(rows, tmp_path / "ref.png", references=references))
     assert sorted(lines) == [(pytest.approx(13.2), "teacher"), (pytest.approx(15.8), "teacher")]
+
+
+def test_a_long_legend_goes_below_the_panels_on_added_height(tmp_path):
+    rows = [
+        {"method": f"method {i}", "panel": panel, "size_mb": 30.0 + i, "error_rate": 0.1 + i / 100}
+        for i in range(LEGEND_BESIDE_AT_MOST + 3)
+        for panel in ("LJSpeech WER", "AISHELL CER")
+    ]
+    beside = png_size(plot_size_vs_error(rows[: 2 * LEGEND_BESIDE_AT_MOST], tmp_path / "beside.png", title="t"))
+    below = png_size(plot_size_vs_error(rows, tmp_path / "below.png", title="t"))
+    assert below[0] == beside[0] and below[1] > beside[1]
