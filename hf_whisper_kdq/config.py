@@ -243,10 +243,11 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
         default=256,
         metadata={
             "help": "Training rows (evenly spaced, the same on every process; every row of a smaller training set) "
-            "whose inputs calibrate the 'gptq' quantizers. The decoder's linears see one input per label token, "
-            "~14 a row here, so 64 rows left whisper-base's fc2 (2,048 inputs) with a rank-deficient Hessian; 240 "
-            "lowered the int4 student's error on three seeds (benchmarks/README.md, 'All 240 training rows as "
-            "GPTQ's calibration'). Each row costs a few CPU seconds, mostly the encoder's input Hessians."
+            "whose inputs calibrate the 'gptq' quantizers. The decoder's linears see one input per label token "
+            "(~14 a row in the results table's mixture), so 64 rows left whisper-base's fc2 (2,048 inputs) with a "
+            "rank-deficient Hessian; 240 lowered the int4 student's error on three seeds (benchmarks/README.md, "
+            "'All 240 training rows as GPTQ's calibration'). Each row costs a few CPU seconds, mostly the encoder's "
+            "input Hessians."
         },
     )
     lora_r: int = field(
