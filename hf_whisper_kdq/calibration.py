@@ -16,6 +16,7 @@ from collections.abc import Collection
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .losses import IGNORE_INDEX
 from .quant import (
@@ -226,7 +227,13 @@ def _encoder_states(model: nn.Module, batches: list[dict]) -> list[torch.Tensor]
 
 @torch.no_grad()
 def gptq_layers(
-    model: nn.Module, names: list[str], batches: list[dict], *, clipping: str = "none", keep_codes: bool = True
+    model: nn.Module,
+    names: list[str],
+    batches: list[dict],
+    *,
+    clipping: str = "none",
+    keep_codes: bool = True,
+    progress: bool = True,
 ) -> dict[str, QuantizedWeight]:
     """Give the prepared linears ``names`` GPTQ's codes at their specs, from the inputs they meet on the rows of
     ``batches`` (training batches with ``input_features`` and ``labels``). Block after block (transformer layers, in
@@ -250,6 +257,8 @@ def gptq_layers(
     ``clipping``: ``"none"`` sets each layer's clipping ratios to 1 (every group's scale from its largest weight, as
     llm-compressor's min-max observer; GPTQ's error feedback does what clipping did for round-to-nearest),
     ``"searched"`` searches them on the inputs here first (the Hessian's diagonal is their mean square).
+
+    ``progress``: a bar over the blocks (whisper-base's encoder on 240 rows: about 20 minutes on one CPU thread).
     """
     if clipping not in ("none", "searched"):
         raise ValueError(f"clipping={clipping!r}: choose 'none' or 'searched'")
@@ -269,7 +278,9 @@ def gptq_layers(
         # Whether each block's inputs are the previous block's outputs; otherwise a forward captures them.
         chained = [i > 0 and _follows(block, blocks[i - 1][0]) for i, (block, _) in enumerate(blocks)]
         inputs: list[tuple] = []
-        for position, (block, layers) in enumerate(blocks):
+        side = "decoder" if decoder_side else "encoder"
+        bar = tqdm(blocks, desc=f"GPTQ ({side}, {len(names)} linears)", unit="block", disable=not progress)
+        for position, (block, layers) in enumerate(bar):
             if not chained[position]:
                 inputs = _block_inputs(model, modules[block], batches, encoder_states)
             hessians = {name: InputHessian(modules[name].in_features, modules[name].weight.device) for name in layers}

@@ -448,6 +448,7 @@ def train_student(
     ``trainer.whole_student()`` (on every process: under FSDP it is gathered) and export it with
     ``trainer.save_compressed()``.
 
+    ``args.max_steps == 0`` trains nothing: the student as quantized post-training (what training would start from).
     ``kwargs`` go to the trainer (``eval_dataset``, ``compute_metrics``, ``callbacks``...). The Trainer's own push is
     switched off (it would upload checkpoints): push the compressed folder with ``trainer.push_to_hub()``.
     """
@@ -463,6 +464,11 @@ def train_student(
             processing_class=processor,
             **kwargs,
         )
+    if args.max_steps == 0:
+        # Not the Trainer's meaning (0 steps there falls back to num_train_epochs): the prepared student, quantized
+        # post-training (GPTQ / the clip search), is packed as it is, the baseline that training has to beat.
+        logger.info("--max_steps 0: no training step; the student is packed as quantized post-training")
+        return trainer
     with timer("train") if timer else nullcontext():
         trainer.train()
     return trainer

@@ -219,13 +219,13 @@ class DistillQuantTrainer(Seq2SeqTrainer):
         started: list[str] = []
         if "encoder" in sides:
             encoder = [name for name, spec in specs.items() if spec and ".encoder." in name]
-            gptq_layers(student, encoder, rows)
+            gptq_layers(student, encoder, rows, progress=not self.args.disable_tqdm)
             logger.info("GPTQ codes for the %d frozen encoder layers, on %d training rows", len(encoder), n_rows)
         if "decoder" in sides:
             # The decoder's linears only: a token embedding started by GPTQ as the tied output layer made the trained
             # students loop (benchmarks/README.md, "GPTQ start of the decoder"); it keeps the clip search.
             started = [n for n, spec in specs.items() if spec and ".decoder.layers." in n]
-            gptq_layers(student, started, rows, keep_codes=False)
+            gptq_layers(student, started, rows, keep_codes=False, progress=not self.args.disable_tqdm)
             logger.info("GPTQ start for the %d trained decoder linears, on %d training rows", len(started), n_rows)
         return started
 

@@ -245,6 +245,17 @@ sys.meta_path.insert(0, _Block())
 """
 
 
+# The int4 recipe's quantization on tiny models: GPTQ codes for the frozen encoder, GPTQ's start for the decoder.
+GPTQ_INT4_RECIPE = dict(
+    quant_targets="encoder,decoder,embedding",
+    quant_bit_choices="4",
+    freeze_encoder=True,
+    frozen_encoder_quantizer="gptq",
+    decoder_start_quantizer="gptq",
+    gptq_calibration_rows=3,
+)
+
+
 def micro_training_args(tmp_path: Path, **overrides) -> DistillQuantArguments:
     """Training arguments for micro/tiny models on CPU: quick, quiet, deterministic; ``overrides`` win."""
     defaults = dict(

@@ -276,3 +276,42 @@ def test_budgets_count_bytes_on_disk_except_in_the_paper_presets(tmp_path):
     )[0]
     assert parsed.size_budget_accounting == "on_disk" and parsed.hidden_loss_scale == "relative"
     assert parsed.clip_learning_rate > parsed.learning_rate
+
+
+def test_max_steps_0_packs_the_student_as_quantized_post_training(tmp_path, tiny_whisper, monkeypatch):
+    """``--max_steps 0`` is the post-training baseline of a recipe: the student prepared (GPTQ of the frozen encoder
+    and of the decoder's start, the searched clip of the embedding) is packed without a step, where the Trainer
+    itself would read 0 as "train num_train_epochs"."""
+    import torch
+    from conftest import GPTQ_INT4_RECIPE, micro_training_args, tiny_speech_rows
+    from datasets import Dataset
+    from transformers import WhisperForConditionalGeneration
+
+    from hf_whisper_kdq.compress import train_student
+    from hf_whisper_kdq.quant import quant_layers
+    from hf_whisper_kdq.students import build_student
+    from hf_whisper_kdq.trainer import DistillQuantTrainer
+
+    def no_training(self, *args, **kwargs):
+        raise AssertionError("max_steps 0 must not train")
+
+    monkeypatch.setattr(DistillQuantTrainer, "train", no_training)
+    teacher, processor = tiny_whisper
+    args = micro_training_args(tmp_path, max_steps=0, **GPTQ_INT4_RECIPE)
+    rows = tiny_speech_rows(processor, [" hello world", " a sentence", " another one", " the fourth row"])
+    trainer = train_student(build_student(teacher), teacher, processor, Dataset.from_list(rows), args)
+    assert trainer.state.global_step == 0
+    decoder = [name for name in quant_layers(trainer.model) if ".decoder.layers." in name]
+    assert decoder and all(
+        not torch.equal(trainer.model.get_submodule(name).weight, teacher.get_submodule(name).weight)
+        for name in decoder
+    )  # quantized post-training: GPTQ's values, not the teacher's
+    report = trainer.save_compressed(tmp_path / "packed")
+    packed = WhisperForConditionalGeneration.from_pretrained(report.folder, dtype=torch.float32).eval()
+    features = torch.tensor(rows[0]["input_features"])[None]
+    tokens = torch.tensor([rows[0]["labels"][:-1]])
+    with torch.no_grad():
+        expected = trainer.whole_student().eval()(input_features=features, decoder_input_ids=tokens).logits
+        loaded = packed(input_features=features, decoder_input_ids=tokens).logits
+    # The folder stores the unquantized tensors (LayerNorms, biases, convolutions) in fp16, the student holds fp32.
+    torch.testing.assert_close(loaded, expected, rtol=0, atol=1e-3)

@@ -246,3 +246,16 @@ def test_gptq_on_a_ggml_type_rounds_on_ggmls_own_block_scales(ggml_type):
     assert _output_error(x, weight, gptq) < 0.8 * _output_error(x, weight, expected)
     with pytest.raises(ValueError, match="takes no clipping ratios"):
         gptq_quantize(weight, hessian.matrix(), spec, torch.ones(16, 512 // spec.group_size))
+
+
+def test_gptq_layers_shows_a_bar_over_the_blocks_unless_told_not_to(micro_whisper, capsys):
+    teacher = micro_whisper()
+    names = default_quant_targets(teacher, decoder=False)
+    batches = [micro_collate(make_micro_rows(2, seed=1))]
+    for progress in (True, False):
+        student = copy.deepcopy(teacher)
+        prepare_qat(student, dict.fromkeys(names, QuantSpec(4, "per_group", 32)))
+        gptq_layers(student, names, batches, progress=progress)
+        shown = capsys.readouterr().err
+        blocks = len({name.split(".self_attn")[0].split(".fc")[0] for name in names})
+        assert (f"GPTQ (encoder, {len(names)} linears)" in shown and f"{blocks}/{blocks}" in shown) is progress

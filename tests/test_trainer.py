@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_micro_rows, micro_collate, tiny_speech_rows
+from conftest import GPTQ_INT4_RECIPE, make_micro_rows, micro_collate, tiny_speech_rows
 from conftest import micro_training_args as _args
 from datasets import Dataset
 from safetensors import safe_open
@@ -1082,13 +1082,8 @@ def test_gptq_starts_the_trained_decoder_and_training_moves_it(tmp_path, tiny_wh
         tmp_path,
         max_steps=2,
         learning_rate=1e-2,
-        quant_targets="encoder,decoder,embedding",
-        quant_bit_choices="4",
-        freeze_encoder=True,
-        frozen_encoder_quantizer="gptq",
-        decoder_start_quantizer="gptq",
-        gptq_calibration_rows=3,
         learnable_clipping=True,
+        **GPTQ_INT4_RECIPE,
     )
     texts = [" hello world", " a sentence", " another one", " the fourth row"]
     trainer = DistillQuantTrainer(
