@@ -300,10 +300,14 @@ def main(argv: list[str] | None = None) -> int:
         def flags(defaults: dict) -> str:
             return ", ".join(f"--{name} {value}" for name, value in defaults.items())
 
-        parser.epilog = f"compress's own defaults for training arguments: {flags(TRAINING_DEFAULTS)}." + "".join(
-            f" With --level {level}: {flags(preset['training_defaults'])}."
-            for level, preset in LEVELS.items()
-            if "training_defaults" in preset
+        parser.epilog = (
+            f"compress's own defaults for training arguments: {flags(TRAINING_DEFAULTS)}."
+            + "".join(
+                f" With --level {level}: {flags(preset['training_defaults'])}."
+                for level, preset in LEVELS.items()
+                if "training_defaults" in preset
+            )
+            + " --max_steps 0 trains nothing: the student is packed as quantized post-training (the recipe's baseline)."
         )
         rest = rest if _is_config_file(rest) else with_training_defaults(rest)
     try:

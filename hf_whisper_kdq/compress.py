@@ -363,11 +363,11 @@ def training_data(
 ):
     """The training rows ``compress`` trains on (the manifest columns ``id``, ``corpus``, ``language``, ``audio``,
     ``duration``, ``text``, and the provenance columns ``source`` and ``labels``), from its data flags: the
-    ``--train_manifest`` sources mixed in their ``--train_weights`` shares (`mixture.mix`; sources labelled by
-    the teacher are transcribed first, their labels kept under ``output_dir/teacher_labels`` and reused), a
-    ``datasets`` id, ``--unlabeled_manifest`` transcribed by ``teacher`` and synthesized speech, concatenated and
-    capped at ``--max_train_samples`` (shuffled first when there are several parts, so that the cap keeps every
-    part). Features and labels come next, from ``data.prepare_dataset``;
+    ``--train_manifest`` sources mixed in their ``--train_weights`` shares (`mixture.mix`), a ``datasets`` id,
+    ``--unlabeled_manifest`` and synthesized speech, concatenated and capped at ``--max_train_samples`` (shuffled
+    first when there are several parts, so that the cap keeps every part); then the rows drawn from sources labelled
+    by the teacher are transcribed (`with_teacher_labels`; labels kept under ``output_dir/teacher_labels`` and
+    reused). Features and labels come next, from ``data.prepare_dataset``;
     ``mixture.describe`` tells what each source gave."""
     from datasets import concatenate_datasets
 
@@ -376,33 +376,13 @@ def training_data(
     parts = []
     if compress.train_manifest:
         sources = parse_sources(compress.train_manifest, compress.train_weights, compress.train_labels)
-        rows = [
-            cached_pseudo_labels(
-                source.location,
-                teacher,
-                processor,
-                wer_threshold=compress.label_wer_threshold,
-                output_dir=output_dir,
-                timer=timer,
-            )
-            if source.labels == "teacher"
-            else load_manifest(source.location)
-            for source in sources
-        ]
-        parts.append(mix(rows, sources, seed=seed, language=language))
+        parts.append(mix([load_manifest(s.location) for s in sources], sources, seed=seed, language=language))
     if compress.train_dataset:
         corpus = load_speech_dataset(compress.train_dataset, split=compress.train_split, language=language)
         parts.append(with_provenance(corpus, compress.train_dataset, "reference", language))
     if compress.unlabeled_manifest:
-        labelled = cached_pseudo_labels(
-            compress.unlabeled_manifest,
-            teacher,
-            processor,
-            wer_threshold=compress.label_wer_threshold,
-            output_dir=output_dir,
-            timer=timer,
-        )
-        parts.append(with_provenance(labelled, compress.unlabeled_manifest, "teacher", language))
+        unlabeled = load_manifest(compress.unlabeled_manifest)
+        parts.append(with_provenance(unlabeled, compress.unlabeled_manifest, "teacher", language))
     synthetic = compress.synthetic_prompts
     if synthetic is None:  # the embedded default speech only when nothing else was given
         synthetic = 0 if parts else DEFAULT_SYNTHETIC_PROMPTS
@@ -419,9 +399,40 @@ def training_data(
     dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if compress.max_train_samples and len(parts) > 1:  # a cap on concatenated parts would keep the first ones only
         dataset = dataset.shuffle(seed=seed)
-    return (
-        dataset.select(range(min(len(dataset), compress.max_train_samples))) if compress.max_train_samples else dataset
-    )
+    if compress.max_train_samples:
+        dataset = dataset.select(range(min(len(dataset), compress.max_train_samples)))
+    return with_teacher_labels(dataset, teacher, processor, compress, output_dir=output_dir, timer=timer)
+
+
+def with_teacher_labels(dataset, teacher, processor, compress: CompressArguments, *, output_dir, timer):
+    """``dataset`` (`training_data`'s rows) with the teacher's transcript as the ``text`` of each row whose
+    ``labels`` is "teacher", and without the rows labelling drops (empty, over ``--label_wer_threshold``). Only the
+    rows drawn are labelled, after the mixture and the cap: labelling all 5,000 rows of a manifest to train on 240
+    of them took hours on a CPU (seconds a row)."""
+    drawn: dict[str, set[str]] = {}
+    for row_id, source, labels in zip(dataset["id"], dataset["source"], dataset["labels"], strict=True):
+        if labels == "teacher":
+            drawn.setdefault(source, set()).add(str(row_id))
+    if not drawn:
+        return dataset
+    texts = {}
+    for source, ids in drawn.items():
+        labelled = cached_pseudo_labels(
+            source,
+            teacher,
+            processor,
+            ids=ids,
+            wer_threshold=compress.label_wer_threshold,
+            output_dir=output_dir,
+            timer=timer,
+        )
+        texts |= {(source, str(row_id)): text for row_id, text in zip(labelled["id"], labelled["text"], strict=True)}
+
+    def teacher_text(row):
+        return texts.get((row["source"], str(row["id"]))) if row["labels"] == "teacher" else row["text"]
+
+    kept = dataset.filter(lambda row: teacher_text(row) is not None, desc="rows the teacher labelled")
+    return kept.map(lambda row: {"text": teacher_text(row)}, desc="teacher labels")
 
 
 def evaluation_data(compress: CompressArguments, timer: PhaseTimer | None = None):

@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -207,15 +207,18 @@ def cached_pseudo_labels(
     teacher,
     processor,
     *,
+    ids: Collection[str] | None = None,
     wer_threshold: float | None = None,
     output_dir: str | os.PathLike | None = None,
     timer: Callable[[str], AbstractContextManager] | None = None,
 ) -> datasets.Dataset:
-    """:func:`pseudo_label` of ``manifest``'s rows (columns ``id``, ``corpus``, ``language``, ``audio``, ``duration``,
-    ``text``), kept under :func:`labels_folder` of ``output_dir`` and reused while the manifest, the teacher's
-    weights and the threshold are unchanged: by the other processes of a multi-process launch (the main process
-    labels first) and by a rerun. Labelling is the slowest data phase on a CPU. ``timer(name)`` (e.g.
-    ``compress.PhaseTimer``) times the labelling."""
+    """:func:`pseudo_label` of ``manifest``'s rows, or of its rows ``ids`` only (the rows a capped mixture drew:
+    labelling is the slowest data phase on a CPU, seconds a row), in the columns ``id``, ``corpus``, ``language``,
+    ``audio``, ``duration``, ``text``. The labels are kept row by row under :func:`labels_folder` of ``output_dir``
+    while the manifest, the teacher's weights and the threshold are unchanged, and a later call labels only the rows
+    not labelled yet: the other processes of a multi-process launch (the main process labels first), a rerun, and a
+    run drawing other rows all reuse them. Rows that labelling drops (empty, over the threshold) are not returned.
+    ``timer(name)`` (e.g. ``compress.PhaseTimer``) times the labelling."""
     weights = hashlib.sha256()
     for name, tensor in sorted(teacher.state_dict().items()):
         weights.update(name.encode())
@@ -225,18 +228,36 @@ def cached_pseudo_labels(
         "teacher_weights_sha256": weights.hexdigest(),
         "wer_threshold": wer_threshold,
     }
+    rows = load_manifest(manifest)
+    if ids is not None:
+        wanted = {str(i) for i in ids}
+        rows = rows.select([i for i, row_id in enumerate(rows["id"]) if str(row_id) in wanted])
     folder = labels_folder(output_dir, manifest) if output_dir else None  # "" as None: no cache, as compress had it
+    kept, labelled_ids, reports = None, set(), []
     if folder is not None and (folder / "key.json").is_file() and json.loads((folder / "key.json").read_text()) == key:
-        logger.info("reusing the teacher's labels of %s in %s", manifest, folder)
-        return datasets.load_from_disk(str(folder / "dataset"))
-    with (timer or (lambda name: nullcontext()))(f"label {Path(manifest).name} with the teacher"):
-        labelled, report = pseudo_label(load_manifest(manifest), teacher, processor, wer_threshold=wer_threshold)
-        logger.info("%s", report.summary())
-    labelled = labelled.select_columns(["id", "corpus", "language", "audio", "duration", "text"])
-    if folder is None:
-        return labelled
-    with atomic_folder(folder) as staging:
-        labelled.save_to_disk(str(staging / "dataset"))
-        report.save_json(staging / "labelling_report.json")
-        (staging / "key.json").write_text(json.dumps(key, indent=2) + "\n")
-    return labelled
+        kept = datasets.load_from_disk(str(folder / "dataset"))
+        labelled_ids = set(json.loads((folder / "labelled_ids.json").read_text()))
+        reports = json.loads((folder / "labelling_reports.json").read_text())
+    todo = [i for i, row_id in enumerate(rows["id"]) if str(row_id) not in labelled_ids]
+    if todo:
+        with (timer or (lambda name: nullcontext()))(
+            f"label {len(todo)} rows of {Path(manifest).name} with the teacher"
+        ):
+            labelled, report = pseudo_label(rows.select(todo), teacher, processor, wer_threshold=wer_threshold)
+        labelled = labelled.select_columns(["id", "corpus", "language", "audio", "duration", "text"])
+        kept = labelled if kept is None else datasets.concatenate_datasets([kept, labelled])
+        labelled_ids |= {str(row_id) for row_id in rows.select(todo)["id"]}
+        reports.append(report.to_dict())
+        if folder is not None:
+            with atomic_folder(folder) as staging:
+                kept.save_to_disk(str(staging / "dataset"))
+                atomic_write_text(staging / "labelled_ids.json", json.dumps(sorted(labelled_ids)) + "\n")
+                atomic_write_text(staging / "labelling_reports.json", json.dumps(reports, indent=2) + "\n")
+                (staging / "key.json").write_text(json.dumps(key, indent=2) + "\n")
+            kept = datasets.load_from_disk(str(folder / "dataset"))  # not the replaced folder's files
+    else:
+        logger.info("reusing the teacher's labels of %d rows of %s in %s", len(rows), manifest, folder)
+    if kept is None:  # no row asked for
+        return rows.select_columns(["id", "corpus", "language", "audio", "duration", "text"])
+    requested = {str(row_id) for row_id in rows["id"]}
+    return kept.filter(lambda row: str(row["id"]) in requested, desc="labelled rows drawn")

@@ -172,7 +172,7 @@ def test_teacher_labels_are_kept_and_reused_until_threshold_or_teacher_change(tm
         return cached_pseudo_labels(str(manifest), teacher, None, wer_threshold=threshold, output_dir=output)
 
     first = labels()
-    assert len(calls) == 1 and (folder / "key.json").is_file() and (folder / "labelling_report.json").is_file()
+    assert len(calls) == 1 and (folder / "key.json").is_file() and (folder / "labelling_reports.json").is_file()
     again = labels()
     assert len(calls) == 1 and again["text"] == first["text"] and again["id"] == first["id"]
     labels(threshold=0.1)
@@ -181,3 +181,29 @@ def test_teacher_labels_are_kept_and_reused_until_threshold_or_teacher_change(tm
     labels(threshold=0.1, teacher=changed)
     assert len(calls) == 3
     assert labels_folder(output, tmp_path / "other" / manifest.name) != folder  # one folder per manifest path
+
+
+def test_only_the_rows_asked_for_are_labelled_and_later_calls_label_only_new_rows(tmp_path, monkeypatch):
+    """A capped mixture draws a few rows of a large manifest: those are labelled, and a run drawing others labels
+    only the rows not labelled yet; dropped rows (empty, over the threshold) are not labelled again either."""
+    from conftest import make_micro_whisper
+
+    from hf_whisper_kdq.labelling import cached_pseudo_labels
+
+    manifest = write_manifest(tmp_path, ROWS)
+    calls = plant_transcripts(monkeypatch, TEACHER)
+    teacher = make_micro_whisper(seed=0)
+
+    def labels(ids):
+        labelled = cached_pseudo_labels(str(manifest), teacher, None, ids=ids, output_dir=tmp_path / "run")
+        return dict(zip(labelled["id"], labelled["text"]))
+
+    def labelled_in_last_call():
+        return sorted(Path(audio["path"]).stem for audio in calls[-1]["audios"])
+
+    assert labels({"r1", "r3"}) == {"r1": "the quick brown fox"}  # r3's empty transcript is dropped
+    assert len(calls) == 1 and labelled_in_last_call() == ["r1", "r3"]
+    assert labels({"r1", "r2", "r3"}) == {"r1": "the quick brown fox", "r2": "jumps over a hazy log"}
+    assert len(calls) == 2 and labelled_in_last_call() == ["r2"]
+    assert labels({"r2"}) == {"r2": "jumps over a hazy log"} and len(calls) == 2
+    assert set(labels(None)) == {"r1", "r2", "r4", "r5"} and labelled_in_last_call() == ["r4", "r5", "r6"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,3 +106,34 @@ def test_compress_mixes_its_manifests_and_labels_a_source_with_the_teacher(tmp_p
     assert set(train["source"]) == {str(english), str(mandarin)}
     training_data(compress, teacher, None, timer=PhaseTimer(), output_dir=str(tmp_path / "run"))
     assert len(calls) == 1  # the teacher's labels are reused
+
+
+def test_a_capped_mixture_labels_only_the_rows_it_draws(tmp_path, monkeypatch):
+    """--max_train_samples 6 of a 40-row source labelled by the teacher: 6 rows are transcribed, not 40."""
+    mandarin = _manifest(tmp_path / "zh", "zh", 40, "zh", "mandarin corpus")
+    english = _manifest(tmp_path / "en", "en", 4, "en", "english corpus")
+    calls = plant_transcripts(monkeypatch, {f"zh-{i}": f"teacher says {i}" for i in range(40)})
+    compress = CompressArguments(
+        train_manifest=f"{english},{mandarin}",
+        train_weights="1,3",
+        train_labels="reference,teacher",
+        max_train_samples=6,
+    )
+    train = training_data(compress, make_micro_whisper(seed=0), None, output_dir=str(tmp_path / "run"), seed=3)
+    drawn = [row for row in train if row["labels"] == "teacher"]
+    assert len(train) == 6 and drawn
+    assert sorted(Path(audio["path"]).stem for call in calls for audio in call["audios"]) == sorted(
+        {row["id"] for row in drawn}
+    )
+    assert all(row["text"] == f"teacher says {row['id'].split('-')[1]}" for row in drawn)
+
+
+def test_unlabeled_audio_gets_the_teachers_transcripts_and_empty_ones_are_dropped(tmp_path, monkeypatch):
+    manifest = _manifest(tmp_path / "u", "u", 3, "en", "unlabeled corpus")
+    rows = [{**json.loads(line), "text": None} for line in manifest.read_text().splitlines()]
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    plant_transcripts(monkeypatch, {"u-0": "first words", "u-1": "[Music]", "u-2": "third words"})
+    compress = CompressArguments(unlabeled_manifest=str(manifest))
+    train = training_data(compress, make_micro_whisper(seed=0), None, output_dir=str(tmp_path / "run"))
+    assert dict(zip(train["id"], train["text"])) == {"u-0": "first words", "u-2": "third words"}
+    assert set(train["labels"]) == {"teacher"} and set(train["source"]) == {str(manifest)}
