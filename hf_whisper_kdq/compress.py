@@ -428,11 +428,11 @@ def with_teacher_labels(dataset, teacher, processor, compress: CompressArguments
         )
         texts |= {(source, str(row_id)): text for row_id, text in zip(labelled["id"], labelled["text"], strict=True)}
 
-    def teacher_text(row):
-        return texts.get((row["source"], str(row["id"]))) if row["labels"] == "teacher" else row["text"]
+    def key(row):
+        return row["source"], str(row["id"])
 
-    kept = dataset.filter(lambda row: teacher_text(row) is not None, desc="rows the teacher labelled")
-    return kept.map(lambda row: {"text": teacher_text(row)}, desc="teacher labels")
+    kept = dataset.filter(lambda row: row["labels"] != "teacher" or key(row) in texts, desc="rows labelling kept")
+    return kept.map(lambda row: {"text": texts[key(row)] if row["labels"] == "teacher" else row["text"]})
 
 
 def evaluation_data(compress: CompressArguments, timer: PhaseTimer | None = None):
