@@ -30,7 +30,7 @@ from typing import Any
 import datasets
 
 from . import evaluation, scoring
-from .data import load_manifest
+from .data import MANIFEST_FEATURES, load_manifest
 from .files import atomic_folder, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -243,10 +243,11 @@ def cached_pseudo_labels(
         with (timer or (lambda name: nullcontext()))(
             f"label {len(todo)} rows of {Path(manifest).name} with the teacher"
         ):
-            labelled, report = pseudo_label(rows.select(todo), teacher, processor, wer_threshold=wer_threshold)
-        labelled = labelled.select_columns(["id", "corpus", "language", "audio", "duration", "text"])
+            pending = rows.select(todo)
+            labelled, report = pseudo_label(pending, teacher, processor, wer_threshold=wer_threshold)
+        labelled = labelled.select_columns(list(MANIFEST_FEATURES))
         kept = labelled if kept is None else datasets.concatenate_datasets([kept, labelled])
-        labelled_ids |= {str(row_id) for row_id in rows.select(todo)["id"]}
+        labelled_ids |= {str(row_id) for row_id in pending["id"]}
         reports.append(report.to_dict())
         if folder is not None:
             with atomic_folder(folder) as staging:
@@ -258,6 +259,6 @@ def cached_pseudo_labels(
     else:
         logger.info("reusing the teacher's labels of %d rows of %s in %s", len(rows), manifest, folder)
     if kept is None:  # no row asked for
-        return rows.select_columns(["id", "corpus", "language", "audio", "duration", "text"])
+        return rows.select_columns(list(MANIFEST_FEATURES))
     requested = {str(row_id) for row_id in rows["id"]}
     return kept.filter(lambda row: str(row["id"]) in requested, desc="labelled rows drawn")
