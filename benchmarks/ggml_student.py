@@ -4,16 +4,16 @@
         --train_manifest $D/train_en.jsonl,$D/train_zh.jsonl,$D/synth_zh.jsonl --train_weights 2,1,1 \
         --max_train_samples 240 --eval_manifest $D/dev.jsonl --seed 42 --output_dir kdq-q3k-s42
 
-For the file types the packed Hugging Face folder cannot hold (q3_K: its sub-block scales are 6-bit multiples of a
-super-block scale), which ``compress`` therefore refuses. The arguments are ``compress``'s (``--level`` and the
-training defaults included) and so is the training path (``compress.training_data`` / ``train_student``); the
-student is written with ``export_whisper_cpp(..., ftype="auto")`` (its own codes, checked) to
-``OUTPUT_DIR/ggml-model.bin`` and, with ``--eval_manifest``, scored by ``export.ggml.evaluate_whisper_cpp`` with as
-many threads as torch uses (with whisper.cpp's own temperature fallback unless ``--eval_temperature_fallback
-false``). ``OUTPUT_DIR/ggml_student.json`` holds the report, the phase times and the arguments.
-Pass ``--quant_bit_choices`` (3 for q3_K): with ``--quant_format ggml`` compress's defaults are 4,8 whatever the
-level. compress's evaluation, export and push flags (``--evaluate_teacher``, ``--ctranslate2_quantization``,
-``--push_to_hub``, ``--spec_augment``) do not apply here.
+For the file types the packed Hugging Face folder cannot hold (the k-quants q3_K and q2_K: their sub-block scales
+are 6- or 4-bit multiples of a super-block scale), which ``compress`` therefore refuses. The arguments are
+``compress``'s (``--level`` and the training defaults included) and so is the training path
+(``compress.training_data`` / ``train_student``); the student is written with ``export_whisper_cpp(...,
+ftype="auto")`` (its own codes, checked) to ``OUTPUT_DIR/ggml-model.bin`` and, with ``--eval_manifest``, scored by
+``export.ggml.evaluate_whisper_cpp`` with as many threads as torch uses (with whisper.cpp's own temperature fallback
+unless ``--eval_temperature_fallback false``). ``OUTPUT_DIR/ggml_student.json`` holds the report, the phase times
+and the arguments. Pass ``--quant_bit_choices`` (3 for q3_K, 2 for q2_K): with ``--quant_format ggml`` compress's
+defaults are 4,8 whatever the level. compress's evaluation, export and push flags (``--evaluate_teacher``,
+``--ctranslate2_quantization``, ``--push_to_hub``, ``--spec_augment``) do not apply here.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ class ExportGgmlArguments:
     ftype: str = field(
         default="q5_0",
         metadata={
-            "help": "Type of every quantizable weight (whisper.cpp allows one per file): f16, q8_0, q5_0, q4_0, q3_K, "
+            "help": "Type of every quantizable weight (whisper.cpp allows one per file): f16, q8_0, q5_0, q4_0, q3_K, q2_K, "
             "or auto: the type that holds a packed folder's (or student's) codes exactly, e.g. q4_0 for a "
             "quant_format=ggml student trained at 4 bits."
         },

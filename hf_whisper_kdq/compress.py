@@ -21,7 +21,7 @@ from pathlib import Path
 
 from transformers.training_args import ParallelMode
 
-from .config import DistillQuantArguments
+from .config import GGML_TYPE_OF_BITS, DistillQuantArguments
 from .data import WhisperDataCollator, load_manifest, load_speech_dataset, prepare_dataset
 from .evaluation import SMOKE_RUN_BANNER, evaluate_model
 from .export.ggml import export_whisper_cpp
@@ -300,13 +300,16 @@ def _flag_in(argv: list[str], name: str, default: str) -> str:
 
 def check_ggml_exportable(args: DistillQuantArguments) -> None:
     """compress writes the packed compressed-tensors folder of every student: refuse, before any work, a ggml
-    training that could pick q3_K, which that folder cannot hold."""
-    if args.quant_format == "ggml" and 3 in args.bit_choices:
+    training that could pick a k-quant (q3_K, q2_K), which that folder cannot hold."""
+    k_bits = [bits for bits in args.bit_choices if GGML_TYPE_OF_BITS.get(bits, "").endswith("_K")]
+    if args.quant_format == "ggml" and k_bits:
         raise ValueError(
-            "--quant_format ggml with 3 in --quant_bit_choices can train q3_K, and compress also writes the packed "
-            "compressed-tensors folder, which cannot hold q3_K (its 16-weight sub-block scales are 6-bit multiples "
-            "of an fp16 super-block scale, not fp16 values). Fix: --quant_bit_choices 4,8 (q4_0/q8_0 fit both "
-            "exports), or train q3_K with DistillQuantTrainer and write it with export_whisper_cpp"
+            f"--quant_format ggml with {', '.join(map(str, k_bits))} in --quant_bit_choices can train "
+            f"{' or '.join(GGML_TYPE_OF_BITS[bits] for bits in k_bits)}, "
+            "and compress also writes the packed compressed-tensors folder, which cannot hold the k-quants (their "
+            "16-weight sub-block scales are 6- or 4-bit multiples of an fp16 super-block scale, not fp16 values). "
+            "Fix: --quant_bit_choices 4,8 (q4_0/q8_0 fit both exports), or train a k-quant with "
+            "DistillQuantTrainer (benchmarks/ggml_student.py) and write it with export_whisper_cpp"
         )
 
 

@@ -31,7 +31,7 @@ QUANT_FORMATS = ("int", "ggml")
 # How post-training codes are made: frozen_encoder_quantizer, decoder_start_quantizer.
 PTQ_QUANTIZERS = ("round_to_nearest", "gptq")
 # quant_format="ggml": the bit choice -> the ggml block type (and whisper.cpp file type) it trains for.
-GGML_TYPE_OF_BITS = {3: "q3_K", 4: "q4_0", 8: "q8_0"}
+GGML_TYPE_OF_BITS = {2: "q2_K", 3: "q3_K", 4: "q4_0", 8: "q8_0"}
 
 
 def _launched_on_several_processes() -> bool:
@@ -122,7 +122,7 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
             "help": "The grid quantized layers train on. 'int': signed integers with one fp16 scale per group "
             "(quant_granularity, quant_group_size, learnable_clipping), for the packed compressed-tensors folder. "
             "'ggml': the block format of the whisper.cpp file they ship in, scales and codes by ggml's own rule: "
-            "bits 3, 4, 8 are q3_K, q4_0, q8_0. whisper.cpp holds one type for every 2-D weight of a file, so every "
+            "bits 2, 3, 4, 8 are q2_K, q3_K, q4_0, q8_0. whisper.cpp holds one type for every 2-D weight of a file, so every "
             "layer and the embedding are quantized (quant_targets encoder,decoder,embedding), the selection picks "
             "the widest type whose file fits the size budget (billed as the file's real bytes) and still chooses the "
             "distilled layers, and export_whisper_cpp writes the student's own codes. quant_granularity, "
@@ -492,7 +492,7 @@ class DistillQuantArguments(Seq2SeqTrainingArguments):
             choices = ",".join(str(b) for b in self.bit_choices if b in GGML_TYPE_OF_BITS) or "4,8"
             raise ValueError(
                 f"quant_format='ggml' trains for ggml's block types, bits {', '.join(map(str, GGML_TYPE_OF_BITS))} "
-                f"(q3_K, q4_0, q8_0); quant_bit_choices={self.quant_bit_choices!r} also has "
+                f"({', '.join(GGML_TYPE_OF_BITS.values())}); quant_bit_choices={self.quant_bit_choices!r} also has "
                 f"{', '.join('float' if b == FLOAT_BITS else str(b) for b in wrong)} (a whisper.cpp file stores every "
                 f"2-D weight in one quantized type). Fix: --quant_bit_choices {choices}"
             )

@@ -2,7 +2,7 @@
 
 whisper.cpp's loader sizes every 2-D weight of a file from the header's one type (a file with per-tensor types is
 refused: "wrong size in model file"), so a student trained for that file has one type for all its quantized layers:
-the widest of its bit choices (q8_0 > q4_0 > q3_K) whose file fits the size budget. The budget bills the file as
+the widest of its bit choices (q8_0 > q4_0 > q3_K > q2_K) whose file fits the size budget. The budget bills the file as
 `export.ggml.ggml_file_bytes` counts it, byte for byte what `export_whisper_cpp` writes: header, mel filters and
 vocabulary, conv weights in fp16, positional embeddings, LayerNorms and biases in float32, every other 2-D weight
 (the token embedding included) in the type's blocks. The guided selection still measures every unit and chooses which
@@ -20,7 +20,7 @@ from .selection import KDQPlan, UnreachableBudgetError, plan_shapes
 
 RULE = (
     "bits: one ggml type for every quantized unit (whisper.cpp holds one type per file), the widest of "
-    "quant_bit_choices (8 q8_0, 4 q4_0, 3 q3_K) whose whisper.cpp file fits the size budget, billed as the file's "
+    "quant_bit_choices (8 q8_0, 4 q4_0, 3 q3_K, 2 q2_K) whose whisper.cpp file fits the size budget, billed as the file's "
     "bytes. Distilled: the num_distill_layers layers of highest output_cost at those bits."
 )
 
@@ -32,8 +32,13 @@ class GGMLBudgetError(UnreachableBudgetError):
         self.budget, self.minimum = budget, min(sizes.values())
         smallest = GGML_TYPE_OF_BITS[min(sizes)]
         fixes = [f"raise size_budget_mb to at least {self.minimum_mb}"]
-        if 3 not in sizes:
-            fixes.append("allow q3_K (quant_bit_choices 3,4,8; rows of a multiple of 256)")
+        smaller = [bits for bits in GGML_TYPE_OF_BITS if bits < min(sizes)]
+        if smaller:
+            allowed = ",".join(map(str, sorted(set(sizes) | set(smaller))))
+            fixes.append(
+                f"allow {' or '.join(GGML_TYPE_OF_BITS[b] for b in sorted(smaller, reverse=True))} "
+                f"(quant_bit_choices {allowed}; rows of a multiple of 256)"
+            )
         ValueError.__init__(
             self,
             f"size budget {budget / 1e6:.2f} MB is below this student's smallest whisper.cpp file "
@@ -57,7 +62,7 @@ def fit_ggml_budget(plan: KDQPlan, model: nn.Module, processor, args, teacher_fp
     ``args``' size budget (the widest without a budget), in place, and record the file's bytes as the plan's size.
 
     Raises ValueError before any training when whisper.cpp cannot run the model (feed-forward width ``4 * d_model``,
-    rows of a multiple of the block: q3_K's 256), when the budget needs a ``processor`` and none is given (the file holds its vocabulary), and
+    rows of a multiple of the block: the k-quants' 256), when the budget needs a ``processor`` and none is given (the file holds its vocabulary), and
     `GGMLBudgetError` when no type's file fits.
     """
     plan.quant_format = "ggml"

@@ -206,8 +206,9 @@ def test_quant_format_ggml_trains_every_weight_at_q4_0_or_q8_0_and_refuses_q3_k(
     assert (
         value(with_training_defaults(["--quant_format=ggml", "--quant_bit_choices", "8"]), "--quant_bit_choices") == "8"
     )
-    with pytest.raises(ValueError, match="cannot hold q3_K.*--quant_bit_choices 4,8"):
-        main(["compress", "--quant_format", "ggml", "--quant_bit_choices", "3,4,8", "--output_dir", "unused"])
+    for choices, types in (("3,4,8", "q3_K"), ("2,4", "q2_K")):
+        with pytest.raises(ValueError, match=f"can train {types}.*cannot hold the k-quants.*--quant_bit_choices 4,8"):
+            main(["compress", "--quant_format", "ggml", "--quant_bit_choices", choices, "--output_dir", "unused"])
 
 
 def test_compress_with_quant_format_ggml_writes_the_whisper_cpp_file(tmp_path, base_pack_folder):

@@ -175,8 +175,8 @@ ALL_TARGETS = "encoder,decoder,embedding"
     [
         ({"quant_format": "gguf"}, r"quant_format='gguf': choose one of int, ggml"),
         (
-            {"quant_format": "ggml", "quant_bit_choices": "2,4,8,float", "quant_targets": ALL_TARGETS},
-            r"bits 3, 4, 8 \(q3_K, q4_0, q8_0\).* also has 2, float .*Fix: --quant_bit_choices 4,8",
+            {"quant_format": "ggml", "quant_bit_choices": "4,8,float", "quant_targets": ALL_TARGETS},
+            r"bits 2, 3, 4, 8 \(q2_K, q3_K, q4_0, q8_0\).* also has float .*Fix: --quant_bit_choices 4,8",
         ),
         (
             {"quant_format": "ggml", "quant_bit_choices": "4,8", "quant_targets": "decoder,embedding"},

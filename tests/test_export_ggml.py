@@ -35,7 +35,8 @@ from hf_whisper_kdq.quant import QuantSpec, convert_qat, default_quant_targets, 
 from hf_whisper_kdq.quant.ggml_blocks import unpack
 from hf_whisper_kdq.quant.spec import as_spec
 
-BLOCK_TYPES = ("q8_0", "q5_0", "q4_0", "q3_K")
+BLOCK_TYPES = ("q8_0", "q5_0", "q4_0", "q3_K", "q2_K")
+K_QUANTS = ("q3_K", "q2_K")
 TYPE_NAMES = {code: name for name, code in GGML_TYPES.items()}
 
 
@@ -57,7 +58,7 @@ def _hard_rows() -> np.ndarray:
 @pytest.mark.parametrize("ftype", BLOCK_TYPES)
 def test_block_quantizers_are_byte_identical_to_ggml(ftype):
     rows = _hard_rows()
-    rows = np.concatenate([rows, rows * 1e-4, rows * 1e-8])  # q3_K: whole super-blocks of tiny and subnormal scales
+    rows = np.concatenate([rows, rows * 1e-4, rows * 1e-8])  # k-quants: whole super-blocks of tiny, subnormal scales
     for values in (rows, rows.astype(np.float16).astype(np.float32)):  # any float32, and the fp16 the export feeds
         assert quantize_blocks(values, ftype) == ggml_quantize_chunk(values, ftype)
 
@@ -67,8 +68,8 @@ def test_quantize_blocks_refuses_partial_blocks_and_unknown_types():
         quantize_blocks(np.ones(48, np.float32), "q8_0")
     with pytest.raises(ValueError, match="blocks of 256"):
         quantize_blocks(np.ones(32, np.float32), "q3_K")
-    with pytest.raises(ValueError, match="q8_0, q5_0, q4_0, q3_K"):
-        quantize_blocks(np.ones(32, np.float32), "q2_K")
+    with pytest.raises(ValueError, match="q8_0, q5_0, q4_0, q3_K, q2_K"):
+        quantize_blocks(np.ones(32, np.float32), "q6_K")
 
 
 # --- The file ---------------------------------------------------------------------------------------------
@@ -153,14 +154,14 @@ def test_mel_filters_are_whisper_own(ggml_whisper):
 
 @pytest.fixture(scope="module")
 def k_quant_whisper(base_pack_folder):
-    """A tiny random Whisper whose rows fill q3_K's 256-weight super-blocks (d_model 256)."""
+    """A tiny random Whisper whose rows fill the k-quants' 256-weight super-blocks (d_model 256)."""
     return _ggml_whisper(base_pack_folder, d_model=256, encoder_layers=1, decoder_layers=1)
 
 
 @pytest.mark.parametrize("ftype", list(FTYPES))
 def test_whisper_cpp_loads_and_runs_a_tiny_random_whisper(request, tmp_path, ftype):
     pytest.importorskip("pywhispercpp")
-    model, processor = request.getfixturevalue("k_quant_whisper" if ftype == "q3_K" else "ggml_whisper")
+    model, processor = request.getfixturevalue("k_quant_whisper" if ftype in K_QUANTS else "ggml_whisper")
     path = export_whisper_cpp(model, processor, tmp_path / f"ggml-{ftype}.bin", ftype=ftype)
     noise = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
     (text,) = transcribe_whisper_cpp(path, [noise], "en", n_threads=1)
@@ -312,20 +313,19 @@ def test_student_codes_are_written_exactly_from_the_model_and_from_its_packed_fo
         assert changed == 0 if ftype == "q4_0" else changed > 0.9
 
 
-def test_q3_k_student_is_written_exactly_and_runs(k_quant_whisper, tmp_path):
+@pytest.mark.parametrize("ftype", K_QUANTS)
+def test_k_quant_student_is_written_exactly_and_runs(k_quant_whisper, tmp_path, ftype):
     pytest.importorskip("pywhispercpp")
     model, processor = k_quant_whisper
-    student = _all_quantized(model, "q3_K")
-    path = export_whisper_cpp(student, processor, tmp_path / "q3_k.bin", ftype="auto")
+    student = _all_quantized(model, ftype)
+    path = export_whisper_cpp(student, processor, tmp_path / f"{ftype}.bin", ftype="auto")
     tensors = _read_ggml(path)["tensors"]
     fc1 = student.model.encoder.layers[0].fc1
     kind, _, data = tensors["encoder.blocks.0.mlp.0.weight"]
-    assert kind == "q3_K"
-    np.testing.assert_array_equal(
-        unpack(data, "q3_K", tuple(fc1.weight.shape)), fc1.quantized_weight().detach().numpy()
-    )
-    # The student's codes are ggml's own q3_K of its float32 weights.
-    assert data == ggml_quantize_chunk(fc1.weight.detach().numpy(), "q3_K")
+    assert kind == ftype
+    np.testing.assert_array_equal(unpack(data, ftype, tuple(fc1.weight.shape)), fc1.quantized_weight().detach().numpy())
+    # The student's codes are ggml's own blocks of its float32 weights.
+    assert data == ggml_quantize_chunk(fc1.weight.detach().numpy(), ftype)
     noise = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
     (text,) = transcribe_whisper_cpp(path, [noise], "en", n_threads=1)
     assert isinstance(text, str)
@@ -333,7 +333,7 @@ def test_q3_k_student_is_written_exactly_and_runs(k_quant_whisper, tmp_path):
 
 @pytest.mark.parametrize("ftype", list(FTYPES))
 def test_file_bytes_are_counted_without_writing(request, tmp_path, ftype):
-    model, processor = request.getfixturevalue("k_quant_whisper" if ftype == "q3_K" else "ggml_whisper")
+    model, processor = request.getfixturevalue("k_quant_whisper" if ftype in K_QUANTS else "ggml_whisper")
     student = _all_quantized(model, "int8")  # clipping ratios and wrappers are not in the file
     path = export_whisper_cpp(student, processor, tmp_path / "model.bin", ftype=ftype, requantize=True)
     assert ggml_file_bytes(student, processor, ftype) == path.stat().st_size
@@ -351,7 +351,7 @@ def test_refusals_name_the_fix_and_write_nothing(base_pack_folder, ggml_whisper,
     with pytest.raises(ValueError, match="proj_out is not tied"):
         export_whisper_cpp(untied, processor, target)
     with pytest.raises(ValueError, match="f16, q8_0, q5_0, q4_0"):
-        export_whisper_cpp(model, processor, target, ftype="q2_K")
+        export_whisper_cpp(model, processor, target, ftype="q6_K")
     with pytest.raises(ValueError, match="WhisperProcessor"):
         export_whisper_cpp(model, None, target)
     assert list(tmp_path.iterdir()) == []
@@ -378,7 +378,7 @@ def test_cli_export_ggml(ggml_whisper, tmp_path, capsys):
     assert "q4_0" in capsys.readouterr().out
     assert _read_ggml(tmp_path / "ggml.bin")["tensors"]["decoder.token_embedding.weight"][0] == "q4_0"
     with pytest.raises(SystemExit):
-        main(["export-ggml", str(folder), str(tmp_path / "other.bin"), "--ftype", "q2_K"])
+        main(["export-ggml", str(folder), str(tmp_path / "other.bin"), "--ftype", "q6_K"])
 
 
 @pytest.mark.slow
@@ -588,5 +588,5 @@ def test_results_table_puts_the_whisper_cpp_file_beside_the_other_formats(ggml_w
         f"| ptq-int4g32 | {row['sizes']['bytes_on_disk'] / 1e6:.2f} MB | {written.stat().st_size / 1e6:.2f} MB (q4_0)"
         in table
     )
-    with pytest.raises(ValueError, match="--ggml 'q2_K': give one of"):
-        results_table.main([*argv, "--ggml", "q2_K"])
+    with pytest.raises(ValueError, match="--ggml 'q6_K': give one of"):
+        results_table.main([*argv, "--ggml", "q6_K"])

@@ -213,35 +213,43 @@ def test_blocks_calibrated_on_kept_outputs_get_the_codes_of_whole_model_passes(m
     assert all(torch.equal(expected[name].scales, codes[name].scales) for name in names)
 
 
-GGML_TYPES = ["q4_0", "q8_0", "q3_K"]
+GGML_TYPES = ["q4_0", "q8_0", "q3_K", "q2_K"]
 
 
 @pytest.mark.parametrize("ggml_type", GGML_TYPES)
 def test_gptq_on_a_ggml_type_rounds_on_ggmls_own_block_scales(ggml_type):
-    # With a diagonal Hessian GPTQ has ggml's reference quantizer's scales (q3_K's super- and sub-block scales
-    # included) and rounds each weight on them as ggml does; q8_0 and q4_0 round on the fp16 scale the file stores
+    # With a diagonal Hessian GPTQ has ggml's reference quantizer's scales (the k-quants' super- and sub-block scales,
+    # q2_K's minimums, included) and rounds each weight on them as ggml does; q8_0 and q4_0 round on the fp16 scale the file stores
     # where ggml rounds on the float32 one, which moves a code only at a near tie. On correlated inputs it lowers
     # the output error, with the same kind of blocks (codes in the type's range, ggml's scales), which
     # export_whisper_cpp writes as they are.
     from hf_whisper_kdq.quant import GGMLSpec
-    from hf_whisper_kdq.quant.ggml_blocks import round_to_scales
+    from hf_whisper_kdq.quant.ggml_blocks import group_offsets, round_to_scales
 
     spec = GGMLSpec(ggml_type)
     weight = torch.randn(16, 512, generator=torch.Generator().manual_seed(3))
     expected = quantize_weight(weight, spec)
     plain = gptq_quantize(weight, torch.eye(512), spec)
     assert plain.ggml_type == ggml_type and torch.equal(plain.scales, expected.scales)
-    on_stored_scales = round_to_scales(weight, expected.scales.repeat_interleave(spec.group_size, dim=1), ggml_type)
+    offsets = group_offsets(expected)
+    if offsets is not None:
+        offsets = offsets.repeat_interleave(spec.group_size, dim=1)
+    on_stored_scales = round_to_scales(
+        weight, expected.scales.repeat_interleave(spec.group_size, dim=1), ggml_type, offsets
+    )
     assert torch.equal(plain.codes, on_stored_scales.to(torch.int8))
-    assert (plain.codes - expected.codes).abs().max() <= 1 and (plain.codes != expected.codes).float().mean() < 0.01
-    if ggml_type == "q3_K":
-        assert torch.equal(plain.super_scales, expected.super_scales)
-        assert torch.equal(plain.sub_scales, expected.sub_scales)
+    # Where a sub-block's scale is 0 ggml keeps its search's codes and GPTQ writes 0: the same values.
+    scaled = expected.scales.repeat_interleave(spec.group_size, dim=1) != 0
+    assert (plain.codes - expected.codes)[scaled].abs().max() <= 1
+    assert (plain.dequantize() != expected.dequantize()).float().mean() < 0.01
+    for field in ("super_scales", "sub_scales", "super_mins", "sub_mins"):
+        ours, ggml = getattr(plain, field), getattr(expected, field)
+        assert (ours is None and ggml is None) or torch.equal(ours, ggml)
     x = _correlated_inputs(512, rows=4000)
     hessian = InputHessian(512)
     hessian.add(x)
     gptq = gptq_quantize(weight, hessian.matrix(), spec)
-    lowest, highest = {"q8_0": (-127, 127), "q4_0": (-8, 7), "q3_K": (-4, 3)}[ggml_type]
+    lowest, highest = {"q8_0": (-127, 127), "q4_0": (-8, 7), "q3_K": (-4, 3), "q2_K": (0, 3)}[ggml_type]
     assert lowest <= int(gptq.codes.min()) and int(gptq.codes.max()) <= highest
     assert _output_error(x, weight, gptq) < 0.8 * _output_error(x, weight, expected)
     with pytest.raises(ValueError, match="takes no clipping ratios"):

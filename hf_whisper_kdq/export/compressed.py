@@ -357,13 +357,16 @@ def save_compressed(
             write_compression_report(staging, report)
         logger.info("The plan quantizes nothing: exported the float student to %s", output_dir)
         return CompressionReport.from_dict(report, output_dir)
-    q3_k = [name for name, spec in specs.items() if isinstance(spec, GGMLSpec) and spec.type == "q3_K"]
-    if q3_k:
+    k_quant = [
+        (name, spec.type) for name, spec in specs.items() if isinstance(spec, GGMLSpec) and spec.type[-2:] == "_K"
+    ]
+    if k_quant:
         raise ValueError(
-            f"{q3_k[0]} and {len(q3_k) - 1} more layers are q3_K, which the compressed-tensors pack-quantized format "
-            "cannot hold: its 16-weight sub-block scales are 6-bit multiples of an fp16 super-block scale, and their "
-            "products are not fp16 values (the format stores one fp16 scale per group). Export such a student with "
-            "export_whisper_cpp (hf-whisper-kdq export-ggml), or train with q4_0 / q8_0 (quant_bit_choices 4,8)"
+            f"{k_quant[0][0]} and {len(k_quant) - 1} more layers are {k_quant[0][1]}, which the compressed-tensors "
+            "pack-quantized format cannot hold: the k-quants' 16-weight sub-block scales are 6- or 4-bit multiples of "
+            "an fp16 super-block scale, and their products are not fp16 values (the format stores one fp16 scale per "
+            "group; q2_K adds a minimum per sub-block). Export such a student with export_whisper_cpp "
+            "(hf-whisper-kdq export-ggml), or train with q4_0 / q8_0 (quant_bit_choices 4,8)"
         )
     shared = _shared_weights(student)
     converted = strip_training_only(student)

@@ -10,11 +10,11 @@ whisper.cpp's ``quantize`` tool: the header (hyperparameters and the file type),
 vocabulary as bytes, then every tensor under whisper.cpp's name. As there, every weight passes through float16 first;
 float32 stay the biases, LayerNorms, positional embeddings and the convolution biases; float16 the convolution
 weights; every other 2-D weight, the token embedding included, is stored in the file type (``q8_0``, ``q5_0``,
-``q4_0``, ``q3_K``). `ggml_file_bytes` counts that file's bytes without writing it (what a ggml size budget bills).
+``q4_0``, ``q3_K``, ``q2_K``). `ggml_file_bytes` counts that file's bytes without writing it (what a ggml size budget bills).
 
 whisper.cpp's loader sizes every quantizable weight from the header's one type: a file cannot mix types per tensor.
 It also fixes the architecture: tied output layer, feed-forward width ``4 * d_model``, rows a multiple of the block
-(32, q3_K 256) for a quantized type; a model without these is refused before anything is written.
+(32; q3_K and q2_K 256) for a quantized type; a model without these is refused before anything is written.
 
 What the quantized tensors hold (`ggml_codes`): a float model is quantized by ggml's reference quantizers
 (byte-identical to ``ggml_quantize_chunk``); a QAT student or a packed folder whose codes the type holds (a
@@ -61,7 +61,7 @@ GGML_FILE_MAGIC = 0x67676D6C  # "ggml"
 # The quantize tool writes QNT_VERSION * QNT_VERSION_FACTOR + ftype into the header of a quantized file.
 QNT_VERSION, QNT_VERSION_FACTOR = 2, 1000
 # File types (ggml_ftype): the header's type, which whisper.cpp gives every quantizable weight.
-FTYPES = {"f16": 1, "q8_0": 7, "q5_0": 8, "q4_0": 2, "q3_K": 11}
+FTYPES = {"f16": 1, "q8_0": 7, "q5_0": 8, "q4_0": 2, "q3_K": 11, "q2_K": 10}
 _HEADER_BYTES = 48  # magic and 11 int32 hyperparameters
 
 __all__ = [
@@ -336,7 +336,7 @@ def export_whisper_cpp(
         processor: the model's ``WhisperProcessor`` (required with a model object; default: the loaded one).
         path: the file to write, atomically (an interrupted export leaves nothing). An existing ggml file is replaced
             only with ``overwrite``; any other file never.
-        ftype: ``f16``, ``q8_0``, ``q5_0``, ``q4_0``, ``q3_K`` (``FTYPES``), or ``auto``: the type that holds the
+        ftype: ``f16``, ``q8_0``, ``q5_0``, ``q4_0``, ``q3_K``, ``q2_K`` (``FTYPES``), or ``auto``: the type that holds the
             source's codes exactly (a QAT student or a packed folder, see `ggml_codes.file_type_of`).
         requantize: quantize every weight's (dequantized) float values with ggml's rule, even where the source
             holds codes of another grid; without it such a source is refused (`ggml_codes.exact_codes`). A source

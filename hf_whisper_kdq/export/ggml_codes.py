@@ -30,8 +30,8 @@ from ..quant.ggml_blocks import ggml_quantize, pack, unpack
 from ..quant.spec import GGML_BLOCKS
 
 # ggml_type codes (ggml.h) of the tensor types the export writes.
-GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q5_0": 6, "q8_0": 8, "q3_K": 11}
-BLOCK_TYPES = ("q8_0", "q5_0", "q4_0", "q3_K")
+GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q5_0": 6, "q8_0": 8, "q2_K": 10, "q3_K": 11}
+BLOCK_TYPES = ("q8_0", "q5_0", "q4_0", "q3_K", "q2_K")
 # Types whose blocks an int layer of ours (groups of 32, fp16 scales, signed codes) fills exactly.
 _INT_LAYOUTS = {(4, 32): "q4_0", (8, 32): "q8_0"}
 
@@ -78,8 +78,8 @@ def file_type_of(codes: Mapping[str, QuantizedWeight]) -> str:
     kinds = sorted({_describe(q) for q in codes.values()})
     raise ValueError(
         f"ftype='auto': the source's codes ({', '.join(kinds)}) fit no single ggml type, and whisper.cpp holds one "
-        "type per file (q4_0 holds int4 with groups of 32, q8_0 int8 with groups of 32, q3_K only a q3_K-trained "
-        "layer). Fix: give --ftype and --requantize, or train with quant_format='ggml'"
+        "type per file (q4_0 holds int4 with groups of 32, q8_0 int8 with groups of 32, q3_K and q2_K only a "
+        "layer trained on them). Fix: give --ftype and --requantize, or train with quant_format='ggml'"
     )
 
 
@@ -133,7 +133,7 @@ def ggml_library() -> ctypes.CDLL | None:
     library.ggml_quantize_chunk.argtypes.append(ctypes.c_void_p)
     library.ggml_row_size.restype = ctypes.c_size_t
     library.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
-    for ggml_type in ("q8_0", "q4_0", "q3_K"):
+    for ggml_type in ("q8_0", "q4_0", "q3_K", "q2_K"):
         dequantize = getattr(library, f"dequantize_row_{ggml_type}")
         dequantize.restype = None
         dequantize.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]

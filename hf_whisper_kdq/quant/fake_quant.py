@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .ggml_blocks import ggml_fake_quantize, ggml_quantize
+from .ggml_blocks import dequantize_groups, ggml_fake_quantize, ggml_quantize
 from .spec import GGML_BLOCKS, SCALE_BYTES, AnySpec, GGMLSpec, QuantSpec, packed_row_bytes
 
 # Floor of the clipping ratio: below it a group would collapse to a handful of codes around zero.
@@ -190,8 +190,10 @@ class QuantizedWeight:
         granularity: ``"per_tensor"``, ``"per_channel"`` or ``"per_group"``.
         dtype: dtype of the float weight it came from; `dequantize` returns it by default.
         ggml_type: the ggml block type of a `GGMLSpec` layer (its codes and scales are ggml's), else None.
-        super_scales, sub_scales: q3_K's fp16 super-block scales and 6-bit sub-block scales (``scales`` is their
-            float32 product, which fp16 cannot hold: the compressed-tensors export refuses q3_K).
+        super_scales, sub_scales: the k-quants' (q3_K, q2_K) fp16 super-block scales and 6- or 4-bit sub-block scales
+            (``scales`` is their float32 product, which fp16 cannot hold: the compressed-tensors export refuses them).
+        super_mins, sub_mins: q2_K's fp16 super-block minimum and 4-bit sub-block minimums: its codes are unsigned
+            ([0, 3]) and its values ``codes * scales - super_mins * sub_mins``.
     """
 
     codes: Tensor
@@ -203,19 +205,17 @@ class QuantizedWeight:
     ggml_type: str | None = None
     super_scales: Tensor | None = None
     sub_scales: Tensor | None = None
+    super_mins: Tensor | None = None
+    sub_mins: Tensor | None = None
 
     @property
     def shape(self) -> torch.Size:
         return self.codes.shape
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        """``codes * scales`` → ``[rows, cols]`` in ``dtype`` (default: the original weight's)."""
-        rows, cols = self.codes.shape
-        groups = cols // self.group_size
-        values = self.codes.float().reshape(rows, groups, self.group_size) * self.scales.reshape(
-            self.scales.shape[0], groups, 1
-        )
-        return values.reshape(rows, cols).to(dtype or self.dtype)
+        """``codes * scales`` (minus q2_K's offsets) → ``[rows, cols]`` in ``dtype`` (default: the original
+        weight's)."""
+        return dequantize_groups(self).to(dtype or self.dtype)
 
     @property
     def nbytes_packed(self) -> int:
@@ -246,6 +246,8 @@ def quantize_weight(
             ggml_type=spec.type,
             super_scales=blocks.super_scales,
             sub_scales=blocks.sub_scales,
+            super_mins=blocks.super_mins,
+            sub_mins=blocks.sub_mins,
         )
     grouped, scale = _grouped_scale(weight, spec, clip, layer)
     codes, _ = _unrounded_codes(grouped, scale, spec)

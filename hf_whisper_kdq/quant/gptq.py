@@ -10,10 +10,11 @@ exactly (`FakeQuantLinear.fix_codes`). The algorithm is the reference one (and l
 of ``H⁻¹``, blocks of 128 columns with lazy updates, each group's scale taken from the error-updated weights when the
 loop reaches the group (static groups off, no activation ordering).
 
-On a ggml block type (`GGMLSpec`: whisper.cpp's q8_0, q4_0, q3_K) the same loop runs with ggml's scales: when it
-reaches a block (32 weights; q3_K's super-block of 256), ggml's reference quantizer (`ggml_blocks.ggml_quantize`)
-gives the block's scales from the error-updated weights (q3_K: the fp16 super-block scale and the 6-bit sub-block
-scales of its 16 sub-blocks), and each column is then rounded to the nearest code of that type's range with error
+On a ggml block type (`GGMLSpec`: whisper.cpp's q8_0, q4_0, q3_K, q2_K) the same loop runs with ggml's scales: when
+it reaches a block (32 weights; the k-quants' super-block of 256), ggml's reference quantizer
+(`ggml_blocks.ggml_quantize`) gives the block's scales from the error-updated weights (q3_K: the fp16 super-block
+scale and the 6-bit sub-block scales of its 16 sub-blocks; q2_K: 4-bit scales and minimums of two fp16 values), and
+each column is then rounded to the nearest code of that type's range with error
 feedback. The codes differ from ggml's own rounding, the scales are ggml's, so the blocks are valid for whisper.cpp
 and `export_whisper_cpp` writes them as they are.
 
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .fake_quant import QuantizedWeight, _grouped_scale, _unrounded_codes
-from .ggml_blocks import ggml_quantize, round_to_scales
+from .ggml_blocks import GGMLCodes, ggml_quantize, group_offsets, round_to_scales
 from .spec import AnySpec, GGMLSpec, QuantSpec
 
 # Columns updated together before the error is carried to the rest (the reference implementation's block size).
@@ -123,7 +124,8 @@ def gptq_quantize(
     else:  # one scale per row or per tensor, from the weight before any update (the reference implementation's)
         _, scale = _grouped_scale(work, spec, clip, layer)
         scales = scale.reshape(scale.shape[0], 1).expand(rows, 1).contiguous()
-    super_blocks = []  # q3_K's (super-block scales, 6-bit sub-block scales) per super-block, in column order
+    super_blocks: list[GGMLCodes] = []  # the k-quants' blocks, in column order: their super- and sub-block values
+    offsets = torch.zeros_like(scales) if ggml and spec.type == "q2_K" else None  # q2_K's dmin * m per sub-block
     codes = torch.empty(rows, cols, dtype=torch.int8, device=work.device)
     block = scale_block * math.ceil(BLOCK_COLUMNS / scale_block) if per_group else BLOCK_COLUMNS
     if not ggml:
@@ -139,24 +141,33 @@ def gptq_quantize(
             if ggml and column % scale_block == 0:
                 blocks = ggml_quantize(columns[:, i : i + scale_block], spec.type)
                 scales[:, group : group + scale_block // group_size] = blocks.scales
+                if offsets is not None:
+                    offsets[:, group : group + scale_block // group_size] = group_offsets(blocks)
                 if blocks.super_scales is not None:
-                    super_blocks.append((blocks.super_scales, blocks.sub_scales))
+                    super_blocks.append(blocks)
             elif per_group and not ggml and column % group_size == 0:
                 group_clip = None if clip is None else clip[:, group : group + 1]
                 _, scale = _grouped_scale(columns[:, i : i + group_size], group_spec, group_clip, layer)
                 scales[:, group] = scale.reshape(rows)
             scale = scales[:, group if per_group else 0]
+            offset = None if offsets is None else offsets[:, group]
             if ggml:
-                code = round_to_scales(columns[:, i], scale, spec.type)
+                code = round_to_scales(columns[:, i], scale, spec.type, offset)
             else:
                 unrounded, _ = _unrounded_codes(columns[:, i].reshape(rows, 1, 1), scale.reshape(rows, 1, 1), spec)
                 code = unrounded.round_().reshape(rows)
             codes[:, column] = code.to(torch.int8)
-            error = (columns[:, i] - code * scale) / block_inverse[i, i]
+            value = code * scale if offset is None else code * scale - offset
+            error = (columns[:, i] - value) / block_inverse[i, i]
             columns[:, i:] -= error[:, None] * block_inverse[i, i:][None, :]
             errors[:, i] = error
         work[:, end:] -= errors @ inverse[start:end, end:]
     if ggml:
+
+        def joined(field: str) -> Tensor | None:
+            parts = [getattr(blocks, field) for blocks in super_blocks]
+            return torch.cat(parts, dim=1) if parts and parts[0] is not None else None
+
         return QuantizedWeight(
             codes=codes,
             scales=scales,
@@ -165,8 +176,10 @@ def gptq_quantize(
             granularity="per_group",
             dtype=weight.dtype,
             ggml_type=spec.type,
-            super_scales=torch.cat([s for s, _ in super_blocks], dim=1) if super_blocks else None,
-            sub_scales=torch.cat([s for _, s in super_blocks], dim=1) if super_blocks else None,
+            super_scales=joined("super_scales"),
+            sub_scales=joined("sub_scales"),
+            super_mins=joined("super_mins"),
+            sub_mins=joined("sub_mins"),
         )
     return QuantizedWeight(
         codes=codes,

@@ -166,26 +166,28 @@ GGML_BLOCKS: dict[str, tuple[int, int, int]] = {
     "q5_0": (32, 22, 5),  # fp16 d + 32 fifth bits + 16 bytes of nibbles
     "q4_0": (32, 18, 4),  # fp16 d + 16 bytes of nibbles
     "q3_K": (256, 110, 3),  # 32 bytes of high bits + 64 of 2-bit codes + 12 of 6-bit scales + fp16 d
+    "q2_K": (256, 84, 2),  # 16 bytes of 4-bit scales and minimums + 64 of 2-bit codes + fp16 d and dmin
 }
-GGML_SPEC_TYPES: tuple[str, ...] = ("q3_K", "q4_0", "q8_0")
-# ggml's sub-block of one scale: q3_K's 16 weights share a 6-bit scale (a multiple of the super-block's fp16 d).
-_GGML_SCALE_GROUP = {"q8_0": 32, "q5_0": 32, "q4_0": 32, "q3_K": 16}
+GGML_SPEC_TYPES: tuple[str, ...] = ("q2_K", "q3_K", "q4_0", "q8_0")
+# ggml's sub-block of one scale: the k-quants' 16 weights share a 6-bit (q3_K) or 4-bit (q2_K) multiple of the
+# super-block's fp16 d.
+_GGML_SCALE_GROUP = {"q8_0": 32, "q5_0": 32, "q4_0": 32, "q3_K": 16, "q2_K": 16}
 
 
 @dataclass(frozen=True)
 class GGMLSpec:
-    """Weight quantization in one of ggml's block formats (``q3_K``, ``q4_0``, ``q8_0``): what a whisper.cpp file of
-    that type stores for every 2-D weight.
+    """Weight quantization in one of ggml's block formats (``q2_K``, ``q3_K``, ``q4_0``, ``q8_0``): what a whisper.cpp
+    file of that type stores for every 2-D weight.
 
     Blocks run along a row (``[rows, cols]``, ``cols`` a multiple of the block): q8_0 and q4_0 blocks of 32 weights
     with one fp16 scale, q3_K super-blocks of 256 weights, 16 sub-blocks of 16 with 6-bit scales of an fp16
-    super-block scale. The scales follow ggml's reference quantizers (`ggml_blocks`), not a learned clip; as a
+    super-block scale, q2_K the same super-blocks with 4-bit scales and 4-bit minimums (codes in [0, 3], the only
+    asymmetric type). The scales follow ggml's reference quantizers (`ggml_blocks`), not a learned clip; as a
     `QuantSpec` it reads as per_group quantization with one scale per ``group_size`` columns.
     """
 
     type: str
 
-    symmetric = True
     learnable_clipping = False
     granularity = "per_group"
 
@@ -198,12 +200,16 @@ class GGMLSpec:
         return GGML_BLOCKS[self.type][2]
 
     @property
+    def symmetric(self) -> bool:
+        return self.type != "q2_K"
+
+    @property
     def block_size(self) -> int:
         return GGML_BLOCKS[self.type][0]
 
     @property
     def group_size(self) -> int:
-        """Columns sharing one (effective) scale: 32, or q3_K's 16-weight sub-block."""
+        """Columns sharing one (effective) scale: 32, or the k-quants' 16-weight sub-block."""
         return _GGML_SCALE_GROUP[self.type]
 
     def check_shape(self, shape: Sequence[int], layer: str = "<weight>") -> None:
@@ -212,7 +218,7 @@ class GGMLSpec:
         if int(shape[1]) % self.block_size:
             raise ValueError(
                 f"{layer}: {self.type} stores rows in blocks of {self.block_size} weights and its input width is "
-                f"{int(shape[1])}; use {'q4_0 or q8_0 (blocks of 32)' if self.type == 'q3_K' else 'a model'} whose "
+                f"{int(shape[1])}; use {'q4_0 or q8_0 (blocks of 32)' if self.type.endswith('_K') else 'a model'} whose "
                 f"widths are multiples of {self.block_size}"
             )
 
