@@ -303,7 +303,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.epilog = (
             f"compress's own defaults for training arguments: {flags(TRAINING_DEFAULTS)}."
             + "".join(
-                f" With --level {level}: {flags(preset['training_defaults'])}."
+                f" With --level {level}: {flags(preset['training_defaults'])}"
+                + (
+                    f"; with --train_manifest also {flags(preset['manifest_defaults'])}"
+                    if "manifest_defaults" in preset
+                    else ""
+                )
+                + "."
                 for level, preset in LEVELS.items()
                 if "training_defaults" in preset
             )

@@ -27,6 +27,23 @@ def test_training_defaults_fill_only_missing_flags():
     assert argv[argv.index("--learning_rate") + 1] == TRAINING_DEFAULTS["learning_rate"]
 
 
+def test_the_int4_level_trains_manifests_on_the_teachers_transcripts_unless_told_otherwise():
+    def labels(argv):
+        resolved = with_training_defaults(argv)
+        return resolved[resolved.index("--train_labels") + 1] if "--train_labels" in resolved else None
+
+    manifest = ["--train_manifest", "a.jsonl,b.jsonl"]
+    assert labels(manifest) == labels(["--level", "int4", *manifest]) == "teacher"  # int4 is the default level
+    assert labels(["--train_manifest=a.jsonl"]) == "teacher"
+    assert labels([]) is None  # the embedded synthetic speech keeps its prompt texts; no manifest, no flag
+    assert labels(["--level", "int3", *manifest]) is None
+    assert labels([*manifest, "--train_labels", "reference"]) == "reference"
+    compress = HfArgumentParser(CompressArguments).parse_args_into_dataclasses(
+        with_training_defaults(manifest), return_remaining_strings=True
+    )[0]
+    assert compress.train_labels == "teacher"
+
+
 def test_levels_set_budget_and_layers_without_mutating_arguments(tmp_path):
     compress = CompressArguments(level="tiny")
     args = DistillQuantArguments(output_dir=str(tmp_path), report_to="none")

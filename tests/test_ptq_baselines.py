@@ -283,6 +283,7 @@ def test_kdq_on_a_gptq_encoder_ships_the_given_encoder_codes(tiny_whisper, tmp_p
     monkeypatch.setattr(gptq_init_kdq, "gptq_codes", fake_gptq)
     manifest = write_tones_manifest(tmp_path)
     argv = ["--teacher", str(teacher_folder), "--train_manifest", str(manifest), "--level", "int4"]
+    argv += ["--train_labels", "reference"]  # a random teacher's transcripts loop past 448 tokens
     argv += ["--max_steps", "2", "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "run")]
     summary = gptq_init_kdq.main(argv)
     assert calls == [(["encoder", "decoder", "embedding"], 4, 32)]
