@@ -107,7 +107,7 @@ TRAINING_DEFAULTS = {
     "dataloader_num_workers": "0",
 }
 # --quant_format ggml: whisper.cpp's file quantizes every 2-D weight in one type, and compress also writes the packed
-# compressed-tensors folder, which holds q4_0 and q8_0 (int4 / int8 with groups of 32) but not q3_K.
+# compressed-tensors folder, which holds q4_0 and q8_0 (int4 / int8 with groups of 32) but not the k-quants.
 GGML_TRAINING_DEFAULTS = {"quant_targets": "encoder,decoder,embedding", "quant_bit_choices": "4,8"}
 GGML_MODEL_FILE = "ggml-model.bin"
 
@@ -164,9 +164,9 @@ class CompressArguments:
         metadata={
             "help": "Where each --train_manifest source's labels come from: 'reference' (its transcripts) or "
             "'teacher' (the teacher transcribes the rows drawn; with --label_wer_threshold, rows whose transcript "
-            "disagrees with the reference by more are dropped). One value, or one per manifest. Default: 'teacher' "
-            "with --level int4 (the default level: the recipe's best rows trained on the teacher's transcripts), "
-            "'reference' otherwise."
+            "disagrees with the reference by more are dropped). One value, or one per manifest. Default on the command "
+            "line: 'teacher' with --level int4 (the default level: the recipe's best rows trained on the teacher's "
+            "transcripts), 'reference' otherwise and in Python (CompressArguments)."
         },
     )
     spec_augment: bool = field(
@@ -266,7 +266,7 @@ def with_training_defaults(argv: list[str]) -> list[str]:
     given = {a.split("=", 1)[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
     level = LEVELS.get(_flag_in(argv, "level", CompressArguments.level), {})
     defaults = {**TRAINING_DEFAULTS, **level.get("training_defaults", {})}
-    if "train_manifest" in given:
+    if _flag_in(argv, "train_manifest", "").strip():
         defaults.update(level.get("manifest_defaults", {}))
     if _flag_in(argv, "quant_format", "int") == "ggml":
         defaults.update(GGML_TRAINING_DEFAULTS)

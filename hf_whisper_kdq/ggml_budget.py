@@ -32,12 +32,12 @@ class GGMLBudgetError(UnreachableBudgetError):
         self.budget, self.minimum = budget, min(sizes.values())
         smallest = GGML_TYPE_OF_BITS[min(sizes)]
         fixes = [f"raise size_budget_mb to at least {self.minimum_mb}"]
-        smaller = [bits for bits in GGML_TYPE_OF_BITS if bits < min(sizes)]
+        smaller = sorted((bits for bits in GGML_TYPE_OF_BITS if bits < min(sizes)), reverse=True)
         if smaller:
             allowed = ",".join(map(str, sorted(set(sizes) | set(smaller))))
+            k_quants = " (the k-quants need rows of a multiple of 256)" if min(smaller) < 4 else ""
             fixes.append(
-                f"allow {' or '.join(GGML_TYPE_OF_BITS[b] for b in sorted(smaller, reverse=True))} "
-                f"(quant_bit_choices {allowed}; rows of a multiple of 256)"
+                f"allow {' or '.join(GGML_TYPE_OF_BITS[b] for b in smaller)} (quant_bit_choices {allowed}){k_quants}"
             )
         ValueError.__init__(
             self,

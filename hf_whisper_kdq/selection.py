@@ -79,7 +79,7 @@ class KDQPlan:
     step: int = 0
     rule: str = ""
     probe_kl: dict[str, float] = field(default_factory=dict)
-    quant_format: str = "int"  # "ggml": bits 3/4/8 are ggml's q3_K/q4_0/q8_0 blocks (see ggml_budget)
+    quant_format: str = "int"  # "ggml": bits 2/3/4/8 are ggml's q2_K/q3_K/q4_0/q8_0 blocks (see ggml_budget)
 
     # ---- views ----------------------------------------------------------------------------------
     def unit(self, name: str) -> UnitPlan:

@@ -36,6 +36,7 @@ def test_the_int4_level_trains_manifests_on_the_teachers_transcripts_unless_told
     assert labels(manifest) == labels(["--level", "int4", *manifest]) == "teacher"  # int4 is the default level
     assert labels(["--train_manifest=a.jsonl"]) == "teacher"
     assert labels([]) is None  # the embedded synthetic speech keeps its prompt texts; no manifest, no flag
+    assert labels(["--train_manifest", ""]) is None
     assert labels(["--level", "int3", *manifest]) is None
     assert labels([*manifest, "--train_labels", "reference"]) == "reference"
     compress = HfArgumentParser(CompressArguments).parse_args_into_dataclasses(

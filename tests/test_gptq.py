@@ -254,6 +254,9 @@ def test_gptq_on_a_ggml_type_rounds_on_ggmls_own_block_scales(ggml_type):
     assert _output_error(x, weight, gptq) < 0.8 * _output_error(x, weight, expected)
     with pytest.raises(ValueError, match="takes no clipping ratios"):
         gptq_quantize(weight, hessian.matrix(), spec, torch.ones(16, 512 // spec.group_size))
+    if ggml_type == "q2_K":
+        with pytest.raises(ValueError, match="pass offsets"):
+            round_to_scales(weight, expected.scales.repeat_interleave(spec.group_size, dim=1), ggml_type)
 
 
 def test_gptq_layers_shows_a_bar_over_the_blocks_unless_told_not_to(micro_whisper, capsys):

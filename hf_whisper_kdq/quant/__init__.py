@@ -2,8 +2,8 @@
 
 Weight-only, symmetric, signed integer quantization (2/3/4/8 bits, per tensor / channel / group) with a
 straight-through estimator and optional LSQ-style learnable clipping, as used by Whisper-KDQ
-(Shao et al. 2023), or ggml's block formats (``GGMLSpec``: q3_K, q4_0, q8_0, whose codes a whisper.cpp file holds
-exactly). No dependency on torchao; the shape of the API follows it.
+(Shao et al. 2023), or ggml's block formats (``GGMLSpec``: q2_K, q3_K, q4_0, q8_0, whose codes a whisper.cpp file
+holds exactly; q2_K's with a minimum per sub-block). No dependency on torchao; the shape of the API follows it.
 
     from hf_whisper_kdq.quant import QuantSpec, default_quant_targets, prepare_qat, convert_qat
 

@@ -83,6 +83,8 @@ def round_to_scales(values: Tensor, scales: Tensor, ggml_type: str, offsets: Ten
     zero scale gives code 0. Also what GPTQ rounds each column with (`quant.gptq`), whose error feedback moves weights
     past their block's extreme: hence the clamp at both ends."""
     if ggml_type == "q2_K":
+        if offsets is None:
+            raise ValueError("q2_K rounds on its sub-blocks' scales and minimums: pass offsets (dmin * m)")
         ratio = (values + offsets) / torch.where(scales != 0, scales, torch.ones_like(scales))
         codes = _nearest_int(ratio).clamp(0, _Q2_NMAX).float()
         return torch.where(scales != 0, codes, torch.zeros_like(codes))
@@ -262,8 +264,8 @@ def _q2_sub_blocks(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def _q2_k(weight: Tensor) -> tuple[Tensor, ...]:
     """``quantize_row_q2_K_ref`` on ``weight`` ``[rows, cols]``: codes in [0, 3] ``[rows, cols]``, sub-block
-    multipliers ``d * sc`` and offsets ``dmin * m`` ``[rows, cols/16]``, fp16 ``d`` and ``dmin`` ``[rows, cols/256]``,
-    4-bit ``sc`` and ``m`` (int8 ``[rows, cols/16]``) and the unclamped mask."""
+    multipliers ``d * sc`` ``[rows, cols/16]``, fp16 ``d`` and ``dmin`` ``[rows, cols/256]``, 4-bit ``sc`` and ``m``
+    (int8 ``[rows, cols/16]``) and the unclamped mask (the offsets ``dmin * m``: `group_offsets`)."""
     rows, cols = weight.shape
     x = weight.reshape(-1, _Q3_SUB)
     codes, sub_scale, sub_min = _q2_sub_blocks(x)
@@ -276,7 +278,8 @@ def _q2_k(weight: Tensor) -> tuple[Tensor, ...]:
         safe = torch.where(used, largest, torch.ones_like(largest))
         levels = _nearest_int(_divide(_Q2_LEVELS, safe)[:, None] * values)
         levels = torch.where(used[:, None], levels, torch.zeros_like(levels))
-        return levels, torch.where(used, _fp16(safe / _Q2_LEVELS), torch.zeros_like(safe))
+        # safe / 15 by a tensor: CUDA divides by a Python number as a multiplication by its reciprocal
+        return levels, torch.where(used, _fp16(safe / torch.full_like(safe, _Q2_LEVELS)), torch.zeros_like(safe))
 
     scale_levels, super_scale = four_bits(sub_scale)
     min_levels, super_min = four_bits(sub_min)
@@ -292,7 +295,6 @@ def _q2_k(weight: Tensor) -> tuple[Tensor, ...]:
     return (
         codes.reshape(rows, cols),
         multiplier.reshape(rows, cols // _Q3_SUB),
-        offset.reshape(rows, cols // _Q3_SUB),
         super_scale.reshape(rows, cols // 256),
         scale_levels.to(torch.int8).reshape(rows, cols // _Q3_SUB),
         super_min.reshape(rows, cols // 256),
@@ -365,7 +367,7 @@ def ggml_quantize(weight: Tensor, ggml_type: str) -> GGMLCodes:
         codes, scales, super_scales, sub_scales, inside = _q3_k(values)
         return GGMLCodes(codes.to(torch.int8), scales.contiguous(), _Q3_SUB, inside, super_scales, sub_scales)
     if ggml_type == "q2_K":
-        codes, scales, _, super_scales, sub_scales, super_mins, sub_mins, inside = _q2_k(values)
+        codes, scales, super_scales, sub_scales, super_mins, sub_mins, inside = _q2_k(values)
         return GGMLCodes(
             codes.to(torch.int8), scales.contiguous(), _Q3_SUB, inside, super_scales, sub_scales, super_mins, sub_mins
         )

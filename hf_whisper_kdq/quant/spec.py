@@ -13,7 +13,7 @@ String form (``QuantSpec.parse`` / ``str(spec)``)::
     int3-channel    3 bits, per_channel, spelled out
     int2-g64-clip   ... with a learnable clipping ratio per scale
 
-`GGMLSpec` is the other kind: one of ggml's block formats (``q8_0``, ``q4_0``, ``q3_K``), whose scales and codes
+`GGMLSpec` is the other kind: one of ggml's block formats (``q8_0``, ``q4_0``, ``q3_K``, ``q2_K``), whose scales and codes
 follow ggml's own rule (`ggml_blocks`), so that a student trained with it is written to a whisper.cpp file exactly.
 """
 
