@@ -36,7 +36,7 @@ from .spec import GGML_BLOCKS
 _GROUP_MAX_EPS = 1e-15  # make_q3_quants: a sub-block below this magnitude is all zeros
 _MAGIC = 12582912.0  # 1.5 * 2**23: nearest_int's float trick
 _Q3_NMAX = 4  # q3_K codes l in [-4, 3]
-_Q3_SUB = 16  # weights per q3_K sub-block
+_K_SUB = 16  # weights per sub-block of the k-quants (q3_K, q2_K)
 _Q3_PASSES = 5  # make_q3_quants' coordinate-descent passes
 _Q2_NMAX = 3  # q2_K codes l in [0, 3]
 _Q2_LEVELS = 15.0  # q2_K's 4-bit sub-block scales and minimums: q4scale
@@ -113,11 +113,19 @@ def _offset(blocks: Tensor, ggml_type: str) -> tuple[Tensor, Tensor, Tensor]:
     return round_to_scales(blocks, scale[:, None], ggml_type), scale, inside
 
 
+def _ordered_sum(terms: Tensor) -> Tensor:
+    """The float32 sum over the first dimension of ``terms``, added in order as ggml's loops add."""
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
+
+
 def _q3_pass(x: Tensor, weights: Tensor, weighted: Tensor, codes: Tensor, sumlx: Tensor, suml2: Tensor):
     """One of ``make_q3_quants``' coordinate-descent passes over position-major sub-blocks (``[16, n]``; ``codes``
     updated in place): the new ``sumlx`` and ``suml2``, and which sub-blocks the pass changed."""
     changed = torch.zeros_like(sumlx, dtype=torch.bool)
-    for i in range(_Q3_SUB):
+    for i in range(_K_SUB):
         w, xi, li = weights[i], x[i], codes[i]
         slx = sumlx - weighted[i] * li
         sl2 = suml2 - w * li * li
@@ -146,11 +154,8 @@ def _q3_sub_blocks(x: Tensor) -> tuple[Tensor, Tensor]:
     codes = _nearest_int(iscale * x).clamp(-_Q3_NMAX, _Q3_NMAX - 1).float()
     weights = x * x
     weighted = weights * x  # w * x[i] with w = x[i]^2, evaluated left to right as in C
-    sumlx = torch.zeros_like(largest)
-    suml2 = torch.zeros_like(largest)
-    for i in range(_Q3_SUB):  # float32 sums in ggml's order
-        sumlx = sumlx + weighted[i] * codes[i]
-        suml2 = suml2 + weights[i] * codes[i] * codes[i]
+    sumlx = _ordered_sum(weighted * codes)
+    suml2 = _ordered_sum(weights * codes * codes)
     sumlx, suml2, changed = _q3_pass(x, weights, weighted, codes, sumlx, suml2)
     active = changed.nonzero().squeeze(1)
     for _ in range(_Q3_PASSES - 1):
@@ -170,7 +175,7 @@ def _q3_k(weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     ``d * sc`` ``[rows, cols/16]``, fp16 super-block scales ``d`` ``[rows, cols/256]``, 6-bit ``sc`` in [-32, 31]
     (int8 ``[rows, cols/16]``) and the unclamped mask."""
     rows, cols = weight.shape
-    x = weight.reshape(-1, _Q3_SUB)
+    x = weight.reshape(-1, _K_SUB)
     codes, sub_scale = _q3_sub_blocks(x)
     per_super = sub_scale.reshape(-1, 16)
     max_scale = _signed_absmax(per_super)
@@ -188,19 +193,11 @@ def _q3_k(weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     inside = ~active | ((ratio >= -_Q3_NMAX - 0.5) & (ratio <= _Q3_NMAX - 0.5))
     return (
         codes.reshape(rows, cols),
-        multiplier.reshape(rows, cols // _Q3_SUB),
+        multiplier.reshape(rows, cols // _K_SUB),
         super_scale.reshape(rows, cols // 256),
-        levels.to(torch.int8).reshape(rows, cols // _Q3_SUB),
+        levels.to(torch.int8).reshape(rows, cols // _K_SUB),
         inside.reshape(rows, cols),
     )
-
-
-def _ordered_sum(terms: Tensor) -> Tensor:
-    """The float32 sum over the first dimension of ``terms``, added in order as ggml's loops add."""
-    total = terms[0]
-    for term in terms[1:]:
-        total = total + term
-    return total
 
 
 def _q2_sub_blocks(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -267,7 +264,7 @@ def _q2_k(weight: Tensor) -> tuple[Tensor, ...]:
     multipliers ``d * sc`` ``[rows, cols/16]``, fp16 ``d`` and ``dmin`` ``[rows, cols/256]``, 4-bit ``sc`` and ``m``
     (int8 ``[rows, cols/16]``) and the unclamped mask (the offsets ``dmin * m``: `group_offsets`)."""
     rows, cols = weight.shape
-    x = weight.reshape(-1, _Q3_SUB)
+    x = weight.reshape(-1, _K_SUB)
     codes, sub_scale, sub_min = _q2_sub_blocks(x)
     sub_scale, sub_min = sub_scale.reshape(-1, 16), sub_min.reshape(-1, 16)
 
@@ -294,11 +291,11 @@ def _q2_k(weight: Tensor) -> tuple[Tensor, ...]:
     inside = ~active | ((ratio >= -0.5) & (ratio <= _Q2_NMAX + 0.5))
     return (
         codes.reshape(rows, cols),
-        multiplier.reshape(rows, cols // _Q3_SUB),
+        multiplier.reshape(rows, cols // _K_SUB),
         super_scale.reshape(rows, cols // 256),
-        scale_levels.to(torch.int8).reshape(rows, cols // _Q3_SUB),
+        scale_levels.to(torch.int8).reshape(rows, cols // _K_SUB),
         super_min.reshape(rows, cols // 256),
-        min_levels.to(torch.int8).reshape(rows, cols // _Q3_SUB),
+        min_levels.to(torch.int8).reshape(rows, cols // _K_SUB),
         inside.reshape(rows, cols),
     )
 
@@ -365,11 +362,11 @@ def ggml_quantize(weight: Tensor, ggml_type: str) -> GGMLCodes:
     values = weight.detach().float()
     if ggml_type == "q3_K":
         codes, scales, super_scales, sub_scales, inside = _q3_k(values)
-        return GGMLCodes(codes.to(torch.int8), scales.contiguous(), _Q3_SUB, inside, super_scales, sub_scales)
+        return GGMLCodes(codes.to(torch.int8), scales.contiguous(), _K_SUB, inside, super_scales, sub_scales)
     if ggml_type == "q2_K":
         codes, scales, super_scales, sub_scales, super_mins, sub_mins, inside = _q2_k(values)
         return GGMLCodes(
-            codes.to(torch.int8), scales.contiguous(), _Q3_SUB, inside, super_scales, sub_scales, super_mins, sub_mins
+            codes.to(torch.int8), scales.contiguous(), _K_SUB, inside, super_scales, sub_scales, super_mins, sub_mins
         )
     blocks = values.reshape(-1, block)
     codes, scales, inside = _q8_0(blocks) if ggml_type == "q8_0" else _offset(blocks, ggml_type)
@@ -485,13 +482,13 @@ def unpack(data: bytes, ggml_type: str, shape: tuple[int, int]) -> np.ndarray:
         top_bits = (scales[:, 8:][:, None, :] >> (2 * np.arange(4))[:, None]) & 3  # [n, 4 (j // 4), 4 (j % 4)]
         levels = (low_bits | (top_bits.reshape(-1, 16) << 4)) - 32
         multiplier = d[:, None] * levels.astype(np.float32)  # dl = d_all * (sc - 32), float32
-        values = multiplier.repeat(_Q3_SUB, axis=1) * codes.astype(np.float32)
+        values = multiplier.repeat(_K_SUB, axis=1) * codes.astype(np.float32)
     elif ggml_type == "q2_K":
         levels = blocks["scales"]
         multiplier = d[:, None] * (levels & 0x0F).astype(np.float32)  # dl = d * (sc & 0xF), float32
         offset = blocks["dmin"].astype(np.float32)[:, None] * (levels >> 4).astype(np.float32)  # ml = min * (sc >> 4)
         codes = _from_two_bit_planes(blocks["qs"]).astype(np.float32)
-        values = multiplier.repeat(_Q3_SUB, axis=1) * codes - offset.repeat(_Q3_SUB, axis=1)
+        values = multiplier.repeat(_K_SUB, axis=1) * codes - offset.repeat(_K_SUB, axis=1)
     else:
         raise ValueError(f"unpacking {ggml_type} is not supported: q8_0, q4_0, q3_K and q2_K are")
     return values.reshape(shape)
